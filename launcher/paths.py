@@ -1,0 +1,35 @@
+"""Where the launcher keeps things on the host.
+
+One home folder (default `~/.cache/spark-nvfp4`, or `$SPARK_NVFP4_HOME`) holds run
+records, the embedded assets fetched from the package registries, and converted
+models. Hugging Face downloads go to the user's normal hub cache so that models they
+already have are reused.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_HOME = "SPARK_NVFP4_HOME"
+
+
+def home() -> Path:
+    return Path(os.environ.get(ENV_HOME) or Path.home() / ".cache" / "spark-nvfp4").expanduser()
+
+
+def runs_dir() -> Path:
+    return home() / "runs"
+
+
+def assets_dir() -> Path:
+    return home() / "assets"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def hf_hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
