@@ -1,0 +1,742 @@
+"""Check an NVFP4 checkpoint against what the serving engines require, on the host.
+
+    python -m launcher.verify CKPT [--json OUT]      (the CLI exposes it as `launcher verify`)
+
+Two formats, told apart by config.json: ModelOpt's unified Hugging Face checkpoint
+(spec section 5) and compressed-tensors, llm-compressor's output (spec section 6).
+Only safetensors headers and the small scale tensors are read, never the packed
+weights' data, so an 8B checkpoint costs a few MB of reads. No torch: the host never
+has it; numpy + ml_dtypes decode what little is read.
+
+Every finding is a `Problem(tensor_or_file, message)`; the checkpoint passes only
+when there is none.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import re
+import struct
+import sys
+from collections import Counter, defaultdict
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .errors import ConfigError, VerifyFailed
+
+MODELOPT = "modelopt"
+COMPRESSED_TENSORS = "compressed-tensors"
+GROUP_SIZE = 16
+INDEX_NAME = "model.safetensors.index.json"
+NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4")   # ModelOpt quant_algo: W4A4, weight-only
+CT_FORMAT = "nvfp4-pack-quantized"
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+# Engines fuse these into one GEMM, so the members must share their global scales.
+FUSED = {"q_proj": "q_proj,k_proj,v_proj", "k_proj": "q_proj,k_proj,v_proj",
+         "v_proj": "q_proj,k_proj,v_proj", "gate_proj": "gate_proj,up_proj",
+         "up_proj": "gate_proj,up_proj"}
+# Bits per element of each safetensors dtype (F4 packs two elements a byte).
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
+              "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+              "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4}
+MAX_HEADER = 100 * 2**20   # safetensors itself refuses larger headers
+CHUNK = 16 * 2**20         # bytes of block scales decoded at a time
+
+# Every E4M3 byte decoded once; classifying a tensor's bytes is then a histogram.
+_E4M3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+_E4M3_NAN = np.isnan(_E4M3)            # 0x7F and 0xFF; E4M3FN has no infinities
+_E4M3_NEG = _E4M3 < 0                  # sign bit set, except -0.0 (0x80)
+_E4M3_ZERO = _E4M3 == 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    tensor_or_file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.tensor_or_file}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The tensor names of one quantized Linear in one checkpoint format."""
+    packed: str          # uint8 [out, in/2]
+    global_scale: str    # float32, per tensor
+    input_scale: str     # float32, per tensor, W4A4 only
+    scalar_shape: tuple  # shape of the two per-tensor scales
+    kv_owner: str        # where k_scale / v_scale hang: "proj" (k_proj.k_scale) or "attn"
+
+
+LAYOUTS = {
+    MODELOPT: Layout("weight", "weight_scale_2", "input_scale", (), "proj"),
+    COMPRESSED_TENSORS: Layout("weight_packed", "weight_global_scale", "input_global_scale", (1,), "attn"),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shard: Path
+    dtype: str
+    shape: tuple
+    start: int   # absolute byte offsets in the shard file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Report:
+    path: str
+    format: str | None = None
+    quant_algo: str | None = None
+    weight_only: bool | None = None
+    kv_cache: str | None = None
+    quantized_linears: int = 0
+    shards: int = 0
+    tensors: int = 0
+    total_bytes: int = 0        # tensor data in all shards
+    quantized_bytes: int = 0    # packed weights + block scales + global/input scales
+    quantized_params: int = 0   # weight elements of the quantized Linears
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, where: str, message: str) -> None:
+        self.problems.append(Problem(where, message))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+class _Unreadable(Exception):
+    """A file cannot be used at all; the message is the problem."""
+
+
+# ---------------------------------------------------------------- files and headers
+
+def _read_json(path: Path, report: Report, required: bool) -> dict | None:
+    if not path.exists():
+        if required:
+            report.add(path.name, "missing")
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        report.add(path.name, f"unreadable: {e}")
+        return None
+    except json.JSONDecodeError as e:
+        report.add(path.name, f"not valid JSON: {e}")
+        return None
+    if not isinstance(data, dict):
+        report.add(path.name, "not a JSON object")
+        return None
+    return data
+
+
+def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
+    """Parse and validate one shard's header against the file's size.
+
+    Tensors whose data lies past the end of the file are left out of the result, so
+    nothing later tries to read them; the file gets the problem.
+    """
+    name = shard.name
+    try:
+        size = shard.stat().st_size
+        with shard.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _Unreadable(f"truncated: {size} bytes, not even the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise _Unreadable(f"header length {n} is implausible: not a safetensors file")
+            if n > size - 8:
+                raise _Unreadable(f"truncated: header says {n} bytes of JSON, the file has {size - 8}")
+            raw = f.read(n)
+    except OSError as e:
+        raise _Unreadable(f"unreadable: {e.strerror or e}")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Unreadable(f"header is not valid JSON: {e}")
+    if not isinstance(header, dict):
+        raise _Unreadable("header is not a JSON object")
+
+    base = 8 + n
+    data_size = size - base
+    infos: dict[str, TensorInfo] = {}
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                    and isinstance(b, int) and isinstance(e, int) and 0 <= b <= e):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            report.add(key, f"malformed header entry in {name}: {entry!r:.120}")
+            continue
+        if dtype not in DTYPE_BITS:
+            report.add(key, f"unknown dtype {dtype} in {name}")
+            continue
+        need = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        if e - b != need:
+            report.add(key, f"data_offsets span {e - b} bytes but {dtype} {shape} needs {need} ({name})")
+        spans.append((b, e, key))
+        if e <= data_size:
+            infos[key] = TensorInfo(key, shard, dtype, tuple(shape), base + b, base + e)
+
+    # safetensors requires the tensors to tile the data section exactly; it refuses
+    # the file otherwise, and a gap or overlap means a broken writer.
+    end = 0
+    for b, e, key in sorted(spans):
+        if b != end:
+            what = "overlaps the previous tensor" if b < end else f"leaves a gap of {b - end} bytes"
+            report.add(key, f"data_offsets [{b}, {e}] {what} in {name}")
+        end = max(end, e)
+    if end > data_size:
+        lost = sorted(k for b, e, k in spans if e > data_size)
+        report.add(name, f"truncated: tensor data should end at byte {base + end} but the file has "
+                         f"{size} bytes ({len(lost)} tensors cut off, first {lost[0]})")
+    elif end < data_size:
+        report.add(name, f"{data_size - end} unexpected bytes after the last tensor")
+    return infos
+
+
+def load_tensors(ckpt: Path, report: Report) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint, with the index checked against the shards."""
+    index_path = ckpt / INDEX_NAME
+    on_disk = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    index = _read_json(index_path, report, required=False)
+    weight_map: dict[str, str] | None = None
+    if index is not None:
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            report.add(INDEX_NAME, "has no weight_map object")
+            weight_map = None
+    if weight_map is None and index_path.exists():
+        shard_names = on_disk
+    elif weight_map is not None:
+        shard_names = sorted(set(weight_map.values()))
+        for extra in sorted(set(on_disk) - set(shard_names)):
+            report.add(extra, f"not referenced by {INDEX_NAME}: engines will ignore it")
+    else:
+        shard_names = on_disk
+        if not on_disk:
+            report.add(str(ckpt), "no *.safetensors files")
+        elif len(on_disk) > 1:
+            report.add(INDEX_NAME, f"missing: {len(on_disk)} shards need an index")
+
+    tensors: dict[str, TensorInfo] = {}
+    shard_of: dict[str, str] = {}
+    for shard in shard_names:
+        path = ckpt / shard
+        if not path.is_file():
+            report.add(shard, f"listed in {INDEX_NAME} but missing")
+            continue
+        try:
+            infos = read_header(path, report)
+        except _Unreadable as e:
+            report.add(shard, str(e))
+            continue
+        report.shards += 1
+        for key, info in infos.items():
+            if key in tensors:
+                report.add(key, f"stored twice: in {shard_of[key]} and {shard}")
+                continue
+            tensors[key] = info
+            shard_of[key] = shard
+    # Tensors cut off by truncation are not in `tensors` but still exist by name.
+    if weight_map is not None:
+        for key, shard in sorted(weight_map.items()):
+            if not (ckpt / shard).is_file():
+                continue  # reported once for the shard
+            if shard_of.get(key) == shard:
+                continue
+            elsewhere = f" (it is in {shard_of[key]})" if key in shard_of else ""
+            report.add(key, f"{INDEX_NAME} maps it to {shard} but that shard has no such tensor{elsewhere}")
+        for key in sorted(set(shard_of) - set(weight_map)):
+            report.add(key, f"in {shard_of[key]} but not in {INDEX_NAME}: engines will not load it")
+        meta = index.get("metadata")
+        total = meta.get("total_size") if isinstance(meta, dict) else None
+        actual = sum(t.nbytes for t in tensors.values())
+        if isinstance(total, int) and report.shards == len(shard_names) and total != actual:
+            report.add(INDEX_NAME, f"metadata.total_size is {total} but the shards hold {actual} bytes of tensors")
+    report.tensors = len(tensors)
+    report.total_bytes = sum(t.nbytes for t in tensors.values())
+    return tensors
+
+
+class ScaleReader:
+    """Reads the small scale tensors, and only those.
+
+    F32 goes through safetensors' own numpy reader. F8_E4M3 cannot: numpy has no float8
+    dtype, so safetensors(framework="numpy") refuses it; its raw bytes are memory-mapped
+    from the offsets in the header instead and classified through a 256-entry table.
+    """
+
+    def __init__(self, stack: ExitStack):
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self._stack = stack
+        self._handles: dict[Path, object] = {}
+
+    def f32(self, t: TensorInfo) -> np.ndarray:
+        if t.shard not in self._handles:
+            self._handles[t.shard] = self._stack.enter_context(self._safe_open(str(t.shard), framework="numpy"))
+        return np.asarray(self._handles[t.shard].get_tensor(t.name), dtype=np.float32).reshape(-1)
+
+    @staticmethod
+    def e4m3_histogram(t: TensorInfo) -> np.ndarray:
+        counts = np.zeros(256, dtype=np.int64)
+        if t.nbytes == 0:
+            return counts
+        data = np.memmap(t.shard, dtype=np.uint8, mode="r", offset=t.start, shape=(t.nbytes,))
+        for i in range(0, t.nbytes, CHUNK):
+            counts += np.bincount(data[i:i + CHUNK], minlength=256)
+        del data
+        return counts
+
+
+# ---------------------------------------------------------------- configs
+
+def _excluded(module: str, patterns: list[str]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], module):
+                return True
+        elif fnmatch.fnmatchcase(module, p) or module.startswith(p + "."):
+            return True
+    return False
+
+
+def _check_fp4_args(where: str, args, report: Report, ct: bool, activations: bool = False) -> None:
+    """One `weights` / `input_activations` entry of a config group."""
+    if not isinstance(args, dict):
+        report.add(where, f"is {args!r}, expected an object")
+        return
+    want = {"num_bits": 4, "type": "float", "group_size": GROUP_SIZE}
+    if ct:
+        want |= {"strategy": "tensor_group", "symmetric": True}
+        if activations:
+            want["dynamic"] = "local"
+    for key, value in want.items():
+        if key not in args:
+            report.add(where, f"missing field {key!r} (NVFP4 needs {value!r})")
+        elif args[key] != value:
+            report.add(f"{where}.{key}", f"is {args[key]!r}, NVFP4 needs {value!r}")
+    sd = args.get("scale_dtype")
+    if ct and sd is not None and not str(sd).endswith("float8_e4m3fn"):
+        report.add(f"{where}.scale_dtype", f"is {sd!r}, NVFP4 block scales are float8_e4m3fn")
+
+
+def _config_groups(qc: dict, report: Report, ct: bool) -> bool | None:
+    """Checks config.json's config_groups; returns whether activations are quantized."""
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        report.add("config.json", "quantization_config has no config_groups")
+        return None
+    w4a4 = set()
+    for g, group in groups.items():
+        where = f"config.json quantization_config.config_groups.{g}"
+        if not isinstance(group, dict):
+            report.add(where, "is not an object")
+            continue
+        _check_fp4_args(f"{where}.weights", group.get("weights"), report, ct)
+        acts = group.get("input_activations")
+        if acts is not None:
+            _check_fp4_args(f"{where}.input_activations", acts, report, ct, activations=True)
+        w4a4.add(acts is not None)
+        if ct:
+            fmt = group.get("format") or qc.get("format")
+            if fmt != CT_FORMAT:
+                report.add(f"{where}.format", f"is {fmt!r}, NVFP4 is {CT_FORMAT!r}")
+        if not group.get("targets"):
+            report.add(where, "has no targets")
+    if len(w4a4) > 1:
+        report.add("config.json", "config groups disagree on whether activations are quantized")
+        return None
+    return w4a4.pop() if w4a4 else None
+
+
+def _kv_scheme(value, where: str, report: Report) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and value.get("num_bits") == 8 and value.get("type") == "float":
+        return "FP8"
+    report.add(where, f"unsupported KV cache scheme {value!r} (only FP8 or null)")
+    return "?"
+
+
+def check_modelopt_config(ckpt: Path, qc: dict | None, report: Report) -> tuple[bool | None, list[str]]:
+    """hf_quant_config.json (TensorRT-LLM) and config.json (vLLM, SGLang) must agree."""
+    hf = _read_json(ckpt / "hf_quant_config.json", report, required=True)
+    hq = hf.get("quantization") if hf else None
+    if hf is not None and not isinstance(hq, dict):
+        report.add("hf_quant_config.json", "has no 'quantization' object")
+        hq = None
+    excludes: list[str] = []
+    algo = None
+    if hq is not None:
+        for key in ("quant_algo", "group_size", "exclude_modules"):
+            if key not in hq:
+                report.add("hf_quant_config.json", f"missing field quantization.{key}")
+        algo = hq.get("quant_algo")
+        if "quant_algo" in hq and algo not in NVFP4_ALGOS:
+            report.add("hf_quant_config.json", f"quant_algo is {algo!r}, not NVFP4 ({' or '.join(NVFP4_ALGOS)})")
+        if "group_size" in hq and hq["group_size"] != GROUP_SIZE:
+            report.add("hf_quant_config.json", f"group_size is {hq['group_size']!r}, NVFP4 needs {GROUP_SIZE}")
+        excludes = hq.get("exclude_modules") or []
+        if not isinstance(excludes, list) or not all(isinstance(x, str) for x in excludes):
+            report.add("hf_quant_config.json", "exclude_modules is not a list of module names")
+            excludes = []
+        kv = hq.get("kv_cache_quant_algo")
+        if kv not in (None, "FP8"):
+            report.add("hf_quant_config.json", f"kv_cache_quant_algo {kv!r} is not supported here (null or FP8)")
+        report.kv_cache = kv
+
+    if qc is None:
+        # Older ModelOpt exports have no quantization_config; vLLM falls back to hf_quant_config.json.
+        report.quant_algo = algo
+        return (algo == "NVFP4" if algo in NVFP4_ALGOS else None), excludes
+
+    if "quant_algo" not in qc:
+        report.add("config.json", "missing field quantization_config.quant_algo")
+    elif hq is None:
+        algo = qc["quant_algo"]
+        if algo not in NVFP4_ALGOS:
+            report.add("config.json", f"quantization_config.quant_algo is {algo!r}, not NVFP4")
+    elif qc["quant_algo"] != algo:
+        report.add("config.json", f"quantization_config.quant_algo {qc['quant_algo']!r} contradicts "
+                                  f"hf_quant_config.json's {algo!r}")
+    if "group_size" in qc and qc["group_size"] != GROUP_SIZE:
+        report.add("config.json", f"quantization_config.group_size is {qc['group_size']!r}, NVFP4 needs {GROUP_SIZE}")
+    w4a4 = _config_groups(qc, report, ct=False)
+    report.quant_algo = algo
+    if algo in NVFP4_ALGOS and w4a4 is not None and w4a4 != (algo == "NVFP4"):
+        report.add("config.json", f"config_groups {'quantize' if w4a4 else 'do not quantize'} input_activations "
+                                  f"but quant_algo is {algo!r}")
+    ignore = qc.get("ignore")
+    if hq is None:
+        excludes = ignore if isinstance(ignore, list) else []
+    elif ignore is None or set(ignore) != set(excludes):
+        report.add("config.json", f"quantization_config.ignore {ignore!r} differs from "
+                                  f"hf_quant_config.json exclude_modules {excludes!r}")
+    if "kv_cache_scheme" in qc:
+        kv = _kv_scheme(qc["kv_cache_scheme"], "config.json", report)
+        if hq is None:
+            report.kv_cache = kv
+        elif kv != report.kv_cache:
+            report.add("config.json", f"quantization_config.kv_cache_scheme says {kv or 'no'} KV cache "
+                                      f"quantization, hf_quant_config.json says {report.kv_cache or 'none'}")
+    elif report.kv_cache is not None and hq is not None:
+        # vLLM reads config.json first: without kv_cache_scheme it leaves the KV cache unquantized.
+        report.add("config.json", f"quantization_config has no kv_cache_scheme but hf_quant_config.json "
+                                  f"has kv_cache_quant_algo {report.kv_cache!r}")
+    if algo in NVFP4_ALGOS:
+        return algo == "NVFP4", excludes
+    return w4a4, excludes
+
+
+def check_ct_config(qc: dict, report: Report) -> tuple[bool | None, list[str]]:
+    if qc.get("quantization_status") != "compressed":
+        report.add("config.json", f"quantization_config.quantization_status is "
+                                  f"{qc.get('quantization_status')!r}, a packed checkpoint says 'compressed'")
+    w4a4 = _config_groups(qc, report, ct=True)
+    report.quant_algo = CT_FORMAT
+    ignore = qc.get("ignore")
+    if ignore is None:
+        ignore = []
+    if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+        report.add("config.json", "quantization_config.ignore is not a list of module names")
+        ignore = []
+    report.kv_cache = _kv_scheme(qc.get("kv_cache_scheme"), "config.json", report)
+    return w4a4, ignore
+
+
+def detect_format(qc: dict | None, ckpt: Path, tensors: dict[str, TensorInfo], report: Report) -> str | None:
+    looks_ct = any(k.endswith(".weight_packed") for k in tensors)
+    looks_mo = any(k.endswith(".weight_scale_2") for k in tensors)
+    method = qc.get("quant_method") if qc is not None else None
+    if method == MODELOPT or (qc is None and (ckpt / "hf_quant_config.json").exists()):
+        fmt = MODELOPT
+    elif method == COMPRESSED_TENSORS:
+        fmt = COMPRESSED_TENSORS
+    else:
+        if qc is None:
+            report.add("config.json", "has no quantization_config (and there is no hf_quant_config.json): "
+                                      "engines would load the model unquantized")
+        else:
+            report.add("config.json", f"quantization_config.quant_method is {method!r}, "
+                                      f"expected {MODELOPT!r} or {COMPRESSED_TENSORS!r}")
+        return None
+    if fmt == MODELOPT and looks_ct and not looks_mo:
+        report.add("config.json", "quant_method is modelopt but the tensors use compressed-tensors names (weight_packed)")
+    if fmt == COMPRESSED_TENSORS and looks_mo and not looks_ct:
+        report.add("config.json", "quant_method is compressed-tensors but the tensors use ModelOpt names (weight_scale_2)")
+    return fmt
+
+
+# ---------------------------------------------------------------- tensors
+
+def _check_dtype_shape(t: TensorInfo | None, name: str, dtype: str, shape: tuple, report: Report, role: str) -> bool:
+    if t is None:
+        report.add(name, f"missing ({role})")
+        return False
+    ok = True
+    if t.dtype != dtype:
+        report.add(name, f"dtype {t.dtype}, expected {dtype} ({role})")
+        ok = False
+    if t.shape != shape:
+        report.add(name, f"shape {list(t.shape)}, expected {list(shape)} ({role})")
+        ok = False
+    return ok
+
+
+def _check_positive(name: str, values: np.ndarray, report: Report) -> float | None:
+    if values.size != 1:
+        return None
+    v = float(values[0])
+    if not math.isfinite(v) or v <= 0:
+        report.add(name, f"is {v}, a scale must be finite and > 0")
+        return None
+    return v
+
+
+def _check_block_scales(t: TensorInfo, report: Report, no_negative: bool) -> None:
+    counts = ScaleReader.e4m3_histogram(t)
+    total = int(counts.sum())
+    nan = int(counts[_E4M3_NAN].sum())
+    if nan:
+        report.add(t.name, f"{nan} of {total} FP8 block scales are NaN (E4M3 byte 0x7F/0xFF)")
+    neg = int(counts[_E4M3_NEG].sum())
+    if no_negative and neg:
+        report.add(t.name, f"{neg} of {total} FP8 block scales are negative")
+    if total and int(counts[_E4M3_ZERO].sum()) == total:
+        report.add(t.name, "every FP8 block scale is 0: the layer would compute zeros")
+
+
+def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], tensors: dict[str, TensorInfo],
+                  reader: ScaleReader, report: Report) -> None:
+    lay = LAYOUTS[fmt]
+    markers = (".weight_scale", f".{lay.global_scale}", f".{lay.input_scale}")
+    modules = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(markers)}
+    if fmt == COMPRESSED_TENSORS:
+        modules |= {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")}
+    else:
+        modules |= {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight") and tensors[k].dtype == "U8"}
+    if not modules:
+        report.add(report.path, "no quantized Linear found (no weight_scale tensors)")
+    report.quantized_linears = len(modules)
+
+    globals_: dict[str, float | None] = {}
+    inputs: dict[str, float | None] = {}
+    for m in sorted(modules):
+        if _excluded(m, excludes):
+            report.add(m, "is in the exclude/ignore list but is quantized")
+        packed_name = f"{m}.{lay.packed}"
+        packed = tensors.get(packed_name)
+        if fmt == COMPRESSED_TENSORS and f"{m}.weight" in tensors:
+            report.add(f"{m}.weight", "unpacked weight next to weight_packed")
+        if packed is None:
+            report.add(packed_name, "missing (packed NVFP4 weight of a quantized Linear)")
+            continue
+        if packed.dtype != "U8" or len(packed.shape) != 2:
+            report.add(packed_name, f"{packed.dtype} {list(packed.shape)}, expected U8 [out, in/2] (packed E2M1 pairs)")
+            continue
+        out, in_ = packed.shape[0], packed.shape[1] * 2
+        if in_ % GROUP_SIZE:
+            report.add(packed_name, f"in_features {in_} is not a multiple of {GROUP_SIZE}: "
+                                    "engines cannot run it; leave the layer unquantized and exclude it")
+        report.quantized_params += out * in_
+        report.quantized_bytes += packed.nbytes
+
+        bs_name = f"{m}.weight_scale"
+        bs = tensors.get(bs_name)
+        if _check_dtype_shape(bs, bs_name, "F8_E4M3", (out, in_ // GROUP_SIZE), report, "FP8 block scales"):
+            _check_block_scales(bs, report, no_negative=(fmt == MODELOPT))
+        if bs is not None:
+            report.quantized_bytes += bs.nbytes
+
+        gs_name = f"{m}.{lay.global_scale}"
+        gs = tensors.get(gs_name)
+        if _check_dtype_shape(gs, gs_name, "F32", lay.scalar_shape, report, "per-tensor global scale"):
+            globals_[m] = _check_positive(gs_name, reader.f32(gs), report)
+        if gs is not None:
+            report.quantized_bytes += gs.nbytes
+
+        is_name = f"{m}.{lay.input_scale}"
+        is_ = tensors.get(is_name)
+        if w4a4:
+            if _check_dtype_shape(is_, is_name, "F32", lay.scalar_shape, report, "activation scale, W4A4"):
+                inputs[m] = _check_positive(is_name, reader.f32(is_), report)
+        elif is_ is not None and w4a4 is False:
+            report.add(is_name, "present, but the config says weight-only (W4A16)")
+        if is_ is not None:
+            report.quantized_bytes += is_.nbytes
+
+    _check_fused(globals_, lay.global_scale, report)
+    _check_fused(inputs, lay.input_scale, report)
+    _check_unquantized(modules, excludes, tensors, report)
+
+
+def _check_fused(values: dict[str, float | None], suffix: str, report: Report) -> None:
+    """Members of a fused GEMM must carry bit-identical scales (spec section 4)."""
+    groups: dict[tuple[str, str], dict[str, float | None]] = defaultdict(dict)
+    for m, v in values.items():
+        parent, _, leaf = m.rpartition(".")
+        if leaf in FUSED:
+            groups[(parent, FUSED[leaf])][leaf] = v
+    for (parent, members), got in sorted(groups.items()):
+        if any(v is None for v in got.values()) or len(set(got.values())) < 2:
+            continue  # a bad value is already reported; one value is fine
+        order = [x for x in members.split(",") if x in got]
+        common, _ = Counter(got[x] for x in order).most_common(1)[0]
+        same = [x for x in order if got[x] == common]
+        for leaf in order:
+            if got[leaf] != common:
+                report.add(f"{parent}.{leaf}.{suffix}",
+                           f"is {got[leaf]:.9g} but {', '.join(same)} have {common:.9g}: the fused "
+                           f"{'/'.join(order)} GEMM needs one shared {suffix} "
+                           "(TensorRT-LLM refuses it, vLLM/SGLang silently use the max)")
+
+
+def _check_unquantized(modules: set[str], excludes: list[str], tensors: dict[str, TensorInfo],
+                       report: Report) -> None:
+    for name, t in sorted(tensors.items()):
+        if not name.endswith(".weight"):
+            continue
+        m = name[:-len(".weight")]
+        if m in modules:
+            continue
+        if _excluded(m, excludes):
+            if t.dtype not in FLOAT_DTYPES:
+                report.add(name, f"module is excluded from quantization but the weight is {t.dtype}, "
+                                 f"expected its original float dtype ({'/'.join(FLOAT_DTYPES)})")
+        elif m.rpartition(".")[2].endswith("_proj") and len(t.shape) == 2:
+            # A projection the engines will build as an NVFP4 Linear (not excluded) but
+            # with no NVFP4 tensors: loading fails on the missing scales.
+            report.add(name, "looks like a Linear that is neither quantized nor in the exclude/ignore list")
+        parent, _, leaf = m.rpartition(".")
+        if leaf in FUSED and any(f"{parent}.{x}" in modules for x in FUSED[leaf].split(",")):
+            report.add(name, f"unquantized, but other members of the fused {FUSED[leaf]} group are quantized")
+
+
+def check_kv_scales(fmt: str, tensors: dict[str, TensorInfo], reader: ScaleReader, report: Report) -> None:
+    present = sorted(k for k in tensors if k.endswith((".k_scale", ".v_scale")))
+    if report.kv_cache is None:
+        for k in present:
+            report.add(k, "KV cache scale present but the config has no KV cache quantization")
+        return
+    if report.kv_cache != "FP8":
+        return
+    attn = sorted({k.rsplit(".", 2)[0] for k in tensors if ".k_proj." in k and k.endswith((".weight", ".weight_packed"))})
+    for a in attn:
+        for proj, scale in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+            names = [f"{a}.{proj}.{scale}", f"{a}.{scale}"]
+            if LAYOUTS[fmt].kv_owner == "attn":
+                names.reverse()
+            t = next((tensors[n] for n in names if n in tensors), None)
+            if t is None:
+                report.add(names[0], "missing (the config quantizes the KV cache to FP8)")
+            elif t.dtype != "F32" or math.prod(t.shape) != 1:
+                report.add(t.name, f"{t.dtype} {list(t.shape)}, expected one F32 value")
+            else:
+                _check_positive(t.name, reader.f32(t), report)
+
+
+# ---------------------------------------------------------------- entry points
+
+def verify_checkpoint(path: Path) -> Report:
+    path = Path(path)
+    report = Report(path=str(path))
+    if not path.exists():
+        report.add(str(path), "no such folder")
+        return report
+    if not path.is_dir():
+        report.add(str(path), "not a folder (give the checkpoint's folder)")
+        return report
+    config = _read_json(path / "config.json", report, required=True)
+    qc = config.get("quantization_config") if config else None
+    if config is not None and qc is not None and not isinstance(qc, dict):
+        report.add("config.json", "quantization_config is not an object")
+        qc = None
+    tensors = load_tensors(path, report)
+    if config is None:
+        return report
+    fmt = detect_format(qc, path, tensors, report)
+    report.format = fmt
+    if fmt is None:
+        return report
+    if fmt == MODELOPT:
+        w4a4, excludes = check_modelopt_config(path, qc, report)
+    else:
+        w4a4, excludes = check_ct_config(qc, report)
+    report.weight_only = None if w4a4 is None else not w4a4
+    with ExitStack() as stack:
+        reader = ScaleReader(stack)
+        try:
+            check_linears(fmt, w4a4, excludes, tensors, reader, report)
+            check_kv_scales(fmt, tensors, reader, report)
+        except (OSError, ValueError) as e:
+            # A shard that passed the header checks but that safetensors or the OS
+            # still cannot read (permissions, I/O error, a corrupt header detail).
+            report.add(str(path), f"cannot read the scale tensors: {e}")
+    return report
+
+
+def _summary(r: Report) -> str:
+    if r.format is None:
+        return f"{r.path}: not verified as NVFP4"
+    mode = {None: "?", True: "W4A16 (weight-only)", False: "W4A4"}[r.weight_only]
+    kv = f", KV cache {r.kv_cache}" if r.kv_cache else ""
+    bits = f", {8 * r.quantized_bytes / r.quantized_params:.3f} bits/weight" if r.quantized_params else ""
+    return (f"{r.path}: {r.format} {r.quant_algo or '?'} {mode}{kv}; {r.quantized_linears} quantized Linears"
+            f"{bits}; {r.tensors} tensors in {r.shards} shard(s), {r.total_bytes / 2**20:.1f} MiB")
+
+
+def main_verify(path: Path, json_out: Path | None = None) -> int:
+    """Print the report with rich and return the exit code (0 only without problems)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(highlight=False, soft_wrap=True)
+    report = verify_checkpoint(Path(path))
+    console.print(escape(_summary(report)))
+    for p in report.problems:
+        console.print(f"[red]problem[/red] {escape(str(p))}")
+    if report.ok:
+        engines = "TensorRT-LLM, vLLM and SGLang" if report.format == MODELOPT else "vLLM and SGLang"
+        console.print(f"[green]ok[/green]: meets what {engines} require")
+    else:
+        console.print(f"[red]{len(report.problems)} problem(s)[/red]")
+    if json_out is not None:
+        try:
+            Path(json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        except OSError as e:
+            console.print(f"[red]error[/red] {escape(f'cannot write {json_out}: {e.strerror or e}')}")
+            return ConfigError.exit_code
+    return 0 if report.ok else VerifyFailed.exit_code
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(prog="python -m launcher.verify", description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt", type=Path)
+    ap.add_argument("--json", dest="json_out", type=Path, default=None)
+    args = ap.parse_args()
+    sys.exit(main_verify(args.ckpt, args.json_out))
