@@ -217,8 +217,9 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     return infos
 
 
-def load_tensors(ckpt: Path, report: Report) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint, with the index checked against the shards."""
+def load_tensors(ckpt: Path, report: Report) -> tuple[dict[str, TensorInfo], set[Path]]:
+    """Every tensor of the checkpoint, with the index checked against the shards, and
+    the shards whose header has a problem (safetensors itself would refuse them)."""
     index_path = ckpt / INDEX_NAME
     on_disk = sorted(p.name for p in ckpt.glob("*.safetensors"))
     index = _read_json(index_path, report, required=False)
@@ -243,16 +244,20 @@ def load_tensors(ckpt: Path, report: Report) -> dict[str, TensorInfo]:
 
     tensors: dict[str, TensorInfo] = {}
     shard_of: dict[str, str] = {}
+    damaged: set[Path] = set()
     for shard in shard_names:
         path = ckpt / shard
         if not path.is_file():
             report.add(shard, f"listed in {INDEX_NAME} but missing")
             continue
+        before = len(report.problems)
         try:
             infos = read_header(path, report)
         except _Unreadable as e:
             report.add(shard, str(e))
             continue
+        if len(report.problems) > before:
+            damaged.add(path)
         report.shards += 1
         for key, info in infos.items():
             if key in tensors:
@@ -278,7 +283,7 @@ def load_tensors(ckpt: Path, report: Report) -> dict[str, TensorInfo]:
             report.add(INDEX_NAME, f"metadata.total_size is {total} but the shards hold {actual} bytes of tensors")
     report.tensors = len(tensors)
     report.total_bytes = sum(t.nbytes for t in tensors.values())
-    return tensors
+    return tensors, damaged
 
 
 class ScaleReader:
@@ -287,19 +292,34 @@ class ScaleReader:
     F32 goes through safetensors' own numpy reader. F8_E4M3 cannot: numpy has no float8
     dtype, so safetensors(framework="numpy") refuses it; its raw bytes are memory-mapped
     from the offsets in the header instead and classified through a 256-entry table.
+    Shards with a damaged header (which safetensors refuses whole) are read the same raw
+    way, so their intact scales still get checked.
     """
 
-    def __init__(self, stack: ExitStack):
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
+    def __init__(self, stack: ExitStack, damaged: set[Path], report: Report):
         self._stack = stack
+        self._damaged = set(damaged)
+        self._report = report
         self._handles: dict[Path, object] = {}
 
     def f32(self, t: TensorInfo) -> np.ndarray:
-        if t.shard not in self._handles:
-            self._handles[t.shard] = self._stack.enter_context(self._safe_open(str(t.shard), framework="numpy"))
-        return np.asarray(self._handles[t.shard].get_tensor(t.name), dtype=np.float32).reshape(-1)
+        from safetensors import SafetensorError, safe_open
+
+        if t.shard not in self._damaged:
+            try:
+                if t.shard not in self._handles:
+                    self._handles[t.shard] = self._stack.enter_context(safe_open(str(t.shard), framework="numpy"))
+                return np.asarray(self._handles[t.shard].get_tensor(t.name), dtype=np.float32).reshape(-1)
+            except SafetensorError as e:
+                self._report.add(t.shard.name, f"safetensors cannot read it: {e}")
+                self._damaged.add(t.shard)
+        return self._raw(t).view("<f4").astype(np.float32)
+
+    @staticmethod
+    def _raw(t: TensorInfo) -> np.ndarray:
+        with t.shard.open("rb") as f:
+            f.seek(t.start)
+            return np.frombuffer(f.read(t.nbytes), dtype=np.uint8)
 
     @staticmethod
     def e4m3_histogram(t: TensorInfo) -> np.ndarray:
@@ -676,7 +696,7 @@ def verify_checkpoint(path: Path) -> Report:
     if config is not None and qc is not None and not isinstance(qc, dict):
         report.add("config.json", "quantization_config is not an object")
         qc = None
-    tensors = load_tensors(path, report)
+    tensors, damaged = load_tensors(path, report)
     if config is None:
         return report
     fmt = detect_format(qc, path, tensors, report)
@@ -689,7 +709,7 @@ def verify_checkpoint(path: Path) -> Report:
         w4a4, excludes = check_ct_config(qc, report)
     report.weight_only = None if w4a4 is None else not w4a4
     with ExitStack() as stack:
-        reader = ScaleReader(stack)
+        reader = ScaleReader(stack, damaged, report)
         try:
             check_linears(fmt, w4a4, excludes, tensors, reader, report)
             check_kv_scales(fmt, tensors, reader, report)
