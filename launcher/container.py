@@ -1,0 +1,167 @@
+"""One payload container: create, stream, wait, and always remove.
+
+The container is labelled with the run id so that rollback and orphan reaping find
+it by label, never by name. Secrets go only into the environment of this container,
+which is removed when the run ends; they never reach labels or records.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+from docker.errors import APIError, NotFound
+from docker.types import DeviceRequest, Mount
+
+from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
+from .errors import Interrupted, LauncherError, OutOfMemory, PayloadFailed
+from .logstream import EventStream
+
+PAYLOAD_DIR = Path(__file__).resolve().parent.parent / "container_payload"
+PAYLOAD_TARGET = "/opt/spark-nvfp4"
+
+
+@dataclass
+class Bind:
+    host: Path
+    target: str
+    read_only: bool = True
+
+    def mount(self) -> Mount:
+        return Mount(target=self.target, source=str(Path(self.host).resolve()), type="bind",
+                     read_only=self.read_only)
+
+
+def owner_labels(run_id: str, role: str) -> dict[str, str]:
+    return {RUN_LABEL: run_id, ROLE_LABEL: role,
+            f"{LABEL_PREFIX}.owner-pid": str(os.getpid()),
+            f"{LABEL_PREFIX}.owner-host": socket.gethostname()}
+
+
+def gpu_requests(gpus: str, nvidia_runtime: bool) -> list[DeviceRequest]:
+    if gpus == "none" or (gpus == "auto" and not nvidia_runtime):
+        return []
+    if gpus in ("auto", "all"):
+        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    return [DeviceRequest(device_ids=gpus.split(","), capabilities=[["gpu"]])]
+
+
+class PayloadContainer:
+    """Runs `python3 -m container_payload.<module> <job>` in the image."""
+
+    def __init__(self, client: docker.DockerClient, image: str, run_id: str, role: str = "quantize"):
+        self.client = client
+        self.image = image
+        self.run_id = run_id
+        self.role = role
+        self.container = None
+
+    def create(self, module: str, job_path: str, binds: list[Bind], *, env: dict[str, str] | None = None,
+               device_requests: list[DeviceRequest] | None = None, mem_limit: str | None = None,
+               network: str | None = None, ports: dict | None = None, name: str | None = None):
+        mounts = [Bind(PAYLOAD_DIR, f"{PAYLOAD_TARGET}/container_payload").mount()]
+        mounts += [b.mount() for b in binds]
+        kwargs = dict(
+            image=self.image,
+            command=["python3", "-m", f"container_payload.{module}", job_path],
+            working_dir=PAYLOAD_TARGET,
+            mounts=mounts,
+            environment={"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+                         "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
+            labels=owner_labels(self.run_id, self.role),
+            # Files the payload writes into the output must belong to the user, not root.
+            user=f"{os.getuid()}:{os.getgid()}",
+            init=True,  # tini as PID 1: docker stop's SIGTERM reaches python
+            device_requests=device_requests or [],
+            detach=True,
+            name=name,
+            # Quantization needs big shared tensors on some torch paths; docker's 64 MB is too small.
+            shm_size="2g",
+        )
+        if mem_limit:
+            kwargs["mem_limit"] = mem_limit
+        if network:
+            kwargs["network_mode"] = network
+        if ports:
+            kwargs["ports"] = ports
+        try:
+            self.container = self.client.containers.create(**kwargs)
+        except APIError as e:
+            msg = str(getattr(e, "explanation", e))
+            if "could not select device driver" in msg or "nvidia" in msg.lower():
+                raise LauncherError("Docker cannot give the container a GPU: the NVIDIA container runtime "
+                                    "is missing", advice="install nvidia-container-toolkit, or pass --gpus none "
+                                    "to run on the CPU") from None
+            raise LauncherError(f"cannot create the container: {msg.splitlines()[0]}") from None
+        return self.container
+
+    def run(self, stream: EventStream) -> int:
+        """Start, stream logs until exit, map the outcome. Always removes the container
+        unless `keep` was asked for by the caller (see `remove`)."""
+        assert self.container is not None
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.container.start()
+            for chunk in self.container.logs(stream=True, follow=True, stdout=True, stderr=True):
+                stream.feed(chunk)
+            status = self.container.wait()
+            return int(status.get("StatusCode", 1))
+        except KeyboardInterrupt:
+            self.stop()
+            raise Interrupted("interrupted: the container was stopped and removed",
+                              advice="rerun the same command to resume") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def oom_killed(self) -> bool:
+        try:
+            self.container.reload()
+            return bool(self.container.attrs["State"].get("OOMKilled"))
+        except (NotFound, APIError, AttributeError):
+            return False
+
+    def stop(self, timeout: int = 10) -> None:
+        if self.container is None:
+            return
+        try:
+            self.container.stop(timeout=timeout)
+        except (NotFound, APIError):
+            pass
+
+    def remove(self) -> None:
+        if self.container is None:
+            return
+        try:
+            self.container.remove(force=True)
+        except NotFound:
+            pass
+        except APIError:
+            pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def check_exit(code: int, stream: EventStream, oom_killed: bool, log_path: Path) -> None:
+    """Turn the container's ending into nothing (success) or one typed error."""
+    out = stream.outcome
+    if code == 0 and out.error is None:
+        return
+    if code == 137 or oom_killed:
+        raise OutOfMemory("the payload was killed (exit 137): the container ran out of memory",
+                          where=str(log_path),
+                          advice="give Docker more memory, raise --memory-limit, close other programs, "
+                                 "or lower --calib-batch-size")
+    if out.saw_cuda_oom or (out.error and out.error.get("kind") == "oom"):
+        raise OutOfMemory("the GPU ran out of memory during quantization", where=str(log_path),
+                          advice="lower --calib-batch-size or --calib-seq-len, or free the GPU")
+    if out.error:
+        raise PayloadFailed(f"payload failed: {out.error.get('message', 'unknown error')}", where=str(log_path),
+                            advice="see the log for details")
+    last = out.tail[-1] if out.tail else "no output"
+    raise PayloadFailed(f"payload exited with status {code}: {last[:200]}", where=str(log_path),
+                        advice="see the log for details")

@@ -1,0 +1,213 @@
+"""A quantize job from spec to finished folder: the one place that sequences the pieces.
+
+    preflight -> model (host) -> image -> lock -> payload container -> verify -> promote -> eval
+
+The payload writes into a hidden partial folder beside the output; only a verified,
+complete checkpoint is renamed into place, so a folder at --output is always whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from . import assets, model_source, paths, preflight, runs
+from .config import NVIDIA_IMAGE, STANDIN_IMAGE, JobSpec
+from .container import Bind, PayloadContainer, check_exit, gpu_requests
+from .daemon import connect, has_nvidia_runtime
+from .errors import ConfigError, LauncherError
+from .image import ImageStore
+from .locks import OutputLock
+from .logstream import EventStream, open_log
+from .orphans import reap
+
+
+@dataclass
+class JobOutcome:
+    run: runs.RunRecord
+    output: Path
+    reused: bool = False
+
+
+def job_fingerprint(spec: JobSpec) -> str:
+    """What makes two runs produce the same checkpoint (not where it goes)."""
+    keys = spec.model_dump(mode="json", include={"model", "revision", "format", "recipe", "calibration", "kv_cache"})
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def choose_image(spec: JobSpec, nvidia: bool) -> str:
+    if spec.image != "auto":
+        return spec.image
+    return NVIDIA_IMAGE if nvidia else STANDIN_IMAGE
+
+
+def calibration_bind(spec: JobSpec) -> tuple[str, list[Bind]]:
+    src = spec.calibration.source
+    if src == "builtin":
+        text = assets.texts().calibration
+        return f"/calib/{text.name}", [Bind(text, f"/calib/{text.name}")]
+    if src.startswith("hf:"):
+        return src, []
+    path = Path(src).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"calibration file not found: {path}", where="--calib",
+                          advice="pass an existing .txt or .jsonl file, or `builtin`")
+    return f"/calib/{path.name}", [Bind(path.resolve(), f"/calib/{path.name}")]
+
+
+def completed_output(output: Path, fingerprint: str) -> bool:
+    try:
+        result = json.loads((output / "result.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return result.get("status") == "complete" and result.get("job_fingerprint") == fingerprint
+
+
+def _secrets(spec: JobSpec) -> list[str]:
+    return [v for v in (os.environ.get(spec.hf_token_env), os.environ.get(spec.ngc_key_env)) if v]
+
+
+class QuantizeJob:
+    def __init__(self, spec: JobSpec, console: Console | None = None, *, dry_run: bool = False):
+        self.spec = spec
+        self.console = console or Console(stderr=True)
+        self.dry_run = dry_run
+
+    def run(self) -> JobOutcome:
+        spec = self.spec
+        output = Path(spec.output).expanduser().resolve()
+        fingerprint = job_fingerprint(spec)
+        client = connect()
+        reap(client, self.console)
+        nvidia = has_nvidia_runtime(client)
+        image_ref = choose_image(spec, nvidia)
+
+        rec = runs.new_run("quantize", spec.model_dump(mode="json"))
+        rec.image = image_ref
+        rec.save()
+        self.console.print(f"run [bold]{rec.id}[/] -> {output}")
+        try:
+            if completed_output(output, fingerprint):
+                self.console.print(f"[green]{output} is already a complete checkpoint of this job; reusing it[/]")
+                rec.finish("complete")
+                return JobOutcome(rec, output, reused=True)
+            if output.exists() and any(output.iterdir()):
+                raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
+                                  where="--output", advice="choose another --output, or remove the folder")
+            model = model_source.resolve(spec, dry_run=self.dry_run)
+            preflight.enforce(preflight.quantize_checks(
+                model_bytes=model.bytes, output=output, download_bytes=0,
+                cache_dir=paths.hf_hub_cache(), on_gpu=nvidia and spec.gpus != "none"))
+            for c in model.created_cache:
+                rec.add("cache", c)
+            image = ImageStore(client, self.console).ensure(image_ref, ngc_key_env=spec.ngc_key_env,
+                                                            dry_run=self.dry_run)
+            if image.pulled:
+                rec.add("images", image_ref)
+            if self.dry_run:
+                rec.finish("complete")
+                return JobOutcome(rec, output)
+            with OutputLock(output, rec.id):
+                self._quantize(client, rec, model, image_ref, output, fingerprint, nvidia)
+            rec.result = json.loads((output / "result.json").read_text())
+            rec.finish("complete")
+            return JobOutcome(rec, output)
+        except LauncherError as e:
+            rec.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
+            raise
+        except BaseException as e:
+            rec.finish("failed", error=f"{type(e).__name__}: {e}")
+            raise
+
+    def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path, fingerprint: str,
+                  nvidia: bool) -> None:
+        spec = self.spec
+        clean_stale_partials(output, self.console)
+        partial = output.parent / f".{output.name}.partial-{rec.id}"
+        partial.mkdir(parents=True)
+        rec.add("partials", str(partial))
+
+        calib_src, calib_binds = calibration_bind(spec)
+        job = {
+            "model_dir": model.container_dir, "gguf": model.gguf, "output_dir": "/out",
+            "format": spec.format.value, "recipe": spec.recipe, "kv_cache": spec.kv_cache,
+            "calibration": {**spec.calibration.model_dump(), "source": calib_src},
+            "device": "cpu" if spec.gpus == "none" or not nvidia else "auto",
+            "job_fingerprint": fingerprint, "run_id": rec.id,
+        }
+        job_file = rec.folder / "job.json"
+        job_file.write_text(json.dumps(job, indent=2))
+
+        env = {}
+        network = "none"  # the payload needs no network unless it streams a hub dataset
+        if calib_src.startswith("hf:"):
+            network = None
+            token = model_source.token_from(spec.hf_token_env)
+            if token:
+                env["HF_TOKEN"] = token
+            env["HF_HUB_OFFLINE"] = "0"
+        binds = model.binds + calib_binds + [Bind(job_file, "/run/job.json"),
+                                             Bind(partial, "/out", read_only=False)]
+        box = PayloadContainer(client, image_ref, rec.id)
+        box.create("quantize", "/run/job.json", binds, env=env,
+                   device_requests=gpu_requests(spec.gpus, nvidia), mem_limit=spec.memory_limit, network=network)
+        rec.add("containers", box.container.id)
+        try:
+            with open_log(rec.log_path) as log, EventStream(log, self.console, secrets=_secrets(spec)) as stream:
+                code = box.run(stream)
+                oom = box.oom_killed()
+            check_exit(code, stream, oom, rec.log_path)
+        finally:
+            if not spec.keep_container:
+                box.remove()
+
+        result_path = partial / "result.json"
+        if not result_path.exists():
+            raise LauncherError("the payload exited cleanly but wrote no result.json", where=str(partial))
+        result = json.loads(result_path.read_text())
+        result["job_fingerprint"] = fingerprint
+        result["run_id"] = rec.id
+        result_path.write_text(json.dumps(result, indent=2))
+
+        verify_or_raise(partial, self.console)
+        os.replace(partial, output)
+        rec.created.partials.remove(str(partial))
+        rec.add("outputs", str(output))
+        self.console.print(f"[green]checkpoint complete:[/] {output} "
+                           f"({result.get('checkpoint_bytes', 0) / 1e6:.1f} MB)")
+
+
+def verify_or_raise(folder: Path, console: Console) -> None:
+    """The independent host-side check; a checkpoint that fails it is never promoted."""
+    try:
+        from .verify import _summary, verify_checkpoint
+    except ImportError:  # verifier not installed in this build
+        return
+    report = verify_checkpoint(folder)
+    if report.problems:
+        from .errors import VerifyFailed
+        for p in report.problems:
+            console.print(f"[red]verify[/] {p}")
+        raise VerifyFailed(f"the new checkpoint failed verification ({len(report.problems)} problems)",
+                           where=str(folder), advice="this is a bug in the recipe or export; please report it")
+    console.print(f"verify: ok ({_summary(report)})", highlight=False)
+
+
+def clean_stale_partials(output: Path, console: Console) -> None:
+    """Partial folders of runs that died are ours (their records say so): remove them."""
+    for rec in runs.all_runs():
+        if rec.status == "running":
+            continue
+        for p in list(rec.created.partials):
+            path = Path(p)
+            if path.parent == output.parent and path.name.startswith(f".{output.name}.partial-"):
+                shutil.rmtree(path, ignore_errors=True)
+                rec.created.partials.remove(p)
+                rec.save()
+                console.print(f"removed the partial output of interrupted run {rec.id}")
+

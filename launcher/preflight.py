@@ -1,0 +1,67 @@
+"""Checks that run before anything heavy: each one says what is wrong and what to do.
+
+Estimates are deliberately simple and stated: an NVFP4 checkpoint is about 0.3x the
+bf16 weights (4.5 bits per quantized weight, embeddings stay bf16); quantizing
+holds the bf16 model once in memory plus activations.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from .errors import PreflightError
+
+GiB = 1 << 30
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    advice: str = ""
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def disk_check(where: Path, need_bytes: int, what: str) -> Check:
+    free = shutil.disk_usage(_existing_parent(where)).free
+    ok = free >= need_bytes
+    return Check(f"disk ({what})", ok, f"{free / GiB:.1f} GiB free at {_existing_parent(where)}, "
+                 f"need about {need_bytes / GiB:.1f} GiB",
+                 "" if ok else f"free space there or choose another folder for the {what}")
+
+
+def memory_check(need_bytes: int, on_gpu: bool) -> Check:
+    avail = psutil.virtual_memory().available
+    ok = avail >= need_bytes
+    where = "host memory (the model is staged here before the GPU)" if on_gpu else "host memory"
+    return Check("memory", ok, f"{avail / GiB:.1f} GiB available, need about {need_bytes / GiB:.1f} GiB in {where}",
+                 "" if ok else "close other programs, or use a machine with more memory")
+
+
+def quantize_checks(*, model_bytes: int, output: Path, download_bytes: int, cache_dir: Path,
+                    on_gpu: bool) -> list[Check]:
+    out_bytes = int(model_bytes * 0.32) + (64 << 20)
+    checks = [disk_check(output.parent, out_bytes * 2, "output")]  # partial + final during rename
+    if download_bytes:
+        checks.append(disk_check(cache_dir, download_bytes, "model download"))
+    # bf16 weights once, plus activations and ModelOpt's bookkeeping; on a GPU most
+    # of it goes to device memory, but loading still passes through host memory.
+    checks.append(memory_check(int(model_bytes * (0.6 if on_gpu else 1.4)) + GiB, on_gpu))
+    return checks
+
+
+def enforce(checks: list[Check]) -> None:
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        c = bad[0]
+        raise PreflightError(f"preflight: {c.name}: {c.detail}", advice=c.advice)
