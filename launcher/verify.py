@@ -88,6 +88,7 @@ class TensorInfo:
     shape: tuple
     start: int   # absolute byte offsets in the shard file
     end: int
+    intact: bool = True  # False: its data lies past the end of a truncated file
 
     @property
     def nbytes(self) -> int:
@@ -150,8 +151,9 @@ def _read_json(path: Path, report: Report, required: bool) -> dict | None:
 def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     """Parse and validate one shard's header against the file's size.
 
-    Tensors whose data lies past the end of the file are left out of the result, so
-    nothing later tries to read them; the file gets the problem.
+    Tensors whose data lies past the end of the file stay in the result (their header
+    entries are still checked) but are marked not intact, so nothing reads them; the
+    file gets the one problem.
     """
     name = shard.name
     try:
@@ -197,8 +199,7 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
         if e - b != need:
             report.add(key, f"data_offsets span {e - b} bytes but {dtype} {shape} needs {need} ({name})")
         spans.append((b, e, key))
-        if e <= data_size:
-            infos[key] = TensorInfo(key, shard, dtype, tuple(shape), base + b, base + e)
+        infos[key] = TensorInfo(key, shard, dtype, tuple(shape), base + b, base + e, intact=e <= data_size)
 
     # safetensors requires the tensors to tile the data section exactly; it refuses
     # the file otherwise, and a gap or overlap means a broken writer.
@@ -211,7 +212,7 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     if end > data_size:
         lost = sorted(k for b, e, k in spans if e > data_size)
         report.add(name, f"truncated: tensor data should end at byte {base + end} but the file has "
-                         f"{size} bytes ({len(lost)} tensors cut off, first {lost[0]})")
+                         f"{size} bytes ({len(lost)} tensor(s) cut off, first {lost[0]})")
     elif end < data_size:
         report.add(name, f"{data_size - end} unexpected bytes after the last tensor")
     return infos
@@ -265,7 +266,6 @@ def load_tensors(ckpt: Path, report: Report) -> tuple[dict[str, TensorInfo], set
                 continue
             tensors[key] = info
             shard_of[key] = shard
-    # Tensors cut off by truncation are not in `tensors` but still exist by name.
     if weight_map is not None:
         for key, shard in sorted(weight_map.items()):
             if not (ckpt / shard).is_file():
@@ -518,7 +518,7 @@ def _check_dtype_shape(t: TensorInfo | None, name: str, dtype: str, shape: tuple
     if t is None:
         report.add(name, f"missing ({role})")
         return False
-    ok = True
+    ok = t.intact  # a cut-off tensor's values cannot be read (its file is reported)
     if t.dtype != dtype:
         report.add(name, f"dtype {t.dtype}, expected {dtype} ({role})")
         ok = False
@@ -676,7 +676,7 @@ def check_kv_scales(fmt: str, tensors: dict[str, TensorInfo], reader: ScaleReade
                 report.add(names[0], "missing (the config quantizes the KV cache to FP8)")
             elif t.dtype != "F32" or math.prod(t.shape) != 1:
                 report.add(t.name, f"{t.dtype} {list(t.shape)}, expected one F32 value")
-            else:
+            elif t.intact:
                 _check_positive(t.name, reader.f32(t), report)
 
 
