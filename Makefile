@@ -1,0 +1,64 @@
+# spark-nvfp4. Two commands for a newcomer:
+#   make demo   set everything up and quantize the embedded model (CPU, no hub)
+#   make test   run the test suite (sets up its own reference venvs first)
+# The DGX Spark flow:  make quantize MODEL=deepseek-ai/DeepSeek-R1-Distill-Llama-8B
+
+PYTHON   ?= python3
+VENV     ?= .venv
+LAUNCHER := $(VENV)/bin/launcher
+MODEL    ?= embedded
+OUTPUT   ?= out/$(notdir $(MODEL))-NVFP4
+IMAGE    ?= auto
+RECIPE   ?=
+CALIB    ?= builtin
+SAMPLES  ?= 128
+SEQ_LEN  ?= 512
+EXTRA    ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo setup bootstrap venv venvs image quantize verify test clean-venvs
+
+demo: setup image quantize
+
+setup: bootstrap venv
+	$(VENV)/bin/python -c "from launcher import assets; assets.fetch_all()"
+
+bootstrap:
+	scripts/bootstrap-host.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+# Reference tools in their own venvs (tests and benchmarks): ModelOpt pinned like
+# the stand-in image, and llm-compressor (it needs other transformers versions).
+venvs: .venv-mo/.installed .venv-llmc/.installed
+.venv-mo/.installed: docker/requirements-standin.txt
+	$(PYTHON) -m venv .venv-mo
+	.venv-mo/bin/pip install -q -r docker/requirements-standin.txt pytest
+	touch $@
+.venv-llmc/.installed:
+	$(PYTHON) -m venv .venv-llmc
+	.venv-llmc/bin/pip install -q torch==2.13.0 llmcompressor==0.14.0.1
+	touch $@
+
+image:
+	docker/build.sh
+
+quantize: venv
+	$(LAUNCHER) quantize --model $(MODEL) --output $(OUTPUT) --image $(IMAGE) --calib $(CALIB) \
+	  --calib-samples $(SAMPLES) --calib-seq-len $(SEQ_LEN) $(if $(RECIPE),--recipe $(RECIPE)) $(EXTRA)
+	$(LAUNCHER) verify $(OUTPUT)
+
+verify: venv
+	$(LAUNCHER) verify $(OUTPUT)
+
+test: venv venvs
+	scripts/bootstrap-host.sh --test
+	docker image inspect spark-nvfp4/trtllm-standin:cpu >/dev/null 2>&1 || docker/build.sh
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean-venvs:
+	rm -rf .venv .venv-mo .venv-llmc

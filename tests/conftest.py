@@ -1,0 +1,170 @@
+"""Shared fixtures. Everything here is real: the Docker daemon, the stand-in image,
+a loopback registry started by pytest-docker, ModelOpt in its own venv.
+
+What cannot exist on these machines (an NVIDIA GPU runtime, NGC) is mocked only in
+the tests that say so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_HOME = Path(os.environ.get("SPARK_NVFP4_HOME") or Path.home() / ".cache" / "spark-nvfp4")
+STANDIN = "spark-nvfp4/trtllm-standin:cpu"
+REGISTRY = "127.0.0.1:5055"
+
+
+def need(condition: bool, reason: str):
+    """In CI a missing prerequisite is a failure (CI installs everything); locally a skip."""
+    if not condition:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as e:  # noqa: BLE001
+        need(False, f"Docker daemon not reachable: {e}")
+    return client
+
+
+@pytest.fixture(scope="session")
+def standin_image(docker_client) -> str:
+    from docker.errors import ImageNotFound
+
+    try:
+        docker_client.images.get(STANDIN)
+    except ImageNotFound:
+        need(False, f"{STANDIN} is not built: run `make image`")
+    return STANDIN
+
+
+@pytest.fixture(scope="session")
+def shared_assets() -> Path:
+    """The embedded model's GGUF and the texts, fetched once into the real home."""
+    os.environ.setdefault("SPARK_NVFP4_HOME", str(REAL_HOME))
+    from launcher import assets
+
+    assets.fetch_all()
+    return REAL_HOME / "assets"
+
+
+@pytest.fixture(scope="session")
+def texts(shared_assets):
+    from launcher import assets
+
+    return assets.texts()
+
+
+@pytest.fixture
+def launcher_home(tmp_path, shared_assets, monkeypatch) -> Path:
+    """A fresh launcher home per test; the fetched assets and the converted embedded
+    model are linked in so that tests don't refetch or reconvert them."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "assets").symlink_to(shared_assets)
+    models = REAL_HOME / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(models)
+    monkeypatch.setenv("SPARK_NVFP4_HOME", str(home))
+    return home
+
+
+def run_launcher(*args: str, env: dict | None = None, timeout: int = 900, check: bool = False,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd or REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launcher {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def launcher():
+    return run_launcher
+
+
+def our_containers(client) -> list:
+    return client.containers.list(all=True, filters={"label": "io.spark-nvfp4.run-id"})
+
+
+def one_line_error(stderr: str) -> str:
+    """The last error line, after checking the failure was reported the way users see it."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def ref_python() -> str:
+    """ModelOpt run directly, outside any container: its own venv (same pins as the image)."""
+    path = os.environ.get("SPARK_NVFP4_REF_PYTHON") or str(REPO / ".venv-mo" / "bin" / "python")
+    need(Path(path).exists(), f"ModelOpt reference venv missing at {path}: run `make venvs`")
+    return path
+
+
+# --- pytest-docker: the loopback registry ------------------------------------------
+
+@pytest.fixture(scope="session")
+def docker_compose_command() -> str:
+    return "docker-compose" if shutil.which("docker-compose") else "docker compose"
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> str:
+    return str(REPO / "tests" / "docker-compose.yml")
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name() -> str:
+    return "spark-nvfp4-tests"
+
+
+@pytest.fixture(scope="session")
+def registry(docker_client, docker_services) -> str:
+    import urllib.request
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{REGISTRY}/v2/", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    docker_services.wait_until_responsive(check=up, timeout=60, pause=0.5)
+    return REGISTRY
+
+
+def wait_for(predicate, timeout: float, what: str, pause: float = 0.5):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(pause)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def latest_record(home: Path) -> dict:
+    records = sorted((home / "runs").glob("*/record.json"))
+    assert records, f"no run record under {home}"
+    return json.loads(records[-1].read_text())

@@ -1,0 +1,130 @@
+"""The main job for real: `launcher quantize` on the embedded model, in a container of
+the stand-in image, compared with ModelOpt run directly on the same bf16 model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from conftest import REAL_HOME, our_containers, run_launcher
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+SAMPLES, SEQ_LEN = 16, 256
+TOKEN = "hf_SENTINELtokenNeverLogged0123456789"
+NGC = "ngcSENTINELkeyNeverLogged9876543210"
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory, standin_image, shared_assets, docker_client):
+    """One real run, shared by the tests below. The token and NGC key are set in the
+    environment, as a user would have them, to prove they go nowhere."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "assets").symlink_to(shared_assets)
+    (REAL_HOME / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(REAL_HOME / "models")
+    out = tmp_path_factory.mktemp("out") / "smollm2-nvfp4"
+    env = {"SPARK_NVFP4_HOME": str(home), "HF_TOKEN": TOKEN, "NGC_API_KEY": NGC}
+    proc = run_launcher("quantize", "--output", str(out), "--calib-samples", str(SAMPLES),
+                        "--calib-seq-len", str(SEQ_LEN), "--no-eval", "--keep-container", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(next((home / "runs").glob("*/record.json")).read_text())
+    kept = [docker_client.containers.get(c) for c in record["created"]["containers"]]
+    inspected = [json.dumps(c.attrs) for c in kept]
+    for c in kept:
+        c.remove(force=True)
+    return {"home": home, "out": out, "proc": proc, "record": record, "container_inspect": inspected}
+
+
+def _tensors(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="numpy") as f:
+            for k in f.keys():
+                if f.get_slice(k).get_dtype() == "F8_E4M3":
+                    continue  # numpy has no float8: compared as raw bytes below
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def _raw_fp8(folder: Path) -> dict[str, bytes]:
+    """FP8 block scales as raw bytes, straight from the safetensors layout."""
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        blob = shard.read_bytes()
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + n])
+        for k, v in header.items():
+            if k != "__metadata__" and v["dtype"] == "F8_E4M3":
+                a, b = v["data_offsets"]
+                out[k] = blob[8 + n + a:8 + n + b]
+    return out
+
+
+def test_checkpoint_is_complete_and_standard(e2e):
+    out = e2e["out"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "complete" and result["format"] == "nvfp4"
+    assert result["calibration"]["samples"] == SAMPLES and result["calibration"]["seq_len"] == SEQ_LEN
+    hf = json.loads((out / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "NVFP4" and hf["quantization"]["group_size"] == 16
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "modelopt"
+    assert not list(out.parent.glob(f".{out.name}.partial-*")), "partial folder left behind"
+    assert e2e["record"]["status"] == "complete"
+    assert "calibrate" in e2e["proc"].stderr  # the progress bars were rendered
+
+
+def test_matches_modelopt_run_directly(e2e, ref_python, texts, tmp_path):
+    """Weights and block scales byte-identical to ModelOpt outside any container;
+    input_scale within 1% on the same calibration windows."""
+    model_dir = REAL_HOME / "models" / "SmolLM2-135M-Instruct-bf16"
+    ref = tmp_path / "ref"
+    subprocess.run([ref_python, str(Path(__file__).parent / "tools" / "modelopt_direct.py"), str(model_dir),
+                    str(texts.calibration), str(SAMPLES), str(SEQ_LEN), str(ref)],
+                   check=True, capture_output=True, timeout=900)
+    ours, theirs = _tensors(e2e["out"]), _tensors(ref)
+    assert set(ours) == set(theirs)
+    fp8_ours, fp8_theirs = _raw_fp8(e2e["out"]), _raw_fp8(ref)
+    assert set(fp8_ours) == set(fp8_theirs) and len(fp8_ours) > 100
+    for k in fp8_ours:
+        assert fp8_ours[k] == fp8_theirs[k], f"{k}: block scales differ"
+    checked_inputs = 0
+    for k, a in ours.items():
+        b = theirs[k]
+        if k.endswith(".input_scale"):
+            assert np.isclose(a, b, rtol=0.01), f"{k}: {a} vs {b}"
+            checked_inputs += 1
+        else:
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), f"{k} differs"
+    assert checked_inputs == 210  # 30 layers x 7 Linears
+
+
+def test_secrets_go_nowhere(e2e, docker_client, standin_image):
+    home, out = e2e["home"], e2e["out"]
+    places = {p: p.read_bytes() for base in (home / "runs", out) for p in base.rglob("*") if p.is_file()}
+    places["stderr"] = e2e["proc"].stderr.encode()
+    places["stdout"] = e2e["proc"].stdout.encode()
+    places["image inspect"] = json.dumps(docker_client.images.get(standin_image).attrs).encode()
+    for i, c in enumerate(e2e["container_inspect"]):
+        places[f"container inspect {i}"] = c.encode()
+    for secret in (TOKEN, NGC):
+        leaks = [str(where) for where, data in places.items() if secret.encode() in data]
+        assert not leaks, f"secret found in {leaks}"
+    assert any(name.name == "log.txt" for name in places if isinstance(name, Path))
+
+
+def test_no_container_left_and_rerun_reuses(e2e, docker_client):
+    assert not [c for c in our_containers(docker_client)
+                if c.labels.get("io.spark-nvfp4.run-id") == e2e["record"]["id"]]
+    env = {"SPARK_NVFP4_HOME": str(e2e["home"])}
+    before = (e2e["out"] / "model.safetensors").stat().st_mtime_ns
+    proc = run_launcher("quantize", "--output", str(e2e["out"]), "--calib-samples", str(SAMPLES),
+                        "--calib-seq-len", str(SEQ_LEN), "--no-eval", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "already a complete checkpoint" in proc.stderr
+    assert (e2e["out"] / "model.safetensors").stat().st_mtime_ns == before
