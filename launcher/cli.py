@@ -92,3 +92,14 @@ def quantize(fmt, weights_only, config_file, dry_run, **kw):
     spec = load_spec(flags, FLAG_FIELDS, config_file)
     outcome = QuantizeJob(spec, console, dry_run=dry_run).run()
     click.echo(str(outcome.output))
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the report as JSON.")
+def verify(ckpt, json_out):
+    """Check an NVFP4 checkpoint (ModelOpt or compressed-tensors) against what TensorRT-LLM,
+    vLLM and SGLang require. On the host, no GPU, no container. Exit 0 only when valid."""
+    from .verify import main_verify
+
+    sys.exit(main_verify(ckpt, json_out))
