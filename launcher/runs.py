@@ -31,6 +31,7 @@ class Created(BaseModel):
     outputs: list[str] = Field(default_factory=list)      # finished output folders
     partials: list[str] = Field(default_factory=list)     # temporary output folders
     cache: list[str] = Field(default_factory=list)        # cache folders it downloaded or converted
+    locks: list[str] = Field(default_factory=list)        # output lock files (stale after a kill -9)
 
 
 class RunRecord(BaseModel):
@@ -44,6 +45,7 @@ class RunRecord(BaseModel):
     host: str = Field(default_factory=socket.gethostname)
     spec: dict = Field(default_factory=dict)
     image: str | None = None
+    output: str | None = None   # the resolved output folder (the spec may hold a relative path)
     created: Created = Field(default_factory=Created)
     error: str | None = None
     result: dict | None = None

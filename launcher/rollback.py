@@ -1,0 +1,341 @@
+"""Undo what runs created: plan first (what, where, how big), then remove exactly that.
+
+Everything comes from run records and our Docker run label, never from name patterns:
+a folder or image the launcher did not record is not ours, whatever it is called.
+Each removed thing is struck from its record at once, so a second rollback (or one
+after a crash half-way) finds only what is really left.
+
+Kinds: containers, partial folders and stale locks always go (they are debris of a
+run, never results). Finished outputs, images the run pulled itself, and cache folders
+it downloaded or converted go only when asked (--outputs, --images, --cache).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths, runs
+from .daemon import RUN_LABEL, connect
+from .errors import DockerUnavailable, LauncherError, RunNotFound
+
+ALWAYS = ("containers", "partials", "locks")
+OPTIONAL = ("outputs", "images", "cache")
+
+
+@dataclass
+class Item:
+    kind: str          # one of ALWAYS + OPTIONAL
+    ref: str           # container id, image ref, or path
+    run_id: str
+    size: int | None = None
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.ref[:12] if self.kind == "containers" else self.ref
+
+
+@dataclass
+class Plan:
+    runs: list[runs.RunRecord]
+    kinds: tuple[str, ...]
+    items: list[Item] = field(default_factory=list)
+    refused: list[tuple[Item, str]] = field(default_factory=list)   # recorded, but we will not touch it
+    left_out: list[Item] = field(default_factory=list)              # recorded, kind not asked for
+    skipped_runs: list[tuple[str, str]] = field(default_factory=list)
+    docker_error: str | None = None
+    _gone: list[Item] = field(default_factory=list)                 # recorded but already gone: prune
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+
+@dataclass
+class Outcome:
+    removed: list[Item] = field(default_factory=list)
+    failed: list[tuple[Item, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- planning
+
+def select_runs(run_id: str | None, all_runs: bool) -> tuple[list[runs.RunRecord], list[tuple[str, str]]]:
+    """The records to roll back, and those left alone (still running) with why."""
+    runs.mark_dead_runs()
+    if run_id:
+        rec = runs.load(run_id)
+        if rec.status == "running" and rec.owner_alive():
+            raise LauncherError(f"run {rec.id} is still running (pid {rec.pid})", where=str(rec.folder),
+                                advice="stop it first (Ctrl-C in its terminal, or kill the pid), then roll back")
+        return [rec], []
+    chosen, skipped = [], []
+    for rec in runs.all_runs():
+        if rec.status == "running" and rec.owner_alive():
+            skipped.append((rec.id, f"still running (pid {rec.pid})"))
+        else:
+            chosen.append(rec)
+    return chosen, skipped
+
+
+def plan(run_id: str | None = None, *, all_runs: bool = False, outputs: bool = False, images: bool = False,
+         cache: bool = False) -> Plan:
+    if bool(run_id) == bool(all_runs):
+        raise LauncherError("name one RUN_ID or pass --all", advice="`launcher list` shows the runs")
+    chosen, skipped = select_runs(run_id, all_runs)
+    kinds = ALWAYS + tuple(k for k, on in zip(OPTIONAL, (outputs, images, cache)) if on)
+    p = Plan(chosen, kinds, skipped_runs=skipped)
+    try:
+        client = connect(timeout=10)
+    except DockerUnavailable as e:
+        client, p.docker_error = None, e.what
+    ids = {r.id for r in chosen}
+    others = [r for r in runs.all_runs() if r.id not in ids and r.status != "rolled-back"]
+    for rec in chosen:
+        _plan_files(p, rec, others)
+        _plan_docker(p, rec, client, others, ids)
+    return p
+
+
+def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> None:
+    for path in rec.created.partials:
+        item = Item("partials", path, rec.id)
+        if not os.path.lexists(path):
+            p._gone.append(item)
+        elif Path(path).is_symlink() or not Path(path).is_dir() or not Path(path).name.endswith(rec.id):
+            # the record names a partial of this run; anything else there is not what we made
+            p.refused.append((item, "not a partial folder of this run (replaced?)"))
+        else:
+            item.size = tree_size(Path(path))
+            p.items.append(item)
+    for path in rec.created.locks:
+        item = Item("locks", path, rec.id)
+        info = _read_json(Path(path))
+        if not os.path.lexists(path):
+            p._gone.append(item)
+        elif not info or info.get("run_id") != rec.id:
+            p._gone.append(item)  # taken over by a later run: that lock is not ours any more
+        else:
+            item.size = Path(path).lstat().st_size
+            p.items.append(item)
+    for path in rec.created.outputs:
+        item = Item("outputs", path, rec.id)
+        if not os.path.lexists(path):
+            p._gone.append(item)
+            continue
+        owner = (_read_json(Path(path) / "result.json") or {}).get("run_id")
+        if Path(path).is_symlink() or not Path(path).is_dir():
+            p.refused.append((item, "no longer the folder this run wrote (replaced?)"))
+        elif owner != rec.id:
+            p.refused.append((item, f"its result.json names {'run ' + owner if owner else 'no run'}, "
+                                    "not this one: it was replaced, so it is not ours to delete"))
+        elif "outputs" not in p.kinds:
+            item.size = tree_size(Path(path))
+            p.left_out.append(item)
+        else:
+            item.size = tree_size(Path(path))
+            p.items.append(item)
+    live = [r for r in others if r.status == "running"]
+    for path in rec.created.cache:
+        item = Item("cache", path, rec.id)
+        if not os.path.lexists(path):
+            p._gone.append(item)
+        elif not _inside(Path(path), [paths.home(), paths.hf_hub_cache()]) or Path(path).is_symlink():
+            p.refused.append((item, "outside the launcher home and the Hugging Face cache"))
+        elif "cache" not in p.kinds:
+            item.size = tree_size(Path(path))
+            p.left_out.append(item)
+        elif live:
+            p.refused.append((item, f"run {live[0].id} is running and may be reading it"))
+        else:
+            item.size = tree_size(Path(path))
+            p.items.append(item)
+
+
+def _plan_docker(p: Plan, rec: runs.RunRecord, client, others: list[runs.RunRecord], ids: set[str]) -> None:
+    if client is None:
+        for cid in rec.created.containers:
+            p.refused.append((Item("containers", cid, rec.id), "Docker daemon unreachable: not checked"))
+        for ref in rec.created.images if "images" in p.kinds else []:
+            p.refused.append((Item("images", ref, rec.id), "Docker daemon unreachable: not checked"))
+        return
+    from docker.errors import APIError, ImageNotFound, NotFound
+
+    seen = set()
+    found = {c.id: c for c in client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={rec.id}"})}
+    for cid in rec.created.containers:
+        if cid in found:
+            continue
+        try:
+            found[cid] = client.containers.get(cid)
+        except NotFound:
+            p._gone.append(Item("containers", cid, rec.id))
+    for cid, c in found.items():
+        if c.id in seen:
+            continue
+        seen.add(c.id)
+        item = Item("containers", c.id, rec.id, note=c.status)
+        if c.labels.get(RUN_LABEL) != rec.id:
+            p.refused.append((item, "does not carry this run's label"))
+        else:
+            p.items.append(item)
+
+    for ref in rec.created.images:
+        item = Item("images", ref, rec.id)
+        try:
+            img = client.images.get(ref)
+        except ImageNotFound:
+            p._gone.append(item)
+            continue
+        except APIError as e:
+            p.refused.append((item, f"cannot inspect: {e}"))
+            continue
+        item.size = img.attrs.get("Size")
+        users = [r.id for r in others if ref in r.created.images or r.image == ref]
+        # Removing a ref that has other tags only untags it: no container can lose its image.
+        foreign = [] if len(img.tags) > 1 else [
+            c.short_id for c in client.containers.list(all=True)
+            if c.attrs.get("Image") == img.id and c.labels.get(RUN_LABEL) not in ids]
+        if "images" not in p.kinds:
+            p.left_out.append(item)
+        elif users:
+            p.refused.append((item, f"run {users[0]} also uses it (roll that back too, or use --all)"))
+        elif foreign:
+            p.refused.append((item, f"container {foreign[0]} (not one we are removing) uses it"))
+        else:
+            p.items.append(item)
+
+
+# ---------------------------------------------------------------- execution
+
+def execute(p: Plan) -> Outcome:
+    out = Outcome()
+    client = None
+    if any(i.kind in ("containers", "images") for i in p.items):
+        try:
+            client = connect(timeout=10)
+        except DockerUnavailable as e:
+            p.docker_error = e.what
+    # containers before images: an image in use by a container cannot go
+    order = {k: n for n, k in enumerate(("containers", "locks", "partials", "outputs", "cache", "images"))}
+    for item in sorted(p.items, key=lambda i: order[i.kind]):
+        try:
+            _remove(item, client)
+            out.removed.append(item)
+        except Exception as e:  # noqa: BLE001 - each failure is reported, the rest still go
+            out.failed.append((item, _reason(e)))
+    _update_records(p, out)
+    return out
+
+
+def _remove(item: Item, client) -> None:
+    if item.kind == "containers":
+        if client is None:
+            raise DockerUnavailable("Docker daemon unreachable")
+        from docker.errors import NotFound
+        try:
+            client.containers.get(item.ref).remove(force=True)
+        except NotFound:
+            pass
+    elif item.kind == "images":
+        if client is None:
+            raise DockerUnavailable("Docker daemon unreachable")
+        from docker.errors import ImageNotFound
+        try:
+            # never force: a tag the user added keeps the image, and one in use stays
+            client.images.remove(item.ref, noprune=False)
+        except ImageNotFound:
+            pass
+    elif item.kind == "locks":
+        Path(item.ref).unlink(missing_ok=True)
+    else:
+        path = Path(item.ref)
+        if path.is_symlink():  # checked again: it may have changed since the plan
+            raise LauncherError("became a symlink since the plan; left alone")
+        if item.kind == "outputs" and (_read_json(path / "result.json") or {}).get("run_id") != item.run_id:
+            raise LauncherError("its result.json no longer names this run; left alone")
+        if path.exists():
+            shutil.rmtree(path)  # rmtree never follows symlinks inside the tree
+
+
+def _update_records(p: Plan, out: Outcome) -> None:
+    """Strike what went (or was already gone) from the records; mark runs rolled back.
+
+    A run whose removal failed, or whose containers could not be checked, keeps its
+    status: the next rollback retries exactly what is left."""
+    struck = out.removed + p._gone
+    unfinished = {i.run_id for i, _ in out.failed}
+    unfinished |= {i.run_id for i, why in p.refused if why.startswith("Docker daemon unreachable")}
+    for rec in p.runs:
+        changed = False
+        for item in struck:
+            lst = getattr(rec.created, item.kind)
+            if item.run_id == rec.id and item.ref in lst:
+                lst.remove(item.ref)
+                changed = True
+        if rec.id not in unfinished and rec.status != "rolled-back":
+            rec.status = "rolled-back"
+            changed = True
+        if changed:
+            rec.save()
+
+
+# ---------------------------------------------------------------- helpers
+
+def tree_size(path: Path) -> int:
+    """Bytes under path, counting links as links (never following them)."""
+    total = 0
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return path.lstat().st_size
+        for root, dirs, files in os.walk(path, followlinks=False):
+            for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_size
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    return total
+
+
+def human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    p = Path(os.path.abspath(path))
+    for root in roots:
+        try:
+            p.relative_to(os.path.abspath(root))
+            if p != Path(os.path.abspath(root)):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, LauncherError):
+        return e.what
+    msg = str(getattr(e, "explanation", None) or e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"
+
+
+__all__ = ["Item", "Plan", "Outcome", "plan", "execute", "tree_size", "human", "RunNotFound"]
