@@ -103,3 +103,151 @@ def verify(ckpt, json_out):
     from .verify import main_verify
 
     sys.exit(main_verify(ckpt, json_out))
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--all", "all_runs", is_flag=True, help="Every run of this home (runs still going are left alone).")
+@click.option("--outputs", is_flag=True, help="Also delete the finished checkpoint folders the runs wrote.")
+@click.option("--images", is_flag=True, help="Also remove images the runs pulled themselves (never one you had).")
+@click.option("--cache", is_flag=True, help="Also delete model downloads/conversions the runs created.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed, with sizes.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed when stdin is not a terminal).")
+def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
+    """Remove what RUN_ID (or --all runs) created, and nothing else.
+
+    By default only debris goes: the runs' containers, partial output folders and stale
+    locks. Results stay unless asked: --outputs, --images, --cache. Only what the run
+    records and our container label name is touched, never anything matched by name;
+    an output whose result.json names another run is kept (it was replaced). Without
+    Docker, the file parts are still removed and the rest is reported."""
+    from . import rollback as rb
+
+    p = rb.plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache)
+    if p.empty:
+        rb.describe_rest(p, console)
+        console.print("nothing to roll back" + (f" for run {run_id}" if run_id else ""))
+        return
+    console.print(rb.plan_table(p, "would remove" if dry_run else "to remove"))
+    rb.describe_rest(p, console)
+    if dry_run:
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            from .errors import ConfigError
+            raise ConfigError("refusing to delete without confirmation: stdin is not a terminal",
+                              where="rollback", advice="check the list with --dry-run, then pass --yes")
+        click.confirm(f"remove these {len(p.items)} items?", abort=True, err=True)
+    out = rb.execute(p)
+    rb.describe_outcome(out, console)
+    if out.failed:
+        from .errors import LauncherError
+        raise LauncherError(f"{len(out.failed)} of {len(p.items)} items could not be removed",
+                            advice="fix what is reported above and run the same rollback again")
+
+
+def _age(iso: str) -> str:
+    import datetime as dt
+
+    secs = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= n:
+            return f"{secs // n:.0f}{unit}"
+    return f"{secs:.0f}s"
+
+
+@main.command("list")
+def list_():
+    """The runs of this home, oldest first (runs whose launcher died are marked interrupted)."""
+    from rich.table import Table
+
+    from . import runs
+    from .orphans import tidy
+
+    tidy(console)
+    records = runs.all_runs()
+    if not records:
+        console.print("no runs yet")
+        return
+    t = Table()
+    for col in ("id", "command", "status", "model", "output", "created", "age"):
+        t.add_column(col, overflow="fold")
+    colors = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
+    for r in records:
+        st = f"[{colors[r.status]}]{r.status}[/]" if r.status in colors else r.status
+        t.add_row(r.id, r.command, st, str(r.spec.get("model") or "embedded"),
+                  r.output or str(r.spec.get("output") or "-"), r.created_at.replace("T", " ")[:19],
+                  _age(r.created_at))
+    Console().print(t)
+
+
+@main.command()
+@click.argument("run_id")
+def status(run_id):
+    """One run: its record, what it created (and whether that still exists), its files."""
+    import os
+
+    from rich.table import Table
+
+    from . import runs
+    from .orphans import tidy
+    from .rollback import human, tree_size
+
+    tidy(console)
+    r = runs.load(run_id)
+    out = Console()
+    t = Table(show_header=False, box=None)
+    alive = r.status == "running" and r.owner_alive()
+    rows = [("run", r.id), ("command", r.command), ("status", r.status),
+            ("launcher", f"pid {r.pid} on {r.host}" + (" (alive)" if alive else "")),
+            ("created", r.created_at), ("updated", r.updated_at),
+            ("model", str(r.spec.get("model") or "embedded")), ("output", r.output or str(r.spec.get("output"))),
+            ("image", r.image or "-"), ("error", r.error or "-")]
+    if r.result:
+        rows.append(("checkpoint", f"{human(r.result.get('checkpoint_bytes'))}, "
+                                   f"{r.result.get('timings', {}).get('total_s', '?')} s in the payload"))
+    for k, v in rows:
+        t.add_row(f"[bold]{k}[/]", str(v))
+    out.print(t)
+    made = Table(title="created", title_justify="left")
+    for col in ("kind", "what", "now"):
+        made.add_column(col, overflow="fold")
+    for kind, items in r.created.model_dump().items():
+        for item in items:
+            exists = os.path.lexists(item) if kind not in ("containers", "images") else None
+            now = "-" if exists is None else (human(tree_size(Path(item))) if exists else "gone")
+            made.add_row(kind, item, now)
+    out.print(made if made.row_count else "created: nothing")
+    files = sorted(p for p in r.folder.iterdir() if p.is_file()) if r.folder.exists() else []
+    out.print("files: " + ", ".join(f"{p} ({human(p.stat().st_size)})" for p in files), highlight=False)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing while the run is going.")
+def logs(run_id, follow):
+    """Print the run's log (the payload's output); --follow tails it until the run ends."""
+    import codecs
+    import time
+
+    from . import runs
+
+    rec = runs.load(run_id)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pos = 0
+    if not rec.log_path.exists() and not follow:
+        console.print(f"run {run_id} has no log yet ({rec.status})")
+        return
+    while True:
+        going = follow and rec.status == "running" and rec.owner_alive()
+        if rec.log_path.exists():
+            with open(rec.log_path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+            pos += len(chunk)
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+        if not going:  # read once more after the run ended: nothing written at the end is lost
+            break
+        time.sleep(0.5)
+        rec = runs.load(run_id)

@@ -22,9 +22,9 @@ from .container import Bind, PayloadContainer, check_exit, gpu_requests
 from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
 from .image import ImageStore
-from .locks import OutputLock
+from .locks import OutputLock, lock_path
 from .logstream import EventStream, open_log
-from .orphans import reap
+from .orphans import guard, reap
 
 
 @dataclass
@@ -89,7 +89,9 @@ class QuantizeJob:
 
         rec = runs.new_run("quantize", spec.model_dump(mode="json"))
         rec.image = image_ref
+        rec.output = str(output)
         rec.save()
+        guard(rec)  # removes the container at once if this launcher is killed
         self.console.print(f"run [bold]{rec.id}[/] -> {output}")
         try:
             if completed_output(output, fingerprint):
@@ -103,15 +105,16 @@ class QuantizeJob:
             preflight.enforce(preflight.quantize_checks(
                 model_bytes=model.bytes, output=output, download_bytes=0,
                 cache_dir=paths.hf_hub_cache(), on_gpu=nvidia and spec.gpus != "none"))
-            for c in model.created_cache:
+            for c in [] if self.dry_run else model.created_cache:  # a dry run creates nothing
                 rec.add("cache", c)
             image = ImageStore(client, self.console).ensure(image_ref, ngc_key_env=spec.ngc_key_env,
                                                             dry_run=self.dry_run)
-            if image.pulled:
+            if image.pulled and not self.dry_run:  # "would pull" is not a pull
                 rec.add("images", image_ref)
             if self.dry_run:
                 rec.finish("complete")
                 return JobOutcome(rec, output)
+            rec.add("locks", str(lock_path(output)))  # a kill -9 leaves it; rollback checks it is ours
             with OutputLock(output, rec.id):
                 self._quantize(client, rec, model, image_ref, output, fingerprint, nvidia)
             rec.result = json.loads((output / "result.json").read_text())
@@ -119,6 +122,9 @@ class QuantizeJob:
             return JobOutcome(rec, output)
         except LauncherError as e:
             rec.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
+            raise
+        except KeyboardInterrupt:
+            rec.finish("interrupted", error="interrupted (Ctrl-C)")
             raise
         except BaseException as e:
             rec.finish("failed", error=f"{type(e).__name__}: {e}")
@@ -207,6 +213,8 @@ def clean_stale_partials(output: Path, console: Console) -> None:
             path = Path(p)
             if path.parent == output.parent and path.name.startswith(f".{output.name}.partial-"):
                 shutil.rmtree(path, ignore_errors=True)
+                if path.exists():  # keep it in the record: rollback reports why it cannot go
+                    continue
                 rec.created.partials.remove(p)
                 rec.save()
                 console.print(f"removed the partial output of interrupted run {rec.id}")

@@ -1,18 +1,36 @@
 """Containers left behind by a launcher that died (kill -9, a crash, a closed SSH).
 
-Every launcher command starts by reaping them: a container carrying our run label
+A quantize run also starts a small watcher (`guard`) in its own session: when the
+launcher dies without finishing its record, the watcher reaps at once, so an orphan
+does not keep burning the CPU until the next command. Every launcher command
+starts by reaping them too: a container carrying our run label
 whose run's launcher process is gone is stopped and removed, and its run is marked
 interrupted. Containers of live runs, and anything without our label, are left alone.
 """
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
 
 import docker
 from docker.errors import APIError, NotFound
 from rich.console import Console
 
 from . import runs
-from .daemon import RUN_LABEL
-from .errors import RunNotFound
+from .daemon import RUN_LABEL, connect
+from .errors import DockerUnavailable, RunNotFound
+
+
+def tidy(console: Console | None = None) -> None:
+    """What read-only commands do first: mark runs whose launcher died as interrupted,
+    and remove their containers when Docker is up (without Docker, just the records)."""
+    try:
+        client = connect(timeout=5)
+    except DockerUnavailable:
+        runs.mark_dead_runs()
+        return
+    reap(client, console)
 
 
 def reap(client: docker.DockerClient, console: Console | None = None) -> list[str]:
@@ -34,3 +52,37 @@ def reap(client: docker.DockerClient, console: Console | None = None) -> list[st
         except (NotFound, APIError):
             pass
     return removed
+
+
+def guard(rec: runs.RunRecord) -> None:
+    """Start the watcher of this run; it survives a kill -9 of the launcher, not a reboot
+    (then the next command reaps). It must not hold our stdout/stderr open."""
+    try:
+        subprocess.Popen([sys.executable, "-m", "launcher.orphans", rec.id], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                         close_fds=True)
+    except OSError:
+        pass  # no watcher: the next launcher command reaps instead
+
+
+def _watch(run_id: str, poll: float = 1.0) -> None:
+    while True:
+        time.sleep(poll)
+        try:
+            rec = runs.load(run_id)
+        except RunNotFound:
+            return
+        if rec.status != "running":
+            return  # the launcher finished its record: nothing to do
+        if not rec.owner_alive():
+            break
+    try:
+        client = connect(timeout=10)
+    except DockerUnavailable:
+        runs.mark_dead_runs()
+        return
+    reap(client)
+
+
+if __name__ == "__main__":
+    _watch(sys.argv[1])

@@ -149,6 +149,8 @@ def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> N
             p.left_out.append(item)
         elif live:
             p.refused.append((item, f"run {live[0].id} is running and may be reading it"))
+        elif sharers := [r.id for r in others if path in r.created.cache]:
+            p.refused.append((item, f"run {sharers[0]} also recorded it (roll that back too, or use --all)"))
         else:
             item.size = tree_size(Path(path))
             p.items.append(item)
@@ -336,6 +338,49 @@ def _reason(e: Exception) -> str:
         return e.what
     msg = str(getattr(e, "explanation", None) or e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}"
+
+
+# ---------------------------------------------------------------- presentation
+
+KIND_NAMES = {"containers": "container", "partials": "partial folder", "locks": "stale lock",
+              "outputs": "output", "images": "image", "cache": "cache folder"}
+
+
+def plan_table(p: Plan, title: str):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("run", "kind", "what", "size"):
+        t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+    for i in p.items:
+        t.add_row(i.run_id, KIND_NAMES[i.kind], i.label + (f" ({i.note})" if i.note else ""), human(i.size))
+    t.add_row("", "", "[bold]total[/]", human(sum(i.size or 0 for i in p.items)))
+    return t
+
+
+def describe_rest(p: Plan, console) -> None:
+    """What stays, and why: refused items, kinds not asked for, runs left alone."""
+    for item, why in p.refused:
+        console.print(f"[yellow]kept[/] {KIND_NAMES[item.kind]} {item.label} of run {item.run_id}: {why}",
+                      highlight=False)
+    flags = {"outputs": "--outputs", "images": "--images", "cache": "--cache"}
+    left = sorted({i.kind for i in p.left_out})
+    if left:
+        what = ", ".join(f"{sum(1 for i in p.left_out if i.kind == k)} {KIND_NAMES[k]}(s) ({flags[k]})"
+                         for k in left)
+        console.print(f"not removed unless asked: {what}", highlight=False)
+    for run_id, why in p.skipped_runs:
+        console.print(f"[yellow]left alone[/] run {run_id}: {why}", highlight=False)
+    if p.docker_error:
+        console.print(f"[yellow]Docker:[/] {p.docker_error}; containers and images were not checked "
+                      "(start Docker and roll back again to remove them)", highlight=False)
+
+
+def describe_outcome(out: Outcome, console) -> None:
+    for item in out.removed:
+        console.print(f"removed {KIND_NAMES[item.kind]} {item.label} ({human(item.size)})", highlight=False)
+    for item, why in out.failed:
+        console.print(f"[red]could not remove[/] {KIND_NAMES[item.kind]} {item.label}: {why}", highlight=False)
 
 
 __all__ = ["Item", "Plan", "Outcome", "plan", "execute", "tree_size", "human", "RunNotFound"]
