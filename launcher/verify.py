@@ -218,9 +218,15 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     return infos
 
 
-def load_tensors(ckpt: Path, report: Report) -> tuple[dict[str, TensorInfo], set[Path]]:
-    """Every tensor of the checkpoint, with the index checked against the shards, and
-    the shards whose header has a problem (safetensors itself would refuse them)."""
+@dataclass
+class Tensors:
+    by_name: dict[str, TensorInfo]
+    damaged: set[Path]     # shards whose header has a problem: safetensors would refuse them
+    unavailable: set[str]  # names the index puts in a missing or unreadable shard
+
+
+def load_tensors(ckpt: Path, report: Report) -> Tensors:
+    """Every tensor of the checkpoint, with the index checked against the shards."""
     index_path = ckpt / INDEX_NAME
     on_disk = sorted(p.name for p in ckpt.glob("*.safetensors"))
     index = _read_json(index_path, report, required=False)
@@ -246,16 +252,19 @@ def load_tensors(ckpt: Path, report: Report) -> tuple[dict[str, TensorInfo], set
     tensors: dict[str, TensorInfo] = {}
     shard_of: dict[str, str] = {}
     damaged: set[Path] = set()
+    lost: set[str] = set()   # shards missing or unreadable: reported once, as files
     for shard in shard_names:
         path = ckpt / shard
         if not path.is_file():
             report.add(shard, f"listed in {INDEX_NAME} but missing")
+            lost.add(shard)
             continue
         before = len(report.problems)
         try:
             infos = read_header(path, report)
         except _Unreadable as e:
             report.add(shard, str(e))
+            lost.add(shard)
             continue
         if len(report.problems) > before:
             damaged.add(path)
@@ -268,9 +277,7 @@ def load_tensors(ckpt: Path, report: Report) -> tuple[dict[str, TensorInfo], set
             shard_of[key] = shard
     if weight_map is not None:
         for key, shard in sorted(weight_map.items()):
-            if not (ckpt / shard).is_file():
-                continue  # reported once for the shard
-            if shard_of.get(key) == shard:
+            if shard in lost or shard_of.get(key) == shard:
                 continue
             elsewhere = f" (it is in {shard_of[key]})" if key in shard_of else ""
             report.add(key, f"{INDEX_NAME} maps it to {shard} but that shard has no such tensor{elsewhere}")
@@ -283,7 +290,8 @@ def load_tensors(ckpt: Path, report: Report) -> tuple[dict[str, TensorInfo], set
             report.add(INDEX_NAME, f"metadata.total_size is {total} but the shards hold {actual} bytes of tensors")
     report.tensors = len(tensors)
     report.total_bytes = sum(t.nbytes for t in tensors.values())
-    return tensors, damaged
+    unavailable = {k for k, v in (weight_map or {}).items() if v in lost}
+    return Tensors(tensors, damaged, unavailable)
 
 
 class ScaleReader:
@@ -514,9 +522,16 @@ def detect_format(qc: dict | None, ckpt: Path, tensors: dict[str, TensorInfo], r
 
 # ---------------------------------------------------------------- tensors
 
-def _check_dtype_shape(t: TensorInfo | None, name: str, dtype: str, shape: tuple, report: Report, role: str) -> bool:
-    if t is None:
+def _missing(name: str, role: str, ts: Tensors, report: Report) -> None:
+    # A tensor in a lost shard is not reported again: the shard's problem covers it.
+    if name not in ts.unavailable:
         report.add(name, f"missing ({role})")
+
+
+def _check_dtype_shape(name: str, dtype: str, shape: tuple, ts: Tensors, report: Report, role: str) -> bool:
+    t = ts.by_name.get(name)
+    if t is None:
+        _missing(name, role, ts, report)
         return False
     ok = t.intact  # a cut-off tensor's values cannot be read (its file is reported)
     if t.dtype != dtype:
@@ -551,9 +566,10 @@ def _check_block_scales(t: TensorInfo, report: Report, no_negative: bool) -> Non
         report.add(t.name, "every FP8 block scale is 0: the layer would compute zeros")
 
 
-def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], tensors: dict[str, TensorInfo],
+def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], ts: Tensors,
                   reader: ScaleReader, report: Report) -> None:
     lay = LAYOUTS[fmt]
+    tensors = ts.by_name
     markers = (".weight_scale", f".{lay.global_scale}", f".{lay.input_scale}")
     modules = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(markers)}
     if fmt == COMPRESSED_TENSORS:
@@ -574,7 +590,7 @@ def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], tensors: dic
         if fmt == COMPRESSED_TENSORS and f"{m}.weight" in tensors:
             report.add(f"{m}.weight", "unpacked weight next to weight_packed")
         if packed is None:
-            report.add(packed_name, "missing (packed NVFP4 weight of a quantized Linear)")
+            _missing(packed_name, "packed NVFP4 weight of a quantized Linear", ts, report)
             continue
         if packed.dtype != "U8" or len(packed.shape) != 2:
             report.add(packed_name, f"{packed.dtype} {list(packed.shape)}, expected U8 [out, in/2] (packed E2M1 pairs)")
@@ -588,14 +604,14 @@ def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], tensors: dic
 
         bs_name = f"{m}.weight_scale"
         bs = tensors.get(bs_name)
-        if _check_dtype_shape(bs, bs_name, "F8_E4M3", (out, in_ // GROUP_SIZE), report, "FP8 block scales"):
+        if _check_dtype_shape(bs_name, "F8_E4M3", (out, in_ // GROUP_SIZE), ts, report, "FP8 block scales"):
             _check_block_scales(bs, report, no_negative=(fmt == MODELOPT))
         if bs is not None:
             report.quantized_bytes += bs.nbytes
 
         gs_name = f"{m}.{lay.global_scale}"
         gs = tensors.get(gs_name)
-        if _check_dtype_shape(gs, gs_name, "F32", lay.scalar_shape, report, "per-tensor global scale"):
+        if _check_dtype_shape(gs_name, "F32", lay.scalar_shape, ts, report, "per-tensor global scale"):
             globals_[m] = _check_positive(gs_name, reader.f32(gs), report)
         if gs is not None:
             report.quantized_bytes += gs.nbytes
@@ -603,7 +619,7 @@ def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], tensors: dic
         is_name = f"{m}.{lay.input_scale}"
         is_ = tensors.get(is_name)
         if w4a4:
-            if _check_dtype_shape(is_, is_name, "F32", lay.scalar_shape, report, "activation scale, W4A4"):
+            if _check_dtype_shape(is_name, "F32", lay.scalar_shape, ts, report, "activation scale, W4A4"):
                 inputs[m] = _check_positive(is_name, reader.f32(is_), report)
         elif is_ is not None and w4a4 is False:
             report.add(is_name, "present, but the config says weight-only (W4A16)")
@@ -657,7 +673,8 @@ def _check_unquantized(modules: set[str], excludes: list[str], tensors: dict[str
             report.add(name, f"unquantized, but other members of the fused {FUSED[leaf]} group are quantized")
 
 
-def check_kv_scales(fmt: str, tensors: dict[str, TensorInfo], reader: ScaleReader, report: Report) -> None:
+def check_kv_scales(fmt: str, ts: Tensors, reader: ScaleReader, report: Report) -> None:
+    tensors = ts.by_name
     present = sorted(k for k in tensors if k.endswith((".k_scale", ".v_scale")))
     if report.kv_cache is None:
         for k in present:
@@ -673,7 +690,7 @@ def check_kv_scales(fmt: str, tensors: dict[str, TensorInfo], reader: ScaleReade
                 names.reverse()
             t = next((tensors[n] for n in names if n in tensors), None)
             if t is None:
-                report.add(names[0], "missing (the config quantizes the KV cache to FP8)")
+                _missing(names[0], "the config quantizes the KV cache to FP8", ts, report)
             elif t.dtype != "F32" or math.prod(t.shape) != 1:
                 report.add(t.name, f"{t.dtype} {list(t.shape)}, expected one F32 value")
             elif t.intact:
@@ -696,10 +713,10 @@ def verify_checkpoint(path: Path) -> Report:
     if config is not None and qc is not None and not isinstance(qc, dict):
         report.add("config.json", "quantization_config is not an object")
         qc = None
-    tensors, damaged = load_tensors(path, report)
+    ts = load_tensors(path, report)
     if config is None:
         return report
-    fmt = detect_format(qc, path, tensors, report)
+    fmt = detect_format(qc, path, ts.by_name, report)
     report.format = fmt
     if fmt is None:
         return report
@@ -709,10 +726,10 @@ def verify_checkpoint(path: Path) -> Report:
         w4a4, excludes = check_ct_config(qc, report)
     report.weight_only = None if w4a4 is None else not w4a4
     with ExitStack() as stack:
-        reader = ScaleReader(stack, damaged, report)
+        reader = ScaleReader(stack, ts.damaged, report)
         try:
-            check_linears(fmt, w4a4, excludes, tensors, reader, report)
-            check_kv_scales(fmt, tensors, reader, report)
+            check_linears(fmt, w4a4, excludes, ts, reader, report)
+            check_kv_scales(fmt, ts, reader, report)
         except (OSError, ValueError) as e:
             # A shard that passed the header checks but that safetensors or the OS
             # still cannot read (permissions, I/O error, a corrupt header detail).
