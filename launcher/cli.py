@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from .config import NVIDIA_IMAGE, RECIPES, STANDIN_IMAGE, QuantFormat, load_spec
 from .errors import LauncherError
@@ -22,7 +23,8 @@ class Launcher(click.Group):
         try:
             return super().invoke(ctx)
         except LauncherError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escape: a `where` like [/tmp/x] would otherwise be read as a closing markup tag
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             console.print("[bold red]error:[/] interrupted")
