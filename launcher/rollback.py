@@ -35,7 +35,9 @@ class Item:
 
     @property
     def label(self) -> str:
-        return self.ref[:12] if self.kind == "containers" else self.ref
+        """For rich output: paths may hold `[`, which must not be read as markup."""
+        from rich.markup import escape
+        return escape(self.ref[:12] if self.kind == "containers" else self.ref)
 
 
 @dataclass
@@ -360,8 +362,10 @@ def plan_table(p: Plan, title: str):
 
 def describe_rest(p: Plan, console) -> None:
     """What stays, and why: refused items, kinds not asked for, runs left alone."""
+    from rich.markup import escape
+
     for item, why in p.refused:
-        console.print(f"[yellow]kept[/] {KIND_NAMES[item.kind]} {item.label} of run {item.run_id}: {why}",
+        console.print(f"[yellow]kept[/] {KIND_NAMES[item.kind]} {item.label} of run {item.run_id}: {escape(why)}",
                       highlight=False)
     flags = {"outputs": "--outputs", "images": "--images", "cache": "--cache"}
     left = sorted({i.kind for i in p.left_out})
@@ -372,15 +376,18 @@ def describe_rest(p: Plan, console) -> None:
     for run_id, why in p.skipped_runs:
         console.print(f"[yellow]left alone[/] run {run_id}: {why}", highlight=False)
     if p.docker_error:
-        console.print(f"[yellow]Docker:[/] {p.docker_error}; containers and images were not checked "
+        console.print(f"[yellow]Docker:[/] {escape(p.docker_error)}; containers and images were not checked "
                       "(start Docker and roll back again to remove them)", highlight=False)
 
 
 def describe_outcome(out: Outcome, console) -> None:
+    from rich.markup import escape
+
     for item in out.removed:
         console.print(f"removed {KIND_NAMES[item.kind]} {item.label} ({human(item.size)})", highlight=False)
     for item, why in out.failed:
-        console.print(f"[red]could not remove[/] {KIND_NAMES[item.kind]} {item.label}: {why}", highlight=False)
+        console.print(f"[red]could not remove[/] {KIND_NAMES[item.kind]} {item.label}: {escape(why)}",
+                      highlight=False)
 
 
 __all__ = ["Item", "Plan", "Outcome", "plan", "execute", "tree_size", "human", "RunNotFound"]
