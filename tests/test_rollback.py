@@ -169,6 +169,36 @@ def test_running_run_is_left_alone(launcher_home, tmp_path):
     assert partial.exists() and record(launcher_home, run_id)["status"] == "running"
 
 
+def test_logs_follow_until_the_owner_dies(launcher_home):
+    import psutil
+
+    from launcher import runs
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = runs.new_run("quantize", {"model": "embedded"})
+        rec.pid, rec.pid_started = owner.pid, psutil.Process(owner.pid).create_time()
+        rec.save()
+        rec.log_path.write_text("first line\n")
+        env = {**os.environ, "SPARK_NVFP4_HOME": str(launcher_home)}
+        follow = subprocess.Popen([sys.executable, "-m", "launcher", "logs", rec.id, "--follow"], env=env,
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert follow.poll() is None  # still following: the run is going
+        with open(rec.log_path, "a") as f:
+            f.write("second line\n")
+        time.sleep(1)
+        owner.kill()
+        owner.wait()
+        out, err = follow.communicate(timeout=30)
+        assert follow.returncode == 0, err
+        assert out == "first line\nsecond line\n"
+        once = cli("logs", rec.id, home=launcher_home)
+        assert once.stdout == out
+    finally:
+        owner.kill()
+
+
 @pytest.mark.docker
 def test_image_kept_while_another_run_uses_it(launcher_home, docker_client, standin_image):
     ref = f"spark-nvfp4/rollback-test:{secrets.token_hex(4)}"
