@@ -445,7 +445,7 @@ def check_modelopt_config(ckpt: Path, qc: dict | None, report: Report) -> tuple[
 
     if "quant_algo" not in qc:
         report.add("config.json", "missing field quantization_config.quant_algo")
-    elif hq is None:
+    elif hq is None or algo is None:
         algo = qc["quant_algo"]
         if algo not in NVFP4_ALGOS:
             report.add("config.json", f"quantization_config.quant_algo is {algo!r}, not NVFP4")
@@ -618,7 +618,7 @@ def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], ts: Tensors,
 
         is_name = f"{m}.{lay.input_scale}"
         is_ = tensors.get(is_name)
-        if w4a4:
+        if w4a4 or (w4a4 is None and is_ is not None):
             if _check_dtype_shape(is_name, "F32", lay.scalar_shape, ts, report, "activation scale, W4A4"):
                 inputs[m] = _check_positive(is_name, reader.f32(is_), report)
         elif is_ is not None and w4a4 is False:
@@ -647,7 +647,9 @@ def _check_fused(values: dict[str, float | None], suffix: str, report: Report) -
         for leaf in order:
             if got[leaf] != common:
                 report.add(f"{parent}.{leaf}.{suffix}",
-                           f"is {got[leaf]:.9g} but {', '.join(same)} have {common:.9g}: the fused "
+                           # float32's shortest repr: values that print alike are alike
+                           f"is {np.float32(got[leaf])!s} but {', '.join(same)} "
+                           f"{'has' if len(same) == 1 else 'have'} {np.float32(common)!s}: the fused "
                            f"{'/'.join(order)} GEMM needs one shared {suffix} "
                            "(TensorRT-LLM refuses it, vLLM/SGLang silently use the max)")
 

@@ -258,7 +258,7 @@ def test_fused_weight_scale_mismatch(modelopt, copy_of):
 def test_fused_input_scale_mismatch(modelopt, copy_of):
     ckpt = copy_of(modelopt / "w4a4-sharded")
     scale_f32(ckpt, f"{L1}.mlp.up_proj.input_scale", 1.5)
-    assert_rejected(ckpt, f"{L1}.mlp.up_proj.input_scale", "but gate_proj have")
+    assert_rejected(ckpt, f"{L1}.mlp.up_proj.input_scale", "but gate_proj has")
 
 
 def test_fused_global_scale_mismatch_compressed_tensors(llmc, copy_of):
