@@ -161,6 +161,7 @@ def _age(iso: str) -> str:
 @main.command("list")
 def list_():
     """The runs of this home, oldest first (runs whose launcher died are marked interrupted)."""
+    from rich import box
     from rich.table import Table
 
     from . import runs
@@ -171,14 +172,15 @@ def list_():
     if not records:
         console.print("no runs yet")
         return
-    t = Table()
-    for col in ("id", "command", "status", "model", "output", "created", "age"):
-        t.add_column(col, overflow="fold")
+    t = Table(box=box.SIMPLE_HEAD)
+    for col in ("id", "status", "model", "output", "created", "age"):
+        t.add_column(col, overflow="fold", no_wrap=col in ("id", "status", "age"),
+                     min_width=10 if col == "output" else None)
     colors = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
     for r in records:
         st = f"[{colors[r.status]}]{r.status}[/]" if r.status in colors else r.status
-        t.add_row(r.id, r.command, st, str(r.spec.get("model") or "embedded"),
-                  r.output or str(r.spec.get("output") or "-"), r.created_at.replace("T", " ")[:19],
+        t.add_row(r.id, st, str(r.spec.get("model") or "embedded"),
+                  r.output or str(r.spec.get("output") or "-"), r.created_at.replace("T", " ")[5:16],
                   _age(r.created_at))
     Console().print(t)
 

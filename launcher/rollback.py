@@ -112,7 +112,12 @@ def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> N
         else:
             item.size = tree_size(Path(path))
             p.items.append(item)
-    for path in rec.created.locks:
+    locks = list(rec.created.locks)
+    named = rec.output or str(rec.spec.get("output") or "")
+    if os.path.isabs(named):  # records older than `created.locks`: the lock of the output it named
+        from .locks import lock_path
+        locks += [p for p in [str(lock_path(Path(named)))] if p not in locks]
+    for path in locks:
         item = Item("locks", path, rec.id)
         info = _read_json(Path(path))
         if not os.path.lexists(path):
