@@ -1,0 +1,354 @@
+"""The evaluation payload against an independent float64 emulation.
+
+evaluate.py (torch, float32, container_payload/emulate.py) runs in the ModelOpt venv on
+a tiny random Llama that the real ModelOpt quantized (tests/tools/make_tiny_nvfp4.py).
+This file re-derives the same numbers with nothing shared: its own safetensors reader,
+its own E2M1 / E4M3 decoding from the bit layouts, its own round-to-nearest-even, and
+its own Llama forward in numpy float64. The host venv has no torch and keeps it so.
+"""
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS, SEQ_LEN = 512, 64
+
+
+def ref_python() -> str:
+    py = Path(os.environ.get("SPARK_NVFP4_REF_PYTHON") or REPO / ".venv-mo" / "bin" / "python")
+    if not py.exists():
+        msg = f"no ModelOpt venv interpreter at {py} (set SPARK_NVFP4_REF_PYTHON)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return str(py)
+
+
+def run_ref(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([ref_python(), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{args[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+# ------------------------------------------------------------- fixtures (ModelOpt venv)
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ref_python()
+    from launcher import assets
+
+    gguf, text = assets.embedded_gguf(), assets.texts().heldout_brown
+    out = tmp_path_factory.mktemp("tiny")
+    run_ref([str(REPO / "tests/tools/make_tiny_nvfp4.py"), str(out), "--gguf", str(gguf),
+             "--text", str(text), "--tokens", str(TOKENS), "--seq-len", str(SEQ_LEN)])
+    return out, text
+
+
+VARIANTS = {"w4a4": "w4a4", "ct": "ct-w4a4", "w4a16": "w4a16", "fp8": "fp8", "self": "ref"}
+
+
+@pytest.fixture(scope="module")
+def evals(tiny):
+    out, text = tiny
+    jobs = {}
+    for name, folder in VARIANTS.items():
+        job = {"checkpoint": str(out / folder), "reference": str(out / "ref"), "text": str(text),
+               "tokens": TOKENS, "seq_len": SEQ_LEN, "json_out": str(out / f"eval-{name}.json"),
+               "device": "cpu", "generations": ["Name a colour."], "max_new_tokens": 6}
+        if name == "w4a4":  # the defaults: three built-in prompts, 48 new tokens
+            del job["generations"], job["max_new_tokens"]
+        jobs[name] = out / f"job-{name}.json"
+        jobs[name].write_text(json.dumps(job))
+    # The CLI entry point once; the rest in one process, as importing torch dominates.
+    cli = run_ref(["-m", "container_payload.evaluate", str(jobs.pop("w4a4"))])
+    run_ref(["-c", "import sys; from container_payload import evaluate; "
+                   "sys.exit(max(evaluate.main([j]) for j in sys.argv[1:]))", *map(str, jobs.values())])
+    results = {name: json.loads((out / f"eval-{name}.json").read_text()) for name in VARIANTS}
+    return results, cli.stdout
+
+
+# ------------------------------------------------------------- independent float64 side
+
+def read_safetensors(path: Path) -> dict:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    body = raw[8 + n:]
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = meta["data_offsets"]
+        buf, shape = body[a:b], meta["shape"]
+        if meta["dtype"] == "BF16":
+            u = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
+            arr = u.view(np.float32).astype(np.float64)
+        elif meta["dtype"] == "F32":
+            arr = np.frombuffer(buf, dtype="<f4").astype(np.float64)
+        elif meta["dtype"] == "U8":
+            arr = np.frombuffer(buf, dtype=np.uint8).copy()
+        elif meta["dtype"] == "F8_E4M3":
+            arr = decode_e4m3(np.frombuffer(buf, dtype=np.uint8))
+        else:
+            raise AssertionError(f"unexpected dtype {meta['dtype']} for {name}")
+        out[name] = arr.reshape(shape)
+    return out
+
+
+def decode_e4m3(b: np.ndarray) -> np.ndarray:
+    sign = np.where(b >> 7, -1.0, 1.0)
+    exp, man = (b >> 3) & 0xF, (b & 7).astype(np.float64)
+    assert not np.any((exp == 15) & (man == 7)), "NaN in an fp8 tensor"
+    value = np.where(exp == 0, man / 8 * 2.0 ** -6, (1 + man / 8) * 2.0 ** (exp.astype(np.float64) - 7))
+    return sign * value
+
+
+def decode_e2m1(codes: np.ndarray) -> np.ndarray:
+    sign = np.where(codes & 8, -1.0, 1.0)
+    exp, man = (codes >> 1) & 3, (codes & 1).astype(np.float64)
+    value = np.where(exp == 0, man * 0.5, (1 + man / 2) * 2.0 ** (exp.astype(np.float64) - 1))
+    return sign * value
+
+
+def round_e2m1(y: np.ndarray) -> np.ndarray:
+    """Nearest representable magnitude; a tie goes to the level with an even mantissa."""
+    levels = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    odd = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    a = np.minimum(np.abs(y), 6.0)[..., None]
+    dist = np.abs(a - levels)
+    best = dist.min(axis=-1, keepdims=True)
+    # among the nearest levels (one, or two on a tie) prefer the even mantissa
+    score = np.where(dist == best, odd, 99)
+    q = levels[score.argmin(axis=-1)]
+    return np.where(y < 0, -q, q)
+
+
+def round_e4m3(v: np.ndarray) -> np.ndarray:
+    """FP8 E4M3 round-to-nearest-even, saturating at 448 (non-negative input)."""
+    v = np.minimum(np.asarray(v, dtype=np.float64), 448.0)
+    _, e = np.frexp(np.where(v > 0, v, 1.0))          # v = m * 2**e, m in [0.5, 1)
+    step = 2.0 ** (np.maximum(e - 1, -6) - 3)         # 3 mantissa bits; subnormals below 2**-6
+    return np.minimum(np.round(v / step) * step, 448.0)  # np.round: half to even
+
+
+def dequant_nvfp4(packed: np.ndarray, scale: np.ndarray, scale_2: float) -> np.ndarray:
+    out, half = packed.shape
+    codes = np.empty((out, 2 * half), dtype=np.uint8)
+    codes[:, 0::2], codes[:, 1::2] = packed & 0xF, packed >> 4
+    return (decode_e2m1(codes).reshape(out, -1, 16) * scale[..., None] * scale_2).reshape(out, -1)
+
+
+def fq_nvfp4(x: np.ndarray, input_scale: float) -> np.ndarray:
+    xb = x.reshape(*x.shape[:-1], -1, 16)
+    s = round_e4m3(np.abs(xb).max(axis=-1, keepdims=True) / 6 / input_scale) * input_scale
+    q = np.where(s > 0, round_e2m1(xb / np.where(s > 0, s, 1.0)), 0.0)
+    return (q * s).reshape(x.shape)
+
+
+def fq_fp8(x: np.ndarray, scale: float) -> np.ndarray:
+    y = x / scale
+    return np.sign(y) * round_e4m3(np.abs(y)) * scale
+
+
+class Float64Llama:
+    """Embeddings, RMSNorm, default RoPE, GQA causal attention, SiLU MLP, tied lm_head."""
+
+    def __init__(self, folder: Path, quant: str | None):
+        self.cfg = json.loads((folder / "config.json").read_text())
+        t = read_safetensors(folder / "model.safetensors")
+        self.w, self.act = {}, {}
+        for k in [k for k in t if k.endswith(".weight")]:
+            p = k[:-len(".weight")]
+            if quant == "nvfp4" and p + ".weight_scale_2" in t:
+                self.w[p] = dequant_nvfp4(t[k], t[p + ".weight_scale"], float(t[p + ".weight_scale_2"]))
+            elif quant == "fp8" and p + ".weight_scale" in t:
+                self.w[p] = t[k] * float(t[p + ".weight_scale"])
+            else:
+                self.w[p] = t[k]
+            if p + ".input_scale" in t:
+                s = float(t[p + ".input_scale"])
+                self.act[p] = (lambda x, s=s: fq_nvfp4(x, s)) if quant == "nvfp4" else (lambda x, s=s: fq_fp8(x, s))
+        self.w.setdefault("lm_head", self.w["model.embed_tokens"])
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        if name in self.act:
+            x = self.act[name](x)
+        return x @ self.w[name].T
+
+    def norm(self, name: str, x: np.ndarray) -> np.ndarray:
+        eps = self.cfg["rms_norm_eps"]
+        return self.w[name] * (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        c = self.cfg
+        nh, nkv = c["num_attention_heads"], c["num_key_value_heads"]
+        hd = c.get("head_dim") or c["hidden_size"] // nh
+        theta = (c.get("rope_parameters") or {}).get("rope_theta") or c.get("rope_theta", 10000.0)
+        n = len(ids)
+        inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+        ang = np.arange(n)[:, None] * inv[None]
+        cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+        def rope(v):  # v [heads, n, hd]
+            rot = np.concatenate([-v[..., hd // 2:], v[..., :hd // 2]], -1)
+            return v * cos + rot * sin
+
+        x = self.w["model.embed_tokens"][ids]
+        mask = np.triu(np.full((n, n), -np.inf), 1)
+        for i in range(c["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            h = self.norm(p + "input_layernorm", x)
+            q = self.linear(p + "self_attn.q_proj", h).reshape(n, nh, hd).transpose(1, 0, 2)
+            k = self.linear(p + "self_attn.k_proj", h).reshape(n, nkv, hd).transpose(1, 0, 2)
+            v = self.linear(p + "self_attn.v_proj", h).reshape(n, nkv, hd).transpose(1, 0, 2)
+            q, k = rope(q), rope(k)
+            k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
+            s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
+            s = np.exp(s - s.max(-1, keepdims=True))
+            a = ((s / s.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(n, nh * hd)
+            x = x + self.linear(p + "self_attn.o_proj", a)
+            h = self.norm(p + "post_attention_layernorm", x)
+            g, u = self.linear(p + "mlp.gate_proj", h), self.linear(p + "mlp.up_proj", h)
+            x = x + self.linear(p + "mlp.down_proj", g / (1 + np.exp(-g)) * u)
+        return self.linear("lm_head", self.norm("model.norm", x))
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def float64_metrics(ref: Float64Llama, q: Float64Llama, windows) -> dict:
+    nll_r = nll_q = kl = agree = n = 0.0
+    for w in windows:
+        lr, lq = log_softmax(ref.logits(w)[:-1]), log_softmax(q.logits(w)[:-1])
+        tgt = np.array(w[1:])
+        rows = np.arange(len(tgt))
+        nll_r -= lr[rows, tgt].sum()
+        nll_q -= lq[rows, tgt].sum()
+        kl += (np.exp(lr) * (lr - lq)).sum()
+        agree += (lr.argmax(-1) == lq.argmax(-1)).sum()
+        n += len(tgt)
+    return {"perplexity": np.exp(nll_q / n), "reference_perplexity": np.exp(nll_r / n),
+            "kl_divergence": kl / n, "top1_agreement": agree / n, "tokens": n}
+
+
+@pytest.fixture(scope="module")
+def windows(tiny):
+    return json.loads((tiny[0] / "tokens.json").read_text())
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+# ------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("variant,folder,quant", [("w4a4", "w4a4", "nvfp4"), ("w4a16", "w4a16", "nvfp4"),
+                                                  ("fp8", "fp8", "fp8")])
+def test_matches_independent_float64_emulation(evals, tiny, windows, variant, folder, quant):
+    got = evals[0][variant]
+    ref = Float64Llama(tiny[0] / "ref", None)
+    want = float64_metrics(ref, Float64Llama(tiny[0] / folder, quant), windows)
+    assert got["tokens"] == want["tokens"] == len(windows) * (SEQ_LEN - 1)
+    assert want["kl_divergence"] > 1e-3, "fixture too weak: KL is near rounding noise"
+    for key in ("kl_divergence", "perplexity", "reference_perplexity"):
+        assert rel(got[key], want[key]) < 0.01, (key, got[key], want[key])
+    assert abs(got["top1_agreement"] - want["top1_agreement"]) < 0.02
+    assert got["format"]["quantized"] and got["format"]["naming"] == "modelopt"
+    want_act = {"w4a4": ["nvfp4"], "w4a16": ["none"], "fp8": ["fp8"]}[variant]
+    assert got["format"]["activations"] == want_act
+
+
+def test_per_layer_weight_error_matches(evals, tiny):
+    ref, q = Float64Llama(tiny[0] / "ref", None), Float64Llama(tiny[0] / "w4a4", "nvfp4")
+    rows = evals[0]["w4a4"]["per_layer"]
+    assert len(rows) == 2 * 7
+    for row in rows:
+        w, wq = ref.w[row["name"]], q.w[row["name"]]
+        want = np.linalg.norm(w - wq) / np.linalg.norm(w)
+        assert 0.01 < want < 0.5
+        assert rel(row["rel_error"], want) < 1e-5, row
+
+
+def test_compressed_tensors_equals_modelopt(evals):
+    mo, ct = evals[0]["w4a4"], evals[0]["ct"]
+    assert ct["format"]["naming"] == "compressed-tensors" and ct["format"]["activations"] == ["nvfp4"]
+    for key in ("kl_divergence", "perplexity", "top1_agreement"):
+        assert rel(ct[key], mo[key]) < 1e-3, (key, ct[key], mo[key])
+
+
+def test_reference_against_itself_is_exact(evals):
+    r = evals[0]["self"]
+    assert r["kl_divergence"] == 0.0
+    assert r["top1_agreement"] == 1.0
+    assert r["perplexity"] == r["reference_perplexity"]
+    assert r["format"]["quantized"] is False and r["per_layer"] == []
+    assert all(g["identical"] for g in r["generations"])
+
+
+def test_output_contract(evals, windows):
+    r, stdout = evals[0]["w4a4"], evals[1]
+    h = hashlib.sha256()
+    for w in windows:
+        h.update(json.dumps(w).encode())
+    assert r["windows_sha256"] == h.hexdigest() and r["windows"] == TOKENS // SEQ_LEN
+    hist = r["kl_per_token"]["histogram"]
+    assert len(hist["counts"]) == 50 and len(hist["edges"]) == 51 and sum(hist["counts"]) == r["tokens"]
+    assert len(r["kl_per_token"]["per_window"]) == r["windows"]
+    assert len(r["generations"]) == 3 and all(g["reference"] for g in r["generations"])
+    assert r["generations"][0]["chat_template"] is True
+    assert r["checkpoint_bytes"] > r["weights_bytes"] > 0 and r["model"]["kv_bytes_per_token_bf16"] == 2 * 2 * 2 * 16 * 2
+    for k in ("load_s", "score_s", "generate_s", "total_s"):
+        assert k in r["timings"]
+    events = [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines()
+              if line.startswith("@@spark-nvfp4 ")]
+    prog = [e for e in events if e["event"] == "progress" and e["stage"] == "evaluate"]
+    assert prog[-1]["done"] == prog[-1]["total"] == r["windows"]
+    assert events[-1]["event"] == "done"
+
+
+def test_rounding_rules_of_the_payload():
+    snippet = """
+import json, torch
+from container_payload.emulate import e2m1_round, fp8_e4m3
+ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 1e9]
+ties = ties + [-t for t in ties]
+g = torch.Generator().manual_seed(0)
+r = (torch.rand(20000, generator=g) * 7).tolist()
+s = (torch.rand(20000, generator=g) * 500).tolist() + (torch.rand(2000, generator=g) * 0.03).tolist()
+print(json.dumps({"ties": e2m1_round(torch.tensor(ties)).tolist(), "r": r,
+    "r_q": e2m1_round(torch.tensor(r)).tolist(), "s": s, "s_q": fp8_e4m3(torch.tensor(s)).tolist(),
+    "fp8_cases": fp8_e4m3(torch.tensor([1.0625, 1.1875, 2**-10, 3 * 2**-10, 300.0, 464.0, 500.0, 0.0])).tolist()}))
+"""
+    got = json.loads(run_ref(["-c", snippet]).stdout.strip().splitlines()[-1])
+    assert got["ties"][:9] == [0, 1, 1, 2, 2, 4, 4, 6, 6]
+    assert got["ties"][9:] == [0, -1, -1, -2, -2, -4, -4, -6, -6]
+    # ties to the even mantissa, subnormals, and saturation (no NaN) at 448
+    assert got["fp8_cases"] == [1.0, 1.25, 0.0, 2**-8, 288.0, 448.0, 448.0, 0.0]
+    # the payload (float32 ladder) against this file's nearest-level search
+    r = np.array(got["r"], dtype=np.float32).astype(np.float64)
+    assert np.array_equal(np.array(got["r_q"]), round_e2m1(r))
+    s = np.array(got["s"], dtype=np.float32).astype(np.float64)
+    assert np.array_equal(np.array(got["s_q"]), round_e4m3(s))
+
+
+def test_float64_helpers_self_check():
+    assert list(round_e2m1(np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.5]))) == [0, 1, 1, 2, 2, 4, 4, 6]
+    assert list(decode_e2m1(np.arange(16, dtype=np.uint8))) == [0, .5, 1, 1.5, 2, 3, 4, 6,
+                                                                 0, -.5, -1, -1.5, -2, -3, -4, -6]
+    codes = np.arange(256, dtype=np.uint8)
+    vals = decode_e4m3(codes[(codes & 0x7F) != 0x7F])  # 0x7F / 0xFF are NaN
+    pos = vals[vals > 0]
+    assert pos.max() == 448 and pos.min() == 2.0 ** -9
+    assert np.array_equal(round_e4m3(pos), pos)  # every E4M3 value is a fixed point
