@@ -94,10 +94,12 @@ class _Frame:
           f'font-size="12">{html.escape(ylabel)}</text>')
 
     def legend(self, names: list[str]) -> None:
+        # One row between the title and the plot area, so that it never hides data.
+        x = self.l
         for i, name in enumerate(names):
-            yy = self.t + 8 + 16 * i
-            self.add(f'<rect x="{self.r - 190}" y="{yy - 9}" width="12" height="10" fill="{COLORS[i % len(COLORS)]}"/>')
-            self.add(f'<text x="{self.r - 172}" y="{yy}" font-size="11">{html.escape(name)}</text>')
+            self.add(f'<rect x="{x}" y="{self.t - 19}" width="12" height="10" fill="{COLORS[i % len(COLORS)]}"/>')
+            self.add(f'<text x="{x + 16}" y="{self.t - 10}" font-size="11">{html.escape(name)}</text>')
+            x += 40 + 7 * len(name)
 
     def svg(self, label: str) -> str:
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.w}" height="{self.h}" '
@@ -106,7 +108,8 @@ class _Frame:
 
 
 def bar_chart(labels: list[str], values: list[float], title: str, ylabel: str,
-              hlines: list[tuple[float, str]] = (), w: int = 900, h: int = 300) -> str:
+              hlines: list[tuple[float, str]] = (), colors: list[str] | None = None,
+              w: int = 900, h: int = 300) -> str:
     top = max([*values, *(v for v, _ in hlines), 1e-12]) * 1.15
     f = _Frame(w, h, 0, len(labels), 0, top)
     f.axes(title, "", ylabel, xticks=[])
@@ -114,7 +117,7 @@ def bar_chart(labels: list[str], values: list[float], title: str, ylabel: str,
     for i, (lab, v) in enumerate(zip(labels, values)):
         x0, bw = f.l + slot * i + slot * 0.2, slot * 0.6
         f.add(f'<rect x="{x0:.1f}" y="{f.y(v):.1f}" width="{bw:.1f}" height="{f.b - f.y(v):.1f}" '
-              f'fill="{COLORS[i % len(COLORS)]}"><title>{html.escape(lab)}: {v:.6g}</title></rect>')
+              f'fill="{(colors or COLORS)[i % len(colors or COLORS)]}"><title>{html.escape(lab)}: {v:.6g}</title></rect>')
         f.add(f'<text x="{x0 + bw / 2:.1f}" y="{f.y(v) - 4:.1f}" text-anchor="middle" font-size="11">{_fmt(v)}</text>')
         f.add(f'<text x="{x0 + bw / 2:.1f}" y="{f.b + 16}" text-anchor="middle" font-size="11">{html.escape(lab)}</text>')
     for v, lab in hlines:
@@ -127,7 +130,7 @@ def line_plot(series: list[tuple[str, list[float], list[float], list[str] | None
               xlabel: str, ylabel: str, w: int = 1000, h: int = 340, xtick_fmt=_fmt, markers: bool = True) -> str:
     xs = [x for _, sx, _, _ in series for x in sx] or [0, 1]
     ys = [y for _, _, sy, _ in series for y in sy] or [0, 1]
-    f = _Frame(w, h, min(xs), max(xs), 0, max(ys) * 1.1 if max(ys) > 0 else 1)
+    f = _Frame(w, h, min(xs), max(xs), 0, max(ys) * 1.1 if max(ys) > 0 else 1, top=52)
     f.axes(title, xlabel, ylabel, xtick_fmt=xtick_fmt)
     for i, (name, sx, sy, tips) in enumerate(series):
         c = COLORS[i % len(COLORS)]
@@ -213,7 +216,8 @@ def memory_rows(cands: list[dict]) -> list[dict]:
     model = first.get("model") or {}
     if model.get("reference_bytes") and all((c["eval_json"].get("format") or {}).get("quantized") for c in cands):
         rows.append({"name": "original (bf16)", "weights": model["reference_bytes"],
-                     "disk": model["reference_bytes"], "kv_tok": model.get("kv_bytes_per_token_bf16")})
+                     "disk": model["reference_bytes"], "kv_tok": model.get("kv_bytes_per_token_bf16"),
+                     "original": True})
     for c in cands:
         ev = c["eval_json"]
         rows.append({"name": c["name"], "weights": ev.get("weights_bytes") or c.get("checkpoint_bytes"),
@@ -243,10 +247,13 @@ def memory_table(rows: list[dict]) -> str:
 
 
 def memory_plot(rows: list[dict]) -> str:
+    # Candidates keep their colours from the other plots; the original is grey.
+    n_orig = sum(1 for r in rows if r.get("original"))
+    colors = ["#999999"] * n_orig + [COLORS[i % len(COLORS)] for i in range(len(rows) - n_orig)]
     return bar_chart([r["name"] for r in rows], [r["need"] / GiB for r in rows],
                      f"Memory needed: weights + bf16 KV cache for {KV_BUDGET_TOKENS} tokens", "GiB",
                      hlines=[(gb, d) for d, gb in DEVICES] if max((r["need"] for r in rows), default=0) > 12 * GiB
-                     else [])
+                     else [], colors=colors)
 
 
 def generations_table(cands: list[dict]) -> str:
