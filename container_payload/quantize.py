@@ -51,31 +51,105 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def load(model_dir: Path, device: str):
+def load(model_dir: Path, device: str, while_loading=None):
+    """Model and tokenizer. `while_loading(tokenizer)` (optional) is started once the tokenizer
+    is there and runs while the weights load (see run(): tokenization, ModelOpt's import)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     events.stage("load", detail=str(model_dir))
     if not (model_dir / "config.json").exists():
         raise PayloadError(f"no config.json in model folder {model_dir}", kind="input")
+    try:  # import the model's modeling module here, before any background import starts
+        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(model_dir))]
+    except Exception:  # noqa: BLE001 - from_pretrained below reports a real problem properly
+        pass
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if while_loading is not None:
+        while_loading(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16, device_map=device, low_cpu_mem_usage=True)
     model.eval()
     return model, tokenizer
 
 
-def calibration_batches(tokenizer, calib: dict, device: str):
+class _Background:
+    """Run fn(*args) in a daemon thread; result() re-raises its exception in the caller."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._out = None
+        self._err = None
+
+        def body():
+            try:
+                self._out = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+                self._err = e
+
+        self._thread = threading.Thread(target=body, daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+        return self._out
+
+
+def _prefetch(model_dir: Path) -> int:
+    """Read the checkpoint's weight files once, sequentially, so they sit in the page cache when
+    from_pretrained maps them. Runs in a thread during the ~20 s of Python imports (torch,
+    transformers, ModelOpt), which need the CPU but not the disk: the disk read (the I/O floor's
+    larger half) then costs no wall time. os.readv releases the GIL."""
+    buf = bytearray(64 << 20)
+    total = 0
+    for p in sorted(model_dir.glob("*.safetensors")):
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            while True:
+                n = os.readv(fd, [buf])
+                if n <= 0:
+                    break
+                total += n
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return total
+
+
+def _import_modelopt() -> None:
+    import modelopt.torch.export  # noqa: F401
+    import modelopt.torch.quantization  # noqa: F401
+
+    from . import recipes  # noqa: F401
+
+
+def calibration_windows(tokenizer, calib: dict):
+    from .calib_data import read_text, token_windows
+
+    text = read_text(calib["source"], tokenizer)
+    return token_windows(tokenizer, text, calib["samples"], calib["seq_len"])
+
+
+def calibration_batches(tokenizer, calib: dict, device: str, windows=None, model=None, low_memory=False):
     import torch
 
-    from .calib_data import fingerprint, read_text, token_windows
+    from .calib_data import fingerprint
 
     events.stage("tokenize", detail=calib["source"])
-    text = read_text(calib["source"], tokenizer)
-    windows = token_windows(tokenizer, text, calib["samples"], calib["seq_len"])
+    if windows is None:
+        windows = calibration_windows(tokenizer, calib)
     bs = calib["batch_size"]
     if bs == "auto":
-        bs = auto_batch_size(calib["seq_len"], device)
+        bs = auto_batch_size(calib["seq_len"], device, model=model, low_memory=low_memory)
+        bs = min(bs, len(windows))
     ids = torch.tensor(windows, dtype=torch.long)
     batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
     info = {"samples": len(windows), "seq_len": calib["seq_len"], "batch_size": bs,
@@ -83,31 +157,42 @@ def calibration_batches(tokenizer, calib: dict, device: str):
     return batches, info
 
 
-def auto_batch_size(seq_len: int, device: str) -> int:
+def auto_batch_size(seq_len: int, device: str, model=None, low_memory: bool = False) -> int:
     """Largest batch whose activations fit comfortably: calibration runs the decoder
-    only (no lm_head logits), so the peak is a few hidden-state copies per token."""
+    only (no lm_head logits), so the peak is a few copies of the widest activation
+    (the MLP's intermediate) per token. Fewer, larger batches also mean fewer passes of
+    ModelOpt's per-batch weight statistics. Capped at 128 (8 at low_memory)."""
     if device != "cuda":
         return 4  # CPU: bigger batches only add memory, not speed
     import torch
 
     free, _ = torch.cuda.mem_get_info()
-    per_token = 64 * 1024  # bytes of transient activations per token, generous for 8B
-    return int(max(1, min(64, (free * 0.5) // (per_token * seq_len))))
+    cfg = getattr(model, "config", None)
+    width = max(getattr(cfg, "intermediate_size", 0) or 0, 4 * (getattr(cfg, "hidden_size", 0) or 0))
+    # bf16 gate/up/act/product copies + ModelOpt's fp32 statistics temporaries; 64 KiB floor
+    per_token = max(64 * 1024, 10 * width)
+    cap = 8 if low_memory else 128
+    return int(max(1, min(cap, (free * 0.5) // (per_token * seq_len))))
 
 
-def forward_loop_for(batches, device: str):
+def forward_loop_for(batches, device: str, times: dict | None = None):
     import torch
 
     def forward_loop(model):
         # Calibrate through the decoder only: lm_head stays unquantized, so its
         # vocabulary-sized logits would cost memory and time for nothing.
+        t = time.time()
         body = model.get_decoder() if hasattr(model, "get_decoder") else model
         total = len(batches)
         events.progress("calibrate", 0, total)
         with torch.inference_mode():
             for i, batch in enumerate(batches, 1):
-                body(input_ids=batch.to(device), use_cache=False)
+                body(input_ids=batch.to(device, non_blocking=True), use_cache=False)
                 events.progress("calibrate", i, total)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if times is not None:
+            times["calibrate_s"] = times.get("calibrate_s", 0.0) + time.time() - t
 
     return forward_loop
 
@@ -123,13 +208,20 @@ def quantize(model, recipe, forward_loop):
     return model
 
 
-def export(model, tokenizer, out: Path) -> None:
+def export(model, tokenizer, out: Path, low_memory: bool = False) -> None:
     import torch
     from modelopt.torch.export import export_hf_checkpoint
 
     events.stage("export", detail=str(out))
+    kwargs = {}
+    if low_memory:
+        # save_pretrained stages one shard at a time in host memory (plus its serialized
+        # bytes): smaller shards keep that staging small on a unified-memory machine.
+        kwargs["max_shard_size"] = "2GB"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     with torch.inference_mode():
-        export_hf_checkpoint(model, export_dir=str(out))
+        export_hf_checkpoint(model, export_dir=str(out), **kwargs)
     tokenizer.save_pretrained(out)
 
 
@@ -154,32 +246,61 @@ def peak_memory(device: str) -> dict:
 
 
 def run(job: dict) -> dict:
-    from . import recipes
-
+    """One load, one calibration pass, one export. Three things overlap, none of them changes
+    a number: the checkpoint's disk read runs during the Python imports (_prefetch), and
+    ModelOpt's import and the tokenization run while the weights load. `low_memory: true` in the
+    job (for big models on a unified-memory machine such as a 128 GB Spark) turns the prefetch
+    off, caps the calibration batch at 8 and exports in 2 GB shards."""
     timings = {}
     t0 = time.time()
     model_dir = Path(job["model_dir"])
+    low_memory = bool(job.get("low_memory", False))
+    prefetch = None
+    if not low_memory and not job.get("gguf") and (model_dir / "config.json").exists():
+        prefetch = _Background(_prefetch, model_dir)
     if job.get("gguf"):
         prepare_embedded(job["gguf"], model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
-    recipe = recipes.build(job["format"], job["recipe"], job.get("kv_cache", "none"))
     device = pick_device(job.get("device", "auto"))
 
-    t = time.time()
-    model, tokenizer = load(model_dir, device)
-    timings["load_s"] = round(time.time() - t, 3)
+    bg = {}
+
+    def while_loading(tokenizer):
+        bg["import"] = _Background(_import_modelopt)
+        bg["windows"] = _Background(calibration_windows, tokenizer, job["calibration"])
 
     t = time.time()
-    batches, calib_info = calibration_batches(tokenizer, job["calibration"], device)
+    model, tokenizer = load(model_dir, device, while_loading)
+    timings["load_s"] = round(time.time() - t, 3)
+    if prefetch is not None:
+        prefetch.result()
+
+    t = time.time()
+    windows = bg["windows"].result()
+    batches, calib_info = calibration_batches(tokenizer, job["calibration"], device, windows=windows,
+                                              model=model, low_memory=low_memory)
     timings["tokenize_s"] = round(time.time() - t, 3)
 
     t = time.time()
-    model = quantize(model, recipe, forward_loop_for(batches, device))
+    try:
+        bg["import"].result()
+    except Exception:  # noqa: BLE001 - e.g. a concurrent-import clash: import here instead
+        _import_modelopt()
+    from . import recipes
+
+    recipe = recipes.build(job["format"], job["recipe"], job.get("kv_cache", "none"))
+    timings["import_wait_s"] = round(time.time() - t, 3)
+
+    t = time.time()
+    loop_times = {}
+    model = quantize(model, recipe, forward_loop_for(batches, device, loop_times))
     timings["quantize_s"] = round(time.time() - t, 3)
+    if "calibrate_s" in loop_times:
+        timings["calibrate_s"] = round(loop_times["calibrate_s"], 3)
 
     out = Path(job["output_dir"])
     t = time.time()
-    export(model, tokenizer, out)
+    export(model, tokenizer, out, low_memory=low_memory)
     timings["export_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - t0, 3)
 
@@ -192,6 +313,7 @@ def run(job: dict) -> dict:
         "modelopt_config": recipe.config,
         "kv_cache": job.get("kv_cache", "none"),
         "device": device,
+        "low_memory": low_memory,
         "calibration": {**job["calibration"], **calib_info},
         "timings": timings,
         "memory": peak_memory(device),
