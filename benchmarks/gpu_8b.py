@@ -1,0 +1,536 @@
+"""GPU benchmark: our payload vs the hf_ptq.py example flow on an 8B Llama (issue 6).
+
+Two steps:
+
+  python3 benchmarks/gpu_8b.py prepare      # here, on the CPU: tokenizer + calibration text
+      -> .bench/tokenizer/ (byte-level BPE, 32k vocab, trained with `tokenizers` on .bench/calib.txt)
+      -> .bench/calib.txt  (~3 MB of text: enough for 512 x 512 tokens)
+  python3 benchmarks/gpu_8b.py run --out DIR [--tiny]   # on the device machine (carry .bench, .whl)
+      1. disk speed: write a big file (fsync), evict it, read it back
+      2. a random-weight checkpoint with DeepSeek-R1-Distill-Llama-8B's exact config (Llama-3.1-8B
+         shapes, bf16, 4 safetensors shards, N(0, 0.02) weights with sparse outliers), made on the
+         GPU shard by shard, plus the tokenizer
+      3. our payload: python3 -m container_payload.quantize job.json (nvfp4, default recipe,
+         512 x 512 calibration, batch auto)
+      4. benchmarks/hf_ptq_flow.py on the same folder and the same calibration windows
+      5. compare the two checkpoints tensor by tensor; write DIR/gpu_8b.json and DIR/gpu_8b.md
+
+Before 3 and 4 the checkpoint's pages are evicted from the page cache (fsync + fadvise DONTNEED,
+plus drop_caches when allowed) so both flows read it from disk. --tiny runs the same script with a
+2-layer, narrow model on the CPU (a smoke test of the whole pipeline).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / ".bench"
+
+# DeepSeek-R1-Distill-Llama-8B's config.json (Llama-3.1-8B shapes); token ids are remapped to
+# our stand-in tokenizer's special tokens.
+R1_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+TINY_OVERRIDES = {"hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+# ----------------------------------------------------------------------------- prepare (CPU)
+
+def prepare(args) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    BENCH.mkdir(exist_ok=True)
+    calib = BENCH / "calib.txt"
+    if not calib.exists():
+        # Plain text that exists on any machine with our venv: transformers' modeling sources.
+        import transformers
+        root = Path(transformers.__file__).parent / "models"
+        parts, size = [], 0
+        for p in sorted(root.glob("*/modeling_*.py")):
+            s = p.read_text(encoding="utf-8", errors="replace")
+            parts.append(s)
+            size += len(s)
+            if size > args.text_bytes:
+                break
+        calib.write_text("\n\n".join(parts), encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|end_of_text|>"]
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train([str(calib)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[1],
+                                   model_max_length=131072)
+    out = BENCH / "tokenizer"
+    shutil.rmtree(out, ignore_errors=True)
+    fast.save_pretrained(out)
+    n = len(fast(calib.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    print(f"tokenizer: vocab {fast.vocab_size}, calib.txt {calib.stat().st_size} bytes = {n} tokens -> {out}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def evict(paths) -> dict:
+    """Push the files' pages out of the page cache so the next read comes from the disk."""
+    os.sync()
+    n = 0
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            n += 1
+        except OSError:
+            pass
+    dropped = False
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        dropped = True
+    except OSError:
+        pass
+    return {"fadvise_files": n, "drop_caches": dropped}
+
+
+def disk_speed(folder: Path, gib: float) -> dict:
+    """Sequential write (fsync'd) and cold read of one big file, in bytes per second."""
+    path = folder / "disk-speed.bin"
+    chunk = os.urandom(64 << 20)
+    n = int(gib * (1 << 30)) // len(chunk)
+    t = time.time()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(n):
+            f.write(chunk)
+        os.fsync(f.fileno())
+    w = n * len(chunk) / (time.time() - t)
+    ev = evict([path])
+    t = time.time()
+    got = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            b = f.read(64 << 20)
+            if not b:
+                break
+            got += len(b)
+    r = got / (time.time() - t)
+    path.unlink()
+    return {"bytes": got, "write_Bps": w, "read_Bps": r, "evict": ev}
+
+
+def write_checkpoint(folder: Path, config: dict, device: str, shard_bytes: int, seed: int = 0) -> dict:
+    """Random bf16 weights with the model's exact tensor names and shapes, shard by shard."""
+    import torch
+    from safetensors.torch import save_file
+
+    H, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    nh, nkv, V = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
+    hd = H // nh
+    names = [("model.embed_tokens.weight", (V, H), "w")]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        names += [(p + "input_layernorm.weight", (H,), "n"),
+                  (p + "self_attn.q_proj.weight", (nh * hd, H), "w"),
+                  (p + "self_attn.k_proj.weight", (nkv * hd, H), "w"),
+                  (p + "self_attn.v_proj.weight", (nkv * hd, H), "w"),
+                  (p + "self_attn.o_proj.weight", (H, nh * hd), "w"),
+                  (p + "post_attention_layernorm.weight", (H,), "n"),
+                  (p + "mlp.gate_proj.weight", (I, H), "w"),
+                  (p + "mlp.up_proj.weight", (I, H), "w"),
+                  (p + "mlp.down_proj.weight", (H, I), "w")]
+    names += [("model.norm.weight", (H,), "n"), ("lm_head.weight", (V, H), "w")]
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    shards, cur, cur_bytes = [], [], 0
+    for name, shape, kind in names:
+        nbytes = 2
+        for s in shape:
+            nbytes *= s
+        if cur and cur_bytes + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append((name, shape, kind))
+        cur_bytes += nbytes
+    shards.append(cur)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, shape, kind in shard:
+            if kind == "n":
+                t = 1.0 + 0.05 * torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+            else:
+                t = 0.02 * torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+                # sparse outliers (~1e-5 of the entries at 5-25x the std), like real LLM weights
+                m = t.numel()
+                idx = torch.randint(0, m, (max(1, m // 100_000),), generator=g, device=device)
+                sign = torch.randint(0, 2, idx.shape, generator=g, device=device) * 2 - 1
+                mag = 0.1 + 0.4 * torch.rand(idx.shape, generator=g, device=device)
+                t.view(-1)[idx] = sign * mag
+            tensors[name] = t.to(torch.bfloat16).cpu()
+            weight_map[name] = fname
+            total += tensors[name].numel() * 2
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+         "do_sample": True, "temperature": 0.6, "top_p": 0.95}, indent=2))
+    for p in (BENCH / "tokenizer").iterdir():
+        shutil.copy(p, folder / p.name)
+    return {"bytes": total, "shards": len(shards), "tensors": len(names)}
+
+
+def dir_bytes(folder: Path, suffix: str = "") -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(suffix))
+
+
+def run_logged(cmd, log_path: Path, env=None) -> tuple[int, float, str]:
+    t = time.time()
+    with open(log_path, "w") as f:
+        p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        f.write(p.stdout)
+    return p.returncode, time.time() - t, p.stdout
+
+
+def payload_stage_times(stdout: str) -> dict:
+    """Calibration-loop time from the payload's own events (first to last calibrate progress)."""
+    t0 = t1 = None
+    for line in stdout.splitlines():
+        if not line.startswith("@@spark-nvfp4 "):
+            continue
+        ev = json.loads(line[len("@@spark-nvfp4 "):])
+        if ev.get("event") == "progress" and ev.get("stage") == "calibrate":
+            if ev["done"] == 0 and t0 is None:
+                t0 = ev["t"]
+            if ev["done"] == ev["total"]:
+                t1 = ev["t"]
+    return {"calibrate_s": round(t1 - t0, 3)} if t0 is not None and t1 is not None else {}
+
+
+def compare(a: Path, b: Path) -> dict:
+    """Tensor by tensor: weight / weight_scale / weight_scale_2 (and everything else but
+    input_scale) byte-identical; input_scale within 1%."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder):
+        out = {}
+        for p in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(p), framework="pt") as f:
+                for k in f.keys():  # noqa: SIM118
+                    out[k] = p
+        return out
+
+    ia, ib = index(a), index(b)
+    res = {"keys_a": len(ia), "keys_b": len(ib), "only_a": sorted(set(ia) - set(ib))[:10],
+           "only_b": sorted(set(ib) - set(ia))[:10], "identical": {}, "different": {},
+           "input_scale_max_rel_diff": 0.0, "input_scale_count": 0, "different_examples": []}
+    handles = {}
+
+    def get(idx, k):
+        p = idx[k]
+        if p not in handles:
+            handles[p] = safe_open(str(p), framework="pt")
+        return handles[p].get_tensor(k)
+
+    for k in sorted(set(ia) & set(ib)):
+        kind = k.rsplit(".", 1)[-1]
+        ta, tb = get(ia, k), get(ib, k)
+        if kind == "input_scale":
+            d = ((ta.float() - tb.float()).abs() / tb.float().abs().clamp_min(1e-30)).max().item()
+            res["input_scale_max_rel_diff"] = max(res["input_scale_max_rel_diff"], d)
+            res["input_scale_count"] += 1
+            continue
+        same = ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(
+            ta.contiguous().reshape(-1).view(torch.uint8), tb.contiguous().reshape(-1).view(torch.uint8))
+        bucket = res["identical"] if same else res["different"]
+        bucket[kind] = bucket.get(kind, 0) + 1
+        if not same and len(res["different_examples"]) < 10:
+            res["different_examples"].append(k)
+    res["byte_identical"] = not res["different"] and not res["only_a"] and not res["only_b"]
+    res["input_scale_within_1pct"] = res["input_scale_max_rel_diff"] <= 0.01
+    return res
+
+
+def card() -> dict:
+    import torch
+
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "host": platform.node(),
+            "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_mem_bytes=p.total_memory, cuda=torch.version.cuda)
+    try:
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        import modelopt
+        import transformers
+        info.update(modelopt=modelopt.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------- run (device)
+
+def run(args) -> int:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cuda = torch.cuda.is_available()
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([Path(sys.executable).name] + sys.argv), "card": card(),
+           "tiny": args.tiny, "samples": args.samples, "seq_len": args.seq_len}
+
+    def save():
+        (out / "gpu_8b.json").write_text(json.dumps(res, indent=2, default=str))
+
+    log(f"card: {res['card']}")
+    save()
+
+    # 1. disk speed
+    res["disk"] = disk_speed(work, 0.25 if args.tiny else args.disk_gib)
+    log(f"disk: write {res['disk']['write_Bps']/1e9:.2f} GB/s, read {res['disk']['read_Bps']/1e9:.2f} GB/s "
+        f"(evict {res['disk']['evict']})")
+    save()
+
+    # 2. the random 8B checkpoint
+    cfg = dict(R1_8B_CONFIG)
+    if args.tiny:
+        cfg.update(TINY_OVERRIDES)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(BENCH / "tokenizer")
+    cfg["bos_token_id"], cfg["eos_token_id"] = tok.bos_token_id, tok.eos_token_id
+    model_dir = work / "r1-distill-llama-8b-random"
+    t = time.time()
+    res["checkpoint"] = write_checkpoint(model_dir, cfg, "cuda" if cuda else "cpu",
+                                         shard_bytes=(4_976_000_000 if not args.tiny else 40_000_000))
+    res["checkpoint"]["write_s"] = round(time.time() - t, 3)
+    log(f"checkpoint: {res['checkpoint']}")
+    save()
+    in_bytes = dir_bytes(model_dir, ".safetensors")
+
+    calib = BENCH / "calib.txt"
+    flows = {}
+    # 3. our payload
+    out_payload = work / "out-payload"
+    job = {"model_dir": str(model_dir), "output_dir": str(out_payload), "format": "nvfp4",
+           "recipe": "default", "kv_cache": "none", "device": "auto",
+           "calibration": {"source": str(calib), "samples": args.samples, "seq_len": args.seq_len,
+                           "batch_size": "auto"}}
+    job.update(json.loads(args.job_extra))
+    job_path = work / "job.json"
+    job_path.write_text(json.dumps(job, indent=2))
+    order = ["payload", "hf_ptq"] if not args.baseline_first else ["hf_ptq", "payload"]
+    if args.low_memory_variant:
+        order.append("payload_lowmem")
+    for flow in order:
+        ev = evict(list(model_dir.glob("*.safetensors")))
+        torch.cuda.empty_cache() if cuda else None
+        if flow.startswith("payload"):
+            log(f"{flow}: start (evict {ev})")
+            this_job = dict(job)
+            if flow == "payload_lowmem":
+                this_job.update(low_memory=True, output_dir=str(work / "out-payload_lowmem"))
+            jp = work / f"job-{flow}.json"
+            jp.write_text(json.dumps(this_job, indent=2))
+            this_out = Path(this_job["output_dir"])
+            rc, wall, stdout = run_logged([sys.executable, "-m", "container_payload.quantize", str(jp)],
+                                          out / f"{flow}.log")
+            r = json.loads((this_out / "result.json").read_text()) if rc == 0 else {}
+            timings = dict(r.get("timings", {}))
+            timings.update({k: v for k, v in payload_stage_times(stdout).items() if k not in timings})
+            flows[flow] = {"rc": rc, "wall_s": round(wall, 3), "timings": timings,
+                                "batch_size": r.get("calibration", {}).get("batch_size"),
+                                "windows_sha256": r.get("calibration", {}).get("windows_sha256"),
+                                "gpu_peak_bytes": r.get("memory", {}).get("gpu_peak_bytes"),
+                                "host_rss_peak_bytes": r.get("memory", {}).get("host_rss_peak_bytes"),
+                                "out_bytes": dir_bytes(this_out, ".safetensors") if rc == 0 else None}
+        else:
+            out_ref = work / "out-hf_ptq"
+            log(f"hf_ptq flow: start (evict {ev})")
+            rc, wall, stdout = run_logged(
+                [sys.executable, str(REPO / "benchmarks" / "hf_ptq_flow.py"), "--model", str(model_dir),
+                 "--export", str(out_ref), "--calib", str(calib), "--samples", str(args.samples),
+                 "--seq-len", str(args.seq_len), "--metrics", str(work / "hf_ptq_metrics.json")],
+                out / "hf_ptq.log")
+            m = json.loads((work / "hf_ptq_metrics.json").read_text()) if rc == 0 else {}
+            flows["hf_ptq"] = {"rc": rc, "wall_s": round(wall, 3), **m,
+                               "out_bytes": dir_bytes(out_ref, ".safetensors") if rc == 0 else None}
+        log(f"{flow}: rc {rc}, wall {wall:.1f} s, {json.dumps(flows[flow].get('timings'))}")
+        if rc != 0:
+            log(stdout[-3000:])
+        res["flows"] = flows
+        save()
+
+    # 5. compare + I/O floor
+    if all(f["rc"] == 0 for f in flows.values()):
+        t = time.time()
+        res["compare"] = compare(out_payload, work / "out-hf_ptq")
+        res["compare"]["seconds"] = round(time.time() - t, 1)
+        if "payload_lowmem" in flows:
+            res["compare_lowmem"] = compare(work / "out-payload_lowmem", work / "out-hf_ptq")
+            log(f"compare low_memory: byte_identical={res['compare_lowmem']['byte_identical']} "
+                f"input_scale max rel diff {res['compare_lowmem']['input_scale_max_rel_diff']:.2e}")
+        log(f"compare: byte_identical={res['compare']['byte_identical']} "
+            f"input_scale max rel diff {res['compare']['input_scale_max_rel_diff']:.2e} "
+            f"identical {res['compare']['identical']} different {res['compare']['different']}")
+    out_b = flows.get("payload", {}).get("out_bytes") or 0
+    d = res["disk"]
+    res["io_floor"] = {"bytes_in": in_bytes, "bytes_out": out_b,
+                       "seconds": round(in_bytes / d["read_Bps"] + out_b / d["write_Bps"], 3)}
+    save()
+    md = render_md(res)
+    (out / "gpu_8b.md").write_text(md)
+    print(md)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(f["rc"] == 0 for f in flows.values()) else 1
+
+
+def render_md(res: dict) -> str:
+    f = res.get("flows", {})
+    names = [n for n in ("payload", "hf_ptq", "payload_lowmem") if n in f]
+    heads = {"payload": "payload", "hf_ptq": "hf_ptq flow", "payload_lowmem": "payload, low_memory"}
+    floor = res.get("io_floor", {}).get("seconds")
+    gib = 1 << 30
+
+    def tm(key):
+        out = []
+        for n in names:
+            v = f[n].get("timings", {}).get(key)
+            out.append("-" if v is None else f"{v:.1f}")
+        return out
+
+    def other(fn):
+        return [fn(f[n]) for n in names]
+
+    def mem(v):
+        return "-" if not v else f"{v / gib:.1f} GiB"
+
+    rows = [("python start + imports before the first stage",
+             other(lambda x: f"{x['wall_s'] - x.get('timings', {}).get('total_s', 0):.1f}" if "import_s" not in x.get("timings", {})
+                   else f"{x['wall_s'] - x['timings']['total_s'] + x['timings']['import_s']:.1f}")),
+            ("load (weights to GPU)", tm("load_s")),
+            ("tokenize", tm("tokenize_s")),
+            ("wait for ModelOpt import (overlapped with load)", tm("import_wait_s")),
+            ("batch-size probe", tm("batch_probe_s")),
+            ("preview before", tm("preview_before_s")),
+            ("quantize (mtq.quantize, total)", tm("quantize_s")),
+            ("  of which calibration forward loop", tm("calibrate_s")),
+            ("summary + preview after", tm("preview_after_s")),
+            ("export", tm("export_s")),
+            ("wall, process start to exit", other(lambda x: f"{x.get('wall_s', 0):.1f}")),
+            ("calibration batch size", other(lambda x: str(x.get("batch_size")))),
+            ("peak GPU memory (max_memory_allocated)", other(lambda x: mem(x.get("gpu_peak_bytes")))),
+            ("peak host RSS (ru_maxrss, mapped file pages included)", other(lambda x: mem(x.get("host_rss_peak_bytes")))),
+            ("checkpoint written", other(lambda x: mem(x.get("out_bytes"))))]
+    c = res.get("card", {})
+    d = res.get("disk", {})
+    p, h = f.get("payload", {}), f.get("hf_ptq", {})
+    lines = ["# GPU benchmark: payload vs hf_ptq.py flow, random-weight R1-Distill-Llama-8B",
+             "",
+             f"- card: {c.get('gpu', 'cpu')} ({c.get('nvidia_smi', '')}), {c.get('cpus')} CPUs; "
+             f"torch {c.get('torch')}, transformers {c.get('transformers')}, modelopt {c.get('modelopt')}",
+             f"- date: {res.get('date')}; command: `{res.get('command')}`",
+             f"- calibration: {res.get('samples')} x {res.get('seq_len')} tokens, identical windows "
+             f"(sha256 equal: {p.get('windows_sha256') == h.get('windows_sha256')})",
+             f"- disk: write {d.get('write_Bps', 0)/1e9:.2f} GB/s (fsync), read {d.get('read_Bps', 0)/1e9:.2f} GB/s "
+             f"(after eviction {d.get('evict')})",
+             f"- I/O floor: {res.get('io_floor', {}).get('bytes_in', 0)/1e9:.2f} GB in / read speed + "
+             f"{res.get('io_floor', {}).get('bytes_out', 0)/1e9:.2f} GB out / write speed = {floor} s",
+             "", "| stage (seconds) | " + " | ".join(heads[n] for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    lines += [f"| {a} | " + " | ".join(vals) + " |" for a, vals in rows]
+    if p.get("wall_s") and h.get("wall_s") and floor:
+        lines += ["", f"Speedup end to end (wall): {h['wall_s'] / p['wall_s']:.2f}x; "
+                      f"payload wall / I/O floor: {p['wall_s'] / floor:.1f}x; "
+                      f"hf_ptq wall / I/O floor: {h['wall_s'] / floor:.1f}x"]
+    for key, label in (("compare", "payload"), ("compare_lowmem", "payload low_memory")):
+        cmp_ = res.get(key)
+        if cmp_:
+            lines += ["", f"Outputs ({label} vs hf_ptq): byte-identical (all tensors but input_scale): "
+                          f"{cmp_['byte_identical']}; identical {cmp_['identical']}, different {cmp_['different']}; "
+                          f"input_scale max relative difference {cmp_['input_scale_max_rel_diff']:.2e} over "
+                          f"{cmp_['input_scale_count']} tensors (within 1%: {cmp_['input_scale_within_1pct']})"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare")
+    pp.add_argument("--vocab", type=int, default=32000)
+    pp.add_argument("--text-bytes", type=int, default=3_000_000)
+    rp = sub.add_parser("run")
+    rp.add_argument("--out", required=True)
+    rp.add_argument("--work", default="/tmp/gpu8b")
+    rp.add_argument("--tiny", action="store_true")
+    rp.add_argument("--samples", type=int, default=512)
+    rp.add_argument("--seq-len", type=int, default=512)
+    rp.add_argument("--disk-gib", type=float, default=8.0)
+    rp.add_argument("--job-extra", default="{}", help="JSON merged into the payload's job file")
+    rp.add_argument("--baseline-first", action="store_true")
+    rp.add_argument("--keep", action="store_true")
+    rp.add_argument("--low-memory-variant", action="store_true",
+                    help="also run the payload with low_memory: true (third column)")
+    args = ap.parse_args(argv)
+    if args.cmd == "prepare":
+        prepare(args)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
