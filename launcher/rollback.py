@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import paths, runs
 from .daemon import RUN_LABEL, connect
-from .errors import DockerUnavailable, LauncherError, RunNotFound
+from .errors import ConfigError, DockerUnavailable, LauncherError, RunNotFound
 
 ALWAYS = ("containers", "partials", "locks")
 OPTIONAL = ("outputs", "images", "cache")
@@ -85,7 +85,8 @@ def select_runs(run_id: str | None, all_runs: bool) -> tuple[list[runs.RunRecord
 def plan(run_id: str | None = None, *, all_runs: bool = False, outputs: bool = False, images: bool = False,
          cache: bool = False) -> Plan:
     if bool(run_id) == bool(all_runs):
-        raise LauncherError("name one RUN_ID or pass --all", advice="`launcher list` shows the runs")
+        raise ConfigError("name one RUN_ID or pass --all", where="rollback",
+                          advice="`launcher list` shows the runs")
     chosen, skipped = select_runs(run_id, all_runs)
     kinds = ALWAYS + tuple(k for k, on in zip(OPTIONAL, (outputs, images, cache)) if on)
     p = Plan(chosen, kinds, skipped_runs=skipped)
