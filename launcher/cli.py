@@ -107,6 +107,31 @@ def verify(ckpt, json_out):
     sys.exit(main_verify(ckpt, json_out))
 
 
+@main.command("eval")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--reference", help="The original model (hub id, folder, or embedded) [default: the "
+              "checkpoint's source, from its result.json].")
+@click.option("--text", default="heldout-wiki", show_default=True,
+              help="Held-out text: heldout-wiki, heldout-brown, or a text file (never the calibration text).")
+@click.option("--tokens", type=click.IntRange(min=2), default=16384, show_default=True,
+              help="Score the first T tokens of the text.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length L.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Where to write the results "
+              "[default: CKPT/eval.json].")
+@click.option("--image", default="auto", show_default=True, help="Container image (as for quantize).")
+@click.option("--gpus", default="auto", show_default=True, help="auto | none | all | 0,1 ...")
+@click.option("--no-generations", is_flag=True, help="Skip the side-by-side greedy generations.")
+def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_generations):
+    """Measure what quantization cost: perplexity of both models, KL(original || quantized),
+    top-1 agreement and greedy generations side by side, on held-out text. The quantized
+    model is an exact emulation of what the engines compute, so no FP4 GPU is needed."""
+    from .evaluation import EvalRequest, evaluate, summary_line
+
+    result = evaluate(EvalRequest(ckpt, reference, text, tokens, seq_len, json_out, image, gpus,
+                                  generations=not no_generations), console)
+    console.print(summary_line(result), highlight=False)
+
+
 @main.command()
 @click.argument("run_id", required=False)
 @click.option("--all", "all_runs", is_flag=True, help="Every run of this home (runs still going are left alone).")

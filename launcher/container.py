@@ -11,6 +11,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import docker
 from docker.errors import APIError, NotFound
@@ -19,6 +20,9 @@ from docker.types import DeviceRequest, Mount
 from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
 from .errors import Interrupted, LauncherError, OutOfMemory, PayloadFailed
 from .logstream import EventStream
+
+if TYPE_CHECKING:
+    from . import runs
 
 PAYLOAD_DIR = Path(__file__).resolve().parent.parent / "container_payload"
 PAYLOAD_TARGET = "/opt/spark-nvfp4"
@@ -165,3 +169,44 @@ def check_exit(code: int, stream: EventStream, oom_killed: bool, log_path: Path)
     last = out.tail[-1] if out.tail else "no output"
     raise PayloadFailed(f"payload exited with status {code}: {last[:200]}", where=str(log_path),
                         advice="see the log for details")
+
+
+@dataclass
+class PayloadRun:
+    """Everything one payload container needs; `run_payload` does the rest."""
+    client: docker.DockerClient
+    image: str
+    record: "runs.RunRecord"
+    module: str                      # container_payload.<module>
+    job: dict
+    binds: list[Bind]
+    gpus: str = "none"
+    nvidia: bool = False
+    env: dict | None = None
+    network: str | None = "none"     # the payload needs no network unless told otherwise
+    mem_limit: str | None = None
+    keep: bool = False
+    secrets: tuple[str, ...] = ()
+
+
+def run_payload(p: PayloadRun, console) -> EventStream:
+    """Write the job file into the run's folder, run the container with live progress,
+    always remove it (unless keep), and raise a typed error for any failure."""
+    import json
+
+    job_file = p.record.folder / f"{p.module}-job.json"
+    job_file.write_text(json.dumps(p.job, indent=2))
+    box = PayloadContainer(p.client, p.image, p.record.id, role=p.module)
+    box.create(p.module, "/run/job.json", p.binds + [Bind(job_file, "/run/job.json")], env=p.env,
+               device_requests=gpu_requests(p.gpus, p.nvidia), mem_limit=p.mem_limit, network=p.network)
+    p.record.add("containers", box.container.id)
+    try:
+        with open(p.record.log_path, "a", encoding="utf-8") as log, \
+                EventStream(log, console, secrets=p.secrets) as stream:
+            code = box.run(stream)
+            oom = box.oom_killed()
+        check_exit(code, stream, oom, p.record.log_path)
+        return stream
+    finally:
+        if not p.keep:
+            box.remove()

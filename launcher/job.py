@@ -18,12 +18,11 @@ from rich.console import Console
 
 from . import assets, model_source, paths, preflight, runs
 from .config import NVIDIA_IMAGE, STANDIN_IMAGE, JobSpec
-from .container import Bind, PayloadContainer, check_exit, gpu_requests
+from .container import Bind, PayloadRun, run_payload
 from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
 from .image import ImageStore
 from .locks import OutputLock, lock_path
-from .logstream import EventStream, open_log
 from .orphans import guard, reap
 
 
@@ -146,9 +145,6 @@ class QuantizeJob:
             "device": "cpu" if spec.gpus == "none" or not nvidia else "auto",
             "job_fingerprint": fingerprint, "run_id": rec.id,
         }
-        job_file = rec.folder / "job.json"
-        job_file.write_text(json.dumps(job, indent=2))
-
         env = {}
         network = "none"  # the payload needs no network unless it streams a hub dataset
         if calib_src.startswith("hf:"):
@@ -157,20 +153,11 @@ class QuantizeJob:
             if token:
                 env["HF_TOKEN"] = token
             env["HF_HUB_OFFLINE"] = "0"
-        binds = model.binds + calib_binds + [Bind(job_file, "/run/job.json"),
-                                             Bind(partial, "/out", read_only=False)]
-        box = PayloadContainer(client, image_ref, rec.id)
-        box.create("quantize", "/run/job.json", binds, env=env,
-                   device_requests=gpu_requests(spec.gpus, nvidia), mem_limit=spec.memory_limit, network=network)
-        rec.add("containers", box.container.id)
-        try:
-            with open_log(rec.log_path) as log, EventStream(log, self.console, secrets=_secrets(spec)) as stream:
-                code = box.run(stream)
-                oom = box.oom_killed()
-            check_exit(code, stream, oom, rec.log_path)
-        finally:
-            if not spec.keep_container:
-                box.remove()
+        run_payload(PayloadRun(
+            client=client, image=image_ref, record=rec, module="quantize", job=job,
+            binds=model.binds + calib_binds + [Bind(partial, "/out", read_only=False)],
+            gpus=spec.gpus, nvidia=nvidia, env=env, network=network, mem_limit=spec.memory_limit,
+            keep=spec.keep_container, secrets=tuple(_secrets(spec))), self.console)
 
         result_path = partial / "result.json"
         if not result_path.exists():
@@ -178,6 +165,7 @@ class QuantizeJob:
         result = json.loads(result_path.read_text())
         result["job_fingerprint"] = fingerprint
         result["run_id"] = rec.id
+        result["source"] = {"model": spec.model, "revision": spec.revision}
         result_path.write_text(json.dumps(result, indent=2))
 
         verify_or_raise(partial, self.console)
@@ -190,10 +178,8 @@ class QuantizeJob:
 
 def verify_or_raise(folder: Path, console: Console) -> None:
     """The independent host-side check; a checkpoint that fails it is never promoted."""
-    try:
-        from .verify import _summary, verify_checkpoint
-    except ImportError:  # verifier not installed in this build
-        return
+    from .verify import _summary, verify_checkpoint
+
     report = verify_checkpoint(folder)
     if report.problems:
         from .errors import VerifyFailed

@@ -1,0 +1,108 @@
+"""`launcher eval`: what quantization cost, measured in the same image and mounts.
+
+The payload (container_payload/evaluate.py) runs an exact emulation of what the
+engines compute, so this works on CPUs and on GPUs without FP4 units. The held-out
+texts are never the calibration text.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from . import assets, model_source, runs
+from .config import JobSpec
+from .container import Bind, PayloadRun, run_payload
+from .daemon import connect, has_nvidia_runtime
+from .errors import ConfigError, LauncherError
+from .image import ImageStore
+from .job import choose_image
+from .orphans import reap
+
+HELDOUT = ("heldout-wiki", "heldout-brown")
+
+
+@dataclass
+class EvalRequest:
+    checkpoint: Path
+    reference: str | None = None        # hub id, folder or 'embedded'; default: the checkpoint's source
+    text: str = "heldout-wiki"          # heldout-wiki | heldout-brown | FILE
+    tokens: int = 16384
+    seq_len: int = 512
+    json_out: Path | None = None
+    image: str = "auto"
+    gpus: str = "auto"
+    generations: bool = True
+
+
+def text_path(text: str) -> Path:
+    if text in HELDOUT:
+        t = assets.texts()
+        return t.heldout_wiki if text == "heldout-wiki" else t.heldout_brown
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"evaluation text not found: {path}", where="--text",
+                          advice=f"pass a text file, or one of {', '.join(HELDOUT)}")
+    return path.resolve()
+
+
+def source_of(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / "result.json").read_text())["source"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    ckpt = req.checkpoint.expanduser().resolve()
+    if not (ckpt / "config.json").exists():
+        raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="CKPT")
+    reference = req.reference or source_of(ckpt)
+    if reference is None:
+        raise ConfigError("the checkpoint does not say which model it came from", where="--reference",
+                          advice="pass --reference MODEL (hub id, folder, or embedded)")
+    ref = model_source.resolve(JobSpec(model=reference, output=Path("/nonexistent")))
+    if ref.gguf and not (ref.host_dir / "config.json").exists():
+        raise LauncherError("the embedded model has not been converted yet",
+                            advice="run `launcher quantize` once (it converts it), then evaluate")
+    text = text_path(req.text)
+    json_out = (req.json_out or ckpt / "eval.json").expanduser().resolve()
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+
+    client = connect()
+    reap(client, console)
+    nvidia = has_nvidia_runtime(client)
+    image = choose_image(JobSpec(image=req.image, output=Path("/nonexistent")), nvidia)
+    ImageStore(client, console).ensure(image)
+    rec = runs.new_run("eval", {"checkpoint": str(ckpt), "reference": reference, "text": str(text),
+                                "tokens": req.tokens, "seq_len": req.seq_len})
+    rec.image = image
+    rec.save()
+    out_dir = json_out.parent
+    job = {"checkpoint": "/ckpt", "reference": ref.container_dir, "text": f"/text/{text.name}",
+           "tokens": req.tokens, "seq_len": req.seq_len, "json_out": f"/evalout/{json_out.name}",
+           "device": "cpu" if req.gpus == "none" or not nvidia else "auto"}
+    if not req.generations:
+        job["generations"] = []
+    binds = [Bind(ckpt, "/ckpt"), Bind(text, f"/text/{text.name}"),
+             Bind(out_dir, "/evalout", read_only=False)] + [b for b in ref.binds if b.target != "/assets"]
+    try:
+        run_payload(PayloadRun(client=client, image=image, record=rec, module="evaluate", job=job,
+                               binds=binds, gpus=req.gpus, nvidia=nvidia), console)
+    except LauncherError as e:
+        rec.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
+        raise
+    result = json.loads(json_out.read_text())
+    rec.result = {k: result.get(k) for k in ("perplexity", "reference_perplexity", "kl_divergence",
+                                            "top1_agreement", "tokens")}
+    rec.finish("complete")
+    return result
+
+
+def summary_line(r: dict) -> str:
+    return (f"KL {r['kl_divergence']:.4f} nats/token, top-1 agreement {r['top1_agreement']:.3f}, "
+            f"perplexity {r['perplexity']:.3f} vs {r['reference_perplexity']:.3f} original "
+            f"({r['tokens']} tokens)")
