@@ -91,6 +91,7 @@ class ImageStore:
                     elif ev.get("status") in ("Pull complete", "Already exists"):
                         done = totals.get(layer, 1)
                         bar.update(tasks[layer], total=done, completed=done, description=status)
+            self.console.print(f"pulled {ref}: {len(tasks)} layers, {sum(totals.values()) / 1e6:.1f} MB downloaded")
         except APIError as e:
             raise self._pull_error(ref, registry, e, auth is not None) from None
         except docker.errors.DockerException as e:
