@@ -17,11 +17,11 @@ from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
-from .image import ImageStore
-from .job import choose_image
+from .image import ImageStore, choose_image
 from .orphans import reap
 
 HELDOUT = ("heldout-wiki", "heldout-brown")
+QUICK_TOKENS = 4096  # the check at the end of `launcher quantize`: seconds, not minutes
 
 
 @dataclass
@@ -75,7 +75,7 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     client = connect()
     reap(client, console)
     nvidia = has_nvidia_runtime(client)
-    image = choose_image(JobSpec(image=req.image, output=Path("/nonexistent")), nvidia)
+    image = choose_image(req.image, nvidia)
     ImageStore(client, console).ensure(image)
     rec = runs.new_run("eval", {"checkpoint": str(ckpt), "reference": reference, "text": str(text),
                                 "tokens": req.tokens, "seq_len": req.seq_len})

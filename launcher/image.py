@@ -14,7 +14,7 @@ from docker.utils import parse_repository_tag
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from .config import STANDIN_IMAGE
+from .config import NVIDIA_IMAGE, STANDIN_IMAGE
 from .errors import ImageError
 
 
@@ -24,6 +24,13 @@ class ImageInfo:
     id: str
     pulled: bool      # True when this launcher pulled it (rollback may remove it)
     size: int
+
+
+def choose_image(requested: str, nvidia_runtime: bool) -> str:
+    """'auto' means NVIDIA's image where Docker can give it a GPU, else the CPU stand-in."""
+    if requested != "auto":
+        return requested
+    return NVIDIA_IMAGE if nvidia_runtime else STANDIN_IMAGE
 
 
 def registry_of(ref: str) -> str:

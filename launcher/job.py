@@ -17,11 +17,11 @@ from pathlib import Path
 from rich.console import Console
 
 from . import assets, model_source, paths, preflight, runs
-from .config import NVIDIA_IMAGE, STANDIN_IMAGE, JobSpec
+from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
-from .image import ImageStore
+from .image import ImageStore, choose_image
 from .locks import OutputLock, lock_path
 from .orphans import guard, reap
 
@@ -37,12 +37,6 @@ def job_fingerprint(spec: JobSpec) -> str:
     """What makes two runs produce the same checkpoint (not where it goes)."""
     keys = spec.model_dump(mode="json", include={"model", "revision", "format", "recipe", "calibration", "kv_cache"})
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def choose_image(spec: JobSpec, nvidia: bool) -> str:
-    if spec.image != "auto":
-        return spec.image
-    return NVIDIA_IMAGE if nvidia else STANDIN_IMAGE
 
 
 def calibration_bind(spec: JobSpec) -> tuple[str, list[Bind]]:
@@ -84,7 +78,7 @@ class QuantizeJob:
         client = connect()
         reap(client, self.console)
         nvidia = has_nvidia_runtime(client)
-        image_ref = choose_image(spec, nvidia)
+        image_ref = choose_image(spec.image, nvidia)
 
         rec = runs.new_run("quantize", spec.model_dump(mode="json"))
         rec.image = image_ref
@@ -118,7 +112,6 @@ class QuantizeJob:
                 self._quantize(client, rec, model, image_ref, output, fingerprint, nvidia)
             rec.result = json.loads((output / "result.json").read_text())
             rec.finish("complete")
-            return JobOutcome(rec, output)
         except LauncherError as e:
             rec.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
             raise
@@ -128,6 +121,25 @@ class QuantizeJob:
         except BaseException as e:
             rec.finish("failed", error=f"{type(e).__name__}: {e}")
             raise
+        self.describe(output, image_ref, model.bytes)
+        return JobOutcome(rec, output)
+
+    def describe(self, output: Path, image_ref: str, source_bytes: int) -> None:
+        """Quick quality check and model card. The checkpoint is already complete:
+        a failure here is reported, never turned into a failed run."""
+        from . import model_card
+        from .evaluation import QUICK_TOKENS, EvalRequest, evaluate, summary_line
+
+        evaluation = None
+        if self.spec.evaluate:
+            try:
+                evaluation = evaluate(EvalRequest(output, reference=self.spec.model, tokens=QUICK_TOKENS,
+                                                  image=image_ref, gpus=self.spec.gpus), self.console)
+                self.console.print(f"quality: {summary_line(evaluation)}", highlight=False)
+            except LauncherError as e:
+                self.console.print(f"[yellow]warning:[/] evaluation failed, the checkpoint is fine: {e}")
+        card = model_card.write(output, evaluation, source_bytes or None)
+        self.console.print(f"model card: {card}")
 
     def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path, fingerprint: str,
                   nvidia: bool) -> None:

@@ -1,0 +1,87 @@
+"""The output's README.md: what was quantized and how, what it cost, how to serve it."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ENGINES = """\
+## Serve it
+
+TensorRT-LLM (DGX Spark, in the same image):
+
+    docker run --rm -it --gpus all --ipc host -p 127.0.0.1:8000:8000 -v {path}:/ckpt:ro \\
+      nvcr.io/nvidia/tensorrt-llm/release:spark-single-gpu-dev trtllm-serve /ckpt --port 8000
+
+vLLM (reads `quantization_config` from config.json; Blackwell runs native FP4, Hopper falls back to Marlin):
+
+    vllm serve {path} --quantization modelopt_fp4 --gpu-memory-utilization 0.85
+
+SGLang:
+
+    python -m sglang.launch_server --model-path {path} --quantization modelopt_fp4
+
+Or `launcher serve {path}`, which starts and checks the server for you.
+"""
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / 1e6:,.1f} MB" if n else "?"
+
+
+def render(output: Path, result: dict, evaluation: dict | None, source_bytes: int | None) -> str:
+    calib = result.get("calibration", {})
+    src = result.get("source", {})
+    lines = [
+        f"# {output.name}",
+        "",
+        f"NVFP4 checkpoint of `{src.get('model', '?')}`"
+        + (f" (revision `{src['revision']}`)" if src.get("revision") else "")
+        + ", made by spark-nvfp4 with NVIDIA ModelOpt and checked by `launcher verify`.",
+        "",
+        "| | |", "|---|---|",
+        f"| format | {result.get('format')} ({'weights and activations' if result.get('format') == 'nvfp4' else 'see format'}) |",
+        f"| recipe | {result.get('recipe')} (ModelOpt preset {result.get('modelopt_preset')}) |",
+        f"| KV cache | {result.get('kv_cache', 'none')} |",
+        f"| calibration | {calib.get('samples')} windows x {calib.get('seq_len')} tokens of `{Path(str(calib.get('source', '?'))).name}` |",
+        f"| size | {_mb(result.get('checkpoint_bytes'))} (original {_mb(source_bytes)}) |",
+        f"| tools | ModelOpt {result.get('versions', {}).get('modelopt')}, torch {result.get('versions', {}).get('torch')}, "
+        f"transformers {result.get('versions', {}).get('transformers')} |",
+        f"| quantized on | {result.get('device')} in {result.get('timings', {}).get('total_s', '?')} s |",
+        "",
+    ]
+    if evaluation:
+        lines += [
+            "## What quantization cost",
+            "",
+            f"On held-out text `{Path(str(evaluation.get('text', '?'))).name}` ({evaluation['tokens']} tokens, "
+            "never used for calibration), the quantized model as the engines compute it (exact emulation) "
+            "against the original:",
+            "",
+            "| metric | value |", "|---|---|",
+            f"| perplexity | {evaluation['perplexity']:.3f} (original {evaluation['reference_perplexity']:.3f}) |",
+            f"| KL(original ‖ quantized) | {evaluation['kl_divergence']:.4f} nats/token |",
+            f"| top-1 token agreement | {evaluation['top1_agreement']:.3f} |",
+            "",
+        ]
+        gens = evaluation.get("generations") or []
+        if gens:
+            lines += ["### Greedy generations, side by side", ""]
+            for g in gens:
+                lines += [f"**Prompt:** {g.get('prompt')}", "",
+                          f"- original: {g.get('reference', '').strip()!s}",
+                          f"- quantized: {g.get('quantized', '').strip()!s}", ""]
+    else:
+        lines += ["Quality was not measured for this run (`--no-eval`); run `launcher eval` on it.", ""]
+    lines.append(ENGINES.format(path=output))
+    return "\n".join(lines)
+
+
+def write(output: Path, evaluation: dict | None, source_bytes: int | None = None) -> Path:
+    result = json.loads((output / "result.json").read_text())
+    text = render(output, result, evaluation, source_bytes)
+    with tempfile.NamedTemporaryFile("w", dir=output, delete=False, suffix=".tmp", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(f.name, output / "README.md")
+    return output / "README.md"
