@@ -1,0 +1,506 @@
+"""Our own NVFP4 methods, run on ModelOpt's quantizers after its calibration.
+
+Registered in CUSTOM_RECIPES as  name -> (ModelOpt preset, refine(model, forward_loop)).
+recipes.build() looks them up; quantize.py calls refine right after mtq.quantize.
+
+Every method ends in ModelOpt's own quantizer state, so the checkpoint is written by
+`export_hf_checkpoint` unchanged:
+
+* GPTQ on the NVFP4 grid ("gptq"): weights are rounded column by column with the
+  classic GPTQ error feedback (inverse-Hessian updates). A 16-column block's FP8 scale
+  is fixed when GPTQ reaches the block, from the already-updated weights, by searching
+  the FP8 values at and just below the max-scaling choice for the one with the least
+  (GPTQ-weighted) squared error. The chosen scales are stored as the STATIC per-block
+  amax of ModelOpt's weight quantizer (StaticBlockScaleQuantizer, the same state its
+  MSE / four-over-six calibrations leave), with `global_amax` shared by each fused
+  group (q/k/v, gate/up) BEFORE any block scale is chosen. Export then computes
+  weight_scale = fp8(amax_b * 448 / global_amax) = exactly our scale and
+  weight_scale_2 = global_amax / 2688, and re-rounds the (already on-grid) weights to
+  exactly the codes GPTQ picked.
+* Scale search alone ("scale-search"): the same block-scale search without GPTQ.
+* Mixed precision ("gptq-mp"): after GPTQ, the fused units (qkv, o, gate/up, down) whose
+  quantization costs the most KL on calibration text, per byte kept, stay in bf16 within
+  a size budget (9% of the default checkpoint by default, the issue allows 10%). A unit
+  kept in bf16 has its quantizers disabled, so export stores it in the original dtype
+  and lists it in `exclude_modules` / `ignore` (the standard way). Whole fused groups
+  only, so the engines can still fuse q/k/v and gate/up.
+
+The numerics (E2M1 rounding, FP8 E4M3 scales, float32 arithmetic) follow
+/work/shared/docs/nvfp4-spec.md sections 2-4 and ModelOpt's NVFP4QTensor.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from torch import nn
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+BLOCK = 16
+_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+# Fused groups the engines build for Llama-style blocks (spec section 4).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _log(msg: str) -> None:
+    try:
+        from . import events
+        events.emit("log", message=msg)
+    except Exception:  # noqa: BLE001 - logging must never break quantization
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- numerics
+
+def e2m1_round(y: torch.Tensor) -> torch.Tensor:
+    """Round to the E2M1 grid, ties to even mantissa, saturating at 6 (ModelOpt _cast_fp4)."""
+    bounds = torch.tensor(_E2M1_BOUNDS, dtype=y.dtype, device=y.device)
+    values = torch.tensor(_E2M1_VALUES, dtype=y.dtype, device=y.device)
+    a = y.abs()
+    idx = torch.searchsorted(bounds, a.contiguous())
+    # ties at 0.75, 1.75, 3.5 go up (odd mantissa -> even); searchsorted put them below
+    tie_up = (a == 0.75) | (a == 1.75) | (a == 3.5)
+    idx = idx + tie_up.to(idx.dtype)
+    return torch.where(y < 0, -values[idx], values[idx])
+
+
+def fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round positive scales to FP8 E4M3 (RNE), clamped to [2**-9, 448] as ModelOpt does."""
+    return x.float().clamp(min=2.0 ** -9, max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def _fp8_table(device) -> torch.Tensor:
+    """All positive finite FP8 E4M3 values, ascending (2**-9 ... 448)."""
+    codes = torch.arange(1, 127, dtype=torch.uint8, device=device)
+    return codes.view(torch.float8_e4m3fn).float()
+
+
+def block_scale_candidates(amax: torch.Tensor, ws2: torch.Tensor, down: int, up: int):
+    """FP8 block-scale candidates per block: the max-scaling choice first (index 0), then
+    `down` FP8 steps below it and `up` steps above it (duplicates at the table's ends are
+    harmless). amax: [R] float32 block amax; returns [R, 1 + down + up] float32."""
+    table = _fp8_table(amax.device)
+    s0 = fp8_e4m3(amax.float() / (E2M1_MAX * ws2.float()))
+    i0 = torch.searchsorted(table, s0.contiguous())  # exact: s0 is in the table
+    steps = [0] + [-k for k in range(1, down + 1)] + list(range(1, up + 1))
+    idx = torch.stack([(i0 + k).clamp(0, len(table) - 1) for k in steps], dim=-1)
+    return table[idx]
+
+
+def quantize_blocks(w: torch.Tensor, scale: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
+    """Dequantized NVFP4 value of w [..., 16] with FP8 block scale `scale` [..., 1] (float32)
+    and global scale ws2, computed as the export does: code = e2m1(w / (scale * ws2))."""
+    dt = _work_dtype(w)
+    step = scale.to(dt) * ws2.to(dt)
+    return e2m1_round(w.to(dt) / step) * step
+
+
+def _work_dtype(w: torch.Tensor) -> torch.dtype:
+    # float32 like the export; float64 only for the reference tests
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def search_block_scales(w: torch.Tensor, ws2: torch.Tensor, col_weight: torch.Tensor | None = None,
+                        down: int = 8, up: int = 1) -> torch.Tensor:
+    """Per block of 16, the FP8 scale (as float32) minimizing the (column-weighted) squared
+    error. w: [R, 16]; col_weight: [16] or [R, 16] nonnegative, or None for plain MSE.
+    The max-scaling scale is candidate 0 and is replaced only by a strictly better one, so
+    the result is never worse than max scaling on any block."""
+    w = w.to(_work_dtype(w))
+    amax = w.abs().amax(dim=-1)
+    cand = block_scale_candidates(amax, ws2, down, up)  # [R, C] float32
+    q = quantize_blocks(w.unsqueeze(1), cand.unsqueeze(-1), ws2)  # [R, C, 16]
+    err = (q - w.unsqueeze(1)) ** 2
+    if col_weight is not None:
+        cw = col_weight.to(w.dtype)
+        err = err * (cw.unsqueeze(1) if cw.dim() == 2 else cw)
+    err = err.sum(-1)  # [R, C]
+    best = err.argmin(dim=-1)
+    # keep the max-scaling choice unless strictly beaten (argmin returns the first minimum,
+    # and candidate 0 is the max-scaling one)
+    return cand.gather(1, best[:, None]).squeeze(1)
+
+
+def max_block_scales(w: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's default (max) block scale per block of 16: fp8(amax_b / (6 * ws2))."""
+    return fp8_e4m3(w.float().abs().amax(dim=-1) / (E2M1_MAX * ws2.float()))
+
+
+# ---------------------------------------------------------------- GPTQ on the NVFP4 grid
+
+def hessian_inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float = 0.01):
+    """Upper Cholesky factor of the damped inverse Hessian (GPTQ). Dead inputs (zero
+    diagonal) get H_ii = 1 and their weight column zeroed. Returns (U, w)."""
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w = w.clone()
+    w[:, dead] = 0
+    n = h.shape[0]
+    d = damp * torch.mean(torch.diag(h))
+    for tries in range(6):
+        hd = h + d * torch.eye(n, dtype=h.dtype, device=h.device)
+        try:
+            l = torch.linalg.cholesky(hd)
+            hinv = torch.cholesky_inverse(l)
+            u = torch.linalg.cholesky(hinv, upper=True)
+            return u, w
+        except torch.linalg.LinAlgError:
+            d = d * 10 if d > 0 else 1e-6
+    raise RuntimeError("GPTQ: Hessian not positive definite even with heavy damping")
+
+
+def gptq_nvfp4(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_size: int = 128,
+               damp: float = 0.01, search: bool = True, down: int = 8, up: int = 1):
+    """GPTQ with NVFP4 rounding. w: [out, in]; h: [in, in] (X^T X); ws2: global scale.
+
+    The scale of each 16-column block is chosen when GPTQ reaches it, from the updated
+    weights (search over FP8 values, weighted by 1/d_j^2 like GPTQ's own error, or plain
+    max scaling when search=False). Returns (q [out, in] dequantized, scales [out, in/16]).
+    Arithmetic in w's dtype (float32 in the payload, float64 in the reference test)."""
+    out_f, in_f = w.shape
+    assert in_f % BLOCK == 0 and block_size % BLOCK == 0
+    dtype = w.dtype
+    u, w = hessian_inverse_factor(h.to(dtype), w, damp)
+    q = torch.zeros_like(w)
+    scales = torch.zeros(out_f, in_f // BLOCK, dtype=torch.float32, device=w.device)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for g in range(0, i2 - i1, BLOCK):
+            blk = w1[:, g:g + BLOCK]
+            if search:
+                cw = 1.0 / torch.diag(u1)[g:g + BLOCK] ** 2
+                s = search_block_scales(blk, ws2, cw, down, up)
+            else:
+                s = max_block_scales(blk, ws2)
+            scales[:, (i1 + g) // BLOCK] = s
+            step = s.to(dtype) * ws2.to(dtype)
+            for j in range(g, g + BLOCK):
+                col = w1[:, j]
+                qc = e2m1_round(col / step) * step
+                q[:, i1 + j] = qc
+                e = (col - qc) / u1[j, j]
+                w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
+                err1[:, j] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return q, scales
+
+
+# ---------------------------------------------------------------- model plumbing
+
+def _quantizers(model):
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    return [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+
+
+class _QuantizersOff:
+    """Temporarily disable every enabled ModelOpt quantizer (the refine passes run the
+    original model; ModelOpt's CPU fake-quant kernels need CUDA anyway)."""
+
+    def __init__(self, model):
+        self.qs = [q for q in _quantizers(model) if q.is_enabled]
+
+    def __enter__(self):
+        for q in self.qs:
+            q.disable()
+
+    def __exit__(self, *exc):
+        for q in self.qs:
+            q.enable()
+
+
+def quantized_linears(model) -> dict:
+    out = {}
+    for name, m in model.named_modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if wq is not None and getattr(wq, "is_enabled", False) and hasattr(m, "weight") \
+                and m.weight.dim() == 2 and m.weight.shape[1] % BLOCK == 0:
+            out[name] = m
+    return out
+
+
+def fused_units(names) -> list[list[str]]:
+    """Quantized Linear names grouped into the units the engines fuse (q/k/v, gate/up);
+    every other Linear is a unit of its own."""
+    names = list(names)
+    left, units = set(names), []
+    for n in names:
+        if n not in left:
+            continue
+        parent, _, leaf = n.rpartition(".")
+        unit = [n]
+        for group in FUSED_GROUPS:
+            if leaf in group:
+                unit = [f"{parent}.{g}" if parent else g for g in group]
+                unit = [u for u in unit if u in left]
+                break
+        for u in unit:
+            left.discard(u)
+        units.append(unit)
+    return units
+
+
+def _input_amax(m) -> torch.Tensor | None:
+    iq = getattr(m, "input_quantizer", None)
+    if iq is None or not iq.is_enabled or getattr(iq, "amax", None) is None:
+        return None
+    return iq.amax.detach().float().reshape(-1).max()
+
+
+@torch.no_grad()
+def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool = False,
+                     keep_batches: int = 0):
+    """One calibration pass of the unquantized model; H = sum x^T x per Linear (float32).
+    Also keeps the first `keep_batches` input_ids batches (for the sensitivity pass)."""
+    from .emulate import fake_quant_nvfp4
+
+    hs = {n: None for n in linears}
+    counts = {n: 0 for n in linears}
+    kept = []
+    handles = []
+
+    def hook_for(name, m):
+        scale = None
+        if quantized_input:
+            amax = _input_amax(m)
+            scale = None if amax is None else amax / (E2M1_MAX * E4M3_MAX)
+
+        def pre(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if scale is not None:
+                x = fake_quant_nvfp4(x, scale)
+            h = x.T @ x
+            hs[name] = h if hs[name] is None else hs[name].add_(h)
+            counts[name] += x.shape[0]
+        return pre
+
+    for n, m in linears.items():
+        handles.append(m.register_forward_pre_hook(hook_for(n, m)))
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+
+    def keep(mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and len(kept) < keep_batches:
+            kept.append(ids.detach().clone())
+    handles.append(body.register_forward_pre_hook(keep, with_kwargs=True))
+    try:
+        with _QuantizersOff(model):
+            forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    for n in hs:
+        if hs[n] is not None:
+            hs[n] = hs[n] / max(counts[n], 1)  # out of place: the hook ran in inference mode
+    return hs, kept
+
+
+def set_static_weight_quantizer(m, scales: torch.Tensor, global_amax: torch.Tensor) -> None:
+    """Store per-block FP8 scales as the static per-block amax of m's weight quantizer so
+    that export writes weight_scale == scales and weight_scale_2 == global_amax / 2688."""
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import StaticBlockScaleQuantizer
+
+    wq = m.weight_quantizer
+    bs = dict(wq.block_sizes)
+    bs["type"] = "static"
+    wq.block_sizes = bs
+    StaticBlockScaleQuantizer.from_tensor_quantizer(wq, global_amax=global_amax.float().reshape(()))
+    g = global_amax.float().reshape(())
+    # export: fp8(amax_b / 6 * 448 / (G / 6)) = fp8(amax_b * 448 / G) -> scales exactly
+    amax = scales.float() * g / E4M3_MAX
+    if getattr(wq, "_amax", None) is not None:
+        delattr(wq, "_amax")  # the dynamic quantizer's scalar amax; ours is per block
+    wq.amax = amax.reshape(-1, 1).contiguous()
+
+
+def _global_amax(ws: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([w.float().abs().amax() for w in ws]).amax()
+
+
+@torch.no_grad()
+def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True,
+                     quantized_input: bool = False, keep_batches: int = 0, damp: float = 0.01,
+                     block_size: int = 128):
+    """GPTQ (or plain rounding) with searched or max block scales, for every quantized
+    Linear; writes on-grid weights and static scales into ModelOpt's quantizers.
+    Returns (linears, originals, kept_ids)."""
+    linears = quantized_linears(model)
+    hs, kept = ({}, [])
+    if gptq or keep_batches:
+        hs, kept = collect_hessians(model, forward_loop, linears if gptq else {},
+                                    quantized_input, keep_batches)
+    originals = {}
+    t0 = time.time()
+    for unit in fused_units(linears):
+        mods = [linears[n] for n in unit]
+        g = _global_amax([m.weight for m in mods])
+        ws2 = g / (E2M1_MAX * E4M3_MAX)
+        for n, m in zip(unit, mods):
+            w = m.weight.detach()
+            originals[n] = w.clone()
+            wf = w.float()
+            if gptq and hs.get(n) is not None:
+                q, s = gptq_nvfp4(wf, hs[n].to(wf.device), ws2.to(wf.device), block_size, damp,
+                                  search)
+            else:
+                blocks = wf.reshape(-1, BLOCK)
+                s = search_block_scales(blocks, ws2) if search else max_block_scales(blocks, ws2)
+                q = quantize_blocks(blocks, s[:, None], ws2).reshape(wf.shape)
+                s = s.reshape(wf.shape[0], -1)
+            m.weight.data.copy_(q.to(w.dtype))
+            set_static_weight_quantizer(m, s, g)
+            hs.pop(n, None)
+    _log(f"refine: {'GPTQ' if gptq else 'rounding'} ({'searched' if search else 'max'} scales) "
+         f"on {len(linears)} Linears in {time.time() - t0:.1f}s")
+    return linears, originals, kept
+
+
+# ---------------------------------------------------------------- mixed precision
+
+def _nvfp4_bytes(numel: int) -> float:
+    return numel * 0.5 + numel / BLOCK + 8
+
+
+def model_bytes_default(model, linears: dict) -> float:
+    """Estimated weight bytes of the default NVFP4 checkpoint (everything else as stored)."""
+    qweights = {id(m.weight) for m in linears.values()}
+    total = 0.0
+    for p in model.parameters():  # parameters() yields a tied weight once
+        total += _nvfp4_bytes(p.numel()) if id(p) in qweights else p.numel() * p.element_size()
+    return total
+
+
+class _Emulation:
+    """In-process W4A4 emulation for ranking: weights are already on the grid (bf16);
+    inputs are fake-quantized per spec section 3 with the group's input scale."""
+
+    def __init__(self, linears: dict, units: list[list[str]]):
+        from .emulate import fake_quant_nvfp4
+        self.handles = {}
+        for unit in units:
+            amaxes = [a for a in (_input_amax(linears[n]) for n in unit) if a is not None]
+            if not amaxes:
+                continue
+            scale = torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX)
+            for n in unit:
+                def pre(mod, args, scale=scale):
+                    x = args[0]
+                    return (fake_quant_nvfp4(x, scale).to(x.dtype),) + tuple(args[1:])
+                self.handles[n] = linears[n].register_forward_pre_hook(pre)
+
+    def drop(self, name):
+        h = self.handles.pop(name, None)
+        if h is not None:
+            h.remove()
+
+    def remove(self):
+        for h in self.handles.values():
+            h.remove()
+        self.handles = {}
+
+
+@torch.no_grad()
+def _kl_to(model, ids_list, ref_logp) -> float:
+    tot, n = 0.0, 0
+    for ids, lp in zip(ids_list, ref_logp):
+        lq = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        tot += (lp.exp() * (lp - lq)).sum().item()
+        n += lq.shape[0] * lq.shape[1]
+    return tot / max(n, 1)
+
+
+@torch.no_grad()
+def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budget_frac: float):
+    """Rank fused units by KL saved per extra byte when that unit alone stays bf16, and
+    keep the best ones within budget_frac of the default checkpoint's weight bytes."""
+    units = fused_units(linears)
+    budget = budget_frac * model_bytes_default(model, linears)
+    if not ids_list or budget <= 0:
+        return []
+    t0 = time.time()
+    quant_w = {n: linears[n].weight.detach().clone() for n in linears}
+    ref = []
+    with _QuantizersOff(model):
+        for n, m in linears.items():
+            m.weight.data.copy_(originals[n])
+        for ids in ids_list:
+            ref.append(torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1))
+        for n, m in linears.items():
+            m.weight.data.copy_(quant_w[n])
+        emu = _Emulation(linears, units)
+        try:
+            base = _kl_to(model, ids_list, ref)
+            gains = []
+            for unit in units:
+                for n in unit:
+                    linears[n].weight.data.copy_(originals[n])
+                    h = emu.handles.get(n)
+                    if h is not None:
+                        h.remove()
+                kl = _kl_to(model, ids_list, ref)
+                for n in unit:
+                    linears[n].weight.data.copy_(quant_w[n])
+                emu.remove()
+                emu = _Emulation(linears, units)
+                extra = sum(originals[n].numel() * originals[n].element_size()
+                            - _nvfp4_bytes(originals[n].numel()) for n in unit)
+                gains.append(((base - kl) / extra, base - kl, extra, unit))
+        finally:
+            emu.remove()
+    gains.sort(key=lambda g: -g[0])
+    kept, used = [], 0.0
+    for per_byte, gain, extra, unit in gains:
+        if gain <= 0:
+            break
+        if used + extra <= budget:
+            kept.append(unit)
+            used += extra
+    for unit in kept:
+        for n in unit:
+            m = linears[n]
+            m.weight.data.copy_(originals[n])
+            m.weight_quantizer.disable()
+            if getattr(m, "input_quantizer", None) is not None:
+                m.input_quantizer.disable()
+    _log(f"refine: mixed precision base KL {base:.4f}; kept in bf16 "
+         f"{[u[0].rsplit('.', 1)[0] + ':' + '+'.join(x.rsplit('.', 1)[1] for x in u) for u in kept]} "
+         f"({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) in {time.time() - t0:.1f}s")
+    return kept
+
+
+# ---------------------------------------------------------------- recipes
+
+def _env_float(name, default):
+    v = os.environ.get(name)
+    return float(v) if v else default
+
+
+def refine_scale_search(model, forward_loop):
+    quantize_weights(model, forward_loop, gptq=False, search=True)
+
+
+def refine_gptq(model, forward_loop):
+    quantize_weights(model, forward_loop, gptq=True, search=True)
+
+
+def refine_gptq_mp(model, forward_loop, budget_frac: float | None = None):
+    budget_frac = _env_float("SPARK_NVFP4_MP_BUDGET", 0.09) if budget_frac is None else budget_frac
+    batches = int(_env_float("SPARK_NVFP4_MP_BATCHES", 2))
+    linears, originals, kept_ids = quantize_weights(model, forward_loop, gptq=True, search=True,
+                                                    keep_batches=batches)
+    keep_sensitive_in_bf16(model, linears, originals, kept_ids, budget_frac)
+
+
+CUSTOM_RECIPES = {
+    "scale-search": ("NVFP4_DEFAULT_CFG", refine_scale_search),
+    "gptq": ("NVFP4_DEFAULT_CFG", refine_gptq),
+    "gptq-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_mp),
+}
