@@ -280,3 +280,19 @@ def logs(run_id, follow):
             break
         time.sleep(0.5)
         rec = runs.load(run_id)
+
+
+@main.command()
+@click.option("--model", help="The model you mean to quantize (hub id, local folder, or embedded) "
+              "[default: embedded]: its size sets the disk and memory checks.")
+@click.option("--output", type=click.Path(path_type=Path), help="Where the checkpoint would go "
+              "[default: out/<model>-NVFP4]; its free disk is checked.")
+@click.option("--image", default="auto", show_default=True, help="Container image (as for quantize).")
+def doctor(model, output, image):
+    """Check this machine: Docker, its NVIDIA runtime, the GPU (FP4 or not), disk and memory
+    for the model, the Hugging Face token and access, and the image. Pulls and writes
+    nothing. Exit 0 only when every required check passes."""
+    from .doctor import DoctorRequest
+    from .doctor import doctor as run_doctor
+
+    run_doctor(DoctorRequest(model=model, output=output, image=image), console)
