@@ -296,3 +296,21 @@ def doctor(model, output, image):
     from .doctor import doctor as run_doctor
 
     run_doctor(DoctorRequest(model=model, output=output, image=image), console)
+
+
+@main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Port on 127.0.0.1 (published there only).")
+@click.option("--image", default="auto", show_default=True, help="Container image (as for quantize): "
+              "trtllm-serve on NVIDIA's image, the exact-emulation server on the CPU stand-in.")
+@click.option("--timeout", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Seconds to wait for the server's /health.")
+def serve(output, port, image, timeout):
+    """Serve the checkpoint OUTPUT (OpenAI-compatible, http://127.0.0.1:PORT/v1) in a detached
+    container, check it with one chat request, and leave it running; stop it with
+    `launcher rollback RUN_ID`."""
+    from .serve import ServeRequest
+    from .serve import serve as run_serve
+
+    run_serve(ServeRequest(output, port=port, image=image, timeout=timeout), console)

@@ -1,0 +1,328 @@
+"""`launcher serve`: an OpenAI-compatible server for a checkpoint, in the same image.
+
+On NVIDIA's image the server is `trtllm-serve`; on the CPU stand-in (label
+io.spark-nvfp4.standin=true) it is container_payload/serve.py, which answers with the
+exact emulation of the NVFP4 checkpoint, so the whole flow is real here too.
+
+The server outlives this command: the container is detached, labelled with a run id and
+recorded in that run, whose status turns `complete` once /health answers, so the
+orphan reaper leaves it alone and `launcher rollback RUN_ID` removes it. The port is
+published on 127.0.0.1 only, and this command talks to the server only there: never
+through Docker's bridge addresses, which are not reachable from every host (Docker
+Desktop, rootless) and would bypass the loopback-only publishing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from . import runs
+from .container import PAYLOAD_DIR, PAYLOAD_TARGET, Bind, gpu_requests, owner_labels
+from .daemon import connect, has_nvidia_runtime
+from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
+from .image import ImageStore, choose_image
+from .logstream import PREFIX as EVENT_PREFIX
+from .orphans import guard, reap
+
+STANDIN_LABEL = "io.spark-nvfp4.standin"
+CONTAINER_PORT = 8000
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+LOG_TAIL = 15
+# Loopback only, and never through a proxy from the environment (HTTP_PROXY would
+# otherwise catch 127.0.0.1 where NO_PROXY is not set).
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass
+class ServeRequest:
+    checkpoint: Path
+    port: int = 8000
+    image: str = "auto"
+    timeout: float = 600.0          # seconds to wait for /health
+    prompt: str = DEFAULT_PROMPT
+    max_tokens: int = 32
+
+
+@dataclass
+class ServeOutcome:
+    run_id: str
+    container_id: str
+    endpoint: str
+    model: str
+    answer: str
+
+
+# ---------------------------------------------------------------- HTTP on 127.0.0.1
+
+def http_json(port: int, path: str, body: dict | None = None, timeout: float = 5.0) -> dict:
+    url = f"http://127.0.0.1:{port}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with _HTTP.open(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def healthy(port: int) -> bool:
+    try:
+        with _HTTP.open(f"http://127.0.0.1:{port}/health", timeout=3) as r:
+            return r.status == 200
+    except (OSError, ValueError, urllib.error.URLError):
+        # refused, reset by docker-proxy while nothing listens inside yet, or a timeout
+        return False
+    except Exception:  # noqa: BLE001 - http.client's RemoteDisconnected etc.: not ready yet
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+# ---------------------------------------------------------------- the container
+
+def container_kwargs(*, image: str, standin: bool, nvidia: bool, ckpt: Path, job_file: Path,
+                     run_id: str, port: int) -> dict:
+    common = dict(
+        image=image, detach=True, init=True,  # tini: docker stop's SIGTERM reaches the server
+        labels=owner_labels(run_id, "serve"),
+        ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", port)},
+        environment={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    if standin:
+        return dict(
+            common,
+            command=["python3", "-m", "container_payload.serve", "/run/job.json"],
+            working_dir=PAYLOAD_TARGET,
+            mounts=[Bind(PAYLOAD_DIR, f"{PAYLOAD_TARGET}/container_payload").mount(),
+                    Bind(ckpt, "/ckpt").mount(), Bind(job_file, "/run/job.json").mount()],
+            environment={**common["environment"], "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
+            user=f"{os.getuid()}:{os.getgid()}",   # it writes nothing; no reason to be root
+            device_requests=gpu_requests("auto", nvidia),
+        )
+    from docker.types import Ulimit
+
+    # NVIDIA's recommended settings for TensorRT-LLM containers: host IPC (NCCL/MPI shared
+    # memory), unlimited locked memory, a 64 MB stack. It runs as the image's user: it
+    # keeps its caches in its own home and writes nothing to the host.
+    return dict(
+        common,
+        command=["trtllm-serve", "/ckpt", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT)],
+        mounts=[Bind(ckpt, "/ckpt").mount()],
+        device_requests=gpu_requests("all", True),
+        ipc_mode="host",
+        ulimits=[Ulimit(name="memlock", soft=-1, hard=-1), Ulimit(name="stack", soft=67108864, hard=67108864)],
+    )
+
+
+def _log_tail(container, n: int = 200) -> list[str]:
+    try:
+        return container.logs(tail=n).decode("utf-8", "replace").splitlines()
+    except Exception:  # noqa: BLE001 - the container may be gone already
+        return []
+
+
+def _reason(lines: list[str]) -> str:
+    """The payload's own error event if it sent one (container_payload/events.py), else the
+    last line it printed."""
+    for line in reversed(lines):
+        if line.startswith(EVENT_PREFIX):
+            try:
+                ev = json.loads(line[len(EVENT_PREFIX):])
+            except ValueError:
+                continue
+            if ev.get("event") == "error":
+                return str(ev.get("message"))
+    text = [l for l in lines if l.strip() and not l.startswith(EVENT_PREFIX)]
+    return text[-1].strip()[:200] if text else "no output"
+
+
+class ServerFailed(PayloadFailed):
+    """The server exited, or did not become healthy in time."""
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------- the command
+
+def serve(req: ServeRequest, console: Console | None = None, out: Console | None = None) -> ServeOutcome:
+    console = console or Console(stderr=True)
+    out = out or Console()
+    ckpt = req.checkpoint.expanduser().resolve()
+    if not (ckpt / "config.json").exists():
+        raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="OUTPUT",
+                          advice="pass the folder `launcher quantize` wrote")
+    if not port_free(req.port):
+        raise ConfigError(f"port {req.port} on 127.0.0.1 is already in use", where="--port",
+                          advice="pass another --port, or stop what listens there")
+
+    client = connect()
+    reap(client, console)
+    nvidia = has_nvidia_runtime(client)
+    image = choose_image(req.image, nvidia)
+    store = ImageStore(client, console)
+    info = store.ensure(image)
+    standin = (store.get(image).labels or {}).get(STANDIN_LABEL) == "true"
+    if not standin and not nvidia:
+        raise PreflightError(f"trtllm-serve needs a GPU and Docker has no NVIDIA runtime ({image})",
+                             advice="install nvidia-container-toolkit (see `launcher doctor`), or serve the "
+                                    "exact CPU emulation with --image spark-nvfp4/trtllm-standin:cpu")
+
+    rec = runs.new_run("serve", {"model": str(ckpt), "checkpoint": str(ckpt), "port": req.port, "image": image})
+    rec.image = image
+    rec.save()
+    if info.pulled:
+        rec.add("images", image)
+    guard(rec)  # removes the container at once if this launcher is killed before it is healthy
+    console.print(f"run [bold]{rec.id}[/]: serving {escape(str(ckpt))} with {escape(image)}"
+                  + (" (CPU stand-in: exact NVFP4 emulation)" if standin else ""), highlight=False)
+    job_file = rec.folder / "serve-job.json"
+    job_file.write_text(json.dumps({"checkpoint": "/ckpt", "model_name": ckpt.name, "port": CONTAINER_PORT,
+                                    "host": "0.0.0.0", "device": "auto" if nvidia else "cpu"}, indent=2))
+
+    container = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        container = _start(client, container_kwargs(image=image, standin=standin, nvidia=nvidia, ckpt=ckpt,
+                                                    job_file=job_file, run_id=rec.id, port=req.port), rec, req.port)
+        _wait_healthy(container, req, rec, console)
+        _save_log(container, rec)
+        rec.result = {"endpoint": f"http://127.0.0.1:{req.port}/v1", "container": container.id, "port": req.port}
+        rec.finish("complete")  # from here on the server is a result, not debris of a live run
+    except KeyboardInterrupt:
+        _discard(container, rec)
+        rec.finish("interrupted", error="interrupted before the server was ready")
+        raise Interrupted("interrupted: the server container was removed") from None
+    except LauncherError as e:
+        _discard(container, rec)
+        rec.finish("failed", error=str(e))
+        raise
+    except BaseException as e:
+        _discard(container, rec)
+        rec.finish("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    endpoint = f"http://127.0.0.1:{req.port}/v1"
+    stop = f"launcher rollback {rec.id}"
+    try:
+        models = http_json(req.port, "/v1/models", timeout=30).get("data") or [{}]
+        model = models[0].get("id") or ckpt.name
+        reply = http_json(req.port, "/v1/chat/completions", timeout=600, body={
+            "model": model, "messages": [{"role": "user", "content": req.prompt}],
+            "max_tokens": req.max_tokens, "temperature": 0})
+        answer = reply["choices"][0]["message"]["content"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise LauncherError(f"the server is up but the test chat request failed: {e}", where=endpoint,
+                            advice=f"see `docker logs {container.short_id}`; stop it with `{stop}`") from None
+    out.print(f"[bold]prompt:[/] {escape(req.prompt)}", highlight=False)
+    out.print(f"[bold]answer:[/] {escape(answer)}", highlight=False)
+    out.print(f"[bold]endpoint:[/] {endpoint}  (OpenAI-compatible; model {escape(model)!r})", highlight=False)
+    out.print(f"[bold]stop it:[/] {stop}", highlight=False)
+    return ServeOutcome(rec.id, container.id, endpoint, model, answer)
+
+
+def _start(client, kwargs: dict, rec: runs.RunRecord, port: int):
+    from docker.errors import APIError
+
+    try:
+        container = client.containers.create(**kwargs)
+    except APIError as e:
+        raise LauncherError(f"cannot create the server container: {_first(e)}") from None
+    rec.add("containers", container.id)  # recorded before it runs: a crash now leaves it findable
+    try:
+        container.start()
+    except APIError as e:
+        msg = _first(e)
+        if "allocated" in msg or "address already in use" in msg:
+            raise ConfigError(f"port {port} on 127.0.0.1 was taken meanwhile", where="--port",
+                              advice="pass another --port") from None
+        raise LauncherError(f"cannot start the server container: {msg}") from None
+    return container
+
+
+def _wait_healthy(container, req: ServeRequest, rec: runs.RunRecord, console: Console) -> None:
+    from docker.errors import NotFound
+
+    start = time.monotonic()
+    with console.status(f"waiting for http://127.0.0.1:{req.port}/health") as status:
+        while True:
+            try:
+                container.reload()
+            except NotFound:
+                raise ServerFailed("the server container disappeared while starting",
+                                   advice="was it removed by someone else? run the command again") from None
+            if container.status in ("exited", "dead"):
+                lines = _log_tail(container)
+                _save_log(container, rec)
+                code = container.attrs.get("State", {}).get("ExitCode")
+                _show_tail(lines, console)
+                raise ServerFailed(f"the server exited (status {code}) before it was ready: {_reason(lines)}",
+                                   where=str(rec.log_path), advice="see the log; the container was removed")
+            if healthy(req.port):
+                console.print(f"server ready after {time.monotonic() - start:.0f} s")
+                return
+            waited = time.monotonic() - start
+            if waited > req.timeout:
+                lines = _log_tail(container)
+                _save_log(container, rec)
+                _show_tail(lines, console)
+                raise ServerFailed(f"the server did not answer /health within {req.timeout:.0f} s",
+                                   where=str(rec.log_path),
+                                   advice="see the log; a big model may need a longer --timeout")
+            status.update(f"waiting for http://127.0.0.1:{req.port}/health ({waited:.0f} s)")
+            time.sleep(1.0)
+
+
+def _show_tail(lines: list[str], console: Console) -> None:
+    text = [l for l in lines if not l.startswith(EVENT_PREFIX)][-LOG_TAIL:]
+    if text:
+        console.print("[dim]server log (last lines):[/]")
+        for line in text:
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _save_log(container, rec: runs.RunRecord) -> None:
+    """What the server printed so far, for `launcher logs RUN_ID` (later: `docker logs`)."""
+    lines = _log_tail(container, n=2000)
+    if lines:
+        rec.folder.mkdir(parents=True, exist_ok=True)
+        rec.log_path.write_text("\n".join(lines) + "\n")
+
+
+def _discard(container, rec: runs.RunRecord) -> None:
+    if container is None:
+        return
+    from docker.errors import APIError, NotFound
+
+    try:
+        container.remove(force=True)
+    except NotFound:
+        pass
+    except APIError:
+        return  # still there: it stays in the record, so rollback can retry
+    if container.id in rec.created.containers:
+        rec.created.containers.remove(container.id)
+        rec.save()
+
+
+def _first(e: Exception) -> str:
+    lines = str(getattr(e, "explanation", None) or e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
