@@ -179,7 +179,7 @@ def _model_bytes(spec: JobSpec) -> tuple[int, int, str]:
         return EMBEDDED_BYTES_GUESS, 0, "embedded model (estimate; fetched on first quantize)"
     if spec.is_local:
         resolved = model_source._local(Path(spec.model).expanduser())
-        return resolved.bytes, 0, f"local folder {resolved.host_dir}"
+        return resolved.bytes, 0, "local folder"
     cached = _cached_snapshot_bytes(spec.model)
     if _offline():
         if cached is None:
