@@ -168,3 +168,15 @@ def latest_record(home: Path) -> dict:
     records = sorted((home / "runs").glob("*/record.json"))
     assert records, f"no run record under {home}"
     return json.loads(records[-1].read_text())
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(shared_assets, standin_image, tmp_path_factory) -> Path:
+    """The embedded model converted to bf16 safetensors (the payload does that on its
+    first run; a tiny quantization triggers it when no test has yet)."""
+    folder = REAL_HOME / "models" / "SmolLM2-135M-Instruct-bf16"
+    if not (folder / "config.json").exists():
+        out = tmp_path_factory.mktemp("convert") / "o"
+        run_launcher("quantize", "--output", str(out), "--calib-samples", "2", "--calib-seq-len", "32",
+                     "--no-eval", check=True, env={"SPARK_NVFP4_HOME": str(REAL_HOME)})
+    return folder
