@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .config import NVIDIA_IMAGE, RECIPES, STANDIN_IMAGE, QuantFormat, load_spec
-from .errors import LauncherError
+from .errors import ConfigError, LauncherError
 
 console = Console(stderr=True)
 
@@ -314,3 +314,18 @@ def serve(output, port, image, timeout):
     from .serve import serve as run_serve
 
     run_serve(ServeRequest(output, port=port, image=image, timeout=timeout), console)
+
+
+@main.command()
+@click.argument("out_html", type=click.Path(path_type=Path))
+@click.argument("evals", nargs=-1, required=True)
+def report(out_html, evals):
+    """One self-contained HTML page comparing candidates: EVAL.json[:NAME] files written by
+    `launcher eval` (KL and perplexity table, per-layer error, KL distribution, size and memory)."""
+    from .report import _candidate, build_report
+
+    missing = [e for e in evals if not Path(e).exists() and not Path(e.rsplit(":", 1)[0]).exists()]
+    if missing:
+        raise ConfigError(f"evaluation file not found: {missing[0]}", where="EVALS",
+                          advice="pass JSON files written by `launcher eval --json`")
+    click.echo(str(build_report([_candidate(e) for e in evals], out_html)))
