@@ -169,6 +169,22 @@ def test_running_run_is_left_alone(launcher_home, tmp_path):
     assert partial.exists() and record(launcher_home, run_id)["status"] == "running"
 
 
+def test_list_marks_dead_runs_interrupted_even_without_docker(launcher_home, tmp_path):
+    from launcher import runs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    rec = runs.new_run("quantize", {"model": "embedded", "output": "/tmp/somewhere"})
+    rec.pid = gone.pid
+    rec.save()
+    proc = cli("list", home=launcher_home, env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    assert proc.returncode == 0, proc.stderr
+    assert rec.id in proc.stdout and "interrupted" in proc.stdout
+    assert record(launcher_home, rec.id)["status"] == "interrupted"
+    shown = cli("status", rec.id, home=launcher_home, env={"DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
+    assert shown.returncode == 0 and "the launcher process ended" in shown.stdout
+
+
 def test_logs_follow_until_the_owner_dies(launcher_home):
     import psutil
 
@@ -225,6 +241,13 @@ def test_image_kept_while_another_run_uses_it(launcher_home, docker_client, stan
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def docker_setup():
+    """pytest-docker's default `up --build --wait` is unknown to docker-compose v1 (Debian's),
+    which then prints its usage, exits 0 and starts nothing; `-d` works with both."""
+    return ["up --build -d"]
 
 
 @pytest.fixture(scope="module")
