@@ -154,6 +154,7 @@ def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
     if p.empty:
         rb.describe_rest(p, console)
         console.print("nothing to roll back" + (f" for run {run_id}" if run_id else ""))
+        _unchecked(p)
         return
     console.print(rb.plan_table(p, "would remove" if dry_run else "to remove"))
     rb.describe_rest(p, console)
@@ -171,6 +172,16 @@ def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
         from .errors import LauncherError
         raise LauncherError(f"{len(out.failed)} of {len(p.items)} items could not be removed",
                             advice="fix what is reported above and run the same rollback again")
+    _unchecked(p)
+
+
+def _unchecked(p) -> None:
+    """Without Docker the files go, but the rollback is not complete: say so in the exit code."""
+    n = sum(1 for _, why in p.refused if why.startswith("Docker daemon unreachable"))
+    if n:
+        from .errors import DockerUnavailable
+        raise DockerUnavailable(f"{n} recorded container(s)/image(s) not removed: the Docker daemon is unreachable",
+                                advice="start Docker and run the same rollback again")
 
 
 def _age(iso: str) -> str:
