@@ -117,7 +117,7 @@ def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> N
     named = rec.output or str(rec.spec.get("output") or "")
     if os.path.isabs(named):  # records older than `created.locks`: the lock of the output it named
         from .locks import lock_path
-        locks += [p for p in [str(lock_path(Path(named)))] if p not in locks]
+        locks += [lp for lp in [str(lock_path(Path(named)))] if lp not in locks]
     for path in locks:
         item = Item("locks", path, rec.id)
         info = _read_json(Path(path))

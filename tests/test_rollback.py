@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,8 +119,6 @@ def test_replaced_or_foreign_paths_are_kept(launcher_home, tmp_path):
     decoy = tmp_path / "decoy"
     decoy.mkdir()
     (decoy / "precious").write_text("keep me")
-    os.rmdir(partial) if not any(partial.iterdir()) else None
-    import shutil
     shutil.rmtree(partial)
     partial.symlink_to(decoy)                      # the partial replaced by a link elsewhere
     lock.write_text(json.dumps({"run_id": "another-run", "pid": 1, "started": 0, "host": "x"}))
