@@ -18,7 +18,7 @@ from .container import Bind, PayloadRun, run_payload
 from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
 from .image import ImageStore, choose_image
-from .orphans import reap
+from .orphans import guard, reap
 
 HELDOUT = ("heldout-wiki", "heldout-brown")
 QUICK_TOKENS = 4096  # the check at the end of `launcher quantize`: seconds, not minutes
@@ -81,6 +81,7 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
                                 "tokens": req.tokens, "seq_len": req.seq_len})
     rec.image = image
     rec.save()
+    guard(rec)  # removes the container at once if this launcher is killed
     out_dir = json_out.parent
     job = {"checkpoint": "/ckpt", "reference": ref.container_dir, "text": f"/text/{text.name}",
            "tokens": req.tokens, "seq_len": req.seq_len, "json_out": f"/evalout/{json_out.name}",

@@ -140,6 +140,13 @@ def docker_compose_project_name() -> str:
 
 
 @pytest.fixture(scope="session")
+def docker_setup():
+    """pytest-docker's default `up --build --wait` is unknown to docker-compose v1 (Debian's),
+    which then prints its usage, exits 0 and starts nothing; `-d` works with both."""
+    return ["up --build -d"]
+
+
+@pytest.fixture(scope="session")
 def registry(docker_client, docker_services) -> str:
     import urllib.request
 

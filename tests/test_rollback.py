@@ -243,13 +243,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="session")
-def docker_setup():
-    """pytest-docker's default `up --build --wait` is unknown to docker-compose v1 (Debian's),
-    which then prints its usage, exits 0 and starts nothing; `-d` works with both."""
-    return ["up --build -d"]
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, registry, docker_client, standin_image, shared_assets):
     """Decoys made before anything runs, then one real run whose image it pulls itself."""
