@@ -40,8 +40,6 @@ from torch import nn
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 BLOCK = 16
-_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 # Fused groups the engines build for Llama-style blocks (spec section 4).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -58,15 +56,14 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------- numerics
 
 def e2m1_round(y: torch.Tensor) -> torch.Tensor:
-    """Round to the E2M1 grid, ties to even mantissa, saturating at 6 (ModelOpt _cast_fp4)."""
-    bounds = torch.tensor(_E2M1_BOUNDS, dtype=y.dtype, device=y.device)
-    values = torch.tensor(_E2M1_VALUES, dtype=y.dtype, device=y.device)
+    """Round to the E2M1 grid, ties to even mantissa, saturating at 6 (ModelOpt _cast_fp4).
+    The grid is uniform per binade: step 0.5 below 2, 1 in [2, 4), 2 from 4 on, so it is
+    torch.round (half to even) at the binade's step: 0.25->0, 0.75->1, 1.25->1, 1.75->2,
+    2.5->2, 3.5->4, 5->4."""
     a = y.abs()
-    idx = torch.searchsorted(bounds, a.contiguous())
-    # ties at 0.75, 1.75, 3.5 go up (odd mantissa -> even); searchsorted put them below
-    tie_up = (a == 0.75) | (a == 1.75) | (a == 3.5)
-    idx = idx + tie_up.to(idx.dtype)
-    return torch.where(y < 0, -values[idx], values[idx])
+    q = torch.where(a < 2, torch.round(a * 2) * 0.5,
+                    torch.where(a < 4, torch.round(a), torch.round(a * 0.5) * 2)).clamp_(max=E2M1_MAX)
+    return torch.where(y < 0, -q, q)
 
 
 def fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +71,16 @@ def fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.float().clamp(min=2.0 ** -9, max=E4M3_MAX).to(torch.float8_e4m3fn).float()
 
 
+_FP8_TABLES: dict = {}
+
+
 def _fp8_table(device) -> torch.Tensor:
     """All positive finite FP8 E4M3 values, ascending (2**-9 ... 448)."""
-    codes = torch.arange(1, 127, dtype=torch.uint8, device=device)
-    return codes.view(torch.float8_e4m3fn).float()
+    key = str(device)
+    if key not in _FP8_TABLES:
+        codes = torch.arange(1, 127, dtype=torch.uint8, device=device)
+        _FP8_TABLES[key] = codes.view(torch.float8_e4m3fn).float()
+    return _FP8_TABLES[key]
 
 
 def block_scale_candidates(amax: torch.Tensor, ws2: torch.Tensor, down: int, up: int):
@@ -185,10 +188,10 @@ def gptq_nvfp4(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_size: 
             step = s.to(dtype) * ws2.to(dtype)
             for j in range(g, g + BLOCK):
                 col = w1[:, j]
-                qc = e2m1_round(col / step) * step
+                qc = e2m1_round(col / step).mul_(step)
                 q[:, i1 + j] = qc
-                e = (col - qc) / u1[j, j]
-                w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
+                e = (col - qc).div_(u1[j, j])
+                w1[:, j:].addr_(e, u1[j, j:], alpha=-1)
                 err1[:, j] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return q, scales
@@ -257,13 +260,17 @@ def _input_amax(m) -> torch.Tensor | None:
 
 @torch.no_grad()
 def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool = False,
-                     keep_batches: int = 0):
-    """One calibration pass of the unquantized model; H = sum x^T x per Linear (float32).
+                     keep_batches: int = 0, act_aware: bool = False):
+    """One calibration pass of the unquantized model; H = mean x^T x per Linear (float32),
+    x fake-quantized as the engine quantizes the input when quantized_input or act_aware.
+    With act_aware also C = mean x_orig^T x_q (for the activation-error correction).
     Also keeps the first `keep_batches` input_ids batches (for the sensitivity pass)."""
     from .emulate import fake_quant_nvfp4
 
     hs = {n: None for n in linears}
+    cs = {n: None for n in linears}
     counts = {n: 0 for n in linears}
+    quantized_input = quantized_input or act_aware
     kept = []
     handles = []
 
@@ -274,11 +281,13 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
             scale = None if amax is None else amax / (E2M1_MAX * E4M3_MAX)
 
         def pre(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if scale is not None:
-                x = fake_quant_nvfp4(x, scale)
+            x0 = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = x0 if scale is None else fake_quant_nvfp4(x0, scale)
             h = x.T @ x
             hs[name] = h if hs[name] is None else hs[name].add_(h)
+            if act_aware:
+                c = x0.T @ x
+                cs[name] = c if cs[name] is None else cs[name].add_(c)
             counts[name] += x.shape[0]
         return pre
 
@@ -300,7 +309,26 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
     for n in hs:
         if hs[n] is not None:
             hs[n] = hs[n] / max(counts[n], 1)  # out of place: the hook ran in inference mode
+        if cs[n] is not None:
+            cs[n] = cs[n] / max(counts[n], 1)
+    if act_aware:
+        return hs, kept, cs
     return hs, kept
+
+
+def activation_corrected_weight(w: torch.Tensor, h_qq: torch.Tensor, c_xq: torch.Tensor,
+                                damp: float = 0.01) -> torch.Tensor:
+    """V minimizing ||X W^T - X_q V^T||^2 + lam ||V - W||^2 (ridge towards W):
+    V = W + W (C - H) (H + lam I)^-1 with H = X_q^T X_q, C = X^T X_q, lam = damp * mean diag H.
+    GPTQ on V with Hessian H then minimizes the layer's full W4A4 output error
+    ||X W^T - X_q Q^T||^2, activation rounding included (least-squares orthogonality)."""
+    h = h_qq.double()
+    lam = damp * torch.diag(h).mean().clamp_min(1e-12)
+    a = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    d = (c_xq.double() - h)  # [in, in]
+    # W (C - H) A^-1 = (A^-1 (C - H)^T W^T)^T, A symmetric
+    corr = torch.linalg.solve(a, d.T @ w.double().T).T
+    return (w.double() + corr).to(w.dtype)
 
 
 def set_static_weight_quantizer(m, scales: torch.Tensor, global_amax: torch.Tensor) -> None:
@@ -328,25 +356,32 @@ def _global_amax(ws: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True,
                      quantized_input: bool = False, keep_batches: int = 0, damp: float = 0.01,
-                     block_size: int = 128):
+                     block_size: int = 128, act_aware: bool = False):
     """GPTQ (or plain rounding) with searched or max block scales, for every quantized
     Linear; writes on-grid weights and static scales into ModelOpt's quantizers.
     Returns (linears, originals, kept_ids)."""
     linears = quantized_linears(model)
-    hs, kept = ({}, [])
+    hs, kept, cs = ({}, [], {})
     if gptq or keep_batches:
-        hs, kept = collect_hessians(model, forward_loop, linears if gptq else {},
-                                    quantized_input, keep_batches)
+        r = collect_hessians(model, forward_loop, linears if gptq else {},
+                             quantized_input, keep_batches, act_aware=act_aware and gptq)
+        hs, kept, cs = r if len(r) == 3 else (*r, {})
     originals = {}
     t0 = time.time()
     for unit in fused_units(linears):
         mods = [linears[n] for n in unit]
-        g = _global_amax([m.weight for m in mods])
+        targets = {}
+        for n, m in zip(unit, mods):
+            originals[n] = m.weight.detach().clone()
+            wf = m.weight.detach().float()
+            if cs.get(n) is not None:
+                wf = activation_corrected_weight(wf, hs[n], cs.pop(n), damp).float()
+            targets[n] = wf
+        g = _global_amax(list(targets.values()))
         ws2 = g / (E2M1_MAX * E4M3_MAX)
         for n, m in zip(unit, mods):
             w = m.weight.detach()
-            originals[n] = w.clone()
-            wf = w.float()
+            wf = targets.pop(n)
             if gptq and hs.get(n) is not None:
                 q, s = gptq_nvfp4(wf, hs[n].to(wf.device), ws2.to(wf.device), block_size, damp,
                                   search)
@@ -358,7 +393,8 @@ def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True
             m.weight.data.copy_(q.to(w.dtype))
             set_static_weight_quantizer(m, s, g)
             hs.pop(n, None)
-    _log(f"refine: {'GPTQ' if gptq else 'rounding'} ({'searched' if search else 'max'} scales) "
+    _log(f"refine: {'GPTQ' if gptq else 'rounding'}{' (activation-aware)' if act_aware else ''} "
+         f"({'searched' if search else 'max'} scales) "
          f"on {len(linears)} Linears in {time.time() - t0:.1f}s")
     return linears, originals, kept
 
@@ -380,26 +416,32 @@ def model_bytes_default(model, linears: dict) -> float:
 
 class _Emulation:
     """In-process W4A4 emulation for ranking: weights are already on the grid (bf16);
-    inputs are fake-quantized per spec section 3 with the group's input scale."""
+    inputs are fake-quantized per spec section 3 with the unit's shared input scale.
+    Optionally records each Linear's relative output error vs its original weights."""
 
-    def __init__(self, linears: dict, units: list[list[str]]):
+    def __init__(self, linears: dict, units: list[list[str]], originals: dict | None = None):
         from .emulate import fake_quant_nvfp4
-        self.handles = {}
+        self.handles, self.err = {}, {}
         for unit in units:
             amaxes = [a for a in (_input_amax(linears[n]) for n in unit) if a is not None]
-            if not amaxes:
-                continue
-            scale = torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX)
+            scale = torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX) if amaxes else None
             for n in unit:
-                def pre(mod, args, scale=scale):
-                    x = args[0]
-                    return (fake_quant_nvfp4(x, scale).to(x.dtype),) + tuple(args[1:])
-                self.handles[n] = linears[n].register_forward_pre_hook(pre)
+                self._hook(n, linears[n], scale, None if originals is None else originals[n],
+                           fake_quant_nvfp4)
 
-    def drop(self, name):
-        h = self.handles.pop(name, None)
-        if h is not None:
-            h.remove()
+    def _hook(self, name, mod, scale, orig, fq):
+        def fwd(m, args, kwargs):
+            x = args[0]
+            xq = x if scale is None else fq(x, scale).to(x.dtype)
+            y = nn.functional.linear(xq, m.weight, m.bias)
+            if orig is not None:
+                y0 = nn.functional.linear(x, orig, m.bias).float()
+                e = ((y.float() - y0) ** 2).sum().item() / max((y0 ** 2).sum().item(), 1e-30)
+                self.err[name] = self.err.get(name, 0.0) + e
+            return y
+        # replace the output entirely (forward hook returning a value)
+        self.handles[name] = mod.register_forward_hook(
+            lambda m, args, kwargs, out: fwd(m, args, kwargs), with_kwargs=True)
 
     def remove(self):
         for h in self.handles.values():
@@ -417,50 +459,71 @@ def _kl_to(model, ids_list, ref_logp) -> float:
     return tot / max(n, 1)
 
 
+def _limit_tokens(ids_list, max_tokens: int):
+    """At most max_tokens of the kept batches: whole windows while they fit, else one cut."""
+    out, left = [], max_tokens
+    for ids in ids_list:
+        if left <= 0:
+            break
+        rows = max(1, min(len(ids), left // ids.shape[1]))
+        part = ids[:rows, :min(ids.shape[1], left)]
+        out.append(part)
+        left -= part.numel()
+    return out
+
+
+def _unit_extra_bytes(unit, originals) -> float:
+    return sum(originals[n].numel() * originals[n].element_size() - _nvfp4_bytes(originals[n].numel())
+               for n in unit)
+
+
 @torch.no_grad()
-def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budget_frac: float):
-    """Rank fused units by KL saved per extra byte when that unit alone stays bf16, and
-    keep the best ones within budget_frac of the default checkpoint's weight bytes."""
+def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budget_frac: float,
+                           candidates: int = 12, max_tokens: int = 1024):
+    """Choose fused units to keep in bf16 within budget_frac of the default checkpoint's
+    weight bytes. One emulated pass ranks units by their Linears' relative output error;
+    the top `candidates` are then each measured directly: the KL (vs the original model,
+    on the calibration windows kept) saved when that unit alone stays bf16. Units are
+    taken by KL saved per extra byte until the budget is spent."""
     units = fused_units(linears)
     budget = budget_frac * model_bytes_default(model, linears)
     if not ids_list or budget <= 0:
         return []
     t0 = time.time()
+    ids_list = _limit_tokens(ids_list, max_tokens)
     quant_w = {n: linears[n].weight.detach().clone() for n in linears}
-    ref = []
+
+    def set_weights(src, names):
+        for n in names:
+            linears[n].weight.data.copy_(src[n])
+
     with _QuantizersOff(model):
-        for n, m in linears.items():
-            m.weight.data.copy_(originals[n])
-        for ids in ids_list:
-            ref.append(torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1))
-        for n, m in linears.items():
-            m.weight.data.copy_(quant_w[n])
-        emu = _Emulation(linears, units)
+        set_weights(originals, linears)
+        ref = [torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1) for ids in ids_list]
+        set_weights(quant_w, linears)
+        emu = _Emulation(linears, units, originals)
         try:
             base = _kl_to(model, ids_list, ref)
-            gains = []
-            for unit in units:
-                for n in unit:
-                    linears[n].weight.data.copy_(originals[n])
-                    h = emu.handles.get(n)
-                    if h is not None:
-                        h.remove()
-                kl = _kl_to(model, ids_list, ref)
-                for n in unit:
-                    linears[n].weight.data.copy_(quant_w[n])
-                emu.remove()
-                emu = _Emulation(linears, units)
-                extra = sum(originals[n].numel() * originals[n].element_size()
-                            - _nvfp4_bytes(originals[n].numel()) for n in unit)
-                gains.append(((base - kl) / extra, base - kl, extra, unit))
         finally:
             emu.remove()
+        fits = [u for u in units if _unit_extra_bytes(u, originals) <= budget]
+        fits.sort(key=lambda u: -max(emu.err.get(n, 0.0) for n in u))
+        shortlist = fits[:candidates]
+        gains = []
+        for unit in shortlist:
+            set_weights(originals, unit)
+            emu = _Emulation(linears, [u for u in units if u is not unit])
+            try:
+                kl = _kl_to(model, ids_list, ref)
+            finally:
+                emu.remove()
+                set_weights(quant_w, unit)
+            extra = _unit_extra_bytes(unit, originals)
+            gains.append(((base - kl) / extra, base - kl, extra, unit))
     gains.sort(key=lambda g: -g[0])
     kept, used = [], 0.0
     for per_byte, gain, extra, unit in gains:
-        if gain <= 0:
-            break
-        if used + extra <= budget:
+        if gain > 0 and used + extra <= budget:
             kept.append(unit)
             used += extra
     for unit in kept:
@@ -470,9 +533,11 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
             m.weight_quantizer.disable()
             if getattr(m, "input_quantizer", None) is not None:
                 m.input_quantizer.disable()
-    _log(f"refine: mixed precision base KL {base:.4f}; kept in bf16 "
-         f"{[u[0].rsplit('.', 1)[0] + ':' + '+'.join(x.rsplit('.', 1)[1] for x in u) for u in kept]} "
-         f"({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) in {time.time() - t0:.1f}s")
+    short = lambda u: u[0].rsplit(".", 1)[0] + ":" + "+".join(x.rsplit(".", 1)[1] for x in u)
+    _log(f"refine: mixed precision: emulated KL {base:.4f} on {len(ids_list)} batches; "
+         f"candidates {[(short(g[3]), round(g[1], 4)) for g in gains]}; kept in bf16 "
+         f"{[short(u) for u in kept]} ({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) "
+         f"in {time.time() - t0:.1f}s")
     return kept
 
 
@@ -491,16 +556,30 @@ def refine_gptq(model, forward_loop):
     quantize_weights(model, forward_loop, gptq=True, search=True)
 
 
-def refine_gptq_mp(model, forward_loop, budget_frac: float | None = None):
+def refine_gptq_aa(model, forward_loop):
+    quantize_weights(model, forward_loop, gptq=True, search=True, act_aware=True)
+
+
+def _refine_mp(model, forward_loop, act_aware: bool, budget_frac: float | None = None):
     budget_frac = _env_float("SPARK_NVFP4_MP_BUDGET", 0.09) if budget_frac is None else budget_frac
-    batches = int(_env_float("SPARK_NVFP4_MP_BATCHES", 2))
+    batches = int(_env_float("SPARK_NVFP4_MP_BATCHES", 1))
     linears, originals, kept_ids = quantize_weights(model, forward_loop, gptq=True, search=True,
-                                                    keep_batches=batches)
+                                                    keep_batches=batches, act_aware=act_aware)
     keep_sensitive_in_bf16(model, linears, originals, kept_ids, budget_frac)
+
+
+def refine_gptq_mp(model, forward_loop):
+    _refine_mp(model, forward_loop, act_aware=False)
+
+
+def refine_gptq_aa_mp(model, forward_loop):
+    _refine_mp(model, forward_loop, act_aware=True)
 
 
 CUSTOM_RECIPES = {
     "scale-search": ("NVFP4_DEFAULT_CFG", refine_scale_search),
     "gptq": ("NVFP4_DEFAULT_CFG", refine_gptq),
+    "gptq-aa": ("NVFP4_DEFAULT_CFG", refine_gptq_aa),
     "gptq-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_mp),
+    "gptq-aa-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_aa_mp),
 }

@@ -1,0 +1,205 @@
+"""Recipes side by side on the embedded model (SmolLM2-135M-Instruct, bf16).
+
+    .venv-mo/bin/python benchmarks/recipes.py [--samples 128 --seq-len 512 --eval-tokens 8192]
+        [--recipes default,mse,gptq,gptq-mp] [--no-llmc] [--out build/bench-recipes]
+
+Each recipe is a real payload run (`python -m container_payload.quantize JOB.json`, the
+same calibration windows for all: the first N x L tokens of brown-calibration), scored by
+the payload's evaluator (`python -m container_payload.evaluate`, exact float32 engine
+emulation) on brown-heldout and wiki-heldout against the bf16 model. The llm-compressor
+column runs oneshot(QuantizationModifier(targets="Linear", scheme="NVFP4",
+ignore=["lm_head"])) on the same token windows in its own venv (.venv-llmc, or
+$SPARK_NVFP4_LLMC_PYTHON). Writes benchmarks/results/recipes.md and recipes.json.
+
+Quantization time is the payload's quantize_s (calibration + our refine step), peak memory
+the payload process's peak RSS; size is the checkpoint folder's safetensors + configs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.path.expanduser("~/.cache/spark-nvfp4/assets"))
+GGUF = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CALIB = ASSETS / "text" / "brown-calibration.txt"
+HELDOUT = {"brown": ASSETS / "text" / "brown-heldout.txt", "wiki": ASSETS / "text" / "wiki-heldout.txt"}
+MO_PY = Path(sys.executable)
+LLMC_PY = Path(os.environ.get("SPARK_NVFP4_LLMC_PYTHON", REPO / ".venv-llmc" / "bin" / "python"))
+DEFAULT_RECIPES = "default,mse,four-over-six,awq-lite,gptq,gptq-mp"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+LLMC_SCRIPT = r'''
+import json, sys, time, resource
+sys.path.insert(0, sys.argv[1])
+from container_payload.calib_data import token_windows
+from transformers import AutoTokenizer
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+model_dir, calib, n, L, out = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+tok = AutoTokenizer.from_pretrained(model_dir)
+win = token_windows(tok, open(calib, encoding="utf-8", errors="replace").read(), n, L)
+ds = Dataset.from_dict({"input_ids": win, "attention_mask": [[1] * L] * n})
+t = time.time()
+model = oneshot(model=model_dir, dataset=ds, max_seq_length=L, num_calibration_samples=n,
+                recipe=QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]))
+q = time.time() - t
+model.save_pretrained(out, save_compressed=True)
+tok.save_pretrained(out)
+json.dump({"quantize_s": q, "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+          open(out + "/bench.json", "w"))
+'''
+
+
+def run(cmd, log: Path, timeout: int = 3600) -> float:
+    t = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run([str(c) for c in cmd], cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
+                           timeout=timeout)
+    if r.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}); log {log}:\n{tail}")
+    return time.time() - t
+
+
+def ckpt_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file()
+               and (p.suffix == ".safetensors" or p.name.endswith("config.json")))
+
+
+def quantize(recipe: str, model_dir: Path, out: Path, args) -> dict:
+    ck = out / recipe
+    job = {"model_dir": str(model_dir), "gguf": str(GGUF), "output_dir": str(ck), "format": "nvfp4",
+           "recipe": recipe, "kv_cache": "none", "device": "cpu",
+           "calibration": {"source": str(CALIB), "samples": args.samples, "seq_len": args.seq_len,
+                           "batch_size": "auto"}}
+    jf = out / f"{recipe}.job.json"
+    jf.write_text(json.dumps(job))
+    wall = run([MO_PY, "-m", "container_payload.quantize", jf], out / f"{recipe}.quantize.log")
+    res = json.loads((ck / "result.json").read_text())
+    return {"dir": ck, "quantize_s": res["timings"]["quantize_s"], "wall_s": wall,
+            "peak_rss_bytes": res["memory"]["host_rss_peak_bytes"],
+            "windows_sha256": res["calibration"]["windows_sha256"]}
+
+
+def quantize_llmc(model_dir: Path, out: Path, args) -> dict:
+    ck = out / "llm-compressor"
+    ck.mkdir(parents=True, exist_ok=True)
+    wall = run([LLMC_PY, "-c", LLMC_SCRIPT, REPO, model_dir, CALIB, args.samples, args.seq_len, ck],
+               out / "llm-compressor.quantize.log")
+    b = json.loads((ck / "bench.json").read_text())
+    return {"dir": ck, "quantize_s": b["quantize_s"], "wall_s": wall, "peak_rss_bytes": b["host_rss_peak_bytes"]}
+
+
+def evaluate(ck: Path, model_dir: Path, name: str, out: Path, args) -> dict:
+    res = {}
+    for text, path in HELDOUT.items():
+        jo = out / f"{name}.eval-{text}.json"
+        job = {"checkpoint": str(ck), "reference": str(model_dir), "text": str(path),
+               "tokens": args.eval_tokens, "seq_len": args.seq_len, "json_out": str(jo),
+               "generations": [], "device": "cpu"}
+        jf = out / f"{name}.eval-{text}.job.json"
+        jf.write_text(json.dumps(job))
+        run([MO_PY, "-m", "container_payload.evaluate", jf], out / f"{name}.eval-{text}.log")
+        r = json.loads(jo.read_text())
+        res[text] = {k: r.get(k) for k in ("kl_divergence", "perplexity", "reference_perplexity",
+                                           "top1_agreement", "tokens")}
+    return res
+
+
+def table(rows: list[dict], args, base: dict) -> str:
+    lines = [
+        "# NVFP4 W4A4 recipes on SmolLM2-135M-Instruct (embedded model)",
+        "",
+        f"Calibration: first {args.samples} x {args.seq_len} tokens of brown-calibration (the same "
+        f"windows for every column). Evaluation: first {args.eval_tokens} tokens of each held-out "
+        f"text in windows of {args.seq_len}, float32 engine emulation (container_payload/emulate.py) "
+        "vs the bf16 model run in float32. KL = mean per-token KL(bf16 || quantized). "
+        "Time = quantization (calibration + refine) on the shared 2-core CPU; memory = peak RSS of "
+        "the quantizing process; size = safetensors + config files.",
+        "",
+        "| recipe | KL brown | KL wiki | KL mean | KL vs default | ppl brown | ppl wiki | top-1 brown | top-1 wiki | size MB | size vs default | quant s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['recipe']} | failed: {r['error'][:80]} |" + " |" * 11)
+            continue
+        e = r["eval"]
+        klm = (e["brown"]["kl_divergence"] + e["wiki"]["kl_divergence"]) / 2
+        lines.append(
+            f"| {r['recipe']} | {e['brown']['kl_divergence']:.4f} | {e['wiki']['kl_divergence']:.4f} | "
+            f"{klm:.4f} | {klm / base['kl'] if base else float('nan'):.3f} | "
+            f"{e['brown']['perplexity']:.2f} | {e['wiki']['perplexity']:.2f} | "
+            f"{e['brown']['top1_agreement']:.3f} | {e['wiki']['top1_agreement']:.3f} | "
+            f"{r['bytes'] / 1e6:.2f} | {r['bytes'] / base['bytes'] if base else float('nan'):.3f} | "
+            f"{r['quantize_s']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+    ref = next((r for r in rows if "eval" in r), None)
+    if ref:
+        lines += ["", f"bf16 reference perplexity: brown {ref['eval']['brown']['reference_perplexity']:.2f}, "
+                      f"wiki {ref['eval']['wiki']['reference_perplexity']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--recipes", default=DEFAULT_RECIPES)
+    ap.add_argument("--no-llmc", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "build" / "bench-recipes"))
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "recipes"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "smol-bf16"
+    t0 = time.time()
+    rows = []
+    names = [r for r in args.recipes.split(",") if r]
+    if not args.no_llmc:
+        names.append("llm-compressor")
+    for name in names:
+        print(f"[{time.time() - t0:6.0f}s] {name}: quantize", flush=True)
+        try:
+            if name == "llm-compressor":
+                if not model_dir.exists():
+                    raise RuntimeError("llm-compressor needs the bf16 model folder the payload makes first")
+                if not LLMC_PY.exists():
+                    raise RuntimeError(f"no llm-compressor interpreter at {LLMC_PY}")
+                q = quantize_llmc(model_dir, out, args)
+            else:
+                q = quantize(name, model_dir, out, args)
+            print(f"[{time.time() - t0:6.0f}s] {name}: evaluate", flush=True)
+            ev = evaluate(q["dir"], model_dir, name, out, args)
+            rows.append({"recipe": name, "quantize_s": q["quantize_s"], "peak_rss_bytes": q["peak_rss_bytes"],
+                         "bytes": ckpt_bytes(q["dir"]), "checkpoint": str(q["dir"]), "eval": ev,
+                         "windows_sha256": q.get("windows_sha256")})
+        except Exception as e:  # noqa: BLE001 - one failed column must not lose the others
+            print(f"{name} failed: {e}", flush=True)
+            rows.append({"recipe": name, "error": str(e).splitlines()[0]})
+    base = None
+    d = next((r for r in rows if r["recipe"] == "default" and "eval" in r), None)
+    if d:
+        base = {"kl": (d["eval"]["brown"]["kl_divergence"] + d["eval"]["wiki"]["kl_divergence"]) / 2,
+                "bytes": d["bytes"]}
+    res = Path(args.results)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"samples": args.samples, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens,
+            "total_s": round(time.time() - t0, 1), "rows": rows}
+    res.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+    res.with_suffix(".md").write_text(table(rows, args, base) + f"\nTotal benchmark time {meta['total_s']:.0f} s.\n")
+    print(res.with_suffix(".md").read_text())
+    return 0 if all("eval" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
