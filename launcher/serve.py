@@ -199,8 +199,9 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
     container = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        container = _start(client, container_kwargs(image=image, standin=standin, nvidia=nvidia, ckpt=ckpt,
-                                                    job_file=job_file, run_id=rec.id, port=req.port), rec, req.port)
+        container = _create(client, container_kwargs(image=image, standin=standin, nvidia=nvidia, ckpt=ckpt,
+                                                     job_file=job_file, run_id=rec.id, port=req.port), rec)
+        _start(container, req.port)
         _wait_healthy(container, req, rec, console)
         _save_log(container, rec)
         rec.result = {"endpoint": f"http://127.0.0.1:{req.port}/v1", "container": container.id, "port": req.port}
@@ -239,7 +240,7 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
     return ServeOutcome(rec.id, container.id, endpoint, model, answer)
 
 
-def _start(client, kwargs: dict, rec: runs.RunRecord, port: int):
+def _create(client, kwargs: dict, rec: runs.RunRecord):
     from docker.errors import APIError
 
     try:
@@ -247,6 +248,12 @@ def _start(client, kwargs: dict, rec: runs.RunRecord, port: int):
     except APIError as e:
         raise LauncherError(f"cannot create the server container: {_first(e)}") from None
     rec.add("containers", container.id)  # recorded before it runs: a crash now leaves it findable
+    return container
+
+
+def _start(container, port: int) -> None:
+    from docker.errors import APIError
+
     try:
         container.start()
     except APIError as e:
@@ -255,7 +262,6 @@ def _start(client, kwargs: dict, rec: runs.RunRecord, port: int):
             raise ConfigError(f"port {port} on 127.0.0.1 was taken meanwhile", where="--port",
                               advice="pass another --port") from None
         raise LauncherError(f"cannot start the server container: {msg}") from None
-    return container
 
 
 def _wait_healthy(container, req: ServeRequest, rec: runs.RunRecord, console: Console) -> None:

@@ -1,0 +1,143 @@
+"""`launcher serve` for real: quantize the embedded model, serve it from the stand-in
+image (the exact-emulation server), ask it over HTTP on 127.0.0.1 like any OpenAI
+client would, then `launcher rollback` and check the container is gone.
+
+Only 127.0.0.1 is ever used to reach the server: the port is published there alone.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import latest_record, one_line_error, run_launcher
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, path: str, body: dict, timeout: float = 300) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with NO_PROXY.open(req, timeout=timeout) as r:
+        assert r.status == 200
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, shared_assets, standin_image):
+    """One small quantization for the module (its own home, shared assets and model)."""
+    from conftest import REAL_HOME
+
+    base = tmp_path_factory.mktemp("serve")
+    home = base / "home"
+    home.mkdir()
+    (home / "assets").symlink_to(shared_assets)
+    (REAL_HOME / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(REAL_HOME / "models")
+    out = base / "ckpt"
+    t = time.time()
+    run_launcher("quantize", "--output", str(out), "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval",
+                 env={"SPARK_NVFP4_HOME": str(home)}, check=True, timeout=600)
+    print(f"quantize: {time.time() - t:.0f} s")
+    return out, home
+
+
+def test_serve_chat_rollback(checkpoint, docker_client):
+    ckpt, home = checkpoint
+    env = {"SPARK_NVFP4_HOME": str(home)}
+    port = free_port()
+    t = time.time()
+    proc = run_launcher("serve", str(ckpt), "--port", str(port), "--image", "spark-nvfp4/trtllm-standin:cpu",
+                        "--timeout", "240", env=env, timeout=420)
+    print(f"serve: {time.time() - t:.0f} s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = latest_record(home)
+    assert rec["command"] == "serve" and rec["status"] == "complete"
+    (cid,) = rec["created"]["containers"]
+    try:
+        c = docker_client.containers.get(cid)
+        assert c.status == "running" and c.labels["io.spark-nvfp4.run-id"] == rec["id"]
+        # published on loopback only
+        assert c.attrs["HostConfig"]["PortBindings"] == {"8000/tcp": [{"HostIp": "127.0.0.1",
+                                                                       "HostPort": str(port)}]}
+        assert f"http://127.0.0.1:{port}/v1" in proc.stdout
+        assert f"launcher rollback {rec['id']}" in proc.stdout
+        assert "answer:" in proc.stdout
+
+        # a real client request, from here, over 127.0.0.1
+        reply = post(port, "/v1/chat/completions", {
+            "model": ckpt.name, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Name a colour."}]})
+        content = reply["choices"][0]["message"]["content"]
+        assert content.strip(), reply
+        assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] > 0
+        with NO_PROXY.open(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
+            models = json.loads(r.read())["data"]
+        assert models[0]["id"] == ckpt.name and models[0]["emulation"]["algo"] == "NVFP4"
+        with pytest.raises(urllib.error.HTTPError) as bad:  # a bad request is a 400, and the server lives
+            post(port, "/v1/chat/completions", {"messages": []}, timeout=30)
+        assert bad.value.code == 400
+
+        # the orphan reaper of the next command must leave a served run alone
+        assert run_launcher("list", env=env).returncode == 0
+        docker_client.containers.get(cid)
+    finally:
+        t = time.time()
+        rb = run_launcher("rollback", rec["id"], "--yes", env=env, timeout=120)
+        print(f"rollback: {time.time() - t:.0f} s")
+    assert rb.returncode == 0, rb.stdout + rb.stderr
+    from docker.errors import NotFound
+    with pytest.raises(NotFound):
+        docker_client.containers.get(cid)
+    assert not docker_client.containers.list(all=True, filters={"label": f"io.spark-nvfp4.run-id={rec['id']}"})
+    with pytest.raises(OSError):
+        NO_PROXY.open(f"http://127.0.0.1:{port}/health", timeout=5).read()
+    assert json.loads((home / "runs" / rec["id"] / "record.json").read_text())["status"] == "rolled-back"
+
+
+def test_serve_port_taken(checkpoint):
+    ckpt, home = checkpoint
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_launcher("serve", str(ckpt), "--port", str(port), env={"SPARK_NVFP4_HOME": str(home)},
+                            timeout=60)
+    assert proc.returncode == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in one_line_error(proc.stderr)
+
+
+def test_serve_not_a_checkpoint(launcher_home, tmp_path):
+    proc = run_launcher("serve", str(tmp_path), "--port", str(free_port()), timeout=60)
+    assert proc.returncode == 2
+    assert "not a checkpoint folder" in one_line_error(proc.stderr)
+
+
+def test_serve_server_exits(launcher_home, tmp_path, docker_client, standin_image):
+    """A checkpoint the server cannot load: it exits before /health; one error line with
+    its reason, the log tail shown, the container removed, the run marked failed."""
+    bad = tmp_path / "bad-ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "modelopt", "quant_algo": "INT4_AWQ"}}))
+    proc = run_launcher("serve", str(bad), "--port", str(free_port()), "--image", standin_image,
+                        "--timeout", "240", timeout=300)
+    assert proc.returncode == 7, proc.stderr
+    line = one_line_error(proc.stderr)
+    assert "the server exited (status 1) before it was ready" in line and "INT4_AWQ" in line
+    rec = latest_record(launcher_home)
+    assert rec["status"] == "failed" and rec["created"]["containers"] == []
+    assert not docker_client.containers.list(all=True, filters={"label": f"io.spark-nvfp4.run-id={rec['id']}"})
+    assert "INT4_AWQ" in (launcher_home / "runs" / rec["id"] / "log.txt").read_text()
