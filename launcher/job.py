@@ -70,6 +70,7 @@ class QuantizeJob:
         self.spec = spec
         self.console = console or Console(stderr=True)
         self.dry_run = dry_run
+        self.device_kind = "cpu"
 
     def run(self) -> JobOutcome:
         spec = self.spec
@@ -78,6 +79,7 @@ class QuantizeJob:
         client = connect()
         reap(client, self.console)
         nvidia = has_nvidia_runtime(client)
+        self.device_kind = "gpu" if nvidia and spec.gpus != "none" else "cpu"
         image_ref = choose_image(spec.image, nvidia)
 
         rec = runs.new_run("quantize", spec.model_dump(mode="json"))
@@ -97,7 +99,7 @@ class QuantizeJob:
             model = model_source.resolve(spec, dry_run=self.dry_run)
             preflight.enforce(preflight.quantize_checks(
                 model_bytes=model.bytes, output=output, download_bytes=0,
-                cache_dir=paths.hf_hub_cache(), on_gpu=nvidia and spec.gpus != "none"))
+                cache_dir=paths.hf_hub_cache(), on_gpu=self.device_kind == "gpu"))
             for c in [] if self.dry_run else model.created_cache:  # a dry run creates nothing
                 rec.add("cache", c)
             image = ImageStore(client, self.console).ensure(image_ref, ngc_key_env=spec.ngc_key_env,
@@ -133,7 +135,7 @@ class QuantizeJob:
         evaluation = None
         if self.spec.evaluate:
             try:
-                evaluation = evaluate(EvalRequest(output, reference=self.spec.model, tokens=QUICK_TOKENS,
+                evaluation = evaluate(EvalRequest(output, reference=self.spec.model, tokens=QUICK_TOKENS[self.device_kind],
                                                   image=image_ref, gpus=self.spec.gpus), self.console)
                 self.console.print(f"quality: {summary_line(evaluation)}", highlight=False)
             except LauncherError as e:
@@ -154,7 +156,7 @@ class QuantizeJob:
             "model_dir": model.container_dir, "gguf": model.gguf, "output_dir": "/out",
             "format": spec.format.value, "recipe": spec.recipe, "kv_cache": spec.kv_cache,
             "calibration": {**spec.calibration.model_dump(), "source": calib_src},
-            "device": "cpu" if spec.gpus == "none" or not nvidia else "auto",
+            "device": "auto" if self.device_kind == "gpu" else "cpu",
             "job_fingerprint": fingerprint, "run_id": rec.id,
         }
         env = {}
