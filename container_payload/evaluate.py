@@ -263,26 +263,7 @@ def run(job: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python3 -m container_payload.evaluate JOB.json", file=sys.stderr)
-        return 2
-    try:
-        run(json.loads(Path(argv[0]).read_text()))
-        return 0
-    except PayloadError as e:
-        events.emit("error", kind=e.kind, message=str(e))
-        return 1
-    except MemoryError:
-        events.emit("error", kind="oom", message="host memory ran out during evaluation")
-        return 1
-    except Exception as e:  # noqa: BLE001 - the launcher needs one line, the log keeps the trace
-        import traceback
-
-        traceback.print_exc()
-        kind = "oom" if "out of memory" in str(e).lower() else "error"
-        events.emit("error", kind=kind, message=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        return 1
+    return events.run_job(run, sys.argv[1:] if argv is None else argv, "evaluate", "evaluation")
 
 
 if __name__ == "__main__":
