@@ -29,7 +29,8 @@ def e2e(tmp_path_factory, standin_image, shared_assets, docker_client):
     (home / "models").symlink_to(REAL_HOME / "models")
     out = tmp_path_factory.mktemp("out") / "smollm2-nvfp4"
     env = {"SPARK_NVFP4_HOME": str(home), "HF_TOKEN": TOKEN, "NGC_API_KEY": NGC}
-    proc = run_launcher("quantize", "--output", str(out), "--calib-samples", str(SAMPLES),
+    # ModelOpt's own default recipe, to compare with ModelOpt run directly.
+    proc = run_launcher("quantize", "--output", str(out), "--recipe", "default", "--calib-samples", str(SAMPLES),
                         "--calib-seq-len", str(SEQ_LEN), "--no-eval", "--keep-container", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(next((home / "runs").glob("*/record.json")).read_text())
@@ -109,8 +110,8 @@ def test_no_container_left_and_rerun_reuses(e2e, docker_client):
                 if c.labels.get("io.spark-nvfp4.run-id") == e2e["record"]["id"]]
     env = {"SPARK_NVFP4_HOME": str(e2e["home"])}
     before = (e2e["out"] / "model.safetensors").stat().st_mtime_ns
-    proc = run_launcher("quantize", "--output", str(e2e["out"]), "--calib-samples", str(SAMPLES),
-                        "--calib-seq-len", str(SEQ_LEN), "--no-eval", env=env, timeout=120)
+    proc = run_launcher("quantize", "--output", str(e2e["out"]), "--recipe", "default", "--calib-samples",
+                        str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-eval", env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "already a complete checkpoint" in proc.stderr
     assert (e2e["out"] / "model.safetensors").stat().st_mtime_ns == before
