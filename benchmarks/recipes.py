@@ -82,6 +82,11 @@ def quantize(recipe: str, model_dir: Path, out: Path, args) -> dict:
            "calibration": {"source": str(CALIB), "samples": args.samples, "seq_len": args.seq_len,
                            "batch_size": "auto"}}
     jf = out / f"{recipe}.job.json"
+    if args.reuse and (ck / "result.json").exists() and json.loads(jf.read_text()) == job:
+        res = json.loads((ck / "result.json").read_text())
+        return {"dir": ck, "quantize_s": res["timings"]["quantize_s"], "wall_s": None,
+                "peak_rss_bytes": res["memory"]["host_rss_peak_bytes"],
+                "windows_sha256": res["calibration"]["windows_sha256"]}
     jf.write_text(json.dumps(job))
     wall = run([MO_PY, "-m", "container_payload.quantize", jf], out / f"{recipe}.quantize.log")
     res = json.loads((ck / "result.json").read_text())
@@ -93,9 +98,16 @@ def quantize(recipe: str, model_dir: Path, out: Path, args) -> dict:
 def quantize_llmc(model_dir: Path, out: Path, args) -> dict:
     ck = out / "llm-compressor"
     ck.mkdir(parents=True, exist_ok=True)
+    if args.reuse and (ck / "bench.json").exists() and (ck / "bench.json").stat().st_mtime > 0:
+        b = json.loads((ck / "bench.json").read_text())
+        if (b.get("samples"), b.get("seq_len")) == (args.samples, args.seq_len):
+            return {"dir": ck, "quantize_s": b["quantize_s"], "wall_s": None,
+                    "peak_rss_bytes": b["host_rss_peak_bytes"]}
     wall = run([LLMC_PY, "-c", LLMC_SCRIPT, REPO, model_dir, CALIB, args.samples, args.seq_len, ck],
                out / "llm-compressor.quantize.log")
     b = json.loads((ck / "bench.json").read_text())
+    b.update(samples=args.samples, seq_len=args.seq_len)
+    (ck / "bench.json").write_text(json.dumps(b))
     return {"dir": ck, "quantize_s": b["quantize_s"], "wall_s": wall, "peak_rss_bytes": b["host_rss_peak_bytes"]}
 
 
@@ -107,8 +119,11 @@ def evaluate(ck: Path, model_dir: Path, name: str, out: Path, args) -> dict:
                "tokens": args.eval_tokens, "seq_len": args.seq_len, "json_out": str(jo),
                "generations": [], "device": "cpu"}
         jf = out / f"{name}.eval-{text}.job.json"
-        jf.write_text(json.dumps(job))
-        run([MO_PY, "-m", "container_payload.evaluate", jf], out / f"{name}.eval-{text}.log")
+        fresh = not (args.reuse and jo.exists() and jf.exists() and json.loads(jf.read_text()) == job
+                     and jo.stat().st_mtime > (Path(ck) / "config.json").stat().st_mtime)
+        if fresh:
+            jf.write_text(json.dumps(job))
+            run([MO_PY, "-m", "container_payload.evaluate", jf], out / f"{name}.eval-{text}.log")
         r = json.loads(jo.read_text())
         res[text] = {k: r.get(k) for k in ("kl_divergence", "perplexity", "reference_perplexity",
                                            "top1_agreement", "tokens")}
@@ -156,6 +171,8 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--recipes", default=DEFAULT_RECIPES)
     ap.add_argument("--no-llmc", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep checkpoints and scores already in --out from the same job settings")
     ap.add_argument("--out", default=str(REPO / "build" / "bench-recipes"))
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "recipes"))
     args = ap.parse_args()

@@ -274,11 +274,11 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
     kept = []
     handles = []
 
-    def hook_for(name, m):
+    def hook_for(name, mods):
         scale = None
-        if quantized_input:
-            amax = _input_amax(m)
-            scale = None if amax is None else amax / (E2M1_MAX * E4M3_MAX)
+        if quantized_input:  # the unit's shared input scale, as the export writes it
+            amaxes = [a for a in (_input_amax(m) for m in mods) if a is not None]
+            scale = torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX) if amaxes else None
 
         def pre(mod, args):
             x0 = args[0].detach().reshape(-1, args[0].shape[-1]).float()
@@ -291,8 +291,10 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
             counts[name] += x.shape[0]
         return pre
 
-    for n, m in linears.items():
-        handles.append(m.register_forward_pre_hook(hook_for(n, m)))
+    # the members of a fused unit (q/k/v, gate/up) read the same input: one Hessian each unit
+    units = fused_units(linears)
+    for unit in units:
+        handles.append(linears[unit[0]].register_forward_pre_hook(hook_for(unit[0], [linears[n] for n in unit])))
     body = model.get_decoder() if hasattr(model, "get_decoder") else model
 
     def keep(mod, args, kwargs):
@@ -311,6 +313,9 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
             hs[n] = hs[n] / max(counts[n], 1)  # out of place: the hook ran in inference mode
         if cs[n] is not None:
             cs[n] = cs[n] / max(counts[n], 1)
+    for unit in units:
+        for n in unit[1:]:
+            hs[n], cs[n] = hs[unit[0]], cs[unit[0]]
     if act_aware:
         return hs, kept, cs
     return hs, kept
