@@ -29,12 +29,15 @@ ENV_PREFIX = "SPARK_NVFP4_"
 # this copy lets the host reject a typo before starting anything heavy).
 RECIPES = (
     "default",        # ModelOpt NVFP4_DEFAULT_CFG: max calibration, round-to-nearest
-    "awq-lite",       # NVFP4_AWQ_LITE_CFG
-    "awq-clip",       # NVFP4_AWQ_CLIP_CFG
-    "mse",            # block-scale MSE search on the FP8 grid (ModelOpt's mse sweep)
-    "four-over-six",  # NVFP4_FOUR_OVER_SIX_CFG
-    "gptq",           # our GPTQ-style error compensation on the NVFP4 grid
-    "best",           # the measured best (docs/benchmarks.md)
+    "awq-lite",       # ModelOpt NVFP4_AWQ_LITE_CFG
+    "awq-clip",       # ModelOpt NVFP4_AWQ_CLIP_CFG
+    "mse",            # ModelOpt NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG (block-scale sweep)
+    "four-over-six",  # ModelOpt NVFP4_FOUR_OVER_SIX_CFG
+    "scale-search",   # ours: per-block FP8 scale search, never worse than max scaling
+    "gptq",           # ours: GPTQ error compensation on the NVFP4 grid
+    "gptq-aa",        # ours: activation-aware GPTQ (absorbs the W4A4 input rounding)
+    "gptq-mp",        # ours: gptq + the costliest fused units kept bf16 within ~9% size
+    "gptq-aa-mp",     # ours: gptq-aa + bf16 units; the measured best (benchmarks/results/recipes.md)
 )
 
 
