@@ -48,7 +48,7 @@ FLAG_FIELDS = {
     "calibration.source": "--calib", "calibration.samples": "--calib-samples",
     "calibration.seq_len": "--calib-seq-len", "calibration.batch_size": "--calib-batch-size",
     "kv_cache": "--kv-cache", "output": "--output", "image": "--image", "gpus": "--gpus",
-    "memory_limit": "--memory-limit", "offline": "--offline", "evaluate": "--eval/--no-eval",
+    "memory_limit": "--memory-limit", "low_memory": "--low-memory", "offline": "--offline", "evaluate": "--eval/--no-eval",
     "keep_container": "--keep-container",
 }
 
@@ -72,6 +72,8 @@ FLAG_FIELDS = {
               f"runtime, else the CPU stand-in {STANDIN_IMAGE}.")
 @click.option("--gpus", help="auto | none | all | 0,1 ...")
 @click.option("--memory-limit", help="Container memory limit, e.g. 100g.")
+@click.option("--low-memory", is_flag=True, default=None, help="Calibrate in small batches without read-ahead: "
+              "same checkpoint bytes, much less GPU memory (for big models on a 128 GB Spark).")
 @click.option("--offline", is_flag=True, default=None, help="Never touch the network; the model must be cached.")
 @click.option("--eval/--no-eval", "evaluate", default=None, help="Measure quality against the original after quantizing.")
 @click.option("--keep-container", is_flag=True, default=None, help="Leave the finished container for inspection.")
@@ -88,7 +90,7 @@ def quantize(fmt, weights_only, config_file, dry_run, **kw):
         "calibration": {"source": kw["calib"], "samples": kw["calib_samples"], "seq_len": kw["calib_seq_len"],
                         "batch_size": kw["calib_batch_size"]},
         "kv_cache": kw["kv_cache"], "output": kw["output"], "image": kw["image"], "gpus": kw["gpus"],
-        "memory_limit": kw["memory_limit"], "offline": kw["offline"], "evaluate": kw["evaluate"],
+        "memory_limit": kw["memory_limit"], "low_memory": kw["low_memory"], "offline": kw["offline"], "evaluate": kw["evaluate"],
         "keep_container": kw["keep_container"],
     }
     spec = load_spec(flags, FLAG_FIELDS, config_file)

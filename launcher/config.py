@@ -85,6 +85,7 @@ class JobSpec(BaseModel):
     image: str = "auto"
     gpus: str = "auto"
     memory_limit: str | None = None
+    low_memory: bool = False      # smaller calibration batches, no read-ahead: same bytes, less memory
     hf_token_env: str = "HF_TOKEN"
     ngc_key_env: str = "NGC_API_KEY"
     offline: bool = False

@@ -157,7 +157,7 @@ class QuantizeJob:
             "format": spec.format.value, "recipe": spec.recipe, "kv_cache": spec.kv_cache,
             "calibration": {**spec.calibration.model_dump(), "source": calib_src},
             "device": "auto" if self.device_kind == "gpu" else "cpu",
-            "job_fingerprint": fingerprint, "run_id": rec.id,
+            "low_memory": spec.low_memory, "job_fingerprint": fingerprint, "run_id": rec.id,
         }
         env = {}
         network = "none"  # the payload needs no network unless it streams a hub dataset
