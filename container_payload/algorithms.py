@@ -30,7 +30,6 @@ The numerics (E2M1 rounding, FP8 E4M3 scales, float32 arithmetic) follow
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 

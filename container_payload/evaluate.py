@@ -120,8 +120,6 @@ def kl_summary(kl, kl_windows: list[float]) -> dict:
 
 def layer_errors(ref, model) -> list[dict]:
     """||W - Wq|| / ||W|| for every emulated Linear, in model order."""
-    import torch
-
     from .emulate import EmulatedLinear
 
     rows = []

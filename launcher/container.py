@@ -19,7 +19,7 @@ from docker.types import DeviceRequest, Mount
 
 from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
 from .errors import Interrupted, LauncherError, OutOfMemory, PayloadFailed
-from .logstream import EventStream
+from .logstream import EventStream, open_log
 
 if TYPE_CHECKING:
     from . import runs
@@ -201,8 +201,7 @@ def run_payload(p: PayloadRun, console) -> EventStream:
                device_requests=gpu_requests(p.gpus, p.nvidia), mem_limit=p.mem_limit, network=p.network)
     p.record.add("containers", box.container.id)
     try:
-        with open(p.record.log_path, "a", encoding="utf-8") as log, \
-                EventStream(log, console, secrets=p.secrets) as stream:
+        with open_log(p.record.log_path) as log, EventStream(log, console, secrets=p.secrets) as stream:
             code = box.run(stream)
             oom = box.oom_killed()
         check_exit(code, stream, oom, p.record.log_path)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from docker.errors import ImageNotFound
 
-from conftest import REAL_HOME, run_launcher
+from conftest import run_launcher
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
