@@ -172,7 +172,7 @@ def _model_bytes(spec: JobSpec) -> tuple[int, int, str]:
     if spec.is_embedded:
         converted = paths.models_dir() / model_source.EMBEDDED_DIRNAME
         if (converted / "config.json").exists():
-            return model_source._weight_bytes(converted), 0, "embedded model, converted"
+            return model_source.weight_bytes(converted), 0, "embedded model, converted"
         gguf = sorted(paths.assets_dir().glob("*.gguf"))
         if gguf:
             return gguf[0].stat().st_size * 3, 0, "embedded model, from its GGUF"
@@ -196,7 +196,7 @@ def _offline() -> bool:
 
 def _cached_snapshot_bytes(repo_id: str) -> int | None:
     snaps = paths.hf_hub_cache() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-    sizes = [model_source._weight_bytes(s) for s in snaps.glob("*") if s.is_dir()] if snaps.exists() else []
+    sizes = [model_source.weight_bytes(s) for s in snaps.glob("*") if s.is_dir()] if snaps.exists() else []
     return max(sizes) if sizes and max(sizes) > 0 else None
 
 

@@ -123,7 +123,8 @@ class QuantizeJob:
         except BaseException as e:
             rec.finish("failed", error=f"{type(e).__name__}: {e}")
             raise
-        self.describe(output, image_ref, model.bytes)
+        # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
+        self.describe(output, image_ref, model_source.weight_bytes(model.host_dir) or model.bytes)
         return JobOutcome(rec, output)
 
     def describe(self, output: Path, image_ref: str, source_bytes: int) -> None:

@@ -26,6 +26,10 @@ Or `launcher serve {path}`, which starts and checks the server for you.
 """
 
 
+def _model_name(model: str | None) -> str:
+    return "`SmolLM2-135M-Instruct` (the embedded default)" if model == "embedded" else f"`{model or '?'}`"
+
+
 def _mb(n: int | None) -> str:
     return f"{n / 1e6:,.1f} MB" if n else "?"
 
@@ -36,7 +40,7 @@ def render(output: Path, result: dict, evaluation: dict | None, source_bytes: in
     lines = [
         f"# {output.name}",
         "",
-        f"NVFP4 checkpoint of `{src.get('model', '?')}`"
+        f"NVFP4 checkpoint of {_model_name(src.get('model'))}"
         + (f" (revision `{src['revision']}`)" if src.get("revision") else "")
         + ", made by spark-nvfp4 with NVIDIA ModelOpt and checked by `launcher verify`.",
         "",

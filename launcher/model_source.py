@@ -41,7 +41,7 @@ def token_from(env_name: str) -> str | None:
     return get_token()
 
 
-def _weight_bytes(folder: Path) -> int:
+def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) + \
         sum(p.stat().st_size for p in folder.glob("*.bin"))
 
@@ -76,7 +76,7 @@ def _local(folder: Path) -> ResolvedModel:
                          advice="point --model at the folder that holds config.json and *.safetensors")
     folder = folder.resolve()
     return ResolvedModel(container_dir="/model", binds=[Bind(folder, "/model")], host_dir=folder,
-                         bytes=_weight_bytes(folder))
+                         bytes=weight_bytes(folder))
 
 
 def _hub(spec: JobSpec, *, dry_run: bool) -> ResolvedModel:
@@ -107,7 +107,7 @@ def _hub(spec: JobSpec, *, dry_run: bool) -> ResolvedModel:
     rel = snap.relative_to(repo_folder)
     # Mount the whole repo folder: snapshot files are symlinks into ../../blobs.
     return ResolvedModel(container_dir=f"/hf/{rel}", binds=[Bind(repo_folder, "/hf")], host_dir=snap,
-                         bytes=_weight_bytes(snap), created_cache=[] if existed else [str(repo_folder)])
+                         bytes=weight_bytes(snap), created_cache=[] if existed else [str(repo_folder)])
 
 
 def check_access(repo_id: str, revision: str | None, token: str | None) -> int:
