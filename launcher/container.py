@@ -103,8 +103,8 @@ class PayloadContainer:
         return self.container
 
     def run(self, stream: EventStream) -> int:
-        """Start, stream logs until exit, map the outcome. Always removes the container
-        unless `keep` was asked for by the caller (see `remove`)."""
+        """Start and stream logs until the payload exits; return its exit status. Ctrl-C or
+        SIGTERM stops the container and raises Interrupted (the caller removes it)."""
         assert self.container is not None
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -140,9 +140,7 @@ class PayloadContainer:
             return
         try:
             self.container.remove(force=True)
-        except NotFound:
-            pass
-        except APIError:
+        except (NotFound, APIError):
             pass
 
 

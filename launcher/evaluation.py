@@ -92,12 +92,9 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
         job["generations"] = []
     binds = [Bind(ckpt, "/ckpt"), Bind(text, f"/text/{text.name}"),
              Bind(out_dir, "/evalout", read_only=False)] + [b for b in ref.binds if b.target != "/assets"]
-    try:
+    with rec.ends_on_error():
         run_payload(PayloadRun(client=client, image=image, record=rec, module="evaluate", job=job,
                                binds=binds, gpus=req.gpus, nvidia=nvidia), console)
-    except LauncherError as e:
-        rec.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
-        raise
     result = json.loads(json_out.read_text())
     rec.result = {k: result.get(k) for k in ("perplexity", "reference_perplexity", "kl_divergence",
                                             "top1_agreement", "tokens")}

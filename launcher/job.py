@@ -62,7 +62,8 @@ def completed_output(output: Path, fingerprint: str) -> bool:
 
 
 def _secrets(spec: JobSpec) -> list[str]:
-    return [v for v in (os.environ.get(spec.hf_token_env), os.environ.get(spec.ngc_key_env)) if v]
+    """Values to scrub from every log line: the HF token wherever it comes from, the NGC key."""
+    return [v for v in (model_source.token_from(spec.hf_token_env), os.environ.get(spec.ngc_key_env)) if v]
 
 
 class QuantizeJob:
@@ -88,7 +89,7 @@ class QuantizeJob:
         rec.save()
         guard(rec)  # removes the container at once if this launcher is killed
         self.console.print(f"run [bold]{rec.id}[/] -> {output}")
-        try:
+        with rec.ends_on_error():
             if completed_output(output, fingerprint):
                 self.console.print(f"[green]{output} is already a complete checkpoint of this job; reusing it[/]")
                 rec.finish("complete")
@@ -114,15 +115,6 @@ class QuantizeJob:
                 self._quantize(client, rec, model, image_ref, output, fingerprint, nvidia)
             rec.result = json.loads((output / "result.json").read_text())
             rec.finish("complete")
-        except LauncherError as e:
-            rec.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
-            raise
-        except KeyboardInterrupt:
-            rec.finish("interrupted", error="interrupted (Ctrl-C)")
-            raise
-        except BaseException as e:
-            rec.finish("failed", error=f"{type(e).__name__}: {e}")
-            raise
         # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
         self.describe(output, image_ref, model_source.weight_bytes(model.host_dir) or model.bytes)
         return JobOutcome(rec, output)

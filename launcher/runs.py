@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +76,24 @@ class RunRecord(BaseModel):
         self.status = status
         self.error = error
         self.save()
+
+    @contextmanager
+    def ends_on_error(self):
+        """Any exception that leaves the block ends the run with the matching status, so a
+        record never stays 'running' after its launcher gave up."""
+        from .errors import LauncherError
+
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.finish("interrupted", error="interrupted (Ctrl-C)")
+            raise
+        except LauncherError as e:
+            self.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
+            raise
+        except BaseException as e:
+            self.finish("failed", error=f"{type(e).__name__}: {e}")
+            raise
 
     def owner_alive(self) -> bool:
         """Is the launcher process that runs this record still alive (same host)?"""

@@ -198,28 +198,24 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
 
     container = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        container = _create(client, container_kwargs(image=image, standin=standin, nvidia=nvidia, ckpt=ckpt,
-                                                     job_file=job_file, run_id=rec.id, port=req.port), rec)
-        _start(container, req.port)
-        _wait_healthy(container, req, rec, console)
-        _save_log(container, rec)
-        rec.result = {"endpoint": f"http://127.0.0.1:{req.port}/v1", "container": container.id, "port": req.port}
-        rec.finish("complete")  # from here on the server is a result, not debris of a live run
-    except KeyboardInterrupt:
-        _discard(container, rec)
-        rec.finish("interrupted", error="interrupted before the server was ready")
-        raise Interrupted("interrupted: the server container was removed") from None
-    except LauncherError as e:
-        _discard(container, rec)
-        rec.finish("failed", error=str(e))
-        raise
-    except BaseException as e:
-        _discard(container, rec)
-        rec.finish("failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with rec.ends_on_error():
+        try:
+            container = _create(client, container_kwargs(image=image, standin=standin, nvidia=nvidia, ckpt=ckpt,
+                                                         job_file=job_file, run_id=rec.id, port=req.port), rec)
+            _start(container, req.port)
+            _wait_healthy(container, req, rec, console)
+            _save_log(container, rec)
+            rec.result = {"endpoint": f"http://127.0.0.1:{req.port}/v1", "container": container.id,
+                          "port": req.port}
+            rec.finish("complete")  # from here on the server is a result, not debris of a live run
+        except KeyboardInterrupt:
+            _discard(container, rec)
+            raise Interrupted("interrupted before the server was ready: its container was removed") from None
+        except BaseException:
+            _discard(container, rec)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     endpoint = f"http://127.0.0.1:{req.port}/v1"
     stop = f"launcher rollback {rec.id}"
