@@ -138,14 +138,13 @@ def calibration_windows(tokenizer, calib: dict):
     return token_windows(tokenizer, text, calib["samples"], calib["seq_len"])
 
 
-def calibration_batches(tokenizer, calib: dict, device: str, windows=None, model=None, low_memory=False):
+def calibration_batches(windows: list[list[int]], calib: dict, device: str, model=None, low_memory=False):
+    """Batches of the (already tokenized, see run()) calibration windows."""
     import torch
 
     from .calib_data import fingerprint
 
     events.stage("tokenize", detail=calib["source"])
-    if windows is None:
-        windows = calibration_windows(tokenizer, calib)
     bs = calib["batch_size"]
     if bs == "auto":
         bs = auto_batch_size(calib["seq_len"], device, model=model, low_memory=low_memory)
@@ -277,8 +276,8 @@ def run(job: dict) -> dict:
 
     t = time.time()
     windows = bg["windows"].result()
-    batches, calib_info = calibration_batches(tokenizer, job["calibration"], device, windows=windows,
-                                              model=model, low_memory=low_memory)
+    batches, calib_info = calibration_batches(windows, job["calibration"], device, model=model,
+                                              low_memory=low_memory)
     timings["tokenize_s"] = round(time.time() - t, 3)
 
     t = time.time()
