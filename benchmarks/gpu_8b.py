@@ -393,6 +393,7 @@ def run(args) -> int:
             timings.update({k: v for k, v in payload_stage_times(stdout).items() if k not in timings})
             flows[flow] = {"rc": rc, "wall_s": round(wall, 3), "timings": timings,
                                 "batch_size": r.get("calibration", {}).get("batch_size"),
+                                "loader": r.get("loader"),
                                 "windows_sha256": r.get("calibration", {}).get("windows_sha256"),
                                 "gpu_peak_bytes": r.get("memory", {}).get("gpu_peak_bytes"),
                                 "host_rss_peak_bytes": r.get("memory", {}).get("host_rss_peak_bytes"),

@@ -51,9 +51,11 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def load(model_dir: Path, device: str, while_loading=None):
-    """Model and tokenizer. `while_loading(tokenizer)` (optional) is started once the tokenizer
-    is there and runs while the weights load (see run(): tokenization, ModelOpt's import)."""
+def load(model_dir: Path, device: str, while_loading=None, direct=None):
+    """(model, tokenizer, which loader read the weights). `while_loading(tokenizer)` (optional) is started once the tokenizer
+    is there and runs while the weights load (see run(): tokenization, ModelOpt's import).
+    `direct` (optional): a background direct_load.read_state_dict whose tensors become the
+    model's (see model_from_state_dict)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -67,10 +69,58 @@ def load(model_dir: Path, device: str, while_loading=None):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if while_loading is not None:
         while_loading(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, device_map=device, low_cpu_mem_usage=True)
+    model = model_from_state_dict(model_dir, direct, device) if direct is not None else None
+    loader = "direct" if model is not None else "from_pretrained"
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, device_map=device, low_cpu_mem_usage=True)
     model.eval()
-    return model, tokenizer
+    return model, tokenizer, loader
+
+
+def model_from_state_dict(model_dir: Path, direct, device: str):
+    """The model around the tensors direct_load read (`direct`: its background reader), or None
+    when this checkpoint needs from_pretrained (a dtype other than bf16, keys that do not match
+    the architecture, ...). Parameters are created on the meta device and then take the loaded
+    tensors as they are (assign=True: no copy, no second 16 GB); buffers such as the rotary
+    frequencies are computed as in from_pretrained."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        state_dict = direct.result()
+    except Exception as e:  # noqa: BLE001 - from_pretrained reads it the usual way instead
+        print(f"direct load unavailable ({e}); using from_pretrained", flush=True)
+        return None
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        if getattr(config, "quantization_config", None) is not None:
+            raise ValueError("the checkpoint is already quantized")
+        if any(t.dtype != torch.bfloat16 for t in state_dict.values() if t.is_floating_point()):
+            raise ValueError("not all weights are bf16")
+        with init_empty_weights():  # parameters on meta, buffers real
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"keys differ from the architecture (missing {sorted(set(missing) - tied)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]})")
+        model.tie_weights()
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise ValueError(f"{len(meta)} parameters not loaded, e.g. {meta[0]}")
+        model.to(device)  # the buffers; the parameters are there already
+        model.name_or_path = str(model_dir)
+        if (model_dir / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        return model
+    except Exception as e:  # noqa: BLE001 - the usual loader handles whatever this one does not
+        print(f"direct load not used ({e}); using from_pretrained", flush=True)
+        state_dict.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return None
 
 
 class _Background:
@@ -122,6 +172,15 @@ def _prefetch(model_dir: Path) -> int:
         finally:
             os.close(fd)
     return total
+
+
+def _use_direct_load(setting, device: str, low_memory: bool, model_dir: Path) -> bool:
+    """direct_load (job key): "auto" = on the GPU unless low_memory, where it saves most (the read
+    overlaps the imports, and no pageable copies); true/false force it (tests use true on the CPU)."""
+    if setting == "auto":
+        setting = device == "cuda" and not low_memory
+    return bool(setting) and ((model_dir / "model.safetensors").exists()
+                              or (model_dir / "model.safetensors.index.json").exists())
 
 
 def _import_modelopt() -> None:
@@ -261,6 +320,11 @@ def run(job: dict) -> dict:
         prepare_embedded(job["gguf"], model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
     device = pick_device(job.get("device", "auto"))
+    direct = None
+    if _use_direct_load(job.get("direct_load", "auto"), device, low_memory, model_dir):
+        from . import direct_load  # torch only: starts before transformers is imported
+
+        direct = _Background(direct_load.read_state_dict, direct_load.checkpoint_files(model_dir), device)
 
     bg = {}
 
@@ -269,7 +333,7 @@ def run(job: dict) -> dict:
         bg["windows"] = _Background(calibration_windows, tokenizer, job["calibration"])
 
     t = time.time()
-    model, tokenizer = load(model_dir, device, while_loading)
+    model, tokenizer, loader = load(model_dir, device, while_loading, direct)
     timings["load_s"] = round(time.time() - t, 3)
     if prefetch is not None:
         prefetch.result()
@@ -313,6 +377,7 @@ def run(job: dict) -> dict:
         "kv_cache": job.get("kv_cache", "none"),
         "device": device,
         "low_memory": low_memory,
+        "loader": loader,
         "calibration": {**job["calibration"], **calib_info},
         "timings": timings,
         "memory": peak_memory(device),
