@@ -373,16 +373,18 @@ def run(args) -> int:
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
     order = ["payload", "hf_ptq"] if not args.baseline_first else ["hf_ptq", "payload"]
+    variants = dict(v.split("=", 1) for v in args.variant)
     if args.low_memory_variant:
-        order.append("payload_lowmem")
+        variants["lowmem"] = '{"low_memory": true}'
+    order += [f"payload_{name}" for name in variants]
     for flow in order:
         ev = evict(list(model_dir.glob("*.safetensors")))
         torch.cuda.empty_cache() if cuda else None
         if flow.startswith("payload"):
             log(f"{flow}: start (evict {ev})")
             this_job = dict(job)
-            if flow == "payload_lowmem":
-                this_job.update(low_memory=True, output_dir=str(work / "out-payload_lowmem"))
+            if flow != "payload":
+                this_job.update(json.loads(variants[flow[len("payload_"):]]), output_dir=str(work / f"out-{flow}"))
             jp = work / f"job-{flow}.json"
             jp.write_text(json.dumps(this_job, indent=2))
             this_out = Path(this_job["output_dir"])
@@ -420,10 +422,11 @@ def run(args) -> int:
         t = time.time()
         res["compare"] = compare(out_payload, work / "out-hf_ptq")
         res["compare"]["seconds"] = round(time.time() - t, 1)
-        if "payload_lowmem" in flows:
-            res["compare_lowmem"] = compare(work / "out-payload_lowmem", work / "out-hf_ptq")
-            log(f"compare low_memory: byte_identical={res['compare_lowmem']['byte_identical']} "
-                f"input_scale max rel diff {res['compare_lowmem']['input_scale_max_rel_diff']:.2e}")
+        for flow in (f for f in flows if f.startswith("payload_")):
+            key = "compare_" + flow[len("payload_"):]
+            res[key] = compare(work / f"out-{flow}", work / "out-hf_ptq")
+            log(f"{key}: byte_identical={res[key]['byte_identical']} "
+                f"input_scale max rel diff {res[key]['input_scale_max_rel_diff']:.2e}")
         log(f"compare: byte_identical={res['compare']['byte_identical']} "
             f"input_scale max rel diff {res['compare']['input_scale_max_rel_diff']:.2e} "
             f"identical {res['compare']['identical']} different {res['compare']['different']}")
@@ -442,8 +445,9 @@ def run(args) -> int:
 
 def render_md(res: dict) -> str:
     f = res.get("flows", {})
-    names = [n for n in ("payload", "hf_ptq", "payload_lowmem") if n in f]
+    names = [n for n in ("payload", "hf_ptq") if n in f] + [n for n in f if n.startswith("payload_")]
     heads = {"payload": "payload", "hf_ptq": "hf_ptq flow", "payload_lowmem": "payload, low_memory"}
+    heads.update({n: "payload, " + n[len("payload_"):] for n in names if n not in heads})
     floor = res.get("io_floor", {}).get("seconds")
     gib = 1 << 30
 
@@ -463,6 +467,9 @@ def render_md(res: dict) -> str:
     rows = [("python start + imports before the first stage",
              other(lambda x: f"{x['wall_s'] - x.get('timings', {}).get('total_s', 0):.1f}" if "import_s" not in x.get("timings", {})
                    else f"{x['wall_s'] - x['timings']['total_s'] + x['timings']['import_s']:.1f}")),
+            ("torch imported and CUDA up (from the payload's start)", tm("torch_ready_s")),
+            ("checkpoint read done: prefetch / direct to GPU (from the payload's start)",
+             [f"{a} / {b}" for a, b in zip(tm("prefetch_done_s"), tm("direct_read_done_s"))]),
             ("load (weights to GPU)", tm("load_s")),
             ("tokenize", tm("tokenize_s")),
             ("wait for ModelOpt import (overlapped with load)", tm("import_wait_s")),
@@ -498,7 +505,9 @@ def render_md(res: dict) -> str:
         lines += ["", f"Speedup end to end (wall): {h['wall_s'] / p['wall_s']:.2f}x; "
                       f"payload wall / I/O floor: {p['wall_s'] / floor:.1f}x; "
                       f"hf_ptq wall / I/O floor: {h['wall_s'] / floor:.1f}x"]
-    for key, label in (("compare", "payload"), ("compare_lowmem", "payload low_memory")):
+    compares = [("compare", "payload")] + [(k, "payload, " + k[len("compare_"):]) for k in res
+                                            if k.startswith("compare_")]
+    for key, label in compares:
         cmp_ = res.get(key)
         if cmp_:
             lines += ["", f"Outputs ({label} vs hf_ptq): byte-identical (all tensors but input_scale): "
@@ -524,6 +533,8 @@ def main(argv=None) -> int:
     rp.add_argument("--job-extra", default="{}", help="JSON merged into the payload's job file")
     rp.add_argument("--baseline-first", action="store_true")
     rp.add_argument("--keep", action="store_true")
+    rp.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="also run the payload with JSON merged into its job (a column per variant)")
     rp.add_argument("--low-memory-variant", action="store_true",
                     help="also run the payload with low_memory: true (third column)")
     args = ap.parse_args(argv)

@@ -131,12 +131,14 @@ class _Background:
 
         self._out = None
         self._err = None
+        self.ended = None  # time.time() when fn returned
 
         def body():
             try:
                 self._out = fn(*args)
             except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
                 self._err = e
+            self.ended = time.time()
 
         self._thread = threading.Thread(target=body, daemon=True)
         self._thread.start()
@@ -304,39 +306,43 @@ def peak_memory(device: str) -> dict:
 
 
 def run(job: dict) -> dict:
-    """One load, one calibration pass, one export. Three things overlap, none of them changes
-    a number: the checkpoint's disk read runs during the Python imports (_prefetch), and
-    ModelOpt's import and the tokenization run while the weights load. `low_memory: true` in the
-    job (for big models on a unified-memory machine such as a 128 GB Spark) turns the prefetch
-    off, caps the calibration batch at 8 and exports in 2 GB shards."""
+    """One load, one calibration pass, one export. Work that waits on the disk overlaps work that
+    waits on the CPU, and none of it changes a number: the checkpoint's read (_prefetch from the
+    first instruction, then direct_load into the GPU from right after `import torch`) runs during
+    the Python imports; ModelOpt's import starts as soon as torch is there; the tokenization runs
+    while the weights land. `low_memory: true` in the job (for big models on a unified-memory
+    machine such as a 128 GB Spark) turns prefetch and direct load off (no 16 GB of page cache
+    and GPU tensors at once), caps the calibration batch at 8 and exports in 2 GB shards."""
     timings = {}
     t0 = time.time()
     model_dir = Path(job["model_dir"])
     low_memory = bool(job.get("low_memory", False))
     prefetch = None
-    if not low_memory and not job.get("gguf") and (model_dir / "config.json").exists():
+    if job.get("prefetch", not low_memory) and not job.get("gguf") and (model_dir / "config.json").exists():
         prefetch = _Background(_prefetch, model_dir)
     if job.get("gguf"):
         prepare_embedded(job["gguf"], model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
     device = pick_device(job.get("device", "auto"))
-    direct = None
+    timings["torch_ready_s"] = round(time.time() - t0, 3)
+    bg = {}
     if _use_direct_load(job.get("direct_load", "auto"), device, low_memory, model_dir):
         from . import direct_load  # torch only: starts before transformers is imported
 
-        direct = _Background(direct_load.read_state_dict, direct_load.checkpoint_files(model_dir), device)
-
-    bg = {}
+        bg["direct"] = _Background(direct_load.read_state_dict, direct_load.checkpoint_files(model_dir), device)
+    bg["import"] = _Background(_import_modelopt)
 
     def while_loading(tokenizer):
-        bg["import"] = _Background(_import_modelopt)
         bg["windows"] = _Background(calibration_windows, tokenizer, job["calibration"])
 
     t = time.time()
-    model, tokenizer, loader = load(model_dir, device, while_loading, direct)
+    model, tokenizer, loader = load(model_dir, device, while_loading, bg.get("direct"))
     timings["load_s"] = round(time.time() - t, 3)
     if prefetch is not None:
         prefetch.result()
+    for name, task in (("prefetch", prefetch), ("direct_read", bg.get("direct"))):
+        if task is not None:  # when each background read ended, from the start of run()
+            timings[f"{name}_done_s"] = round(task.ended - t0, 3)
 
     t = time.time()
     windows = bg["windows"].result()
