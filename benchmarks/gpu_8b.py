@@ -109,8 +109,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def evict(paths) -> dict:
-    """Push the files' pages out of the page cache so the next read comes from the disk."""
+def evict(paths, everything: bool = True) -> dict:
+    """Push the files' pages out of the page cache so the next read comes from the disk;
+    `everything` also drops the rest of the cache (Python libraries included: a cold start)."""
     os.sync()
     n = 0
     for p in paths:
@@ -122,6 +123,8 @@ def evict(paths) -> dict:
         except OSError:
             pass
     dropped = False
+    if not everything:
+        return {"fadvise_files": n, "drop_caches": dropped}
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("1\n")
@@ -372,13 +375,18 @@ def run(args) -> int:
     job.update(json.loads(args.job_extra))
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
+    res["evict"] = args.evict
+    if args.evict == "checkpoint":  # software warm: what both flows import, imported once
+        subprocess.run([sys.executable, "-c", "import torch, transformers.models.llama.modeling_llama, "
+                        "modelopt.torch.quantization, modelopt.torch.export; torch.zeros(1, device='cuda')"
+                        if cuda else "import torch, transformers, modelopt.torch.quantization"], check=True)
     order = ["payload", "hf_ptq"] if not args.baseline_first else ["hf_ptq", "payload"]
     variants = dict(v.split("=", 1) for v in args.variant)
     if args.low_memory_variant:
         variants["lowmem"] = '{"low_memory": true}'
     order += [f"payload_{name}" for name in variants]
     for flow in order:
-        ev = evict(list(model_dir.glob("*.safetensors")))
+        ev = evict(list(model_dir.glob("*.safetensors")), everything=args.evict == "all")
         torch.cuda.empty_cache() if cuda else None
         if flow.startswith("payload"):
             log(f"{flow}: start (evict {ev})")
@@ -467,9 +475,6 @@ def render_md(res: dict) -> str:
     rows = [("python start + imports before the first stage",
              other(lambda x: f"{x['wall_s'] - x.get('timings', {}).get('total_s', 0):.1f}" if "import_s" not in x.get("timings", {})
                    else f"{x['wall_s'] - x['timings']['total_s'] + x['timings']['import_s']:.1f}")),
-            ("torch imported and CUDA up (from the payload's start)", tm("torch_ready_s")),
-            ("checkpoint read done: prefetch / direct to GPU (from the payload's start)",
-             [f"{a} / {b}" for a, b in zip(tm("prefetch_done_s"), tm("direct_read_done_s"))]),
             ("load (weights to GPU)", tm("load_s")),
             ("tokenize", tm("tokenize_s")),
             ("wait for ModelOpt import (overlapped with load)", tm("import_wait_s")),
@@ -484,6 +489,14 @@ def render_md(res: dict) -> str:
             ("peak GPU memory (max_memory_allocated)", other(lambda x: mem(x.get("gpu_peak_bytes")))),
             ("peak host RSS (ru_maxrss, mapped file pages included)", other(lambda x: mem(x.get("host_rss_peak_bytes")))),
             ("checkpoint written", other(lambda x: mem(x.get("out_bytes"))))]
+    # The payload's timeline: when each step was done, in seconds from the start of its run().
+    marks = []
+    for n in names:
+        for k in f[n].get("timings", {}).get("timeline", {}):
+            if k not in marks:
+                marks.append(k)
+    rows += [(f"timeline: {k} at (s)", other(lambda x, k=k: "-" if k not in x.get("timings", {}).get("timeline", {})
+                                                else f"{x['timings']['timeline'][k]:.1f}")) for k in marks]
     c = res.get("card", {})
     d = res.get("disk", {})
     p, h = f.get("payload", {}), f.get("hf_ptq", {})
@@ -492,6 +505,9 @@ def render_md(res: dict) -> str:
              f"- card: {c.get('gpu', 'cpu')} ({c.get('nvidia_smi', '')}), {c.get('cpus')} CPUs; "
              f"torch {c.get('torch')}, transformers {c.get('transformers')}, modelopt {c.get('modelopt')}",
              f"- date: {res.get('date')}; command: `{res.get('command')}`",
+             "- before each flow: " + ("only the checkpoint's pages evicted; Python libraries warm (imported once)"
+                                       if res.get("evict") == "checkpoint" else
+                                       "the whole page cache dropped (cold start: checkpoint and libraries from disk)"),
              f"- calibration: {res.get('samples')} x {res.get('seq_len')} tokens, identical windows "
              f"(sha256 equal: {p.get('windows_sha256') == h.get('windows_sha256')})",
              f"- disk: write {d.get('write_Bps', 0)/1e9:.2f} GB/s (fsync), read {d.get('read_Bps', 0)/1e9:.2f} GB/s "
@@ -532,6 +548,9 @@ def main(argv=None) -> int:
     rp.add_argument("--disk-gib", type=float, default=8.0)
     rp.add_argument("--job-extra", default="{}", help="JSON merged into the payload's job file")
     rp.add_argument("--baseline-first", action="store_true")
+    rp.add_argument("--evict", choices=["all", "checkpoint"], default="all",
+                    help="before each flow: drop the whole page cache (cold start, libraries too) or only "
+                         "the checkpoint's pages (software warm: each flow's imports are run once first)")
     rp.add_argument("--keep", action="store_true")
     rp.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="also run the payload with JSON merged into its job (a column per variant)")

@@ -26,7 +26,8 @@ DTYPES = {
     "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-CHUNK = 64 << 20  # bytes per read: large enough for full disk speed, two of them pinned
+CHUNK = 32 << 20  # bytes per read: large enough for full disk speed; two pinned per reader
+READERS = 4  # shards read at once
 
 
 class UnsupportedCheckpoint(Exception):
@@ -102,6 +103,16 @@ def _read_host(files, out) -> None:
 
 
 def _read_cuda(files, device, out) -> None:
+    # One reader thread per shard (up to READERS): a single sequential reader leaves the disk
+    # under-used (1.2 of 1.6 GB/s measured on the 8B run) while imports fault their pages in.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(READERS, len(files))) as pool:
+        for part in pool.map(lambda f: _read_shard_cuda(f, device), files):
+            out.update(part)
+
+
+def _read_shard_cuda(path: Path, device) -> dict[str, torch.Tensor]:
     # Double-buffered: while the GPU copies chunk i out of one pinned buffer, the disk fills the
     # other. A chunk's bytes land in the tensors it overlaps (a tensor may span several chunks).
     stream = torch.cuda.Stream(device)
@@ -109,36 +120,36 @@ def _read_cuda(files, device, out) -> None:
     views = [memoryview(b.numpy()) for b in pinned]
     done = [None, None]
     i = 0
-    for path in files:
-        start, entries = read_header(path)
-        targets = []
-        for name, dtype, shape, begin, end in entries:
-            t = torch.empty(shape, dtype=dtype, device=device)
-            out[name] = t
-            if end > begin:
-                targets.append((begin, end, _bytes_of(t)))
-        stream.wait_stream(torch.cuda.current_stream(device))  # allocations before copies
-        data_end = max((e for _, e, _ in targets), default=0)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            k = 0  # first target not yet fully copied
-            for c0 in range(0, data_end, CHUNK):
-                c1 = min(c0 + CHUNK, data_end)
-                if done[i] is not None:
-                    done[i].synchronize()  # the GPU has finished reading this buffer
-                _read_into(fd, views[i][:c1 - c0], start + c0)
-                with torch.cuda.stream(stream):
-                    j = k
-                    while j < len(targets) and targets[j][0] < c1:
-                        b, e, dst = targets[j]
-                        lo, hi = max(b, c0), min(e, c1)
-                        dst[lo - b:hi - b].copy_(pinned[i][lo - c0:hi - c0], non_blocking=True)
-                        if e <= c1:
-                            k = j + 1
-                        j += 1
-                    done[i] = stream.record_event()
-                i ^= 1
-        finally:
-            os.close(fd)
+    start, entries = read_header(path)
+    out, targets = {}, []
+    for name, dtype, shape, begin, end in entries:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        out[name] = t
+        if end > begin:
+            targets.append((begin, end, _bytes_of(t)))
+    stream.wait_stream(torch.cuda.current_stream(device))  # allocations before copies
+    data_end = max((e for _, e, _ in targets), default=0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        k = 0  # first target not yet fully copied
+        for c0 in range(0, data_end, CHUNK):
+            c1 = min(c0 + CHUNK, data_end)
+            if done[i] is not None:
+                done[i].synchronize()  # the GPU has finished reading this buffer
+            _read_into(fd, views[i][:c1 - c0], start + c0)
+            with torch.cuda.stream(stream):
+                j = k
+                while j < len(targets) and targets[j][0] < c1:
+                    b, e, dst = targets[j]
+                    lo, hi = max(b, c0), min(e, c1)
+                    dst[lo - b:hi - b].copy_(pinned[i][lo - c0:hi - c0], non_blocking=True)
+                    if e <= c1:
+                        k = j + 1
+                    j += 1
+                done[i] = stream.record_event()
+            i ^= 1
+    finally:
+        os.close(fd)
     stream.synchronize()  # every copy has landed before the tensors are handed out
+    return out

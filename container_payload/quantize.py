@@ -324,7 +324,12 @@ def run(job: dict) -> dict:
         prepare_embedded(job["gguf"], model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
     device = pick_device(job.get("device", "auto"))
-    timings["torch_ready_s"] = round(time.time() - t0, 3)
+    timeline = {}  # seconds from the start of run() at which each step was done
+
+    def mark(name, at=None):
+        timeline[name] = round((at or time.time()) - t0, 3)
+
+    mark("torch_ready")
     bg = {}
     if _use_direct_load(job.get("direct_load", "auto"), device, low_memory, model_dir):
         from . import direct_load  # torch only: starts before transformers is imported
@@ -338,14 +343,16 @@ def run(job: dict) -> dict:
     t = time.time()
     model, tokenizer, loader = load(model_dir, device, while_loading, bg.get("direct"))
     timings["load_s"] = round(time.time() - t, 3)
+    mark("model_ready")
     if prefetch is not None:
         prefetch.result()
-    for name, task in (("prefetch", prefetch), ("direct_read", bg.get("direct"))):
-        if task is not None:  # when each background read ended, from the start of run()
-            timings[f"{name}_done_s"] = round(task.ended - t0, 3)
+        mark("prefetch_done", prefetch.ended)
+    if "direct" in bg:
+        mark("direct_read_done", bg["direct"].ended)
 
     t = time.time()
     windows = bg["windows"].result()
+    mark("windows_ready", bg["windows"].ended)
     batches, calib_info = calibration_batches(windows, job["calibration"], device, model=model,
                                               low_memory=low_memory)
     timings["tokenize_s"] = round(time.time() - t, 3)
@@ -359,6 +366,7 @@ def run(job: dict) -> dict:
 
     recipe = recipes.build(job["format"], job["recipe"], job.get("kv_cache", "none"))
     timings["import_wait_s"] = round(time.time() - t, 3)
+    mark("modelopt_imported", bg["import"].ended)
 
     t = time.time()
     loop_times = {}
@@ -372,6 +380,8 @@ def run(job: dict) -> dict:
     export(model, tokenizer, out, low_memory=low_memory)
     timings["export_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - t0, 3)
+    mark("export_done")
+    timings["timeline"] = dict(sorted(timeline.items(), key=lambda kv: kv[1]))
 
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     result = {
