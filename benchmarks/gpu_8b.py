@@ -475,9 +475,9 @@ def render_md(res: dict) -> str:
     rows = [("python start + imports before the first stage",
              other(lambda x: f"{x['wall_s'] - x.get('timings', {}).get('total_s', 0):.1f}" if "import_s" not in x.get("timings", {})
                    else f"{x['wall_s'] - x['timings']['total_s'] + x['timings']['import_s']:.1f}")),
-            ("load (weights to GPU)", tm("load_s")),
-            ("tokenize", tm("tokenize_s")),
-            ("wait for ModelOpt import (overlapped with load)", tm("import_wait_s")),
+            ("payload: tokenizer + transformers + ModelOpt imports (weights read meanwhile)", tm("imports_s")),
+            ("load (weights to GPU; payload: what remains after its imports)", tm("load_s")),
+            ("tokenize (payload: what remains after its imports)", tm("tokenize_s")),
             ("batch-size probe", tm("batch_probe_s")),
             ("preview before", tm("preview_before_s")),
             ("quantize (mtq.quantize, total)", tm("quantize_s")),

@@ -51,31 +51,28 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def load(model_dir: Path, device: str, while_loading=None, direct=None):
-    """(model, tokenizer, which loader read the weights). `while_loading(tokenizer)` (optional) is started once the tokenizer
-    is there and runs while the weights load (see run(): tokenization, ModelOpt's import).
-    `direct` (optional): a background direct_load.read_state_dict whose tensors become the
-    model's (see model_from_state_dict)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
 
     events.stage("load", detail=str(model_dir))
     if not (model_dir / "config.json").exists():
         raise PayloadError(f"no config.json in model folder {model_dir}", kind="input")
-    try:  # import the model's modeling module here, before any background import starts
-        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(model_dir))]
-    except Exception:  # noqa: BLE001 - from_pretrained below reports a real problem properly
-        pass
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if while_loading is not None:
-        while_loading(tokenizer)
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_model(model_dir: Path, device: str, direct=None):
+    """(model, which loader read the weights). `direct` (optional): a background
+    direct_load.read_state_dict whose tensors become the model's (see model_from_state_dict)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = model_from_state_dict(model_dir, direct, device) if direct is not None else None
     loader = "direct" if model is not None else "from_pretrained"
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.bfloat16, device_map=device, low_cpu_mem_usage=True)
     model.eval()
-    return model, tokenizer, loader
+    return model, loader
 
 
 def model_from_state_dict(model_dir: Path, direct, device: str):
@@ -87,6 +84,7 @@ def model_from_state_dict(model_dir: Path, direct, device: str):
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
 
     try:
         state_dict = direct.result()
@@ -99,7 +97,8 @@ def model_from_state_dict(model_dir: Path, direct, device: str):
             raise ValueError("the checkpoint is already quantized")
         if any(t.dtype != torch.bfloat16 for t in state_dict.values() if t.is_floating_point()):
             raise ValueError("not all weights are bf16")
-        with init_empty_weights():  # parameters on meta, buffers real
+        # Parameters on meta and not initialized (the checkpoint gives every one); buffers real.
+        with init_empty_weights(), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
         tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
@@ -188,8 +187,6 @@ def _use_direct_load(setting, device: str, low_memory: bool, model_dir: Path) ->
 def _import_modelopt() -> None:
     import modelopt.torch.export  # noqa: F401
     import modelopt.torch.quantization  # noqa: F401
-
-    from . import recipes  # noqa: F401
 
 
 def calibration_windows(tokenizer, calib: dict):
@@ -307,66 +304,60 @@ def peak_memory(device: str) -> dict:
 
 def run(job: dict) -> dict:
     """One load, one calibration pass, one export. Work that waits on the disk overlaps work that
-    waits on the CPU, and none of it changes a number: the checkpoint's read (_prefetch from the
-    first instruction, then direct_load into the GPU from right after `import torch`) runs during
-    the Python imports; ModelOpt's import starts as soon as torch is there; the tokenization runs
-    while the weights land. `low_memory: true` in the job (for big models on a unified-memory
-    machine such as a 128 GB Spark) turns prefetch and direct load off (no 16 GB of page cache
-    and GPU tensors at once), caps the calibration batch at 8 and exports in 2 GB shards."""
+    needs the CPU, and none of it changes a number. Python's imports hold the GIL, so they run
+    one after another in this thread, first: torch, then (the checkpoint's read has started in
+    the background: direct_load into the GPU, or _prefetch into the page cache) the tokenizer,
+    whose tokenization (Rust) runs in a thread, then ModelOpt. By then the weights are mostly
+    read and the model is built around them. `low_memory: true` in the job (big models on a
+    unified-memory machine such as a 128 GB Spark) turns direct load and prefetch off (no 16 GB
+    of page cache and GPU tensors at once), caps the calibration batch at 8 and exports in 2 GB
+    shards."""
     timings = {}
     t0 = time.time()
-    model_dir = Path(job["model_dir"])
-    low_memory = bool(job.get("low_memory", False))
-    prefetch = None
-    if job.get("prefetch", not low_memory) and not job.get("gguf") and (model_dir / "config.json").exists():
-        prefetch = _Background(_prefetch, model_dir)
-    if job.get("gguf"):
-        prepare_embedded(job["gguf"], model_dir)
-        timings["prepare_s"] = round(time.time() - t0, 3)
-    device = pick_device(job.get("device", "auto"))
     timeline = {}  # seconds from the start of run() at which each step was done
 
     def mark(name, at=None):
         timeline[name] = round((at or time.time()) - t0, 3)
 
+    model_dir = Path(job["model_dir"])
+    low_memory = bool(job.get("low_memory", False))
+    if job.get("gguf"):
+        prepare_embedded(job["gguf"], model_dir)
+        timings["prepare_s"] = round(time.time() - t0, 3)
+    device = pick_device(job.get("device", "auto"))
     mark("torch_ready")
-    bg = {}
+    direct = prefetch = None
     if _use_direct_load(job.get("direct_load", "auto"), device, low_memory, model_dir):
         from . import direct_load  # torch only: starts before transformers is imported
 
-        bg["direct"] = _Background(direct_load.read_state_dict, direct_load.checkpoint_files(model_dir), device)
-    bg["import"] = _Background(_import_modelopt)
-
-    def while_loading(tokenizer):
-        bg["windows"] = _Background(calibration_windows, tokenizer, job["calibration"])
+        direct = _Background(direct_load.read_state_dict, direct_load.checkpoint_files(model_dir), device)
+    elif job.get("prefetch", not low_memory) and (model_dir / "config.json").exists():
+        prefetch = _Background(_prefetch, model_dir)
 
     t = time.time()
-    model, tokenizer, loader = load(model_dir, device, while_loading, bg.get("direct"))
-    timings["load_s"] = round(time.time() - t, 3)
-    mark("model_ready")
-    if prefetch is not None:
-        prefetch.result()
-        mark("prefetch_done", prefetch.ended)
-    if "direct" in bg:
-        mark("direct_read_done", bg["direct"].ended)
-
-    t = time.time()
-    windows = bg["windows"].result()
-    mark("windows_ready", bg["windows"].ended)
-    batches, calib_info = calibration_batches(windows, job["calibration"], device, model=model,
-                                              low_memory=low_memory)
-    timings["tokenize_s"] = round(time.time() - t, 3)
-
-    t = time.time()
-    try:
-        bg["import"].result()
-    except Exception:  # noqa: BLE001 - e.g. a concurrent-import clash: import here instead
-        _import_modelopt()
+    tokenizer = load_tokenizer(model_dir)
+    windows = _Background(calibration_windows, tokenizer, job["calibration"])
+    _import_modelopt()
     from . import recipes
 
     recipe = recipes.build(job["format"], job["recipe"], job.get("kv_cache", "none"))
-    timings["import_wait_s"] = round(time.time() - t, 3)
-    mark("modelopt_imported", bg["import"].ended)
+    timings["imports_s"] = round(time.time() - t, 3)  # tokenizer, transformers, ModelOpt
+    mark("modelopt_imported")
+
+    t = time.time()
+    model, loader = load_model(model_dir, device, direct)
+    for name, reader in (("direct_read", direct), ("prefetch", prefetch)):
+        if reader is not None:
+            reader.result()
+            mark(f"{name}_done", reader.ended)
+    timings["load_s"] = round(time.time() - t, 3)  # what the weights' read still took after the imports
+    mark("model_ready")
+
+    t = time.time()
+    windows = windows.result()
+    batches, calib_info = calibration_batches(windows, job["calibration"], device, model=model,
+                                              low_memory=low_memory)
+    timings["tokenize_s"] = round(time.time() - t, 3)
 
     t = time.time()
     loop_times = {}

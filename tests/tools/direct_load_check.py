@@ -85,8 +85,9 @@ def main() -> None:
 
     device = "cuda" if res["cuda"] else "cpu"
     files = direct_load.checkpoint_files(model_dir)
-    direct, _, loader = quantize.load(model_dir, device, None, Done(lambda: direct_load.read_state_dict(files, device)))
-    usual, tok, usual_loader = quantize.load(model_dir, device, None, None)
+    tok = quantize.load_tokenizer(model_dir)
+    direct, loader = quantize.load_model(model_dir, device, Done(lambda: direct_load.read_state_dict(files, device)))
+    usual, usual_loader = quantize.load_model(model_dir, device, None)
     s1, s2 = direct.state_dict(), usual.state_dict()
     b1, b2 = dict(direct.named_buffers()), dict(usual.named_buffers())
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]], device=device)
@@ -108,7 +109,7 @@ def main() -> None:
     usual.half().save_pretrained(fp16)
     tok.save_pretrained(fp16)
     files = direct_load.checkpoint_files(fp16)
-    _, _, fallback = quantize.load(fp16, device, None, Done(lambda: direct_load.read_state_dict(files, device)))
+    _, fallback = quantize.load_model(fp16, device, Done(lambda: direct_load.read_state_dict(files, device)))
     res["fp16_loader"] = fallback
     print(json.dumps(res))
 
