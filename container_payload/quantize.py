@@ -178,7 +178,7 @@ def _prefetch(model_dir: Path) -> int:
 def _use_direct_load(setting, device: str, low_memory: bool, model_dir: Path) -> bool:
     """direct_load (job key): "auto" = on the GPU unless low_memory, where it saves most (the read
     overlaps the imports, and no pageable copies); true/false force it (tests use true on the CPU)."""
-    if setting == "auto":
+    if setting == "auto" or isinstance(setting, dict):  # a dict: "auto" with reader options
         setting = device == "cuda" and not low_memory
     return bool(setting) and ((model_dir / "model.safetensors").exists()
                               or (model_dir / "model.safetensors.index.json").exists())
@@ -330,7 +330,10 @@ def run(job: dict) -> dict:
     if _use_direct_load(job.get("direct_load", "auto"), device, low_memory, model_dir):
         from . import direct_load  # torch only: starts before transformers is imported
 
-        direct = _Background(direct_load.read_state_dict, direct_load.checkpoint_files(model_dir), device)
+        opts = job["direct_load"] if isinstance(job.get("direct_load"), dict) else {}  # benchmark tuning
+        direct = _Background(direct_load.read_state_dict, direct_load.checkpoint_files(model_dir), device,
+                             opts.get("readers", direct_load.READERS), opts.get("chunk_mb", direct_load.CHUNK >> 20) << 20,
+                             opts.get("low_priority", False))
     elif job.get("prefetch", not low_memory) and (model_dir / "config.json").exists():
         prefetch = _Background(_prefetch, model_dir)
 
