@@ -26,8 +26,10 @@ DTYPES = {
     "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-CHUNK = 32 << 20  # bytes per read: large enough for full disk speed; two pinned per reader
-READERS = 4  # shards read at once
+# One reader, 8 MB reads: on the 8B cold start this left the disk most room for the imports'
+# page faults (the critical path) and still finished the read first (benchmarks/notes-gpu.md).
+CHUNK = 8 << 20  # bytes per read; two pinned per reader
+READERS = 1  # shards read at once
 
 
 class UnsupportedCheckpoint(Exception):
@@ -104,8 +106,8 @@ def _read_host(files, out) -> None:
 
 
 def _read_cuda(files, device, out, readers, chunk, low_priority) -> None:
-    # One reader thread per shard (up to READERS): a single sequential reader leaves the disk
-    # under-used (1.2 of 1.6 GB/s measured on the 8B run) while imports fault their pages in.
+    # `readers` shards at once, each in its own thread (more readers fill the disk's queue
+    # deeper, which delays the imports' page faults: see READERS).
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(readers, len(files)))) as pool:
