@@ -12,6 +12,7 @@ Stages, each its own function with a narrow interface:
 The job file is written by the launcher (launcher/job.py builds it). Progress goes to
 stdout as events (events.py); a failure ends in one `error` event and exit 1.
 """
+import gc
 import json
 import os
 import sys
@@ -175,50 +176,6 @@ def _prefetch(model_dir: Path) -> int:
     return total
 
 
-# The packages the payload imports before calibrating: their files are what a cold start reads.
-IMPORTED_PACKAGES = ("torch", "transformers", "modelopt", "accelerate", "safetensors", "tokenizers",
-                     "huggingface_hub", "triton", "nvidia")
-
-
-def _warm_import_files(packages=IMPORTED_PACKAGES) -> int:
-    """Read the compiled modules (.pyc) of the packages we are about to import, 16 files at a time,
-    and ask the kernel to read ahead their shared libraries. On a cold start (nothing in the page
-    cache: the first run after a boot or an image pull) Python's imports otherwise fault in
-    thousands of small files one by one: 20+ s instead of ~15 s on the 8B run
-    (benchmarks/notes-gpu.md). Costs milliseconds when the cache is warm; changes nothing else."""
-    import importlib.util
-    from concurrent.futures import ThreadPoolExecutor
-
-    tag = sys.implementation.cache_tag
-    small, large = [], []
-    for name in packages:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            for folder, dirs, files in os.walk(root):
-                dirs[:] = [d for d in dirs if d not in ("tests", "test")]
-                for f in files:
-                    if f.endswith(".pyc") and tag in f:
-                        small.append(os.path.join(folder, f))
-                    elif ".so" in f:
-                        large.append(os.path.join(folder, f))
-
-    def read(path):
-        try:
-            with open(path, "rb", buffering=0) as f:
-                if path.endswith(".pyc"):
-                    return len(f.read())
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        return 0
-
-    with ThreadPoolExecutor(16) as pool:
-        return sum(pool.map(read, small + large))
-
-
 def _use_direct_load(setting, device: str, low_memory: bool, model_dir: Path) -> bool:
     """direct_load (job key): "auto" = on the GPU unless low_memory, where it saves most (the read
     overlaps the imports, and no pageable copies); true/false force it (tests use true on the CPU)."""
@@ -363,7 +320,10 @@ def run(job: dict) -> dict:
     def mark(name, at=None):
         timeline[name] = round((at or time.time()) - t0, 3)
 
-    warm = _Background(_warm_import_files) if job.get("warm_imports", True) else None
+    # The imports and the model's construction create ~a million objects; the cyclic collector
+    # would walk them over and over (15% of the import time measured). Nothing cyclic is freed
+    # before calibration, so collect nothing until then.
+    gc.disable()
     model_dir = Path(job["model_dir"])
     low_memory = bool(job.get("low_memory", False))
     if job.get("gguf"):
@@ -391,8 +351,6 @@ def run(job: dict) -> dict:
     recipe = recipes.build(job["format"], job["recipe"], job.get("kv_cache", "none"))
     timings["imports_s"] = round(time.time() - t, 3)  # tokenizer, transformers, ModelOpt
     mark("modelopt_imported")
-    if warm is not None:
-        mark("import_files_warmed", warm.ended)
 
     t = time.time()
     model, loader = load_model(model_dir, device, direct)
@@ -402,6 +360,8 @@ def run(job: dict) -> dict:
             mark(f"{name}_done", reader.ended)
     timings["load_s"] = round(time.time() - t, 3)  # what the weights' read still took after the imports
     mark("model_ready")
+    gc.freeze()  # what exists now lives to the end: later collections skip it
+    gc.enable()
 
     t = time.time()
     windows = windows.result()
