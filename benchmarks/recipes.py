@@ -1,7 +1,7 @@
 """Recipes side by side on the embedded model (SmolLM2-135M-Instruct, bf16).
 
     .venv-mo/bin/python benchmarks/recipes.py [--samples 128 --seq-len 512 --eval-tokens 8192]
-        [--recipes default,mse,gptq,gptq-mp] [--no-llmc] [--out build/bench-recipes]
+        [--recipes default,mse,gptq,gptq-mp] [--no-llmc] [--device cpu|cuda] [--out build/bench-recipes]
 
 Each recipe is a real payload run (`python -m container_payload.quantize JOB.json`, the
 same calibration windows for all: the first N x L tokens of brown-calibration), scored by
@@ -78,7 +78,7 @@ def ckpt_bytes(d: Path) -> int:
 def quantize(recipe: str, model_dir: Path, out: Path, args) -> dict:
     ck = out / recipe
     job = {"model_dir": str(model_dir), "gguf": str(GGUF), "output_dir": str(ck), "format": "nvfp4",
-           "recipe": recipe, "kv_cache": "none", "device": "cpu",
+           "recipe": recipe, "kv_cache": "none", "device": args.device,
            "calibration": {"source": str(CALIB), "samples": args.samples, "seq_len": args.seq_len,
                            "batch_size": "auto"}}
     jf = out / f"{recipe}.job.json"
@@ -117,7 +117,7 @@ def evaluate(ck: Path, model_dir: Path, name: str, out: Path, args) -> dict:
         jo = out / f"{name}.eval-{text}.json"
         job = {"checkpoint": str(ck), "reference": str(model_dir), "text": str(path),
                "tokens": args.eval_tokens, "seq_len": args.seq_len, "json_out": str(jo),
-               "generations": [], "device": "cpu"}
+               "generations": [], "device": args.device}
         jf = out / f"{name}.eval-{text}.job.json"
         fresh = not (args.reuse and jo.exists() and jf.exists() and json.loads(jf.read_text()) == job
                      and jo.stat().st_mtime > (Path(ck) / "config.json").stat().st_mtime)
@@ -171,6 +171,8 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--recipes", default=DEFAULT_RECIPES)
     ap.add_argument("--no-llmc", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                    help="where the payload quantizes and evaluates (the llm-compressor column picks its own)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep checkpoints and scores already in --out from the same job settings")
     ap.add_argument("--out", default=str(REPO / "build" / "bench-recipes"))
