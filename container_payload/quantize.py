@@ -152,9 +152,9 @@ class _Background:
 
 def _prefetch(model_dir: Path) -> int:
     """Read the checkpoint's weight files once, sequentially, so they sit in the page cache when
-    from_pretrained maps them. Runs in a thread during the ~20 s of Python imports (torch,
-    transformers, ModelOpt), which need the CPU but not the disk: the disk read (the I/O floor's
-    larger half) then costs no wall time. os.readv releases the GIL."""
+    from_pretrained maps them (the path when direct_load is off). Runs in a thread during the
+    transformers and ModelOpt imports, which need the CPU more than the disk. os.readv releases
+    the GIL."""
     buf = bytearray(64 << 20)
     total = 0
     for p in sorted(model_dir.glob("*.safetensors")):
