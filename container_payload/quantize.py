@@ -106,7 +106,9 @@ def model_from_state_dict(model_dir: Path, direct, device: str):
         if unexpected or set(missing) - tied:
             raise ValueError(f"keys differ from the architecture (missing {sorted(set(missing) - tied)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]})")
-        model.tie_weights()
+        # As from_pretrained: tie what the checkpoint leaves out; keep both if it holds both
+        # and they differ.
+        model.tie_weights(missing_keys=set(missing), recompute_mapping=False)
         meta = [n for n, p in model.named_parameters() if p.is_meta]
         if meta:
             raise ValueError(f"{len(meta)} parameters not loaded, e.g. {meta[0]}")
