@@ -350,7 +350,7 @@ def run(job: dict) -> dict:
     _import_modelopt()
     from . import recipes
 
-    recipe = recipes.build(job["format"], job["recipe"], job.get("kv_cache", "none"))
+    recipe = recipes.build(job["format"], job["recipe"], job.get("kv_cache", "none"), device)
     timings["imports_s"] = round(time.time() - t, 3)  # tokenizer, transformers, ModelOpt
     mark("modelopt_imported")
 

@@ -20,6 +20,10 @@ _NVFP4_PRESETS = {
     "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",
     "four-over-six": "NVFP4_FOUR_OVER_SIX_CFG",
 }
+# ModelOpt 0.47 runs these searches with CUDA or Triton kernels only ("amax must be a CUDA tensor
+# for dynamic block quantization", "static_blockwise_fp4_fake_quant requires triton"), so on a
+# CPU they fail mid-calibration; refuse them before the model loads.
+_GPU_ONLY = {"awq-lite", "awq-clip", "mse", "four-over-six"}
 _FORMAT_PRESETS = {
     "nvfp4-w4a16": "W4A16_NVFP4_CFG",
     "fp8": "FP8_DEFAULT_CFG",
@@ -57,8 +61,12 @@ def _custom_recipes() -> dict:
     return CUSTOM_RECIPES
 
 
-def build(fmt: str, recipe: str, kv_cache: str) -> Recipe:
+def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> Recipe:
     refine = None
+    if device != "cuda" and fmt == "nvfp4" and recipe in _GPU_ONLY:
+        cpu_ok = sorted((set(_NVFP4_PRESETS) | set(_custom_recipes())) - _GPU_ONLY)
+        raise PayloadError(f"recipe {recipe!r} needs a GPU (ModelOpt runs its search with CUDA/Triton "
+                           f"kernels only); on a CPU use one of: {', '.join(cpu_ok)}", kind="input")
     if fmt in _FORMAT_PRESETS:
         if recipe != "default":
             raise PayloadError(f"recipe {recipe!r} applies to nvfp4 (W4A4) only", kind="input")

@@ -70,6 +70,18 @@ def test_payload_failure_is_one_line(launcher_home, tmp_path, docker_client, sta
     _nothing_left(docker_client, launcher_home, out)
 
 
+def test_gpu_only_recipe_on_cpu_is_one_line(launcher_home, tmp_path, docker_client, standin_image):
+    # The stand-in has no GPU: ModelOpt's AWQ search would die mid-calibration with an assertion.
+    out = tmp_path / "o"
+    proc = run_launcher("quantize", "--output", str(out), "--recipe", "awq-lite", "--calib-samples", "2",
+                        "--calib-seq-len", "32", "--no-eval")
+    assert proc.returncode == 7
+    line = one_line_error(proc.stderr)
+    assert "recipe 'awq-lite' needs a GPU" in line and "gptq-aa-mp" in line and "default" in line
+    assert "amax must be a CUDA tensor" not in proc.stderr
+    _nothing_left(docker_client, launcher_home, out)
+
+
 @pytest.fixture
 def long_calibration(tmp_path, texts) -> Path:
     """Enough windows that calibration takes a while, on a small file (fast to tokenize)."""
