@@ -580,7 +580,17 @@ def refine_gptq_aa_mp(model, forward_loop):
     _refine_mp(model, forward_loop, act_aware=True)
 
 
+def _smooth(model, forward_loop):
+    from .smoothing import smooth
+
+    smooth(model, forward_loop)
+
+
+# name -> (ModelOpt preset, step after its calibration[, step before it])
 CUSTOM_RECIPES = {
+    "smooth": ("NVFP4_DEFAULT_CFG", None, _smooth),
+    "smooth-gptq-aa": ("NVFP4_DEFAULT_CFG", refine_gptq_aa, _smooth),
+    "smooth-gptq-aa-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_aa_mp, _smooth),
     "scale-search": ("NVFP4_DEFAULT_CFG", refine_scale_search),
     "gptq": ("NVFP4_DEFAULT_CFG", refine_gptq),
     "gptq-aa": ("NVFP4_DEFAULT_CFG", refine_gptq_aa),

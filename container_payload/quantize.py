@@ -260,6 +260,9 @@ def forward_loop_for(batches, device: str, times: dict | None = None):
 def quantize(model, recipe, forward_loop):
     import modelopt.torch.quantization as mtq
 
+    if recipe.prepare is not None:
+        events.stage("pre-calibrate", detail=f"{recipe.name}: statistics pass, folded into the bf16 weights")
+        recipe.prepare(model, forward_loop)
     events.stage("calibrate", detail=f"recipe {recipe.name} ({recipe.preset})")
     model = mtq.quantize(model, recipe.config, forward_loop)
     if recipe.refine is not None:

@@ -37,6 +37,8 @@ class Recipe:
     config: dict
     # Runs after mtq.quantize's calibration, on the calibrated model (our own methods).
     refine: Callable | None = None
+    # Runs before mtq.quantize, on the bf16 model: (model, forward_loop) -> None (smoothing).
+    prepare: Callable | None = None
 
 
 def _preset(name: str) -> dict:
@@ -62,7 +64,7 @@ def _custom_recipes() -> dict:
 
 
 def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> Recipe:
-    refine = None
+    refine = prepare = None
     if device != "cuda" and fmt == "nvfp4" and recipe in _GPU_ONLY:
         cpu_ok = sorted((set(_NVFP4_PRESETS) | set(_custom_recipes())) - _GPU_ONLY)
         raise PayloadError(f"recipe {recipe!r} needs a GPU (ModelOpt runs its search with CUDA/Triton "
@@ -76,7 +78,8 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> Recipe:
         if recipe in _NVFP4_PRESETS:
             preset = _NVFP4_PRESETS[recipe]
         elif recipe in custom:
-            preset, refine = custom[recipe]
+            preset, refine, *rest = custom[recipe]
+            prepare = rest[0] if rest else None
         else:
             known = sorted(set(_NVFP4_PRESETS) | set(custom))
             raise PayloadError(f"unknown recipe {recipe!r}; known: {', '.join(known)}", kind="input")
@@ -85,4 +88,4 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> Recipe:
     cfg = _preset(preset)
     if kv_cache == "fp8":
         cfg["quant_cfg"] = list(cfg["quant_cfg"]) + copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
-    return Recipe(name=recipe, preset=preset, config=cfg, refine=refine)
+    return Recipe(name=recipe, preset=preset, config=cfg, refine=refine, prepare=prepare)

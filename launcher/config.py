@@ -37,7 +37,10 @@ RECIPES = (
     "gptq",           # ours: GPTQ error compensation on the NVFP4 grid
     "gptq-aa",        # ours: activation-aware GPTQ (absorbs the W4A4 input rounding)
     "gptq-mp",        # ours: gptq + the costliest fused units kept bf16 within ~9% size
-    "gptq-aa-mp",     # ours: gptq-aa + bf16 units; the measured best (benchmarks/results/recipes.md)
+    "gptq-aa-mp",     # ours: gptq-aa + bf16 units (benchmarks/results/recipes.md)
+    "smooth",         # ours: per-channel smoothing folded into norms / up_proj, then ModelOpt default
+    "smooth-gptq-aa", # ours: smoothing, then activation-aware GPTQ
+    "smooth-gptq-aa-mp",  # ours: smoothing, then gptq-aa-mp
 )
 
 

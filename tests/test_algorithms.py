@@ -14,7 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference",
-         "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export"]
+         "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
+         "smoothing"]
 
 
 # ---------------------------------------------------------------- host side (pytest)
@@ -67,6 +68,10 @@ def test_export_keeps_our_grid_and_shared_global_scales():
 
 def test_mixed_precision_export_is_standard():
     _run_case("mixed_precision_export")
+
+
+def test_smoothing_keeps_the_function_and_narrows_activation_blocks():
+    _run_case("smoothing")
 
 
 # ---------------------------------------------------------------- torch side (subprocess)
@@ -380,6 +385,73 @@ def case_mixed_precision_export():
     for n in linears:
         if n not in kept_names:
             assert t[n + ".weight"].dtype == torch.uint8 and n + ".weight_scale" in t, n
+
+
+def case_smoothing():
+    """Folding is exact (float32 logits unchanged), the scales follow SmoothQuant's rule computed
+    here in float64 from the layer's own inputs, activation blocks quantize with less error, and
+    an architecture with another norm is left alone."""
+    import copy
+
+    import torch
+    from container_payload import smoothing
+    from container_payload.emulate import fake_quant_nvfp4
+
+    model, forward_loop, batches = _tiny_llama(None)
+    model = model.float()
+    with torch.no_grad():  # outlier channels, as real residual streams have
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] *= 30
+            layer.post_attention_layernorm.weight[[5, 40]] *= 30
+            layer.mlp.up_proj.weight[[7, 90]] *= 20
+    before = copy.deepcopy(model)
+    ids = torch.cat(batches)
+    with torch.no_grad():
+        ref = before(ids).logits
+        # layer 0's q/k/v input and gate/up input, in float64, from the unsmoothed model
+        cap = {}
+        l0 = before.model.layers[0]
+        h1 = l0.input_layernorm.register_forward_hook(lambda m, a, o: cap.__setitem__("qkv", o.double()))
+        h2 = l0.post_attention_layernorm.register_forward_hook(lambda m, a, o: cap.__setitem__("mlp", o.double()))
+        before.get_decoder()(input_ids=ids, use_cache=False)
+        h1.remove(), h2.remove()
+
+    alpha = 0.65
+    assert smoothing.smooth(model, forward_loop, alpha) == 3 * len(model.model.layers)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), (got - ref).abs().max()
+
+    b0, m0 = before.model.layers[0], model.model.layers[0]
+    w = torch.cat([b0.self_attn.q_proj.weight, b0.self_attn.k_proj.weight, b0.self_attn.v_proj.weight]).double()
+    x_max = cap["qkv"].reshape(-1, 64).abs().amax(0)
+    s_ref = (x_max.pow(alpha) / w.abs().amax(0).pow(1 - alpha)).clamp(*smoothing.SCALE_RANGE)
+    assert torch.allclose(m0.input_layernorm.weight.double(), b0.input_layernorm.weight.double() / s_ref, rtol=1e-5)
+    assert torch.allclose(m0.self_attn.q_proj.weight.double(), b0.self_attn.q_proj.weight.double() * s_ref, rtol=1e-5)
+
+    def a4_error(x, w):  # relative error of the gate projection when only its input is NVFP4
+        x, w = x.float(), w.float()
+        y = x @ w.T
+        yq = fake_quant_nvfp4(x, x.abs().amax() / (6 * 448)) @ w.T
+        return ((yq - y).pow(2).sum() / y.pow(2).sum()).item()
+
+    with torch.no_grad():
+        after = {}
+        h = m0.post_attention_layernorm.register_forward_hook(lambda m, a, o: after.__setitem__("mlp", o))
+        model.get_decoder()(input_ids=ids, use_cache=False)
+        h.remove()
+    # the gate/up input quantizes better once its outlier channels moved into the weights
+    e_after = a4_error(after["mlp"], m0.mlp.gate_proj.weight)
+    e_before = a4_error(cap["mlp"], b0.mlp.gate_proj.weight)
+    assert e_after < 0.5 * e_before, (e_after, e_before)
+
+    other, loop2, _ = _tiny_llama(None)
+    norm_cls = type(other.model.layers[0].input_layernorm)
+    for layer in other.model.layers:  # e.g. Gemma's (1 + weight) norm: folding would be wrong
+        layer.input_layernorm.__class__ = type("GemmaRMSNorm", (norm_cls,), {})
+    untouched = copy.deepcopy(other.state_dict())
+    assert smoothing.smooth(other, loop2, alpha) == 0
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in untouched.items())
 
 
 if __name__ == "__main__":
