@@ -581,9 +581,9 @@ def refine_gptq_aa_mp(model, forward_loop):
 
 
 def _smooth(model, forward_loop):
-    from .smoothing import smooth
+    from .smoothing import DEFAULT_ALPHA, smooth
 
-    smooth(model, forward_loop)
+    smooth(model, forward_loop, _env_float("SPARK_NVFP4_SMOOTH_ALPHA", DEFAULT_ALPHA))
 
 
 # name -> (ModelOpt preset, step after its calibration[, step before it])
