@@ -8,9 +8,10 @@ product unchanged and moves part of that range into the weights, whose 16-blocks
 offline. The division is folded into what produces the input, so the checkpoint stays standard:
   RMSNorm weight  -> q/k/v, gate/up   (input_layernorm, post_attention_layernorm)
   up_proj rows    -> down_proj        (down's input is act(gate) * up, linear in up)
-s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha)  (SmoothQuant's rule; alpha 0.65 was best of
-0.25 / 0.5 / 0.65 / 0.8 on the embedded model: emulated W4A4 KL of round-to-nearest 0.412 ->
-0.283, benchmarks/results/recipes.md).
+s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha)  (SmoothQuant's rule). On the embedded model,
+with round-to-nearest weights, alpha 0.65 was the best of 0.25 / 0.5 / 0.65 / 0.8; before
+activation-aware GPTQ a milder alpha compounds better (algorithms.ALPHA_WITH_GPTQ;
+benchmarks/results/recipes.md).
 
 Only for decoder layers whose norm is a plain RMSNorm (weight * x / rms): llama, mistral, qwen2,
 qwen3. Other architectures are left as they are, with a log line.
