@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference",
          "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
-         "smoothing"]
+         "smoothing", "recipe_names_agree"]
 
 
 # ---------------------------------------------------------------- host side (pytest)
@@ -72,6 +72,10 @@ def test_mixed_precision_export_is_standard():
 
 def test_smoothing_keeps_the_function_and_narrows_activation_blocks():
     _run_case("smoothing")
+
+
+def test_launcher_and_payload_know_the_same_recipes():
+    _run_case("recipe_names_agree")
 
 
 # ---------------------------------------------------------------- torch side (subprocess)
@@ -452,6 +456,19 @@ def case_smoothing():
     untouched = copy.deepcopy(other.state_dict())
     assert smoothing.smooth(other, loop2, alpha) == 0
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in untouched.items())
+
+
+def case_recipe_names_agree():
+    # The launcher keeps its own copy of the names (it rejects a typo before starting a container).
+    import re
+
+    from container_payload import recipes
+
+    text = (REPO / "launcher" / "config.py").read_text()
+    block = text[text.index("RECIPES = ("):text.index("\n)", text.index("RECIPES = ("))]
+    launcher_names = set(re.findall(r'"([a-z0-9-]+)"', block))
+    payload_names = set(recipes._NVFP4_PRESETS) | set(recipes._custom_recipes())
+    assert launcher_names == payload_names, (launcher_names ^ payload_names)
 
 
 if __name__ == "__main__":
