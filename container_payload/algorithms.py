@@ -36,6 +36,8 @@ import time
 import torch
 from torch import nn
 
+from .smoothing import DEFAULT_ALPHA, smooth
+
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 BLOCK = 16
@@ -585,13 +587,11 @@ def _smoothing(alpha: float):
     for benchmarks). Alone, 0.65 measured best; before activation-aware GPTQ, which already
     moves part of the activation error into the weights, a milder ALPHA_WITH_GPTQ did."""
     def prepare(model, forward_loop):
-        from .smoothing import smooth
-
         smooth(model, forward_loop, _env_float("SPARK_NVFP4_SMOOTH_ALPHA", alpha))
     return prepare
 
 
-ALPHA_ALONE = 0.65
+ALPHA_ALONE = DEFAULT_ALPHA
 ALPHA_WITH_GPTQ = 0.5
 
 

@@ -9,7 +9,7 @@ overlaps the transformers / ModelOpt imports. The bytes are the file's bytes: no
 
     state_dict = read_state_dict(checkpoint_files(model_dir), "cuda")
 
-The payload then builds the model around these tensors (quantize.build_model); anything unusual
+The payload then builds the model around these tensors (quantize.model_from_state_dict); anything unusual
 (other dtypes, a missing key) makes it fall back to from_pretrained.
 """
 import json
@@ -76,11 +76,11 @@ def _read_into(fd: int, view: memoryview, pos: int) -> None:
 
 
 def read_state_dict(files: list[Path], device: str, readers: int = READERS,
-                    chunk: int = CHUNK, low_priority: bool = False) -> dict[str, torch.Tensor]:
+                    chunk: int = CHUNK) -> dict[str, torch.Tensor]:
     """Every tensor of every file, each in its own allocation on `device`."""
     out: dict[str, torch.Tensor] = {}
     if torch.device(device).type == "cuda":
-        _read_cuda(files, torch.device(device), out, readers, chunk, low_priority)
+        _read_cuda(files, torch.device(device), out, readers, chunk)
     else:
         _read_host(files, out)
     return out
@@ -105,36 +105,17 @@ def _read_host(files, out) -> None:
             os.close(fd)
 
 
-def _read_cuda(files, device, out, readers, chunk, low_priority) -> None:
+def _read_cuda(files, device, out, readers, chunk) -> None:
     # `readers` shards at once, each in its own thread (more readers fill the disk's queue
     # deeper, which delays the imports' page faults: see READERS).
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(readers, len(files)))) as pool:
-        for part in pool.map(lambda f: _read_shard_cuda(f, device, chunk, low_priority), files):
+        for part in pool.map(lambda f: _read_shard_cuda(f, device, chunk), files):
             out.update(part)
 
 
-def lower_io_priority(klass: int = 2, level: int = 7) -> bool:
-    """Give this thread's disk reads a lower priority (best-effort class, level 7), so the page
-    faults of Python's imports, which are on the critical path, go first. Linux, x86-64 only;
-    honoured by the BFQ and mq-deadline schedulers, ignored elsewhere."""
-    try:
-        import ctypes
-        import platform
-
-        if platform.system() != "Linux" or platform.machine() != "x86_64":
-            return False
-        libc = ctypes.CDLL(None, use_errno=True)
-        # ioprio_set(IOPRIO_WHO_PROCESS, 0 = this thread, class << 13 | level)
-        return libc.syscall(251, 1, 0, (klass << 13) | level) == 0
-    except Exception:  # noqa: BLE001 - only a hint
-        return False
-
-
-def _read_shard_cuda(path: Path, device, chunk: int, low_priority: bool = False) -> dict[str, torch.Tensor]:
-    if low_priority:
-        lower_io_priority()
+def _read_shard_cuda(path: Path, device, chunk: int) -> dict[str, torch.Tensor]:
     # Double-buffered: while the GPU copies chunk i out of one pinned buffer, the disk fills the
     # other. A chunk's bytes land in the tensors it overlaps (a tensor may span several chunks).
     stream = torch.cuda.Stream(device)

@@ -178,13 +178,21 @@ def _prefetch(model_dir: Path) -> int:
     return total
 
 
-def _use_direct_load(setting, device: str, low_memory: bool, model_dir: Path) -> bool:
-    """direct_load (job key): "auto" = on the GPU unless low_memory, where it saves most (the read
-    overlaps the imports, and no pageable copies); true/false force it (tests use true on the CPU)."""
-    if setting == "auto" or isinstance(setting, dict):  # a dict: "auto" with reader options
+def _direct_load_files(setting, device: str, low_memory: bool, model_dir: Path) -> list[Path] | None:
+    """The shards direct_load should read, or None to load with from_pretrained. direct_load (job
+    key): "auto" = on the GPU unless low_memory, where it saves most (the read overlaps the
+    imports, and no pageable copies); true/false force it (tests use true on the CPU); a dict is
+    "auto" with reader options (benchmarks)."""
+    if setting == "auto" or isinstance(setting, dict):
         setting = device == "cuda" and not low_memory
-    return bool(setting) and ((model_dir / "model.safetensors").exists()
-                              or (model_dir / "model.safetensors.index.json").exists())
+    if not setting:
+        return None
+    from . import direct_load  # torch only: starts before transformers is imported
+
+    try:
+        return direct_load.checkpoint_files(model_dir)
+    except direct_load.UnsupportedCheckpoint:
+        return None
 
 
 def _import_modelopt() -> None:
@@ -337,13 +345,13 @@ def run(job: dict) -> dict:
     device = pick_device(job.get("device", "auto"))
     mark("torch_ready")
     direct = prefetch = None
-    if _use_direct_load(job.get("direct_load", "auto"), device, low_memory, model_dir):
-        from . import direct_load  # torch only: starts before transformers is imported
+    files = _direct_load_files(job.get("direct_load", "auto"), device, low_memory, model_dir)
+    if files:
+        from . import direct_load
 
         opts = job["direct_load"] if isinstance(job.get("direct_load"), dict) else {}  # benchmark tuning
-        direct = _Background(direct_load.read_state_dict, direct_load.checkpoint_files(model_dir), device,
-                             opts.get("readers", direct_load.READERS), opts.get("chunk_mb", direct_load.CHUNK >> 20) << 20,
-                             opts.get("low_priority", False))
+        direct = _Background(direct_load.read_state_dict, files, device, opts.get("readers", direct_load.READERS),
+                             opts.get("chunk_mb", direct_load.CHUNK >> 20) << 20)
     elif job.get("prefetch", not low_memory) and (model_dir / "config.json").exists():
         prefetch = _Background(_prefetch, model_dir)
 
