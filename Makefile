@@ -16,7 +16,7 @@ SEQ_LEN  ?= 512
 EXTRA    ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo setup bootstrap venv venvs image quantize verify test clean-venvs
+.PHONY: bench-recipes demo setup bootstrap venv venvs image quantize verify test clean-venvs
 
 demo: setup image quantize
 
@@ -54,6 +54,11 @@ quantize: venv
 
 verify: venv
 	$(LAUNCHER) verify $(OUTPUT)
+
+# The recipes table (benchmarks/results/recipes.md): every CPU recipe plus llm-compressor on the
+# embedded model, same calibration windows as make quantize (about 1 h on 2 cores).
+bench-recipes: venv venvs
+	.venv-mo/bin/python benchmarks/recipes.py --samples $(SAMPLES) --seq-len $(SEQ_LEN) $(BENCH_ARGS)
 
 test: venv venvs
 	scripts/bootstrap-host.sh --test

@@ -1,7 +1,7 @@
 """Recipes side by side on the embedded model (SmolLM2-135M-Instruct, bf16).
 
-    .venv-mo/bin/python benchmarks/recipes.py [--samples 128 --seq-len 512 --eval-tokens 8192]
-        [--recipes default,mse,gptq,gptq-mp] [--no-llmc] [--device cpu|cuda] [--out build/bench-recipes]
+    .venv-mo/bin/python benchmarks/recipes.py [--samples 128 --seq-len 512 --eval-tokens 4096]
+        [--recipes default,smooth,gptq-aa-mp] [--no-llmc] [--device cpu|cuda] [--out build/bench-recipes]
 
 Each recipe is a real payload run (`python -m container_payload.quantize JOB.json`, the
 same calibration windows for all: the first N x L tokens of brown-calibration), scored by
@@ -32,7 +32,9 @@ CALIB = ASSETS / "text" / "brown-calibration.txt"
 HELDOUT = {"brown": ASSETS / "text" / "brown-heldout.txt", "wiki": ASSETS / "text" / "wiki-heldout.txt"}
 MO_PY = Path(sys.executable)
 LLMC_PY = Path(os.environ.get("SPARK_NVFP4_LLMC_PYTHON", REPO / ".venv-llmc" / "bin" / "python"))
-DEFAULT_RECIPES = "default,mse,four-over-six,awq-lite,gptq,gptq-mp"
+# Every row runs on the same calibration windows; ModelOpt's search presets need CUDA/Triton.
+CPU_RECIPES = "default,smooth,gptq-aa,gptq-aa-mp,smooth-gptq-aa-mp,smooth-gptq-seq-mp"
+GPU_RECIPES = CPU_RECIPES + ",awq-lite,awq-clip,mse,four-over-six"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
@@ -168,8 +170,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--recipes", default=DEFAULT_RECIPES)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--recipes", default=None,
+                    help=f"comma-separated; default {CPU_RECIPES} (plus ModelOpt's GPU-only presets "
+                         "with --device cuda)")
     ap.add_argument("--no-llmc", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                     help="where the payload quantizes and evaluates (the llm-compressor column picks its own)")
@@ -183,7 +187,8 @@ def main() -> int:
     model_dir = out / "smol-bf16"
     t0 = time.time()
     rows = []
-    names = [r for r in args.recipes.split(",") if r]
+    recipes = args.recipes or (GPU_RECIPES if args.device == "cuda" else CPU_RECIPES)
+    names = [r for r in recipes.split(",") if r]
     if not args.no_llmc:
         names.append("llm-compressor")
     for name in names:

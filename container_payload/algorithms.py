@@ -205,9 +205,10 @@ def _quantizers(model):
     return [m for m in model.modules() if isinstance(m, TensorQuantizer)]
 
 
-class _QuantizersOff:
+class QuantizersOff:
     """Temporarily disable every enabled ModelOpt quantizer (the refine passes run the
-    original model; ModelOpt's CPU fake-quant kernels need CUDA anyway)."""
+    original model; ModelOpt's CPU fake-quant kernels need CUDA anyway). A quantizer turned
+    off here still counts as enabled for unit_input_scale: our emulation needs its scale."""
 
     def __init__(self, model):
         self.qs = [q for q in _quantizers(model) if q.is_enabled]
@@ -215,10 +216,15 @@ class _QuantizersOff:
     def __enter__(self):
         for q in self.qs:
             q.disable()
+            _PAUSED.add(id(q))
 
     def __exit__(self, *exc):
         for q in self.qs:
             q.enable()
+            _PAUSED.discard(id(q))
+
+
+_PAUSED: set[int] = set()  # ids of the quantizers a QuantizersOff holds off
 
 
 def quantized_linears(model) -> dict:
@@ -254,9 +260,16 @@ def fused_units(names) -> list[list[str]]:
 
 def _input_amax(m) -> torch.Tensor | None:
     iq = getattr(m, "input_quantizer", None)
-    if iq is None or not iq.is_enabled or getattr(iq, "amax", None) is None:
+    if iq is None or not (iq.is_enabled or id(iq) in _PAUSED) or getattr(iq, "amax", None) is None:
         return None
     return iq.amax.detach().float().reshape(-1).max()
+
+
+def unit_input_scale(mods) -> torch.Tensor | None:
+    """The input scale the export writes for a fused unit (one, shared: max of the members'
+    calibrated input amax / (6 * 448)), or None when its input is not quantized."""
+    amaxes = [a for a in (_input_amax(m) for m in mods) if a is not None]
+    return torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX) if amaxes else None
 
 
 @torch.no_grad()
@@ -276,10 +289,7 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
     handles = []
 
     def hook_for(name, mods):
-        scale = None
-        if quantized_input:  # the unit's shared input scale, as the export writes it
-            amaxes = [a for a in (_input_amax(m) for m in mods) if a is not None]
-            scale = torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX) if amaxes else None
+        scale = unit_input_scale(mods) if quantized_input else None
 
         def pre(mod, args):
             x0 = args[0].detach().reshape(-1, args[0].shape[-1]).float()
@@ -304,7 +314,7 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
             kept.append(ids.detach().clone())
     handles.append(body.register_forward_pre_hook(keep, with_kwargs=True))
     try:
-        with _QuantizersOff(model):
+        with QuantizersOff(model):
             forward_loop(model)
     finally:
         for h in handles:
@@ -359,6 +369,37 @@ def _global_amax(ws: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.float().abs().amax() for w in ws]).amax()
 
 
+def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
+                  gptq: bool = True, search: bool = True, damp: float = 0.01,
+                  block_size: int = 128) -> None:
+    """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
+    the unit, GPTQ (or rounding) with searched or max block scales; stores the original
+    weights in `originals` and consumes the unit's entries of hs / cs."""
+    mods = [linears[n] for n in unit]
+    targets = {}
+    for n, m in zip(unit, mods):
+        originals[n] = m.weight.detach().clone()
+        wf = m.weight.detach().float()
+        if cs.get(n) is not None:
+            wf = activation_corrected_weight(wf, hs[n], cs.pop(n), damp).float()
+        targets[n] = wf
+    g = _global_amax(list(targets.values()))
+    ws2 = g / (E2M1_MAX * E4M3_MAX)
+    for n, m in zip(unit, mods):
+        w = m.weight.detach()
+        wf = targets.pop(n)
+        if gptq and hs.get(n) is not None:
+            q, s = gptq_nvfp4(wf, hs[n].to(wf.device), ws2.to(wf.device), block_size, damp, search)
+        else:
+            blocks = wf.reshape(-1, BLOCK)
+            s = search_block_scales(blocks, ws2) if search else max_block_scales(blocks, ws2)
+            q = quantize_blocks(blocks, s[:, None], ws2).reshape(wf.shape)
+            s = s.reshape(wf.shape[0], -1)
+        m.weight.data.copy_(q.to(w.dtype))
+        set_static_weight_quantizer(m, s, g)
+        hs.pop(n, None)
+
+
 @torch.no_grad()
 def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True,
                      quantized_input: bool = False, keep_batches: int = 0, damp: float = 0.01,
@@ -375,30 +416,8 @@ def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True
     originals = {}
     t0 = time.time()
     for unit in fused_units(linears):
-        mods = [linears[n] for n in unit]
-        targets = {}
-        for n, m in zip(unit, mods):
-            originals[n] = m.weight.detach().clone()
-            wf = m.weight.detach().float()
-            if cs.get(n) is not None:
-                wf = activation_corrected_weight(wf, hs[n], cs.pop(n), damp).float()
-            targets[n] = wf
-        g = _global_amax(list(targets.values()))
-        ws2 = g / (E2M1_MAX * E4M3_MAX)
-        for n, m in zip(unit, mods):
-            w = m.weight.detach()
-            wf = targets.pop(n)
-            if gptq and hs.get(n) is not None:
-                q, s = gptq_nvfp4(wf, hs[n].to(wf.device), ws2.to(wf.device), block_size, damp,
-                                  search)
-            else:
-                blocks = wf.reshape(-1, BLOCK)
-                s = search_block_scales(blocks, ws2) if search else max_block_scales(blocks, ws2)
-                q = quantize_blocks(blocks, s[:, None], ws2).reshape(wf.shape)
-                s = s.reshape(wf.shape[0], -1)
-            m.weight.data.copy_(q.to(w.dtype))
-            set_static_weight_quantizer(m, s, g)
-            hs.pop(n, None)
+        quantize_unit(unit, linears, hs, cs, originals, gptq=gptq, search=search, damp=damp,
+                      block_size=block_size)
     _log(f"refine: {'GPTQ' if gptq else 'rounding'}{' (activation-aware)' if act_aware else ''} "
          f"({'searched' if search else 'max'} scales) "
          f"on {len(linears)} Linears in {time.time() - t0:.1f}s")
@@ -420,7 +439,7 @@ def model_bytes_default(model, linears: dict) -> float:
     return total
 
 
-class _Emulation:
+class Emulation:
     """In-process W4A4 emulation for ranking: weights are already on the grid (bf16);
     inputs are fake-quantized per spec section 3 with the unit's shared input scale.
     Optionally records each Linear's relative output error vs its original weights."""
@@ -429,8 +448,7 @@ class _Emulation:
         from .emulate import fake_quant_nvfp4
         self.handles, self.err = {}, {}
         for unit in units:
-            amaxes = [a for a in (_input_amax(linears[n]) for n in unit) if a is not None]
-            scale = torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX) if amaxes else None
+            scale = unit_input_scale([linears[n] for n in unit])
             for n in unit:
                 self._hook(n, linears[n], scale, None if originals is None else originals[n],
                            fake_quant_nvfp4)
@@ -503,11 +521,11 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
         for n in names:
             linears[n].weight.data.copy_(src[n])
 
-    with _QuantizersOff(model):
+    with QuantizersOff(model):
         set_weights(originals, linears)
         ref = [torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1) for ids in ids_list]
         set_weights(quant_w, linears)
-        emu = _Emulation(linears, units, originals)
+        emu = Emulation(linears, units, originals)
         try:
             base = _kl_to(model, ids_list, ref)
         finally:
@@ -518,7 +536,7 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
         gains = []
         for unit in shortlist:
             set_weights(originals, unit)
-            emu = _Emulation(linears, [u for u in units if u is not unit])
+            emu = Emulation(linears, [u for u in units if u is not unit])
             try:
                 kl = _kl_to(model, ids_list, ref)
             finally:
@@ -574,6 +592,39 @@ def _refine_mp(model, forward_loop, act_aware: bool, budget_frac: float | None =
     keep_sensitive_in_bf16(model, linears, originals, kept_ids, budget_frac)
 
 
+@torch.no_grad()
+def round_weights(linears: dict) -> None:
+    """Weights only, no quantizer state: each fused unit rounded to the NVFP4 grid with
+    searched block scales under the unit's global scale (a quick stand-in for ranking)."""
+    for unit in fused_units(linears):
+        g = _global_amax([linears[n].weight for n in unit])
+        ws2 = g / (E2M1_MAX * E4M3_MAX)
+        for n in unit:
+            w = linears[n].weight
+            blocks = w.detach().float().reshape(-1, BLOCK)
+            q = quantize_blocks(blocks, search_block_scales(blocks, ws2)[:, None], ws2)
+            w.data.copy_(q.reshape(w.shape).to(w.dtype))
+
+
+def refine_gptq_seq_mp(model, forward_loop):
+    """Mixed precision first, then sequential GPTQ around the units kept in bf16: after a
+    sequential pass every later layer has compensated the error of the earlier ones, so
+    putting one unit back to bf16 then makes the KL worse (measured: every candidate did);
+    the choice has to come first. It is ranked on round-to-nearest weights."""
+    from .sequential import first_layer_inputs, sequential_gptq  # they build on this module
+    budget_frac = _env_float("SPARK_NVFP4_MP_BUDGET", 0.09)
+    batches = int(_env_float("SPARK_NVFP4_MP_BATCHES", 1))
+    with QuantizersOff(model):
+        captured = first_layer_inputs(model, forward_loop, batches)
+    linears = quantized_linears(model)
+    originals = {n: m.weight.detach().clone() for n, m in linears.items()}
+    round_weights(linears)
+    keep_sensitive_in_bf16(model, linears, originals, captured[2], budget_frac)
+    for n, m in linears.items():
+        m.weight.data.copy_(originals[n])
+    sequential_gptq(model, forward_loop, captured=captured)
+
+
 def refine_gptq_mp(model, forward_loop):
     _refine_mp(model, forward_loop, act_aware=False)
 
@@ -600,6 +651,7 @@ CUSTOM_RECIPES = {
     "smooth": ("NVFP4_DEFAULT_CFG", None, _smoothing(ALPHA_ALONE)),
     "smooth-gptq-aa": ("NVFP4_DEFAULT_CFG", refine_gptq_aa, _smoothing(ALPHA_WITH_GPTQ)),
     "smooth-gptq-aa-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_aa_mp, _smoothing(ALPHA_WITH_GPTQ)),
+    "smooth-gptq-seq-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_seq_mp, _smoothing(ALPHA_WITH_GPTQ)),
     "scale-search": ("NVFP4_DEFAULT_CFG", refine_scale_search),
     "gptq": ("NVFP4_DEFAULT_CFG", refine_gptq),
     "gptq-aa": ("NVFP4_DEFAULT_CFG", refine_gptq_aa),

@@ -41,6 +41,7 @@ RECIPES = (
     "smooth",         # ours: per-channel smoothing folded into norms / up_proj, then ModelOpt default
     "smooth-gptq-aa", # ours: smoothing, then activation-aware GPTQ
     "smooth-gptq-aa-mp",  # ours: smoothing, then gptq-aa-mp
+    "smooth-gptq-seq-mp",  # ours: smoothing, bf16 units chosen first, then layer-sequential gptq-aa
 )
 
 

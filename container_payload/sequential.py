@@ -1,0 +1,160 @@
+"""Layer-sequential activation-aware GPTQ: each decoder layer is quantized on the inputs
+the already-quantized layers before it produce, against the outputs of the original model.
+
+Why: `gptq-aa` takes every Linear's inputs from the original model, so each layer is fitted
+to inputs it will never see: in W4A4 the residual stream reaching layer 20 carries the error of
+layers 0-19. Here two streams of hidden states run through the decoder side by side, the
+original one (X) and the quantized one (X~, with the engine's input quantization emulated), and
+every Linear is fitted by activation-aware GPTQ (algorithms.activation_corrected_weight) with
+H = Xq^T Xq, C = X^T Xq, Xq = the engine's NVFP4 rounding of X~. So it minimizes
+||X W^T - Xq Q^T||^2: the error the layer inherits, as well as its own, is compensated where
+the weights can absorb it (the idea of GPTQ's "act-order"-free sequential variants and GPTAQ).
+
+Within a layer the fused units (q/k/v, o, gate/up, down) are fitted in execution order, each
+on the inputs that the quantized units before it produce. The cost is about six passes of the
+calibration set through each layer (one original, four staged, one to advance), against one
+for `gptq-aa`; the hidden states of both streams stay in memory (tokens x hidden x 2 bytes each).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .algorithms import (Emulation, QuantizersOff, _log, fused_units, quantize_unit,
+                         quantized_linears, unit_input_scale)
+from .emulate import fake_quant_nvfp4
+
+
+class _Catcher(nn.Module):
+    """Stands in for the decoder's layers during one calibration pass: records what the first
+    layer receives and passes the hidden states on, so the pass costs only the embedding."""
+
+    def __init__(self, store: list):
+        super().__init__()
+        self.store = store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append((hidden_states.detach(), args, kwargs))
+        return hidden_states
+
+
+def first_layer_inputs(model, forward_loop, keep_batches: int = 0):
+    """One cheap pass of the calibration set: (the decoder's layers, what the first layer
+    receives per batch [(hidden, args, kwargs)], the first keep_batches input_ids batches)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = decoder.layers
+    store, kept = [], []
+
+    def keep(mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and len(kept) < keep_batches:
+            kept.append(ids.detach().clone())
+
+    handle = decoder.register_forward_pre_hook(keep, with_kwargs=True)
+    decoder.layers = nn.ModuleList([_Catcher(store)])
+    try:
+        forward_loop(model)
+    finally:
+        decoder.layers = layers
+        handle.remove()
+    return layers, store, kept
+
+
+def _output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Capture:
+    """Forward pre-hooks that hand each watched Linear's input to a callback."""
+
+    def __init__(self, mods: dict, fn):
+        self.handles = [m.register_forward_pre_hook(lambda mod, args, n=n: fn(n, args[0]))
+                        for n, m in mods.items()]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.01,
+                    block_size: int = 128, search: bool = True, captured=None):
+    """Quantize every quantized Linear layer by layer (see the module's docstring); Linears
+    whose quantizers are off (kept in bf16) run unquantized in both streams. `captured`:
+    first_layer_inputs' result, when the caller already has it. Returns (linears, originals,
+    kept_ids), like algorithms.quantize_weights."""
+    t0 = time.time()
+    linears = quantized_linears(model)
+    originals: dict = {}
+    with QuantizersOff(model):
+        layers, inputs, kept = captured or first_layer_inputs(model, forward_loop, keep_batches)
+        fp = [h for h, _, _ in inputs]        # the original model's hidden states
+        qs = [h.clone() for h in fp]          # the quantized model's
+        calls = [(a, k) for _, a, k in inputs]
+        name_of = {id(m): n for n, m in linears.items()}
+        done_units = 0
+        for layer in layers:
+            members = [name_of[id(m)] for m in layer.modules() if id(m) in name_of]
+            units = fused_units(members)
+            if not units:
+                fp = [_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
+                qs = [_output(layer(h, *a, **k)) for h, (a, k) in zip(qs, calls)]
+                continue
+            heads = {u[0]: linears[u[0]] for u in units}
+            scales = {u[0]: unit_input_scale([linears[n] for n in u]) for u in units}
+            # 1. the original layer: every unit's input X, and the next layer's input
+            x_fp = {n: [] for n in heads}
+            cap = _Capture(heads, lambda n, x: x_fp[n].append(x.detach().reshape(-1, x.shape[-1])))
+            try:
+                fp = [_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
+            finally:
+                cap.remove()
+            # 2. unit by unit, in execution order, on the quantized stream
+            emulated = []
+            try:
+                for unit in units:
+                    head = unit[0]
+                    h_acc = c_acc = None
+                    count, batch = 0, [0]
+
+                    def accumulate(n, x, head=head):
+                        nonlocal h_acc, c_acc, count
+                        if n != head:
+                            return
+                        x = x.detach().reshape(-1, x.shape[-1]).float()
+                        xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
+                        x0 = x_fp[head][batch[0]].float()
+                        h, c = xq.T @ xq, x0.T @ xq
+                        h_acc = h if h_acc is None else h_acc.add_(h)
+                        c_acc = c if c_acc is None else c_acc.add_(c)
+                        count += xq.shape[0]
+
+                    emu = Emulation(linears, emulated)
+                    cap = _Capture({head: heads[head]}, accumulate)
+                    try:
+                        for i, (h, (a, k)) in enumerate(zip(qs, calls)):
+                            batch[0] = i
+                            layer(h, *a, **k)
+                    finally:
+                        cap.remove()
+                        emu.remove()
+                    hs = {n: h_acc / max(count, 1) for n in unit}
+                    cs = {n: c_acc / max(count, 1) for n in unit}
+                    quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=search,
+                                  damp=damp, block_size=block_size)
+                    x_fp[head] = None
+                    emulated.append(unit)
+                # 3. the quantized layer: the next layer's quantized input
+                emu = Emulation(linears, emulated)
+                try:
+                    qs = [_output(layer(h, *a, **k)) for h, (a, k) in zip(qs, calls)]
+                finally:
+                    emu.remove()
+            finally:
+                del x_fp
+            done_units += len(units)
+    _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears "
+         f"({done_units} units, {len(layers)} layers) in {time.time() - t0:.1f}s")
+    return linears, originals, kept
