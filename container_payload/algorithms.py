@@ -371,7 +371,7 @@ def _global_amax(ws: list[torch.Tensor]) -> torch.Tensor:
 
 def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
                   gptq: bool = True, search: bool = True, damp: float = 0.01,
-                  block_size: int = 128) -> None:
+                  block_size: int = 128, ridge: float | None = None) -> None:
     """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
     the unit, GPTQ (or rounding) with searched or max block scales; stores the original
     weights in `originals` and consumes the unit's entries of hs / cs."""
@@ -381,7 +381,7 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
         originals[n] = m.weight.detach().clone()
         wf = m.weight.detach().float()
         if cs.get(n) is not None:
-            wf = activation_corrected_weight(wf, hs[n], cs.pop(n), damp).float()
+            wf = activation_corrected_weight(wf, hs[n], cs.pop(n), damp if ridge is None else ridge).float()
         targets[n] = wf
     g = _global_amax(list(targets.values()))
     ws2 = g / (E2M1_MAX * E4M3_MAX)
@@ -403,7 +403,7 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
 @torch.no_grad()
 def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True,
                      quantized_input: bool = False, keep_batches: int = 0, damp: float = 0.01,
-                     block_size: int = 128, act_aware: bool = False):
+                     block_size: int = 128, act_aware: bool = False, ridge: float | None = None):
     """GPTQ (or plain rounding) with searched or max block scales, for every quantized
     Linear; writes on-grid weights and static scales into ModelOpt's quantizers.
     Returns (linears, originals, kept_ids)."""
@@ -417,7 +417,7 @@ def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True
     t0 = time.time()
     for unit in fused_units(linears):
         quantize_unit(unit, linears, hs, cs, originals, gptq=gptq, search=search, damp=damp,
-                      block_size=block_size)
+                      block_size=block_size, ridge=ridge)
     _log(f"refine: {'GPTQ' if gptq else 'rounding'}{' (activation-aware)' if act_aware else ''} "
          f"({'searched' if search else 'max'} scales) "
          f"on {len(linears)} Linears in {time.time() - t0:.1f}s")
@@ -622,6 +622,7 @@ def refine_gptq_seq_mp(model, forward_loop):
     keep_sensitive_in_bf16(model, linears, originals, captured[2], budget_frac)
     for n, m in linears.items():
         m.weight.data.copy_(originals[n])
+    del originals  # sequential_gptq keeps its own copy: one at a time (16 GB at 8B)
     sequential_gptq(model, forward_loop, captured=captured)
 
 

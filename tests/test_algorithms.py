@@ -475,6 +475,7 @@ def case_sequential_vs_direct_reference():
     import modelopt.torch.quantization as mtq
     from container_payload import algorithms as al
     from container_payload.emulate import fake_quant_nvfp4
+    from container_payload import sequential
     from container_payload.sequential import sequential_gptq
 
     model, fl, batches = _tiny_llama(None)
@@ -519,7 +520,7 @@ def case_sequential_vs_direct_reference():
             scale = al.unit_input_scale([rl[n] for n in unit])
             xq = fake_quant_nvfp4(xt.float(), scale).double()
             h, c = (xq.T @ xq / len(xq)).float(), (x.T @ xq / len(xq)).float()
-            al.quantize_unit(unit, rl, {n: h for n in unit}, {n: c for n in unit}, {})
+            al.quantize_unit(unit, rl, {n: h for n in unit}, {n: c for n in unit}, {}, ridge=sequential.RIDGE)
             done.append(unit)
     for n in linears:
         a, b = linears[n].weight.detach(), rl[n].weight.detach()
