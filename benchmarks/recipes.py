@@ -9,7 +9,7 @@ the payload's evaluator (`python -m container_payload.evaluate`, exact float32 e
 emulation) on brown-heldout and wiki-heldout against the bf16 model. The llm-compressor
 column runs oneshot(QuantizationModifier(targets="Linear", scheme="NVFP4",
 ignore=["lm_head"])) on the same token windows in its own venv (.venv-llmc, or
-$SPARK_NVFP4_LLMC_PYTHON). Writes benchmarks/results/recipes.md and recipes.json.
+$SPARK_NVFP4_LLMC_PYTHON). Writes benchmarks/results/recipes-table.md and .json.
 
 Quantization time is the payload's quantize_s (calibration + our refine step), peak memory
 the payload process's peak RSS; size is the checkpoint folder's safetensors + configs.
@@ -33,7 +33,7 @@ HELDOUT = {"brown": ASSETS / "text" / "brown-heldout.txt", "wiki": ASSETS / "tex
 MO_PY = Path(sys.executable)
 LLMC_PY = Path(os.environ.get("SPARK_NVFP4_LLMC_PYTHON", REPO / ".venv-llmc" / "bin" / "python"))
 # Every row runs on the same calibration windows; ModelOpt's search presets need CUDA/Triton.
-CPU_RECIPES = "default,smooth,gptq-aa,gptq-aa-mp,smooth-gptq-aa-mp,smooth-gptq-seq-mp"
+CPU_RECIPES = "default,smooth-gptq-seq-mp,smooth,smooth-gptq-aa-mp"
 GPU_RECIPES = CPU_RECIPES + ",awq-lite,awq-clip,mse,four-over-six"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
@@ -180,7 +180,8 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="keep checkpoints and scores already in --out from the same job settings")
     ap.add_argument("--out", default=str(REPO / "build" / "bench-recipes"))
-    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "recipes"))
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "recipes-table"),
+                    help="where the table goes (.md and .json); recipes.md is the hand-written account")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
