@@ -33,6 +33,8 @@ from .emulate import fake_quant_nvfp4
 # 0.06 while the held-out KL rose to 0.67 (one-pass gptq-aa: 0.20 / 0.37); 0.3 / 1-30 gave
 # 0.33 / 0.27-0.29 held out. SPARK_NVFP4_SEQ_RIDGE overrides it (benchmarks).
 RIDGE = float(os.environ.get("SPARK_NVFP4_SEQ_RIDGE", "1.0"))
+# Tokens per layer call on the streams (memory; the result does not depend on it).
+CHUNK_TOKENS = 16384
 
 
 class _Catcher(nn.Module):
@@ -70,6 +72,37 @@ def first_layer_inputs(model, forward_loop, keep_batches: int = 0):
     return layers, store, kept
 
 
+def _split(value, bs: int, pieces: list[slice]):
+    """A layer argument per piece of the batch: tensors of 2+ dims whose first dim is the batch
+    (hidden states, a 4-D mask) are sliced; the rest (rotary cos/sin of batch 1, cache
+    positions, flags) are shared."""
+    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == bs:
+        return [value[p] for p in pieces]
+    if isinstance(value, (tuple, list)):
+        parts = [_split(v, bs, pieces) for v in value]
+        return [type(value)(p[i] for p in parts) for i in range(len(pieces))]
+    return [value] * len(pieces)
+
+
+def chunked(inputs: list, max_tokens: int) -> list:
+    """The captured batches cut into pieces of at most max_tokens tokens (whole sequences):
+    a layer's MLP activations and their NVFP4 emulation in float32 scale with the tokens
+    of one call (at 8B, 128 x 512 tokens in one call peaked at 68 GiB)."""
+    out = []
+    for h, args, kwargs in inputs:
+        bs, seq = h.shape[0], h.shape[1] if h.dim() > 2 else 1
+        rows = max(1, max_tokens // max(seq, 1))
+        if bs <= rows:
+            out.append((h, args, kwargs))
+            continue
+        pieces = [slice(i, min(i + rows, bs)) for i in range(0, bs, rows)]
+        hs = _split(h, bs, pieces)
+        a = _split(tuple(args), bs, pieces)
+        ks = {k: _split(v, bs, pieces) for k, v in kwargs.items()}
+        out += [(hs[i], a[i], {k: v[i] for k, v in ks.items()}) for i in range(len(pieces))]
+    return out
+
+
 def _output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -105,6 +138,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
     originals: dict = {}
     with QuantizersOff(model):
         layers, inputs, kept = captured or first_layer_inputs(model, forward_loop, keep_batches)
+        inputs = chunked(inputs, CHUNK_TOKENS)
         fp = [h for h, _, _ in inputs]        # the original model's hidden states
         qs = [h.clone() for h in fp]          # the quantized model's
         calls = [(a, k) for _, a, k in inputs]
