@@ -24,6 +24,8 @@ Every method ends in ModelOpt's own quantizer state, so the checkpoint is writte
   kept in bf16 has its quantizers disabled, so export stores it in the original dtype
   and lists it in `exclude_modules` / `ignore` (the standard way). Whole fused groups
   only, so the engines can still fuse q/k/v and gate/up.
+* Layer-sequential GPTQ ("smooth-gptq-seq-mp", sequential.py): each layer fitted on the
+  inputs the quantized layers before it produce; its bf16 units are chosen before it runs.
 
 The numerics (E2M1 rounding, FP8 E4M3 scales, float32 arithmetic) follow
 /work/shared/docs/nvfp4-spec.md sections 2-4 and ModelOpt's NVFP4QTensor.

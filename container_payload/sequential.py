@@ -8,12 +8,13 @@ original one (X) and the quantized one (X~, with the engine's input quantization
 every Linear is fitted by activation-aware GPTQ (algorithms.activation_corrected_weight) with
 H = Xq^T Xq, C = X^T Xq, Xq = the engine's NVFP4 rounding of X~. So it minimizes
 ||X W^T - Xq Q^T||^2: the error the layer inherits, as well as its own, is compensated where
-the weights can absorb it (the idea of GPTQ's "act-order"-free sequential variants and GPTAQ).
+the weights can absorb it (the idea behind GPTQ's layer-by-layer pipelines and GPTAQ).
 
 Within a layer the fused units (q/k/v, o, gate/up, down) are fitted in execution order, each
 on the inputs that the quantized units before it produce. The cost is about 3.5 passes of the
-calibration set through each layer (one original, four staged that stop at their unit, one to advance), against one
-for `gptq-aa`; the hidden states of both streams stay in memory (tokens x hidden x 2 bytes each).
+calibration set through each layer (one original; four staged ones, each stopped at its unit;
+one to advance) against one for `gptq-aa`. The hidden states of both streams stay in memory
+(tokens x hidden x 2 bytes each).
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from .emulate import fake_quant_nvfp4
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
 # activation_corrected_weight). On a sequential pass the correction can fit the calibration
-# text's own rounding noise: with 8 x 512 tokens and GPTQ's 0.01, the calibration KL fell to
-# 0.06 while the held-out KL rose to 0.67 (one-pass gptq-aa: 0.20 / 0.37); 0.3 / 1-30 gave
-# 0.33 / 0.27-0.29 held out. SPARK_NVFP4_SEQ_RIDGE overrides it (benchmarks).
+# text's own rounding noise. Measured with 8 x 512 calibration tokens, no smoothing: with
+# GPTQ's 0.01 the KL on calibration text fell to 0.06 while held out it rose to 0.67 (one-pass
+# gptq-aa: 0.20 and 0.37); ridge 0.3 gave 0.33 held out, 3 / 10 / 30 gave 0.27 / 0.29 / 0.27.
+# 1.0 is for make quantize's 16x more tokens, where the noise it guards against is smaller.
+# SPARK_NVFP4_SEQ_RIDGE overrides it (benchmarks).
 RIDGE = float(os.environ.get("SPARK_NVFP4_SEQ_RIDGE", "1.0"))
 # Tokens per layer call on the streams (memory; the result does not depend on it).
 CHUNK_TOKENS = 16384
