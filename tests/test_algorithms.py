@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference",
          "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
-         "smoothing", "sequential_vs_direct_reference", "recipe_names_agree"]
+         "smoothing", "sequential_vs_direct_reference", "seq_mp_recipe_export", "recipe_names_agree"]
 
 
 # ---------------------------------------------------------------- host side (pytest)
@@ -76,6 +76,10 @@ def test_smoothing_keeps_the_function_and_narrows_activation_blocks():
 
 def test_sequential_gptq_matches_a_direct_rerun_and_beats_one_pass():
     _run_case("sequential_vs_direct_reference")
+
+
+def test_seq_mp_recipe_exports_the_standard_format():
+    _run_case("seq_mp_recipe_export")
 
 
 def test_launcher_and_payload_know_the_same_recipes():
@@ -553,6 +557,51 @@ def case_sequential_vs_direct_reference():
     e_seq, e_one = err(model), err(one_pass)
     assert e_seq < 0.95 * e_one, (e_seq, e_one)
     print("sequential", e_seq, "one pass", e_one)
+
+
+def case_seq_mp_recipe_export():
+    """The whole smooth-gptq-seq-mp refine step (bf16 units chosen first, then sequential GPTQ)
+    on a tiny Llama, exported by ModelOpt: kept units are bf16 with their original weights and
+    listed as excluded, every other Linear is NVFP4 with our static scales, fused groups share
+    their global and input scales, and nothing kept was touched by the sequential pass."""
+    import copy
+    import tempfile
+    import torch
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from container_payload import algorithms as al
+
+    model, fl, _ = _tiny_llama(None)
+    orig = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model = mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
+    unit_extra = 2 * (128 * 64 * 2 - al._nvfp4_bytes(128 * 64))  # one gate/up unit
+    frac = 1.5 * unit_extra / al.model_bytes_default(model, al.quantized_linears(model))
+    os.environ["SPARK_NVFP4_MP_BUDGET"] = str(frac)
+    al.refine_gptq_seq_mp(model, fl)
+    linears = al.quantized_linears(model)
+    with tempfile.TemporaryDirectory() as out:
+        with torch.inference_mode():
+            export_hf_checkpoint(model, export_dir=out)
+        t, qc = _read(out)
+    assert qc["quantization"]["quant_algo"] == "NVFP4", qc
+    excl = set(qc["quantization"]["exclude_modules"])
+    kept = [n for n, m in model.named_modules() if hasattr(m, "weight_quantizer") and n + ".weight" in t
+            and "proj" in n and n not in linears]
+    assert kept, "nothing kept in bf16 within the budget"
+    for n in kept:
+        assert n in excl or any(n.startswith(e.rstrip("*")) for e in excl), (n, excl)
+        assert t[n + ".weight"].dtype == torch.bfloat16 and torch.equal(t[n + ".weight"], orig[n + ".weight"]), n
+    for n in linears:
+        assert t[n + ".weight"].dtype == torch.uint8 and n + ".weight_scale" in t, n
+        ws2 = t[n + ".weight_scale_2"].float()
+        assert torch.equal(ws2, linears[n].weight_quantizer.global_amax.float() / 2688), n
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for group in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]):
+            names = [p + g for g in group]
+            if all(n in linears for n in names):
+                for key in ("weight_scale_2", "input_scale"):
+                    assert len({float(t[n + "." + key]) for n in names}) == 1, (p, group, key)
 
 
 def case_recipe_names_agree():
