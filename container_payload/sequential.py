@@ -110,6 +110,14 @@ def _output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _progress(done: int, total: int) -> None:
+    try:  # layers done, for the launcher's bar: this pass is most of the recipe's time
+        from . import events
+        events.progress("refine", done, total)
+    except Exception:  # noqa: BLE001 - progress must never break quantization
+        pass
+
+
 class _StopLayer(Exception):
     pass
 
@@ -147,7 +155,8 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
         calls = [(a, k) for _, a, k in inputs]
         name_of = {id(m): n for n, m in linears.items()}
         done_units = 0
-        for layer in layers:
+        for li, layer in enumerate(layers):
+            _progress(li, len(layers))
             members = [name_of[id(m)] for m in layer.modules() if id(m) in name_of]
             units = fused_units(members)
             if not units:
@@ -211,6 +220,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
             finally:
                 del x_fp
             done_units += len(units)
+        _progress(len(layers), len(layers))
     _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears "
          f"({done_units} units, {len(layers)} layers) in {time.time() - t0:.1f}s")
     return linears, originals, kept
