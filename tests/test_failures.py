@@ -94,7 +94,10 @@ def _start_and_wait_for_calibration(home: Path, out: Path, calib: Path) -> subpr
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "quantize", "--output", str(out), "--calib", str(calib),
                              "--calib-samples", "400", "--calib-seq-len", "128", "--calib-batch-size", "1",
                              "--no-eval"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "SPARK_NVFP4_HOME": str(home)})
+                            env={**os.environ, "SPARK_NVFP4_HOME": str(home)},
+                            # Ctrl-C as from a terminal: a suite started in the background by a
+                            # script inherits SIGINT ignored, and Python then keeps ignoring it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def calibrating():
         logs = list((home / "runs").glob("*/log.txt"))
