@@ -55,8 +55,8 @@ quantize: venv
 verify: venv
 	$(LAUNCHER) verify $(OUTPUT)
 
-# The recipes table (benchmarks/results/recipes.md): every CPU recipe plus llm-compressor on the
-# embedded model, same calibration windows as make quantize (about 1 h on 2 cores).
+# The recipes table (benchmarks/results/recipes-table.md): the CPU recipes plus llm-compressor on
+# the embedded model, same calibration windows as make quantize (36 min on 2 cores).
 bench-recipes: venv venvs
 	.venv-mo/bin/python benchmarks/recipes.py --samples $(SAMPLES) --seq-len $(SEQ_LEN) $(BENCH_ARGS)
 

@@ -274,6 +274,18 @@ def unit_input_scale(mods) -> torch.Tensor | None:
     return torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX) if amaxes else None
 
 
+def keep_input_ids(model, kept: list, count: int):
+    """Hook the decoder so that the first `count` input_ids batches of a pass land in `kept`
+    (the mixed-precision ranking reuses them). Returns the hook's handle."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+
+    def keep(mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and len(kept) < count:
+            kept.append(ids.detach().clone())
+    return body.register_forward_pre_hook(keep, with_kwargs=True)
+
+
 @torch.no_grad()
 def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool = False,
                      keep_batches: int = 0, act_aware: bool = False):
@@ -308,13 +320,7 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
     units = fused_units(linears)
     for unit in units:
         handles.append(linears[unit[0]].register_forward_pre_hook(hook_for(unit[0], [linears[n] for n in unit])))
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
-
-    def keep(mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and len(kept) < keep_batches:
-            kept.append(ids.detach().clone())
-    handles.append(body.register_forward_pre_hook(keep, with_kwargs=True))
+    handles.append(keep_input_ids(model, kept, keep_batches))
     try:
         with QuantizersOff(model):
             forward_loop(model)
@@ -371,6 +377,15 @@ def _global_amax(ws: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.float().abs().amax() for w in ws]).amax()
 
 
+def round_to_grid(w: torch.Tensor, ws2: torch.Tensor, search: bool = True):
+    """Round-to-nearest on the NVFP4 grid, no error feedback: (q [out, in] dequantized,
+    scales [out, in/16]) with searched or max block scales."""
+    blocks = w.reshape(-1, BLOCK)
+    s = search_block_scales(blocks, ws2) if search else max_block_scales(blocks, ws2)
+    q = quantize_blocks(blocks, s[:, None], ws2).reshape(w.shape)
+    return q, s.reshape(w.shape[0], -1)
+
+
 def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
                   gptq: bool = True, search: bool = True, damp: float = 0.01,
                   block_size: int = 128, ridge: float | None = None) -> None:
@@ -393,10 +408,7 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
         if gptq and hs.get(n) is not None:
             q, s = gptq_nvfp4(wf, hs[n].to(wf.device), ws2.to(wf.device), block_size, damp, search)
         else:
-            blocks = wf.reshape(-1, BLOCK)
-            s = search_block_scales(blocks, ws2) if search else max_block_scales(blocks, ws2)
-            q = quantize_blocks(blocks, s[:, None], ws2).reshape(wf.shape)
-            s = s.reshape(wf.shape[0], -1)
+            q, s = round_to_grid(wf, ws2, search)
         m.weight.data.copy_(q.to(w.dtype))
         set_static_weight_quantizer(m, s, g)
         hs.pop(n, None)
@@ -586,9 +598,14 @@ def refine_gptq_aa(model, forward_loop):
     quantize_weights(model, forward_loop, gptq=True, search=True, act_aware=True)
 
 
-def _refine_mp(model, forward_loop, act_aware: bool, budget_frac: float | None = None):
-    budget_frac = _env_float("SPARK_NVFP4_MP_BUDGET", 0.09) if budget_frac is None else budget_frac
-    batches = int(_env_float("SPARK_NVFP4_MP_BATCHES", 1))
+def _mp_settings() -> tuple[float, int]:
+    """(size budget as a fraction of the default checkpoint, calibration batches kept for the
+    ranking); the environment overrides them for benchmarks."""
+    return _env_float("SPARK_NVFP4_MP_BUDGET", 0.09), int(_env_float("SPARK_NVFP4_MP_BATCHES", 1))
+
+
+def _refine_mp(model, forward_loop, act_aware: bool):
+    budget_frac, batches = _mp_settings()
     linears, originals, kept_ids = quantize_weights(model, forward_loop, gptq=True, search=True,
                                                     keep_batches=batches, act_aware=act_aware)
     keep_sensitive_in_bf16(model, linears, originals, kept_ids, budget_frac)
@@ -603,9 +620,7 @@ def round_weights(linears: dict) -> None:
         ws2 = g / (E2M1_MAX * E4M3_MAX)
         for n in unit:
             w = linears[n].weight
-            blocks = w.detach().float().reshape(-1, BLOCK)
-            q = quantize_blocks(blocks, search_block_scales(blocks, ws2)[:, None], ws2)
-            w.data.copy_(q.reshape(w.shape).to(w.dtype))
+            w.data.copy_(round_to_grid(w.detach().float(), ws2)[0].to(w.dtype))
 
 
 def refine_gptq_seq_mp(model, forward_loop):
@@ -614,8 +629,7 @@ def refine_gptq_seq_mp(model, forward_loop):
     putting one unit back to bf16 then makes the KL worse (measured: every candidate did);
     the choice has to come first. It is ranked on round-to-nearest weights."""
     from .sequential import first_layer_inputs, sequential_gptq  # they build on this module
-    budget_frac = _env_float("SPARK_NVFP4_MP_BUDGET", 0.09)
-    batches = int(_env_float("SPARK_NVFP4_MP_BATCHES", 1))
+    budget_frac, batches = _mp_settings()
     with QuantizersOff(model):
         captured = first_layer_inputs(model, forward_loop, batches)
     linears = quantized_linears(model)

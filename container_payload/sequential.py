@@ -24,8 +24,8 @@ import time
 import torch
 from torch import nn
 
-from .algorithms import (Emulation, QuantizersOff, _log, fused_units, quantize_unit,
-                         quantized_linears, unit_input_scale)
+from .algorithms import (Emulation, QuantizersOff, _log, fused_units, keep_input_ids,
+                         quantize_unit, quantized_linears, unit_input_scale)
 from .emulate import fake_quant_nvfp4
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
@@ -59,13 +59,7 @@ def first_layer_inputs(model, forward_loop, keep_batches: int = 0):
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = decoder.layers
     store, kept = [], []
-
-    def keep(mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and len(kept) < keep_batches:
-            kept.append(ids.detach().clone())
-
-    handle = decoder.register_forward_pre_hook(keep, with_kwargs=True)
+    handle = keep_input_ids(model, kept, keep_batches)
     decoder.layers = nn.ModuleList([_Catcher(store)])
     try:
         forward_loop(model)
@@ -174,51 +168,46 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                 cap.remove()
             # 2. unit by unit, in execution order, on the quantized stream
             emulated = []
-            try:
-                for unit in units:
-                    head = unit[0]
-                    h_acc = c_acc = None
-                    count, batch = 0, [0]
+            for unit in units:
+                head = unit[0]
+                h_acc = c_acc = None
+                count, batch = 0, [0]
 
-                    def accumulate(n, x, head=head):
-                        nonlocal h_acc, c_acc, count
-                        if n != head:
-                            return
-                        x = x.detach().reshape(-1, x.shape[-1]).float()
-                        xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
-                        x0 = x_fp[head][batch[0]].float()
-                        h, c = xq.T @ xq, x0.T @ xq
-                        h_acc = h if h_acc is None else h_acc.add_(h)
-                        c_acc = c if c_acc is None else c_acc.add_(c)
-                        count += xq.shape[0]
-                        raise _StopLayer  # the rest of the layer is not needed for this unit
+                def accumulate(n, x, head=head):
+                    nonlocal h_acc, c_acc, count
+                    x = x.detach().reshape(-1, x.shape[-1]).float()
+                    xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
+                    x0 = x_fp[head][batch[0]].float()
+                    h, c = xq.T @ xq, x0.T @ xq
+                    h_acc = h if h_acc is None else h_acc.add_(h)
+                    c_acc = c if c_acc is None else c_acc.add_(c)
+                    count += xq.shape[0]
+                    raise _StopLayer  # the rest of the layer is not needed for this unit
 
-                    emu = Emulation(linears, emulated)
-                    cap = _Capture({head: heads[head]}, accumulate)
-                    try:
-                        for i, (h, (a, k)) in enumerate(zip(qs, calls)):
-                            batch[0] = i
-                            try:
-                                layer(h, *a, **k)
-                            except _StopLayer:
-                                pass
-                    finally:
-                        cap.remove()
-                        emu.remove()
-                    hs = {n: h_acc / max(count, 1) for n in unit}
-                    cs = {n: c_acc / max(count, 1) for n in unit}
-                    quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=search,
-                                  damp=damp, block_size=block_size, ridge=ridge)
-                    x_fp[head] = None
-                    emulated.append(unit)
-                # 3. the quantized layer: the next layer's quantized input
                 emu = Emulation(linears, emulated)
+                cap = _Capture({head: heads[head]}, accumulate)
                 try:
-                    qs = [_output(layer(h, *a, **k)) for h, (a, k) in zip(qs, calls)]
+                    for i, (h, (a, k)) in enumerate(zip(qs, calls)):
+                        batch[0] = i
+                        try:
+                            layer(h, *a, **k)
+                        except _StopLayer:
+                            pass
                 finally:
+                    cap.remove()
                     emu.remove()
+                hs = {n: h_acc / max(count, 1) for n in unit}
+                cs = {n: c_acc / max(count, 1) for n in unit}
+                quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=search,
+                              damp=damp, block_size=block_size, ridge=ridge)
+                x_fp[head] = None
+                emulated.append(unit)
+            # 3. the quantized layer: the next layer's quantized input
+            emu = Emulation(linears, emulated)
+            try:
+                qs = [_output(layer(h, *a, **k)) for h, (a, k) in zip(qs, calls)]
             finally:
-                del x_fp
+                emu.remove()
             done_units += len(units)
         _progress(len(layers), len(layers))
     _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears "
