@@ -26,6 +26,7 @@ from .events import PayloadError
 def prepare_embedded(gguf: str, model_dir: Path) -> None:
     """Convert the embedded GGUF into a bf16 safetensors folder, atomically."""
     if (model_dir / "config.json").exists():
+        portable_tokenizer_config(model_dir)  # a folder converted by an earlier version
         return
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,7 +38,43 @@ def prepare_embedded(gguf: str, model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.bfloat16)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    portable_tokenizer_config(tmp)
     os.replace(tmp, model_dir)
+
+
+# Files that make up a Hugging Face tokenizer (and its chat template), copied as they are.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def portable_tokenizer_config(model_dir: Path) -> None:
+    """transformers 5 saves `"tokenizer_class": "TokenizersBackend"`, a class transformers 4.x
+    does not have ("Tokenizer class TokenizersBackend does not exist"). With a tokenizer.json
+    beside it, `PreTrainedTokenizerFast` is the same tokenizer to both 4.x and 5.x."""
+    path = model_dir / "tokenizer_config.json"
+    if not path.exists() or not (model_dir / "tokenizer.json").exists():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
+
+
+def check_image(job: dict, device: str) -> None:
+    """Refuse, before any weights load, a job this image's packages cannot finish (the
+    launcher checks the same from its probe; this guards direct runs and stale probes)."""
+    from . import probe, recipes
+
+    needs = recipes.needs_for(job["recipe"], job["format"], job.get("kv_cache", "none"),
+                              embedded=bool(job.get("gguf")) and not (Path(job["model_dir"]) / "config.json").exists())
+    missing = recipes.shortfalls(needs, probe.installed(), cuda=device == "cuda")
+    if missing:
+        raise PayloadError(f"this image cannot run recipe {job['recipe']!r}: {'; '.join(map(str, missing))}; "
+                           "let the launcher derive an image (no --no-image-upgrade), or pass --image with "
+                           "newer packages", kind="image")
 
 
 def pick_device(requested: str) -> str:
@@ -85,7 +122,6 @@ def model_from_state_dict(model_dir: Path, direct, device: str):
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.initialization import no_init_weights
 
     try:
         state_dict = direct.result()
@@ -98,17 +134,15 @@ def model_from_state_dict(model_dir: Path, direct, device: str):
             raise ValueError("the checkpoint is already quantized")
         if any(t.dtype != torch.bfloat16 for t in state_dict.values() if t.is_floating_point()):
             raise ValueError("not all weights are bf16")
-        # Parameters on meta and not initialized (the checkpoint gives every one); buffers real.
-        with init_empty_weights(), no_init_weights():
+        # Parameters on meta (initializing them costs nothing there; the checkpoint gives every
+        # one); buffers such as the rotary frequencies real.
+        with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-        if unexpected or set(missing) - tied:
-            raise ValueError(f"keys differ from the architecture (missing {sorted(set(missing) - tied)[:3]}, "
+        missing = tie_missing_embeddings(model, config, set(missing))
+        if unexpected or missing:
+            raise ValueError(f"keys differ from the architecture (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]})")
-        # As from_pretrained: tie what the checkpoint leaves out; keep both if it holds both
-        # and they differ.
-        model.tie_weights(missing_keys=set(missing), recompute_mapping=False)
         meta = [n for n, p in model.named_parameters() if p.is_meta]
         if meta:
             raise ValueError(f"{len(meta)} parameters not loaded, e.g. {meta[0]}")
@@ -123,6 +157,22 @@ def model_from_state_dict(model_dir: Path, direct, device: str):
         if device == "cuda":
             torch.cuda.empty_cache()
         return None
+
+
+def tie_missing_embeddings(model, config, missing: set[str]) -> set[str]:
+    """As from_pretrained does: an output embedding the checkpoint leaves out is the input
+    embedding when the config ties them; one it holds stays its own, even if they differ.
+    Returns the keys still missing. (Written out because tie_weights' signature differs
+    between transformers 4 and 5.)"""
+    out = model.get_output_embeddings()
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if out is None or not getattr(text_config, "tie_word_embeddings", False):
+        return missing
+    name = next(n for n, m in model.named_modules() if m is out) + ".weight"
+    if name in missing:
+        out.weight = model.get_input_embeddings().weight
+        missing = missing - {name}
+    return missing
 
 
 class _Background:
@@ -279,21 +329,35 @@ def quantize(model, recipe, forward_loop):
     return model
 
 
-def export(model, tokenizer, out: Path, low_memory: bool = False) -> None:
+def export(model, model_dir: Path, out: Path, low_memory: bool = False) -> None:
+    import inspect
+
     import torch
     from modelopt.torch.export import export_hf_checkpoint
 
     events.stage("export", detail=str(out))
     kwargs = {}
     if low_memory:
-        # save_pretrained stages one shard at a time in host memory (plus its serialized
-        # bytes): smaller shards keep that staging small on a unified-memory machine.
-        kwargs["max_shard_size"] = "2GB"
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        # save_pretrained stages one shard at a time in host memory (plus its serialized
+        # bytes): smaller shards keep that staging small on a unified-memory machine.
+        # ModelOpt before ~0.43 has no such argument: it writes its default shards.
+        if "max_shard_size" in inspect.signature(export_hf_checkpoint).parameters:
+            kwargs["max_shard_size"] = "2GB"
     with torch.inference_mode():
         export_hf_checkpoint(model, export_dir=str(out), **kwargs)
-    tokenizer.save_pretrained(out)
+    copy_tokenizer(model_dir, out)
+
+
+def copy_tokenizer(model_dir: Path, out: Path) -> None:
+    """The source model's tokenizer files, byte for byte. Re-saving them would write this
+    image's transformers format, which the engine's (often older) transformers may not read."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out / name)  # follows the HF cache's blob links
 
 
 def versions() -> dict:
@@ -339,11 +403,12 @@ def run(job: dict) -> dict:
     gc.disable()
     model_dir = Path(job["model_dir"])
     low_memory = bool(job.get("low_memory", False))
+    device = pick_device(job.get("device", "auto"))
+    check_image(job, device)
+    mark("torch_ready")
     if job.get("gguf"):
         prepare_embedded(job["gguf"], model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
-    device = pick_device(job.get("device", "auto"))
-    mark("torch_ready")
     direct = prefetch = None
     files = _direct_load_files(job.get("direct_load", "auto"), device, low_memory, model_dir)
     if files:
@@ -359,9 +424,9 @@ def run(job: dict) -> dict:
     tokenizer = load_tokenizer(model_dir)
     windows = _Background(calibration_windows, tokenizer, job["calibration"])
     _import_modelopt()
-    from . import recipes
+    from . import recipe_build
 
-    recipe = recipes.build(job["format"], job["recipe"], job.get("kv_cache", "none"), device)
+    recipe = recipe_build.build(job["format"], job["recipe"], job.get("kv_cache", "none"), device)
     timings["imports_s"] = round(time.time() - t, 3)  # tokenizer, transformers, ModelOpt
     mark("modelopt_imported")
 
@@ -391,7 +456,7 @@ def run(job: dict) -> dict:
 
     out = Path(job["output_dir"])
     t = time.time()
-    export(model, tokenizer, out, low_memory=low_memory)
+    export(model, model_dir, out, low_memory=low_memory)
     timings["export_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - t0, 3)
     mark("export_done")
@@ -403,7 +468,7 @@ def run(job: dict) -> dict:
         "format": job["format"],
         "recipe": recipe.name,
         "modelopt_preset": recipe.preset,
-        "modelopt_config": recipe.config,
+        "modelopt_config": recipe.config.model_dump() if hasattr(recipe.config, "model_dump") else recipe.config,
         "kv_cache": job.get("kv_cache", "none"),
         "device": device,
         "low_memory": low_memory,

@@ -1,91 +1,181 @@
-"""Quantization recipes: a name -> a ModelOpt config (plus, for our own methods, a
-step that runs after ModelOpt's calibration on ModelOpt's own quantizers).
+"""Every recipe, format and KV-cache option the payload offers, and what each needs.
 
-Every recipe ends in ModelOpt's quantizer state, so the export path is always
-`export_hf_checkpoint` and the checkpoint stays the standard format.
+Standard library only: the launcher imports this module to list and validate recipes and
+to decide, from an image's probe (probe.py), whether that image can run a job as it is;
+the payload checks the same thing before it loads any weights. recipe_build.py turns a
+name into ModelOpt's configuration inside the container.
+
+The minimum versions are what was measured, not what a changelog promises:
+- ModelOpt 0.37 (NVIDIA's late-2025 images) has the NVFP4 presets, but its NVFP4 export
+  calls torch.cuda.get_device_capability, so without CUDA it cannot export at all.
+- Our own recipes store their block scales in StaticBlockScaleQuantizer (ModelOpt 0.46).
+- Weight-only NVFP4 (W4A16_NVFP4_CFG) and the YAML recipe library came with 0.45.
+- The payload runs on transformers 4.57 (the late-2025 images) and 5.x; older is untested.
 """
-import copy
-from dataclasses import dataclass
-from typing import Callable
+from __future__ import annotations
 
-import modelopt.torch.quantization as mtq
+import re
+from dataclasses import dataclass, field
 
-from .events import PayloadError
-
-# recipe name -> ModelOpt preset for NVFP4 W4A4
-_NVFP4_PRESETS = {
-    "default": "NVFP4_DEFAULT_CFG",
-    "awq-lite": "NVFP4_AWQ_LITE_CFG",
-    "awq-clip": "NVFP4_AWQ_CLIP_CFG",
-    "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",
-    "four-over-six": "NVFP4_FOUR_OVER_SIX_CFG",
-}
-# ModelOpt 0.47 runs these searches with CUDA or Triton kernels only ("amax must be a CUDA tensor
-# for dynamic block quantization", "static_blockwise_fp4_fake_quant requires triton"), so on a
-# CPU they fail mid-calibration; refuse them before the model loads.
-_GPU_ONLY = {"awq-lite", "awq-clip", "mse", "four-over-six"}
-_FORMAT_PRESETS = {
-    "nvfp4-w4a16": "W4A16_NVFP4_CFG",
-    "fp8": "FP8_DEFAULT_CFG",
-}
+# What the payload has been run with, end to end (tests and GPU runs).
+TESTED_TRANSFORMERS = ("4.57.1", "5.14.1")
+TESTED_MODELOPT = ("0.37.0 (GPU, default recipe)", "0.47.0")
 
 
-@dataclass
+def version_tuple(v: str) -> tuple[int, ...]:
+    """The leading release numbers of a version: '2.9.0a0+nv25.10' -> (2, 9, 0)."""
+    m = re.match(r"\d+(\.\d+)*", v.strip())
+    return tuple(int(x) for x in m.group(0).split(".")) if m else ()
+
+
+def _newest(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return a or b
+    return a if version_tuple(a) >= version_tuple(b) else b
+
+
+def dist_key(name: str) -> str:
+    """A distribution name as pip compares them: 'TensorRT_LLM' == 'tensorrt-llm'."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Minimum versions of the image's packages (None: any), and whether CUDA is required."""
+    modelopt: str | None = "0.37"
+    modelopt_cpu: str | None = "0.47"      # ModelOpt on a CPU-only torch (0.37 cannot export there)
+    transformers: str | None = "4.57"
+    gpu: bool = False                      # ModelOpt runs its search with CUDA/Triton kernels only
+    packages: tuple[str, ...] = ("accelerate",)  # distributions that must be installed (any version)
+    why: tuple[str, ...] = field(default=(), compare=False)   # where each floor comes from
+
+    def __or__(self, other: "Needs") -> "Needs":
+        return Needs(modelopt=_newest(self.modelopt, other.modelopt),
+                     modelopt_cpu=_newest(self.modelopt_cpu, other.modelopt_cpu),
+                     transformers=_newest(self.transformers, other.transformers),
+                     gpu=self.gpu or other.gpu,
+                     packages=tuple(dict.fromkeys(self.packages + other.packages)),
+                     why=tuple(dict.fromkeys(self.why + other.why)))
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
-    preset: str
-    config: dict
-    # Runs after mtq.quantize's calibration, on the calibrated model (our own methods).
-    refine: Callable | None = None
-    # Runs before mtq.quantize, on the bf16 model: (model, forward_loop) -> None (smoothing).
-    prepare: Callable | None = None
+    origin: str          # "modelopt": one of ModelOpt's presets; "ours": ModelOpt plus our own steps
+    preset: str          # the ModelOpt preset the calibration starts from
+    summary: str
+    needs: Needs = Needs()
 
 
-def _preset(name: str) -> dict:
-    cfg = getattr(mtq, name, None)
-    if cfg is None:
-        raise PayloadError(f"this ModelOpt ({_modelopt_version()}) has no {name}; "
-                           "use an image with nvidia-modelopt 0.47 or newer", kind="input")
-    return copy.deepcopy(cfg)
+_STATIC_BLOCK = Needs(modelopt="0.46", why=("StaticBlockScaleQuantizer (ModelOpt 0.46)",))
+_GPU_SEARCH = Needs(gpu=True, why=("ModelOpt runs this search with CUDA/Triton kernels only",))
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("default", "modelopt", "NVFP4_DEFAULT_CFG",
+           "ModelOpt's default: max calibration, round-to-nearest (what NVIDIA's script does)"),
+    Recipe("awq-lite", "modelopt", "NVFP4_AWQ_LITE_CFG", "ModelOpt AWQ (lite search)", _GPU_SEARCH),
+    Recipe("awq-clip", "modelopt", "NVFP4_AWQ_CLIP_CFG", "ModelOpt AWQ with clipping search", _GPU_SEARCH),
+    Recipe("mse", "modelopt", "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",
+           "ModelOpt block-scale MSE sweep", _GPU_SEARCH | Needs(modelopt="0.46")),
+    Recipe("four-over-six", "modelopt", "NVFP4_FOUR_OVER_SIX_CFG",
+           "ModelOpt adaptive 4-or-6 block scaling", _GPU_SEARCH | Needs(modelopt="0.46")),
+    Recipe("scale-search", "ours", "NVFP4_DEFAULT_CFG",
+           "per-block FP8 scale search, never worse than max scaling", _STATIC_BLOCK),
+    Recipe("gptq", "ours", "NVFP4_DEFAULT_CFG", "GPTQ error compensation on the NVFP4 grid", _STATIC_BLOCK),
+    Recipe("gptq-aa", "ours", "NVFP4_DEFAULT_CFG",
+           "activation-aware GPTQ (absorbs the W4A4 input rounding)", _STATIC_BLOCK),
+    Recipe("gptq-mp", "ours", "NVFP4_DEFAULT_CFG", "gptq + the costliest fused units kept bf16 (~9% size)",
+           _STATIC_BLOCK),
+    Recipe("gptq-aa-mp", "ours", "NVFP4_DEFAULT_CFG", "gptq-aa + bf16 units", _STATIC_BLOCK),
+    Recipe("smooth", "ours", "NVFP4_DEFAULT_CFG",
+           "per-channel smoothing folded into norms / up_proj, then ModelOpt's default"),
+    Recipe("smooth-gptq-aa", "ours", "NVFP4_DEFAULT_CFG", "smoothing, then gptq-aa", _STATIC_BLOCK),
+    Recipe("smooth-gptq-aa-mp", "ours", "NVFP4_DEFAULT_CFG", "smoothing, then gptq-aa-mp", _STATIC_BLOCK),
+    Recipe("smooth-gptq-seq-mp", "ours", "NVFP4_DEFAULT_CFG",
+           "smoothing, bf16 units chosen first, then layer-sequential gptq-aa (make quantize's recipe)",
+           _STATIC_BLOCK),
+)}
+NAMES = tuple(RECIPES)
+
+# Formats other than W4A4 use one ModelOpt preset and only the default recipe.
+FORMAT_PRESETS = {"nvfp4-w4a16": "W4A16_NVFP4_CFG", "fp8": "FP8_DEFAULT_CFG"}
+FORMAT_NEEDS = {
+    "nvfp4": Needs(),
+    "nvfp4-w4a16": Needs(modelopt="0.45", why=("W4A16_NVFP4_CFG (ModelOpt 0.45)",)),
+    "fp8": Needs(),
+}
+KV_CACHE_NEEDS = {"none": Needs(), "fp8": Needs()}
+
+# ModelOpt's own YAML recipe library (modelopt_recipes, e.g. general/ptq/nvfp4_default-kv_fp8_cast),
+# or a YAML file of the user's: passed to modelopt.recipe.load_recipe in the container.
+MODELOPT_RECIPE_NEEDS = Needs(modelopt="0.45", packages=("omegaconf",),
+                              why=("ModelOpt's YAML recipe library (ModelOpt 0.45)",))
+_LIBRARY_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+")
+YAML_SUFFIXES = (".yaml", ".yml")
+
+# The embedded demo model is a GGUF that transformers converts with the `gguf` package.
+EMBEDDED_NEEDS = Needs(packages=("gguf",), why=("the embedded model's GGUF conversion (gguf)",))
 
 
-def _modelopt_version() -> str:
-    import modelopt
-    return getattr(modelopt, "__version__", "?")
+def is_modelopt_recipe(name: str) -> bool:
+    """A ModelOpt library recipe (general/ptq/...) or a YAML recipe file."""
+    return name.endswith(YAML_SUFFIXES) or bool(_LIBRARY_NAME.fullmatch(name))
 
 
-def _custom_recipes() -> dict:
-    # Our own algorithms on top of ModelOpt's quantizers (container_payload/algorithms).
-    try:
-        from .algorithms import CUSTOM_RECIPES
-    except ImportError:
-        return {}
-    return CUSTOM_RECIPES
+def check_name(name: str) -> str | None:
+    """None when `name` is a recipe the payload can be asked for, else why not (one line)."""
+    if name in RECIPES or is_modelopt_recipe(name):
+        return None
+    return (f"unknown recipe {name!r}; choose one of {', '.join(NAMES)}, a ModelOpt library recipe "
+            "such as general/ptq/nvfp4_default-kv_fp8_cast, or a .yaml recipe file")
 
 
-def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> Recipe:
-    refine = prepare = None
-    if device != "cuda" and fmt == "nvfp4" and recipe in _GPU_ONLY:
-        cpu_ok = sorted((set(_NVFP4_PRESETS) | set(_custom_recipes())) - _GPU_ONLY)
-        raise PayloadError(f"recipe {recipe!r} needs a GPU (ModelOpt runs its search with CUDA/Triton "
-                           f"kernels only); on a CPU use one of: {', '.join(cpu_ok)}", kind="input")
-    if fmt in _FORMAT_PRESETS:
-        if recipe != "default":
-            raise PayloadError(f"recipe {recipe!r} applies to nvfp4 (W4A4) only", kind="input")
-        preset = _FORMAT_PRESETS[fmt]
-    elif fmt == "nvfp4":
-        custom = _custom_recipes()
-        if recipe in _NVFP4_PRESETS:
-            preset = _NVFP4_PRESETS[recipe]
-        elif recipe in custom:
-            preset, refine, *rest = custom[recipe]
-            prepare = rest[0] if rest else None
-        else:
-            known = sorted(set(_NVFP4_PRESETS) | set(custom))
-            raise PayloadError(f"unknown recipe {recipe!r}; known: {', '.join(known)}", kind="input")
-    else:
-        raise PayloadError(f"unknown format {fmt!r}", kind="input")
-    cfg = _preset(preset)
-    if kv_cache == "fp8":
-        cfg["quant_cfg"] = list(cfg["quant_cfg"]) + copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
-    return Recipe(name=recipe, preset=preset, config=cfg, refine=refine, prepare=prepare)
+def needs_for(recipe: str, fmt: str = "nvfp4", kv_cache: str = "none", *, embedded: bool = False) -> Needs:
+    """Everything a job needs from its image: the recipe's, the format's and the KV cache's."""
+    base = MODELOPT_RECIPE_NEEDS if is_modelopt_recipe(recipe) else RECIPES[recipe].needs
+    needs = base | FORMAT_NEEDS[fmt] | KV_CACHE_NEEDS[kv_cache]
+    return needs | EMBEDDED_NEEDS if embedded else needs
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    dist: str                 # the distribution to install or upgrade
+    have: str | None          # the image's version (None: not installed)
+    need: str | None          # the minimum (None: any version)
+    why: str                  # one phrase for the user
+
+    def __str__(self) -> str:
+        return self.why
+
+
+def shortfalls(needs: Needs, installed: dict[str, str], *, cuda: bool) -> list[Shortfall]:
+    """The packages `installed` (distribution name -> version, as probe.py reports it) lacks
+    for `needs`; empty when the image can run the job as it is. (A GPU-only recipe on a
+    machine without one is not a shortfall of the image: no package fixes it.)"""
+    have = {dist_key(k): v for k, v in installed.items()}
+    out = []
+    modelopt_floor = needs.modelopt if cuda else _newest(needs.modelopt, needs.modelopt_cpu)
+    for dist, floor in (("nvidia-modelopt", modelopt_floor), ("transformers", needs.transformers)):
+        if floor is None:
+            continue
+        got = have.get(dist_key(dist))
+        if got is None:
+            out.append(Shortfall(dist, None, floor, f"{dist} is missing (need >= {floor})"))
+        elif version_tuple(got) < version_tuple(floor):
+            cpu = " to export without CUDA" if dist == "nvidia-modelopt" and not cuda and \
+                version_tuple(floor) > version_tuple(needs.modelopt or "0") else ""
+            out.append(Shortfall(dist, got, floor, f"{dist} {got} < {floor}{cpu}"))
+    out += [Shortfall(p, None, None, f"{p} is missing") for p in needs.packages if dist_key(p) not in have]
+    return out
+
+
+def _everything() -> Needs:
+    out = EMBEDDED_NEEDS | MODELOPT_RECIPE_NEEDS
+    for part in (*(r.needs for r in RECIPES.values()), *FORMAT_NEEDS.values(), *KV_CACHE_NEEDS.values()):
+        out = out | part
+    return out
+
+
+# What every recipe, format and option together need: a derived image (launcher/derived_image.py)
+# installs all of it at once, so one image per base serves every later job.
+EVERYTHING = _everything()

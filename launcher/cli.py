@@ -12,7 +12,9 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from .config import NVIDIA_IMAGE, RECIPES, STANDIN_IMAGE, QuantFormat, load_spec
+from container_payload import recipes
+
+from .config import NVIDIA_IMAGE, STANDIN_IMAGE, QuantFormat, load_spec
 from .errors import ConfigError, LauncherError
 
 console = Console(stderr=True)
@@ -49,6 +51,7 @@ FLAG_FIELDS = {
     "calibration.seq_len": "--calib-seq-len", "calibration.batch_size": "--calib-batch-size",
     "kv_cache": "--kv-cache", "output": "--output", "image": "--image", "gpus": "--gpus",
     "memory_limit": "--memory-limit", "low_memory": "--low-memory", "offline": "--offline", "evaluate": "--eval/--no-eval",
+    "image_upgrade": "--image-upgrade/--no-image-upgrade",
     "keep_container": "--keep-container",
 }
 
@@ -62,9 +65,11 @@ FLAG_FIELDS = {
 @click.option("--format", "fmt", type=click.Choice([f.value for f in QuantFormat]),
               help="nvfp4 = W4A4 (default), nvfp4-w4a16 = weight-only, fp8 = W8A8.")
 @click.option("--weights-only", is_flag=True, help="Shorthand for --format nvfp4-w4a16.")
-@click.option("--recipe", type=click.Choice(RECIPES), help="Quantization algorithm (W4A4). Without it: ModelOpt's default (max "
+@click.option("--recipe", metavar="NAME", help="Quantization algorithm (W4A4). Without it: ModelOpt's default (max "
               "calibration, round-to-nearest). smooth-gptq-seq-mp is the most accurate measured "
-              "(make quantize uses it; slower); smooth is the cheap gain. Table in README.")
+              "(make quantize uses it; slower); smooth is the cheap gain. Table in README. Ours and "
+              f"ModelOpt's presets: {', '.join(recipes.NAMES)}. Also a ModelOpt library recipe "
+              "(general/ptq/nvfp4_default-kv_fp8_cast, ...) or a ModelOpt .yaml recipe file.")
 @click.option("--calib", help="Calibration text: builtin (Brown corpus), FILE.txt, FILE.jsonl, or hf:DATASET[:SPLIT[:FIELD]].")
 @click.option("--calib-samples", type=int, help="Number of calibration windows [default: 128].")
 @click.option("--calib-seq-len", type=int, help="Tokens per window [default: 512].")
@@ -76,7 +81,11 @@ FLAG_FIELDS = {
 @click.option("--memory-limit", help="Container memory limit, e.g. 100g.")
 @click.option("--low-memory", is_flag=True, default=None, help="Calibrate in small batches without read-ahead: "
               "same checkpoint bytes, much less GPU memory (for big models on a 128 GB Spark).")
-@click.option("--offline", is_flag=True, default=None, help="Never touch the network; the model must be cached.")
+@click.option("--offline", is_flag=True, default=None, help="Never touch the network; the model must be cached "
+              "(and the derived image built, when the image needs one).")
+@click.option("--image-upgrade/--no-image-upgrade", "image_upgrade", default=None,
+              help="When the image's ModelOpt or transformers is too old for the recipe, build (once) and use "
+              "a derived image with the tested versions [default: on]. Off: fail in one line instead.")
 @click.option("--eval/--no-eval", "evaluate", default=None, help="Measure quality against the original after quantizing.")
 @click.option("--keep-container", is_flag=True, default=None, help="Leave the finished container for inspection.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON/TOML file with job fields.")
@@ -93,6 +102,7 @@ def quantize(fmt, weights_only, config_file, dry_run, **kw):
                         "batch_size": kw["calib_batch_size"]},
         "kv_cache": kw["kv_cache"], "output": kw["output"], "image": kw["image"], "gpus": kw["gpus"],
         "memory_limit": kw["memory_limit"], "low_memory": kw["low_memory"], "offline": kw["offline"], "evaluate": kw["evaluate"],
+        "image_upgrade": kw["image_upgrade"],
         "keep_container": kw["keep_container"],
     }
     spec = load_spec(flags, FLAG_FIELDS, config_file)
@@ -344,3 +354,20 @@ def report(out_html, evals):
         raise ConfigError(f"evaluation file not found: {missing[0]}", where="EVALS",
                           advice="pass JSON files written by `launcher eval --json`")
     click.echo(str(build_report([_candidate(e) for e in evals], out_html)))
+
+
+@main.group()
+def image():
+    """The container image: what is in it, and the derived image the payload may need."""
+
+
+@image.command("prepare")
+@click.option("--image", "image_ref", default="auto", show_default=True, help="The image to prepare (as for quantize).")
+@click.option("--dry-run", is_flag=True, help="Probe and say what would be built; build nothing.")
+def image_prepare(image_ref, dry_run):
+    """Pull the image if needed, probe it, and build its derived image when it falls short of
+    any recipe (for a machine without network: run this where there is one, then `docker save`
+    the derived image and `docker load` it there). `launcher rollback ID --images` removes it."""
+    from .derived_image import prepare
+
+    click.echo(prepare(image_ref, console, dry_run=dry_run))

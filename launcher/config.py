@@ -18,32 +18,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from container_payload import recipes
+
 from .errors import ConfigError
 
 NVIDIA_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:spark-single-gpu-dev"
 STANDIN_IMAGE = "spark-nvfp4/trtllm-standin:cpu"
 EMBEDDED_MODEL = "embedded"
 ENV_PREFIX = "SPARK_NVFP4_"
-
-# Recipe names the payload knows (container_payload/recipes.py is the source of truth;
-# this copy lets the host reject a typo before starting anything heavy).
-RECIPES = (
-    "default",        # ModelOpt NVFP4_DEFAULT_CFG: max calibration, round-to-nearest
-    "awq-lite",       # ModelOpt NVFP4_AWQ_LITE_CFG
-    "awq-clip",       # ModelOpt NVFP4_AWQ_CLIP_CFG
-    "mse",            # ModelOpt NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG (block-scale sweep)
-    "four-over-six",  # ModelOpt NVFP4_FOUR_OVER_SIX_CFG
-    "scale-search",   # ours: per-block FP8 scale search, never worse than max scaling
-    "gptq",           # ours: GPTQ error compensation on the NVFP4 grid
-    "gptq-aa",        # ours: activation-aware GPTQ (absorbs the W4A4 input rounding)
-    "gptq-mp",        # ours: gptq + the costliest fused units kept bf16 within ~9% size
-    "gptq-aa-mp",     # ours: gptq-aa + bf16 units (benchmarks/results/recipes.md)
-    "smooth",         # ours: per-channel smoothing folded into norms / up_proj, then ModelOpt default
-    "smooth-gptq-aa", # ours: smoothing, then activation-aware GPTQ
-    "smooth-gptq-aa-mp",  # ours: smoothing, then gptq-aa-mp
-    "smooth-gptq-seq-mp",  # ours: smoothing, bf16 units chosen first, then layer-sequential gptq-aa
-)
-
 
 class QuantFormat(str, Enum):
     NVFP4 = "nvfp4"              # W4A4: weights and activations in NVFP4
@@ -82,7 +64,7 @@ class JobSpec(BaseModel):
     model: str = Field(EMBEDDED_MODEL, description="hub id, local folder, or 'embedded'")
     revision: str | None = None
     format: QuantFormat = QuantFormat.NVFP4
-    recipe: str = "default"
+    recipe: str = "default"       # a name of container_payload/recipes.py, a ModelOpt library recipe, or a .yaml
     calibration: Calibration = Calibration()
     kv_cache: Literal["none", "fp8"] = "none"
     output: Path | None = None
@@ -93,14 +75,18 @@ class JobSpec(BaseModel):
     hf_token_env: str = "HF_TOKEN"
     ngc_key_env: str = "NGC_API_KEY"
     offline: bool = False
+    image_upgrade: bool = True    # derive an image with newer packages when the image falls short
     evaluate: bool = True
     keep_container: bool = False
 
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, v: str):
-        if v not in RECIPES:
-            raise ValueError(f"unknown recipe; choose one of {', '.join(RECIPES)}")
+        problem = recipes.check_name(v)
+        if problem:
+            raise ValueError(problem)
+        if v.endswith(recipes.YAML_SUFFIXES) and not Path(v).expanduser().is_file():
+            raise ValueError("recipe file not found (a ModelOpt library recipe is named without .yaml)")
         return v
 
     @field_validator("gpus")

@@ -17,6 +17,8 @@ import docker
 from docker.errors import APIError, NotFound
 from docker.types import DeviceRequest, Mount
 
+import container_payload
+
 from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
 from .errors import Interrupted, LauncherError, OutOfMemory, PayloadFailed
 from .logstream import EventStream, open_log
@@ -24,8 +26,28 @@ from .logstream import EventStream, open_log
 if TYPE_CHECKING:
     from . import runs
 
-PAYLOAD_DIR = Path(__file__).resolve().parent.parent / "container_payload"
+# The payload ships inside this package's distribution (a wheel or `pip install .` has it too)
+# and is mounted read-only into the image: nothing of ours is installed there.
+PAYLOAD_DIR = Path(container_payload.__file__).resolve().parent
 PAYLOAD_TARGET = "/opt/spark-nvfp4"
+
+
+# How NVIDIA's playbook runs its TensorRT-LLM image (`--ipc=host --ulimit memlock=-1 --ulimit
+# stack=67108864`): deep recursion in the compilers wants a 64 MiB stack, and CUDA's pinned host
+# buffers unlimited locked memory (given with a GPU only: nothing else pins, and hosts without
+# CAP_SYS_RESOURCE for dockerd refuse to raise it). Instead of the host's IPC namespace, a private
+# /dev/shm sized for quantization (docker's 64 MB default is too small for torch's shared
+# tensors): one process needs no more, and the container does not see the host's shared memory.
+NVIDIA_SETTINGS = dict(shm_size="16g")  # a tmpfs: only what is written uses memory
+STACK = docker.types.Ulimit(name="stack", soft=64 << 20, hard=64 << 20)
+MEMLOCK = docker.types.Ulimit(name="memlock", soft=-1, hard=-1)
+
+
+PAYLOAD_ENV = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def payload_command(module: str, *args: str) -> list[str]:
+    return ["python3", "-m", f"container_payload.{module}", *args]
 
 
 @dataclass
@@ -63,28 +85,32 @@ class PayloadContainer:
         self.role = role
         self.container = None
 
-    def create(self, module: str, job_path: str, binds: list[Bind], *, env: dict[str, str] | None = None,
+    def create(self, command: list[str], binds: list[Bind], *, env: dict[str, str] | None = None,
                device_requests: list[DeviceRequest] | None = None, mem_limit: str | None = None,
-               network: str | None = None, ports: dict | None = None, name: str | None = None):
-        mounts = [Bind(PAYLOAD_DIR, f"{PAYLOAD_TARGET}/container_payload").mount()]
+               network: str | None = None, ports: dict | None = None, name: str | None = None,
+               user: str | None = "host", payload: bool = True):
+        """`payload` False: a plain container of the image (an image build), without our
+        code, working folder or environment, since a commit would keep those."""
+        mounts = [Bind(PAYLOAD_DIR, f"{PAYLOAD_TARGET}/container_payload").mount()] if payload else []
         mounts += [b.mount() for b in binds]
         kwargs = dict(
             image=self.image,
-            command=["python3", "-m", f"container_payload.{module}", job_path],
-            working_dir=PAYLOAD_TARGET,
+            command=command,
             mounts=mounts,
-            environment={"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-                         "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
+            environment={**(PAYLOAD_ENV if payload else {}), **(env or {})},
             labels=owner_labels(self.run_id, self.role),
-            # Files the payload writes into the output must belong to the user, not root.
-            user=f"{os.getuid()}:{os.getgid()}",
+            # Files the payload writes into the output must belong to the user, not root. The
+            # probe runs as the image's own user (None), an image build as root ("0:0").
+            user=f"{os.getuid()}:{os.getgid()}" if user == "host" else user,
             init=True,  # tini as PID 1: docker stop's SIGTERM reaches python
             device_requests=device_requests or [],
             detach=True,
             name=name,
-            # Quantization needs big shared tensors on some torch paths; docker's 64 MB is too small.
-            shm_size="2g",
+            ulimits=[STACK, MEMLOCK] if device_requests else [STACK],
+            **NVIDIA_SETTINGS,
         )
+        if payload:
+            kwargs["working_dir"] = PAYLOAD_TARGET
         if mem_limit:
             kwargs["mem_limit"] = mem_limit
         if network:
@@ -195,7 +221,7 @@ def run_payload(p: PayloadRun, console) -> EventStream:
     job_file = p.record.folder / f"{p.module}-job.json"
     job_file.write_text(json.dumps(p.job, indent=2))
     box = PayloadContainer(p.client, p.image, p.record.id, role=p.module)
-    box.create(p.module, "/run/job.json", p.binds + [Bind(job_file, "/run/job.json")], env=p.env,
+    box.create(payload_command(p.module, "/run/job.json"), p.binds + [Bind(job_file, "/run/job.json")], env=p.env,
                device_requests=gpu_requests(p.gpus, p.nvidia), mem_limit=p.mem_limit, network=p.network)
     p.record.add("containers", box.container.id)
     try:

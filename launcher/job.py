@@ -16,7 +16,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import assets, model_source, paths, preflight, runs
+from container_payload import recipes
+
+from . import assets, derived_image, model_source, paths, preflight, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .daemon import connect, has_nvidia_runtime
@@ -97,26 +99,44 @@ class QuantizeJob:
             if output.exists() and any(output.iterdir()):
                 raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
                                   where="--output", advice="choose another --output, or remove the folder")
+            store = ImageStore(client, self.console)
+            # An image already here is probed (and derived, if it falls short) before the
+            # model download: a 16 GB download must not precede a one-line "cannot run".
+            runnable = self._runnable_image(client, rec, image_ref) if store.get(image_ref) else None
             model = model_source.resolve(spec, dry_run=self.dry_run)
             preflight.enforce(preflight.quantize_checks(
                 model_bytes=model.bytes, output=output, download_bytes=0,
                 cache_dir=paths.hf_hub_cache(), on_gpu=self.device_kind == "gpu"))
             for c in [] if self.dry_run else model.created_cache:  # a dry run creates nothing
                 rec.add("cache", c)
-            image = ImageStore(client, self.console).ensure(image_ref, ngc_key_env=spec.ngc_key_env,
-                                                            dry_run=self.dry_run)
+            image = store.ensure(image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
             if image.pulled and not self.dry_run:  # "would pull" is not a pull
                 rec.add("images", image_ref)
+            if runnable is None and image.id:
+                runnable = self._runnable_image(client, rec, image_ref)
             if self.dry_run:
                 rec.finish("complete")
                 return JobOutcome(rec, output)
+            rec.image = runnable
+            rec.save()
             rec.add("locks", str(lock_path(output)))  # a kill -9 leaves it; rollback checks it is ours
             with OutputLock(output, rec.id):
-                self._quantize(client, rec, model, image_ref, output, fingerprint, nvidia)
+                self._quantize(client, rec, model, runnable, output, fingerprint, nvidia)
             rec.result = json.loads((output / "result.json").read_text())
             rec.finish("complete")
         # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
-        self.describe(output, image_ref, model_source.weight_bytes(model.host_dir) or model.bytes)
+        self.describe(output, runnable, model_source.weight_bytes(model.host_dir) or model.bytes)
+
+    def _runnable_image(self, client, rec: runs.RunRecord, image_ref: str) -> str:
+        """`image_ref`, or the image derived from it when its packages fall short of the job."""
+        spec = self.spec
+        needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache,
+                                  embedded=spec.is_embedded and model_source.embedded_needs_conversion())
+        why_not = ("--offline forbids building it" if spec.offline else
+                   "--no-image-upgrade forbids deriving an image with newer ones")
+        return derived_image.runnable(client, image_ref, needs, cuda=self.device_kind == "gpu", rec=rec,
+                                      console=self.console, allowed=spec.image_upgrade and not spec.offline,
+                                      why_not=why_not, dry_run=self.dry_run)
         return JobOutcome(rec, output)
 
     def describe(self, output: Path, image_ref: str, source_bytes: int) -> None:

@@ -54,12 +54,17 @@ def resolve(spec: JobSpec, *, dry_run: bool = False) -> ResolvedModel:
     return _hub(spec, dry_run=dry_run)
 
 
+def embedded_needs_conversion() -> bool:
+    """The embedded GGUF is converted to bf16 safetensors by the payload's first run."""
+    return not (paths.models_dir() / EMBEDDED_DIRNAME / "config.json").exists()
+
+
 def _embedded() -> ResolvedModel:
     gguf = assets.embedded_gguf()
     models = paths.models_dir()
     models.mkdir(parents=True, exist_ok=True)
     host_dir = models / EMBEDDED_DIRNAME
-    created = [] if (host_dir / "config.json").exists() else [str(host_dir)]
+    created = [str(host_dir)] if embedded_needs_conversion() else []
     return ResolvedModel(
         container_dir=f"/models/{EMBEDDED_DIRNAME}",
         binds=[Bind(models, "/models", read_only=False), Bind(gguf.parent, "/assets")],

@@ -1,0 +1,91 @@
+"""A recipe name (recipes.py) -> ModelOpt's configuration, plus our own steps.
+
+Every recipe ends in ModelOpt's quantizer state, so the export path is always
+`export_hf_checkpoint` and the checkpoint stays the standard format.
+
+Works with the ModelOpt of NVIDIA's 2025 images (0.37: presets whose `quant_cfg` is a
+dict of wildcard -> attributes) as well as newer ones (0.45+: a list of entries); what a
+recipe needs beyond that is refused by recipes.shortfalls before any weights load.
+"""
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import modelopt.torch.quantization as mtq
+
+from . import recipes
+from .events import PayloadError
+
+
+@dataclass
+class BuiltRecipe:
+    name: str
+    preset: str
+    config: object                       # a dict, or ModelOpt's QuantizeConfig for YAML recipes
+    refine: Callable | None = None       # after mtq.quantize's calibration (our own methods)
+    prepare: Callable | None = None      # before mtq.quantize, on the bf16 model (smoothing)
+
+
+def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> BuiltRecipe:
+    if recipes.is_modelopt_recipe(recipe):
+        return _modelopt_library(recipe, kv_cache)
+    known = recipes.RECIPES.get(recipe)
+    if known is None:
+        raise PayloadError(recipes.check_name(recipe), kind="input")
+    if fmt != "nvfp4" and recipe != "default":
+        raise PayloadError(f"recipe {recipe!r} applies to nvfp4 (W4A4) only", kind="input")
+    if known.needs.gpu and device != "cuda":
+        cpu_ok = [n for n, r in recipes.RECIPES.items() if not r.needs.gpu]
+        raise PayloadError(f"recipe {recipe!r} needs a GPU ({known.needs.why[0]}); on a CPU use one "
+                           f"of: {', '.join(cpu_ok)}", kind="input")
+    preset = recipes.FORMAT_PRESETS.get(fmt, known.preset)
+    refine = prepare = None
+    if known.origin == "ours":
+        from .algorithms import CUSTOM_RECIPES  # our steps need a newer ModelOpt: import them only here
+
+        _, refine, *rest = CUSTOM_RECIPES[recipe]
+        prepare = rest[0] if rest else None
+    cfg = _preset(preset)
+    if kv_cache == "fp8":
+        cfg["quant_cfg"] = with_entries(cfg["quant_cfg"], mtq.FP8_KV_CFG["quant_cfg"])
+    return BuiltRecipe(name=recipe, preset=preset, config=cfg, refine=refine, prepare=prepare)
+
+
+def with_entries(quant_cfg, extra):
+    """`quant_cfg` plus `extra`, later entries winning, in the form this ModelOpt uses:
+    a dict (0.37-era presets) or a list of entries (0.45+)."""
+    if isinstance(quant_cfg, dict):
+        return {**quant_cfg, **copy.deepcopy(dict(extra))}
+    return list(quant_cfg) + copy.deepcopy(list(extra))
+
+
+def _preset(name: str) -> dict:
+    cfg = getattr(mtq, name, None)
+    if cfg is None:
+        import modelopt
+        raise PayloadError(f"this ModelOpt ({modelopt.__version__}) has no {name}; use an image "
+                           "with a newer nvidia-modelopt (the launcher derives one)", kind="input")
+    return copy.deepcopy(cfg)
+
+
+def _modelopt_library(recipe: str, kv_cache: str) -> BuiltRecipe:
+    """One of ModelOpt's YAML recipes: a library name (general/ptq/...) or a file the
+    launcher mounted. Its KV-cache choice is part of the recipe itself."""
+    try:
+        from modelopt.recipe import load_recipe
+    except ImportError:
+        raise PayloadError("this ModelOpt has no YAML recipe library (modelopt.recipe, 0.45+)",
+                           kind="input") from None
+    if kv_cache != "none":
+        raise PayloadError("a ModelOpt YAML recipe sets its own KV cache: leave --kv-cache at none",
+                           kind="input")
+    try:
+        loaded = load_recipe(Path(recipe) if recipe.startswith("/") else recipe)
+    except (ValueError, OSError) as e:
+        raise PayloadError(f"ModelOpt cannot load recipe {recipe!r}: {str(e).splitlines()[0]}",
+                           kind="input") from None
+    quantize = getattr(loaded, "quantize", None)
+    if quantize is None:
+        raise PayloadError(f"{recipe!r} is not a post-training quantization (ptq) recipe", kind="input")
+    return BuiltRecipe(name=recipe, preset="modelopt-recipe", config=quantize)

@@ -1,0 +1,279 @@
+"""An image the payload can run, derived from the user's when theirs falls short.
+
+NVIDIA's 2025 TensorRT-LLM images carry ModelOpt 0.37, which cannot run our recipes (and
+cannot export NVFP4 at all without CUDA). NVIDIA's own playbook re-installs ModelOpt in the
+container before every run; we do it once: a new image on top of the user's, holding the
+lock's version of each package the job's recipe needs (container_payload/requirements.lock,
+container_payload/recipes.py). What the image's stack is built on stays exactly as it was:
+pip runs with torch, numpy, triton, TensorRT(-LLM) and every CUDA library pinned at the
+versions the probe found, and the derived image is probed again to prove it.
+
+    tag  spark-nvfp4/derived:<base image id, 12>-<lock hash, 12>   (reused by later runs)
+
+How it is built: a container of the base image runs pip, then is committed. Docker's classic
+builder (the one the Engine API offers) has no secret mounts, so a Dockerfile would bake the
+host's pip settings (a proxy's CA bundle, an index URL with a password) into a layer; here
+they reach pip through a read-only mount that never becomes part of the image. The container
+runs the base image itself, so the result has the base's platform (aarch64 on a Spark).
+The user's image is never changed, retagged or removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import docker
+from docker.errors import APIError, ImageNotFound
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from container_payload import recipes
+
+from . import runs
+from .container import Bind, PayloadContainer
+from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
+from .errors import ImageError, Interrupted
+from .image_probe import ImageProbe, probe
+
+REPOSITORY = "spark-nvfp4/derived"
+ROLE = "derived-image"
+BASE_LABEL = f"{LABEL_PREFIX}.base-image-id"
+LOCK_LABEL = f"{LABEL_PREFIX}.lock"
+BUILD_DIR = "/run/spark-nvfp4-build"
+# The stack the image is built on: pip may add packages beside it, never change it.
+FOUNDATION = re.compile(r"^(torch|torchvision|torchaudio|numpy|triton|pytorch-triton.*|tensorrt.*|"
+                        r"nvidia-(?!modelopt$|ml-py$).*|cuda-.*|cupy.*|flashinfer.*)$")
+# pip settings taken from the host environment (corporate proxies, mirrors), never baked in.
+PIP_SETTINGS = {"PIP_INDEX_URL": "index-url", "PIP_EXTRA_INDEX_URL": "extra-index-url",
+                "PIP_TRUSTED_HOST": "trusted-host", "PIP_TIMEOUT": "timeout", "PIP_DEFAULT_TIMEOUT": "timeout",
+                "PIP_RETRIES": "retries"}
+
+
+def lock_text() -> str:
+    return resources.files("container_payload").joinpath("requirements.lock").read_text()
+
+
+def lock_pins() -> dict[str, str]:
+    """Distribution (pip's normal form) -> the exact requirement line."""
+    pins = {}
+    for line in lock_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            pins[recipes.dist_key(re.split(r"[=<>!~ ;\[]", line, maxsplit=1)[0])] = line
+    return pins
+
+
+def lock_hash() -> str:
+    return hashlib.sha256(lock_text().encode()).hexdigest()[:12]
+
+
+def tag_for(base_id: str) -> str:
+    return f"{REPOSITORY}:{base_id.removeprefix('sha256:')[:12]}-{lock_hash()}"
+
+
+@dataclass
+class Plan:
+    base_ref: str
+    base: ImageProbe
+    install: list[str]          # requirement lines from the lock
+    constraints: list[str]      # the base's foundation, pinned
+    tag: str
+    reasons: list[str]
+
+
+def runnable(client: docker.DockerClient, image_ref: str, needs: recipes.Needs, *, cuda: bool,
+             rec: runs.RunRecord, console: Console, allowed: bool, why_not: str = "",
+             dry_run: bool = False) -> str:
+    """The image to run a job with `needs` in: `image_ref` itself when it has what the job
+    needs, else its derived image (reused, or built when `allowed`)."""
+    base = probe(client, image_ref, rec.id)
+    console.print(f"image: {image_ref}: {base.summary()}", highlight=False)
+    missing = recipes.shortfalls(needs, base.packages, cuda=cuda)
+    if not missing:
+        return image_ref
+    p = plan(image_ref, base)
+    if dry_run:
+        console.print(f"would derive {p.tag} ({'; '.join(map(str, missing))}) with {', '.join(p.install)}")
+        return p.tag
+    p.reasons = [str(m) for m in missing]
+    return ensure(client, p, rec, console, allowed=allowed, why_not=why_not)
+
+
+def plan(base_ref: str, base: ImageProbe) -> Plan:
+    """What the derived image of `base` installs: the lock's version of everything any job
+    could need and the base lacks (one image per base serves every recipe), pip resolving
+    the rest with the base's foundation pinned."""
+    missing = recipes.shortfalls(recipes.EVERYTHING, base.packages, cuda=False)
+    pins = lock_pins()
+    unknown = [m.dist for m in missing if recipes.dist_key(m.dist) not in pins]
+    if unknown:  # a requirement the lock has no version for: a bug of ours, said plainly
+        raise ImageError(f"the lock file has no version of {', '.join(unknown)}",
+                         where="container_payload/requirements.lock", advice="please report this")
+    install = [pins[recipes.dist_key(m.dist)] for m in missing]
+    constraints = sorted(f"{name}=={version}" for name, version in base.packages.items()
+                         if FOUNDATION.match(recipes.dist_key(name)))
+    return Plan(base_ref, base, install, constraints, tag_for(base.image_id), [str(m) for m in missing])
+
+
+def present(client: docker.DockerClient, p: Plan) -> str | None:
+    """The id of an earlier run's derived image for this base and lock, if there is one."""
+    try:
+        img = client.images.get(p.tag)
+    except ImageNotFound:
+        return None
+    if img.labels.get(BASE_LABEL) != p.base.image_id or img.labels.get(LOCK_LABEL) != lock_hash():
+        return None  # a tag of ours pointing elsewhere (edited by hand): build anew
+    return img.id
+
+
+def build(client: docker.DockerClient, p: Plan, rec: runs.RunRecord, console: Console) -> str:
+    """Build the derived image (recorded in `rec` as soon as it exists); return its tag."""
+    workdir = Path(tempfile.mkdtemp(prefix="derive-", dir=rec.folder))
+    try:
+        _write_context(workdir, p)
+        box = PayloadContainer(client, p.base.image_id, rec.id, role="image-build")
+        # root: pip installs into the image's own Python (the commit gives the base's user back)
+        box.create(["/bin/sh", f"{BUILD_DIR}/build.sh"], [Bind(workdir, BUILD_DIR)], user="0:0", payload=False)
+        rec.add("containers", box.container.id)
+        try:
+            code, tail = _run_with_progress(box, rec, console, p)
+            if code != 0:
+                raise ImageError(f"could not build the derived image (pip exit {code}): {tail}",
+                                 where=p.base_ref, advice=_offline_advice(p.base_ref))
+            box.container.commit(repository=p.tag.split(":")[0], tag=p.tag.split(":")[1],
+                                 message=f"spark-nvfp4: {', '.join(p.install)}",
+                                 changes=_restore_config(client, p))
+        finally:
+            box.remove()
+        rec.add("images", p.tag)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return p.tag
+
+
+def ensure(client: docker.DockerClient, p: Plan, rec: runs.RunRecord, console: Console, *,
+           allowed: bool, why_not: str = "") -> str:
+    """The derived image for `p`: reused, or built and checked. `allowed` False (offline,
+    --no-image-upgrade) turns a needed build into one line saying how to get the image."""
+    if present(client, p):
+        console.print(f"image: using {p.tag} (derived earlier: {', '.join(p.install)})")
+        return p.tag
+    if not allowed:
+        raise ImageError(f"{p.base_ref} cannot run this job ({'; '.join(p.reasons)}) and {why_not}",
+                         where=p.base_ref, advice=_offline_advice(p.base_ref))
+    console.print(f"image: {p.base_ref} falls short ({'; '.join(p.reasons)}); deriving {p.tag} "
+                  f"with {', '.join(p.install)}")
+    tag = build(client, p, rec, console)
+    check(client, p, tag, rec)
+    return tag
+
+
+def check(client: docker.DockerClient, p: Plan, tag: str, rec: runs.RunRecord) -> None:
+    """The derived image still has the base's foundation, version for version."""
+    after = probe(client, tag, rec.id)
+    changed = [f"{c.split('==')[0]} {c.split('==')[1]} -> {after.version(c.split('==')[0]) or 'removed'}"
+               for c in p.constraints if after.version(c.split("==")[0]) != c.split("==")[1]]
+    if changed:
+        try:
+            client.images.remove(tag)
+        except (ImageNotFound, APIError):
+            pass
+        raise ImageError(f"the derived image changed the image's own stack ({'; '.join(changed)}); removed it",
+                         where=p.base_ref, advice="please report this with `launcher doctor --image`")
+
+
+def _write_context(workdir: Path, p: Plan) -> None:
+    (workdir / "requirements.txt").write_text("\n".join(p.install) + "\n")
+    (workdir / "constraints.txt").write_text("\n".join(p.constraints) + "\n")
+    conf = ["[global]", "no-cache-dir = true", "disable-pip-version-check = true", "no-input = true"]
+    for env, key in PIP_SETTINGS.items():
+        if os.environ.get(env):
+            conf.append(f"{key} = {os.environ[env]}")
+    cert = os.environ.get("PIP_CERT")
+    if cert and Path(cert).is_file():
+        shutil.copyfile(cert, workdir / "ca.crt")
+        conf.append(f"cert = {BUILD_DIR}/ca.crt")
+    (workdir / "pip.conf").write_text("\n".join(conf) + "\n")
+    # PIP_BREAK_SYSTEM_PACKAGES: NVIDIA's images install into the system Python (older pips
+    # ignore the variable). The settings live in this script, not in the container's
+    # environment, so none of them is committed into the image.
+    (workdir / "build.sh").write_text(
+        "set -eu\n"
+        f"export PIP_CONFIG_FILE={BUILD_DIR}/pip.conf PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore\n"
+        f"python3 -m pip install -r {BUILD_DIR}/requirements.txt -c {BUILD_DIR}/constraints.txt\n")
+    for f in workdir.iterdir():
+        f.chmod(0o644)  # readable by the image's user; the folder is the run's, 0700
+
+
+def _restore_config(client: docker.DockerClient, p: Plan) -> list[str]:
+    """Dockerfile lines that give the committed image the base's command and user back (the
+    build container ran pip as root) and label it as ours."""
+    config = client.images.get(p.base.image_id).attrs.get("Config") or {}
+    labels = {BASE_LABEL: p.base.image_id, LOCK_LABEL: lock_hash(), ROLE_LABEL: ROLE}
+    return [f"CMD {json.dumps(config.get('Cmd') or [])}", f"USER {config.get('User') or 'root'}",
+            "LABEL " + " ".join(f"{k}={json.dumps(v)}" for k, v in labels.items())]
+
+
+def _run_with_progress(box: PayloadContainer, rec: runs.RunRecord, console: Console, p: Plan) -> tuple[int, str]:
+    """Stream pip's output into the run's log, with one live line saying what it is doing."""
+    step = re.compile(r"^(Collecting|Downloading|Installing collected packages|Successfully installed|ERROR)")
+    last_error, buf = "", ""
+    with open(rec.log_path, "a", encoding="utf-8") as log, \
+            Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                     console=console, transient=True) as bar:
+        task = bar.add_task(f"deriving image: pip install {' '.join(p.install)}")
+        try:
+            box.container.start()
+            for chunk in box.container.logs(stream=True, follow=True):
+                buf += chunk.decode("utf-8", "replace")
+                *lines, buf = buf.split("\n")
+                for line in lines:
+                    log.write(line + "\n")
+                    if step.match(line):
+                        bar.update(task, description=f"deriving image: {line[:100]}")
+                    if line.startswith("ERROR"):
+                        last_error = last_error or line[:300]
+            code = int(box.container.wait().get("StatusCode", 1))
+        except KeyboardInterrupt:
+            box.stop(timeout=2)
+            raise Interrupted("interrupted while deriving the image; nothing was kept",
+                              advice="rerun the same command to build it again") from None
+    return code, last_error or "see the run's log"
+
+
+def _offline_advice(base_ref: str) -> str:
+    return (f"on a machine with network, run `launcher image prepare --image {base_ref}` and move the "
+            f"result with `docker save {REPOSITORY} | docker load`; or pass --image with an image that "
+            "already has the versions (`launcher doctor --image REF` shows them)")
+
+
+def prepare(image_ref: str, console: Console, *, dry_run: bool = False) -> str:
+    """`launcher image prepare`: the image (pulled if absent) and its derived image, ready
+    for every recipe. Returns the image to pass to --image."""
+    from .daemon import connect, has_nvidia_runtime
+    from .image import ImageStore, choose_image
+    from .orphans import reap
+
+    client = connect()
+    reap(client, console)
+    ref = choose_image(image_ref, has_nvidia_runtime(client))
+    rec = runs.new_run("image-prepare", {"image": ref})
+    rec.image = ref
+    rec.save()
+    with rec.ends_on_error():
+        info = ImageStore(client, console).ensure(ref, dry_run=dry_run)
+        if info.pulled and not dry_run:
+            rec.add("images", ref)
+        tag = ref if dry_run and not info.id else runnable(
+            client, ref, recipes.EVERYTHING, cuda=False, rec=rec, console=console, allowed=True, dry_run=dry_run)
+        rec.finish("complete")
+    if tag == ref:
+        console.print(f"{ref} runs every recipe as it is: nothing to derive")
+    return tag

@@ -1,0 +1,100 @@
+"""What is inside an image: container_payload/probe.py run in it once, cached by image id.
+
+An image id names its content, so the answer never goes stale; the cache is still read
+as untrusted input (a damaged file is probed again). The probe needs no network, no GPU
+and no torch import: about a second even on NVIDIA's 20 GB images.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import docker
+from docker.errors import APIError, ImageNotFound
+from pydantic import BaseModel, ValidationError
+
+from container_payload import recipes
+
+from . import paths
+from .container import PayloadContainer, payload_command
+from .errors import ImageError
+from .logstream import PREFIX
+
+PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s
+# What the user is shown, and what a derived image must keep (plus every nvidia-*/cuda-* lib).
+KEY_PACKAGES = ("torch", "transformers", "nvidia-modelopt", "accelerate", "safetensors", "numpy",
+                "tensorrt-llm", "tensorrt_llm", "gguf")
+
+
+class ImageProbe(BaseModel):
+    image_id: str
+    arch: str
+    python: str
+    torch_cuda: str | None = None
+    trtllm_serve: str | None = None
+    user: str
+    uid: int
+    packages: dict[str, str]
+
+    def version(self, dist: str) -> str | None:
+        want = recipes.dist_key(dist)
+        return next((v for k, v in self.packages.items() if recipes.dist_key(k) == want), None)
+
+    def key_versions(self) -> dict[str, str]:
+        return {k: v for k in KEY_PACKAGES if (v := self.version(k))}
+
+    def summary(self) -> str:
+        torch = self.version("torch") or "none"
+        cuda = f", CUDA {self.torch_cuda}" if self.torch_cuda else ", CPU build"
+        return (f"{self.arch}, Python {self.python}, torch {torch}{cuda}, transformers "
+                f"{self.version('transformers') or 'none'}, ModelOpt {self.version('nvidia-modelopt') or 'none'}")
+
+
+def cache_path(image_id: str) -> Path:
+    return paths.home() / "probes" / f"{image_id.removeprefix('sha256:')[:64]}.json"
+
+
+def probe(client: docker.DockerClient, image: str, run_id: str = "probe") -> ImageProbe:
+    """The probe of `image` (a ref or id that is present), from the cache or run now."""
+    try:
+        image_id = client.images.get(image).id
+    except ImageNotFound:
+        raise ImageError(f"image {image} is not present", advice="pull or build it first") from None
+    cached = cache_path(image_id)
+    try:
+        return ImageProbe.model_validate_json(cached.read_text())
+    except (OSError, ValidationError, ValueError):
+        pass
+    found = ImageProbe(image_id=image_id, **_run(client, image_id, run_id))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+    tmp.write_text(found.model_dump_json(indent=2))
+    os.replace(tmp, cached)
+    return found
+
+
+def _run(client: docker.DockerClient, image_id: str, run_id: str) -> dict:
+    box = PayloadContainer(client, image_id, run_id, role="probe")
+    box.create(payload_command("probe"), [], network="none", user=None)
+    try:
+        box.container.start()
+        code = box.container.wait(timeout=PROBE_TIMEOUT_S).get("StatusCode", 1)
+        text = box.container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
+    except (APIError, docker.errors.DockerException, OSError) as e:  # includes the wait's timeout
+        raise ImageError(f"the image probe did not finish: {str(e).splitlines()[0]}", where=image_id[:19],
+                         advice="check that the image starts (`docker run --rm IMAGE python3 -V`)") from None
+    finally:
+        box.remove()
+    for line in text.splitlines():
+        if line.startswith(PREFIX):
+            try:
+                event = json.loads(line[len(PREFIX):])
+            except ValueError:
+                continue
+            if event.get("event") == "probe":
+                return {k: v for k, v in event.items() if k not in ("event", "t")}
+    last = text.strip().splitlines()[-1][:200] if text.strip() else "no output"
+    raise ImageError(f"the image probe failed (exit {code}): {last}", where=image_id[:19],
+                     advice="the image needs a `python3` on its PATH (NVIDIA's TensorRT-LLM images have one)")
+
