@@ -16,7 +16,7 @@ SEQ_LEN  ?= 512
 EXTRA    ?=
 PYTEST_ARGS ?=
 
-.PHONY: bench-recipes demo setup bootstrap venv venvs image quantize verify test clean-venvs
+.PHONY: bench-recipes demo setup bootstrap venv venvs image image-2025 quantize verify test clean-venvs
 
 demo: setup image quantize
 
@@ -47,6 +47,10 @@ venvs: .venv-mo/.installed .venv-llmc/.installed
 image:
 	docker/build.sh
 
+# The 2025 stack of NVIDIA's images (ModelOpt 0.37, transformers 4.57): what users really have.
+image-2025:
+	docker/build.sh spark-nvfp4/trtllm-standin:2025 docker/requirements-standin-2025.txt
+
 quantize: venv
 	$(LAUNCHER) quantize --model $(MODEL) --output $(OUTPUT) --image $(IMAGE) --calib $(CALIB) \
 	  --calib-samples $(SAMPLES) --calib-seq-len $(SEQ_LEN) $(if $(RECIPE),--recipe $(RECIPE)) $(EXTRA)
@@ -62,7 +66,8 @@ bench-recipes: venv venvs
 
 test: venv venvs
 	scripts/bootstrap-host.sh --test
-	docker image inspect spark-nvfp4/trtllm-standin:cpu >/dev/null 2>&1 || docker/build.sh
+	docker image inspect spark-nvfp4/trtllm-standin:cpu >/dev/null 2>&1 || $(MAKE) image
+	docker image inspect spark-nvfp4/trtllm-standin:2025 >/dev/null 2>&1 || $(MAKE) image-2025
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean-venvs:

@@ -49,14 +49,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def portable_tokenizer_config(model_dir: Path) -> None:
-    """transformers 5 saves `"tokenizer_class": "TokenizersBackend"`, a class transformers 4.x
-    does not have ("Tokenizer class TokenizersBackend does not exist"). With a tokenizer.json
-    beside it, `PreTrainedTokenizerFast` is the same tokenizer to both 4.x and 5.x."""
+    """The converted embedded model's tokenizer, the same to every transformers: its
+    tokenizer.json run as it is (`PreTrainedTokenizerFast`). What the GGUF conversion writes
+    depends on the version that ran it: transformers 5 saves "TokenizersBackend", a class 4.x
+    does not have; 4.57 saves "LlamaTokenizer", which 5.x rebuilds with another pre-tokenizer
+    (other token ids, so other calibration windows)."""
     path = model_dir / "tokenizer_config.json"
     if not path.exists() or not (model_dir / "tokenizer.json").exists():
         return
     config = json.loads(path.read_text())
-    if config.get("tokenizer_class") == "TokenizersBackend":
+    if config.get("tokenizer_class") != "PreTrainedTokenizerFast":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False))

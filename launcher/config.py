@@ -23,7 +23,8 @@ from container_payload import recipes
 from .errors import ConfigError
 
 NVIDIA_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:spark-single-gpu-dev"
-STANDIN_IMAGE = "spark-nvfp4/trtllm-standin:cpu"
+STANDIN_REPO = "spark-nvfp4/trtllm-standin"           # built here by `make image` / `make image-2025`
+STANDIN_IMAGE = f"{STANDIN_REPO}:cpu"
 EMBEDDED_MODEL = "embedded"
 ENV_PREFIX = "SPARK_NVFP4_"
 

@@ -85,25 +85,38 @@ class Plan:
     install: list[str]          # requirement lines from the lock
     constraints: list[str]      # the base's foundation, pinned
     tag: str
-    reasons: list[str]
 
 
 def runnable(client: docker.DockerClient, image_ref: str, needs: recipes.Needs, *, cuda: bool,
-             rec: runs.RunRecord, console: Console, allowed: bool, why_not: str = "",
+             rec: runs.RunRecord, console: Console, upgrade: bool = True, offline: bool = False,
              dry_run: bool = False) -> str:
     """The image to run a job with `needs` in: `image_ref` itself when it has what the job
-    needs, else its derived image (reused, or built when `allowed`)."""
+    needs, else its derived image: reused, or built (not when `offline`). `upgrade` False
+    (--no-image-upgrade) means this image exactly: a shortfall is one line, nothing else."""
     base = probe(client, image_ref, rec.id)
     console.print(f"image: {image_ref}: {base.summary()}", highlight=False)
     missing = recipes.shortfalls(needs, base.packages, cuda=cuda)
     if not missing:
         return image_ref
+    reasons = "; ".join(map(str, missing))
+    if not upgrade:
+        raise ImageError(f"{image_ref} cannot run this job: {reasons}", where="--no-image-upgrade",
+                         advice="drop --no-image-upgrade to derive an image with the tested versions, or "
+                                "pass --image with an image that has them")
     p = plan(image_ref, base)
-    if dry_run:
-        console.print(f"would derive {p.tag} ({'; '.join(map(str, missing))}) with {', '.join(p.install)}")
+    if present(client, p):
+        console.print(f"image: using {p.tag} (derived earlier: {', '.join(p.install)})")
         return p.tag
-    p.reasons = [str(m) for m in missing]
-    return ensure(client, p, rec, console, allowed=allowed, why_not=why_not)
+    if dry_run:
+        console.print(f"would derive {p.tag} ({reasons}) with {', '.join(p.install)}")
+        return p.tag
+    if offline:
+        raise ImageError(f"{image_ref} cannot run this job ({reasons}) and --offline forbids building "
+                         f"its derived image {p.tag}", where=image_ref, advice=_offline_advice(image_ref, p.tag))
+    console.print(f"image: {image_ref} falls short ({reasons}); deriving {p.tag} with {', '.join(p.install)}")
+    tag = build(client, p, rec, console)
+    check(client, p, tag, rec)
+    return tag
 
 
 def plan(base_ref: str, base: ImageProbe) -> Plan:
@@ -119,7 +132,7 @@ def plan(base_ref: str, base: ImageProbe) -> Plan:
     install = [pins[recipes.dist_key(m.dist)] for m in missing]
     constraints = sorted(f"{name}=={version}" for name, version in base.packages.items()
                          if FOUNDATION.match(recipes.dist_key(name)))
-    return Plan(base_ref, base, install, constraints, tag_for(base.image_id), [str(m) for m in missing])
+    return Plan(base_ref, base, install, constraints, tag_for(base.image_id))
 
 
 def present(client: docker.DockerClient, p: Plan) -> str | None:
@@ -146,7 +159,7 @@ def build(client: docker.DockerClient, p: Plan, rec: runs.RunRecord, console: Co
             code, tail = _run_with_progress(box, rec, console, p)
             if code != 0:
                 raise ImageError(f"could not build the derived image (pip exit {code}): {tail}",
-                                 where=p.base_ref, advice=_offline_advice(p.base_ref))
+                                 where=p.base_ref, advice=_offline_advice(p.base_ref, p.tag))
             box.container.commit(repository=p.tag.split(":")[0], tag=p.tag.split(":")[1],
                                  message=f"spark-nvfp4: {', '.join(p.install)}",
                                  changes=_restore_config(client, p))
@@ -156,23 +169,6 @@ def build(client: docker.DockerClient, p: Plan, rec: runs.RunRecord, console: Co
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return p.tag
-
-
-def ensure(client: docker.DockerClient, p: Plan, rec: runs.RunRecord, console: Console, *,
-           allowed: bool, why_not: str = "") -> str:
-    """The derived image for `p`: reused, or built and checked. `allowed` False (offline,
-    --no-image-upgrade) turns a needed build into one line saying how to get the image."""
-    if present(client, p):
-        console.print(f"image: using {p.tag} (derived earlier: {', '.join(p.install)})")
-        return p.tag
-    if not allowed:
-        raise ImageError(f"{p.base_ref} cannot run this job ({'; '.join(p.reasons)}) and {why_not}",
-                         where=p.base_ref, advice=_offline_advice(p.base_ref))
-    console.print(f"image: {p.base_ref} falls short ({'; '.join(p.reasons)}); deriving {p.tag} "
-                  f"with {', '.join(p.install)}")
-    tag = build(client, p, rec, console)
-    check(client, p, tag, rec)
-    return tag
 
 
 def check(client: docker.DockerClient, p: Plan, tag: str, rec: runs.RunRecord) -> None:
@@ -248,10 +244,10 @@ def _run_with_progress(box: PayloadContainer, rec: runs.RunRecord, console: Cons
     return code, last_error or "see the run's log"
 
 
-def _offline_advice(base_ref: str) -> str:
-    return (f"on a machine with network, run `launcher image prepare --image {base_ref}` and move the "
-            f"result with `docker save {REPOSITORY} | docker load`; or pass --image with an image that "
-            "already has the versions (`launcher doctor --image REF` shows them)")
+def _offline_advice(base_ref: str, tag: str) -> str:
+    return (f"on a machine with network, run `launcher image prepare --image {base_ref}`, then "
+            f"`docker save {tag} -o derived.tar` there and `docker load -i derived.tar` here; or pass --image "
+            "with an image that already has the versions (`launcher doctor --image REF` shows them)")
 
 
 def prepare(image_ref: str, console: Console, *, dry_run: bool = False) -> str:
@@ -272,7 +268,7 @@ def prepare(image_ref: str, console: Console, *, dry_run: bool = False) -> str:
         if info.pulled and not dry_run:
             rec.add("images", ref)
         tag = ref if dry_run and not info.id else runnable(
-            client, ref, recipes.EVERYTHING, cuda=False, rec=rec, console=console, allowed=True, dry_run=dry_run)
+            client, ref, recipes.EVERYTHING, cuda=False, rec=rec, console=console, dry_run=dry_run)
         rec.finish("complete")
     if tag == ref:
         console.print(f"{ref} runs every recipe as it is: nothing to derive")

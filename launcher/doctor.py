@@ -22,7 +22,6 @@ from .config import STANDIN_IMAGE, JobSpec
 from .errors import DockerUnavailable, ModelError, PreflightError
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
-STANDIN_LABEL = "io.spark-nvfp4.standin"
 # SmolLM2-135M in bf16, when the embedded model is neither converted nor fetched yet.
 EMBEDDED_BYTES_GUESS = 270_000_000
 NVIDIA_SMI = ["nvidia-smi", "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader"]
@@ -126,8 +125,11 @@ def check_runtime(client, image: str) -> tuple[bool, Row]:
     runtimes = sorted((client.info().get("Runtimes") or {}).keys())
     if has_nvidia_runtime(client):
         return True, Row("NVIDIA runtime", OK, f"runtimes: {', '.join(runtimes)}")
-    # The CPU stand-in needs no GPU: then the missing runtime is a warning, not a failure.
-    needs_gpu = image != STANDIN_IMAGE
+    from .image import ImageStore, is_standin
+
+    # A CPU stand-in needs no GPU: then the missing runtime is a warning, not a failure.
+    present = ImageStore(client).get(image)
+    needs_gpu = not is_standin(present) if present is not None else image != STANDIN_IMAGE
     return False, Row(
         "NVIDIA runtime", FAIL if needs_gpu else WARN,
         f"Docker has no 'nvidia' runtime (runtimes: {', '.join(runtimes) or 'none'}): containers get no GPU",
@@ -241,12 +243,12 @@ def check_image(client, ref: str) -> tuple[bool, Row]:
     """(present locally?, row). Absent: ask the registry for the manifest, pull nothing."""
     from docker.errors import APIError, DockerException
 
-    from .image import ImageStore, registry_of
+    from .image import ImageStore, is_standin, registry_of
 
     store = ImageStore(client)
     img = store.get(ref)
     if img is not None:
-        kind = " (CPU stand-in)" if (img.labels or {}).get(STANDIN_LABEL) == "true" else ""
+        kind = " (CPU stand-in)" if is_standin(img) else ""
         return True, Row("image", OK, f"{ref}{kind} present locally ({img.attrs.get('Size', 0) / 1e9:.2f} GB)")
     if ref == STANDIN_IMAGE:
         return False, Row("image", FAIL, f"the CPU stand-in {ref} is not built", "run `make image`")
@@ -271,6 +273,42 @@ def check_image(client, ref: str) -> tuple[bool, Row]:
     if need_key:
         advice += "; export NGC_API_KEY if the pull is refused"
     return False, Row("image", OK, detail, advice)
+
+
+def check_stack(client, ref: str, cuda: bool) -> list[Row]:
+    """The image's probe (image_probe.py), then which recipes and formats it runs as it is and
+    which need its derived image (derived_image.py), with the reason."""
+    from container_payload import recipes
+
+    from .errors import LauncherError
+    from .image_probe import probe
+
+    try:
+        found = probe(client, ref, run_id="doctor")
+    except LauncherError as e:
+        return [Row("image stack", FAIL, e.what, e.advice or "")]
+    serve = f"trtllm-serve at {found.trtllm_serve}" if found.trtllm_serve else "no trtllm-serve"
+    rows = [Row("image stack", OK, f"{found.summary()}; numpy {found.version('numpy') or 'none'}, accelerate "
+                f"{found.version('accelerate') or 'none'}, safetensors {found.version('safetensors') or 'none'}; "
+                f"{serve}; default user {found.user}", required=False)]
+    jobs = [(name, recipes.needs_for(name)) for name in recipes.NAMES]
+    jobs += [(f"--format {fmt}", recipes.needs_for("default", fmt)) for fmt in recipes.FORMAT_PRESETS]
+    jobs += [("ModelOpt YAML recipes", recipes.MODELOPT_RECIPE_NEEDS)]
+    as_is, derived = [], {}
+    for name, needs in jobs:
+        missing = recipes.shortfalls(needs, found.packages, cuda=cuda)
+        if missing:
+            derived.setdefault("; ".join(map(str, missing)), []).append(name)
+        elif needs.gpu and not cuda:
+            derived.setdefault("needs a GPU", []).append(name)
+        else:
+            as_is.append(name)
+    rows.append(Row("runs as is", OK if as_is else WARN, ", ".join(as_is) or "nothing", required=False))
+    for why, names in derived.items():
+        advice = ("runs on a machine with a GPU" if why == "needs a GPU" else
+                  "quantize derives an image with the tested versions once (`launcher image prepare` ahead of time)")
+        rows.append(Row("needs more", WARN, f"{', '.join(names)}: {why}", advice, required=False))
+    return rows
 
 
 # ---------------------------------------------------------------- all of it
@@ -301,6 +339,8 @@ def run_checks(req: DoctorRequest) -> Report:
         else:
             report.rows.append(Row("GPU", SKIP, "not asked: no NVIDIA runtime", required=False))
         report.rows.append(image_row)
+        if present:
+            report.rows += check_stack(client, image, cuda=nvidia)
     report.rows.append(check_token(spec))
     report.rows += check_model_and_disk(spec, output, on_gpu=nvidia)
     return report

@@ -14,7 +14,7 @@ from docker.utils import parse_repository_tag
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from .config import NVIDIA_IMAGE, STANDIN_IMAGE
+from .config import NVIDIA_IMAGE, STANDIN_IMAGE, STANDIN_REPO
 from .errors import ImageError
 
 
@@ -38,6 +38,14 @@ def registry_of(ref: str) -> str:
     return first if ("." in first or ":" in first or first == "localhost") and "/" in ref else "docker.io"
 
 
+STANDIN_LABEL = "io.spark-nvfp4.standin"  # set by docker/Dockerfile.standin (and kept by derived images)
+
+
+def is_standin(image) -> bool:
+    """A CPU stand-in (or an image derived from one): it needs no GPU, and serve emulates."""
+    return (image.labels or {}).get(STANDIN_LABEL) == "true"
+
+
 class ImageStore:
     def __init__(self, client: docker.DockerClient, console: Console | None = None):
         self.client = client
@@ -53,9 +61,10 @@ class ImageStore:
         img = self.get(ref)
         if img is not None:
             return ImageInfo(ref, img.id, pulled=False, size=img.attrs.get("Size", 0))
-        if ref == STANDIN_IMAGE:
+        if parse_repository_tag(ref)[0] == STANDIN_REPO:
+            target = "image-2025" if ref.endswith(":2025") else "image"
             raise ImageError(f"the CPU stand-in image {ref} is not built",
-                             advice="run `make image` (builds it from Debian and PyPI)")
+                             advice=f"run `make {target}` (builds it from Debian and PyPI)")
         if dry_run:
             self.console.print(f"would pull {ref}")
             return ImageInfo(ref, "", pulled=True, size=0)

@@ -126,18 +126,16 @@ class QuantizeJob:
             rec.finish("complete")
         # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
         self.describe(output, runnable, model_source.weight_bytes(model.host_dir) or model.bytes)
+        return JobOutcome(rec, output)
 
     def _runnable_image(self, client, rec: runs.RunRecord, image_ref: str) -> str:
         """`image_ref`, or the image derived from it when its packages fall short of the job."""
         spec = self.spec
         needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache,
                                   embedded=spec.is_embedded and model_source.embedded_needs_conversion())
-        why_not = ("--offline forbids building it" if spec.offline else
-                   "--no-image-upgrade forbids deriving an image with newer ones")
         return derived_image.runnable(client, image_ref, needs, cuda=self.device_kind == "gpu", rec=rec,
-                                      console=self.console, allowed=spec.image_upgrade and not spec.offline,
-                                      why_not=why_not, dry_run=self.dry_run)
-        return JobOutcome(rec, output)
+                                      console=self.console, upgrade=spec.image_upgrade, offline=spec.offline,
+                                      dry_run=self.dry_run)
 
     def describe(self, output: Path, image_ref: str, source_bytes: int) -> None:
         """Quick quality check and model card. The checkpoint is already complete:

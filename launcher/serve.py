@@ -30,11 +30,10 @@ from . import runs
 from .container import PAYLOAD_DIR, PAYLOAD_TARGET, Bind, gpu_requests, owner_labels
 from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
-from .image import ImageStore, choose_image
+from .image import ImageStore, choose_image, is_standin
 from .logstream import PREFIX as EVENT_PREFIX
 from .orphans import guard, reap
 
-STANDIN_LABEL = "io.spark-nvfp4.standin"
 CONTAINER_PORT = 8000
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 LOG_TAIL = 15
@@ -178,7 +177,7 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
     image = choose_image(req.image, nvidia)
     store = ImageStore(client, console)
     info = store.ensure(image)
-    standin = (store.get(image).labels or {}).get(STANDIN_LABEL) == "true"
+    standin = is_standin(store.get(image))
     if not standin and not nvidia:
         raise PreflightError(f"trtllm-serve needs a GPU and Docker has no NVIDIA runtime ({image})",
                              advice="install nvidia-container-toolkit (see `launcher doctor`), or serve the "

@@ -187,3 +187,52 @@ def embedded_model_dir(shared_assets, standin_image, tmp_path_factory) -> Path:
         run_launcher("quantize", "--output", str(out), "--calib-samples", "2", "--calib-seq-len", "32",
                      "--no-eval", check=True, env={"SPARK_NVFP4_HOME": str(REAL_HOME)})
     return folder
+
+
+# --- ModelOpt run directly: the byte-for-byte reference of the e2e tests -----------------
+
+E2E_SAMPLES, E2E_SEQ_LEN = 16, 256  # calibration of the e2e runs (the reference uses the same)
+
+
+def raw_tensors(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:
+    """Every tensor as (dtype, shape, raw bytes), straight from the safetensors layout:
+    exact, and indifferent to dtypes numpy lacks (bfloat16, float8)."""
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        blob = shard.read_bytes()
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + n])
+        for k, v in header.items():
+            if k != "__metadata__":
+                a, b = v["data_offsets"]
+                out[k] = (v["dtype"], tuple(v["shape"]), blob[8 + n + a:8 + n + b])
+    return out
+
+
+@pytest.fixture(scope="session")
+def modelopt_reference(embedded_model_dir, ref_python, texts, tmp_path_factory) -> Path:
+    """ModelOpt 0.47's default recipe on the embedded bf16 model, outside any container."""
+    ref = tmp_path_factory.mktemp("modelopt-ref") / "ref"
+    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "modelopt_direct.py"), str(embedded_model_dir),
+                    str(texts.calibration), str(E2E_SAMPLES), str(E2E_SEQ_LEN), str(ref)],
+                   check=True, capture_output=True, timeout=900)
+    return ref
+
+
+def assert_matches_reference(ours: Path, reference: Path) -> None:
+    """Weights and block scales byte-identical to ModelOpt run directly; input_scale within 1%
+    (the calibration forward differs by a rounding between transformers versions and paths)."""
+    import numpy as np
+
+    got, want = raw_tensors(ours), raw_tensors(reference)
+    assert set(got) == set(want) and len(got) > 800
+    checked_inputs = 0
+    for k, (dtype, shape, data) in got.items():
+        assert (dtype, shape) == want[k][:2], k
+        if k.endswith(".input_scale"):
+            a, b = np.frombuffer(data, np.float32)[0], np.frombuffer(want[k][2], np.float32)[0]
+            assert np.isclose(a, b, rtol=0.01), f"{k}: {a} vs {b}"
+            checked_inputs += 1
+        else:
+            assert data == want[k][2], f"{k}: bytes differ"
+    assert checked_inputs == 210  # 30 layers x 7 Linears

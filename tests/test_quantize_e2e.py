@@ -6,15 +6,14 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import REAL_HOME, our_containers, run_launcher
+from conftest import E2E_SAMPLES, E2E_SEQ_LEN, REAL_HOME, assert_matches_reference, our_containers, run_launcher
 from float64_reference import Float64Llama, float64_metrics
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-SAMPLES, SEQ_LEN = 16, 256
+SAMPLES, SEQ_LEN = E2E_SAMPLES, E2E_SEQ_LEN
 TOKEN = "hf_SENTINELtokenNeverLogged0123456789"
 NGC = "ngcSENTINELkeyNeverLogged9876543210"
 
@@ -43,21 +42,6 @@ def e2e(tmp_path_factory, standin_image, shared_assets, docker_client):
     return {"home": home, "out": out, "proc": proc, "record": record, "container_inspect": inspected}
 
 
-def _raw(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:
-    """Every tensor as (dtype, shape, raw bytes), straight from the safetensors layout:
-    exact, and indifferent to dtypes numpy lacks (bfloat16, float8)."""
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        blob = shard.read_bytes()
-        n = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8:8 + n])
-        for k, v in header.items():
-            if k != "__metadata__":
-                a, b = v["data_offsets"]
-                out[k] = (v["dtype"], tuple(v["shape"]), blob[8 + n + a:8 + n + b])
-    return out
-
-
 def test_checkpoint_is_complete_and_standard(e2e):
     out = e2e["out"]
     result = json.loads((out / "result.json").read_text())
@@ -71,26 +55,10 @@ def test_checkpoint_is_complete_and_standard(e2e):
     assert "calibrate" in e2e["proc"].stderr  # the progress bars were rendered
 
 
-def test_matches_modelopt_run_directly(e2e, ref_python, texts, tmp_path):
+def test_matches_modelopt_run_directly(e2e, modelopt_reference):
     """Weights and block scales byte-identical to ModelOpt outside any container;
     input_scale within 1% on the same calibration windows."""
-    model_dir = REAL_HOME / "models" / "SmolLM2-135M-Instruct-bf16"
-    ref = tmp_path / "ref"
-    subprocess.run([ref_python, str(Path(__file__).parent / "tools" / "modelopt_direct.py"), str(model_dir),
-                    str(texts.calibration), str(SAMPLES), str(SEQ_LEN), str(ref)],
-                   check=True, capture_output=True, timeout=900)
-    ours, theirs = _raw(e2e["out"]), _raw(ref)
-    assert set(ours) == set(theirs) and len(ours) > 800
-    checked_inputs = 0
-    for k, (dtype, shape, data) in ours.items():
-        assert (dtype, shape) == theirs[k][:2], k
-        if k.endswith(".input_scale"):
-            a, b = np.frombuffer(data, np.float32)[0], np.frombuffer(theirs[k][2], np.float32)[0]
-            assert np.isclose(a, b, rtol=0.01), f"{k}: {a} vs {b}"
-            checked_inputs += 1
-        else:
-            assert data == theirs[k][2], f"{k}: bytes differ"
-    assert checked_inputs == 210  # 30 layers x 7 Linears
+    assert_matches_reference(e2e["out"], modelopt_reference)
 
 
 def test_secrets_go_nowhere(e2e, docker_client, standin_image):
