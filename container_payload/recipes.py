@@ -110,7 +110,7 @@ KV_CACHE_NEEDS = {"none": Needs(), "fp8": Needs()}
 # or a YAML file of the user's: passed to modelopt.recipe.load_recipe in the container.
 MODELOPT_RECIPE_NEEDS = Needs(modelopt="0.45", packages=("omegaconf",),
                               why=("ModelOpt's YAML recipe library (ModelOpt 0.45)",))
-_LIBRARY_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+")
+_LIBRARY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+")  # no '..' parts
 YAML_SUFFIXES = (".yaml", ".yml")
 
 # The embedded demo model is a GGUF that transformers converts with the `gguf` package.

@@ -38,7 +38,25 @@ class JobOutcome:
 def job_fingerprint(spec: JobSpec) -> str:
     """What makes two runs produce the same checkpoint (not where it goes)."""
     keys = spec.model_dump(mode="json", include={"model", "revision", "format", "recipe", "calibration", "kv_cache"})
+    recipe_file = recipe_path(spec)
+    if recipe_file is not None:  # a YAML recipe of the user's: what it says, not where it lies
+        keys["recipe"] = hashlib.sha256(recipe_file.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_path(spec: JobSpec) -> Path | None:
+    """The user's ModelOpt YAML recipe file, when --recipe names one (the spec checked it exists)."""
+    if spec.recipe.endswith(recipes.YAML_SUFFIXES):
+        return Path(spec.recipe).expanduser().resolve()
+    return None
+
+
+def recipe_bind(spec: JobSpec) -> tuple[str, list[Bind]]:
+    """The recipe as the payload sees it: a name, or the YAML file mounted read-only."""
+    path = recipe_path(spec)
+    if path is None:
+        return spec.recipe, []
+    return f"/recipe/{path.name}", [Bind(path, f"/recipe/{path.name}")]
 
 
 def calibration_bind(spec: JobSpec) -> tuple[str, list[Bind]]:
@@ -163,9 +181,10 @@ class QuantizeJob:
         rec.add("partials", str(partial))
 
         calib_src, calib_binds = calibration_bind(spec)
+        recipe, recipe_binds = recipe_bind(spec)
         job = {
             "model_dir": model.container_dir, "gguf": model.gguf, "output_dir": "/out",
-            "format": spec.format.value, "recipe": spec.recipe, "kv_cache": spec.kv_cache,
+            "format": spec.format.value, "recipe": recipe, "kv_cache": spec.kv_cache,
             "calibration": {**spec.calibration.model_dump(), "source": calib_src},
             "device": "auto" if self.device_kind == "gpu" else "cpu",
             "low_memory": spec.low_memory, "job_fingerprint": fingerprint, "run_id": rec.id,
@@ -180,7 +199,7 @@ class QuantizeJob:
             env["HF_HUB_OFFLINE"] = "0"
         run_payload(PayloadRun(
             client=client, image=image_ref, record=rec, module="quantize", job=job,
-            binds=model.binds + calib_binds + [Bind(partial, "/out", read_only=False)],
+            binds=model.binds + calib_binds + recipe_binds + [Bind(partial, "/out", read_only=False)],
             gpus=spec.gpus, nvidia=nvidia, env=env, network=network, mem_limit=spec.memory_limit,
             keep=spec.keep_container, secrets=tuple(_secrets(spec))), self.console)
 

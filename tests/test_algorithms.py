@@ -605,16 +605,18 @@ def case_seq_mp_recipe_export():
 
 
 def case_recipe_names_agree():
-    # The launcher keeps its own copy of the names (it rejects a typo before starting a container).
-    import re
+    # The registry (recipes.py, what the launcher lists) and the implementations agree: every
+    # recipe of ours has its steps, and every ModelOpt preset named exists in this ModelOpt.
+    import modelopt.torch.quantization as mtq
 
-    from container_payload import recipes
+    from container_payload import algorithms, recipes
 
-    text = (REPO / "launcher" / "config.py").read_text()
-    block = text[text.index("RECIPES = ("):text.index("\n)", text.index("RECIPES = ("))]
-    launcher_names = set(re.findall(r'"([a-z0-9-]+)"', block))
-    payload_names = set(recipes._NVFP4_PRESETS) | set(recipes._custom_recipes())
-    assert launcher_names == payload_names, (launcher_names ^ payload_names)
+    ours = {n for n, r in recipes.RECIPES.items() if r.origin == "ours"}
+    assert ours == set(algorithms.CUSTOM_RECIPES), ours ^ set(algorithms.CUSTOM_RECIPES)
+    for r in recipes.RECIPES.values():
+        assert hasattr(mtq, r.preset), r.preset
+    for preset in recipes.FORMAT_PRESETS.values():
+        assert hasattr(mtq, preset), preset
 
 
 if __name__ == "__main__":
