@@ -154,9 +154,11 @@ def _from_env(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     data: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "HOME":
+        if not key.startswith(ENV_PREFIX):
             continue
         parts = key[len(ENV_PREFIX):].lower().split("__")
+        if parts[0] not in JobSpec.model_fields:
+            continue  # the launcher's home, test and benchmark knobs: not spec fields
         node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})

@@ -49,3 +49,12 @@ def test_bad_config_file_is_one_clear_error(tmp_path):
 def test_recipe_only_for_w4a4():
     with pytest.raises(ValueError, match="applies to nvfp4"):
         JobSpec(format="nvfp4-w4a16", recipe="awq-lite")
+
+
+def test_only_spec_fields_are_read_from_the_environment():
+    # SPARK_NVFP4_HOME and test/benchmark knobs share the prefix; they are not spec fields.
+    from launcher.config import load_spec
+
+    spec = load_spec({}, {}, environ={"SPARK_NVFP4_REF_PYTHON": "/x/python", "SPARK_NVFP4_HOME": "/tmp/h",
+                                      "SPARK_NVFP4_RECIPE": "smooth", "SPARK_NVFP4_CALIBRATION__SAMPLES": "8"})
+    assert spec.recipe == "smooth" and spec.calibration.samples == 8
