@@ -682,7 +682,9 @@ def check_kv_scales(fmt: str, ts: Tensors, reader: ScaleReader, report: Report) 
         for k in present:
             report.add(k, "KV cache scale present but the config has no KV cache quantization")
         return
-    if report.kv_cache != "FP8":
+    if report.kv_cache != "FP8" or not present:
+        # No KV scale at all is ModelOpt's FP8 "cast" mode (its *-kv_fp8_cast recipes): the
+        # engines cast K and V with a scale of 1.0. Some scales but not all is a broken export.
         return
     attn = sorted({k.rsplit(".", 2)[0] for k in tensors if ".k_proj." in k and k.endswith((".weight", ".weight_packed"))})
     for a in attn:

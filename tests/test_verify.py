@@ -370,10 +370,21 @@ def test_contradictory_quant_algo(modelopt, copy_of):
     assert "problem config.json: quantization_config.quant_algo 'NVFP4' contradicts" in out
 
 
-def test_kv_cache_config_without_scales(modelopt, copy_of):
+def test_kv_cache_scale_missing_in_one_layer(modelopt, copy_of):
+    ckpt = copy_of(modelopt / "w4a4-kvfp8")
+    drop_tensor(ckpt, f"{L0}.self_attn.k_proj.k_scale")
+    assert_rejected(ckpt, f"{L0}.self_attn.k_proj.k_scale", "missing (the config quantizes the KV cache")
+
+
+def test_fp8_kv_cast_mode_without_any_scale_passes(modelopt, copy_of):
+    """ModelOpt's *-kv_fp8_cast recipes write FP8 KV with no k/v scales: engines use 1.0."""
     ckpt = copy_of(modelopt / "w4a4")
     edit_json(ckpt / "hf_quant_config.json", lambda d: d["quantization"].update(kv_cache_quant_algo="FP8"))
-    assert_rejected(ckpt, f"{L0}.self_attn.k_proj.k_scale", "missing (the config quantizes the KV cache")
+    # as ModelOpt 0.47 writes it for general/ptq/nvfp4_default-kv_fp8_cast
+    edit_json(ckpt / "config.json", lambda d: d["quantization_config"].update(
+        kv_cache_scheme={"dynamic": False, "num_bits": 8, "type": "float"}))
+    code, out = run_cli(ckpt)
+    assert code == 0, out
 
 
 def test_kv_scales_without_kv_config(modelopt, copy_of):
