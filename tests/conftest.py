@@ -19,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 REAL_HOME = Path(os.environ.get("SPARK_NVFP4_HOME") or Path.home() / ".cache" / "spark-nvfp4")
 STANDIN = "spark-nvfp4/trtllm-standin:cpu"
+OLD_STANDIN = "spark-nvfp4/trtllm-standin:2025"
 REGISTRY = "127.0.0.1:5055"
 
 
@@ -45,15 +46,25 @@ def docker_client():
     return client
 
 
-@pytest.fixture(scope="session")
-def standin_image(docker_client) -> str:
+def built_image(client, ref: str, make_target: str) -> str:
     from docker.errors import ImageNotFound
 
     try:
-        docker_client.images.get(STANDIN)
+        client.images.get(ref)
     except ImageNotFound:
-        need(False, f"{STANDIN} is not built: run `make image`")
-    return STANDIN
+        need(False, f"{ref} is not built: run `make {make_target}`")
+    return ref
+
+
+@pytest.fixture(scope="session")
+def standin_image(docker_client) -> str:
+    return built_image(docker_client, STANDIN, "image")
+
+
+@pytest.fixture(scope="session")
+def old_image(docker_client) -> str:
+    """The 2025 stack of NVIDIA's images (ModelOpt 0.37, transformers 4.57): tests/test_real_image.py."""
+    return built_image(docker_client, OLD_STANDIN, "image-2025")
 
 
 @pytest.fixture(scope="session")

@@ -13,24 +13,13 @@ import subprocess
 
 import pytest
 
-from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, STANDIN, assert_matches_reference, need, one_line_error,
-                      our_containers, run_launcher)
+from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, STANDIN, assert_matches_reference, one_line_error, our_containers,
+                      run_launcher)
+from conftest import OLD_STANDIN as OLD
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-OLD = "spark-nvfp4/trtllm-standin:2025"
 CALIB = ["--recipe", "default", "--calib-samples", str(E2E_SAMPLES), "--calib-seq-len", str(E2E_SEQ_LEN)]
-
-
-@pytest.fixture(scope="module")
-def old_image(docker_client, standin_image) -> str:
-    from docker.errors import ImageNotFound
-
-    try:
-        docker_client.images.get(OLD)
-    except ImageNotFound:
-        need(False, f"{OLD} is not built: run `make image-2025`")
-    return OLD
 
 
 @pytest.fixture(scope="module")
