@@ -50,10 +50,11 @@ BUILD_DIR = "/run/spark-nvfp4-build"
 # The stack the image is built on: pip may add packages beside it, never change it.
 FOUNDATION = re.compile(r"^(torch|torchvision|torchaudio|numpy|triton|pytorch-triton.*|tensorrt.*|"
                         r"nvidia-(?!modelopt$|ml-py$).*|cuda-.*|cupy.*|flashinfer.*)$")
-# pip settings taken from the host environment (corporate proxies, mirrors), never baked in.
-PIP_SETTINGS = {"PIP_INDEX_URL": "index-url", "PIP_EXTRA_INDEX_URL": "extra-index-url",
-                "PIP_TRUSTED_HOST": "trusted-host", "PIP_TIMEOUT": "timeout", "PIP_DEFAULT_TIMEOUT": "timeout",
-                "PIP_RETRIES": "retries"}
+# The host's pip settings that say how to reach the index (a mirror, a proxy's CA bundle), from
+# pip's own config files and then its PIP_* variables, as the host's pip would read them; they
+# reach the build through a read-only mount, never a layer.
+PIP_KEYS = ("index-url", "extra-index-url", "trusted-host", "timeout", "retries", "cert")
+PIP_CONFIG_FILES = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "~/.config/pip/pip.conf", "~/.pip/pip.conf")
 
 
 def lock_text() -> str:
@@ -189,10 +190,9 @@ def _write_context(workdir: Path, p: Plan) -> None:
     (workdir / "requirements.txt").write_text("\n".join(p.install) + "\n")
     (workdir / "constraints.txt").write_text("\n".join(p.constraints) + "\n")
     conf = ["[global]", "no-cache-dir = true", "disable-pip-version-check = true", "no-input = true"]
-    for env, key in PIP_SETTINGS.items():
-        if os.environ.get(env):
-            conf.append(f"{key} = {os.environ[env]}")
-    cert = os.environ.get("PIP_CERT")
+    settings = host_pip_settings()
+    cert = settings.pop("cert", None)
+    conf += [f"{key} = {value}" for key, value in settings.items()]
     if cert and Path(cert).is_file():
         shutil.copyfile(cert, workdir / "ca.crt")
         conf.append(f"cert = {BUILD_DIR}/ca.crt")
@@ -206,6 +206,38 @@ def _write_context(workdir: Path, p: Plan) -> None:
         f"python3 -m pip install -r {BUILD_DIR}/requirements.txt -c {BUILD_DIR}/constraints.txt\n")
     for f in workdir.iterdir():
         f.chmod(0o644)  # readable by the image's user; the folder is the run's, 0700
+
+
+def host_pip_settings() -> dict[str, str]:
+    """How this host's pip reaches its index: config files, then PIP_* variables (later wins)."""
+    import configparser
+
+    found: dict[str, str] = {}
+    files = [os.environ.get("PIP_CONFIG_FILE", ""), *PIP_CONFIG_FILES]
+    for f in files:
+        path = Path(f).expanduser() if f else None
+        if path is None or not path.is_file():
+            continue
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue  # an unreadable config is pip's to complain about, not ours
+        for section in ("global", "install"):
+            if parser.has_section(section):
+                found.update({k: v for k, v in parser.items(section) if k in PIP_KEYS})
+    for key in PIP_KEYS:
+        value = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+        if value:
+            found[key] = value
+    if os.environ.get("PIP_DEFAULT_TIMEOUT") and "timeout" not in found:
+        found["timeout"] = os.environ["PIP_DEFAULT_TIMEOUT"]
+    for key in ("index-url", "extra-index-url"):  # file: indexes name the host's disk, not the container's
+        urls = [u for u in found.get(key, "").split() if not u.startswith("file:")]
+        found.pop(key, None)
+        if urls:
+            found[key] = " ".join(urls)
+    return found
 
 
 def _restore_config(client: docker.DockerClient, p: Plan) -> list[str]:

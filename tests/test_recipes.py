@@ -102,3 +102,19 @@ def test_the_lock_has_a_version_for_everything_a_derived_image_may_need():
         if m.need:
             version = pins[recipes.dist_key(m.dist)].split("==")[1]
             assert recipes.version_tuple(version) >= recipes.version_tuple(m.need), m
+
+
+def test_host_pip_settings_reach_the_build_without_host_paths(tmp_path, monkeypatch):
+    from launcher import derived_image
+
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nindex-url = https://mirror.example/simple\ncert = /etc/proxy-ca.pem\n"
+                    "extra-index-url = file:///opt/pypi/simple https://extra.example/simple\nconstraint = /x\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.delenv("PIP_CERT", raising=False)
+    monkeypatch.setattr(derived_image, "PIP_CONFIG_FILES", ())
+    got = derived_image.host_pip_settings()
+    assert got["index-url"] == "https://mirror.example/simple" and got["retries"] == "0"
+    assert got["cert"] == "/etc/proxy-ca.pem" and "constraint" not in got
+    assert got["extra-index-url"] == "https://extra.example/simple"  # the host's file: index is not the container's
