@@ -54,7 +54,7 @@ FOUNDATION = re.compile(r"^(torch|torchvision|torchaudio|numpy|triton|pytorch-tr
 # pip's own config files and then its PIP_* variables, as the host's pip would read them; they
 # reach the build through a read-only mount, never a layer.
 PIP_KEYS = ("index-url", "extra-index-url", "trusted-host", "timeout", "retries", "cert")
-PIP_CONFIG_FILES = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "~/.config/pip/pip.conf", "~/.pip/pip.conf")
+PIP_CONFIG_FILES = ("/etc/xdg/pip/pip.conf", "/etc/pip.conf", "~/.pip/pip.conf", "~/.config/pip/pip.conf")
 
 
 def lock_text() -> str:
@@ -213,7 +213,7 @@ def host_pip_settings() -> dict[str, str]:
     import configparser
 
     found: dict[str, str] = {}
-    files = [os.environ.get("PIP_CONFIG_FILE", ""), *PIP_CONFIG_FILES]
+    files = [*PIP_CONFIG_FILES, os.environ.get("PIP_CONFIG_FILE", "")]  # pip's order: the variable's file last
     for f in files:
         path = Path(f).expanduser() if f else None
         if path is None or not path.is_file():
