@@ -154,7 +154,7 @@ def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
     Docker, the file parts are still removed and the rest is reported."""
     from . import rollback as rb
 
-    p = rb.plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache)
+    p = rb.plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache, dry_run=dry_run)
     if p.empty:
         rb.describe_rest(p, console)
         console.print("nothing to roll back" + (f" for run {run_id}" if run_id else ""))
@@ -235,7 +235,8 @@ def status(run_id):
 
     from . import runs
     from .orphans import tidy
-    from .rollback import human, tree_size
+    from .rollback import human, recorded_path_ok, tree_size
+    from .untrusted import printable
 
     tidy(console)
     r = runs.load(run_id)
@@ -258,9 +259,13 @@ def status(run_id):
         made.add_column(col, overflow="fold")
     for kind, items in r.created.model_dump().items():
         for item in items:
-            exists = os.path.lexists(item) if kind not in ("containers", "images") else None
-            now = "-" if exists is None else (human(tree_size(Path(item))) if exists else "gone")
-            made.add_row(kind, item, now)
+            if kind in ("containers", "images"):
+                now = "-"
+            elif not recorded_path_ok(r, kind, item):  # a crafted record must not make us walk `/`
+                now = "not ours: rollback leaves it"
+            else:
+                now = human(tree_size(Path(item))) if os.path.lexists(item) else "gone"
+            made.add_row(kind, escape(printable(item)), now)
     out.print(made if made.row_count else "created: nothing")
     files = sorted(p for p in r.folder.iterdir() if p.is_file()) if r.folder.exists() else []
     out.print("files: " + ", ".join(f"{p} ({human(p.stat().st_size)})" for p in files), highlight=False)

@@ -23,7 +23,6 @@ import reprlib
 import stat
 import struct
 import sys
-import unicodedata
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 import regex
 
 from .errors import ConfigError, VerifyFailed
+from .untrusted import printable
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -151,13 +151,6 @@ def short(value) -> str:
         return _SHORT.repr(value)
     except (RecursionError, ValueError):
         return f"<{type(value).__name__}>"
-
-
-def printable(text: str) -> str:
-    """Control and format characters (ESC, CR, bidi overrides...) escaped, so a tensor name
-    from a header cannot move the cursor, rewrite the line or colour the terminal."""
-    return "".join(c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 def open_regular(path: Path):
@@ -832,6 +825,9 @@ def verify_checkpoint(path: Path) -> Report:
         report.add(str(path), "not a folder (give the checkpoint's folder)")
         return report
     config = _read_json(path / "config.json", report, required=True)
+    if config is not None and not isinstance(config.get("model_type"), str):
+        # transformers (and so vLLM and SGLang) pick the architecture by it; save_pretrained always writes it
+        report.add("config.json", "has no model_type string: no engine can tell what model this is")
     qc = config.get("quantization_config") if config else None
     if config is not None and qc is not None and not isinstance(qc, dict):
         report.add("config.json", "quantization_config is not an object")
