@@ -17,7 +17,6 @@ Anything else is listed as kept, with why. A --dry-run writes nothing, records i
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
