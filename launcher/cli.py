@@ -326,14 +326,16 @@ def doctor(model, output, image):
               "trtllm-serve on NVIDIA's image, the exact-emulation server on the CPU stand-in.")
 @click.option("--timeout", type=click.IntRange(min=1), default=600, show_default=True,
               help="Seconds to wait for the server's /health.")
-def serve(output, port, image, timeout):
+@click.option("--api-key", help="Key clients must send (Authorization: Bearer KEY) [default: a random key, "
+              "printed once]. The stand-in server checks it; trtllm-serve has no key option.")
+def serve(output, port, image, timeout, api_key):
     """Serve the checkpoint OUTPUT (OpenAI-compatible, http://127.0.0.1:PORT/v1) in a detached
     container, check it with one chat request, and leave it running; stop it with
     `launcher rollback RUN_ID`."""
     from .serve import ServeRequest
     from .serve import serve as run_serve
 
-    run_serve(ServeRequest(output, port=port, image=image, timeout=timeout), console)
+    run_serve(ServeRequest(output, port=port, image=image, timeout=timeout, api_key=api_key), console)
 
 
 @main.command()

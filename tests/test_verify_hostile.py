@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from synthetic_ckpt import make_checkpoint, write_safetensors
+from synthetic_ckpt import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD1 = "model-00001-of-00002.safetensors"
