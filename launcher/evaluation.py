@@ -43,6 +43,7 @@ class EvalRequest:
     image: str = "auto"
     gpus: str = "auto"
     generations: bool = True
+    keep: bool = False                  # leave the container for inspection (quantize --keep-container)
 
 
 def text_path(text: str) -> Path:
@@ -104,7 +105,7 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
              Bind(out_dir, "/evalout", read_only=False)] + [b for b in ref.binds if b.target != "/assets"]
     with rec.ends_on_error():
         run_payload(PayloadRun(client=client, image=image, record=rec, module="evaluate", job=job,
-                               binds=binds, gpus=req.gpus, nvidia=nvidia), console)
+                               binds=binds, gpus=req.gpus, nvidia=nvidia, keep=req.keep), console)
         result = _publish(out_dir / json_out.name, json_out)
     rec.result = {k: result.get(k) for k in ("perplexity", "reference_perplexity", "kl_divergence",
                                             "top1_agreement", "tokens")}

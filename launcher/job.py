@@ -189,7 +189,8 @@ class QuantizeJob:
         if self.spec.evaluate:
             try:
                 evaluation = evaluate(EvalRequest(output, reference=self.spec.model, tokens=QUICK_TOKENS[self.device_kind],
-                                                  image=image_ref, gpus=self.spec.gpus), self.console)
+                                                  image=image_ref, gpus=self.spec.gpus,
+                                                  keep=self.spec.keep_container), self.console)
                 self.console.print(f"quality: {summary_line(evaluation)}", highlight=False)
             except LauncherError as e:
                 self.console.print(f"[yellow]warning:[/] evaluation failed, the checkpoint is fine: {e}")
