@@ -191,7 +191,10 @@ def _unchecked(p) -> None:
 def _age(iso: str) -> str:
     import datetime as dt
 
-    secs = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    try:
+        secs = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    except (ValueError, TypeError):  # a hand-edited record
+        return "?"
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if secs >= n:
             return f"{secs // n:.0f}{unit}"
@@ -207,8 +210,13 @@ def list_():
     from . import runs
     from .orphans import tidy
 
+    from .untrusted import printable
+
     tidy(console)
     records = runs.all_runs()
+    for name, why in runs.damaged.items():
+        console.print(f"[yellow]skipped[/] run {escape(printable(name))}: {escape(printable(why))}",
+                      highlight=False, soft_wrap=True)
     if not records:
         console.print("no runs yet")
         return
@@ -219,9 +227,9 @@ def list_():
     colors = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
     for r in records:
         st = f"[{colors[r.status]}]{r.status}[/]" if r.status in colors else r.status
-        t.add_row(r.id, st, str(r.spec.get("model") or "embedded"),
-                  r.output or str(r.spec.get("output") or "-"), r.created_at.replace("T", " ")[5:16],
-                  _age(r.created_at))
+        shown = (str(r.spec.get("model") or "embedded"), r.output or str(r.spec.get("output") or "-"))
+        t.add_row(r.id, st, *(escape(printable(x)) for x in shown),  # records are files anyone can edit
+                  escape(printable(r.created_at.replace("T", " ")[5:16])), _age(r.created_at))
     Console().print(t)
 
 

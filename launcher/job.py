@@ -267,13 +267,18 @@ def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> Non
 
 
 def clean_stale_partials(output: Path, console: Console) -> None:
-    """Partial folders of runs that died are ours (their records say so): remove them."""
+    """Partial folders of runs that died are ours (their records say so): remove them. Only
+    the exact partial a record's run could have made (beside its own output, named after
+    its id), since a record is a file anyone can edit."""
+    from .rollback import recorded_path_ok
+
     for rec in runs.all_runs():
         if rec.status == "running":
             continue
         for p in list(rec.created.partials):
             path = Path(p)
-            if path.parent == output.parent and path.name.startswith(f".{output.name}.partial-"):
+            if (path.parent == output.parent and path.name.startswith(f".{output.name}.partial-")
+                    and recorded_path_ok(rec, "partials", p) and not path.is_symlink()):
                 shutil.rmtree(path, ignore_errors=True)
                 if path.exists():  # keep it in the record: rollback reports why it cannot go
                     continue

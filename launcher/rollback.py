@@ -434,7 +434,7 @@ def describe_rest(p: Plan, console) -> None:
         console.print(f"not removed unless asked: {what}", highlight=False)
     for run_id, why in p.skipped_runs:
         console.print(f"[yellow]left alone[/] run {escape(printable(run_id))}: {escape(printable(why))}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     if p.docker_error:
         console.print(f"[yellow]Docker:[/] {escape(p.docker_error)}; containers and images were not checked "
                       "(start Docker and roll back again to remove them)", highlight=False)

@@ -161,3 +161,14 @@ def test_status_of_a_crafted_record_does_not_walk_the_disk(world):
     proc = cli("status", run_id, home=world["home"], env=world["env"], timeout=20)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "not ours" in proc.stdout
+
+
+def test_list_survives_crafted_records(world):
+    home = world["home"]
+    write_record(home, "20261130-060000-343434", record("20261130-060000-343434", created_at="yesterday-ish",
+                                                        spec={"model": "[red]x\x1b[2J"}))
+    write_record(home, "20261130-060000-565656", "{broken")
+    proc = cli("list", home=home, env=world["env"])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "20261130-060000-343434" in proc.stdout and "\x1b" not in proc.stdout
+    assert len([ln for ln in proc.stderr.splitlines() if "20261130-060000-565656" in ln]) == 1
