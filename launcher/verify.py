@@ -19,10 +19,12 @@ import fnmatch
 import json
 import math
 import os
+import re
 import reprlib
 import stat
 import struct
 import sys
+import time
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -51,13 +53,18 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0"
               "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
               "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4}
 # safetensors refuses headers over 100 MB; a hostile one that size can parse into GBs of
-# Python objects, so we stop at 24 MiB (a shard of a 100k-tensor MoE has ~15 MB).
-MAX_HEADER = 24 * 2**20
+# Python objects, so we stop at 16 MiB (real shards hold a few thousand tensors: < 1 MB).
+MAX_HEADER = 16 * 2**20
 MAX_JSON = 16 * 2**20      # config.json, hf_quant_config.json and the index: real ones are KBs
 MAX_U64 = 2**64            # safetensors stores offsets and dims as u64
 MAX_PATTERNS = 1024        # exclude/ignore entries: real lists are tens
 REGEX_TIMEOUT = 0.2        # seconds per match of a `re:` exclude pattern before it is refused
+REGEX_BUDGET = 2.0         # seconds for all `re:` matches of one verification
 MAX_PRINTED = 200          # problem lines printed; the JSON report keeps them all
+# Whatever the files declare, a verification ends within this many seconds: a real 671B
+# checkpoint takes well under one; only a crafted one (200k tensors x 1000 exclude
+# patterns) can need more, and that is reported as a problem, never waited for.
+VERIFY_SECONDS = 6.0
 CHUNK = 16 * 2**20         # bytes of block scales decoded at a time
 
 # Every E4M3 byte decoded once; classifying a tensor's bytes is then a histogram.
@@ -122,6 +129,7 @@ class Report:
     quantized_bytes: int = 0    # packed weights + block scales + global/input scales
     quantized_params: int = 0   # weight elements of the quantized Linears
     problems: list[Problem] = field(default_factory=list)
+    deadline: float = field(default_factory=lambda: time.monotonic() + VERIFY_SECONDS, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -132,12 +140,22 @@ class Report:
 
     def to_json(self) -> dict:
         d = asdict(self)
+        d.pop("deadline")
         d["ok"] = self.ok
         return d
 
 
 class _Unreadable(Exception):
     """A file cannot be used at all; the message is the problem."""
+
+
+class _OutOfTime(Exception):
+    """The checks ran past Report.deadline."""
+
+
+def _in_time(report: "Report") -> None:
+    if time.monotonic() > report.deadline:
+        raise _OutOfTime
 
 
 _SHORT = reprlib.Repr()
@@ -249,7 +267,9 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     data_size = size - base
     infos: dict[str, TensorInfo] = {}
     spans = []
-    for key, entry in header.items():
+    for n_entry, (key, entry) in enumerate(header.items()):
+        if n_entry % 4096 == 4095:
+            _in_time(report)
         if key == "__metadata__":
             continue
         try:
@@ -347,6 +367,7 @@ def load_tensors(ckpt: Path, report: Report) -> Tensors:
         if len(report.problems) > before:
             damaged.add(path)
         report.shards += 1
+        _in_time(report)
         for key, info in infos.items():
             if key in tensors:
                 report.add(key, f"stored twice: in {shard_of[key]} and {shard}")
@@ -431,7 +452,10 @@ class Excludes:
     """The exclude/ignore list of a config: fnmatch patterns, module prefixes, and
     compressed-tensors' `re:` regular expressions. The regexes come from the checkpoint,
     so they run under the `regex` module's timeout: one that backtracks for longer than
-    REGEX_TIMEOUT is reported once and dropped, never allowed to hang the verifier."""
+    REGEX_TIMEOUT is reported once and dropped, and all of them together get
+    REGEX_BUDGET seconds, so many modules times a slow pattern cannot add up to a hang.
+    The globs and prefixes are compiled into one regular expression (fnmatch's own
+    translation), so a long list costs one match per module, not one per pattern."""
 
     def __init__(self, patterns: list[str], report: Report, where: str):
         self.report, self.where = report, where
@@ -439,7 +463,13 @@ class Excludes:
             report.add(where, f"{len(patterns)} exclude/ignore entries: more than {MAX_PATTERNS}, only "
                               f"the first {MAX_PATTERNS} are used")
             patterns = patterns[:MAX_PATTERNS]
-        self.globs = [p for p in patterns if not p.startswith("re:")]
+        globs = [p for p in patterns if not p.startswith("re:")]
+        # a glob matches the module itself; the plain name also matches its submodules
+        alternatives = [fnmatch.translate(p) for p in globs] + [rf"(?s:{re.escape(p)}\..*)\Z" for p in globs]
+        # stdlib re: fnmatch's translations need no timeout (atomic groups, no backtracking
+        # blow-up), and re compiles a thousand of them in a fraction of regex's time
+        self.globs = re.compile("|".join(alternatives)) if alternatives else None
+        self.budget = REGEX_BUDGET
         self.regexes = {}
         for p in patterns:
             if p.startswith("re:"):
@@ -450,17 +480,23 @@ class Excludes:
                                       f"({short(str(e))}): ignored")
 
     def __contains__(self, module: str) -> bool:
-        for p in self.globs:
-            if fnmatch.fnmatchcase(module, p) or module.startswith(p + "."):
-                return True
+        if self.globs is not None and self.globs.match(module):
+            return True
         for p, rx in list(self.regexes.items()):
+            start = time.monotonic()
             try:
-                if rx.match(module, timeout=REGEX_TIMEOUT):
+                if rx.match(module, timeout=min(REGEX_TIMEOUT, max(self.budget, 0.001))):
                     return True
             except TimeoutError:
                 del self.regexes[p]
                 self.report.add(self.where, f"exclude pattern {short(p)} takes over {REGEX_TIMEOUT} s to match "
                                             f"{short(module)}: refused (it would hang the engines' loaders too)")
+            finally:
+                self.budget -= time.monotonic() - start
+            if self.budget <= 0 and self.regexes:
+                self.report.add(self.where, f"the {len(self.regexes)} `re:` exclude pattern(s) took over "
+                                            f"{REGEX_BUDGET} s in all: refused")
+                self.regexes.clear()
         return False
 
 
@@ -697,6 +733,7 @@ def check_linears(fmt: str, w4a4: bool | None, excludes: Excludes, ts: Tensors,
     globals_: dict[str, float | None] = {}
     inputs: dict[str, float | None] = {}
     for m in sorted(modules):
+        _in_time(report)
         if m in excludes:
             report.add(m, "is in the exclude/ignore list but is quantized")
         packed_name = f"{m}.{lay.packed}"
@@ -771,6 +808,7 @@ def _check_fused(values: dict[str, float | None], suffix: str, report: Report) -
 def _check_unquantized(modules: set[str], excludes: Excludes, tensors: dict[str, TensorInfo],
                        report: Report) -> None:
     for name, t in sorted(tensors.items()):
+        _in_time(report)
         if not name.endswith(".weight"):
             continue
         m = name[:-len(".weight")]
@@ -800,6 +838,7 @@ def check_kv_scales(fmt: str, ts: Tensors, reader: ScaleReader, report: Report) 
         return
     attn = sorted({k.rsplit(".", 2)[0] for k in tensors if ".k_proj." in k and k.endswith((".weight", ".weight_packed"))})
     for a in attn:
+        _in_time(report)
         for proj, scale in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
             names = [f"{a}.{proj}.{scale}", f"{a}.{scale}"]
             if LAYOUTS[fmt].kv_owner == "attn":
@@ -818,12 +857,22 @@ def check_kv_scales(fmt: str, ts: Tensors, reader: ScaleReader, report: Report) 
 def verify_checkpoint(path: Path) -> Report:
     path = Path(path)
     report = Report(path=str(path))
+    try:
+        _verify(path, report)
+    except _OutOfTime:  # first, so that it is printed whatever else was found
+        report.problems.insert(0, Problem(str(path), f"verification stopped after {VERIFY_SECONDS:.0f} s: the "
+                                          f"files declare more ({report.tensors or 'too many'} tensors) than any "
+                                          "real checkpoint needs checked"))
+    return report
+
+
+def _verify(path: Path, report: Report) -> None:
     if not path.exists():
         report.add(str(path), "no such folder")
-        return report
+        return
     if not path.is_dir():
         report.add(str(path), "not a folder (give the checkpoint's folder)")
-        return report
+        return
     config = _read_json(path / "config.json", report, required=True)
     if config is not None and not isinstance(config.get("model_type"), str):
         # transformers (and so vLLM and SGLang) pick the architecture by it; save_pretrained always writes it
@@ -834,11 +883,11 @@ def verify_checkpoint(path: Path) -> Report:
         qc = None
     ts = load_tensors(path, report)
     if config is None:
-        return report
+        return
     fmt = detect_format(qc, path, ts.by_name, report)
     report.format = fmt
     if fmt is None:
-        return report
+        return
     if fmt == MODELOPT:
         w4a4, patterns = check_modelopt_config(path, qc, report)
     else:
@@ -854,7 +903,6 @@ def verify_checkpoint(path: Path) -> Report:
             # A shard that passed the header checks but that safetensors or the OS
             # still cannot read (permissions, I/O error, a corrupt header detail).
             report.add(str(path), f"cannot read the scale tensors: {e}")
-    return report
 
 
 def _summary(r: Report) -> str:

@@ -207,6 +207,20 @@ def test_control_characters_in_tensor_names_are_escaped(ckpt):
     assert "\u202e" not in out
 
 
+def test_many_tensors_times_many_patterns_stay_in_time(ckpt):
+    """150k tensors against 1000 exclude globs is minutes of matching: the verifier stops
+    at its deadline and says so, instead of running on."""
+    header, data = header_of(ckpt / SHARD1)
+    end = len(data)
+    header.update({f"model.layers.{i}.x.mlp.up_proj.weight": {"dtype": "F16", "shape": [0],
+                                                               "data_offsets": [end, end]} for i in range(150_000)})
+    write_header(ckpt / SHARD1, json.dumps(header).encode(), data)
+    cfg = json.loads((ckpt / "hf_quant_config.json").read_text())
+    cfg["quantization"]["exclude_modules"] = ["lm_head"] + [f"model.layers.{i}.*.q*x" for i in range(999)]
+    (ckpt / "hf_quant_config.json").write_text(json.dumps(cfg))
+    assert_rejected_cleanly(ckpt, "verification stopped after 6 s")
+
+
 def test_problem_flood_is_capped(ckpt):
     header, data = header_of(ckpt / SHARD1)
     header.update({f"junk.{i}": {"dtype": "nope"} for i in range(5000)})
