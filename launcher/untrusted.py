@@ -11,10 +11,15 @@ from pathlib import Path
 
 
 def printable(text: str) -> str:
-    """Control and format characters (ESC, CR, bidi overrides...) escaped, so a name from
-    a file cannot move the cursor, rewrite the line or colour the terminal."""
-    return "".join(c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii")
+    """Control and format characters (ESC, CR, bidi overrides...) and line/paragraph
+    separators (U+2028/9) escaped, so a name from a file cannot move the cursor, rewrite
+    or split the line, or colour the terminal."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if _unsafe(unicodedata.category(c)) else c
                    for c in str(text))
+
+
+def _unsafe(category: str) -> bool:
+    return category[0] == "C" or category in ("Zl", "Zp")
 
 
 def read_json_object(path: Path, limit: int = 1 << 20) -> dict | None:
