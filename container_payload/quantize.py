@@ -26,7 +26,6 @@ from .events import PayloadError
 def prepare_embedded(gguf: str, model_dir: Path) -> None:
     """Convert the embedded GGUF into a bf16 safetensors folder, atomically."""
     if (model_dir / "config.json").exists():
-        portable_tokenizer_config(model_dir)  # a folder converted by an earlier version
         return
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -92,9 +92,21 @@ def validate_messages(body: dict) -> list:
     return messages
 
 
-def make_handler(engine: Engine):
+def make_handler(engine: Engine, api_key: str | None = None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def _authorized(self) -> bool:
+            """With a key (job key api_key_file), every route but /health needs
+            `Authorization: Bearer KEY`, as vLLM's --api-key does."""
+            if api_key is None:
+                return True
+            import hmac
+            given = self.headers.get("Authorization", "")
+            if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return True
+            self._error(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
+            return False
 
         def log_message(self, fmt, *args):  # one line per request on stdout (the container log)
             sys.stdout.write(f"{self.address_string()} {fmt % args}\n")
@@ -113,6 +125,8 @@ def make_handler(engine: Engine):
         def do_GET(self):
             if self.path == "/health":
                 self._send(200, {"status": "ok"})
+            elif not self._authorized():
+                return
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [
                     {"id": engine.name, "object": "model", "created": int(time.time()),
@@ -121,6 +135,8 @@ def make_handler(engine: Engine):
                 self._error(404, f"no route {self.path}", "not_found")
 
         def do_POST(self):
+            if not self._authorized():
+                return
             if self.path != "/v1/chat/completions":
                 self._error(404, f"no route {self.path}", "not_found")
                 return
@@ -158,8 +174,12 @@ def main(job_path: str) -> int:
     except PayloadError as e:
         events.emit("error", kind=e.kind, message=str(e))
         return 1
+    # The key comes in a read-only file (never the environment, which `docker inspect` shows);
+    # read before /health answers, since the launcher removes the file once the server is up.
+    api_key = Path(job["api_key_file"]).read_text().strip() if job.get("api_key_file") else None
     # Listen only once the model is loaded: /health answering means ready.
-    server = ThreadingHTTPServer((job.get("host", "0.0.0.0"), int(job.get("port", 8000))), make_handler(engine))
+    server = ThreadingHTTPServer((job.get("host", "0.0.0.0"), int(job.get("port", 8000))),
+                                 make_handler(engine, api_key))
     events.emit("ready", port=server.server_address[1], model=engine.name, **engine.info)
     try:
         server.serve_forever()

@@ -164,7 +164,7 @@ def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
     Docker, the file parts are still removed and the rest is reported."""
     from . import rollback as rb
 
-    p = rb.plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache)
+    p = rb.plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache, dry_run=dry_run)
     if p.empty:
         rb.describe_rest(p, console)
         console.print("nothing to roll back" + (f" for run {run_id}" if run_id else ""))
@@ -201,7 +201,10 @@ def _unchecked(p) -> None:
 def _age(iso: str) -> str:
     import datetime as dt
 
-    secs = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    try:
+        secs = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    except (ValueError, TypeError):  # a hand-edited record
+        return "?"
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if secs >= n:
             return f"{secs // n:.0f}{unit}"
@@ -217,8 +220,13 @@ def list_():
     from . import runs
     from .orphans import tidy
 
+    from .untrusted import printable
+
     tidy(console)
     records = runs.all_runs()
+    for name, why in runs.damaged.items():
+        console.print(f"[yellow]skipped[/] run {escape(printable(name))}: {escape(printable(why))}",
+                      highlight=False, soft_wrap=True)
     if not records:
         console.print("no runs yet")
         return
@@ -229,9 +237,9 @@ def list_():
     colors = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
     for r in records:
         st = f"[{colors[r.status]}]{r.status}[/]" if r.status in colors else r.status
-        t.add_row(r.id, st, str(r.spec.get("model") or "embedded"),
-                  r.output or str(r.spec.get("output") or "-"), r.created_at.replace("T", " ")[5:16],
-                  _age(r.created_at))
+        shown = (str(r.spec.get("model") or "embedded"), r.output or str(r.spec.get("output") or "-"))
+        t.add_row(r.id, st, *(escape(printable(x)) for x in shown),  # records are files anyone can edit
+                  escape(printable(r.created_at.replace("T", " ")[5:16])), _age(r.created_at))
     Console().print(t)
 
 
@@ -245,7 +253,8 @@ def status(run_id):
 
     from . import runs
     from .orphans import tidy
-    from .rollback import human, tree_size
+    from .rollback import human, recorded_path_ok, tree_size
+    from .untrusted import printable
 
     tidy(console)
     r = runs.load(run_id)
@@ -268,9 +277,13 @@ def status(run_id):
         made.add_column(col, overflow="fold")
     for kind, items in r.created.model_dump().items():
         for item in items:
-            exists = os.path.lexists(item) if kind not in ("containers", "images") else None
-            now = "-" if exists is None else (human(tree_size(Path(item))) if exists else "gone")
-            made.add_row(kind, item, now)
+            if kind in ("containers", "images"):
+                now = "-"
+            elif not recorded_path_ok(r, kind, item):  # a crafted record must not make us walk `/`
+                now = "not ours: rollback leaves it"
+            else:
+                now = human(tree_size(Path(item))) if os.path.lexists(item) else "gone"
+            made.add_row(kind, escape(printable(item)), now)
     out.print(made if made.row_count else "created: nothing")
     files = sorted(p for p in r.folder.iterdir() if p.is_file()) if r.folder.exists() else []
     out.print("files: " + ", ".join(f"{p} ({human(p.stat().st_size)})" for p in files), highlight=False)
@@ -331,14 +344,16 @@ def doctor(model, output, image):
               "trtllm-serve on NVIDIA's image, the exact-emulation server on the CPU stand-in.")
 @click.option("--timeout", type=click.IntRange(min=1), default=600, show_default=True,
               help="Seconds to wait for the server's /health.")
-def serve(output, port, image, timeout):
+@click.option("--api-key", help="Key clients must send (Authorization: Bearer KEY) [default: a random key, "
+              "printed once]. The stand-in server checks it; trtllm-serve has no key option.")
+def serve(output, port, image, timeout, api_key):
     """Serve the checkpoint OUTPUT (OpenAI-compatible, http://127.0.0.1:PORT/v1) in a detached
     container, check it with one chat request, and leave it running; stop it with
     `launcher rollback RUN_ID`."""
     from .serve import ServeRequest
     from .serve import serve as run_serve
 
-    run_serve(ServeRequest(output, port=port, image=image, timeout=timeout), console)
+    run_serve(ServeRequest(output, port=port, image=image, timeout=timeout, api_key=api_key), console)
 
 
 @main.command()

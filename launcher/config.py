@@ -27,6 +27,7 @@ STANDIN_REPO = "spark-nvfp4/trtllm-standin"           # built here by `make imag
 STANDIN_IMAGE = f"{STANDIN_REPO}:cpu"
 EMBEDDED_MODEL = "embedded"
 ENV_PREFIX = "SPARK_NVFP4_"
+SECRET_WORDS = ("token", "key", "secret", "password", "auth")
 
 class QuantFormat(str, Enum):
     NVFP4 = "nvfp4"              # W4A4: weights and activations in NVFP4
@@ -96,6 +97,17 @@ class JobSpec(BaseModel):
         if v in ("auto", "none", "all") or re.fullmatch(r"\d+(,\d+)*", v):
             return v
         raise ValueError("must be auto, none, all, or a comma list of GPU indices like 0,1")
+
+    @field_validator("hf_token_env", "ngc_key_env")
+    @classmethod
+    def _variable_name(cls, v: str):
+        # the NAME of the variable holding the secret: a token pasted here would be echoed
+        # and recorded (run records keep the spec), so anything else is refused
+        # (upper case only: tokens and keys have lower-case letters, names by convention do not)
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", v):
+            raise ValueError("must be the upper-case name of an environment variable (like HF_TOKEN), "
+                             "not its value")
+        return v
 
     @field_validator("memory_limit")
     @classmethod
@@ -199,7 +211,10 @@ def load_spec(flags: dict[str, Any], flag_names: dict[str, str], config_file: Pa
         field = ".".join(str(p) for p in err["loc"]) or "spec"
         src = origins.get(field) or origins.get(field.split(".")[0]) or "default"
         value = err.get("input")
-        shown = "" if isinstance(value, dict) or err["type"] == "missing" else f" = {value!r}"
+        # never echo what may be a secret: unknown fields (SPARK_NVFP4_HF_TOKEN=hf_...) and
+        # anything named like a token or key
+        secret = err["type"] == "extra_forbidden" or any(w in field.lower() for w in SECRET_WORDS)
+        shown = "" if isinstance(value, dict) or err["type"] == "missing" or secret else f" = {value!r:.80}"
         raise ConfigError(f"invalid {field}{shown}: {err['msg']}", where=src,
                           advice="fix the value; `launcher quantize --help` lists the options") from None
 

@@ -1,8 +1,10 @@
 """One payload container: create, stream, wait, and always remove.
 
 The container is labelled with the run id so that rollback and orphan reaping find
-it by label, never by name. Secrets go only into the environment of this container,
-which is removed when the run ends; they never reach labels or records.
+it by label, never by name. No secret ever enters it: the model and hub datasets are
+fetched on the host, and the container runs without network. Every container the
+launcher starts gets `hardening_kwargs()`: no capabilities, no privilege gain, a pids
+limit, a read-only root filesystem with a tmpfs /tmp, and a memory limit.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import docker
+import psutil
 from docker.errors import APIError, NotFound
 from docker.types import DeviceRequest, Mount
 
@@ -75,6 +78,39 @@ def gpu_requests(gpus: str, nvidia_runtime: bool) -> list[DeviceRequest]:
     return [DeviceRequest(device_ids=gpus.split(","), capabilities=[["gpu"]])]
 
 
+# Enough for torch's thread pools and tokenizers on a 20-core Spark, far below a fork bomb.
+PIDS_LIMIT = 4096
+HOST_RESERVE = 4 << 30  # memory left to the host (desktop, launcher, page cache for the reads)
+
+
+def memory_budget() -> int:
+    """The default container memory limit: the host's memory less a reserve, so a payload
+    that outgrows the machine is stopped inside its own cgroup (exit 137, with advice)
+    instead of the kernel's OOM killer picking a host process."""
+    total = psutil.virtual_memory().total
+    return max(1 << 30, total - max(HOST_RESERVE, total // 10))
+
+
+def hardening_kwargs(mem_limit: str | int | None = None, *, read_only: bool = True,
+                     tmp_size: str = "4g") -> dict:
+    """docker create() options every launcher container gets (issue 13).
+
+    The payload runs as the calling user and needs no capability at all: it reads its
+    mounts, writes /out (a bind owned by that user) and /tmp. PID 1 is tini (init=True),
+    which needs none either. `read_only` keeps the image's own files unwritable; /tmp is
+    a tmpfs (HOME=/tmp there, so caches of torch, triton and HF land in it)."""
+    kw = dict(
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges:true"],
+        pids_limit=PIDS_LIMIT,
+        mem_limit=mem_limit or memory_budget(),
+    )
+    if read_only:
+        kw["read_only"] = True
+        kw["tmpfs"] = {"/tmp": f"rw,nosuid,nodev,size={tmp_size}"}
+    return kw
+
+
 class PayloadContainer:
     """Runs `python3 -m container_payload.<module> <job>` in the image."""
 
@@ -111,8 +147,8 @@ class PayloadContainer:
         )
         if payload:
             kwargs["working_dir"] = PAYLOAD_TARGET
-        if mem_limit:
-            kwargs["mem_limit"] = mem_limit
+        # an image build (payload False) writes into the image: its root stays writable
+        kwargs.update(hardening_kwargs(mem_limit, read_only=payload))
         if network:
             kwargs["network_mode"] = network
         if ports:

@@ -74,6 +74,10 @@ class RunNotFound(LauncherError):
     exit_code = 11
 
 
+class RunDamaged(RunNotFound):
+    """A run record exists but is not a record we can trust (broken JSON, wrong id, bad fields)."""
+
+
 class Interrupted(LauncherError):
     """Ctrl-C or SIGTERM: the container was stopped and removed."""
     exit_code = 130

@@ -3,16 +3,22 @@
 The payload (container_payload/evaluate.py) runs an exact emulation of what the
 engines compute, so this works on CPUs and on GPUs without FP4 units. The held-out
 texts are never the calibration text.
+
+Every input is mounted read-only. The payload writes its JSON into a fresh folder of
+the run (never the folder of --json, which could be all of $HOME); the launcher then
+copies it to --json atomically. An image it pulls is recorded for rollback.
 """
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from . import assets, model_source, runs
+from . import assets, model_source, paths, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .daemon import connect, has_nvidia_runtime
@@ -37,6 +43,7 @@ class EvalRequest:
     image: str = "auto"
     gpus: str = "auto"
     generations: bool = True
+    keep: bool = False                  # leave the container for inspection (quantize --keep-container)
 
 
 def text_path(text: str) -> Path:
@@ -66,25 +73,29 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     if reference is None:
         raise ConfigError("the checkpoint does not say which model it came from", where="--reference",
                           advice="pass --reference MODEL (hub id, folder, or embedded)")
-    ref = model_source.resolve(JobSpec(model=reference, output=Path("/nonexistent")))
-    if ref.gguf and not (ref.host_dir / "config.json").exists():
+    ref_spec = JobSpec(model=reference, output=Path("/nonexistent"))
+    model_source.validate(ref_spec)  # a bad id or missing folder: before Docker and the network
+    if ref_spec.is_embedded and not (paths.models_dir() / model_source.EMBEDDED_DIRNAME / "config.json").exists():
         raise LauncherError("the embedded model has not been converted yet",
                             advice="run `launcher quantize` once (it converts it), then evaluate")
     text = text_path(req.text)
-    json_out = (req.json_out or ckpt / "eval.json").expanduser().resolve()
-    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out = check_json_out(req.json_out or ckpt / "eval.json")
+    ref = model_source.resolve(ref_spec)
 
     client = connect()
     reap(client, console)
     nvidia = has_nvidia_runtime(client)
     image = choose_image(req.image, nvidia)
-    ImageStore(client, console).ensure(image)
     rec = runs.new_run("eval", {"checkpoint": str(ckpt), "reference": reference, "text": str(text),
                                 "tokens": req.tokens, "seq_len": req.seq_len})
     rec.image = image
     rec.save()
+    with rec.ends_on_error():
+        if ImageStore(client, console).ensure(image).pulled:
+            rec.add("images", image)  # rollback --images may remove what eval pulled
     guard(rec)  # removes the container at once if this launcher is killed
-    out_dir = json_out.parent
+    out_dir = rec.folder / "evalout"   # the only folder the payload may write
+    out_dir.mkdir()
     job = {"checkpoint": "/ckpt", "reference": ref.container_dir, "text": f"/text/{text.name}",
            "tokens": req.tokens, "seq_len": req.seq_len, "json_out": f"/evalout/{json_out.name}",
            "device": "cpu" if req.gpus == "none" or not nvidia else "auto"}
@@ -94,11 +105,35 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
              Bind(out_dir, "/evalout", read_only=False)] + [b for b in ref.binds if b.target != "/assets"]
     with rec.ends_on_error():
         run_payload(PayloadRun(client=client, image=image, record=rec, module="evaluate", job=job,
-                               binds=binds, gpus=req.gpus, nvidia=nvidia), console)
-    result = json.loads(json_out.read_text())
+                               binds=binds, gpus=req.gpus, nvidia=nvidia, keep=req.keep), console)
+        result = _publish(out_dir / json_out.name, json_out)
     rec.result = {k: result.get(k) for k in ("perplexity", "reference_perplexity", "kl_divergence",
                                             "top1_agreement", "tokens")}
     rec.finish("complete")
+    return result
+
+
+def check_json_out(path: Path) -> Path:
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        raise ConfigError(f"--json names a folder: {path}", where="--json", advice="give a file name, e.g. eval.json")
+    if not path.parent.is_dir():
+        raise ConfigError(f"the folder of --json does not exist: {path.parent}", where="--json",
+                          advice="create it first, or choose another path")
+    return path
+
+
+def _publish(made: Path, json_out: Path) -> dict:
+    """The payload's JSON, checked, then written to --json atomically (temp file + rename)."""
+    from .untrusted import read_json_object
+
+    result = read_json_object(made, limit=64 << 20)
+    if result is None:
+        raise LauncherError("the evaluation wrote no readable JSON", where=str(made), advice="see the run's log")
+    with tempfile.NamedTemporaryFile("w", dir=json_out.parent, delete=False, suffix=".tmp",
+                                     prefix=f".{json_out.name}.") as f:
+        json.dump(result, f, indent=2)
+    os.replace(f.name, json_out)
     return result
 
 

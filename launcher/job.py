@@ -1,6 +1,12 @@
 """A quantize job from spec to finished folder: the one place that sequences the pieces.
 
-    preflight -> model (host) -> image -> lock -> payload container -> verify -> promote -> eval
+    inputs (no Docker) -> Docker -> record -> lock -> reuse? -> preflight (incl. download)
+    -> model and calibration data (host, recorded as they start) -> image -> payload
+    container -> verify -> promote -> eval
+
+Everything that can be checked without Docker or the network is checked first, so a
+typo never costs a pull. The output lock is taken before the output is looked at, so
+two runs on one output cannot both decide to write it.
 
 The payload writes into a hidden partial folder beside the output; only a verified,
 complete checkpoint is renamed into place, so a folder at --output is always whole.
@@ -59,25 +65,55 @@ def recipe_bind(spec: JobSpec) -> tuple[str, list[Bind]]:
     return f"/recipe/{path.name}", [Bind(path, f"/recipe/{path.name}")]
 
 
-def calibration_bind(spec: JobSpec) -> tuple[str, list[Bind]]:
+def check_calibration(spec: JobSpec) -> None:
+    """The calibration input, checked before Docker and the network."""
+    src = spec.calibration.source
+    if src.startswith("hf:"):
+        model_source.parse_hf_source(src)
+    elif src != "builtin" and not Path(src).expanduser().is_file():
+        raise ConfigError(f"calibration file not found: {Path(src).expanduser()}", where="--calib",
+                          advice="pass an existing .txt or .jsonl file, or `builtin`")
+
+
+def calibration_bind(spec: JobSpec, on_create=None) -> tuple[str, list[Bind]]:
+    """What the payload reads, mounted read-only. A hub dataset is fetched here, on the
+    host, with the token: the container gets files, never the token or the network."""
     src = spec.calibration.source
     if src == "builtin":
         text = assets.texts().calibration
         return f"/calib/{text.name}", [Bind(text, f"/calib/{text.name}")]
     if src.startswith("hf:"):
-        return src, []
+        data = model_source.fetch_dataset(src, spec.hf_token_env, model_source._offline(spec), on_create)
+        return data.source, [data.bind]
+    check_calibration(spec)
     path = Path(src).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"calibration file not found: {path}", where="--calib",
-                          advice="pass an existing .txt or .jsonl file, or `builtin`")
     return f"/calib/{path.name}", [Bind(path.resolve(), f"/calib/{path.name}")]
 
 
+def check_output(spec: JobSpec) -> Path:
+    """The output folder, refused before anything runs when it cannot be one."""
+    output = Path(spec.output).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output is an existing file, not a folder: {output}", where="--output",
+                          advice="choose another --output")
+    forbidden = [("the Hugging Face cache", paths.hf_hub_cache()), ("the launcher's home", paths.home())]
+    if spec.is_local:
+        forbidden.append(("the model folder", Path(spec.model).expanduser()))
+    for what, folder in forbidden:
+        folder = folder.expanduser().resolve()
+        if output == folder or folder in output.parents or output in folder.parents:
+            raise ConfigError(f"output {output} is inside {what} (or holds it)", where="--output",
+                              advice="choose a folder of its own, e.g. out/NAME-NVFP4")
+    if output == Path(output.anchor) or output == Path.home().resolve():
+        raise ConfigError(f"output {output} is / or your home folder", where="--output",
+                          advice="choose a folder of its own, e.g. out/NAME-NVFP4")
+    return output
+
+
 def completed_output(output: Path, fingerprint: str) -> bool:
-    try:
-        result = json.loads((output / "result.json").read_text())
-    except (OSError, ValueError):
-        return False
+    from .untrusted import read_json_object
+
+    result = read_json_object(output / "result.json") or {}
     return result.get("status") == "complete" and result.get("job_fingerprint") == fingerprint
 
 
@@ -92,10 +128,15 @@ class QuantizeJob:
         self.console = console or Console(stderr=True)
         self.dry_run = dry_run
         self.device_kind = "cpu"
+        self.model = None
+        self.runnable = None  # the image the payload ran in: the user's, or its derived image
 
     def run(self) -> JobOutcome:
         spec = self.spec
-        output = Path(spec.output).expanduser().resolve()
+        # 1. everything that needs neither Docker nor the network
+        output = check_output(spec)
+        model_source.validate(spec)
+        check_calibration(spec)
         fingerprint = job_fingerprint(spec)
         client = connect()
         reap(client, self.console)
@@ -110,41 +151,61 @@ class QuantizeJob:
         guard(rec)  # removes the container at once if this launcher is killed
         self.console.print(f"run [bold]{rec.id}[/] -> {output}")
         with rec.ends_on_error():
-            if completed_output(output, fingerprint):
-                self.console.print(f"[green]{output} is already a complete checkpoint of this job; reusing it[/]")
-                rec.finish("complete")
-                return JobOutcome(rec, output, reused=True)
-            if output.exists() and any(output.iterdir()):
-                raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
-                                  where="--output", advice="choose another --output, or remove the folder")
-            store = ImageStore(client, self.console)
-            # An image already here is probed (and derived, if it falls short) before the
-            # model download: a 16 GB download must not precede a one-line "cannot run".
-            runnable = self._runnable_image(client, rec, image_ref) if store.get(image_ref) else None
-            model = model_source.resolve(spec, dry_run=self.dry_run)
-            preflight.enforce(preflight.quantize_checks(
-                model_bytes=model.bytes, output=output, download_bytes=0,
-                cache_dir=paths.hf_hub_cache(), on_gpu=self.device_kind == "gpu"))
-            for c in [] if self.dry_run else model.created_cache:  # a dry run creates nothing
-                rec.add("cache", c)
-            image = store.ensure(image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
-            if image.pulled and not self.dry_run:  # "would pull" is not a pull
-                rec.add("images", image_ref)
-            if runnable is None and image.id:
-                runnable = self._runnable_image(client, rec, image_ref)
-            if self.dry_run:
-                rec.finish("complete")
-                return JobOutcome(rec, output)
-            rec.image = runnable
-            rec.save()
-            rec.add("locks", str(lock_path(output)))  # a kill -9 leaves it; rollback checks it is ours
-            with OutputLock(output, rec.id):
-                self._quantize(client, rec, model, runnable, output, fingerprint, nvidia)
-            rec.result = json.loads((output / "result.json").read_text())
-            rec.finish("complete")
+            lock = None
+            if not self.dry_run:  # 2. the lock first: the output is judged under it
+                rec.add("locks", str(lock_path(output)))  # a kill -9 leaves it; rollback checks it is ours
+                lock = OutputLock(output, rec.id).acquire()
+            try:
+                outcome = self._run_locked(client, rec, output, fingerprint, nvidia, image_ref)
+            finally:
+                if lock is not None:
+                    lock.release()
+            if outcome is not None:
+                return outcome
         # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
-        self.describe(output, runnable, model_source.weight_bytes(model.host_dir) or model.bytes)
+        self.describe(output, self.runnable, model_source.weight_bytes(self.model.host_dir) or self.model.bytes)
         return JobOutcome(rec, output)
+
+    def _run_locked(self, client, rec: runs.RunRecord, output: Path, fingerprint: str, nvidia: bool,
+                    image_ref: str) -> JobOutcome | None:
+        """Under the output lock: reuse, or preflight, fetch, pull and quantize. Returns the
+        outcome when the job ends early (reused, dry run), None when it quantized."""
+        spec = self.spec
+        if completed_output(output, fingerprint):
+            verify_or_raise(output, self.console, reused=True)  # damaged since? never handed out as done
+            self.console.print(f"[green]{output} is already a complete checkpoint of this job; reusing it[/]")
+            rec.finish("complete")
+            return JobOutcome(rec, output, reused=True)
+        if output.exists() and any(output.iterdir()):
+            raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
+                              where="--output", advice="choose another --output, or remove the folder")
+        store = ImageStore(client, self.console)
+        # An image already here is probed (and derived, if it falls short) before the
+        # model download: a 16 GB download must not precede a one-line "cannot run".
+        runnable = self._runnable_image(client, rec, image_ref) if store.get(image_ref) else None
+        # 3. preflight, including what the download will need, before downloading anything
+        model_bytes, to_download = model_source.download_bytes(spec)
+        preflight.enforce(preflight.quantize_checks(
+            model_bytes=model_bytes, output=output, download_bytes=to_download,
+            cache_dir=paths.hf_hub_cache(), on_gpu=self.device_kind == "gpu"))
+        # 4. downloads on the host, each recorded as it starts (a dry run creates nothing)
+        record = None if self.dry_run else (lambda path: rec.add("cache", path))
+        model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)
+        calib = None if self.dry_run else calibration_bind(spec, on_create=record)
+        image = store.ensure(image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
+        if image.pulled and not self.dry_run:  # "would pull" is not a pull
+            rec.add("images", image_ref)
+        if runnable is None and image.id:
+            runnable = self._runnable_image(client, rec, image_ref)
+        if self.dry_run:
+            rec.finish("complete")
+            return JobOutcome(rec, output)
+        self.runnable = rec.image = runnable
+        rec.save()
+        self._quantize(client, rec, model, runnable, output, fingerprint, nvidia, calib)
+        rec.result = json.loads((output / "result.json").read_text())
+        rec.finish("complete")
+        return None
 
     def _runnable_image(self, client, rec: runs.RunRecord, image_ref: str) -> str:
         """`image_ref`, or the image derived from it when its packages fall short of the job."""
@@ -165,7 +226,8 @@ class QuantizeJob:
         if self.spec.evaluate:
             try:
                 evaluation = evaluate(EvalRequest(output, reference=self.spec.model, tokens=QUICK_TOKENS[self.device_kind],
-                                                  image=image_ref, gpus=self.spec.gpus), self.console)
+                                                  image=image_ref, gpus=self.spec.gpus,
+                                                  keep=self.spec.keep_container), self.console)
                 self.console.print(f"quality: {summary_line(evaluation)}", highlight=False)
             except LauncherError as e:
                 self.console.print(f"[yellow]warning:[/] evaluation failed, the checkpoint is fine: {e}")
@@ -173,14 +235,14 @@ class QuantizeJob:
         self.console.print(f"model card: {card}")
 
     def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path, fingerprint: str,
-                  nvidia: bool) -> None:
+                  nvidia: bool, calib: tuple[str, list[Bind]]) -> None:
         spec = self.spec
         clean_stale_partials(output, self.console)
         partial = output.parent / f".{output.name}.partial-{rec.id}"
         partial.mkdir(parents=True)
         rec.add("partials", str(partial))
 
-        calib_src, calib_binds = calibration_bind(spec)
+        calib_src, calib_binds = calib
         recipe, recipe_binds = recipe_bind(spec)
         job = {
             "model_dir": model.container_dir, "gguf": model.gguf, "output_dir": "/out",
@@ -189,19 +251,14 @@ class QuantizeJob:
             "device": "auto" if self.device_kind == "gpu" else "cpu",
             "low_memory": spec.low_memory, "job_fingerprint": fingerprint, "run_id": rec.id,
         }
-        env = {}
-        network = "none"  # the payload needs no network unless it streams a hub dataset
-        if calib_src.startswith("hf:"):
-            network = None
-            token = model_source.token_from(spec.hf_token_env)
-            if token:
-                env["HF_TOKEN"] = token
-            env["HF_HUB_OFFLINE"] = "0"
+        # No token and no network, ever: a hub dataset was fetched on the host (calibration_bind).
+        env = {"HF_DATASETS_OFFLINE": "1"} if calib_src.startswith("hf:") else {}
         run_payload(PayloadRun(
             client=client, image=image_ref, record=rec, module="quantize", job=job,
             binds=model.binds + calib_binds + recipe_binds + [Bind(partial, "/out", read_only=False)],
-            gpus=spec.gpus, nvidia=nvidia, env=env, network=network, mem_limit=spec.memory_limit,
+            gpus=spec.gpus, nvidia=nvidia, env=env, network="none", mem_limit=spec.memory_limit,
             keep=spec.keep_container, secrets=tuple(_secrets(spec))), self.console)
+        model_source.finish_embedded(model)
 
         result_path = partial / "result.json"
         if not result_path.exists():
@@ -213,35 +270,53 @@ class QuantizeJob:
         result_path.write_text(json.dumps(result, indent=2))
 
         verify_or_raise(partial, self.console)
-        os.replace(partial, output)
+        try:
+            os.replace(partial, output)
+        except OSError as e:  # under the lock only a folder made by hand can be in the way
+            raise ConfigError(f"cannot move the finished checkpoint into place: {e.strerror}", where=str(output),
+                              advice=f"the checkpoint is complete in {partial}; move it yourself or free "
+                                     "the output path") from None
         rec.created.partials.remove(str(partial))
         rec.add("outputs", str(output))
         self.console.print(f"[green]checkpoint complete:[/] {output} "
                            f"({result.get('checkpoint_bytes', 0) / 1e6:.1f} MB)")
 
 
-def verify_or_raise(folder: Path, console: Console) -> None:
-    """The independent host-side check; a checkpoint that fails it is never promoted."""
-    from .verify import _summary, verify_checkpoint
+def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> None:
+    """The independent host-side check; a checkpoint that fails it is never promoted, nor
+    reused: an existing output is verified again, since it may have been damaged since."""
+    from rich.markup import escape
+
+    from .verify import MAX_PRINTED, _summary, verify_checkpoint
 
     report = verify_checkpoint(folder)
     if report.problems:
         from .errors import VerifyFailed
-        for p in report.problems:
-            console.print(f"[red]verify[/] {p}")
+        for p in report.problems[:MAX_PRINTED]:
+            console.print(f"[red]verify[/] {escape(str(p))}", highlight=False)
+        if reused:
+            raise VerifyFailed(f"the existing output matches this job but fails verification "
+                               f"({len(report.problems)} problems): it was damaged since it was written",
+                               where=str(folder), advice="remove it (or `launcher rollback RUN_ID --outputs`) "
+                                                         "and run again")
         raise VerifyFailed(f"the new checkpoint failed verification ({len(report.problems)} problems)",
                            where=str(folder), advice="this is a bug in the recipe or export; please report it")
-    console.print(f"verify: ok ({_summary(report)})", highlight=False)
+    console.print(f"verify: ok ({escape(_summary(report))})", highlight=False)
 
 
 def clean_stale_partials(output: Path, console: Console) -> None:
-    """Partial folders of runs that died are ours (their records say so): remove them."""
+    """Partial folders of runs that died are ours (their records say so): remove them. Only
+    the exact partial a record's run could have made (beside its own output, named after
+    its id), since a record is a file anyone can edit."""
+    from .rollback import recorded_path_ok
+
     for rec in runs.all_runs():
         if rec.status == "running":
             continue
         for p in list(rec.created.partials):
             path = Path(p)
-            if path.parent == output.parent and path.name.startswith(f".{output.name}.partial-"):
+            if (path.parent == output.parent and path.name.startswith(f".{output.name}.partial-")
+                    and recorded_path_ok(rec, "partials", p) and not path.is_symlink()):
                 shutil.rmtree(path, ignore_errors=True)
                 if path.exists():  # keep it in the record: rollback reports why it cannot go
                     continue

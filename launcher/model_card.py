@@ -9,18 +9,33 @@ from pathlib import Path
 ENGINES = """\
 ## Serve it
 
-TensorRT-LLM (DGX Spark, in the same image):
+Every command publishes the port on 127.0.0.1 only. Inside the container the server must
+listen on 0.0.0.0 (`--host 0.0.0.0`): the published port arrives on the container's
+bridge interface, so a server bound to its own localhost is never reached.
 
-    docker run --rm -it --gpus all --ipc host -p 127.0.0.1:8000:8000 -v {path}:/ckpt:ro \\
-      nvcr.io/nvidia/tensorrt-llm/release:spark-single-gpu-dev trtllm-serve /ckpt --port 8000
+TensorRT-LLM (DGX Spark, in the same image, with NVIDIA's container settings):
 
-vLLM (reads `quantization_config` from config.json; Blackwell runs native FP4, Hopper falls back to Marlin):
+    docker run --rm -it --gpus all --ipc host --ulimit memlock=-1 --ulimit stack=67108864 \\
+      -p 127.0.0.1:8000:8000 -v {path}:/ckpt:ro \\
+      nvcr.io/nvidia/tensorrt-llm/release:spark-single-gpu-dev \\
+      trtllm-serve /ckpt --host 0.0.0.0 --port 8000
 
-    vllm serve {path} --quantization modelopt_fp4 --gpu-memory-utilization 0.85
+vLLM, as NVIDIA runs it on a Spark: its NGC image, and 0.4 of the unified memory for the
+engine so the system keeps the rest (VLLM_TAG: the current tag at
+catalog.ngc.nvidia.com/orgs/nvidia/containers/vllm). It reads `quantization_config`
+from config.json; with VLLM_API_KEY set, every route but /health needs
+`Authorization: Bearer $VLLM_API_KEY` (passed by name, so it is not in `ps`):
+
+    export VLLM_API_KEY=$(openssl rand -hex 24)
+    docker run --rm -it --gpus all --ipc host -p 127.0.0.1:8000:8000 -e VLLM_API_KEY \\
+      -v {path}:/ckpt:ro nvcr.io/nvidia/vllm:$VLLM_TAG \\
+      vllm serve /ckpt --host 0.0.0.0 --port 8000 --quantization modelopt_fp4 \\
+      --gpu-memory-utilization 0.4
+    until curl -sf http://127.0.0.1:8000/health; do sleep 5; done   # ready when this answers
 
 SGLang:
 
-    python -m sglang.launch_server --model-path {path} --quantization modelopt_fp4
+    python -m sglang.launch_server --model-path {path} --quantization modelopt_fp4 --host 127.0.0.1
 
 Or `launcher serve {path}`, which starts and checks the server for you.
 """

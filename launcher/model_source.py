@@ -6,20 +6,32 @@ Downloads happen HERE, on the host, with huggingface_hub, not in the container:
 - huggingface_hub resumes interrupted downloads and reuses the user's normal cache;
 - the container needs no network, so a broken download can never leave a
   half-quantized output behind.
+Hub datasets for calibration (`--calib hf:...`) are fetched here too, for the same
+reasons: the token never enters a container, and the container stays offline.
+
+Every hub failure, whatever transport huggingface_hub uses underneath (httpx2 in
+2.x, httpx in 1.x, requests before), becomes one ModelError line with advice.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import assets, paths
 from .config import JobSpec
 from .container import Bind
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
-EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-bf16"
+# -v2: the converted tokenizer is PreTrainedTokenizerFast, the same to transformers 4.x and 5.x
+# (container_payload/quantize.py: portable_tokenizer_config); earlier conversions are left alone.
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-bf16-v2"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt", ".arrow")
+CALIB_DATA_BYTES = 64_000_000   # the payload reads at most this much text of a dataset
+EMBEDDED_BYTES_GUESS = 270_000_000   # bf16 SmolLM2-135M, before its GGUF is fetched
+OFFLINE_ADVICE = "check the network, or use --offline with a model already in the cache"
 
 
 @dataclass
@@ -30,6 +42,7 @@ class ResolvedModel:
     gguf: str | None = None            # container path of the GGUF to convert first (embedded)
     bytes: int = 0                     # weight bytes, for preflight estimates
     created_cache: list[str] = field(default_factory=list)
+    staging: Path | None = None        # embedded, first run: the only folder the payload writes
 
 
 def token_from(env_name: str) -> str | None:
@@ -46,12 +59,77 @@ def weight_bytes(folder: Path) -> int:
         sum(p.stat().st_size for p in folder.glob("*.bin"))
 
 
-def resolve(spec: JobSpec, *, dry_run: bool = False) -> ResolvedModel:
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions huggingface_hub lets through when the network fails: OSError, and
+    the HTTP client's own error base class, whichever client this version uses."""
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            found.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def check_repo_id(repo_id: str, where: str = "--model") -> None:
+    """A hub id must be org/name in the hub's alphabet: caught before Docker or the network."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(f"{repo_id!r:.80} is not a model folder or a Hugging Face id", where=where,
+                          advice="pass org/name (letters, digits, '-', '_', '.'), or an existing folder") from None
+
+
+def validate(spec: JobSpec) -> None:
+    """Every model check that needs neither Docker nor the network."""
     if spec.is_embedded:
-        return _embedded()
+        return
+    if spec.is_local:
+        _local(Path(spec.model).expanduser())
+        return
+    check_repo_id(spec.model)
+
+
+def download_bytes(spec: JobSpec) -> tuple[int, int]:
+    """(weight bytes, bytes still to download) for preflight, before any download. The hub
+    is asked for the sizes (and access checked); what the cache already holds is subtracted."""
+    if spec.is_embedded:
+        converted = paths.models_dir() / EMBEDDED_DIRNAME
+        gguf = paths.assets_dir() / assets.SMOLLM2_GGUF
+        return (weight_bytes(converted) or (gguf.stat().st_size * 3 if gguf.exists() else EMBEDDED_BYTES_GUESS)), 0
+    if spec.is_local:
+        return weight_bytes(Path(spec.model).expanduser()), 0
+    repo_folder = paths.hf_hub_cache() / ("models--" + spec.model.replace("/", "--"))
+    if _offline(spec):
+        snaps = repo_folder / "snapshots"
+        return max((weight_bytes(s) for s in snaps.glob("*") if s.is_dir()), default=0), 0
+    total = check_access(spec.model, spec.revision, token_from(spec.hf_token_env))
+    blobs = repo_folder / "blobs"
+    cached = sum(p.stat().st_size for p in blobs.iterdir() if p.is_file()) if blobs.is_dir() else 0
+    return total, max(0, total - cached)
+
+
+def _offline(spec: JobSpec) -> bool:
+    return spec.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def resolve(spec: JobSpec, *, dry_run: bool = False, on_create: Callable[[str], None] | None = None,
+            access_checked: bool = False) -> ResolvedModel:
+    """The model on the host. `on_create(path)` is called BEFORE a cache folder is first
+    written, so that a failed or interrupted download is in the run record for rollback."""
+    if spec.is_embedded:
+        return _embedded(on_create, dry_run)
     if spec.is_local:
         return _local(Path(spec.model).expanduser())
-    return _hub(spec, dry_run=dry_run)
+    return _hub(spec, dry_run=dry_run, on_create=on_create, access_checked=access_checked)
 
 
 def embedded_needs_conversion() -> bool:
@@ -59,17 +137,41 @@ def embedded_needs_conversion() -> bool:
     return not (paths.models_dir() / EMBEDDED_DIRNAME / "config.json").exists()
 
 
-def _embedded() -> ResolvedModel:
+def _embedded(on_create: Callable[[str], None] | None = None, dry_run: bool = False) -> ResolvedModel:
     gguf = assets.embedded_gguf()
     models = paths.models_dir()
-    models.mkdir(parents=True, exist_ok=True)
     host_dir = models / EMBEDDED_DIRNAME
-    created = [str(host_dir)] if embedded_needs_conversion() else []
+    if not embedded_needs_conversion():
+        # converted already: an input like any other, mounted read-only
+        return ResolvedModel(container_dir=f"/models/{EMBEDDED_DIRNAME}",
+                             binds=[Bind(host_dir, f"/models/{EMBEDDED_DIRNAME}")], host_dir=host_dir,
+                             bytes=weight_bytes(host_dir))
+    # First run: the payload converts the GGUF into a fresh staging folder, the only thing
+    # it may write; finish_embedded() moves the result into place on the host.
+    staging = models / f"{EMBEDDED_DIRNAME}.convert-{os.urandom(3).hex()}"
+    if not dry_run:
+        models.mkdir(parents=True, exist_ok=True)
+        if on_create:
+            on_create(str(staging))
+            on_create(str(host_dir))
+        staging.mkdir()
     return ResolvedModel(
         container_dir=f"/models/{EMBEDDED_DIRNAME}",
-        binds=[Bind(models, "/models", read_only=False), Bind(gguf.parent, "/assets")],
+        binds=[Bind(staging, "/models", read_only=False), Bind(gguf.parent, "/assets")],
         host_dir=host_dir, gguf=f"/assets/{gguf.name}", bytes=gguf.stat().st_size * 3,
-        created_cache=created)
+        created_cache=[str(host_dir)], staging=staging)
+
+
+def finish_embedded(model: ResolvedModel) -> None:
+    """Move the payload's conversion into models/ (once; a concurrent run may have won)."""
+    import shutil
+
+    if model.staging is None:
+        return
+    made = model.staging / EMBEDDED_DIRNAME
+    if made.is_dir() and not model.host_dir.exists():
+        os.replace(made, model.host_dir)
+    shutil.rmtree(model.staging, ignore_errors=True)
 
 
 def _local(folder: Path) -> ResolvedModel:
@@ -84,20 +186,24 @@ def _local(folder: Path) -> ResolvedModel:
                          bytes=weight_bytes(folder))
 
 
-def _hub(spec: JobSpec, *, dry_run: bool) -> ResolvedModel:
+def _hub(spec: JobSpec, *, dry_run: bool, on_create: Callable[[str], None] | None = None,
+         access_checked: bool = False) -> ResolvedModel:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
+    check_repo_id(spec.model)
     token = token_from(spec.hf_token_env)
-    offline = spec.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = _offline(spec)
     cache = paths.hf_hub_cache()
     repo_folder = cache / ("models--" + spec.model.replace("/", "--"))
     existed = repo_folder.exists()
-    if not offline:
+    if not offline and not access_checked:
         check_access(spec.model, spec.revision, token)
     if dry_run:
         return ResolvedModel(container_dir="/hf", binds=[], host_dir=repo_folder)
+    if not existed and not offline and on_create:
+        on_create(str(repo_folder))  # recorded as the download starts: an interrupted one can be rolled back
     try:
         snap = Path(snapshot_download(spec.model, revision=spec.revision, token=token, cache_dir=cache,
                                       allow_patterns=WEIGHT_PATTERNS, local_files_only=offline))
@@ -106,8 +212,8 @@ def _hub(spec: JobSpec, *, dry_run: bool) -> ResolvedModel:
                          where=str(cache), advice="download it once while online, or unset HF_HUB_OFFLINE") from None
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise _access_error(spec.model, e, token) from None
-    except OSError as e:
-        raise ModelError(f"download of {spec.model} failed: {e}", where=str(cache),
+    except (HfHubHTTPError, *transport_errors()) as e:
+        raise ModelError(f"download of {spec.model} failed: {_first_line(e)}", where=str(cache),
                          advice="check the network and free disk; rerun to resume the download") from None
     rel = snap.relative_to(repo_folder)
     # Mount the whole repo folder: snapshot files are symlinks into ../../blobs.
@@ -127,12 +233,9 @@ def check_access(repo_id: str, revision: str | None, token: str | None) -> int:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise _access_error(repo_id, e, token) from None
-    except HfHubHTTPError as e:
-        raise ModelError(f"cannot reach the Hugging Face hub for {repo_id}: {str(e).splitlines()[0]}",
-                         advice="check the network, or use --offline with a model already in the cache") from None
-    except OSError as e:
-        raise ModelError(f"cannot reach the Hugging Face hub for {repo_id}: {e}",
-                         advice="check the network, or use --offline with a model already in the cache") from None
+    except (HfHubHTTPError, *transport_errors()) as e:
+        raise ModelError(f"cannot reach the Hugging Face hub for {repo_id}: {_first_line(e)}",
+                         advice=OFFLINE_ADVICE) from None
     return sum((s.size or 0) for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
 
 
@@ -149,3 +252,71 @@ def _access_error(repo_id: str, e: Exception, token: str | None) -> ModelError:
         return ModelError(f"{repo_id} has no such revision", advice="check --revision")
     return ModelError(f"{repo_id} was not found on the Hugging Face hub" + ("" if token else " (or it is private)"),
                       advice="check the id (org/name); private repos need HF_TOKEN")
+
+
+# ---------------------------------------------------------------- hub datasets for calibration
+
+@dataclass
+class CalibrationData:
+    source: str          # what the payload reads: hf:/calib-hf/<snapshot>:SPLIT:FIELD
+    bind: Bind           # the dataset's cache folder, read-only
+    created: str | None  # the cache folder, when this run creates it
+
+
+def parse_hf_source(source: str) -> tuple[str, str, str]:
+    name, split, fld = (source[3:].split(":") + ["train", "text"])[:3]
+    check_repo_id(name, where="--calib")
+    return name, split or "train", fld or "text"
+
+
+def fetch_dataset(source: str, token_env: str, offline: bool,
+                  on_create: Callable[[str], None] | None = None) -> CalibrationData:
+    """Download the data files of one split of a hub dataset on the host (about the
+    64 MB the payload reads, not the whole dataset) into the normal HF cache. The payload
+    then reads that folder, mounted read-only, with no network and no token."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    name, split, fld = parse_hf_source(source)
+    token = token_from(token_env)
+    cache = paths.hf_hub_cache()
+    repo_folder = cache / ("datasets--" + name.replace("/", "--"))
+    existed = repo_folder.exists()
+    try:
+        patterns = None
+        if not offline:
+            info = HfApi(token=token).dataset_info(name, files_metadata=True)
+            patterns = _split_files(info.siblings or [], split)
+            if not patterns:
+                raise ModelError(f"dataset {name} has no data files for split {split!r}", where="--calib",
+                                 advice="check the split name (hf:DATASET:SPLIT:FIELD)")
+            if not existed and on_create:
+                on_create(str(repo_folder))
+        snap = Path(snapshot_download(name, repo_type="dataset", token=token, cache_dir=cache,
+                                      allow_patterns=patterns, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"dataset {name} is not in the local Hugging Face cache and we are offline",
+                         where=str(cache), advice="fetch it once while online, or use --calib FILE") from None
+    except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise ModelError(f"dataset {name}: {_first_line(e)}", where="--calib",
+                         advice="check the name; gated or private datasets need HF_TOKEN") from None
+    except (HfHubHTTPError, *transport_errors()) as e:
+        raise ModelError(f"cannot fetch dataset {name} from the Hugging Face hub: {_first_line(e)}",
+                         where="--calib", advice="check the network, or use --calib FILE / builtin") from None
+    rel = snap.relative_to(repo_folder).as_posix()
+    return CalibrationData(f"hf:/calib-hf/{rel}:{split}:{fld}", Bind(repo_folder, "/calib-hf"),
+                           None if existed else str(repo_folder))
+
+
+def _split_files(siblings, split: str) -> list[str]:
+    """Data files of the split, in order, until about CALIB_DATA_BYTES."""
+    data = sorted((s for s in siblings if s.rfilename.endswith(DATA_SUFFIXES)), key=lambda s: s.rfilename)
+    named = [s for s in data if split in Path(s.rfilename).name or f"/{split}/" in f"/{s.rfilename}"]
+    chosen, size = [], 0
+    for s in named or data:
+        chosen.append(s.rfilename)
+        size += s.size or 0
+        if size >= CALIB_DATA_BYTES:
+            break
+    return chosen

@@ -8,10 +8,15 @@ after a crash half-way) finds only what is really left.
 Kinds: containers, partial folders and stale locks always go (they are debris of a
 run, never results). Finished outputs, images the run pulled itself, and cache folders
 it downloaded or converted go only when asked (--outputs, --images, --cache).
+
+Records are files anyone can edit, so each recorded path is accepted only if it is
+one the run could have made: its own output (never `/`, a home folder or the
+launcher's state), the partial folder and lock beside it named after its id, a
+`models--`/`datasets--` folder of the hub cache, a folder of the launcher's models/.
+Anything else is listed as kept, with why. A --dry-run writes nothing, records included.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -37,7 +42,9 @@ class Item:
     def label(self) -> str:
         """For rich output: paths may hold `[`, which must not be read as markup."""
         from rich.markup import escape
-        return escape(self.ref[:12] if self.kind == "containers" else self.ref)
+
+        from .untrusted import printable
+        return escape(printable(self.ref[:12] if self.kind == "containers" else self.ref))
 
 
 @dataclass
@@ -64,9 +71,11 @@ class Outcome:
 
 # ---------------------------------------------------------------- planning
 
-def select_runs(run_id: str | None, all_runs: bool) -> tuple[list[runs.RunRecord], list[tuple[str, str]]]:
-    """The records to roll back, and those left alone (still running) with why."""
-    runs.mark_dead_runs()
+def select_runs(run_id: str | None, all_runs: bool, *, dry_run: bool = False
+                ) -> tuple[list[runs.RunRecord], list[tuple[str, str]]]:
+    """The records to roll back, and those left alone (still running, damaged) with why."""
+    if not dry_run:  # marking dead runs rewrites records: not in a dry run
+        runs.mark_dead_runs()
     if run_id:
         rec = runs.load(run_id)
         if rec.status == "running" and rec.owner_alive():
@@ -74,7 +83,9 @@ def select_runs(run_id: str | None, all_runs: bool) -> tuple[list[runs.RunRecord
                                 advice="stop it first (Ctrl-C in its terminal, or kill the pid), then roll back")
         return [rec], []
     chosen, skipped = [], []
-    for rec in runs.all_runs():
+    records = runs.all_runs()
+    skipped += [(name, why) for name, why in runs.damaged.items()]
+    for rec in records:
         if rec.status == "running" and rec.owner_alive():
             skipped.append((rec.id, f"still running (pid {rec.pid})"))
         else:
@@ -83,11 +94,11 @@ def select_runs(run_id: str | None, all_runs: bool) -> tuple[list[runs.RunRecord
 
 
 def plan(run_id: str | None = None, *, all_runs: bool = False, outputs: bool = False, images: bool = False,
-         cache: bool = False) -> Plan:
+         cache: bool = False, dry_run: bool = False) -> Plan:
     if bool(run_id) == bool(all_runs):
         raise ConfigError("name one RUN_ID or pass --all", where="rollback",
                           advice="`launcher list` shows the runs")
-    chosen, skipped = select_runs(run_id, all_runs)
+    chosen, skipped = select_runs(run_id, all_runs, dry_run=dry_run)
     kinds = ALWAYS + tuple(k for k, on in zip(OPTIONAL, (outputs, images, cache)) if on)
     p = Plan(chosen, kinds, skipped_runs=skipped)
     try:
@@ -102,33 +113,81 @@ def plan(run_id: str | None = None, *, all_runs: bool = False, outputs: bool = F
     return p
 
 
+def run_output(rec: runs.RunRecord) -> tuple[Path | None, str]:
+    """The output folder this run was given, if it is one a run may own: (path, "") or
+    (None, why). The lock and the partial folder of a run are derived from it."""
+    named = rec.output or str(rec.spec.get("output") or "")
+    if not named or not os.path.isabs(named) or os.path.normpath(named) != named:
+        return None, "the record names no absolute, normal output path"
+    out = Path(named)
+    state = [Path(os.path.abspath(q)) for q in (paths.home(), paths.hf_hub_cache())]
+    protected = [Path("/"), Path.home(), *state]
+    if any(out == q or out in q.parents for q in protected):
+        return None, f"{out} is /, the home folder, or the launcher's state, or holds one of them"
+    if any(q in out.parents for q in state):
+        return None, f"{out} lies inside the launcher's state or the Hugging Face cache"
+    return out, ""
+
+
+def _expected(rec: runs.RunRecord, kind: str) -> set[str]:
+    """The only paths of this kind the run could have created."""
+    out, _ = run_output(rec)
+    if out is None:
+        return set()
+    from .locks import lock_path
+    return {"outputs": {str(out)}, "partials": {str(out.parent / f".{out.name}.partial-{rec.id}")},
+            "locks": {str(lock_path(out))}}[kind]
+
+
+def _cache_entry_ok(path: str) -> bool:
+    """A hub download (`models--org--name`, `datasets--org--name` right under the hub cache)
+    or a conversion right under the launcher's models/: never those folders themselves."""
+    p = Path(os.path.abspath(path))
+    if p.parent == Path(os.path.abspath(paths.hf_hub_cache())):
+        return p.name.startswith(("models--", "datasets--")) and len(p.name) > len("datasets--")
+    return p.parent == Path(os.path.abspath(paths.models_dir())) and not p.name.startswith(".")
+
+
+def recorded_path_ok(rec: runs.RunRecord, kind: str, path: str) -> bool:
+    """Could this run have created this path? (What `status` sizes and rollback considers.)"""
+    if kind == "cache":
+        return _cache_entry_ok(path)
+    return kind in ("outputs", "partials", "locks") and path in _expected(rec, kind)
+
+
 def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> None:
-    for path in rec.created.partials:
+    _, why_not = run_output(rec)
+    for kind in ("partials", "locks", "outputs"):
+        for path in getattr(rec.created, kind):
+            if path not in _expected(rec, kind):
+                p.refused.append((Item(kind, path, rec.id), "not a path this run could have created"
+                                  + (f" ({why_not})" if why_not else "") + ": left alone"))
+    for path in [x for x in rec.created.partials if x in _expected(rec, "partials")]:
         item = Item("partials", path, rec.id)
         if not os.path.lexists(path):
             p._gone.append(item)
-        elif Path(path).is_symlink() or not Path(path).is_dir() or not Path(path).name.endswith(rec.id):
+        elif Path(path).is_symlink() or not Path(path).is_dir():
             # the record names a partial of this run; anything else there is not what we made
             p.refused.append((item, "not a partial folder of this run (replaced?)"))
         else:
             item.size = tree_size(Path(path))
             p.items.append(item)
-    locks = list(rec.created.locks)
-    named = rec.output or str(rec.spec.get("output") or "")
-    if os.path.isabs(named):  # records older than `created.locks`: the lock of the output it named
-        from .locks import lock_path
-        locks += [lp for lp in [str(lock_path(Path(named)))] if lp not in locks]
+    # records older than `created.locks`: the lock of the output it named
+    locks = [x for x in rec.created.locks if x in _expected(rec, "locks")]
+    locks += [x for x in _expected(rec, "locks") if x not in locks and rec.command == "quantize"]
     for path in locks:
+        from .locks import read_info
+
         item = Item("locks", path, rec.id)
-        info = _read_json(Path(path))
+        info = read_info(Path(path))  # never blocks: a FIFO there is not read
         if not os.path.lexists(path):
             p._gone.append(item)
         elif not info or info.get("run_id") != rec.id:
-            p._gone.append(item)  # taken over by a later run: that lock is not ours any more
+            p._gone.append(item)  # taken over by a later run, or not a lock: not ours any more
         else:
             item.size = Path(path).lstat().st_size
             p.items.append(item)
-    for path in rec.created.outputs:
+    for path in [x for x in rec.created.outputs if x in _expected(rec, "outputs")]:
         item = Item("outputs", path, rec.id)
         if not os.path.lexists(path):
             p._gone.append(item)
@@ -145,13 +204,16 @@ def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> N
         else:
             item.size = tree_size(Path(path))
             p.items.append(item)
-    live = [r for r in others if r.status == "running"]
+    live = [r for r in others if r.status == "running" and r.owner_alive()]
     for path in rec.created.cache:
         item = Item("cache", path, rec.id)
-        if not os.path.lexists(path):
+        if not _cache_entry_ok(path):
+            p.refused.append((item, "not a cache entry the launcher makes (outside the launcher home's "
+                                    "models/ and the Hugging Face cache's models--/datasets-- folders)"))
+        elif not os.path.lexists(path):
             p._gone.append(item)
-        elif not _inside(Path(path), [paths.home(), paths.hf_hub_cache()]) or Path(path).is_symlink():
-            p.refused.append((item, "outside the launcher home and the Hugging Face cache"))
+        elif Path(path).is_symlink():
+            p.refused.append((item, "a symlink now, not the folder the run made"))
         elif "cache" not in p.kinds:
             item.size = tree_size(Path(path))
             p.left_out.append(item)
@@ -259,7 +321,11 @@ def _remove(item: Item, client) -> None:
         except ImageNotFound:
             pass
     elif item.kind == "locks":
-        Path(item.ref).unlink(missing_ok=True)
+        from .locks import remove_if_stale
+
+        why = remove_if_stale(Path(item.ref), item.run_id)  # read again under its flock
+        if why not in (None, "gone"):
+            raise LauncherError(f"{why}; left alone")
     else:
         path = Path(item.ref)
         if path.is_symlink():  # checked again: it may have changed since the plan
@@ -321,24 +387,9 @@ def human(n: int | None) -> str:
     return str(n)
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    p = Path(os.path.abspath(path))
-    for root in roots:
-        try:
-            p.relative_to(os.path.abspath(root))
-            if p != Path(os.path.abspath(root)):
-                return True
-        except ValueError:
-            continue
-    return False
-
-
 def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
+    from .untrusted import read_json_object
+    return read_json_object(path)
 
 
 def _reason(e: Exception) -> str:
@@ -370,6 +421,8 @@ def describe_rest(p: Plan, console) -> None:
     """What stays, and why: refused items, kinds not asked for, runs left alone."""
     from rich.markup import escape
 
+    from .untrusted import printable
+
     for item, why in p.refused:
         console.print(f"[yellow]kept[/] {KIND_NAMES[item.kind]} {item.label} of run {item.run_id}: {escape(why)}",
                       highlight=False)
@@ -380,7 +433,8 @@ def describe_rest(p: Plan, console) -> None:
                          for k in left)
         console.print(f"not removed unless asked: {what}", highlight=False)
     for run_id, why in p.skipped_runs:
-        console.print(f"[yellow]left alone[/] run {run_id}: {why}", highlight=False)
+        console.print(f"[yellow]left alone[/] run {escape(printable(run_id))}: {escape(printable(why))}",
+                      highlight=False, soft_wrap=True)
     if p.docker_error:
         console.print(f"[yellow]Docker:[/] {escape(p.docker_error)}; containers and images were not checked "
                       "(start Docker and roll back again to remove them)", highlight=False)

@@ -1,15 +1,20 @@
 """Run records: what each run was asked, what it created, and how it ended.
 
 A record is rewritten atomically every time the run creates something, so a crash
-(even kill -9) leaves an accurate list for `launcher rollback`. Rollback trusts
-these records and Docker labels, never name patterns.
+(even kill -9) leaves an accurate list for `launcher rollback`. Rollback goes by
+these records and Docker labels, never name patterns; but a record is a file anyone
+can edit, so it is input, not truth: the id must have our format, a damaged record is
+skipped with one line, and rollback checks each path against what the run could have
+created (rollback.py).
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import re
 import secrets
+import stat
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -17,10 +22,14 @@ from pathlib import Path
 from typing import Literal
 
 import psutil
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from . import paths
-from .errors import RunNotFound
+from .errors import RunDamaged, RunNotFound
+
+# what new_run() makes: 20261130-061304-a1b2c3 (a folder name, never a path)
+RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+MAX_RECORD = 4 << 20   # real records are a few KB
 
 Status = Literal["running", "complete", "failed", "interrupted", "rolled-back"]
 
@@ -50,6 +59,13 @@ class RunRecord(BaseModel):
     created: Created = Field(default_factory=Created)
     error: str | None = None
     result: dict | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _our_id(cls, v: str) -> str:
+        if not RUN_ID.fullmatch(v):
+            raise ValueError("not a run id of this launcher")
+        return v
 
     @property
     def folder(self) -> Path:
@@ -116,24 +132,73 @@ def new_run(command: str, spec: dict) -> RunRecord:
     return rec
 
 
-def load(run_id: str) -> RunRecord:
-    path = paths.runs_dir() / run_id / "record.json"
-    if not path.exists():
-        raise RunNotFound(f"no run {run_id!r}", where=str(paths.runs_dir()),
+def check_id(run_id: str) -> str:
+    """A run id names a folder under runs/: anything else (empty, `..`, a path) is refused
+    before it touches the disk. Container labels go through here too, and anyone can set those."""
+    if not RUN_ID.fullmatch(run_id or ""):
+        raise RunNotFound(f"{run_id!r:.60} is not a run id (like 20261130-061304-a1b2c3)", where="RUN_ID",
                           advice="`launcher list` shows the runs")
-    return RunRecord.model_validate(json.loads(path.read_text()))
+    return run_id
+
+
+def _parse(path: Path) -> RunRecord:
+    """A record file, or RunDamaged saying in one line why it cannot be used."""
+    where = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RunNotFound("no such run", where=where, advice="`launcher list` shows the runs") from None
+    except OSError as e:
+        raise RunDamaged(f"run record unreadable: {e.strerror}", where=where) from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise RunDamaged("run record is not a regular file", where=where)
+        raw = f.read(MAX_RECORD + 1)
+    try:
+        if len(raw) > MAX_RECORD:
+            raise ValueError("larger than any record this launcher writes")
+        rec = RunRecord.model_validate(json.loads(raw))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "record"
+        raise RunDamaged(f"damaged run record: {field}: {err['msg']}", where=where,
+                         advice="it is skipped; delete that folder if it is not needed") from None
+    except (ValueError, RecursionError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise RunDamaged(f"damaged run record: {reason}", where=where,
+                         advice="it is skipped; delete that folder if it is not needed") from None
+    if rec.id != path.parent.name:
+        raise RunDamaged(f"run record names run {rec.id}, not its folder's", where=where,
+                         advice="it is skipped; a record copied between folders is not trusted")
+    return rec
+
+
+def load(run_id: str) -> RunRecord:
+    check_id(run_id)
+    try:
+        return _parse(paths.runs_dir() / run_id / "record.json")
+    except RunDamaged:
+        raise
+    except RunNotFound:
+        raise RunNotFound(f"no run {run_id!r}", where=str(paths.runs_dir()),
+                          advice="`launcher list` shows the runs") from None
+
+
+# records skipped by the last all_runs(), with why: commands print them once
+damaged: dict[str, str] = {}
 
 
 def all_runs() -> list[RunRecord]:
     base = paths.runs_dir()
+    damaged.clear()
     if not base.exists():
         return []
     out = []
     for p in sorted(base.glob("*/record.json")):
         try:
-            out.append(RunRecord.model_validate(json.loads(p.read_text())))
-        except (ValueError, OSError):
-            continue  # a foreign or damaged file is not ours to interpret
+            out.append(_parse(p))
+        except RunNotFound as e:  # RunDamaged included: a foreign or damaged file is not ours
+            damaged[p.parent.name] = str(e)
     return out
 
 

@@ -10,11 +10,20 @@ orphan reaper leaves it alone and `launcher rollback RUN_ID` removes it. The por
 published on 127.0.0.1 only, and this command talks to the server only there: never
 through Docker's bridge addresses, which are not reachable from every host (Docker
 Desktop, rootless) and would bypass the loopback-only publishing.
+
+Inside its container the server must listen on all interfaces (Docker's published port
+arrives on the bridge interface), so other containers and local users could reach it
+through the bridge address. The stand-in server therefore requires an API key
+(`--api-key`, else a random one printed once): it reaches the container as a
+read-only file, never as an environment variable (`docker inspect` shows those), and
+the file is deleted once the server has read it. trtllm-serve has no key option in
+NVIDIA's image that we could test; for it, the loopback publishing is the protection.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import time
@@ -27,7 +36,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import runs
-from .container import PAYLOAD_DIR, PAYLOAD_TARGET, Bind, gpu_requests, owner_labels
+from .container import PAYLOAD_DIR, PAYLOAD_TARGET, Bind, gpu_requests, hardening_kwargs, owner_labels
 from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
 from .image import ImageStore, choose_image, is_standin
@@ -35,6 +44,7 @@ from .logstream import PREFIX as EVENT_PREFIX
 from .orphans import guard, reap
 
 CONTAINER_PORT = 8000
+KEY_TARGET = "/run/secrets/api-key"
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 LOG_TAIL = 15
 # Loopback only, and never through a proxy from the environment (HTTP_PROXY would
@@ -50,6 +60,7 @@ class ServeRequest:
     timeout: float = 600.0          # seconds to wait for /health
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 32
+    api_key: str | None = None      # None: a random key, printed once
 
 
 @dataclass
@@ -59,15 +70,19 @@ class ServeOutcome:
     endpoint: str
     model: str
     answer: str
+    api_key: str | None = None
 
 
 # ---------------------------------------------------------------- HTTP on 127.0.0.1
 
-def http_json(port: int, path: str, body: dict | None = None, timeout: float = 5.0) -> dict:
+def http_json(port: int, path: str, body: dict | None = None, timeout: float = 5.0,
+              api_key: str | None = None) -> dict:
     url = f"http://127.0.0.1:{port}{path}"
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
     with _HTTP.open(req, timeout=timeout) as r:
         return json.loads(r.read() or b"{}")
 
@@ -95,7 +110,7 @@ def port_free(port: int) -> bool:
 # ---------------------------------------------------------------- the container
 
 def container_kwargs(*, image: str, standin: bool, nvidia: bool, ckpt: Path, job_file: Path,
-                     run_id: str, port: int) -> dict:
+                     run_id: str, port: int, key_file: Path | None = None) -> dict:
     common = dict(
         image=image, detach=True, init=True,  # tini: docker stop's SIGTERM reaches the server
         labels=owner_labels(run_id, "serve"),
@@ -108,10 +123,12 @@ def container_kwargs(*, image: str, standin: bool, nvidia: bool, ckpt: Path, job
             command=["python3", "-m", "container_payload.serve", "/run/job.json"],
             working_dir=PAYLOAD_TARGET,
             mounts=[Bind(PAYLOAD_DIR, f"{PAYLOAD_TARGET}/container_payload").mount(),
-                    Bind(ckpt, "/ckpt").mount(), Bind(job_file, "/run/job.json").mount()],
+                    Bind(ckpt, "/ckpt").mount(), Bind(job_file, "/run/job.json").mount()]
+                   + ([Bind(key_file, KEY_TARGET).mount()] if key_file else []),
             environment={**common["environment"], "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
             user=f"{os.getuid()}:{os.getgid()}",   # it writes nothing; no reason to be root
             device_requests=gpu_requests("auto", nvidia),
+            **hardening_kwargs(),
         )
     from docker.types import Ulimit
 
@@ -125,7 +142,18 @@ def container_kwargs(*, image: str, standin: bool, nvidia: bool, ckpt: Path, job
         device_requests=gpu_requests("all", True),
         ipc_mode="host",
         ulimits=[Ulimit(name="memlock", soft=-1, hard=-1), Ulimit(name="stack", soft=67108864, hard=67108864)],
+        # Its own caches go under its home: the root filesystem stays writable. No memory
+        # limit: on a Spark's unified memory the KV cache takes most of it (untested on a GPU here).
+        **{k: v for k, v in hardening_kwargs(read_only=False).items() if k != "mem_limit"},
     )
+
+
+def write_key_file(path: Path, key: str) -> Path:
+    """The key for the container, readable by this user only (the stand-in runs as it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return path
 
 
 def _log_tail(container, n: int = 200) -> list[str]:
@@ -191,16 +219,20 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
     guard(rec)  # removes the container at once if this launcher is killed before it is healthy
     console.print(f"run [bold]{rec.id}[/]: serving {escape(str(ckpt))} with {escape(image)}"
                   + (" (CPU stand-in: exact NVFP4 emulation)" if standin else ""), highlight=False)
+    key = (req.api_key or secrets.token_urlsafe(24)) if standin else None
+    key_file = write_key_file(rec.folder / "api-key", key) if key else None
     job_file = rec.folder / "serve-job.json"
     job_file.write_text(json.dumps({"checkpoint": "/ckpt", "model_name": ckpt.name, "port": CONTAINER_PORT,
-                                    "host": "0.0.0.0", "device": "auto" if nvidia else "cpu"}, indent=2))
+                                    "host": "0.0.0.0", "device": "auto" if nvidia else "cpu",
+                                    **({"api_key_file": KEY_TARGET} if key else {})}, indent=2))
 
     container = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     with rec.ends_on_error():
         try:
             container = _create(client, container_kwargs(image=image, standin=standin, nvidia=nvidia, ckpt=ckpt,
-                                                         job_file=job_file, run_id=rec.id, port=req.port), rec)
+                                                         job_file=job_file, run_id=rec.id, port=req.port,
+                                                         key_file=key_file), rec)
             _start(container, req.port)
             _wait_healthy(container, req, rec, console)
             _save_log(container, rec)
@@ -215,13 +247,15 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if key_file is not None:
+                key_file.unlink(missing_ok=True)  # read by the server at start; not kept on disk
 
     endpoint = f"http://127.0.0.1:{req.port}/v1"
     stop = f"launcher rollback {rec.id}"
     try:
-        models = http_json(req.port, "/v1/models", timeout=30).get("data") or [{}]
+        models = http_json(req.port, "/v1/models", timeout=30, api_key=key).get("data") or [{}]
         model = models[0].get("id") or ckpt.name
-        reply = http_json(req.port, "/v1/chat/completions", timeout=600, body={
+        reply = http_json(req.port, "/v1/chat/completions", timeout=600, api_key=key, body={
             "model": model, "messages": [{"role": "user", "content": req.prompt}],
             "max_tokens": req.max_tokens, "temperature": 0})
         answer = reply["choices"][0]["message"]["content"]
@@ -231,8 +265,14 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
     out.print(f"[bold]prompt:[/] {escape(req.prompt)}", highlight=False)
     out.print(f"[bold]answer:[/] {escape(answer)}", highlight=False)
     out.print(f"[bold]endpoint:[/] {endpoint}  (OpenAI-compatible; model {escape(model)!r})", highlight=False)
+    if key and not req.api_key:
+        out.print(f"[bold]api key:[/] {key}  (send `Authorization: Bearer KEY`; shown once, stored nowhere)",
+                  highlight=False)
+    elif not key:
+        out.print("[bold]api key:[/] none: trtllm-serve checks no key; the port is on 127.0.0.1 only",
+                  highlight=False)
     out.print(f"[bold]stop it:[/] {stop}", highlight=False)
-    return ServeOutcome(rec.id, container.id, endpoint, model, answer)
+    return ServeOutcome(rec.id, container.id, endpoint, model, answer, key)
 
 
 def _create(client, kwargs: dict, rec: runs.RunRecord):

@@ -14,12 +14,17 @@ when there is none.
 from __future__ import annotations
 
 import argparse
+import errno
 import fnmatch
 import json
 import math
+import os
 import re
+import reprlib
+import stat
 import struct
 import sys
+import time
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -27,8 +32,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import regex
 
 from .errors import ConfigError, VerifyFailed
+from .untrusted import printable
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -45,7 +52,19 @@ FUSED = {"q_proj": "q_proj,k_proj,v_proj", "k_proj": "q_proj,k_proj,v_proj",
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
               "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
               "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4}
-MAX_HEADER = 100 * 2**20   # safetensors itself refuses larger headers
+# safetensors refuses headers over 100 MB; a hostile one that size can parse into GBs of
+# Python objects, so we stop at 16 MiB (real shards hold a few thousand tensors: < 1 MB).
+MAX_HEADER = 16 * 2**20
+MAX_JSON = 16 * 2**20      # config.json, hf_quant_config.json and the index: real ones are KBs
+MAX_U64 = 2**64            # safetensors stores offsets and dims as u64
+MAX_PATTERNS = 1024        # exclude/ignore entries: real lists are tens
+REGEX_TIMEOUT = 0.2        # seconds per match of a `re:` exclude pattern before it is refused
+REGEX_BUDGET = 2.0         # seconds for all `re:` matches of one verification
+MAX_PRINTED = 200          # problem lines printed; the JSON report keeps them all
+# Whatever the files declare, a verification ends within this many seconds: a real 671B
+# checkpoint takes well under one; only a crafted one (200k tensors x 1000 exclude
+# patterns) can need more, and that is reported as a problem, never waited for.
+VERIFY_SECONDS = 6.0
 CHUNK = 16 * 2**20         # bytes of block scales decoded at a time
 
 # Every E4M3 byte decoded once; classifying a tensor's bytes is then a histogram.
@@ -61,7 +80,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.tensor_or_file}: {self.message}"
+        # names and values come from the checkpoint: never raw control characters on a terminal
+        return printable(f"{self.tensor_or_file}: {self.message}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,7 @@ class Report:
     quantized_bytes: int = 0    # packed weights + block scales + global/input scales
     quantized_params: int = 0   # weight elements of the quantized Linears
     problems: list[Problem] = field(default_factory=list)
+    deadline: float = field(default_factory=lambda: time.monotonic() + VERIFY_SECONDS, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -119,6 +140,7 @@ class Report:
 
     def to_json(self) -> dict:
         d = asdict(self)
+        d.pop("deadline")
         d["ok"] = self.ok
         return d
 
@@ -127,20 +149,84 @@ class _Unreadable(Exception):
     """A file cannot be used at all; the message is the problem."""
 
 
+class _OutOfTime(Exception):
+    """The checks ran past Report.deadline."""
+
+
+def _in_time(report: "Report") -> None:
+    if time.monotonic() > report.deadline:
+        raise _OutOfTime
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong, _SHORT.maxlevel = 80, 80, 40, 3
+
+
+def short(value) -> str:
+    """A bounded repr of a value read from the checkpoint: a hostile config or header can
+    hold megabytes in one field, and a message stays one short line."""
+    try:
+        return _SHORT.repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__}>"
+
+
+def open_regular(path: Path):
+    """Open a file for reading only if it is a regular file (symlinks to one are fine: HF
+    cache snapshots are symlinks into blobs/). A FIFO, socket or device would block or
+    never end, so it is never read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _Unreadable("missing" if e.errno == errno.ENOENT else f"unreadable: {e.strerror or e}") from None
+    except ValueError:  # a NUL byte in the name
+        raise _Unreadable("unreadable: invalid file name") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _Unreadable("not a regular file (a FIFO, device or folder): not read")
+    return os.fdopen(fd, "rb")
+
+
+def _reason(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return lines[0][:160] if lines else type(e).__name__
+
+
+def loads(raw: bytes):
+    """json.loads that turns every way hostile bytes fail into ValueError: deep nesting
+    (RecursionError), integers past Python's digit limit, bad UTF-8."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8: {e.reason}") from None
+
+
 # ---------------------------------------------------------------- files and headers
 
 def _read_json(path: Path, report: Report, required: bool) -> dict | None:
-    if not path.exists():
+    if not os.path.lexists(path):
         if required:
             report.add(path.name, "missing")
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        report.add(path.name, f"unreadable: {e}")
+        with open_regular(path) as f:
+            raw = f.read(MAX_JSON + 1)
+    except _Unreadable as e:
+        report.add(path.name, str(e))
         return None
-    except json.JSONDecodeError as e:
-        report.add(path.name, f"not valid JSON: {e}")
+    except OSError as e:
+        report.add(path.name, f"unreadable: {e.strerror or e}")
+        return None
+    if len(raw) > MAX_JSON:
+        report.add(path.name, f"larger than {MAX_JSON >> 20} MiB: not a real config, not parsed")
+        return None
+    try:
+        data = loads(raw)
+    except ValueError as e:
+        report.add(path.name, f"not valid JSON: {_reason(e)}")
         return None
     if not isinstance(data, dict):
         report.add(path.name, "not a JSON object")
@@ -157,8 +243,8 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     """
     name = shard.name
     try:
-        size = shard.stat().st_size
-        with shard.open("rb") as f:
+        with open_regular(shard) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise _Unreadable(f"truncated: {size} bytes, not even the 8-byte header length")
@@ -171,9 +257,9 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     except OSError as e:
         raise _Unreadable(f"unreadable: {e.strerror or e}")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _Unreadable(f"header is not valid JSON: {e}")
+        header = loads(raw)
+    except ValueError as e:
+        raise _Unreadable(f"header is not valid JSON: {_reason(e)}")
     if not isinstance(header, dict):
         raise _Unreadable("header is not a JSON object")
 
@@ -181,23 +267,30 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     data_size = size - base
     infos: dict[str, TensorInfo] = {}
     spans = []
-    for key, entry in header.items():
+    for n_entry, (key, entry) in enumerate(header.items()):
+        if n_entry % 4096 == 4095:
+            _in_time(report)
         if key == "__metadata__":
             continue
         try:
             dtype, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                    and isinstance(b, int) and isinstance(e, int) and 0 <= b <= e):
+            # bool is an int to Python, not to safetensors; u64 bounds every offset and dim
+            if not (isinstance(shape, list) and len(shape) <= 16
+                    and all(type(d) is int and 0 <= d < MAX_U64 for d in shape)
+                    and type(b) is int and type(e) is int and 0 <= b <= e < MAX_U64):
                 raise ValueError
         except (TypeError, KeyError, ValueError):
-            report.add(key, f"malformed header entry in {name}: {entry!r:.120}")
+            report.add(key, f"malformed header entry in {name}: {short(entry)}")
             continue
-        if dtype not in DTYPE_BITS:
-            report.add(key, f"unknown dtype {dtype} in {name}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            report.add(key, f"unknown dtype {short(dtype)} in {name}")
             continue
         need = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        if need >= MAX_U64:
+            report.add(key, f"shape {short(shape)} declares more than 2^64 bytes ({name})")
+            continue
         if e - b != need:
-            report.add(key, f"data_offsets span {e - b} bytes but {dtype} {shape} needs {need} ({name})")
+            report.add(key, f"data_offsets span {e - b} bytes but {dtype} {short(shape)} needs {need} ({name})")
         spans.append((b, e, key))
         infos[key] = TensorInfo(key, shard, dtype, tuple(shape), base + b, base + e, intact=e <= data_size)
 
@@ -239,7 +332,11 @@ def load_tensors(ckpt: Path, report: Report) -> Tensors:
     if weight_map is None and index_path.exists():
         shard_names = on_disk
     elif weight_map is not None:
-        shard_names = sorted(set(weight_map.values()))
+        outside = sorted({v for v in weight_map.values() if not _plain_name(v)})
+        for v in outside:
+            report.add(INDEX_NAME, f"maps tensors to {short(v)}, which is not a file in the checkpoint "
+                                   "folder: not followed")
+        shard_names = sorted(set(weight_map.values()) - set(outside))
         for extra in sorted(set(on_disk) - set(shard_names)):
             report.add(extra, f"not referenced by {INDEX_NAME}: engines will ignore it")
     else:
@@ -252,10 +349,11 @@ def load_tensors(ckpt: Path, report: Report) -> Tensors:
     tensors: dict[str, TensorInfo] = {}
     shard_of: dict[str, str] = {}
     damaged: set[Path] = set()
-    lost: set[str] = set()   # shards missing or unreadable: reported once, as files
+    # shards missing, unreadable or outside the folder: reported once, as files
+    lost: set[str] = {v for v in (weight_map or {}).values() if not _plain_name(v)}
     for shard in shard_names:
         path = ckpt / shard
-        if not path.is_file():
+        if not os.path.lexists(path):
             report.add(shard, f"listed in {INDEX_NAME} but missing")
             lost.add(shard)
             continue
@@ -269,6 +367,7 @@ def load_tensors(ckpt: Path, report: Report) -> Tensors:
         if len(report.problems) > before:
             damaged.add(path)
         report.shards += 1
+        _in_time(report)
         for key, info in infos.items():
             if key in tensors:
                 report.add(key, f"stored twice: in {shard_of[key]} and {shard}")
@@ -292,6 +391,12 @@ def load_tensors(ckpt: Path, report: Report) -> Tensors:
     report.total_bytes = sum(t.nbytes for t in tensors.values())
     unavailable = {k for k, v in (weight_map or {}).items() if v in lost}
     return Tensors(tensors, damaged, unavailable)
+
+
+def _plain_name(name: str) -> bool:
+    """An index entry must name a file IN the checkpoint folder: no `..`, no separator, no
+    absolute path. (The file itself may be a symlink: HF cache snapshots are.)"""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 class ScaleReader:
@@ -325,7 +430,7 @@ class ScaleReader:
 
     @staticmethod
     def _raw(t: TensorInfo) -> np.ndarray:
-        with t.shard.open("rb") as f:
+        with open_regular(t.shard) as f:
             f.seek(t.start)
             return np.frombuffer(f.read(t.nbytes), dtype=np.uint8)
 
@@ -343,20 +448,62 @@ class ScaleReader:
 
 # ---------------------------------------------------------------- configs
 
-def _excluded(module: str, patterns: list[str]) -> bool:
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.match(p[3:], module):
-                return True
-        elif fnmatch.fnmatchcase(module, p) or module.startswith(p + "."):
+class Excludes:
+    """The exclude/ignore list of a config: fnmatch patterns, module prefixes, and
+    compressed-tensors' `re:` regular expressions. The regexes come from the checkpoint,
+    so they run under the `regex` module's timeout: one that backtracks for longer than
+    REGEX_TIMEOUT is reported once and dropped, and all of them together get
+    REGEX_BUDGET seconds, so many modules times a slow pattern cannot add up to a hang.
+    The globs and prefixes are compiled into one regular expression (fnmatch's own
+    translation), so a long list costs one match per module, not one per pattern."""
+
+    def __init__(self, patterns: list[str], report: Report, where: str):
+        self.report, self.where = report, where
+        if len(patterns) > MAX_PATTERNS:
+            report.add(where, f"{len(patterns)} exclude/ignore entries: more than {MAX_PATTERNS}, only "
+                              f"the first {MAX_PATTERNS} are used")
+            patterns = patterns[:MAX_PATTERNS]
+        globs = [p for p in patterns if not p.startswith("re:")]
+        # a glob matches the module itself; the plain name also matches its submodules
+        alternatives = [fnmatch.translate(p) for p in globs] + [rf"(?s:{re.escape(p)}\..*)\Z" for p in globs]
+        # stdlib re: fnmatch's translations need no timeout (atomic groups, no backtracking
+        # blow-up), and re compiles a thousand of them in a fraction of regex's time
+        self.globs = re.compile("|".join(alternatives)) if alternatives else None
+        self.budget = REGEX_BUDGET
+        self.regexes = {}
+        for p in patterns:
+            if p.startswith("re:"):
+                try:
+                    self.regexes[p] = regex.compile(p[3:], flags=regex.V0)
+                except (regex.error, RecursionError, ValueError, OverflowError) as e:
+                    report.add(where, f"exclude pattern {short(p)} is not a valid regular expression "
+                                      f"({short(str(e))}): ignored")
+
+    def __contains__(self, module: str) -> bool:
+        if self.globs is not None and self.globs.match(module):
             return True
-    return False
+        for p, rx in list(self.regexes.items()):
+            start = time.monotonic()
+            try:
+                if rx.match(module, timeout=min(REGEX_TIMEOUT, max(self.budget, 0.001))):
+                    return True
+            except TimeoutError:
+                del self.regexes[p]
+                self.report.add(self.where, f"exclude pattern {short(p)} takes over {REGEX_TIMEOUT} s to match "
+                                            f"{short(module)}: refused (it would hang the engines' loaders too)")
+            finally:
+                self.budget -= time.monotonic() - start
+            if self.budget <= 0 and self.regexes:
+                self.report.add(self.where, f"the {len(self.regexes)} `re:` exclude pattern(s) took over "
+                                            f"{REGEX_BUDGET} s in all: refused")
+                self.regexes.clear()
+        return False
 
 
 def _check_fp4_args(where: str, args, report: Report, ct: bool, activations: bool = False) -> None:
     """One `weights` / `input_activations` entry of a config group."""
     if not isinstance(args, dict):
-        report.add(where, f"is {args!r}, expected an object")
+        report.add(where, f"is {short(args)}, expected an object")
         return
     want = {"num_bits": 4, "type": "float", "group_size": GROUP_SIZE}
     if ct:
@@ -367,10 +514,10 @@ def _check_fp4_args(where: str, args, report: Report, ct: bool, activations: boo
         if key not in args:
             report.add(where, f"missing field {key!r} (NVFP4 needs {value!r})")
         elif args[key] != value:
-            report.add(f"{where}.{key}", f"is {args[key]!r}, NVFP4 needs {value!r}")
+            report.add(f"{where}.{key}", f"is {short(args[key])}, NVFP4 needs {value!r}")
     sd = args.get("scale_dtype")
     if ct and sd is not None and not str(sd).endswith("float8_e4m3fn"):
-        report.add(f"{where}.scale_dtype", f"is {sd!r}, NVFP4 block scales are float8_e4m3fn")
+        report.add(f"{where}.scale_dtype", f"is {short(sd)}, NVFP4 block scales are float8_e4m3fn")
 
 
 def _config_groups(qc: dict, report: Report, ct: bool) -> bool | None:
@@ -393,7 +540,7 @@ def _config_groups(qc: dict, report: Report, ct: bool) -> bool | None:
         if ct:
             fmt = group.get("format") or qc.get("format")
             if fmt != CT_FORMAT:
-                report.add(f"{where}.format", f"is {fmt!r}, NVFP4 is {CT_FORMAT!r}")
+                report.add(f"{where}.format", f"is {short(fmt)}, NVFP4 is {CT_FORMAT!r}")
         if not group.get("targets"):
             report.add(where, "has no targets")
     if len(w4a4) > 1:
@@ -407,7 +554,7 @@ def _kv_scheme(value, where: str, report: Report) -> str | None:
         return None
     if isinstance(value, dict) and value.get("num_bits") == 8 and value.get("type") == "float":
         return "FP8"
-    report.add(where, f"unsupported KV cache scheme {value!r} (only FP8 or null)")
+    report.add(where, f"unsupported KV cache scheme {short(value)} (only FP8 or null)")
     return "?"
 
 
@@ -426,17 +573,17 @@ def check_modelopt_config(ckpt: Path, qc: dict | None, report: Report) -> tuple[
                 report.add("hf_quant_config.json", f"missing field quantization.{key}")
         algo = hq.get("quant_algo")
         if "quant_algo" in hq and algo not in NVFP4_ALGOS:
-            report.add("hf_quant_config.json", f"quant_algo is {algo!r}, not NVFP4 ({' or '.join(NVFP4_ALGOS)})")
+            report.add("hf_quant_config.json", f"quant_algo is {short(algo)}, not NVFP4 ({' or '.join(NVFP4_ALGOS)})")
         if "group_size" in hq and hq["group_size"] != GROUP_SIZE:
-            report.add("hf_quant_config.json", f"group_size is {hq['group_size']!r}, NVFP4 needs {GROUP_SIZE}")
+            report.add("hf_quant_config.json", f"group_size is {short(hq['group_size'])}, NVFP4 needs {GROUP_SIZE}")
         excludes = hq.get("exclude_modules") or []
         if not isinstance(excludes, list) or not all(isinstance(x, str) for x in excludes):
             report.add("hf_quant_config.json", "exclude_modules is not a list of module names")
             excludes = []
         kv = hq.get("kv_cache_quant_algo")
         if kv not in (None, "FP8"):
-            report.add("hf_quant_config.json", f"kv_cache_quant_algo {kv!r} is not supported here (null or FP8)")
-        report.kv_cache = kv
+            report.add("hf_quant_config.json", f"kv_cache_quant_algo {short(kv)} is not supported here (null or FP8)")
+        report.kv_cache = kv if kv in (None, "FP8") else "?"
 
     if qc is None:
         # Older ModelOpt exports have no quantization_config; vLLM falls back to hf_quant_config.json.
@@ -448,23 +595,26 @@ def check_modelopt_config(ckpt: Path, qc: dict | None, report: Report) -> tuple[
     elif hq is None or algo is None:
         algo = qc["quant_algo"]
         if algo not in NVFP4_ALGOS:
-            report.add("config.json", f"quantization_config.quant_algo is {algo!r}, not NVFP4")
+            report.add("config.json", f"quantization_config.quant_algo is {short(algo)}, not NVFP4")
     elif qc["quant_algo"] != algo:
-        report.add("config.json", f"quantization_config.quant_algo {qc['quant_algo']!r} contradicts "
-                                  f"hf_quant_config.json's {algo!r}")
+        report.add("config.json", f"quantization_config.quant_algo {short(qc['quant_algo'])} contradicts "
+                                  f"hf_quant_config.json's {short(algo)}")
     if "group_size" in qc and qc["group_size"] != GROUP_SIZE:
-        report.add("config.json", f"quantization_config.group_size is {qc['group_size']!r}, NVFP4 needs {GROUP_SIZE}")
+        report.add("config.json", f"quantization_config.group_size is {short(qc['group_size'])}, NVFP4 needs {GROUP_SIZE}")
     w4a4 = _config_groups(qc, report, ct=False)
     report.quant_algo = algo
     if algo in NVFP4_ALGOS and w4a4 is not None and w4a4 != (algo == "NVFP4"):
         report.add("config.json", f"config_groups {'quantize' if w4a4 else 'do not quantize'} input_activations "
-                                  f"but quant_algo is {algo!r}")
+                                  f"but quant_algo is {short(algo)}")
     ignore = qc.get("ignore")
+    if ignore is not None and not (isinstance(ignore, list) and all(isinstance(x, str) for x in ignore)):
+        report.add("config.json", "quantization_config.ignore is not a list of module names")
+        ignore = []
     if hq is None:
-        excludes = ignore if isinstance(ignore, list) else []
+        excludes = ignore or []
     elif ignore is None or set(ignore) != set(excludes):
-        report.add("config.json", f"quantization_config.ignore {ignore!r} differs from "
-                                  f"hf_quant_config.json exclude_modules {excludes!r}")
+        report.add("config.json", f"quantization_config.ignore {short(ignore)} differs from "
+                                  f"hf_quant_config.json exclude_modules {short(excludes)}")
     if "kv_cache_scheme" in qc:
         kv = _kv_scheme(qc["kv_cache_scheme"], "config.json", report)
         if hq is None:
@@ -475,7 +625,7 @@ def check_modelopt_config(ckpt: Path, qc: dict | None, report: Report) -> tuple[
     elif report.kv_cache is not None and hq is not None:
         # vLLM reads config.json first: without kv_cache_scheme it leaves the KV cache unquantized.
         report.add("config.json", f"quantization_config has no kv_cache_scheme but hf_quant_config.json "
-                                  f"has kv_cache_quant_algo {report.kv_cache!r}")
+                                  f"has kv_cache_quant_algo {short(report.kv_cache)}")
     if algo in NVFP4_ALGOS:
         return algo == "NVFP4", excludes
     return w4a4, excludes
@@ -484,7 +634,7 @@ def check_modelopt_config(ckpt: Path, qc: dict | None, report: Report) -> tuple[
 def check_ct_config(qc: dict, report: Report) -> tuple[bool | None, list[str]]:
     if qc.get("quantization_status") != "compressed":
         report.add("config.json", f"quantization_config.quantization_status is "
-                                  f"{qc.get('quantization_status')!r}, a packed checkpoint says 'compressed'")
+                                  f"{short(qc.get('quantization_status'))}, a packed checkpoint says 'compressed'")
     w4a4 = _config_groups(qc, report, ct=True)
     report.quant_algo = CT_FORMAT
     ignore = qc.get("ignore")
@@ -510,7 +660,7 @@ def detect_format(qc: dict | None, ckpt: Path, tensors: dict[str, TensorInfo], r
             report.add("config.json", "has no quantization_config (and there is no hf_quant_config.json): "
                                       "engines would load the model unquantized")
         else:
-            report.add("config.json", f"quantization_config.quant_method is {method!r}, "
+            report.add("config.json", f"quantization_config.quant_method is {short(method)}, "
                                       f"expected {MODELOPT!r} or {COMPRESSED_TENSORS!r}")
         return None
     if fmt == MODELOPT and looks_ct and not looks_mo:
@@ -538,7 +688,7 @@ def _check_dtype_shape(name: str, dtype: str, shape: tuple, ts: Tensors, report:
         report.add(name, f"dtype {t.dtype}, expected {dtype} ({role})")
         ok = False
     if t.shape != shape:
-        report.add(name, f"shape {list(t.shape)}, expected {list(shape)} ({role})")
+        report.add(name, f"shape {short(list(t.shape))}, expected {list(shape)} ({role})")
         ok = False
     return ok
 
@@ -566,7 +716,7 @@ def _check_block_scales(t: TensorInfo, report: Report, no_negative: bool) -> Non
         report.add(t.name, "every FP8 block scale is 0: the layer would compute zeros")
 
 
-def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], ts: Tensors,
+def check_linears(fmt: str, w4a4: bool | None, excludes: Excludes, ts: Tensors,
                   reader: ScaleReader, report: Report) -> None:
     lay = LAYOUTS[fmt]
     tensors = ts.by_name
@@ -583,7 +733,8 @@ def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], ts: Tensors,
     globals_: dict[str, float | None] = {}
     inputs: dict[str, float | None] = {}
     for m in sorted(modules):
-        if _excluded(m, excludes):
+        _in_time(report)
+        if m in excludes:
             report.add(m, "is in the exclude/ignore list but is quantized")
         packed_name = f"{m}.{lay.packed}"
         packed = tensors.get(packed_name)
@@ -593,7 +744,7 @@ def check_linears(fmt: str, w4a4: bool | None, excludes: list[str], ts: Tensors,
             _missing(packed_name, "packed NVFP4 weight of a quantized Linear", ts, report)
             continue
         if packed.dtype != "U8" or len(packed.shape) != 2:
-            report.add(packed_name, f"{packed.dtype} {list(packed.shape)}, expected U8 [out, in/2] (packed E2M1 pairs)")
+            report.add(packed_name, f"{packed.dtype} {short(list(packed.shape))}, expected U8 [out, in/2] (packed E2M1 pairs)")
             continue
         out, in_ = packed.shape[0], packed.shape[1] * 2
         if in_ % GROUP_SIZE:
@@ -654,15 +805,16 @@ def _check_fused(values: dict[str, float | None], suffix: str, report: Report) -
                            "(TensorRT-LLM refuses it, vLLM/SGLang silently use the max)")
 
 
-def _check_unquantized(modules: set[str], excludes: list[str], tensors: dict[str, TensorInfo],
+def _check_unquantized(modules: set[str], excludes: Excludes, tensors: dict[str, TensorInfo],
                        report: Report) -> None:
     for name, t in sorted(tensors.items()):
+        _in_time(report)
         if not name.endswith(".weight"):
             continue
         m = name[:-len(".weight")]
         if m in modules:
             continue
-        if _excluded(m, excludes):
+        if m in excludes:
             if t.dtype not in FLOAT_DTYPES:
                 report.add(name, f"module is excluded from quantization but the weight is {t.dtype}, "
                                  f"expected its original float dtype ({'/'.join(FLOAT_DTYPES)})")
@@ -688,6 +840,7 @@ def check_kv_scales(fmt: str, ts: Tensors, reader: ScaleReader, report: Report) 
         return
     attn = sorted({k.rsplit(".", 2)[0] for k in tensors if ".k_proj." in k and k.endswith((".weight", ".weight_packed"))})
     for a in attn:
+        _in_time(report)
         for proj, scale in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
             names = [f"{a}.{proj}.{scale}", f"{a}.{scale}"]
             if LAYOUTS[fmt].kv_owner == "attn":
@@ -696,7 +849,7 @@ def check_kv_scales(fmt: str, ts: Tensors, reader: ScaleReader, report: Report) 
             if t is None:
                 _missing(names[0], "the config quantizes the KV cache to FP8", ts, report)
             elif t.dtype != "F32" or math.prod(t.shape) != 1:
-                report.add(t.name, f"{t.dtype} {list(t.shape)}, expected one F32 value")
+                report.add(t.name, f"{t.dtype} {short(list(t.shape))}, expected one F32 value")
             elif t.intact:
                 _check_positive(t.name, reader.f32(t), report)
 
@@ -706,28 +859,42 @@ def check_kv_scales(fmt: str, ts: Tensors, reader: ScaleReader, report: Report) 
 def verify_checkpoint(path: Path) -> Report:
     path = Path(path)
     report = Report(path=str(path))
+    try:
+        _verify(path, report)
+    except _OutOfTime:  # first, so that it is printed whatever else was found
+        report.problems.insert(0, Problem(str(path), f"verification stopped after {VERIFY_SECONDS:.0f} s: the "
+                                          f"files declare more ({report.tensors or 'too many'} tensors) than any "
+                                          "real checkpoint needs checked"))
+    return report
+
+
+def _verify(path: Path, report: Report) -> None:
     if not path.exists():
         report.add(str(path), "no such folder")
-        return report
+        return
     if not path.is_dir():
         report.add(str(path), "not a folder (give the checkpoint's folder)")
-        return report
+        return
     config = _read_json(path / "config.json", report, required=True)
+    if config is not None and not isinstance(config.get("model_type"), str):
+        # transformers (and so vLLM and SGLang) pick the architecture by it; save_pretrained always writes it
+        report.add("config.json", "has no model_type string: no engine can tell what model this is")
     qc = config.get("quantization_config") if config else None
     if config is not None and qc is not None and not isinstance(qc, dict):
         report.add("config.json", "quantization_config is not an object")
         qc = None
     ts = load_tensors(path, report)
     if config is None:
-        return report
+        return
     fmt = detect_format(qc, path, ts.by_name, report)
     report.format = fmt
     if fmt is None:
-        return report
+        return
     if fmt == MODELOPT:
-        w4a4, excludes = check_modelopt_config(path, qc, report)
+        w4a4, patterns = check_modelopt_config(path, qc, report)
     else:
-        w4a4, excludes = check_ct_config(qc, report)
+        w4a4, patterns = check_ct_config(qc, report)
+    excludes = Excludes(patterns, report, "hf_quant_config.json" if fmt == MODELOPT else "config.json")
     report.weight_only = None if w4a4 is None else not w4a4
     with ExitStack() as stack:
         reader = ScaleReader(stack, ts.damaged, report)
@@ -738,16 +905,21 @@ def verify_checkpoint(path: Path) -> Report:
             # A shard that passed the header checks but that safetensors or the OS
             # still cannot read (permissions, I/O error, a corrupt header detail).
             report.add(str(path), f"cannot read the scale tensors: {e}")
-    return report
 
 
 def _summary(r: Report) -> str:
+    """One line, printable whatever the checkpoint holds."""
+    return printable(_summary_text(r))
+
+
+def _summary_text(r: Report) -> str:
     if r.format is None:
         return f"{r.path}: not verified as NVFP4"
     mode = {None: "?", True: "W4A16 (weight-only)", False: "W4A4"}[r.weight_only]
     kv = f", KV cache {r.kv_cache}" if r.kv_cache else ""
     bits = f", {8 * r.quantized_bytes / r.quantized_params:.3f} bits/weight" if r.quantized_params else ""
-    return (f"{r.path}: {r.format} {r.quant_algo or '?'} {mode}{kv}; {r.quantized_linears} quantized Linears"
+    algo = r.quant_algo if isinstance(r.quant_algo, str) and len(r.quant_algo) <= 80 else short(r.quant_algo)
+    return (f"{r.path}: {r.format} {algo or '?'} {mode}{kv}; {r.quantized_linears} quantized Linears"
             f"{bits}; {r.tensors} tensors in {r.shards} shard(s), {r.total_bytes / 2**20:.1f} MiB")
 
 
@@ -759,8 +931,10 @@ def main_verify(path: Path, json_out: Path | None = None) -> int:
     console = Console(highlight=False, soft_wrap=True)
     report = verify_checkpoint(Path(path))
     console.print(escape(_summary(report)))
-    for p in report.problems:
+    for p in report.problems[:MAX_PRINTED]:
         console.print(f"[red]problem[/red] {escape(str(p))}")
+    if len(report.problems) > MAX_PRINTED:
+        console.print(f"[red]problem[/red] {len(report.problems) - MAX_PRINTED} more (all in --json)")
     if report.ok:
         engines = "TensorRT-LLM, vLLM and SGLang" if report.format == MODELOPT else "vLLM and SGLang"
         console.print(f"[green]ok[/green]: meets what {engines} require")

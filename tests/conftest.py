@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.model_source import EMBEDDED_DIRNAME
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_HOME = Path(os.environ.get("SPARK_NVFP4_HOME") or Path.home() / ".cache" / "spark-nvfp4")
 STANDIN = "spark-nvfp4/trtllm-standin:cpu"
@@ -192,7 +194,7 @@ def latest_record(home: Path) -> dict:
 def embedded_model_dir(shared_assets, standin_image, tmp_path_factory) -> Path:
     """The embedded model converted to bf16 safetensors (the payload does that on its
     first run; a tiny quantization triggers it when no test has yet)."""
-    folder = REAL_HOME / "models" / "SmolLM2-135M-Instruct-bf16"
+    folder = REAL_HOME / "models" / EMBEDDED_DIRNAME
     if not (folder / "config.json").exists():
         out = tmp_path_factory.mktemp("convert") / "o"
         run_launcher("quantize", "--output", str(out), "--calib-samples", "2", "--calib-seq-len", "32",

@@ -99,3 +99,105 @@ def test_release_leaves_a_lock_taken_over_by_another_run(tmp_path):
     _write(lock.path, pid=os.getpid(), started=psutil.Process().create_time(), run_id="run-i")
     lock.release()
     assert json.loads(lock.path.read_text())["run_id"] == "run-i"
+
+
+# ---------------------------------------------------------------- races (issue 13)
+
+def _contender(out, run_id, barrier, marks, results):
+    """One process of the race: take the lock, and while holding it say so in `marks`
+    and look for anyone else saying so."""
+    import time as _time
+    barrier.wait()
+    try:
+        lock = OutputLock(out, run_id).acquire()
+    except LockHeld:
+        results.put((run_id, "refused"))
+        return
+    mine = marks / run_id
+    mine.touch()
+    _time.sleep(0.02)  # long enough for a second holder to show up if the lock admitted one
+    others = [p.name for p in marks.iterdir() if p.name != run_id]
+    mine.unlink()
+    lock.release()
+    results.put((run_id, "both" if others else "alone"))
+
+
+@pytest.mark.parametrize("leftover", ["none", "empty", "dead-owner"])
+def test_two_processes_never_both_hold_the_lock(tmp_path, leftover):
+    """The issue's race: 2 processes x 100 trials on one output, starting together. An
+    empty lock file (a competitor caught between create and write, under the old O_EXCL
+    scheme) and a dead owner's lock are the cases that used to admit two writers."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    trials, both, refused = 100, 0, 0
+    dead_pid, dead_started = _dead_pid()
+    for n in range(trials):
+        out, marks = tmp_path / f"o{n}" / "ckpt", tmp_path / f"o{n}" / "marks"
+        marks.mkdir(parents=True)
+        if leftover == "empty":
+            lock_path(out).write_text("")
+        elif leftover == "dead-owner":
+            _write(lock_path(out), pid=dead_pid, started=dead_started, run_id="dead")
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_contender, args=(out, f"run{i}", barrier, marks, results)) for i in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+        got = [results.get(timeout=5)[1] for _ in procs]
+        both += got.count("both")
+        refused += got.count("refused")
+        assert not lock_path(out).exists(), "the last holder left its lock behind"
+    assert both == 0, f"two holders at once in {both} of {trials} trials"
+    assert refused > 10, "the processes never contended: the race was not exercised"
+
+
+def test_lock_survives_unlink_race(tmp_path):
+    """B opened the file, A released (unlinking it): B's flock is on a dead inode and
+    must not count; a third run then sees one lock only."""
+    out = tmp_path / "ckpt"
+    a = OutputLock(out, "a").acquire()
+    fd = os.open(a.path, os.O_RDWR)  # B's open, before A's release
+    a.release()
+    import fcntl
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # B gets a flock on the unlinked inode...
+    try:
+        with OutputLock(out, "c"):  # ...which must not stop (or fool) a real acquire
+            assert json.loads(lock_path(out).read_text())["run_id"] == "c"
+    finally:
+        os.close(fd)
+
+
+def test_fifo_lock_path_is_refused_without_hanging(tmp_path):
+    out = tmp_path / "ckpt"
+    os.mkfifo(lock_path(out))
+    with pytest.raises(LockHeld) as e:
+        OutputLock(out, "run-x").acquire()
+    assert "not a regular file" in str(e.value)
+
+
+def test_symlinked_lock_path_is_not_followed(tmp_path):
+    out = tmp_path / "ckpt"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    lock_path(out).symlink_to(victim)
+    with pytest.raises(LockHeld):
+        OutputLock(out, "run-y").acquire()
+    assert victim.read_text() == "keep me"
+
+
+def test_remove_if_stale_rereads_under_the_lock(tmp_path):
+    from launcher.locks import remove_if_stale
+
+    out = tmp_path / "ckpt"
+    holder = OutputLock(out, "live").acquire()
+    assert remove_if_stale(lock_path(out), "live") == "held by a live process"
+    holder.release()
+    _write(lock_path(out), pid=1, started=0, run_id="someone-else")
+    assert remove_if_stale(lock_path(out), "mine") == "taken over by another run"
+    assert lock_path(out).exists()
+    _write(lock_path(out), pid=1, started=0, run_id="mine")
+    assert remove_if_stale(lock_path(out), "mine") is None and not lock_path(out).exists()
+    assert remove_if_stale(lock_path(out), "mine") == "gone" and not lock_path(out).exists()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.model_source import EMBEDDED_DIRNAME
+
 from conftest import E2E_SAMPLES, E2E_SEQ_LEN, REAL_HOME, assert_matches_reference, our_containers, run_launcher
 from float64_reference import Float64Llama, float64_metrics
 
@@ -35,7 +37,10 @@ def e2e(tmp_path_factory, standin_image, shared_assets, docker_client):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = next(r for r in (json.loads(p.read_text()) for p in (home / "runs").glob("*/record.json"))
                   if r["command"] == "quantize")
-    kept = [docker_client.containers.get(c) for c in record["created"]["containers"]]
+    # every container the launcher started: the quantize payload and the quick evaluation
+    started = [c for r in (json.loads(p.read_text()) for p in (home / "runs").glob("*/record.json"))
+               for c in r["created"]["containers"]]
+    kept = [docker_client.containers.get(c) for c in started]
     inspected = [json.dumps(c.attrs) for c in kept]
     for c in kept:
         c.remove(force=True)
@@ -73,6 +78,36 @@ def test_secrets_go_nowhere(e2e, docker_client, standin_image):
         leaks = [str(where) for where, data in places.items() if secret.encode() in data]
         assert not leaks, f"secret found in {leaks}"
     assert any(name.name == "log.txt" for name in places if isinstance(name, Path))
+
+
+def test_containers_are_hardened(e2e):
+    """docker inspect of every container the run started (issue 13): no capabilities, no
+    privilege gain, a pids limit, a read-only root with a tmpfs /tmp, a memory limit, no
+    network, and every mount read-only except the one folder the payload writes."""
+    attrs = [json.loads(c) for c in e2e["container_inspect"]]
+    roles = sorted(a["Config"]["Labels"]["io.spark-nvfp4.role"] for a in attrs)
+    assert roles == ["evaluate", "quantize"], roles
+    for a in attrs:
+        host = a["HostConfig"]
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"], host["CapDrop"]
+        assert "no-new-privileges:true" in host["SecurityOpt"]
+        assert 0 < host["PidsLimit"] <= 4096
+        assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"]
+        assert host["Memory"] > 0
+        assert host["NetworkMode"] == "none"
+        assert not host["Privileged"]
+        writable = {m["Destination"]: m["Source"] for m in a["Mounts"] if m["RW"]}
+        if a["Config"]["Labels"]["io.spark-nvfp4.role"] == "quantize":
+            # /models only on the embedded model's first conversion, into a fresh staging folder
+            assert set(writable) <= {"/out", "/models"} and "/out" in writable, a["Mounts"]
+            assert ".convert-" in writable.get("/models", ".convert-"), writable
+        else:
+            assert list(writable) == ["/evalout"], a["Mounts"]
+        if "/evalout" in writable:  # eval writes into its run's folder, never the --json folder
+            src = next(m["Source"] for m in a["Mounts"] if m["Destination"] == "/evalout")
+            assert src.startswith(str(e2e["home"] / "runs")), src
+        env = "\n".join(a["Config"]["Env"])
+        assert "HF_TOKEN" not in env and "NGC" not in env and TOKEN not in env
 
 
 def test_no_container_left_and_rerun_reuses(e2e, docker_client):
@@ -122,7 +157,7 @@ def test_eval_agrees_with_independent_float64_emulation(e2e, ref_python, texts, 
                         env={"SPARK_NVFP4_HOME": str(e2e["home"])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(out.read_text())
-    model_dir = REAL_HOME / "models" / "SmolLM2-135M-Instruct-bf16"
+    model_dir = REAL_HOME / "models" / EMBEDDED_DIRNAME
     ids = _token_ids(ref_python, model_dir, texts.heldout_brown, tokens)
     windows = [ids[i:i + seq_len] for i in range(0, tokens, seq_len)]
     ref, quant = Float64Llama(model_dir, None), Float64Llama(e2e["out"], "nvfp4")
@@ -142,7 +177,7 @@ def test_eval_agrees_with_independent_float64_emulation(e2e, ref_python, texts, 
 
 def test_eval_of_the_original_against_itself_is_exact(e2e, tmp_path):
     out = tmp_path / "self.json"
-    model_dir = REAL_HOME / "models" / "SmolLM2-135M-Instruct-bf16"
+    model_dir = REAL_HOME / "models" / EMBEDDED_DIRNAME
     proc = run_launcher("eval", str(model_dir), "--reference", "embedded", "--text", "heldout-wiki", "--tokens", "256",
                         "--seq-len", "128", "--json", str(out), "--no-generations",
                         env={"SPARK_NVFP4_HOME": str(e2e["home"])})

@@ -185,6 +185,7 @@ def test_old_transformers_loads_the_outputs_tokenizer_and_config(old_run, new_ru
         assert json.loads((d / "tokenizer_config.json").read_text())["tokenizer_class"] != "TokenizersBackend"
 
 
+@pytest.mark.timeout(1800)  # a quantization and an evaluation (and, run alone, the module's first run too)
 def test_modelopt_library_recipe_runs_in_the_derived_image(old_run, derived_tag, home):
     """One of ModelOpt's own YAML recipes (0.45+: the 2025 image has none, its derived image
     has 0.47's library), through the same export, verify and quick evaluation."""

@@ -67,6 +67,7 @@ def with_outputs(home: Path, tmp: Path) -> tuple[str, Path, Path, Path]:
     run_id = fake_run(home)
     out, partial, lock = a_run_output(tmp / "outs", run_id)
     rec = runs.load(run_id)
+    rec.output = str(out)  # as job.py records it: the partial and lock are derived from it
     rec.created.outputs, rec.created.partials, rec.created.locks = [str(out)], [str(partial)], [str(lock)]
     rec.save()
     return run_id, out, partial, lock
@@ -76,25 +77,26 @@ def with_outputs(home: Path, tmp: Path) -> tuple[str, Path, Path, Path]:
 
 def test_default_removes_debris_keeps_results_and_is_idempotent(launcher_home, tmp_path):
     run_id, out, partial, lock = with_outputs(launcher_home, tmp_path)
-    cache = launcher_home / "hub-model"
-    cache.mkdir()
+    hub = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    cache = tmp_path / "hub" / "models--org--name"   # a download of this run
+    cache.mkdir(parents=True)
     from launcher import runs
     rec = runs.load(run_id)
     rec.created.cache = [str(cache)]
     rec.save()
 
-    dry = cli("rollback", run_id, "--dry-run", home=launcher_home)
+    dry = cli("rollback", run_id, "--dry-run", home=launcher_home, env=hub)
     assert dry.returncode == 0, dry.stderr
     assert "partial" in dry.stderr and "500 B" in dry.stderr and partial.exists() and lock.exists()
 
-    proc = cli("rollback", run_id, "--yes", home=launcher_home)
+    proc = cli("rollback", run_id, "--yes", home=launcher_home, env=hub)
     assert proc.returncode == 0, proc.stderr
     assert not partial.exists() and not lock.exists()
     assert out.exists() and cache.exists()  # results stay unless asked for
     assert "--outputs" in proc.stderr and "--cache" in proc.stderr
     assert record(launcher_home, run_id)["status"] == "rolled-back"
 
-    proc = cli("rollback", run_id, "--outputs", "--cache", "--yes", home=launcher_home)
+    proc = cli("rollback", run_id, "--outputs", "--cache", "--yes", home=launcher_home, env=hub)
     assert proc.returncode == 0, proc.stderr
     assert not out.exists() and not cache.exists() and out.parent.exists()
     assert record(launcher_home, run_id)["created"] == {k: [] for k in record(launcher_home, run_id)["created"]}

@@ -27,9 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(port: int, path: str, body: dict, timeout: float = 300) -> dict:
+def post(port: int, path: str, body: dict, timeout: float = 300, key: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers=headers, method="POST")
     with NO_PROXY.open(req, timeout=timeout) as r:
         assert r.status == 200
         return json.loads(r.read())
@@ -76,18 +77,36 @@ def test_serve_chat_rollback(checkpoint, docker_client):
         assert f"launcher rollback {rec['id']}" in proc.stdout
         assert "answer:" in proc.stdout
 
+        # issue 13: a key, printed once, delivered as a file that is gone now; hardened container
+        (key,) = [ln.split()[2] for ln in proc.stdout.splitlines() if ln.startswith("api key:")]
+        assert len(key) >= 24 and key not in json.dumps(rec) and key not in json.dumps(c.attrs)
+        assert not (home / "runs" / rec["id"] / "api-key").exists()
+        host = c.attrs["HostConfig"]
+        assert host["CapDrop"] == ["ALL"] and "no-new-privileges:true" in host["SecurityOpt"]
+        assert host["PidsLimit"] > 0 and host["ReadonlyRootfs"] and host["Memory"] > 0
+        with pytest.raises(urllib.error.HTTPError) as nokey:
+            post(port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert nokey.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as wrong:
+            post(port, "/v1/chat/completions", {"messages": []}, timeout=30, key=key[:-1] + "x")
+        assert wrong.value.code == 401
+        with NO_PROXY.open(f"http://127.0.0.1:{port}/health", timeout=30) as r:  # health stays open
+            assert r.status == 200
+
         # a real client request, from here, over 127.0.0.1
         reply = post(port, "/v1/chat/completions", {
             "model": ckpt.name, "max_tokens": 16,
-            "messages": [{"role": "user", "content": "Name a colour."}]})
+            "messages": [{"role": "user", "content": "Name a colour."}]}, key=key)
         content = reply["choices"][0]["message"]["content"]
         assert content.strip(), reply
         assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] > 0
-        with NO_PROXY.open(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
+        models_req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                            headers={"Authorization": f"Bearer {key}"})
+        with NO_PROXY.open(models_req, timeout=30) as r:
             models = json.loads(r.read())["data"]
         assert models[0]["id"] == ckpt.name and models[0]["emulation"]["algo"] == "NVFP4"
         with pytest.raises(urllib.error.HTTPError) as bad:  # a bad request is a 400, and the server lives
-            post(port, "/v1/chat/completions", {"messages": []}, timeout=30)
+            post(port, "/v1/chat/completions", {"messages": []}, timeout=30, key=key)
         assert bad.value.code == 400
 
         # the orphan reaper of the next command must leave a served run alone
