@@ -89,9 +89,13 @@ def test_bad_hub_dataset_id_before_docker(home, tmp_path):
 # ---------------------------------------------------------------- 4. secrets in config errors
 
 def test_rejected_secret_is_never_echoed(home, tmp_path):
-    for env in ({"SPARK_NVFP4_HF_TOKEN": SECRET}, {"SPARK_NVFP4_HF_TOKEN_ENV": SECRET},
-                {"SPARK_NVFP4_NGC_KEY_ENV": "nvapi-" + SECRET}):
-        proc = quantize("--output", str(tmp_path / "o"), env=env)
+    # A token put where a field is expected: in a config file (an unknown field is refused;
+    # SPARK_NVFP4_* variables that name no field are not read at all), or as a variable name.
+    config = tmp_path / "job.yaml"
+    config.write_text(f"hf_token: {SECRET}\n")
+    for args, env in ((["--config", str(config)], {}), ([], {"SPARK_NVFP4_HF_TOKEN_ENV": SECRET}),
+                      ([], {"SPARK_NVFP4_NGC_KEY_ENV": "nvapi-" + SECRET})):
+        proc = quantize("--output", str(tmp_path / "o"), *args, env=env)
         assert proc.returncode == 2, proc.stderr
         line = one_line_error(proc.stderr)
         assert SECRET not in proc.stderr + proc.stdout, line
