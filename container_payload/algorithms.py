@@ -386,32 +386,66 @@ def round_to_grid(w: torch.Tensor, ws2: torch.Tensor, search: bool = True):
     return q, s.reshape(w.shape[0], -1)
 
 
+def _gptq(w, h, ws2, block_size, damp, search):
+    """GPTQ on the NVFP4 grid: the batched implementation (fast_gptq), or this module's
+    column-by-column reference with SPARK_NVFP4_GPTQ_REFERENCE=1 (same results; the tests
+    compare them)."""
+    if os.environ.get("SPARK_NVFP4_GPTQ_REFERENCE") == "1":
+        return gptq_nvfp4(w, h, ws2, block_size, damp, search)
+    from .fast_gptq import gptq_nvfp4_fast
+    return gptq_nvfp4_fast(w, h, ws2, block_size, damp, search)
+
+
 def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
                   gptq: bool = True, search: bool = True, damp: float = 0.01,
                   block_size: int = 128, ridge: float | None = None) -> None:
     """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
     the unit, GPTQ (or rounding) with searched or max block scales; stores the original
-    weights in `originals` and consumes the unit's entries of hs / cs."""
+    weights in `originals` and consumes the unit's entries of hs / cs.
+
+    Members that share one Hessian (and one C), as q/k/v and gate/up do, are corrected and
+    quantized as one matrix, their rows stacked: GPTQ treats rows independently, so this is
+    the same result in one call instead of one per member."""
     mods = [linears[n] for n in unit]
-    targets = {}
     for n, m in zip(unit, mods):
         originals[n] = m.weight.detach().clone()
-        wf = m.weight.detach().float()
-        if cs.get(n) is not None:
-            wf = activation_corrected_weight(wf, hs[n], cs.pop(n), damp if ridge is None else ridge).float()
-        targets[n] = wf
+    # groups of members with the same H and C (the same tensors: collect_hessians and the
+    # sequential pass hand one pair to the whole unit)
+    groups: list[list[int]] = []
+    for i, n in enumerate(unit):
+        for grp in groups:
+            k = unit[grp[0]]
+            if hs.get(n) is hs.get(k) and cs.get(n) is cs.get(k):
+                grp.append(i)
+                break
+        else:
+            groups.append([i])
+    targets: dict = {}
+    for grp in groups:
+        names = [unit[i] for i in grp]
+        wf = torch.cat([mods[i].weight.detach().float() for i in grp])
+        c = cs.get(names[0])
+        if c is not None:
+            wf = activation_corrected_weight(wf, hs[names[0]], c, damp if ridge is None else ridge).float()
+        targets[tuple(names)] = wf
     g = _global_amax(list(targets.values()))
     ws2 = g / (E2M1_MAX * E4M3_MAX)
-    for n, m in zip(unit, mods):
-        w = m.weight.detach()
-        wf = targets.pop(n)
-        if gptq and hs.get(n) is not None:
-            q, s = gptq_nvfp4(wf, hs[n].to(wf.device), ws2.to(wf.device), block_size, damp, search)
+    for names, wf in targets.items():
+        h = hs.get(names[0])
+        if gptq and h is not None:
+            q, s = _gptq(wf, h.to(wf.device), ws2.to(wf.device), block_size, damp, search)
         else:
             q, s = round_to_grid(wf, ws2, search)
-        m.weight.data.copy_(q.to(w.dtype))
-        set_static_weight_quantizer(m, s, g)
+        r0 = 0
+        for n in names:
+            m = linears[n]
+            rows = m.weight.shape[0]
+            m.weight.data.copy_(q[r0:r0 + rows].to(m.weight.dtype))
+            set_static_weight_quantizer(m, s[r0:r0 + rows], g)
+            r0 += rows
+    for n in unit:
         hs.pop(n, None)
+        cs.pop(n, None)
 
 
 @torch.no_grad()
