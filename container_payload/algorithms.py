@@ -497,14 +497,21 @@ class Emulation:
         self.handles, self.err = {}, {}
         for unit in units:
             scale = unit_input_scale([linears[n] for n in unit])
+            shared = {}  # q/k/v (gate/up) read the same tensor: quantize it once for the unit
             for n in unit:
                 self._hook(n, linears[n], scale, None if originals is None else originals[n],
-                           fake_quant_nvfp4)
+                           fake_quant_nvfp4, shared)
 
-    def _hook(self, name, mod, scale, orig, fq):
+    def _hook(self, name, mod, scale, orig, fq, shared):
         def fwd(m, args, kwargs):
             x = args[0]
-            xq = x if scale is None else fq(x, scale).to(x.dtype)
+            if scale is None:
+                xq = x
+            elif shared.get("x") is x:
+                xq = shared["xq"]
+            else:
+                xq = fq(x, scale).to(x.dtype)
+                shared["x"], shared["xq"] = x, xq
             y = nn.functional.linear(xq, m.weight, m.bias)
             if orig is not None:
                 y0 = nn.functional.linear(x, orig, m.bias).float()
