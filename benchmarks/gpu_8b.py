@@ -398,14 +398,17 @@ def run(args) -> int:
         torch.cuda.empty_cache() if cuda else None
         if flow.startswith("payload"):
             log(f"{flow}: start (evict {ev})")
-            this_job = dict(job)
+            this_job, env = dict(job), None
             if flow != "payload":
-                this_job.update(json.loads(variants[flow[len("payload_"):]]), output_dir=str(work / f"out-{flow}"))
+                extra = json.loads(variants[flow[len("payload_"):]])
+                if "env" in extra:  # a variant's environment, e.g. {"env": {"SPARK_NVFP4_...": "1"}}
+                    env = {**os.environ, **extra.pop("env")}
+                this_job.update(extra, output_dir=str(work / f"out-{flow}"))
             jp = work / f"job-{flow}.json"
             jp.write_text(json.dumps(this_job, indent=2))
             this_out = Path(this_job["output_dir"])
             rc, wall, stdout = run_logged([sys.executable, "-m", "container_payload.quantize", str(jp)],
-                                          out / f"{flow}.log")
+                                          out / f"{flow}.log", env=env)
             r = json.loads((this_out / "result.json").read_text()) if rc == 0 else {}
             timings = dict(r.get("timings", {}))
             timings.update({k: v for k, v in payload_stage_times(stdout).items() if k not in timings})
@@ -443,7 +446,7 @@ def run(args) -> int:
             env["PYTHONPATH"] = args.llmc_pythonpath
         metrics = work / "llmc_gptq.json"
         rc, wall, stdout = run_logged(
-            [sys.executable, str(REPO / "benchmarks" / "llmc_gptq.py"), str(model_dir), str(calib),
+            [args.llmc_python or sys.executable, str(REPO / "benchmarks" / "llmc_gptq.py"), str(model_dir), str(calib),
              str(args.samples), str(args.seq_len), str(metrics)], out / "llmc_gptq.log", env=env)
         m = json.loads(metrics.read_text()) if rc == 0 else {}
         res["llmc_gptq"] = {"rc": rc, "wall_s": round(wall, 3), **m}
@@ -602,6 +605,7 @@ def main(argv=None) -> int:
     rp.add_argument("--keep", action="store_true")
     rp.add_argument("--llmc-gptq", action="store_true",
                     help="also run llm-compressor's GPTQ oneshot (benchmarks/llmc_gptq.py) on the same windows")
+    rp.add_argument("--llmc-python", default=None, help="interpreter for the llm-compressor run (default: this one)")
     rp.add_argument("--llmc-pythonpath", default=None,
                     help="PYTHONPATH for the llm-compressor run (its packages, when they differ from ours)")
     rp.add_argument("--variants-only", action="store_true",

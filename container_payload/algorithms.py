@@ -38,6 +38,7 @@ import time
 import torch
 from torch import nn
 
+from .linear_compute import float32_linears, linear, patch_forward
 from .smoothing import DEFAULT_ALPHA, smooth
 
 E2M1_MAX = 6.0
@@ -322,7 +323,7 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
         handles.append(linears[unit[0]].register_forward_pre_hook(hook_for(unit[0], [linears[n] for n in unit])))
     handles.append(keep_input_ids(model, kept, keep_batches))
     try:
-        with QuantizersOff(model):
+        with QuantizersOff(model), float32_linears(model):
             forward_loop(model)
     finally:
         for h in handles:
@@ -512,19 +513,19 @@ class Emulation:
             else:
                 xq = fq(x, scale).to(x.dtype)
                 shared["x"], shared["xq"] = x, xq
-            y = nn.functional.linear(xq, m.weight, m.bias)
+            y = linear(xq, m.weight, m.bias)
             if orig is not None:
-                y0 = nn.functional.linear(x, orig, m.bias).float()
+                y0 = linear(x, orig, m.bias).float()
                 e = ((y.float() - y0) ** 2).sum().item() / max((y0 ** 2).sum().item(), 1e-30)
                 self.err[name] = self.err.get(name, 0.0) + e
             return y
-        # replace the output entirely (forward hook returning a value)
-        self.handles[name] = mod.register_forward_hook(
-            lambda m, args, kwargs, out: fwd(m, args, kwargs), with_kwargs=True)
+        # the module's forward replaced (a forward hook would let the unquantized product run
+        # first, then throw it away)
+        self.handles[name] = patch_forward(mod, lambda *args, **kwargs: fwd(mod, args, kwargs))
 
     def remove(self):
-        for h in self.handles.values():
-            h.remove()
+        for undo in reversed(list(self.handles.values())):
+            undo()
         self.handles = {}
 
 
@@ -576,7 +577,7 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
         for n in names:
             linears[n].weight.data.copy_(src[n])
 
-    with QuantizersOff(model):
+    with QuantizersOff(model), float32_linears(model):
         set_weights(originals, linears)
         ref = [torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1) for ids in ids_list]
         set_weights(quant_w, linears)

@@ -27,6 +27,7 @@ from torch import nn
 from .algorithms import (Emulation, QuantizersOff, _log, fused_units, keep_input_ids,
                          quantize_unit, quantized_linears, unit_input_scale)
 from .emulate import fake_quant_nvfp4
+from .linear_compute import float32_linears, patch_forward
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
 # activation_corrected_weight). On a sequential pass the correction can fit the calibration
@@ -38,6 +39,11 @@ from .emulate import fake_quant_nvfp4
 RIDGE = float(os.environ.get("SPARK_NVFP4_SEQ_RIDGE", "1.0"))
 # Tokens per layer call on the streams (memory; the result does not depend on it).
 CHUNK_TOKENS = 16384
+# On CUDA, H = Xq^T Xq and C = X^T Xq in TF32 (inputs rounded to 10 mantissa bits, float32 sums)
+# when SPARK_NVFP4_HESSIAN_TF32=1. At 8B shapes these products are about 2 PFLOP in all, some 40 s
+# in float32 on an H200; the rounding (~5e-4 relative per input) is far below the damping (1% of
+# mean diag H) and the ridge. Off by default: the float32 result is the reference.
+HESSIAN_TF32 = os.environ.get("SPARK_NVFP4_HESSIAN_TF32") == "1"
 
 
 class _Catcher(nn.Module):
@@ -112,6 +118,23 @@ def _progress(done: int, total: int) -> None:
         pass
 
 
+class _Timer:
+    """Seconds per phase of the pass, for the log line (on CUDA, synchronized at the phase's end)."""
+
+    def __init__(self):
+        self.s, self.t = {}, time.time()
+
+    def lap(self, phase: str) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        now = time.time()
+        self.s[phase] = self.s.get(phase, 0.0) + now - self.t
+        self.t = now
+
+    def __str__(self):
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.s.items())
+
+
 class _StopLayer(Exception):
     pass
 
@@ -143,8 +166,7 @@ class _Replay:
             if max(inside) >= done:
                 continue
             if id(m) in self.complete:
-                m.forward = (lambda *a, _c=self.cache[id(m)], **k: _c[self.batch[0]])
-                self.patched.append(m)
+                self.patched.append(patch_forward(m, lambda *a, _c=self.cache[id(m)], **k: _c[self.batch[0]]))
             elif record:
                 self.handles.append(m.register_forward_hook(
                     lambda mod, args, out: self.cache.setdefault(id(mod), {}).__setitem__(self.batch[0], out)))
@@ -152,8 +174,8 @@ class _Replay:
     def stop(self, batches: int) -> None:
         for h in self.handles:
             h.remove()
-        for m in self.patched:
-            del m.forward  # back to the class's forward
+        for undo in reversed(self.patched):
+            undo()
         self.handles, self.patched = [], []
         self.complete |= {k for k, v in self.cache.items() if len(v) == batches}
 
@@ -179,11 +201,12 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
     first_layer_inputs' result, when the caller already has it. Returns (linears, originals,
     kept_ids), like algorithms.quantize_weights."""
     t0 = time.time()
+    timer = _Timer()
     if ridge is None:
         ridge = RIDGE
     linears = quantized_linears(model)
     originals: dict = {}
-    with QuantizersOff(model):
+    with QuantizersOff(model), float32_linears(model):
         layers, inputs, kept = captured or first_layer_inputs(model, forward_loop, keep_batches)
         inputs = chunked(inputs, CHUNK_TOKENS)
         fp = [h for h, _, _ in inputs]        # the original model's hidden states
@@ -208,6 +231,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                 fp = [_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
             finally:
                 cap.remove()
+            timer.lap("original stream")
             # 2. unit by unit, in execution order, on the quantized stream
             emulated = []
             batch = [0]
@@ -222,7 +246,13 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                     x = x.detach().reshape(-1, x.shape[-1]).float()
                     xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
                     x0 = x_fp[head][batch[0]].float()
-                    h, c = xq.T @ xq, x0.T @ xq
+                    prec = torch.get_float32_matmul_precision()
+                    if HESSIAN_TF32 and x.is_cuda:
+                        torch.set_float32_matmul_precision("high")
+                    try:
+                        h, c = xq.T @ xq, x0.T @ xq
+                    finally:
+                        torch.set_float32_matmul_precision(prec)
                     h_acc = h if h_acc is None else h_acc.add_(h)
                     c_acc = c if c_acc is None else c_acc.add_(c)
                     count += xq.shape[0]
@@ -242,12 +272,14 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                     cap.remove()
                     replay.stop(len(qs))
                     emu.remove()
+                timer.lap("quantized stream + H, C")
                 hs = {n: h_acc / max(count, 1) for n in unit}
                 cs = {n: c_acc / max(count, 1) for n in unit}
                 quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=search,
                               damp=damp, block_size=block_size, ridge=ridge)
                 x_fp[head] = None
                 emulated.append(unit)
+                timer.lap("GPTQ (activation correction included)")
             # 3. the quantized layer: the next layer's quantized input
             emu = Emulation(linears, emulated)
             replay.start(len(emulated), record=False)
@@ -261,8 +293,9 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                 replay.stop(len(qs))
                 emu.remove()
             del replay
+            timer.lap("quantized stream + H, C")
             done_units += len(units)
         _progress(len(layers), len(layers))
-    _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears "
+    _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears ({timer}) "
          f"({done_units} units, {len(layers)} layers) in {time.time() - t0:.1f}s")
     return linears, originals, kept
