@@ -393,6 +393,27 @@ def run(args) -> int:
     if args.low_memory_variant:
         variants["lowmem"] = '{"low_memory": true}'
     order += [f"payload_{name}" for name in variants]
+    def llmc_flow():
+        # llm-compressor's GPTQ oneshot on the same folder and windows (issue 14's peer)
+        evict(list(model_dir.glob("*.safetensors")), everything=args.evict == "all")
+        torch.cuda.empty_cache() if cuda else None
+        log("llm-compressor GPTQ: start")
+        env = dict(os.environ)
+        if args.llmc_pythonpath is not None:  # its own packages (another transformers than ours)
+            env["PYTHONPATH"] = args.llmc_pythonpath
+        metrics = work / "llmc_gptq.json"
+        rc, wall, stdout = run_logged(
+            [args.llmc_python or sys.executable, str(REPO / "benchmarks" / "llmc_gptq.py"), str(model_dir), str(calib),
+             str(args.samples), str(args.seq_len), str(metrics)], out / "llmc_gptq.log", env=env)
+        m = json.loads(metrics.read_text()) if rc == 0 else {}
+        res["llmc_gptq"] = {"rc": rc, "wall_s": round(wall, 3), **m}
+        log(f"llm-compressor GPTQ: rc {rc}, wall {wall:.1f} s, {json.dumps(m)}")
+        if rc != 0:
+            log(stdout[-3000:])
+        save()
+
+    if args.llmc_gptq and args.llmc_first:
+        llmc_flow()
     for flow in order:
         ev = evict(list(model_dir.glob("*.safetensors")), everything=args.evict == "all")
         torch.cuda.empty_cache() if cuda else None
@@ -436,24 +457,8 @@ def run(args) -> int:
         res["flows"] = flows
         save()
 
-    # 4b. llm-compressor's GPTQ oneshot on the same folder and windows (issue 14's peer)
-    if args.llmc_gptq:
-        evict(list(model_dir.glob("*.safetensors")), everything=args.evict == "all")
-        torch.cuda.empty_cache() if cuda else None
-        log("llm-compressor GPTQ: start")
-        env = dict(os.environ)
-        if args.llmc_pythonpath is not None:  # its own packages (another transformers than ours)
-            env["PYTHONPATH"] = args.llmc_pythonpath
-        metrics = work / "llmc_gptq.json"
-        rc, wall, stdout = run_logged(
-            [args.llmc_python or sys.executable, str(REPO / "benchmarks" / "llmc_gptq.py"), str(model_dir), str(calib),
-             str(args.samples), str(args.seq_len), str(metrics)], out / "llmc_gptq.log", env=env)
-        m = json.loads(metrics.read_text()) if rc == 0 else {}
-        res["llmc_gptq"] = {"rc": rc, "wall_s": round(wall, 3), **m}
-        log(f"llm-compressor GPTQ: rc {rc}, wall {wall:.1f} s, {json.dumps(m)}")
-        if rc != 0:
-            log(stdout[-3000:])
-        save()
+    if args.llmc_gptq and not args.llmc_first:
+        llmc_flow()
 
     # 5. compare + I/O floor
     if "hf_ptq" in flows and all(f["rc"] == 0 for f in flows.values()):
@@ -605,6 +610,7 @@ def main(argv=None) -> int:
     rp.add_argument("--keep", action="store_true")
     rp.add_argument("--llmc-gptq", action="store_true",
                     help="also run llm-compressor's GPTQ oneshot (benchmarks/llmc_gptq.py) on the same windows")
+    rp.add_argument("--llmc-first", action="store_true", help="run llm-compressor before the payload flows")
     rp.add_argument("--llmc-python", default=None, help="interpreter for the llm-compressor run (default: this one)")
     rp.add_argument("--llmc-pythonpath", default=None,
                     help="PYTHONPATH for the llm-compressor run (its packages, when they differ from ours)")

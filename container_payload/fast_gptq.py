@@ -186,6 +186,9 @@ def triton_ok(w: torch.Tensor) -> bool:
     return w.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_TRITON_FAILED: list = []  # the first error, if the kernel could not be built or run here
+
+
 def group_step_triton(wg, ug, ws2, search, down, up, q, e, s):
     """The block step of group_step_torch as one kernel, writing into the views q, e [R, 16]
     and s [R]. wg is not modified (its updated values are not needed after the block)."""
@@ -194,6 +197,19 @@ def group_step_triton(wg, ug, ws2, search, down, up, q, e, s):
     _group_kernel[grid](wg, q, e, s, ug, ws2, r, wg.stride(0), q.stride(0), e.stride(0), s.stride(0),
                         ug.stride(0), SEARCH=bool(search), DOWN=down, UP=up, BR=ROWS_PER_PROGRAM,
                         **_NO_FMA)
+
+
+def _first_step(args) -> bool:
+    """Run the first block through the kernel; if this Triton cannot build or run it, say so
+    once and let the torch step do the work (same results, more kernels)."""
+    try:
+        group_step_triton(*args)
+        return True
+    except Exception as exc:  # noqa: BLE001 - a compiler problem must not stop the quantization
+        _TRITON_FAILED.append(repr(exc)[:300])
+        from .algorithms import _log
+        _log(f"refine: GPTQ Triton kernel unavailable ({_TRITON_FAILED[0]}); using the torch step")
+        return False
 
 
 # Products and sums rounded one at a time, as torch does them (an FMA rounds once).
@@ -210,7 +226,8 @@ def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_s
     dtype = w.dtype
     u, w = hessian_inverse_factor(h.to(dtype), w, damp)  # w is a copy from here on
     ws2 = ws2.to(device=w.device, dtype=torch.float32).reshape(1)
-    fused = triton_ok(w) if use_triton is None else use_triton
+    fused = (triton_ok(w) and not _TRITON_FAILED) if use_triton is None else use_triton
+    first = fused and use_triton is None
     q = torch.empty_like(w)
     scales = torch.empty(out_f, in_f // BLOCK, dtype=torch.float32, device=w.device)
     err = torch.empty(out_f, block_size, dtype=dtype, device=w.device)
@@ -222,8 +239,13 @@ def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_s
             gs = slice(g, g + BLOCK)
             qv, ev, sv = q[:, i1 + g:i1 + g + BLOCK], e1[:, gs], scales[:, (i1 + g) // BLOCK]
             if fused:
-                group_step_triton(w1[:, gs], u1[gs, gs].contiguous(), ws2, search, down, up, qv, ev, sv)
-            else:
+                args = (w1[:, gs], u1[gs, gs].contiguous(), ws2, search, down, up, qv, ev, sv)
+                if first:
+                    first = False
+                    fused = _first_step(args)
+                else:
+                    group_step_triton(*args)
+            if not fused:  # (also the block the kernel failed on)
                 qg, eg, sg = group_step_torch(w1[:, gs], u1[gs, gs], ws2[0], search, down, up)
                 qv.copy_(qg), ev.copy_(eg), sv.copy_(sg)
             if g + BLOCK < n:  # the rest of this 128-column block, at once
