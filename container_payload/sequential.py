@@ -39,11 +39,13 @@ from .linear_compute import float32_linears, patch_forward
 RIDGE = float(os.environ.get("SPARK_NVFP4_SEQ_RIDGE", "1.0"))
 # Tokens per layer call on the streams (memory; the result does not depend on it).
 CHUNK_TOKENS = 16384
-# On CUDA, H = Xq^T Xq and C = X^T Xq in TF32 (inputs rounded to 10 mantissa bits, float32 sums)
-# when SPARK_NVFP4_HESSIAN_TF32=1. At 8B shapes these products are about 2 PFLOP in all, some 40 s
-# in float32 on an H200; the rounding (~5e-4 relative per input) is far below the damping (1% of
-# mean diag H) and the ridge. Off by default: the float32 result is the reference.
-HESSIAN_TF32 = os.environ.get("SPARK_NVFP4_HESSIAN_TF32") == "1"
+# On CUDA, H = Xq^T Xq and C = X^T Xq in TF32 (inputs rounded to 10 mantissa bits, float32 sums).
+# At 8B shapes these products are about 2 PFLOP in all. Measured on an H200, 128 x 512 tokens
+# (benchmarks/results/gpu_8b-recipe-cost.md): the sequential pass took 84.7 s with them in float32
+# and 48.3 s in TF32, the recipe 3.78x and 2.71x the default recipe's wall time. The rounding
+# (~5e-4 relative per input) is far below the damping (1% of mean diag H) and the ridge (100%).
+# The CPU path always uses float32. SPARK_NVFP4_HESSIAN_TF32=0 gives float32 on CUDA too.
+HESSIAN_TF32 = os.environ.get("SPARK_NVFP4_HESSIAN_TF32", "1") == "1"
 
 
 class _Catcher(nn.Module):
