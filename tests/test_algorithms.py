@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference", "fast_gptq_vs_reference",
+CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference", "fast_gptq_vs_reference", "cpu_float32_linears",
          "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
          "smoothing", "sequential_vs_direct_reference", "seq_mp_recipe_export", "recipe_names_agree"]
 
@@ -56,6 +56,10 @@ def test_gptq_matches_float64_reference():
 
 def test_fast_gptq_matches_the_column_by_column_reference():
     _run_case("fast_gptq_vs_reference")
+
+
+def test_cpu_float32_linears_match_bf16_and_undo_in_order():
+    _run_case("cpu_float32_linears")
 
 
 def test_gptq_beats_round_to_nearest():
@@ -302,6 +306,34 @@ def case_fast_gptq_vs_reference():
         assert torch.equal(s_st[r0:r0 + len(p)].double(), sp.double())
         r0 += len(p)
     print("paths", [p for p, _ in paths])
+
+
+def case_cpu_float32_linears():
+    """linear_compute: a bf16 Linear computed in float32 on the CPU equals torch's bf16 product up
+    to one bf16 rounding of the output; float32_linears and patch_forward put every forward back."""
+    import torch
+    from torch import nn
+    from container_payload import linear_compute as lc
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g).bfloat16()
+    lin = nn.Linear(256, 96).bfloat16()
+    ref = lin(x).float()
+    with lc.float32_linears(lin):
+        assert "forward" in lin.__dict__
+        got = lin(x).float()
+        exact = nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    assert "forward" not in lin.__dict__
+    # both round the same float32 sums to bf16: at most one bf16 step apart (2**-7 relative)
+    assert torch.equal(got, exact.bfloat16().float())
+    assert ((got - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all(), (got - ref).abs().max()
+    undo1 = lc.patch_forward(lin, lambda x: "first")
+    undo2 = lc.patch_forward(lin, lambda x: "second")
+    assert lin(x) == "second"
+    undo2()
+    assert lin(x) == "first"
+    undo1()
+    assert torch.equal(lin(x).float(), ref)
 
 
 def case_gptq_beats_rtn():
