@@ -275,8 +275,11 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                     replay.stop(len(qs))
                     emu.remove()
                 timer.lap("quantized stream + H, C")
-                hs = {n: h_acc / max(count, 1) for n in unit}
-                cs = {n: c_acc / max(count, 1) for n in unit}
+                # one H and one C for the whole unit (the same tensors: quantize_unit stacks the
+                # members that share them into one GPTQ call)
+                h_unit, c_unit = h_acc / max(count, 1), c_acc / max(count, 1)
+                hs = {n: h_unit for n in unit}
+                cs = {n: c_unit for n in unit}
                 quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=search,
                               damp=damp, block_size=block_size, ridge=ridge)
                 x_fp[head] = None
