@@ -393,19 +393,43 @@ def run(args) -> int:
     if args.low_memory_variant:
         variants["lowmem"] = '{"low_memory": true}'
     order += [f"payload_{name}" for name in variants]
+    def llmc_flow():
+        # llm-compressor's GPTQ oneshot on the same folder and windows (issue 14's peer)
+        evict(list(model_dir.glob("*.safetensors")), everything=args.evict == "all")
+        torch.cuda.empty_cache() if cuda else None
+        log("llm-compressor GPTQ: start")
+        env = dict(os.environ)
+        if args.llmc_pythonpath is not None:  # its own packages (another transformers than ours)
+            env["PYTHONPATH"] = args.llmc_pythonpath
+        metrics = work / "llmc_gptq.json"
+        rc, wall, stdout = run_logged(
+            [args.llmc_python or sys.executable, str(REPO / "benchmarks" / "llmc_gptq.py"), str(model_dir), str(calib),
+             str(args.samples), str(args.seq_len), str(metrics)], out / "llmc_gptq.log", env=env)
+        m = json.loads(metrics.read_text()) if rc == 0 else {}
+        res["llmc_gptq"] = {"rc": rc, "wall_s": round(wall, 3), **m}
+        log(f"llm-compressor GPTQ: rc {rc}, wall {wall:.1f} s, {json.dumps(m)}")
+        if rc != 0:
+            log(stdout[-3000:])
+        save()
+
+    if args.llmc_gptq and args.llmc_first:
+        llmc_flow()
     for flow in order:
         ev = evict(list(model_dir.glob("*.safetensors")), everything=args.evict == "all")
         torch.cuda.empty_cache() if cuda else None
         if flow.startswith("payload"):
             log(f"{flow}: start (evict {ev})")
-            this_job = dict(job)
+            this_job, env = dict(job), None
             if flow != "payload":
-                this_job.update(json.loads(variants[flow[len("payload_"):]]), output_dir=str(work / f"out-{flow}"))
+                extra = json.loads(variants[flow[len("payload_"):]])
+                if "env" in extra:  # a variant's environment, e.g. {"env": {"SPARK_NVFP4_...": "1"}}
+                    env = {**os.environ, **extra.pop("env")}
+                this_job.update(extra, output_dir=str(work / f"out-{flow}"))
             jp = work / f"job-{flow}.json"
             jp.write_text(json.dumps(this_job, indent=2))
             this_out = Path(this_job["output_dir"])
             rc, wall, stdout = run_logged([sys.executable, "-m", "container_payload.quantize", str(jp)],
-                                          out / f"{flow}.log")
+                                          out / f"{flow}.log", env=env)
             r = json.loads((this_out / "result.json").read_text()) if rc == 0 else {}
             timings = dict(r.get("timings", {}))
             timings.update({k: v for k, v in payload_stage_times(stdout).items() if k not in timings})
@@ -433,6 +457,9 @@ def run(args) -> int:
         res["flows"] = flows
         save()
 
+    if args.llmc_gptq and not args.llmc_first:
+        llmc_flow()
+
     # 5. compare + I/O floor
     if "hf_ptq" in flows and all(f["rc"] == 0 for f in flows.values()):
         t = time.time()
@@ -451,7 +478,7 @@ def run(args) -> int:
     res["io_floor"] = {"bytes_in": in_bytes, "bytes_out": out_b,
                        "seconds": round(in_bytes / d["read_Bps"] + out_b / d["write_Bps"], 3)}
     save()
-    md = render_md(res)
+    md = render_md(res) + recipe_cost_md(res)
     (out / "gpu_8b.md").write_text(md)
     print(md)
     if not args.keep:
@@ -541,6 +568,27 @@ def render_md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recipe_cost_md(res: dict) -> str:
+    """Issue 14's ratios, when their flows ran: a variant's wall against the `default` variant's,
+    and its quantize stage against llm-compressor's GPTQ oneshot."""
+    flows, llmc = res.get("flows", {}), res.get("llmc_gptq")
+    base = flows.get("payload_default")
+    lines = []
+    for name, f in flows.items():
+        if name in ("payload_default", "hf_ptq") or f.get("rc") != 0:
+            continue
+        q = f.get("timings", {}).get("quantize_s")
+        if base and base.get("rc") == 0:
+            lines.append(f"- {name}: wall {f['wall_s']:.1f} s = {f['wall_s'] / base['wall_s']:.2f}x "
+                         f"the default recipe's {base['wall_s']:.1f} s")
+        if llmc and llmc.get("rc") == 0 and q is not None:
+            lines.append(f"- {name}: quantize stage {q:.1f} s against llm-compressor GPTQ oneshot "
+                         f"{llmc['quantize_s']:.1f} s ({q / llmc['quantize_s']:.2f}x)")
+    if llmc:
+        lines.append(f"- llm-compressor GPTQ: {json.dumps(llmc)}")
+    return ("\n## Recipe cost (issue 14)\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -560,6 +608,12 @@ def main(argv=None) -> int:
                     help="before each flow: drop the whole page cache (cold start, libraries too) or only "
                          "the checkpoint's pages (software warm: each flow's imports are run once first)")
     rp.add_argument("--keep", action="store_true")
+    rp.add_argument("--llmc-gptq", action="store_true",
+                    help="also run llm-compressor's GPTQ oneshot (benchmarks/llmc_gptq.py) on the same windows")
+    rp.add_argument("--llmc-first", action="store_true", help="run llm-compressor before the payload flows")
+    rp.add_argument("--llmc-python", default=None, help="interpreter for the llm-compressor run (default: this one)")
+    rp.add_argument("--llmc-pythonpath", default=None,
+                    help="PYTHONPATH for the llm-compressor run (its packages, when they differ from ours)")
     rp.add_argument("--variants-only", action="store_true",
                     help="run only the --variant payload columns (no default payload, no hf_ptq flow)")
     rp.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",

@@ -38,6 +38,7 @@ import time
 import torch
 from torch import nn
 
+from .linear_compute import float32_linears, linear, patch_forward
 from .smoothing import DEFAULT_ALPHA, smooth
 
 E2M1_MAX = 6.0
@@ -322,7 +323,7 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
         handles.append(linears[unit[0]].register_forward_pre_hook(hook_for(unit[0], [linears[n] for n in unit])))
     handles.append(keep_input_ids(model, kept, keep_batches))
     try:
-        with QuantizersOff(model):
+        with QuantizersOff(model), float32_linears(model):
             forward_loop(model)
     finally:
         for h in handles:
@@ -386,32 +387,66 @@ def round_to_grid(w: torch.Tensor, ws2: torch.Tensor, search: bool = True):
     return q, s.reshape(w.shape[0], -1)
 
 
+def _gptq(w, h, ws2, block_size, damp, search):
+    """GPTQ on the NVFP4 grid: the batched implementation (fast_gptq), or this module's
+    column-by-column reference with SPARK_NVFP4_GPTQ_REFERENCE=1 (same results; the tests
+    compare them)."""
+    if os.environ.get("SPARK_NVFP4_GPTQ_REFERENCE") == "1":
+        return gptq_nvfp4(w, h, ws2, block_size, damp, search)
+    from .fast_gptq import gptq_nvfp4_fast
+    return gptq_nvfp4_fast(w, h, ws2, block_size, damp, search)
+
+
 def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
                   gptq: bool = True, search: bool = True, damp: float = 0.01,
                   block_size: int = 128, ridge: float | None = None) -> None:
     """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
     the unit, GPTQ (or rounding) with searched or max block scales; stores the original
-    weights in `originals` and consumes the unit's entries of hs / cs."""
+    weights in `originals` and consumes the unit's entries of hs / cs.
+
+    Members that share one Hessian (and one C), as q/k/v and gate/up do, are corrected and
+    quantized as one matrix, their rows stacked: GPTQ treats rows independently, so this is
+    the same result in one call instead of one per member."""
     mods = [linears[n] for n in unit]
-    targets = {}
     for n, m in zip(unit, mods):
         originals[n] = m.weight.detach().clone()
-        wf = m.weight.detach().float()
-        if cs.get(n) is not None:
-            wf = activation_corrected_weight(wf, hs[n], cs.pop(n), damp if ridge is None else ridge).float()
-        targets[n] = wf
+    # groups of members with the same H and C (the same tensors: collect_hessians and the
+    # sequential pass hand one pair to the whole unit)
+    groups: list[list[int]] = []
+    for i, n in enumerate(unit):
+        for grp in groups:
+            k = unit[grp[0]]
+            if hs.get(n) is hs.get(k) and cs.get(n) is cs.get(k):
+                grp.append(i)
+                break
+        else:
+            groups.append([i])
+    targets: dict = {}
+    for grp in groups:
+        names = [unit[i] for i in grp]
+        wf = torch.cat([mods[i].weight.detach().float() for i in grp])
+        c = cs.get(names[0])
+        if c is not None:
+            wf = activation_corrected_weight(wf, hs[names[0]], c, damp if ridge is None else ridge).float()
+        targets[tuple(names)] = wf
     g = _global_amax(list(targets.values()))
     ws2 = g / (E2M1_MAX * E4M3_MAX)
-    for n, m in zip(unit, mods):
-        w = m.weight.detach()
-        wf = targets.pop(n)
-        if gptq and hs.get(n) is not None:
-            q, s = gptq_nvfp4(wf, hs[n].to(wf.device), ws2.to(wf.device), block_size, damp, search)
+    for names, wf in targets.items():
+        h = hs.get(names[0])
+        if gptq and h is not None:
+            q, s = _gptq(wf, h.to(wf.device), ws2.to(wf.device), block_size, damp, search)
         else:
             q, s = round_to_grid(wf, ws2, search)
-        m.weight.data.copy_(q.to(w.dtype))
-        set_static_weight_quantizer(m, s, g)
+        r0 = 0
+        for n in names:
+            m = linears[n]
+            rows = m.weight.shape[0]
+            m.weight.data.copy_(q[r0:r0 + rows].to(m.weight.dtype))
+            set_static_weight_quantizer(m, s[r0:r0 + rows], g)
+            r0 += rows
+    for n in unit:
         hs.pop(n, None)
+        cs.pop(n, None)
 
 
 @torch.no_grad()
@@ -463,27 +498,34 @@ class Emulation:
         self.handles, self.err = {}, {}
         for unit in units:
             scale = unit_input_scale([linears[n] for n in unit])
+            shared = {}  # q/k/v (gate/up) read the same tensor: quantize it once for the unit
             for n in unit:
                 self._hook(n, linears[n], scale, None if originals is None else originals[n],
-                           fake_quant_nvfp4)
+                           fake_quant_nvfp4, shared)
 
-    def _hook(self, name, mod, scale, orig, fq):
+    def _hook(self, name, mod, scale, orig, fq, shared):
         def fwd(m, args, kwargs):
             x = args[0]
-            xq = x if scale is None else fq(x, scale).to(x.dtype)
-            y = nn.functional.linear(xq, m.weight, m.bias)
+            if scale is None:
+                xq = x
+            elif shared.get("x") is x:
+                xq = shared["xq"]
+            else:
+                xq = fq(x, scale).to(x.dtype)
+                shared["x"], shared["xq"] = x, xq
+            y = linear(xq, m.weight, m.bias)
             if orig is not None:
-                y0 = nn.functional.linear(x, orig, m.bias).float()
+                y0 = linear(x, orig, m.bias).float()
                 e = ((y.float() - y0) ** 2).sum().item() / max((y0 ** 2).sum().item(), 1e-30)
                 self.err[name] = self.err.get(name, 0.0) + e
             return y
-        # replace the output entirely (forward hook returning a value)
-        self.handles[name] = mod.register_forward_hook(
-            lambda m, args, kwargs, out: fwd(m, args, kwargs), with_kwargs=True)
+        # the module's forward replaced (a forward hook would let the unquantized product run
+        # first, then throw it away)
+        self.handles[name] = patch_forward(mod, lambda *args, **kwargs: fwd(mod, args, kwargs))
 
     def remove(self):
-        for h in self.handles.values():
-            h.remove()
+        for undo in reversed(list(self.handles.values())):
+            undo()
         self.handles = {}
 
 
@@ -535,7 +577,7 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
         for n in names:
             linears[n].weight.data.copy_(src[n])
 
-    with QuantizersOff(model):
+    with QuantizersOff(model), float32_linears(model):
         set_weights(originals, linears)
         ref = [torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1) for ids in ids_list]
         set_weights(quant_w, linears)

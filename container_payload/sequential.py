@@ -27,6 +27,7 @@ from torch import nn
 from .algorithms import (Emulation, QuantizersOff, _log, fused_units, keep_input_ids,
                          quantize_unit, quantized_linears, unit_input_scale)
 from .emulate import fake_quant_nvfp4
+from .linear_compute import float32_linears, patch_forward
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
 # activation_corrected_weight). On a sequential pass the correction can fit the calibration
@@ -38,6 +39,13 @@ from .emulate import fake_quant_nvfp4
 RIDGE = float(os.environ.get("SPARK_NVFP4_SEQ_RIDGE", "1.0"))
 # Tokens per layer call on the streams (memory; the result does not depend on it).
 CHUNK_TOKENS = 16384
+# On CUDA, H = Xq^T Xq and C = X^T Xq in TF32 (inputs rounded to 10 mantissa bits, float32 sums).
+# At 8B shapes these products are about 2 PFLOP in all. Measured on an H200, 128 x 512 tokens
+# (benchmarks/results/gpu_8b-recipe-cost.md): the sequential pass took 84.7 s with them in float32
+# and 48.3 s in TF32, the recipe 3.78x and 2.71x the default recipe's wall time. The rounding
+# (~5e-4 relative per input) is far below the damping (1% of mean diag H) and the ridge (100%).
+# The CPU path always uses float32. SPARK_NVFP4_HESSIAN_TF32=0 gives float32 on CUDA too.
+HESSIAN_TF32 = os.environ.get("SPARK_NVFP4_HESSIAN_TF32", "1") == "1"
 
 
 class _Catcher(nn.Module):
@@ -112,8 +120,66 @@ def _progress(done: int, total: int) -> None:
         pass
 
 
+class _Timer:
+    """Seconds per phase of the pass, for the log line (on CUDA, synchronized at the phase's end)."""
+
+    def __init__(self):
+        self.s, self.t = {}, time.time()
+
+    def lap(self, phase: str) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        now = time.time()
+        self.s[phase] = self.s.get(phase, 0.0) + now - self.t
+        self.t = now
+
+    def __str__(self):
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.s.items())
+
+
 class _StopLayer(Exception):
     pass
+
+
+class _Replay:
+    """Outputs of the layer's submodules whose quantized units are all done, kept per batch and
+    replayed in the later passes over the same layer instead of computed again.
+
+    Why it is exact: units are fitted in execution order, so when every unit inside a module is
+    done, so is every unit before it; its input and weights no longer change, and neither does
+    its output. In a Llama layer this skips q/k/v after the o stage, the whole attention block
+    after the gate/up stage, and gate/up in the last pass: about half of the quantized stream's
+    compute (bf16 matrix products, NVFP4 input emulation)."""
+
+    def __init__(self, layer, units: list[list[str]], linears: dict, batch: list):
+        unit_of = {id(linears[n]): i for i, u in enumerate(units) for n in u}
+        self.mods = []
+        for m in layer.modules():
+            inside = {unit_of[id(x)] for x in m.modules() if id(x) in unit_of}
+            if m is not layer and inside:
+                self.mods.append((m, inside))
+        self.batch, self.cache, self.complete = batch, {}, set()
+        self.handles, self.patched = [], []
+
+    def start(self, done: int, record: bool = True) -> None:
+        """Before a pass in which units[:done] are quantized (and emulated: call this after the
+        Emulation is installed, so that the recorded output is the emulated one)."""
+        for m, inside in self.mods:
+            if max(inside) >= done:
+                continue
+            if id(m) in self.complete:
+                self.patched.append(patch_forward(m, lambda *a, _c=self.cache[id(m)], **k: _c[self.batch[0]]))
+            elif record:
+                self.handles.append(m.register_forward_hook(
+                    lambda mod, args, out: self.cache.setdefault(id(mod), {}).__setitem__(self.batch[0], out)))
+
+    def stop(self, batches: int) -> None:
+        for h in self.handles:
+            h.remove()
+        for undo in reversed(self.patched):
+            undo()
+        self.handles, self.patched = [], []
+        self.complete |= {k for k, v in self.cache.items() if len(v) == batches}
 
 
 class _Capture:
@@ -137,11 +203,12 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
     first_layer_inputs' result, when the caller already has it. Returns (linears, originals,
     kept_ids), like algorithms.quantize_weights."""
     t0 = time.time()
+    timer = _Timer()
     if ridge is None:
         ridge = RIDGE
     linears = quantized_linears(model)
     originals: dict = {}
-    with QuantizersOff(model):
+    with QuantizersOff(model), float32_linears(model):
         layers, inputs, kept = captured or first_layer_inputs(model, forward_loop, keep_batches)
         inputs = chunked(inputs, CHUNK_TOKENS)
         fp = [h for h, _, _ in inputs]        # the original model's hidden states
@@ -166,25 +233,35 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                 fp = [_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
             finally:
                 cap.remove()
+            timer.lap("original stream")
             # 2. unit by unit, in execution order, on the quantized stream
             emulated = []
+            batch = [0]
+            replay = _Replay(layer, units, linears, batch)
             for unit in units:
                 head = unit[0]
                 h_acc = c_acc = None
-                count, batch = 0, [0]
+                count = 0
 
                 def accumulate(n, x, head=head):
                     nonlocal h_acc, c_acc, count
                     x = x.detach().reshape(-1, x.shape[-1]).float()
                     xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
                     x0 = x_fp[head][batch[0]].float()
-                    h, c = xq.T @ xq, x0.T @ xq
+                    prec = torch.get_float32_matmul_precision()
+                    if HESSIAN_TF32 and x.is_cuda:
+                        torch.set_float32_matmul_precision("high")
+                    try:
+                        h, c = xq.T @ xq, x0.T @ xq
+                    finally:
+                        torch.set_float32_matmul_precision(prec)
                     h_acc = h if h_acc is None else h_acc.add_(h)
                     c_acc = c if c_acc is None else c_acc.add_(c)
                     count += xq.shape[0]
                     raise _StopLayer  # the rest of the layer is not needed for this unit
 
                 emu = Emulation(linears, emulated)
+                replay.start(len(emulated))
                 cap = _Capture({head: heads[head]}, accumulate)
                 try:
                     for i, (h, (a, k)) in enumerate(zip(qs, calls)):
@@ -195,21 +272,35 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                             pass
                 finally:
                     cap.remove()
+                    replay.stop(len(qs))
                     emu.remove()
-                hs = {n: h_acc / max(count, 1) for n in unit}
-                cs = {n: c_acc / max(count, 1) for n in unit}
+                timer.lap("quantized stream + H, C")
+                # one H and one C for the whole unit (the same tensors: quantize_unit stacks the
+                # members that share them into one GPTQ call)
+                h_unit, c_unit = h_acc / max(count, 1), c_acc / max(count, 1)
+                hs = {n: h_unit for n in unit}
+                cs = {n: c_unit for n in unit}
                 quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=search,
                               damp=damp, block_size=block_size, ridge=ridge)
                 x_fp[head] = None
                 emulated.append(unit)
+                timer.lap("GPTQ (activation correction included)")
             # 3. the quantized layer: the next layer's quantized input
             emu = Emulation(linears, emulated)
+            replay.start(len(emulated), record=False)
             try:
-                qs = [_output(layer(h, *a, **k)) for h, (a, k) in zip(qs, calls)]
+                out = []
+                for i, (h, (a, k)) in enumerate(zip(qs, calls)):
+                    batch[0] = i
+                    out.append(_output(layer(h, *a, **k)))
+                qs = out
             finally:
+                replay.stop(len(qs))
                 emu.remove()
+            del replay
+            timer.lap("quantized stream + H, C")
             done_units += len(units)
         _progress(len(layers), len(layers))
-    _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears "
+    _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears ({timer}) "
          f"({done_units} units, {len(layers)} layers) in {time.time() - t0:.1f}s")
     return linears, originals, kept

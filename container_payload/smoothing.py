@@ -19,6 +19,7 @@ qwen3. Other architectures are left as they are, with a log line.
 import torch
 
 from .events import emit
+from .linear_compute import float32_linears
 
 DEFAULT_ALPHA = 0.65
 SUPPORTED_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -56,7 +57,8 @@ def input_channel_absmax(groups, forward_loop, model) -> list[torch.Tensor]:
 
     hooks = [lins[0].register_forward_pre_hook(hook_for(i)) for i, (_, lins) in enumerate(groups)]
     try:
-        forward_loop(model)
+        with float32_linears(model):  # the same products, faster on a CPU (linear_compute.py)
+            forward_loop(model)
     finally:
         for h in hooks:
             h.remove()

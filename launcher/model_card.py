@@ -41,6 +41,14 @@ Or `launcher serve {path}`, which starts and checks the server for you.
 """
 
 
+# What each recipe cost at 8B shapes on one H200, 128 x 512 calibration, all in one call
+# (benchmarks/results/gpu_8b-recipe-cost.md, 2026-11-30): the wall time of the whole payload run.
+GPU_8B_COST = {
+    "default": "32.4 s",
+    "smooth-gptq-seq-mp": "87.8 s (2.7x the default recipe)",
+}
+
+
 def _model_name(model: str | None) -> str:
     return "`SmolLM2-135M-Instruct` (the embedded default)" if model == "embedded" else f"`{model or '?'}`"
 
@@ -68,6 +76,15 @@ def render(output: Path, result: dict, evaluation: dict | None, source_bytes: in
         f"| tools | ModelOpt {result.get('versions', {}).get('modelopt')}, torch {result.get('versions', {}).get('torch')}, "
         f"transformers {result.get('versions', {}).get('transformers')} |",
         f"| quantized on | {result.get('device')} in {result.get('timings', {}).get('total_s', '?')} s |",
+    ]
+    timings = result.get("timings", {})
+    if timings.get("quantize_s") is not None:
+        lines.append(f"| recipe's own time | {timings['quantize_s']:.0f} s (calibration and refinement, "
+                     "without loading and export) |")
+    if result.get("recipe") in GPU_8B_COST:
+        lines.append(f"| this recipe on an 8B model | {GPU_8B_COST[result['recipe']]} on one H200 "
+                     "(128 x 512 calibration; spark-nvfp4's benchmarks/results/gpu_8b-recipe-cost.md) |")
+    lines += [
         "",
     ]
     if evaluation:

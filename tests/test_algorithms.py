@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference",
+CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference", "fast_gptq_vs_reference", "cpu_float32_linears",
          "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
          "smoothing", "sequential_vs_direct_reference", "seq_mp_recipe_export", "recipe_names_agree"]
 
@@ -52,6 +52,14 @@ def test_scale_search_never_worse_than_max():
 
 def test_gptq_matches_float64_reference():
     _run_case("gptq_vs_float64_reference")
+
+
+def test_fast_gptq_matches_the_column_by_column_reference():
+    _run_case("fast_gptq_vs_reference")
+
+
+def test_cpu_float32_linears_match_bf16_and_undo_in_order():
+    _run_case("cpu_float32_linears")
 
 
 def test_gptq_beats_round_to_nearest():
@@ -246,6 +254,86 @@ def case_gptq_vs_float64_reference():
             # every output value sits on the NVFP4 grid of its own block scales
             regrid = al.quantize_blocks(q32.reshape(-1, 16), s32.reshape(-1, 1), ws2).reshape(q32.shape)
             assert torch.equal(regrid, q32)
+
+
+def case_fast_gptq_vs_reference():
+    """fast_gptq (lazy batched updates, the 16-column step in one go, fused units stacked) against
+    algorithms.gptq_nvfp4, the column-by-column implementation it replaces: identical in float64,
+    the same decisions within float32 rounding in float32. The Triton kernel is checked the same
+    way when Triton is importable (TRITON_INTERPRET=1 runs it on the CPU)."""
+    import torch
+    from container_payload import algorithms as al
+    from container_payload import fast_gptq as fg
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.cat([torch.randn(20000, generator=g) * 4,
+                   torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 0.0])])
+    y = torch.cat([y, -y])
+    for dt in (torch.float32, torch.float64):
+        assert torch.equal(fg.e2m1_round_fast(y.to(dt)), al.e2m1_round(y.to(dt))), dt
+    paths = [("torch", False)]
+    if fg.triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        paths.append(("triton", True))
+    for search in (False, True):
+        for block in (16, 128):
+            _, w, h, ws2 = _problem(seed=block + search, out=40, n=256, tokens=1024)
+            qr, sr = al.gptq_nvfp4(w.clone(), h.clone(), ws2, block_size=block, search=search)
+            qf, sf = fg.gptq_nvfp4_fast(w.clone(), h.clone(), ws2, block_size=block, search=search,
+                                        use_triton=False)
+            assert torch.equal(sf.double(), sr.double()), (search, block)
+            assert torch.allclose(qf, qr, rtol=0, atol=1e-12), (search, block, (qf - qr).abs().max())
+            w32, h32 = w.float(), h.float()
+            qr, sr = al.gptq_nvfp4(w32.clone(), h32.clone(), ws2, block_size=block, search=search)
+            err = lambda q: float(((w - q.double()) @ h * (w - q.double())).sum())
+            for name, tri in paths:
+                qf, sf = fg.gptq_nvfp4_fast(w32.clone(), h32.clone(), ws2, block_size=block,
+                                            search=search, use_triton=tri)
+                same_s = (sf == sr).float().mean().item()
+                same_q = torch.isclose(qf, qr, rtol=1e-5, atol=0).float().mean().item()
+                assert same_s > 0.99 and same_q > 0.99, (name, search, block, same_s, same_q)
+                assert err(qf) <= 1.01 * err(qr), (name, err(qf), err(qr))
+                regrid = al.quantize_blocks(qf.reshape(-1, 16), sf.reshape(-1, 1), ws2).reshape(qf.shape)
+                assert torch.equal(regrid, qf), name
+                print(name, "search" if search else "max", block, "scales", same_s, "values", same_q)
+    # a fused unit in one call: the rows of q, k and v stacked give each member's own result
+    _, w, h, ws2 = _problem(seed=5, out=48, n=128, tokens=512)
+    parts = [w[:16], w[16:24], w[24:]]
+    stacked, s_st = fg.gptq_nvfp4_fast(w.clone(), h.clone(), ws2, use_triton=False)
+    r0 = 0
+    for p in parts:
+        qp, sp = al.gptq_nvfp4(p.clone(), h.clone(), ws2)
+        assert torch.allclose(stacked[r0:r0 + len(p)], qp, rtol=0, atol=1e-12)
+        assert torch.equal(s_st[r0:r0 + len(p)].double(), sp.double())
+        r0 += len(p)
+    print("paths", [p for p, _ in paths])
+
+
+def case_cpu_float32_linears():
+    """linear_compute: a bf16 Linear computed in float32 on the CPU equals torch's bf16 product up
+    to one bf16 rounding of the output; float32_linears and patch_forward put every forward back."""
+    import torch
+    from torch import nn
+    from container_payload import linear_compute as lc
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g).bfloat16()
+    lin = nn.Linear(256, 96).bfloat16()
+    ref = lin(x).float()
+    with lc.float32_linears(lin):
+        assert "forward" in lin.__dict__
+        got = lin(x).float()
+        exact = nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    assert "forward" not in lin.__dict__
+    # both round the same float32 sums to bf16: at most one bf16 step apart (2**-7 relative)
+    assert torch.equal(got, exact.bfloat16().float())
+    assert ((got - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all(), (got - ref).abs().max()
+    undo1 = lc.patch_forward(lin, lambda x: "first")
+    undo2 = lc.patch_forward(lin, lambda x: "second")
+    assert lin(x) == "second"
+    undo2()
+    assert lin(x) == "first"
+    undo1()
+    assert torch.equal(lin(x).float(), ref)
 
 
 def case_gptq_beats_rtn():
