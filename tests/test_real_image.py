@@ -40,6 +40,11 @@ def derived_tag(docker_client, old_image) -> str:
     return derived_image.tag_for(docker_client.images.get(old_image).id)
 
 
+def _out(home, name: str):
+    """An output folder beside the launcher's home (never inside it: the launcher refuses that)."""
+    return home.parent / f"{home.name}-outputs" / name
+
+
 def _launch(home, *args, env=None, timeout=1500):
     return run_launcher(*args, env={"SPARK_NVFP4_HOME": str(home), **(env or {})}, timeout=timeout)
 
@@ -71,12 +76,12 @@ def test_doctor_prints_the_probe_of_both_stand_ins(home, old_image, standin_imag
 
 def test_no_image_upgrade_fails_before_loading_weights(home, old_image, docker_client):
     proc = _launch(home, "quantize", "--image", old_image, "--no-image-upgrade", "--no-eval",
-                   "--output", str(home / "out-refused"), *CALIB)
+                   "--output", str(_out(home, "out-refused")), *CALIB)
     assert proc.returncode == 4
     line = one_line_error(proc.stderr)
     assert "nvidia-modelopt 0.37.0 < 0.47 to export without CUDA" in line and "--no-image-upgrade" in line
     assert "calibrate" not in proc.stderr and "load" not in proc.stderr.replace("download", "")
-    assert not (home / "out-refused").exists()
+    assert not (_out(home, "out-refused")).exists()
     assert not _ours(docker_client, home)
 
 
@@ -91,7 +96,7 @@ def test_without_network_and_without_the_derived_image_one_line_and_nothing_left
     except ImageNotFound:
         pass
     images_before = {i.id for i in docker_client.images.list(all=True)}
-    out = home / "out-offline"
+    out = _out(home, "out-offline")
     proc = _launch(home, "quantize", "--image", old_image, "--no-eval", "--output", str(out), *CALIB,
                    env={"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0"})
     assert proc.returncode == 4
@@ -109,7 +114,7 @@ def old_run(home, old_image, derived_tag, docker_client):
     """`launcher quantize --image <2025 stand-in>`: derives the image, then quantizes in it."""
     base_id = docker_client.images.get(old_image).id
     base_probe = _probe(old_image)
-    out = home / "out-2025"
+    out = _out(home, "out-2025")
     proc = _launch(home, "quantize", "--image", old_image, "--no-eval", "--output", str(out), *CALIB)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "proc": proc, "base_id": base_id, "base_probe": base_probe}
@@ -149,7 +154,7 @@ def test_derived_image_keeps_the_base_stack(old_run, derived_tag, docker_client,
 
 def test_second_run_reuses_the_derived_image(old_run, derived_tag, docker_client, home):
     image_id = docker_client.images.get(derived_tag).id
-    proc = _launch(home, "quantize", "--image", OLD, "--no-eval", "--output", str(home / "out-2025-b"),
+    proc = _launch(home, "quantize", "--image", OLD, "--no-eval", "--output", str(_out(home, "out-2025-b")),
                    "--recipe", "default", "--calib-samples", "2", "--calib-seq-len", "32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"using {derived_tag}" in proc.stderr and "deriving" not in proc.stderr
@@ -159,7 +164,7 @@ def test_second_run_reuses_the_derived_image(old_run, derived_tag, docker_client
 @pytest.fixture(scope="module")
 def new_run(home, standin_image):
     """The new stand-in with --no-image-upgrade: it has what every recipe needs, so it runs."""
-    out = home / "out-new"
+    out = _out(home, "out-new")
     proc = _launch(home, "quantize", "--image", standin_image, "--no-image-upgrade", "--no-eval",
                    "--output", str(out), "--recipe", "default", "--calib-samples", "2", "--calib-seq-len", "32")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -189,7 +194,7 @@ def test_old_transformers_loads_the_outputs_tokenizer_and_config(old_run, new_ru
 def test_modelopt_library_recipe_runs_in_the_derived_image(old_run, derived_tag, home):
     """One of ModelOpt's own YAML recipes (0.45+: the 2025 image has none, its derived image
     has 0.47's library), through the same export, verify and quick evaluation."""
-    out = home / "out-yaml"
+    out = _out(home, "out-yaml")
     proc = _launch(home, "quantize", "--image", OLD, "--output", str(out), "--recipe",
                    "general/ptq/nvfp4_default-kv_fp8_cast", "--calib-samples", "4", "--calib-seq-len", "64")
     assert proc.returncode == 0, proc.stderr[-3000:]
