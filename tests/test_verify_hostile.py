@@ -31,27 +31,43 @@ VERIFY_EXIT = 9
 LINE_STARTS = ("problem ", "ok: ")
 
 
+# The peak RSS comes from a small wrapper that starts verify and reports its child's ru_maxrss.
+# A child forked straight from pytest reports pytest's own size at the fork (Linux carries the
+# copied memory's high-water mark across exec), and pytest grows to gigabytes over the suite.
+_WRAPPER = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[2:])\n"
+            "_, status, usage = os.wait4(p.pid, 0)\n"
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def run_verify(ckpt: Path, timeout: float = 60) -> tuple[int, str, float, int]:
     """(exit code, stdout+stderr, seconds, peak RSS bytes) of `python -m launcher.verify`."""
-    with tempfile.TemporaryFile() as out:
+    return measure([sys.executable, "-m", "launcher.verify", str(ckpt)], timeout, what=str(ckpt))
+
+
+def measure(cmd: list[str], timeout: float, what: str = "") -> tuple[int, str, float, int]:
+    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as rss:
         t = time.monotonic()
-        p = subprocess.Popen([sys.executable, "-m", "launcher.verify", str(ckpt)], cwd=REPO, stdout=out,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+        p = subprocess.Popen([sys.executable, "-c", _WRAPPER, rss.name, *cmd], cwd=REPO, stdout=out,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "COLUMNS": "200"}, start_new_session=True)
         deadline = t + timeout
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
-                p.kill()
+                os.killpg(p.pid, 9)  # the wrapper and verify
                 os.wait4(p.pid, 0)
-                pytest.fail(f"verify still running after {timeout} s on {ckpt}")
+                pytest.fail(f"still running after {timeout} s: {what or cmd}")
             time.sleep(0.02)
         seconds = time.monotonic() - t
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read().decode("utf-8", "replace")
-    return p.returncode, text, seconds, usage.ru_maxrss * 1024  # Linux: KiB
+        peak_kib = int(rss.read() or 0)
+    return p.returncode, text, seconds, peak_kib * 1024  # Linux: KiB
 
 
 def assert_rejected_cleanly(ckpt: Path, *fragments: str) -> str:
@@ -405,6 +421,10 @@ def test_fuzz_measurements_are_reported():
 def test_memory_measurement_sees_a_big_child():
     """The measurement itself: ru_maxrss is in KiB on Linux, so a child that touches 300 MB
     must read as at least 300 MB (else the 1 GB bound above would prove nothing)."""
-    p = subprocess.Popen([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
-    _, _, usage = os.wait4(p.pid, 0)
-    assert usage.ru_maxrss * 1024 >= 300 * 2**20
+    _, _, _, peak = measure([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"], 60)
+    assert peak >= 300 * 2**20
+    # and a small child reads small however big this (pytest) process has grown
+    ballast = bytearray(1 << 30)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    _, _, _, peak = measure([sys.executable, "-c", "pass"], 60)
+    assert peak < 200 * 2**20, peak
