@@ -5,9 +5,10 @@ AVX2 machines the stand-in runs on) went 5x slower than the same product in floa
 one SmolLM2 layer plus lm_head on 2048 tokens, 15.8 s in bf16, 3.1 s with its Linears in float32).
 A bf16 product accumulates in float32 and rounds its output to bf16 (on the GPU and in oneDNN), so
 computing in float32 and rounding the output to bf16 gives the same values up to the order of the
-sums. The payload's calibration passes on the CPU use it (float32_functional_linear, around
-ModelOpt's quantizers), and so do our own passes (smoothing statistics, mixed-precision ranking,
-the sequential GPTQ streams). SPARK_NVFP4_CPU_FP32_MATMUL=0 turns it off.
+sums, but not bit for bit: a largest activation can land one bf16 step away. So ModelOpt's own
+calibration keeps the model's bf16 products (its input_scale must match ModelOpt run directly),
+and only our passes use float32 (smoothing statistics, mixed-precision ranking, the sequential
+GPTQ streams). SPARK_NVFP4_CPU_FP32_MATMUL=0 turns it off.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _HALF and os.environ.get("SPARK_NVFP4_CPU_FP32_MATMUL") != "0"
 
 
-_F_LINEAR = nn.functional.linear  # torch's own, also while float32_functional_linear patches it
+_F_LINEAR = nn.functional.linear
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,19 +33,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if _upcast(x):
         return _F_LINEAR(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
     return _F_LINEAR(x, w, b)
-
-
-@contextmanager
-def float32_functional_linear():
-    """torch.nn.functional.linear replaced by `linear` inside the block. This is how the
-    calibration pass gets the float32 products on the CPU: ModelOpt's QuantLinear runs its
-    quantizers (statistics, fake quantization) around nn.Linear.forward, which calls F.linear, so
-    the quantizers see the same tensors and only the product is computed in float32."""
-    nn.functional.linear = linear
-    try:
-        yield
-    finally:
-        nn.functional.linear = _F_LINEAR
 
 
 def patch_forward(m: nn.Module, fn):
