@@ -175,8 +175,9 @@ def build(client: docker.DockerClient, p: Plan, rec: runs.RunRecord, console: Co
 def check(client: docker.DockerClient, p: Plan, tag: str, rec: runs.RunRecord) -> None:
     """The derived image still has the base's foundation, version for version."""
     after = probe(client, tag, rec.id)
-    changed = [f"{c.split('==')[0]} {c.split('==')[1]} -> {after.version(c.split('==')[0]) or 'removed'}"
-               for c in p.constraints if after.version(c.split("==")[0]) != c.split("==")[1]]
+    pinned = (c.split("==", 1) for c in p.constraints)
+    changed = [f"{name} {version} -> {after.version(name) or 'removed'}"
+               for name, version in pinned if after.version(name) != version]
     if changed:
         try:
             client.images.remove(tag)

@@ -6,7 +6,6 @@ and no torch import: about a second even on NVIDIA's 20 GB images.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from container_payload import recipes
 from . import paths
 from .container import PayloadContainer, payload_command
 from .errors import ImageError
-from .logstream import PREFIX
+from .logstream import find_event
 
 PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s
 # What the user is shown, and what a derived image must keep (plus every nvidia-*/cuda-* lib).
@@ -86,14 +85,9 @@ def _run(client: docker.DockerClient, image_id: str, run_id: str) -> dict:
                          advice="check that the image starts (`docker run --rm IMAGE python3 -V`)") from None
     finally:
         box.remove()
-    for line in text.splitlines():
-        if line.startswith(PREFIX):
-            try:
-                event = json.loads(line[len(PREFIX):])
-            except ValueError:
-                continue
-            if event.get("event") == "probe":
-                return {k: v for k, v in event.items() if k not in ("event", "t")}
+    event = find_event(text.splitlines(), "probe")
+    if event is not None:
+        return {k: v for k, v in event.items() if k not in ("event", "t")}
     last = text.strip().splitlines()[-1][:200] if text.strip() else "no output"
     raise ImageError(f"the image probe failed (exit {code}): {last}", where=image_id[:19],
                      advice="the image needs a `python3` on its PATH (NVIDIA's TensorRT-LLM images have one)")

@@ -16,6 +16,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 PREFIX = "@@spark-nvfp4 "
+def find_event(lines: Iterable[str], kind: str) -> dict | None:
+    """The first `@@spark-nvfp4` event of this kind among the lines (others and garbage skipped)."""
+    for line in lines:
+        if line.startswith(PREFIX):
+            try:
+                event = json.loads(line[len(PREFIX):])
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == kind:
+                return event
+    return None
+
+
 _OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I)
 
 

@@ -41,6 +41,7 @@ from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
 from .image import ImageStore, choose_image, is_standin
 from .logstream import PREFIX as EVENT_PREFIX
+from .logstream import find_event
 from .orphans import guard, reap
 
 CONTAINER_PORT = 8000
@@ -166,14 +167,9 @@ def _log_tail(container, n: int = 200) -> list[str]:
 def _reason(lines: list[str]) -> str:
     """The payload's own error event if it sent one (container_payload/events.py), else the
     last line it printed."""
-    for line in reversed(lines):
-        if line.startswith(EVENT_PREFIX):
-            try:
-                ev = json.loads(line[len(EVENT_PREFIX):])
-            except ValueError:
-                continue
-            if ev.get("event") == "error":
-                return str(ev.get("message"))
+    ev = find_event(reversed(lines), "error")
+    if ev is not None:
+        return str(ev.get("message"))
     text = [l for l in lines if l.strip() and not l.startswith(EVENT_PREFIX)]
     return text[-1].strip()[:200] if text else "no output"
 
