@@ -422,7 +422,7 @@ def run(args) -> int:
             this_job, env = dict(job), None
             if flow != "payload":
                 extra = json.loads(variants[flow[len("payload_"):]])
-                if "env" in extra:  # a variant's environment, e.g. {"env": {"SPARK_NVFP4_...": "1"}}
+                if "env" in extra:  # a variant's environment, e.g. {"env": {"CUDA_LAUNCH_BLOCKING": "1"}}
                     env = {**os.environ, **extra.pop("env")}
                 this_job.update(extra, output_dir=str(work / f"out-{flow}"))
             jp = work / f"job-{flow}.json"

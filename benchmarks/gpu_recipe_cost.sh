@@ -2,7 +2,7 @@
 # Issue 14's GPU must-show in one device call, at 8B shapes (benchmarks/gpu_8b.py's random-weight
 # R1-Distill-Llama-8B checkpoint), 128 x 512 calibration windows, the same for every flow:
 #   llm-compressor 0.14 GPTQ oneshot (NVFP4), then our `default` and `smooth-gptq-seq-mp` recipes
-#   (the latter also with SPARK_NVFP4_HESSIAN_TF32=1).
+#   (the latter also with H and C in float32: the recipe parameter gptq.hessian_tf32=false).
 # Run from a folder holding this repo plus .bench (gpu_8b.py prepare), .whl (ModelOpt 0.47,
 # llm-compressor 0.14.0.1 and what the device image lacks) and .whl-mo (transformers 5.14.1 and
 # its tokenizers, for our payload; llm-compressor uses the image's transformers).
@@ -16,5 +16,5 @@ PYTHONPATH=/tmp/site-mo:/tmp/site:$PWD timeout ${BENCH_TIMEOUT:-540} python3 ben
   --out "$OUTDIR/r" --samples 128 --disk-gib 1 --evict checkpoint --variants-only \
   --variant 'default={"recipe": "default"}' \
   --variant 'seqmp={"recipe": "smooth-gptq-seq-mp"}' \
-  --variant 'seqmp_tf32={"recipe": "smooth-gptq-seq-mp", "env": {"SPARK_NVFP4_HESSIAN_TF32": "1"}}' \
+  --variant 'seqmp_fp32={"recipe": "smooth-gptq-seq-mp", "recipe_params": {"gptq.hessian_tf32": false}}' \
   --llmc-gptq --llmc-first --llmc-pythonpath "/tmp/site:$PWD" "$@" 2>&1 | tee "$OUTDIR/run.log"

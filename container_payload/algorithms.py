@@ -1,7 +1,7 @@
 """Our own NVFP4 methods, run on ModelOpt's quantizers after its calibration.
 
-Registered in CUSTOM_RECIPES as  name -> (ModelOpt preset, refine(model, forward_loop)).
-recipes.build() looks them up; quantize.py calls refine right after mtq.quantize.
+The steps of recipes.py (ScaleSearch, Gptq, KeepBf16) call into this module; steps.py runs
+them right after ModelOpt's calibration.
 
 Every method ends in ModelOpt's own quantizer state, so the checkpoint is written by
 `export_hf_checkpoint` unchanged:
@@ -32,14 +32,12 @@ The numerics (E2M1 rounding, FP8 E4M3 scales, float32 arithmetic) follow
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 from torch import nn
 
 from .linear_compute import float32_linears, linear, patch_forward
-from .smoothing import DEFAULT_ALPHA, smooth
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -49,12 +47,7 @@ BLOCK = 16
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _log(msg: str) -> None:
-    try:
-        from . import events
-        events.emit("log", message=msg)
-    except Exception:  # noqa: BLE001 - logging must never break quantization
-        print(msg, flush=True)
+from .events import log as _log
 
 
 # ---------------------------------------------------------------- numerics
@@ -387,19 +380,20 @@ def round_to_grid(w: torch.Tensor, ws2: torch.Tensor, search: bool = True):
     return q, s.reshape(w.shape[0], -1)
 
 
-def _gptq(w, h, ws2, block_size, damp, search):
-    """GPTQ on the NVFP4 grid: the batched implementation (fast_gptq), or this module's
-    column-by-column reference with SPARK_NVFP4_GPTQ_REFERENCE=1 (same results; the tests
-    compare them)."""
-    if os.environ.get("SPARK_NVFP4_GPTQ_REFERENCE") == "1":
+def _gptq(w, h, ws2, block_size, damp, search, kernel: str = "auto"):
+    """GPTQ on the NVFP4 grid: the batched implementation (fast_gptq; kernel auto, triton or
+    torch), or this module's column-by-column reference (kernel "reference": same results, the
+    tests compare them)."""
+    if kernel == "reference":
         return gptq_nvfp4(w, h, ws2, block_size, damp, search)
     from .fast_gptq import gptq_nvfp4_fast
-    return gptq_nvfp4_fast(w, h, ws2, block_size, damp, search)
+    return gptq_nvfp4_fast(w, h, ws2, block_size, damp, search,
+                           use_triton={"auto": None, "triton": True, "torch": False}[kernel])
 
 
 def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
                   gptq: bool = True, search: bool = True, damp: float = 0.01,
-                  block_size: int = 128, ridge: float | None = None) -> None:
+                  block_size: int = 128, ridge: float | None = None, kernel: str = "auto") -> None:
     """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
     the unit, GPTQ (or rounding) with searched or max block scales; stores the original
     weights in `originals` and consumes the unit's entries of hs / cs.
@@ -434,7 +428,7 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
     for names, wf in targets.items():
         h = hs.get(names[0])
         if gptq and h is not None:
-            q, s = _gptq(wf, h.to(wf.device), ws2.to(wf.device), block_size, damp, search)
+            q, s = _gptq(wf, h.to(wf.device), ws2.to(wf.device), block_size, damp, search, kernel)
         else:
             q, s = round_to_grid(wf, ws2, search)
         r0 = 0
@@ -452,7 +446,8 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
 @torch.no_grad()
 def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True,
                      quantized_input: bool = False, keep_batches: int = 0, damp: float = 0.01,
-                     block_size: int = 128, act_aware: bool = False, ridge: float | None = None):
+                     block_size: int = 128, act_aware: bool = False, ridge: float | None = None,
+                     kernel: str = "auto"):
     """GPTQ (or plain rounding) with searched or max block scales, for every quantized
     Linear; writes on-grid weights and static scales into ModelOpt's quantizers.
     Returns (linears, originals, kept_ids)."""
@@ -466,7 +461,7 @@ def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True
     t0 = time.time()
     for unit in fused_units(linears):
         quantize_unit(unit, linears, hs, cs, originals, gptq=gptq, search=search, damp=damp,
-                      block_size=block_size, ridge=ridge)
+                      block_size=block_size, ridge=ridge, kernel=kernel)
     _log(f"refine: {'GPTQ' if gptq else 'rounding'}{' (activation-aware)' if act_aware else ''} "
          f"({'searched' if search else 'max'} scales) "
          f"on {len(linears)} Linears in {time.time() - t0:.1f}s")
@@ -621,38 +616,6 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
     return kept
 
 
-# ---------------------------------------------------------------- recipes
-
-def _env_float(name, default):
-    v = os.environ.get(name)
-    return float(v) if v else default
-
-
-def refine_scale_search(model, forward_loop):
-    quantize_weights(model, forward_loop, gptq=False, search=True)
-
-
-def refine_gptq(model, forward_loop):
-    quantize_weights(model, forward_loop, gptq=True, search=True)
-
-
-def refine_gptq_aa(model, forward_loop):
-    quantize_weights(model, forward_loop, gptq=True, search=True, act_aware=True)
-
-
-def _mp_settings() -> tuple[float, int]:
-    """(size budget as a fraction of the default checkpoint, calibration batches kept for the
-    ranking); the environment overrides them for benchmarks."""
-    return _env_float("SPARK_NVFP4_MP_BUDGET", 0.09), int(_env_float("SPARK_NVFP4_MP_BATCHES", 1))
-
-
-def _refine_mp(model, forward_loop, act_aware: bool):
-    budget_frac, batches = _mp_settings()
-    linears, originals, kept_ids = quantize_weights(model, forward_loop, gptq=True, search=True,
-                                                    keep_batches=batches, act_aware=act_aware)
-    keep_sensitive_in_bf16(model, linears, originals, kept_ids, budget_frac)
-
-
 @torch.no_grad()
 def round_weights(linears: dict) -> None:
     """Weights only, no quantizer state: each fused unit rounded to the NVFP4 grid with
@@ -663,57 +626,3 @@ def round_weights(linears: dict) -> None:
         for n in unit:
             w = linears[n].weight
             w.data.copy_(round_to_grid(w.detach().float(), ws2)[0].to(w.dtype))
-
-
-def refine_gptq_seq_mp(model, forward_loop):
-    """Mixed precision first, then sequential GPTQ around the units kept in bf16: after a
-    sequential pass every later layer has compensated the error of the earlier ones, so
-    putting one unit back to bf16 then makes the KL worse (measured: every candidate did);
-    the choice has to come first. It is ranked on round-to-nearest weights."""
-    from .sequential import first_layer_inputs, sequential_gptq  # they build on this module
-    budget_frac, batches = _mp_settings()
-    with QuantizersOff(model):
-        captured = first_layer_inputs(model, forward_loop, batches)
-    linears = quantized_linears(model)
-    originals = {n: m.weight.detach().clone() for n, m in linears.items()}
-    round_weights(linears)
-    keep_sensitive_in_bf16(model, linears, originals, captured[2], budget_frac)
-    for n, m in linears.items():
-        m.weight.data.copy_(originals[n])
-    del originals  # sequential_gptq keeps its own copy: one at a time (16 GB at 8B)
-    sequential_gptq(model, forward_loop, captured=captured)
-
-
-def refine_gptq_mp(model, forward_loop):
-    _refine_mp(model, forward_loop, act_aware=False)
-
-
-def refine_gptq_aa_mp(model, forward_loop):
-    _refine_mp(model, forward_loop, act_aware=True)
-
-
-def _smoothing(alpha: float):
-    """A pre-calibration step: smoothing of strength alpha (SPARK_NVFP4_SMOOTH_ALPHA overrides,
-    for benchmarks). Alone, 0.65 measured best; before activation-aware GPTQ, which already
-    moves part of the activation error into the weights, a milder ALPHA_WITH_GPTQ did."""
-    def prepare(model, forward_loop):
-        smooth(model, forward_loop, _env_float("SPARK_NVFP4_SMOOTH_ALPHA", alpha))
-    return prepare
-
-
-ALPHA_ALONE = DEFAULT_ALPHA
-ALPHA_WITH_GPTQ = 0.5
-
-
-# name -> (ModelOpt preset, step after its calibration[, step before it])
-CUSTOM_RECIPES = {
-    "smooth": ("NVFP4_DEFAULT_CFG", None, _smoothing(ALPHA_ALONE)),
-    "smooth-gptq-aa": ("NVFP4_DEFAULT_CFG", refine_gptq_aa, _smoothing(ALPHA_WITH_GPTQ)),
-    "smooth-gptq-aa-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_aa_mp, _smoothing(ALPHA_WITH_GPTQ)),
-    "smooth-gptq-seq-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_seq_mp, _smoothing(ALPHA_WITH_GPTQ)),
-    "scale-search": ("NVFP4_DEFAULT_CFG", refine_scale_search),
-    "gptq": ("NVFP4_DEFAULT_CFG", refine_gptq),
-    "gptq-aa": ("NVFP4_DEFAULT_CFG", refine_gptq_aa),
-    "gptq-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_mp),
-    "gptq-aa-mp": ("NVFP4_DEFAULT_CFG", refine_gptq_aa_mp),
-}

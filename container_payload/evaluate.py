@@ -1,10 +1,10 @@
 """Score a quantized checkpoint against the original model on held-out text.
 
-    python3 -m container_payload.evaluate JOB.json
+    python3 -m container_payload evaluate JOB.json
 
-Job keys: checkpoint, reference, text, tokens (T), seq_len (L), json_out, and optional
-generations (prompts), max_new_tokens, device. Everything comes from the job file and
-the only file written is json_out.
+The job is a contract.EvalJob: checkpoint, reference, text, tokens (T), seq_len (L),
+json_out, generations (prompts), max_new_tokens, device. Everything comes from the job
+file and the only file written is json_out.
 
 Text contract (as calibration, calib_data.py): the whole file tokenized without special
 tokens, the first T tokens cut into T//L windows of L. In each window the L-1 next-token
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from . import events
+from .contract import DONE, EvalJob
 from .events import PayloadError
 
 DEFAULT_PROMPTS = [
@@ -46,15 +47,15 @@ def load_models(checkpoint: Path, reference: Path, device: str):
     return ref, model, info
 
 
-def windows_for(tokenizer, job: dict) -> list[list[int]]:
+def windows_for(tokenizer, job: EvalJob) -> list[list[int]]:
     from .calib_data import read_text, token_windows
 
-    events.stage("tokenize", detail=job["text"])
-    tokens, seq_len = int(job["tokens"]), int(job["seq_len"])
+    events.stage("tokenize", detail=job.text)
+    tokens, seq_len = int(job.tokens), int(job.seq_len)
     if seq_len < 2 or tokens < seq_len:
         raise PayloadError(f"need seq_len >= 2 and tokens >= seq_len (got {tokens}, {seq_len})",
                            kind="input")
-    text = read_text(job["text"], tokenizer)
+    text = read_text(job.text, tokenizer)
     try:
         return token_windows(tokenizer, text, tokens // seq_len, seq_len)
     except PayloadError as e:  # same check, worded for evaluation
@@ -193,7 +194,7 @@ def folder_bytes(folder: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file())
 
 
-def run(job: dict) -> dict:
+def run(job: EvalJob) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -202,11 +203,11 @@ def run(job: dict) -> dict:
 
     timings = {}
     t0 = time.time()
-    checkpoint, reference = Path(job["checkpoint"]), Path(job["reference"])
+    checkpoint, reference = Path(job.checkpoint), Path(job.reference)
     for p in (checkpoint, reference):
         if not (p / "config.json").exists():
             raise PayloadError(f"no config.json in model folder {p}", kind="input")
-    device = pick_device(job.get("device", "auto"))
+    device = pick_device(job.device)
     # The reference's tokenizer defines the tokens; the checkpoint's copy must agree anyway.
     tokenizer = AutoTokenizer.from_pretrained(reference)
     ref, model, info = load_models(checkpoint, reference, device)
@@ -222,9 +223,8 @@ def run(job: dict) -> dict:
     per_layer = layer_errors(ref, model)
 
     t = time.time()
-    prompts = job.get("generations")
-    prompts = DEFAULT_PROMPTS if prompts is None else list(prompts)
-    gens = generate(ref, model, tokenizer, prompts, int(job.get("max_new_tokens", 48)), device)
+    prompts = DEFAULT_PROMPTS if job.generations is None else list(job.generations)
+    gens = generate(ref, model, tokenizer, prompts, int(job.max_new_tokens), device)
     timings["generate_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - t0, 3)
 
@@ -234,8 +234,8 @@ def run(job: dict) -> dict:
         **metrics,
         "checkpoint": str(checkpoint),
         "reference": str(reference),
-        "text": str(job["text"]),
-        "seq_len": int(job["seq_len"]),
+        "text": str(job.text),
+        "seq_len": int(job.seq_len),
         "windows": len(windows),
         "windows_sha256": fingerprint(windows),
         "format": info,
@@ -250,19 +250,15 @@ def run(job: dict) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": sys.version.split()[0]},
     }
-    out = Path(job["json_out"])
+    out = Path(job.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)
-    events.emit("done", result=str(out), kl_divergence=result["kl_divergence"],
+    events.emit(DONE, result=str(out), kl_divergence=result["kl_divergence"],
                 perplexity=result["perplexity"], timings=timings)
     return result
 
 
-def main(argv=None) -> int:
-    return events.run_job(run, sys.argv[1:] if argv is None else argv, "evaluate", "evaluation")
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(events.run_command(["evaluate", *sys.argv[1:]]))

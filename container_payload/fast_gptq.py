@@ -180,8 +180,8 @@ ROWS_PER_PROGRAM = 32
 
 def triton_ok(w: torch.Tensor) -> bool:
     """The kernel runs on CUDA float32 tensors (or anywhere under TRITON_INTERPRET=1, for tests);
-    SPARK_NVFP4_GPTQ_TRITON=0 turns it off."""
-    if triton is None or w.dtype != torch.float32 or os.environ.get("SPARK_NVFP4_GPTQ_TRITON") == "0":
+    the recipe parameter gptq.kernel=torch turns it off."""
+    if triton is None or w.dtype != torch.float32:
         return False
     return w.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -8,11 +8,10 @@ computing in float32 and rounding the output to bf16 gives the same values up to
 sums, but not bit for bit: a largest activation can land one bf16 step away. So ModelOpt's own
 calibration keeps the model's bf16 products (its input_scale must match ModelOpt run directly),
 and only our passes use float32 (smoothing statistics, mixed-precision ranking, the sequential
-GPTQ streams). SPARK_NVFP4_CPU_FP32_MATMUL=0 turns it off.
+GPTQ streams). The job field cpu_float32=false turns it off (quantize.py sets CPU_FLOAT32).
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
@@ -21,8 +20,11 @@ from torch import nn
 _HALF = (torch.bfloat16, torch.float16)
 
 
+CPU_FLOAT32 = True
+
+
 def _upcast(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _HALF and os.environ.get("SPARK_NVFP4_CPU_FP32_MATMUL") != "0"
+    return CPU_FLOAT32 and x.device.type == "cpu" and x.dtype in _HALF
 
 
 _F_LINEAR = nn.functional.linear

@@ -1,6 +1,6 @@
 """What an image holds, reported in well under a second: no torch import.
 
-    python3 -m container_payload.probe
+    python3 -m container_payload probe
 
 Prints one `probe` event (events.py): the architecture, Python, every installed
 distribution with its version, torch's CUDA build, whether `trtllm-serve` is there, and the
@@ -16,6 +16,7 @@ import shutil
 import sys
 
 from . import events
+from .contract import PROBE
 
 
 def installed() -> dict[str, str]:
@@ -63,10 +64,9 @@ def report() -> dict:
     }
 
 
-def main() -> int:
-    events.emit("probe", **report())
-    return 0
+def run(job=None) -> None:
+    events.emit(PROBE, **report())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(events.run_command(["probe"]))

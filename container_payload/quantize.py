@@ -1,17 +1,18 @@
 """Quantize a Hugging Face causal LM to NVFP4 with ModelOpt and export it.
 
-    python3 -m container_payload.quantize JOB.json
+    python3 -m container_payload quantize JOB.json
 
 Stages, each its own function with a narrow interface:
   prepare   (embedded model only) GGUF -> bf16 safetensors folder, once
   load      model + tokenizer, on the GPU when there is one
   calibrate text -> token windows -> batches
-  quantize  mtq.quantize(model, recipe config, forward_loop) [+ our refine step]
+  quantize  the recipe's steps (steps.py): mtq.quantize(model, config, forward_loop) among them
   export    export_hf_checkpoint + tokenizer, then result.json written LAST
 
-The job file is written by the launcher (launcher/job.py builds it). Progress goes to
+The job is a contract.QuantizeJob (launcher/job.py builds it). Progress goes to
 stdout as events (events.py); a failure ends in one `error` event and exit 1.
 """
+import dataclasses
 import gc
 import json
 import os
@@ -19,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import events
+from . import events, recipes
+from .contract import DONE, RESULT_FILE, Calibration, QuantizeJob
 from .events import PayloadError
 
 
@@ -64,16 +66,16 @@ def portable_tokenizer_config(model_dir: Path) -> None:
         os.replace(tmp, path)
 
 
-def check_image(job: dict, device: str) -> None:
+def check_image(job: QuantizeJob, device: str) -> None:
     """Refuse, before any weights load, a job this image's packages cannot finish (the
     launcher checks the same from its probe; this guards direct runs and stale probes)."""
     from . import probe, recipes
 
-    needs = recipes.needs_for(job["recipe"], job["format"], job.get("kv_cache", "none"),
-                              embedded=bool(job.get("gguf")) and not (Path(job["model_dir"]) / "config.json").exists())
+    needs = recipes.needs_for(job.recipe, job.format, job.kv_cache,
+                              embedded=bool(job.gguf) and not (Path(job.model_dir) / "config.json").exists())
     missing = recipes.shortfalls(needs, probe.installed(), cuda=device == "cuda")
     if missing:
-        raise PayloadError(f"this image cannot run recipe {job['recipe']!r}: {'; '.join(map(str, missing))}; "
+        raise PayloadError(f"this image cannot run recipe {job.recipe!r}: {'; '.join(map(str, missing))}; "
                            "let the launcher derive an image (no --no-image-upgrade), or pass --image with "
                            "newer packages", kind="image")
 
@@ -251,27 +253,27 @@ def _import_modelopt() -> None:
     import modelopt.torch.quantization  # noqa: F401
 
 
-def calibration_windows(tokenizer, calib: dict):
+def calibration_windows(tokenizer, calib: Calibration):
     from .calib_data import read_text, token_windows
 
-    text = read_text(calib["source"], tokenizer)
-    return token_windows(tokenizer, text, calib["samples"], calib["seq_len"])
+    text = read_text(calib.source, tokenizer)
+    return token_windows(tokenizer, text, calib.samples, calib.seq_len)
 
 
-def calibration_batches(windows: list[list[int]], calib: dict, device: str, model=None, low_memory=False):
+def calibration_batches(windows: list[list[int]], calib: Calibration, device: str, model=None, low_memory=False):
     """Batches of the (already tokenized, see run()) calibration windows."""
     import torch
 
     from .calib_data import fingerprint
 
-    events.stage("tokenize", detail=calib["source"])
-    bs = calib["batch_size"]
+    events.stage("tokenize", detail=calib.source)
+    bs = calib.batch_size
     if bs == "auto":
-        bs = auto_batch_size(calib["seq_len"], device, model=model, low_memory=low_memory)
+        bs = auto_batch_size(calib.seq_len, device, model=model, low_memory=low_memory)
         bs = min(bs, len(windows))
     ids = torch.tensor(windows, dtype=torch.long)
     batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
-    info = {"samples": len(windows), "seq_len": calib["seq_len"], "batch_size": bs,
+    info = {"samples": len(windows), "seq_len": calib.seq_len, "batch_size": bs,
             "tokens": len(windows) * calib["seq_len"], "windows_sha256": fingerprint(windows)}
     return batches, info
 
@@ -321,17 +323,10 @@ def forward_loop_for(batches, device: str, times: dict | None = None):
 
 
 def quantize(model, recipe, forward_loop):
-    import modelopt.torch.quantization as mtq
+    """The recipe's steps in order (steps.py): ModelOpt's calibration among them."""
+    from . import steps
 
-    if recipe.prepare is not None:
-        events.stage("pre-calibrate", detail=f"{recipe.name}: statistics pass, folded into the bf16 weights")
-        recipe.prepare(model, forward_loop)
-    events.stage("calibrate", detail=f"recipe {recipe.name} ({recipe.preset})")
-    model = mtq.quantize(model, recipe.config, forward_loop)
-    if recipe.refine is not None:
-        events.stage("refine", detail=recipe.name)
-        recipe.refine(model, forward_loop)
-    return model
+    return steps.run(model, recipe, forward_loop)
 
 
 def export(model, model_dir: Path, out: Path, low_memory: bool = False) -> None:
@@ -385,7 +380,7 @@ def peak_memory(device: str) -> dict:
     return mem
 
 
-def run(job: dict) -> dict:
+def run(job: QuantizeJob) -> dict:
     """One load, one calibration pass, one export. Work that waits on the disk overlaps work that
     needs the CPU, and none of it changes a number. Python's imports hold the GIL, so they run
     one after another in this thread, first: torch, then (the checkpoint's read has started in
@@ -406,32 +401,35 @@ def run(job: dict) -> dict:
     # would walk them over and over (15% of the import time measured). Nothing cyclic is freed
     # before calibration, so collect nothing until then.
     gc.disable()
-    model_dir = Path(job["model_dir"])
-    low_memory = bool(job.get("low_memory", False))
-    device = pick_device(job.get("device", "auto"))
+    model_dir = Path(job.model_dir)
+    low_memory = job.low_memory
+    device = pick_device(job.device)
     check_image(job, device)
+    from . import linear_compute
+
+    linear_compute.CPU_FLOAT32 = job.cpu_float32
     mark("torch_ready")
-    if job.get("gguf"):
-        prepare_embedded(job["gguf"], model_dir)
+    if job.gguf:
+        prepare_embedded(job.gguf, model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
     direct = prefetch = None
-    files = _direct_load_files(job.get("direct_load", "auto"), device, low_memory, model_dir)
+    files = _direct_load_files(job.direct_load, device, low_memory, model_dir)
     if files:
         from . import direct_load
 
-        opts = job["direct_load"] if isinstance(job.get("direct_load"), dict) else {}  # benchmark tuning
+        opts = job.direct_load if isinstance(job.direct_load, dict) else {}  # benchmark tuning
         direct = _Background(direct_load.read_state_dict, files, device, opts.get("readers", direct_load.READERS),
                              opts.get("chunk_mb", direct_load.CHUNK >> 20) << 20)
-    elif job.get("prefetch", not low_memory) and (model_dir / "config.json").exists():
+    elif (not low_memory if job.prefetch is None else job.prefetch) and (model_dir / "config.json").exists():
         prefetch = _Background(_prefetch, model_dir)
 
     t = time.time()
     tokenizer = load_tokenizer(model_dir)
-    windows = _Background(calibration_windows, tokenizer, job["calibration"])
+    windows = _Background(calibration_windows, tokenizer, job.calibration)
     _import_modelopt()
     from . import recipe_build
 
-    recipe = recipe_build.build(job["format"], job["recipe"], job.get("kv_cache", "none"), device)
+    recipe = recipe_build.build(job.format, job.recipe, job.kv_cache, device, job.recipe_params)
     timings["imports_s"] = round(time.time() - t, 3)  # tokenizer, transformers, ModelOpt
     mark("modelopt_imported")
 
@@ -448,7 +446,7 @@ def run(job: dict) -> dict:
 
     t = time.time()
     windows = windows.result()
-    batches, calib_info = calibration_batches(windows, job["calibration"], device, model=model,
+    batches, calib_info = calibration_batches(windows, job.calibration, device, model=model,
                                               low_memory=low_memory)
     timings["tokenize_s"] = round(time.time() - t, 3)
 
@@ -459,7 +457,7 @@ def run(job: dict) -> dict:
     if "calibrate_s" in loop_times:
         timings["calibrate_s"] = round(loop_times["calibrate_s"], 3)
 
-    out = Path(job["output_dir"])
+    out = Path(job.output_dir)
     t = time.time()
     export(model, model_dir, out, low_memory=low_memory)
     timings["export_s"] = round(time.time() - t, 3)
@@ -470,15 +468,16 @@ def run(job: dict) -> dict:
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     result = {
         "status": "complete",
-        "format": job["format"],
+        "format": job.format,
         "recipe": recipe.name,
+        "steps": recipes.describe(recipe.steps),
         "modelopt_preset": recipe.preset,
         "modelopt_config": recipe.config.model_dump() if hasattr(recipe.config, "model_dump") else recipe.config,
-        "kv_cache": job.get("kv_cache", "none"),
+        "kv_cache": job.kv_cache,
         "device": device,
         "low_memory": low_memory,
         "loader": loader,
-        "calibration": {**job["calibration"], **calib_info},
+        "calibration": {**dataclasses.asdict(job.calibration), **calib_info},
         "timings": timings,
         "memory": peak_memory(device),
         "versions": versions(),
@@ -486,17 +485,12 @@ def run(job: dict) -> dict:
         "checkpoint_bytes": sum(files.values()),
     }
     # Written last: its presence is what marks the folder complete.
-    tmp = out / ".result.json.tmp"
+    tmp = out / f".{RESULT_FILE}.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out / "result.json")
-    events.emit("done", result="result.json", checkpoint_bytes=result["checkpoint_bytes"],
-                timings=timings)
+    os.replace(tmp, out / RESULT_FILE)
+    events.emit(DONE, result=RESULT_FILE, checkpoint_bytes=result["checkpoint_bytes"], timings=timings)
     return result
 
 
-def main(argv=None) -> int:
-    return events.run_job(run, sys.argv[1:] if argv is None else argv, "quantize", "quantization")
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(events.run_command(["quantize", *sys.argv[1:]]))

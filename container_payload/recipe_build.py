@@ -1,7 +1,7 @@
-"""A recipe name (recipes.py) -> ModelOpt's configuration, plus our own steps.
+"""A recipe name (recipes.py) -> its steps, with ModelOpt's configuration for the Calibrate step.
 
 Every recipe ends in ModelOpt's quantizer state, so the export path is always
-`export_hf_checkpoint` and the checkpoint stays the standard format.
+`export_hf_checkpoint` and the checkpoint stays the standard format. steps.py runs the steps.
 
 Works with the ModelOpt of NVIDIA's 2025 images (0.37: presets whose `quant_cfg` is a
 dict of wildcard -> attributes) as well as newer ones (0.45+: a list of entries); what a
@@ -10,7 +10,6 @@ recipe needs beyond that is refused by recipes.shortfalls before any weights loa
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import modelopt.torch.quantization as mtq
 
@@ -22,17 +21,23 @@ from .events import PayloadError
 class BuiltRecipe:
     name: str
     preset: str
-    config: object                       # a dict, or ModelOpt's QuantizeConfig for YAML recipes
-    refine: Callable | None = None       # after mtq.quantize's calibration (our own methods)
-    prepare: Callable | None = None      # before mtq.quantize, on the bf16 model (smoothing)
+    config: object                       # the Calibrate step's: a dict, or ModelOpt's QuantizeConfig (YAML)
+    steps: tuple = ()                    # recipes' typed steps, Calibrate among them
 
 
-def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> BuiltRecipe:
+def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: dict | None = None) -> BuiltRecipe:
     if recipes.is_modelopt_recipe(recipe):
+        if params:
+            raise PayloadError("recipe parameters apply to this project's recipes, not to ModelOpt's YAML "
+                               "recipes (edit the YAML instead)", kind="input")
         return _modelopt_library(recipe, kv_cache)
     known = recipes.RECIPES.get(recipe)
     if known is None:
         raise PayloadError(recipes.check_name(recipe), kind="input")
+    try:
+        steps = recipes.with_params(recipe, params or {})
+    except ValueError as e:
+        raise PayloadError(str(e), kind="input") from None
     if fmt != "nvfp4" and recipe != "default":
         raise PayloadError(f"recipe {recipe!r} applies to nvfp4 (W4A4) only", kind="input")
     if known.needs.gpu and device != "cuda":
@@ -40,16 +45,11 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> BuiltRe
         raise PayloadError(f"recipe {recipe!r} needs a GPU ({known.needs.why[0]}); on a CPU use one "
                            f"of: {', '.join(cpu_ok)}", kind="input")
     preset = recipes.FORMAT_PRESETS.get(fmt, known.preset)
-    refine = prepare = None
-    if known.origin == "ours":
-        from .algorithms import CUSTOM_RECIPES  # our steps need a newer ModelOpt: import them only here
-
-        _, refine, *rest = CUSTOM_RECIPES[recipe]
-        prepare = rest[0] if rest else None
     cfg = _preset(preset)
     if kv_cache == "fp8":
         cfg["quant_cfg"] = with_entries(cfg["quant_cfg"], mtq.FP8_KV_CFG["quant_cfg"])
-    return BuiltRecipe(name=recipe, preset=preset, config=cfg, refine=refine, prepare=prepare)
+    steps = tuple(recipes.Calibrate(preset) if isinstance(s, recipes.Calibrate) else s for s in steps)
+    return BuiltRecipe(name=recipe, preset=preset, config=cfg, steps=steps)
 
 
 def with_entries(quant_cfg, extra):
@@ -88,4 +88,5 @@ def _modelopt_library(recipe: str, kv_cache: str) -> BuiltRecipe:
     quantize = getattr(loaded, "quantize", None)
     if quantize is None:
         raise PayloadError(f"{recipe!r} is not a post-training quantization (ptq) recipe", kind="input")
-    return BuiltRecipe(name=recipe, preset="modelopt-recipe", config=quantize)
+    return BuiltRecipe(name=recipe, preset="modelopt-recipe", config=quantize,
+                       steps=(recipes.Calibrate("modelopt-recipe"),))

@@ -15,7 +15,7 @@ The minimum versions are what was measured, not what a changelog promises:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 # What the payload has been run with, end to end (tests and GPU runs).
 TESTED_TRANSFORMERS = ("4.57.1", "5.14.1")
@@ -58,44 +58,201 @@ class Needs:
                      why=tuple(dict.fromkeys(self.why + other.why)))
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    origin: str          # "modelopt": one of ModelOpt's presets; "ours": ModelOpt plus our own steps
-    preset: str          # the ModelOpt preset the calibration starts from
-    summary: str
-    needs: Needs = Needs()
-
+# ---------------------------------------------------------------- steps
+# A recipe is a composition of typed steps, run in order on the bf16 model (like llm-compressor's
+# modifiers). Exactly one is Calibrate: ModelOpt's calibration with a preset; the steps before it
+# change the bf16 model, the steps after it change ModelOpt's quantizer state, so every recipe
+# ends in a checkpoint that export_hf_checkpoint writes in the standard format. Parameters are
+# job fields (`--recipe-param gptq.ridge=3`), never environment variables.
 
 _STATIC_BLOCK = Needs(modelopt="0.46", why=("StaticBlockScaleQuantizer (ModelOpt 0.46)",))
 _GPU_SEARCH = Needs(gpu=True, why=("ModelOpt runs this search with CUDA/Triton kernels only",))
 
+
+@dataclass(frozen=True)
+class Smooth:
+    """Per-channel smoothing folded into the norms and up_proj before calibration (smoothing.py).
+    0.65 measured best alone; before activation-aware GPTQ, which moves part of the activation
+    error into the weights anyway, a milder 0.5 did (benchmarks/results/recipes.md)."""
+    alpha: float = 0.65
+    key = "smooth"
+    needs = Needs()
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    """ModelOpt's calibration (mtq.quantize) with one of its presets (max calibration unless the
+    preset searches)."""
+    preset: str = "NVFP4_DEFAULT_CFG"
+    key = "calibrate"
+
+    @property
+    def needs(self) -> Needs:
+        return PRESET_NEEDS.get(self.preset, Needs())
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    """Per 16-block FP8 scale search on round-to-nearest weights, never worse than max scaling."""
+    key = "scale_search"
+    needs = _STATIC_BLOCK
+
+
+@dataclass(frozen=True)
+class Gptq:
+    """GPTQ error compensation on the NVFP4 grid (algorithms.py, fast_gptq.py).
+    act_aware: fitted to the engine's NVFP4-rounded inputs (absorbs the W4A4 input rounding).
+    sequential: layer by layer on the inputs the quantized layers before produce (sequential.py).
+    ridge: the activation correction's pull towards the original weights, relative to mean
+    diag(H); None: GPTQ's damping (0.01), or 1.0 when sequential (sequential.py says why).
+    kernel: auto (Triton on CUDA, else batched torch) | triton | torch | reference (the column
+    loop the others are tested against). hessian_tf32: H and C in TF32 on CUDA (sequential)."""
+    act_aware: bool = False
+    sequential: bool = False
+    ridge: float | None = None
+    kernel: str = "auto"
+    hessian_tf32: bool = True
+    key = "gptq"
+    needs = _STATIC_BLOCK
+    choices = {"kernel": ("auto", "triton", "torch", "reference")}
+
+
+@dataclass(frozen=True)
+class KeepBf16:
+    """The fused units whose quantization costs the most KL per byte stay bf16, within `budget`
+    (a fraction of the default checkpoint's size), ranked on `batches` calibration batches.
+    Before a sequential Gptq it ranks round-to-nearest weights (after a sequential pass every
+    later layer has compensated the earlier ones, so the choice has to come first)."""
+    budget: float = 0.09
+    batches: int = 1
+    key = "keep_bf16"
+    needs = Needs()
+
+
+STEPS = {cls.key: cls for cls in (Smooth, Calibrate, ScaleSearch, Gptq, KeepBf16)}
+
+# ModelOpt presets that need more than the floor.
+PRESET_NEEDS = {
+    "NVFP4_AWQ_LITE_CFG": _GPU_SEARCH, "NVFP4_AWQ_CLIP_CFG": _GPU_SEARCH,
+    "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG": _GPU_SEARCH | Needs(modelopt="0.46"),
+    "NVFP4_FOUR_OVER_SIX_CFG": _GPU_SEARCH | Needs(modelopt="0.46"),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    steps: tuple
+
+    @property
+    def origin(self) -> str:
+        """"modelopt": one of ModelOpt's presets as it is; "ours": ModelOpt plus our own steps."""
+        return "modelopt" if all(isinstance(s, Calibrate) for s in self.steps) else "ours"
+
+    @property
+    def preset(self) -> str:
+        return next(s.preset for s in self.steps if isinstance(s, Calibrate))
+
+    @property
+    def needs(self) -> Needs:
+        out = Needs()
+        for step in self.steps:
+            out = out | step.needs
+        return out
+
+
+def _modelopt(name: str, preset: str, summary: str) -> Recipe:
+    return Recipe(name, summary, (Calibrate(preset),))
+
+
+_AA = Gptq(act_aware=True)
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("default", "modelopt", "NVFP4_DEFAULT_CFG",
-           "ModelOpt's default: max calibration, round-to-nearest (what NVIDIA's script does)"),
-    Recipe("awq-lite", "modelopt", "NVFP4_AWQ_LITE_CFG", "ModelOpt AWQ (lite search)", _GPU_SEARCH),
-    Recipe("awq-clip", "modelopt", "NVFP4_AWQ_CLIP_CFG", "ModelOpt AWQ with clipping search", _GPU_SEARCH),
-    Recipe("mse", "modelopt", "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",
-           "ModelOpt block-scale MSE sweep", _GPU_SEARCH | Needs(modelopt="0.46")),
-    Recipe("four-over-six", "modelopt", "NVFP4_FOUR_OVER_SIX_CFG",
-           "ModelOpt adaptive 4-or-6 block scaling", _GPU_SEARCH | Needs(modelopt="0.46")),
-    Recipe("scale-search", "ours", "NVFP4_DEFAULT_CFG",
-           "per-block FP8 scale search, never worse than max scaling", _STATIC_BLOCK),
-    Recipe("gptq", "ours", "NVFP4_DEFAULT_CFG", "GPTQ error compensation on the NVFP4 grid", _STATIC_BLOCK),
-    Recipe("gptq-aa", "ours", "NVFP4_DEFAULT_CFG",
-           "activation-aware GPTQ (absorbs the W4A4 input rounding)", _STATIC_BLOCK),
-    Recipe("gptq-mp", "ours", "NVFP4_DEFAULT_CFG", "gptq + the costliest fused units kept bf16 (~9% size)",
-           _STATIC_BLOCK),
-    Recipe("gptq-aa-mp", "ours", "NVFP4_DEFAULT_CFG", "gptq-aa + bf16 units", _STATIC_BLOCK),
-    Recipe("smooth", "ours", "NVFP4_DEFAULT_CFG",
-           "per-channel smoothing folded into norms / up_proj, then ModelOpt's default"),
-    Recipe("smooth-gptq-aa", "ours", "NVFP4_DEFAULT_CFG", "smoothing, then gptq-aa", _STATIC_BLOCK),
-    Recipe("smooth-gptq-aa-mp", "ours", "NVFP4_DEFAULT_CFG", "smoothing, then gptq-aa-mp", _STATIC_BLOCK),
-    Recipe("smooth-gptq-seq-mp", "ours", "NVFP4_DEFAULT_CFG",
+    _modelopt("default", "NVFP4_DEFAULT_CFG",
+              "ModelOpt's default: max calibration, round-to-nearest (what NVIDIA's script does)"),
+    _modelopt("awq-lite", "NVFP4_AWQ_LITE_CFG", "ModelOpt AWQ (lite search)"),
+    _modelopt("awq-clip", "NVFP4_AWQ_CLIP_CFG", "ModelOpt AWQ with clipping search"),
+    _modelopt("mse", "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", "ModelOpt block-scale MSE sweep"),
+    _modelopt("four-over-six", "NVFP4_FOUR_OVER_SIX_CFG", "ModelOpt adaptive 4-or-6 block scaling"),
+    Recipe("scale-search", "per-block FP8 scale search, never worse than max scaling",
+           (Calibrate(), ScaleSearch())),
+    Recipe("gptq", "GPTQ error compensation on the NVFP4 grid", (Calibrate(), Gptq())),
+    Recipe("gptq-aa", "activation-aware GPTQ (absorbs the W4A4 input rounding)", (Calibrate(), _AA)),
+    Recipe("gptq-mp", "gptq + the costliest fused units kept bf16 (~9% size)", (Calibrate(), Gptq(), KeepBf16())),
+    Recipe("gptq-aa-mp", "gptq-aa + bf16 units", (Calibrate(), _AA, KeepBf16())),
+    Recipe("smooth", "per-channel smoothing folded into norms / up_proj, then ModelOpt's default",
+           (Smooth(), Calibrate())),
+    Recipe("smooth-gptq-aa", "smoothing, then gptq-aa", (Smooth(0.5), Calibrate(), _AA)),
+    Recipe("smooth-gptq-aa-mp", "smoothing, then gptq-aa-mp", (Smooth(0.5), Calibrate(), _AA, KeepBf16())),
+    Recipe("smooth-gptq-seq-mp",
            "smoothing, bf16 units chosen first, then layer-sequential gptq-aa (make quantize's recipe)",
-           _STATIC_BLOCK),
+           (Smooth(0.5), Calibrate(), KeepBf16(), Gptq(act_aware=True, sequential=True))),
 )}
 NAMES = tuple(RECIPES)
+
+
+def describe(steps) -> str:
+    """steps as one line: smooth(alpha=0.5) -> calibrate(preset=NVFP4_DEFAULT_CFG) -> ..."""
+    return " -> ".join(f"{s.key}({', '.join(f'{f.name}={getattr(s, f.name)}' for f in fields(s))})"
+                       for s in steps)
+
+
+def _coerce(value, default, name: str):
+    """A parameter's value from a flag, a config file or JSON, as the type of its default."""
+    kind = type(default) if default is not None else float
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if kind is bool:
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{name} must be true or false")
+        if kind in (int, float):
+            if text == "none" and default is None:
+                return None
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f"{name} must be a number") from None
+        return value
+    if value is None and default is None:
+        return None
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false")
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{name} must be a number")
+    return kind(value) if kind is float else value
+
+
+def with_params(recipe: str, params: dict) -> tuple:
+    """The steps of RECIPES[recipe] with `params` ("step.param" -> value) applied; ValueError
+    (one line) for a step the recipe has not, a parameter the step has not, or a bad value."""
+    steps = list(RECIPES[recipe].steps)
+    for dotted, value in params.items():
+        key, _, param = str(dotted).partition(".")
+        idx = [i for i, s in enumerate(steps) if s.key == key]
+        if not idx:
+            have = ", ".join(s.key for s in steps)
+            raise ValueError(f"recipe {recipe!r} has no step {key!r} (its steps: {have})")
+        step = steps[idx[0]]
+        names = {f.name: f for f in fields(step)}
+        if param not in names:
+            raise ValueError(f"step {key!r} has no parameter {param!r} "
+                             f"(its parameters: {', '.join(names) or 'none'})")
+        v = _coerce(value, getattr(step, param), dotted)
+        allowed = getattr(step, "choices", {}).get(param)
+        if allowed and v not in allowed:
+            raise ValueError(f"{dotted} must be one of {', '.join(allowed)}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            raise ValueError(f"{dotted} must not be negative")
+        for i in idx:
+            steps[i] = replace(steps[i], **{param: v})
+    if any(isinstance(s, Gptq) and s.sequential and not s.act_aware for s in steps):
+        raise ValueError("gptq.sequential needs gptq.act_aware: the sequential pass fits each layer to "
+                         "the quantized inputs it will see")
+    return tuple(steps)
+
 
 # Formats other than W4A4 use one ModelOpt preset and only the default recipe.
 FORMAT_PRESETS = {"nvfp4-w4a16": "W4A16_NVFP4_CFG", "fp8": "FP8_DEFAULT_CFG"}

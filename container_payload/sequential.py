@@ -18,7 +18,6 @@ one to advance) against one for `gptq-aa`. The hidden states of both streams sta
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -35,8 +34,8 @@ from .linear_compute import float32_linears, patch_forward
 # GPTQ's 0.01 the KL on calibration text fell to 0.06 while held out it rose to 0.67 (one-pass
 # gptq-aa: 0.20 and 0.37); ridge 0.3 gave 0.33 held out, 3 / 10 / 30 gave 0.27 / 0.29 / 0.27.
 # 1.0 is for make quantize's 16x more tokens, where the noise it guards against is smaller.
-# SPARK_NVFP4_SEQ_RIDGE overrides it (benchmarks).
-RIDGE = float(os.environ.get("SPARK_NVFP4_SEQ_RIDGE", "1.0"))
+# The recipe parameter gptq.ridge overrides it.
+RIDGE = 1.0
 # Tokens per layer call on the streams (memory; the result does not depend on it).
 CHUNK_TOKENS = 16384
 # On CUDA, H = Xq^T Xq and C = X^T Xq in TF32 (inputs rounded to 10 mantissa bits, float32 sums).
@@ -44,8 +43,8 @@ CHUNK_TOKENS = 16384
 # (benchmarks/results/gpu_8b-recipe-cost.md): the sequential pass took 84.7 s with them in float32
 # and 48.3 s in TF32, the recipe 3.78x and 2.71x the default recipe's wall time. The rounding
 # (~5e-4 relative per input) is far below the damping (1% of mean diag H) and the ridge (100%).
-# The CPU path always uses float32. SPARK_NVFP4_HESSIAN_TF32=0 gives float32 on CUDA too.
-HESSIAN_TF32 = os.environ.get("SPARK_NVFP4_HESSIAN_TF32", "1") == "1"
+# The CPU path always uses float32; the recipe parameter gptq.hessian_tf32=false gives float32 on
+# CUDA too.
 
 
 class _Catcher(nn.Module):
@@ -197,7 +196,7 @@ class _Capture:
 @torch.no_grad()
 def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.01,
                     block_size: int = 128, search: bool = True, captured=None,
-                    ridge: float | None = None):
+                    ridge: float | None = None, kernel: str = "auto", hessian_tf32: bool = True):
     """Quantize every quantized Linear layer by layer (see the module's docstring); Linears
     whose quantizers are off (kept in bf16) run unquantized in both streams. `captured`:
     first_layer_inputs' result, when the caller already has it. Returns (linears, originals,
@@ -249,7 +248,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                     xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
                     x0 = x_fp[head][batch[0]].float()
                     prec = torch.get_float32_matmul_precision()
-                    if HESSIAN_TF32 and x.is_cuda:
+                    if hessian_tf32 and x.is_cuda:
                         torch.set_float32_matmul_precision("high")
                     try:
                         h, c = xq.T @ xq, x0.T @ xq
@@ -281,7 +280,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                 hs = {n: h_unit for n in unit}
                 cs = {n: c_unit for n in unit}
                 quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=search,
-                              damp=damp, block_size=block_size, ridge=ridge)
+                              damp=damp, block_size=block_size, ridge=ridge, kernel=kernel)
                 x_fp[head] = None
                 emulated.append(unit)
                 timer.lap("GPTQ (activation correction included)")

@@ -1,8 +1,9 @@
 """A small OpenAI-compatible server for the CPU stand-in image.
 
-    python3 -m container_payload.serve JOB.json
+    python3 -m container_payload serve JOB.json
 
-Job keys: checkpoint (folder), model_name, port, host, device, max_new_tokens (cap per request).
+The job is a contract.ServeJob: checkpoint (folder), model_name, port, host, device,
+max_new_tokens (cap per request), api_key_file.
 
 On the real image `launcher serve` runs trtllm-serve; here the same flow (container,
 published port, /health, one chat request) runs against the EXACT emulation of what the
@@ -23,9 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from . import events
+from .contract import READY, ServeJob
 from .events import PayloadError
-
-DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class Engine:
@@ -166,29 +166,21 @@ def make_handler(engine: Engine, api_key: str | None = None):
     return Handler
 
 
-def main(job_path: str) -> int:
-    job = json.loads(Path(job_path).read_text())
-    try:
-        engine = Engine(Path(job["checkpoint"]), job.get("device", "cpu"),
-                        int(job.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)), job.get("model_name", "model"))
-    except PayloadError as e:
-        events.emit("error", kind=e.kind, message=str(e))
-        return 1
+def run(job: ServeJob) -> None:
+    engine = Engine(Path(job.checkpoint), job.device, int(job.max_new_tokens), job.model_name)
     # The key comes in a read-only file (never the environment, which `docker inspect` shows);
     # read before /health answers, since the launcher removes the file once the server is up.
-    api_key = Path(job["api_key_file"]).read_text().strip() if job.get("api_key_file") else None
+    api_key = Path(job.api_key_file).read_text().strip() if job.api_key_file else None
     # Listen only once the model is loaded: /health answering means ready.
-    server = ThreadingHTTPServer((job.get("host", "0.0.0.0"), int(job.get("port", 8000))),
-                                 make_handler(engine, api_key))
-    events.emit("ready", port=server.server_address[1], model=engine.name, **engine.info)
+    server = ThreadingHTTPServer((job.host, int(job.port)), make_handler(engine, api_key))
+    events.emit(READY, port=server.server_address[1], model=engine.name, **engine.info)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(events.run_command(["serve", *sys.argv[1:]]))

@@ -10,7 +10,7 @@ offline. The division is folded into what produces the input, so the checkpoint 
   up_proj rows    -> down_proj        (down's input is act(gate) * up, linear in up)
 s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha)  (SmoothQuant's rule). On the embedded model,
 with round-to-nearest weights, alpha 0.65 was the best of 0.25 / 0.5 / 0.65 / 0.8; before
-activation-aware GPTQ a milder alpha compounds better (algorithms.ALPHA_WITH_GPTQ;
+activation-aware GPTQ a milder alpha compounds better (recipes.Smooth;
 benchmarks/results/recipes.md).
 
 Only for decoder layers whose norm is a plain RMSNorm (weight * x / rms): llama, mistral, qwen2,
@@ -21,7 +21,6 @@ import torch
 from .events import emit
 from .linear_compute import float32_linears
 
-DEFAULT_ALPHA = 0.65
 SUPPORTED_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 SCALE_RANGE = (1e-2, 1e2)  # keep any one channel's move bounded
 
@@ -84,7 +83,7 @@ def apply_scales(producer: torch.nn.Module, linears: list[torch.nn.Linear], s: t
         lin.weight.copy_(lin.weight.float() * s.to(lin.weight.device)[None, :])
 
 
-def smooth(model, forward_loop, alpha: float = DEFAULT_ALPHA) -> int:
+def smooth(model, forward_loop, alpha: float) -> int:
     """Fold smoothing scales into the model in place; returns how many groups were smoothed."""
     groups = smoothing_groups(model)
     if not groups:

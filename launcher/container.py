@@ -21,6 +21,7 @@ from docker.errors import APIError, NotFound
 from docker.types import DeviceRequest, Mount
 
 import container_payload
+from container_payload import contract
 
 from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
 from .errors import Interrupted, LauncherError, OutOfMemory, PayloadFailed
@@ -49,8 +50,9 @@ MEMLOCK = docker.types.Ulimit(name="memlock", soft=-1, hard=-1)
 PAYLOAD_ENV = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def payload_command(module: str, *args: str) -> list[str]:
-    return ["python3", "-m", f"container_payload.{module}", *args]
+def payload_command(command: str, *args: str) -> list[str]:
+    """The payload's one entry point (container_payload/__main__.py)."""
+    return ["python3", "-m", "container_payload", command, *args]
 
 
 @dataclass
@@ -237,8 +239,8 @@ class PayloadRun:
     client: docker.DockerClient
     image: str
     record: "runs.RunRecord"
-    module: str                      # container_payload.<module>
-    job: dict
+    module: str                      # the payload command (contract.JOBS)
+    job: object                      # its contract job (a dataclass of container_payload/contract.py)
     binds: list[Bind]
     gpus: str = "none"
     nvidia: bool = False
@@ -252,10 +254,8 @@ class PayloadRun:
 def run_payload(p: PayloadRun, console) -> EventStream:
     """Write the job file into the run's folder, run the container with live progress,
     always remove it (unless keep), and raise a typed error for any failure."""
-    import json
-
     job_file = p.record.folder / f"{p.module}-job.json"
-    job_file.write_text(json.dumps(p.job, indent=2))
+    job_file.write_text(contract.to_json(p.job))
     box = PayloadContainer(p.client, p.image, p.record.id, role=p.module)
     box.create(payload_command(p.module, "/run/job.json"), p.binds + [Bind(job_file, "/run/job.json")], env=p.env,
                device_requests=gpu_requests(p.gpus, p.nvidia), mem_limit=p.mem_limit, network=p.network)

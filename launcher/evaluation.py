@@ -5,8 +5,8 @@ engines compute, so this works on CPUs and on GPUs without FP4 units. The held-o
 texts are never the calibration text.
 
 Every input is mounted read-only. The payload writes its JSON into a fresh folder of
-the run (never the folder of --json, which could be all of $HOME); the launcher then
-copies it to --json atomically. An image it pulls is recorded for rollback.
+the run (never the folder of --json-out, which could be all of $HOME); the launcher then
+copies it to --json-out atomically. An image it pulls is recorded for rollback.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from container_payload.contract import EvalJob
+
 from . import assets, model_source, paths, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
@@ -26,7 +28,6 @@ from .errors import ConfigError, LauncherError
 from .image import ImageStore, choose_image
 from .orphans import guard, reap
 
-HELDOUT = ("heldout-wiki", "heldout-brown")
 # The check at the end of `launcher quantize`: held-out tokens scored. The CPU emulation
 # scores ~512 tokens in 10-40 s on 2 cores, so the stand-in gets a smaller sample.
 QUICK_TOKENS = {"gpu": 8192, "cpu": 2048}
@@ -36,9 +37,9 @@ QUICK_TOKENS = {"gpu": 8192, "cpu": 2048}
 class EvalRequest:
     checkpoint: Path
     reference: str | None = None        # hub id, folder or 'embedded'; default: the checkpoint's source
-    text: str = "heldout-wiki"          # heldout-wiki | heldout-brown | FILE
-    tokens: int = 16384
-    seq_len: int = 512
+    text: str = assets.HELDOUT[0]       # heldout-wiki | heldout-brown | FILE
+    tokens: int = EvalJob.tokens
+    seq_len: int = EvalJob.seq_len
     json_out: Path | None = None
     image: str = "auto"
     gpus: str = "auto"
@@ -47,13 +48,13 @@ class EvalRequest:
 
 
 def text_path(text: str) -> Path:
-    if text in HELDOUT:
+    if text in assets.HELDOUT:
         t = assets.texts()
         return t.heldout_wiki if text == "heldout-wiki" else t.heldout_brown
     path = Path(text).expanduser()
     if not path.is_file():
         raise ConfigError(f"evaluation text not found: {path}", where="--text",
-                          advice=f"pass a text file, or one of {', '.join(HELDOUT)}")
+                          advice=f"pass a text file, or one of {', '.join(assets.HELDOUT)}")
     return path.resolve()
 
 
@@ -96,11 +97,10 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     guard(rec)  # removes the container at once if this launcher is killed
     out_dir = rec.folder / "evalout"   # the only folder the payload may write
     out_dir.mkdir()
-    job = {"checkpoint": "/ckpt", "reference": ref.container_dir, "text": f"/text/{text.name}",
-           "tokens": req.tokens, "seq_len": req.seq_len, "json_out": f"/evalout/{json_out.name}",
-           "device": "cpu" if req.gpus == "none" or not nvidia else "auto"}
-    if not req.generations:
-        job["generations"] = []
+    job = EvalJob(checkpoint="/ckpt", reference=ref.container_dir, text=f"/text/{text.name}",
+                  tokens=req.tokens, seq_len=req.seq_len, json_out=f"/evalout/{json_out.name}",
+                  device="cpu" if req.gpus == "none" or not nvidia else "auto",
+                  generations=None if req.generations else [])
     binds = [Bind(ckpt, "/ckpt"), Bind(text, f"/text/{text.name}"),
              Bind(out_dir, "/evalout", read_only=False)] + [b for b in ref.binds if b.target != "/assets"]
     with rec.ends_on_error():
@@ -110,21 +110,26 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     rec.result = {k: result.get(k) for k in ("perplexity", "reference_perplexity", "kl_divergence",
                                             "top1_agreement", "tokens")}
     rec.finish("complete")
+    from .output import run_result
+
+    rec.write_result(run_result(rec, evaluation=result, extra={"output": str(json_out), "run_id": rec.id,
+                                                                "timings": result.get("timings")}))
+    result["run_id"] = rec.id   # (not in --json-out's file: written before)
     return result
 
 
 def check_json_out(path: Path) -> Path:
     path = Path(path).expanduser().resolve()
     if path.is_dir():
-        raise ConfigError(f"--json names a folder: {path}", where="--json", advice="give a file name, e.g. eval.json")
+        raise ConfigError(f"--json-out names a folder: {path}", where="--json-out", advice="give a file name, e.g. eval.json")
     if not path.parent.is_dir():
-        raise ConfigError(f"the folder of --json does not exist: {path.parent}", where="--json",
+        raise ConfigError(f"the folder of --json-out does not exist: {path.parent}", where="--json-out",
                           advice="create it first, or choose another path")
     return path
 
 
 def _publish(made: Path, json_out: Path) -> dict:
-    """The payload's JSON, checked, then written to --json atomically (temp file + rename)."""
+    """The payload's JSON, checked, then written to --json-out atomically (temp file + rename)."""
     from .untrusted import read_json_object
 
     result = read_json_object(made, limit=64 << 20)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from container_payload import recipes
+from container_payload import contract, recipes
 
 from . import assets, derived_image, model_source, paths, preflight, runs
 from .config import JobSpec
@@ -32,6 +32,7 @@ from .errors import ConfigError, LauncherError
 from .image import ImageStore, choose_image
 from .locks import OutputLock, lock_path
 from .orphans import guard, reap
+from .output import run_result
 
 
 @dataclass
@@ -39,11 +40,15 @@ class JobOutcome:
     run: runs.RunRecord
     output: Path
     reused: bool = False
+    evaluation: dict | None = None   # the quick quality check (launcher eval's JSON), when it ran
+    result: dict | None = None       # the run's result.json (what --json prints)
 
 
 def job_fingerprint(spec: JobSpec) -> str:
     """What makes two runs produce the same checkpoint (not where it goes)."""
     keys = spec.model_dump(mode="json", include={"model", "revision", "format", "recipe", "calibration", "kv_cache"})
+    if spec.recipe_params:  # (absent when empty: the fingerprints of earlier runs stay valid)
+        keys["recipe_params"] = spec.recipe_params
     recipe_file = recipe_path(spec)
     if recipe_file is not None:  # a YAML recipe of the user's: what it says, not where it lies
         keys["recipe"] = hashlib.sha256(recipe_file.read_bytes()).hexdigest()
@@ -160,11 +165,13 @@ class QuantizeJob:
             finally:
                 if lock is not None:
                     lock.release()
-            if outcome is not None:
-                return outcome
-        # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
-        self.describe(output, self.runnable, model_source.weight_bytes(self.model.host_dir) or self.model.bytes)
-        return JobOutcome(rec, output)
+        if outcome is None:  # quantized: the checkpoint is complete, whatever its description does
+            # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
+            source = model_source.weight_bytes(self.model.host_dir) or self.model.bytes
+            outcome = JobOutcome(rec, output, evaluation=self.describe(output, self.runnable, source))
+        outcome.result = rec.write_result(run_result(rec, evaluation=outcome.evaluation, reused=outcome.reused,
+                                                     extra={"dry_run": self.dry_run}))
+        return outcome
 
     def _run_locked(self, client, rec: runs.RunRecord, output: Path, fingerprint: str, nvidia: bool,
                     image_ref: str) -> JobOutcome | None:
@@ -216,9 +223,9 @@ class QuantizeJob:
                                       console=self.console, upgrade=spec.image_upgrade, offline=spec.offline,
                                       dry_run=self.dry_run)
 
-    def describe(self, output: Path, image_ref: str, source_bytes: int) -> None:
-        """Quick quality check and model card. The checkpoint is already complete:
-        a failure here is reported, never turned into a failed run."""
+    def describe(self, output: Path, image_ref: str, source_bytes: int) -> dict | None:
+        """Quick quality check and model card; returns the evaluation. The checkpoint is already
+        complete: a failure here is reported, never turned into a failed run."""
         from . import model_card
         from .evaluation import QUICK_TOKENS, EvalRequest, evaluate, summary_line
 
@@ -233,6 +240,7 @@ class QuantizeJob:
                 self.console.print(f"[yellow]warning:[/] evaluation failed, the checkpoint is fine: {e}")
         card = model_card.write(output, evaluation, source_bytes or None)
         self.console.print(f"model card: {card}")
+        return evaluation
 
     def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path, fingerprint: str,
                   nvidia: bool, calib: tuple[str, list[Bind]]) -> None:
@@ -244,13 +252,12 @@ class QuantizeJob:
 
         calib_src, calib_binds = calib
         recipe, recipe_binds = recipe_bind(spec)
-        job = {
-            "model_dir": model.container_dir, "gguf": model.gguf, "output_dir": "/out",
-            "format": spec.format.value, "recipe": recipe, "kv_cache": spec.kv_cache,
-            "calibration": {**spec.calibration.model_dump(), "source": calib_src},
-            "device": "auto" if self.device_kind == "gpu" else "cpu",
-            "low_memory": spec.low_memory, "job_fingerprint": fingerprint, "run_id": rec.id,
-        }
+        job = contract.QuantizeJob(
+            model_dir=model.container_dir, gguf=model.gguf, output_dir="/out",
+            format=spec.format.value, recipe=recipe, recipe_params=spec.recipe_params, kv_cache=spec.kv_cache,
+            calibration=contract.Calibration(**{**spec.calibration.model_dump(), "source": calib_src}),
+            device="auto" if self.device_kind == "gpu" else "cpu",
+            low_memory=spec.low_memory, job_fingerprint=fingerprint, run_id=rec.id)
         # No token and no network, ever: a hub dataset was fetched on the host (calibration_bind).
         env = {"HF_DATASETS_OFFLINE": "1"} if calib_src.startswith("hf:") else {}
         run_payload(PayloadRun(

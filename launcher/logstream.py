@@ -15,17 +15,27 @@ from typing import IO, Iterable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-PREFIX = "@@spark-nvfp4 "
+from container_payload import contract
+from container_payload.contract import PREFIX
+
+
+def parse_event(line: str) -> dict | None:
+    """The event a payload line carries (contract.PREFIX + a JSON object), or None."""
+    if not line.startswith(PREFIX):
+        return None
+    try:
+        event = json.loads(line[len(PREFIX):])
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
 def find_event(lines: Iterable[str], kind: str) -> dict | None:
-    """The first `@@spark-nvfp4` event of this kind among the lines (others and garbage skipped)."""
+    """The first event of this kind among the lines (others and garbage skipped)."""
     for line in lines:
-        if line.startswith(PREFIX):
-            try:
-                event = json.loads(line[len(PREFIX):])
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("event") == kind:
-                return event
+        event = parse_event(line)
+        if event is not None and event.get("event") == kind:
+            return event
     return None
 
 
@@ -87,31 +97,29 @@ class EventStream:
         if _OOM.search(line):
             self.outcome.saw_cuda_oom = True
         if line.startswith(PREFIX):
-            try:
-                ev = json.loads(line[len(PREFIX):])
-            except json.JSONDecodeError:
-                return
-            self._event(ev)
+            ev = parse_event(line)
+            if ev is not None:
+                self._event(ev)
         elif self.echo:
             self._progress.console.print(line, style="dim", markup=False, highlight=False)
 
     def _event(self, ev: dict) -> None:
         self.outcome.events.append(ev)
         kind = ev.get("event")
-        if kind == "stage":
+        if kind == contract.STAGE:
             self._finish_running()
             name = ev.get("stage", "?")
             self._tasks[name] = self._progress.add_task(name, total=ev.get("total"))
             if ev.get("detail"):
                 self._progress.console.print(f"[bold]{name}[/]: {ev['detail']}", highlight=False)
-        elif kind == "progress":
+        elif kind == contract.PROGRESS:
             name = ev.get("stage", "?")
             if name not in self._tasks:
                 self._tasks[name] = self._progress.add_task(name, total=ev.get("total"))
             self._progress.update(self._tasks[name], total=ev.get("total"), completed=ev.get("done", 0))
-        elif kind == "error":
+        elif kind == contract.ERROR:
             self.outcome.error = ev
-        elif kind == "done":
+        elif kind == contract.DONE:
             self._finish_running()
             self.outcome.done = ev
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import sys
 from pathlib import Path
 
 GiB = 1 << 30
@@ -309,7 +308,8 @@ def build_report(candidates: list[dict], out_html: Path) -> Path:
     return out_html
 
 
-def _candidate(arg: str) -> dict:
+def candidate(arg: str) -> dict:
+    """EVAL.json[:NAME] (launcher report's argument) -> one candidate of the page."""
     path, name = arg, None
     if ":" in arg and not Path(arg).exists():
         path, name = arg.rsplit(":", 1)
@@ -317,18 +317,3 @@ def _candidate(arg: str) -> dict:
     name = name or Path(ev.get("checkpoint") or path).name
     return {"name": name, "eval_json": ev, "checkpoint_bytes": ev.get("checkpoint_bytes"),
             "params": (ev.get("model") or {}).get("params")}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2:
-        print("usage: python -m launcher.report OUT.html EVAL1.json[:NAME] [EVAL2.json[:NAME] ...]",
-              file=sys.stderr)
-        return 2
-    out = build_report([_candidate(a) for a in argv[1:]], Path(argv[0]))
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -451,3 +451,47 @@ def describe_outcome(out: Outcome, console) -> None:
 
 
 __all__ = ["Item", "Plan", "Outcome", "plan", "execute", "tree_size", "human", "RunNotFound"]
+
+
+def run_rollback(run_id: str | None, *, all_runs: bool, outputs: bool, images: bool, cache: bool,
+                 dry_run: bool, yes: bool, console) -> None:
+    """`launcher rollback`: plan, show, confirm, execute, report; a LauncherError when anything
+    recorded stays."""
+    import sys
+
+    import click
+
+    p = plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache, dry_run=dry_run)
+    if p.empty:
+        describe_rest(p, console)
+        console.print("nothing to roll back" + (f" for run {run_id}" if run_id else ""))
+        _unchecked(p)
+        return
+    console.print(plan_table(p, "would remove" if dry_run else "to remove"))
+    describe_rest(p, console)
+    if dry_run:
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            from .errors import ConfigError
+            raise ConfigError("refusing to delete without confirmation: stdin is not a terminal",
+                              where="rollback", advice="check the list with --dry-run, then pass --yes")
+        click.confirm(f"remove these {len(p.items)} items?", abort=True, err=True)
+    out = execute(p)
+    describe_outcome(out, console)
+    if out.failed:
+        from .errors import LauncherError
+        raise LauncherError(f"{len(out.failed)} of {len(p.items)} items could not be removed",
+                            advice="fix what is reported above and run the same rollback again")
+    _unchecked(p)
+
+
+def _unchecked(p) -> None:
+    """Without Docker the files go, but the rollback is not complete: say so in the exit code."""
+    n = sum(1 for _, why in p.refused if why.startswith("Docker daemon unreachable"))
+    if n:
+        from .errors import DockerUnavailable
+        raise DockerUnavailable(f"{n} recorded container(s)/image(s) not removed: the Docker daemon is unreachable",
+                                advice="start Docker and run the same rollback again")
+
+

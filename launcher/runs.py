@@ -96,20 +96,38 @@ class RunRecord(BaseModel):
     @contextmanager
     def ends_on_error(self):
         """Any exception that leaves the block ends the run with the matching status, so a
-        record never stays 'running' after its launcher gave up."""
+        record never stays 'running' after its launcher gave up; the run's result.json says
+        why, and the exception carries it (`--json` prints it)."""
         from .errors import LauncherError
+        from .output import run_result
 
         try:
             yield self
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             self.finish("interrupted", error="interrupted (Ctrl-C)")
+            self.write_result(run_result(self, failure=e))
             raise
         except LauncherError as e:
             self.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
+            e.result = self.write_result(run_result(self, failure=e))
             raise
         except BaseException as e:
             self.finish("failed", error=f"{type(e).__name__}: {e}")
+            self.write_result(run_result(self, failure=e))
             raise
+
+    def read_result(self) -> dict | None:
+        from .untrusted import read_json_object
+
+        return read_json_object(self.folder / "result.json")
+
+    def write_result(self, body: dict) -> dict:
+        """The run's result.json (what a CI job reads), written whole or not at all."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.folder, delete=False, suffix=".tmp") as f:
+            json.dump(body, f, indent=2, default=str)
+        os.replace(f.name, self.folder / "result.json")
+        return body
 
     def owner_alive(self) -> bool:
         """Is the launcher process that runs this record still alive (same host)?"""

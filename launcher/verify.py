@@ -13,7 +13,6 @@ when there is none.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import fnmatch
 import json
@@ -23,7 +22,6 @@ import re
 import reprlib
 import stat
 import struct
-import sys
 import time
 from collections import Counter, defaultdict
 from contextlib import ExitStack
@@ -34,7 +32,7 @@ import ml_dtypes
 import numpy as np
 import regex
 
-from .errors import ConfigError, VerifyFailed
+from .errors import ConfigError
 from .untrusted import printable
 
 MODELOPT = "modelopt"
@@ -923,35 +921,26 @@ def _summary_text(r: Report) -> str:
             f"{bits}; {r.tensors} tensors in {r.shards} shard(s), {r.total_bytes / 2**20:.1f} MiB")
 
 
-def main_verify(path: Path, json_out: Path | None = None) -> int:
-    """Print the report with rich and return the exit code (0 only without problems)."""
-    from rich.console import Console
+def print_report(report: Report, console) -> None:
+    """The summary line, the first MAX_PRINTED problems and the verdict."""
     from rich.markup import escape
 
-    console = Console(highlight=False, soft_wrap=True)
-    report = verify_checkpoint(Path(path))
-    console.print(escape(_summary(report)))
+    console.print(escape(_summary(report)), highlight=False, soft_wrap=True)
     for p in report.problems[:MAX_PRINTED]:
-        console.print(f"[red]problem[/red] {escape(str(p))}")
+        console.print(f"[red]problem[/red] {escape(str(p))}", highlight=False, soft_wrap=True)
     if len(report.problems) > MAX_PRINTED:
-        console.print(f"[red]problem[/red] {len(report.problems) - MAX_PRINTED} more (all in --json)")
+        console.print(f"[red]problem[/red] {len(report.problems) - MAX_PRINTED} more (all in --json-out)")
     if report.ok:
         engines = "TensorRT-LLM, vLLM and SGLang" if report.format == MODELOPT else "vLLM and SGLang"
         console.print(f"[green]ok[/green]: meets what {engines} require")
     else:
         console.print(f"[red]{len(report.problems)} problem(s)[/red]")
-    if json_out is not None:
-        try:
-            Path(json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        except OSError as e:
-            console.print(f"[red]error[/red] {escape(f'cannot write {json_out}: {e.strerror or e}')}")
-            return ConfigError.exit_code
-    return 0 if report.ok else VerifyFailed.exit_code
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m launcher.verify", description=__doc__.splitlines()[0])
-    ap.add_argument("ckpt", type=Path)
-    ap.add_argument("--json", dest="json_out", type=Path, default=None)
-    args = ap.parse_args()
-    sys.exit(main_verify(args.ckpt, args.json_out))
+def write_report(report: Report, json_out: Path) -> None:
+    """The full report as JSON (a file the user named: a one-line error if it cannot be written)."""
+    try:
+        Path(json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write the report: {e.strerror or e}", where=str(json_out),
+                          advice="choose a writable --json-out path") from None

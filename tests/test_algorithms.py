@@ -659,13 +659,20 @@ def case_seq_mp_recipe_export():
     from modelopt.torch.export import export_hf_checkpoint
     from container_payload import algorithms as al
 
+    from container_payload import recipe_build, recipes, steps
+
     model, fl, _ = _tiny_llama(None)
     orig = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model = mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
     unit_extra = 2 * (128 * 64 * 2 - al._nvfp4_bytes(128 * 64))  # one gate/up unit
-    frac = 1.5 * unit_extra / al.model_bytes_default(model, al.quantized_linears(model))
-    os.environ["SPARK_NVFP4_MP_BUDGET"] = str(frac)
-    al.refine_gptq_seq_mp(model, fl)
+    probe = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
+    frac = 1.5 * unit_extra / al.model_bytes_default(probe, al.quantized_linears(probe))
+    # the registry's recipe, its budget set as a recipe parameter (what --recipe-param does), and
+    # without its smoothing step, so that a unit kept in bf16 must equal the original bit for bit
+    built = recipe_build.build("nvfp4", "smooth-gptq-seq-mp", "none", "cpu", {"keep_bf16.budget": frac})
+    assert [type(x) for x in built.steps] == [recipes.Smooth, recipes.Calibrate, recipes.KeepBf16, recipes.Gptq]
+    assert built.steps[2].budget == frac
+    built.steps = built.steps[1:]
+    model = steps.run(model, built, fl)
     linears = al.quantized_linears(model)
     with tempfile.TemporaryDirectory() as out:
         with torch.inference_mode():
@@ -697,12 +704,13 @@ def case_recipe_names_agree():
     # recipe of ours has its steps, and every ModelOpt preset named exists in this ModelOpt.
     import modelopt.torch.quantization as mtq
 
-    from container_payload import algorithms, recipes
+    from container_payload import recipes, steps
 
-    ours = {n for n, r in recipes.RECIPES.items() if r.origin == "ours"}
-    assert ours == set(algorithms.CUSTOM_RECIPES), ours ^ set(algorithms.CUSTOM_RECIPES)
     for r in recipes.RECIPES.values():
         assert hasattr(mtq, r.preset), r.preset
+        assert sum(isinstance(x, recipes.Calibrate) for x in r.steps) == 1, r.name
+        for x in r.steps:  # every step after calibration has its runner
+            assert isinstance(x, (recipes.Smooth, recipes.Calibrate)) or type(x) in steps.RUNNERS, (r.name, x)
     for preset in recipes.FORMAT_PRESETS.values():
         assert hasattr(mtq, preset), preset
 

@@ -71,8 +71,8 @@ def evals(tiny):
         jobs[name].write_text(json.dumps(job))
     # The CLI entry point once; the rest in one process, as importing torch dominates.
     cli = run_ref(["-m", "container_payload.evaluate", str(jobs.pop("w4a4"))])
-    run_ref(["-c", "import sys; from container_payload import evaluate; "
-                   "sys.exit(max(evaluate.main([j]) for j in sys.argv[1:]))", *map(str, jobs.values())])
+    run_ref(["-c", "import sys; from container_payload import events; "
+                   "sys.exit(max(events.run_command(['evaluate', j]) for j in sys.argv[1:]))", *map(str, jobs.values())])
     results = {name: json.loads((out / f"eval-{name}.json").read_text()) for name in VARIANTS}
     return results, cli.stdout
 

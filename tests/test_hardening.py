@@ -244,13 +244,13 @@ def test_output_is_judged_under_the_lock(home, tmp_path, docker_client):
     assert not out.exists() and not list(tmp_path.glob(".o.partial-*"))
 
 
-# ---------------------------------------------------------------- eval's --json
+# ---------------------------------------------------------------- eval's --json-out
 
 def test_eval_json_must_be_a_file_in_an_existing_folder(home, tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    for target, needle in ((tmp_path, "--json names a folder"), (tmp_path / "no" / "e.json", "does not exist")):
+    for target, needle in ((tmp_path, "--json-out names a folder"), (tmp_path / "no" / "e.json", "does not exist")):
         proc = run_launcher("eval", str(ckpt), "--reference", str(ckpt), "--text", str(ckpt / "config.json"),
-                            "--json", str(target), env=NO_DOCKER, timeout=60)
+                            "--json-out", str(target), env=NO_DOCKER, timeout=60)
         assert proc.returncode == 2 and needle in one_line_error(proc.stderr), proc.stderr
 
 

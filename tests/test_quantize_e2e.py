@@ -153,7 +153,7 @@ def test_eval_agrees_with_independent_float64_emulation(e2e, ref_python, texts, 
     tokens, seq_len = 256, 128
     out = tmp_path / "eval.json"
     proc = run_launcher("eval", str(e2e["out"]), "--reference", "embedded", "--text", str(texts.heldout_brown),
-                        "--tokens", str(tokens), "--seq-len", str(seq_len), "--json", str(out), "--no-generations",
+                        "--tokens", str(tokens), "--seq-len", str(seq_len), "--json-out", str(out), "--no-generations",
                         env={"SPARK_NVFP4_HOME": str(e2e["home"])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(out.read_text())
@@ -179,7 +179,7 @@ def test_eval_of_the_original_against_itself_is_exact(e2e, tmp_path):
     out = tmp_path / "self.json"
     model_dir = REAL_HOME / "models" / EMBEDDED_DIRNAME
     proc = run_launcher("eval", str(model_dir), "--reference", "embedded", "--text", "heldout-wiki", "--tokens", "256",
-                        "--seq-len", "128", "--json", str(out), "--no-generations",
+                        "--seq-len", "128", "--json-out", str(out), "--no-generations",
                         env={"SPARK_NVFP4_HOME": str(e2e["home"])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(out.read_text())

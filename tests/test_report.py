@@ -136,7 +136,7 @@ def test_html_has_one_svg_per_plot_and_escapes(evals, tmp_path):
 
 def test_cli_and_renders_in_chromium(evals, tmp_path):
     out = tmp_path / "report.html"
-    proc = subprocess.run([sys.executable, "-m", "launcher.report", str(out), f"{evals[0]}:default",
+    proc = subprocess.run([sys.executable, "-m", "launcher", "report", str(out), f"{evals[0]}:default",
                            f"{evals[1]}:awq-lite"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     page = out.read_text()

@@ -81,7 +81,7 @@ def llmc(tmp_path_factory) -> Path:
 
 
 def run_cli(ckpt: Path, *extra: str) -> tuple[int, str]:
-    r = subprocess.run([sys.executable, "-m", "launcher.verify", str(ckpt), *extra],
+    r = subprocess.run([sys.executable, "-m", "launcher", "verify", str(ckpt), *extra],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     out = r.stdout + r.stderr
     assert "Traceback" not in out, out
@@ -242,7 +242,7 @@ def test_llmc_keys_are_what_the_verifier_expects(llmc):
 
 def test_json_report(modelopt, tmp_path):
     out = tmp_path / "report.json"
-    rc, _ = run_cli(modelopt / "w4a4", "--json", str(out))
+    rc, _ = run_cli(modelopt / "w4a4", "--json-out", str(out))
     data = json.loads(out.read_text())
     assert rc == 0 and data["ok"] and data["problems"] == [] and data["quantized_linears"] == LINEARS
 

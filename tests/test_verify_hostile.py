@@ -43,7 +43,7 @@ _WRAPPER = ("import os, subprocess, sys\n"
 
 def run_verify(ckpt: Path, timeout: float = 60) -> tuple[int, str, float, int]:
     """(exit code, stdout+stderr, seconds, peak RSS bytes) of `python -m launcher.verify`."""
-    return measure([sys.executable, "-m", "launcher.verify", str(ckpt)], timeout, what=str(ckpt))
+    return measure([sys.executable, "-m", "launcher", "verify", str(ckpt)], timeout, what=str(ckpt))
 
 
 def measure(cmd: list[str], timeout: float, what: str = "") -> tuple[int, str, float, int]:

@@ -1,0 +1,103 @@
+"""Carries out a recipe's typed steps (recipes.py) on the model, in order.
+
+The one place that knows which function runs each step: smoothing.py before calibration,
+ModelOpt's mtq.quantize for Calibrate, algorithms.py / sequential.py after it. Steps after
+Calibrate hand each other what they made (the quantized Linears, their original weights, the
+calibration batches kept for ranking) through one small State.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import events
+from .recipes import Calibrate, Gptq, KeepBf16, ScaleSearch, Smooth
+
+
+@dataclass
+class State:
+    linears: dict | None = None      # the quantized Linears, by name
+    originals: dict | None = None    # their weights before GPTQ / rounding
+    kept_ids: list = field(default_factory=list)   # calibration input_ids batches kept for ranking
+    captured: tuple | None = None    # sequential.first_layer_inputs' result, for a sequential Gptq
+
+
+def run(model, recipe, forward_loop):
+    """All of `recipe`'s steps (recipe_build.BuiltRecipe); returns the quantized model."""
+    state = State()
+    calibrated = False
+    for i, step in enumerate(recipe.steps):
+        later = recipe.steps[i + 1:]
+        if isinstance(step, Smooth):
+            events.stage("pre-calibrate", detail=f"{recipe.name}: smoothing statistics, folded into the bf16 weights")
+            from .smoothing import smooth
+            smooth(model, forward_loop, step.alpha)
+        elif isinstance(step, Calibrate):
+            import modelopt.torch.quantization as mtq
+
+            events.stage("calibrate", detail=f"recipe {recipe.name} ({recipe.preset})")
+            model = mtq.quantize(model, recipe.config, forward_loop)
+            calibrated = True
+            if later:
+                events.stage("refine", detail=recipe.name)
+        elif not calibrated:
+            raise ValueError(f"recipe {recipe.name}: {step.key} must come after calibrate")
+        else:
+            RUNNERS[type(step)](model, step, forward_loop, state, later)
+    return model
+
+
+def _ranking_batches(later) -> int:
+    """Calibration batches to keep now for a KeepBf16 that follows."""
+    return next((s.batches for s in later if isinstance(s, KeepBf16)), 0)
+
+
+def _scale_search(model, step: ScaleSearch, forward_loop, state: State, later) -> None:
+    from .algorithms import quantize_weights
+
+    state.linears, state.originals, state.kept_ids = quantize_weights(
+        model, forward_loop, gptq=False, search=True, keep_batches=_ranking_batches(later))
+
+
+def _gptq(model, step: Gptq, forward_loop, state: State, later) -> None:
+    if step.sequential:
+        from .sequential import sequential_gptq
+
+        captured, state.captured = state.captured, None  # handed over: freed with the pass
+        state.linears, state.originals, state.kept_ids = sequential_gptq(
+            model, forward_loop, keep_batches=_ranking_batches(later), captured=captured,
+            ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32)
+        return
+    from .algorithms import quantize_weights
+
+    state.linears, state.originals, state.kept_ids = quantize_weights(
+        model, forward_loop, gptq=True, search=True, keep_batches=_ranking_batches(later),
+        act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel)
+
+
+@torch.no_grad()
+def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> None:
+    from .algorithms import QuantizersOff, keep_sensitive_in_bf16, quantized_linears, round_weights
+
+    if state.originals is not None:  # after GPTQ / rounding: rank the weights it chose
+        keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
+        return
+    # Before GPTQ: rank round-to-nearest weights, then give the originals back to the GPTQ that
+    # follows (it fits around the units kept in bf16). A sequential one reuses the captured inputs.
+    from .sequential import first_layer_inputs
+
+    with QuantizersOff(model):
+        captured = first_layer_inputs(model, forward_loop, step.batches)
+    linears = quantized_linears(model)
+    originals = {n: m.weight.detach().clone() for n, m in linears.items()}
+    round_weights(linears)
+    keep_sensitive_in_bf16(model, linears, originals, captured[2], step.budget)
+    for n, m in linears.items():
+        m.weight.data.copy_(originals[n])
+    del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)
+    if any(isinstance(s, Gptq) and s.sequential for s in later):
+        state.captured = captured
+
+
+RUNNERS = {ScaleSearch: _scale_search, Gptq: _gptq, KeepBf16: _keep_bf16}

@@ -1,0 +1,63 @@
+"""What the launcher prints, and where.
+
+- `console` (stderr): progress, notes and the one-line errors, for people.
+- `stdout`: tables and results a user may pipe.
+- `--json` (quantize, eval, verify): stdout carries exactly one JSON object for a CI job, the
+  same object the run keeps as `result.json` in its folder, success or failure:
+
+      {"command", "status": "complete" | "failed" | "interrupted", "exit_code", "run_id",
+       "output", "sizes", "quality", "timings", "error": {"kind", "message", "where", "advice"}}
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+
+console = Console(stderr=True)
+stdout = Console()
+
+
+def print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def error_fields(e: BaseException) -> dict:
+    """The `error` member of a result: a LauncherError's parts, or a bug's type and message."""
+    from .errors import LauncherError
+
+    if isinstance(e, LauncherError):
+        return {"kind": type(e).__name__, "exit_code": e.exit_code, "message": e.what, "where": e.where,
+                "advice": e.advice}
+    if isinstance(e, KeyboardInterrupt):
+        return {"kind": "Interrupted", "exit_code": 130, "message": "interrupted", "where": None, "advice": None}
+    return {"kind": "InternalError", "exit_code": 1, "message": f"{type(e).__name__}: {e}", "where": None,
+            "advice": "this is a bug; please report it with the run's log"}
+
+
+def quality(evaluation: dict | None) -> dict | None:
+    """The numbers of an evaluation (launcher eval's JSON) a CI job compares."""
+    if not evaluation:
+        return None
+    keys = ("kl_divergence", "top1_agreement", "perplexity", "reference_perplexity", "tokens", "text")
+    return {k: evaluation.get(k) for k in keys}
+
+
+def run_result(rec, *, failure: BaseException | None = None, evaluation: dict | None = None,
+               reused: bool = False, extra: dict | None = None) -> dict:
+    """The JSON result of one run (runs.RunRecord), complete or failed."""
+    checkpoint = rec.result if isinstance(rec.result, dict) else {}
+    error = error_fields(failure) if failure is not None else None
+    body = {
+        "command": rec.command, "status": rec.status,
+        "exit_code": error["exit_code"] if error else 0, "run_id": rec.id, "output": rec.output,
+        "reused": reused,
+        "sizes": {"checkpoint_bytes": checkpoint.get("checkpoint_bytes")} if checkpoint.get("checkpoint_bytes") else None,
+        "recipe": checkpoint.get("recipe"), "format": checkpoint.get("format"),
+        "quality": quality(evaluation), "timings": checkpoint.get("timings"),
+        "error": error,
+    }
+    body.update(extra or {})
+    return body

@@ -1,0 +1,115 @@
+"""What `launcher list`, `status` and `logs` show of the runs of this home.
+
+Records are files anyone can edit: every value shown goes through untrusted.printable, and a
+recorded path is measured only when rollback would accept it as the run's own.
+"""
+from __future__ import annotations
+
+import codecs
+import datetime as dt
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from . import runs
+from .orphans import tidy
+from .untrusted import printable
+
+STATUS_COLORS = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
+
+
+def age(iso: str) -> str:
+    try:
+        secs = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    except (ValueError, TypeError):  # a hand-edited record
+        return "?"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= n:
+            return f"{secs // n:.0f}{unit}"
+    return f"{secs:.0f}s"
+
+
+def print_runs(console, out) -> None:
+    """The runs of this home, oldest first (runs whose launcher died are marked interrupted)."""
+    tidy(console)
+    records = runs.all_runs()
+    for name, why in runs.damaged.items():
+        console.print(f"[yellow]skipped[/] run {escape(printable(name))}: {escape(printable(why))}",
+                      highlight=False, soft_wrap=True)
+    if not records:
+        console.print("no runs yet")
+        return
+    t = Table(box=box.SIMPLE_HEAD)
+    for col in ("id", "status", "model", "output", "created", "age"):
+        t.add_column(col, overflow="fold", no_wrap=col in ("id", "status", "age"),
+                     min_width=10 if col == "output" else None)
+    for r in records:
+        st = f"[{STATUS_COLORS[r.status]}]{r.status}[/]" if r.status in STATUS_COLORS else r.status
+        shown = (str(r.spec.get("model") or "embedded"), r.output or str(r.spec.get("output") or "-"))
+        t.add_row(r.id, st, *(escape(printable(x)) for x in shown),
+                  escape(printable(r.created_at.replace("T", " ")[5:16])), age(r.created_at))
+    out.print(t)
+
+
+def print_status(run_id: str, console, out) -> None:
+    """One run: its record, what it created (and whether that still exists), its files."""
+    from .rollback import human, recorded_path_ok, tree_size
+
+    tidy(console)
+    r = runs.load(run_id)
+    t = Table(show_header=False, box=None)
+    alive = r.status == "running" and r.owner_alive()
+    rows = [("run", r.id), ("command", r.command), ("status", r.status),
+            ("launcher", f"pid {r.pid} on {r.host}" + (" (alive)" if alive else "")),
+            ("created", r.created_at), ("updated", r.updated_at),
+            ("model", str(r.spec.get("model") or "embedded")), ("output", r.output or str(r.spec.get("output"))),
+            ("image", r.image or "-"), ("error", r.error or "-")]
+    if r.result:
+        rows.append(("checkpoint", f"{human(r.result.get('checkpoint_bytes'))}, "
+                                   f"{r.result.get('timings', {}).get('total_s', '?')} s in the payload"))
+    for k, v in rows:
+        t.add_row(f"[bold]{k}[/]", escape(printable(str(v))))
+    out.print(t)
+    made = Table(title="created", title_justify="left")
+    for col in ("kind", "what", "now"):
+        made.add_column(col, overflow="fold")
+    for kind, items in r.created.model_dump().items():
+        for item in items:
+            if kind in ("containers", "images"):
+                now = "-"
+            elif not recorded_path_ok(r, kind, item):  # a crafted record must not make us walk `/`
+                now = "not ours: rollback leaves it"
+            else:
+                now = human(tree_size(Path(item))) if os.path.lexists(item) else "gone"
+            made.add_row(kind, escape(printable(item)), now)
+    out.print(made if made.row_count else "created: nothing")
+    files = sorted(p for p in r.folder.iterdir() if p.is_file()) if r.folder.exists() else []
+    out.print("files: " + ", ".join(f"{p} ({human(p.stat().st_size)})" for p in files), highlight=False)
+
+
+def print_log(run_id: str, follow: bool, console) -> None:
+    """The run's log on stdout, as bytes arrive; with follow, until the run ends."""
+    rec = runs.load(run_id)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pos = 0
+    if not rec.log_path.exists() and not follow:
+        console.print(f"run {run_id} has no log yet ({rec.status})")
+        return
+    while True:
+        going = follow and rec.status == "running" and rec.owner_alive()
+        if rec.log_path.exists():
+            with open(rec.log_path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+            pos += len(chunk)
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+        if not going:  # read once more after the run ended: nothing written at the end is lost
+            break
+        time.sleep(0.5)
+        rec = runs.load(run_id)
