@@ -274,7 +274,7 @@ def calibration_batches(windows: list[list[int]], calib: Calibration, device: st
     ids = torch.tensor(windows, dtype=torch.long)
     batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
     info = {"samples": len(windows), "seq_len": calib.seq_len, "batch_size": bs,
-            "tokens": len(windows) * calib["seq_len"], "windows_sha256": fingerprint(windows)}
+            "tokens": len(windows) * calib.seq_len, "windows_sha256": fingerprint(windows)}
     return batches, info
 
 

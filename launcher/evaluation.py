@@ -27,6 +27,7 @@ from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
 from .image import ImageStore, choose_image
 from .orphans import guard, reap
+from .output import console as stderr_console
 
 # The check at the end of `launcher quantize`: held-out tokens scored. The CPU emulation
 # scores ~512 tokens in 10-40 s on 2 cores, so the stand-in gets a smaller sample.
@@ -66,7 +67,7 @@ def source_of(checkpoint: Path) -> str | None:
 
 
 def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True)
+    console = console or stderr_console
     ckpt = req.checkpoint.expanduser().resolve()
     if not (ckpt / "config.json").exists():
         raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="CKPT")

@@ -32,6 +32,7 @@ from .errors import ConfigError, LauncherError
 from .image import ImageStore, choose_image
 from .locks import OutputLock, lock_path
 from .orphans import guard, reap
+from .output import console as stderr_console
 from .output import run_result
 
 
@@ -130,7 +131,7 @@ def _secrets(spec: JobSpec) -> list[str]:
 class QuantizeJob:
     def __init__(self, spec: JobSpec, console: Console | None = None, *, dry_run: bool = False):
         self.spec = spec
-        self.console = console or Console(stderr=True)
+        self.console = console or stderr_console
         self.dry_run = dry_run
         self.device_kind = "cpu"
         self.model = None
