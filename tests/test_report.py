@@ -6,10 +6,8 @@ them (tests/test_emulation.py checks that shape against the real payload).
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -67,51 +65,12 @@ def screenshot(html: Path, png: Path, tmp: Path) -> None:
 
 
 def decode_png(path: Path) -> np.ndarray:
-    """8-bit RGB/RGBA PNG -> uint8 [h, w, channels], with the stdlib's zlib."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat = 8, b""
-    while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunk = data[pos + 8:pos + 8 + n]
-        if kind == b"IHDR":
-            w, h, depth, ctype = struct.unpack(">IIBB", chunk[:10])
-        elif kind == b"IDAT":
-            idat += chunk
-        pos += 12 + n
-    assert depth == 8 and ctype in (2, 6), (depth, ctype)
-    bpp = 3 if ctype == 2 else 4
-    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(h, 1 + w * bpp)
-    out = np.zeros((h, w * bpp), dtype=np.uint8)
-    prev = np.zeros(w * bpp, dtype=np.int64)
-    for y in range(h):
-        f, x = raw[y, 0], raw[y, 1:].astype(np.int64)
-        if f == 0:
-            row = x
-        elif f == 1:  # Sub: a running sum per channel
-            row = np.cumsum(x.reshape(w, bpp), axis=0).reshape(-1) % 256
-        elif f == 2:
-            row = (x + prev) % 256
-        else:  # Average / Paeth depend on the byte just decoded: byte by byte
-            row, xs, up = [0] * (w * bpp), x.tolist(), prev.tolist()
-            for i in range(w * bpp):
-                a = row[i - bpp] if i >= bpp else 0
-                b = up[i]
-                c = up[i - bpp] if i >= bpp else 0
-                if f == 3:
-                    pred = (a + b) // 2
-                else:
-                    p = a + b - c
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    pred = a if pa <= pb and pa <= pc else b if pb <= pc else c
-                row[i] = (xs[i] + pred) % 256
-            row = np.array(row, dtype=np.int64)
-        out[y] = row
-        prev = row
-    return out.reshape(h, w, bpp)
+    """PNG -> uint8 [h, w, channels] (Pillow)."""
+    from PIL import Image
 
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGBA") if img.mode not in ("RGB", "RGBA") else img)
 
-@pytest.fixture(scope="module")
 def evals(tmp_path_factory):
     d = tmp_path_factory.mktemp("evals")
     paths = []
