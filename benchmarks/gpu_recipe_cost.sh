@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 14's GPU must-show in one device call, at 8B shapes (benchmarks/gpu_8b.py's random-weight
+# Issue 14's (docs/decisions.md) GPU must-show in one device call, at 8B shapes (benchmarks/gpu_8b.py's random-weight
 # R1-Distill-Llama-8B checkpoint), 128 x 512 calibration windows, the same for every flow:
 #   llm-compressor 0.14 GPTQ oneshot (NVFP4), then our `default` and `smooth-gptq-seq-mp` recipes
 #   (the latter also with H and C in float32: the recipe parameter gptq.hessian_tf32=false).
