@@ -1,4 +1,4 @@
-"""GPU benchmark: our payload vs the hf_ptq.py example flow on an 8B Llama (issue 6).
+"""GPU benchmark: our payload vs the hf_ptq.py example flow on an 8B Llama (docs/decisions.md, issue 6).
 
 Two steps:
 
@@ -394,7 +394,7 @@ def run(args) -> int:
         variants["lowmem"] = '{"low_memory": true}'
     order += [f"payload_{name}" for name in variants]
     def llmc_flow():
-        # llm-compressor's GPTQ oneshot on the same folder and windows (issue 14's peer)
+        # llm-compressor's GPTQ oneshot on the same folder and windows (docs/decisions.md, issue 14's peer)
         evict(list(model_dir.glob("*.safetensors")), everything=args.evict == "all")
         torch.cuda.empty_cache() if cuda else None
         log("llm-compressor GPTQ: start")

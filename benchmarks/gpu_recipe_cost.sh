@@ -1,8 +1,9 @@
 #!/bin/bash
-# Issue 14's GPU must-show in one device call, at 8B shapes (benchmarks/gpu_8b.py's random-weight
+# Issue 14's (docs/decisions.md) GPU must-show in one device call, at 8B shapes (benchmarks/gpu_8b.py's random-weight
 # R1-Distill-Llama-8B checkpoint), 128 x 512 calibration windows, the same for every flow:
 #   llm-compressor 0.14 GPTQ oneshot (NVFP4), then our `default` and `smooth-gptq-seq-mp` recipes
 #   (the latter also with H and C in float32: the recipe parameter gptq.hessian_tf32=false).
+# Its run is kept as benchmarks/results/gpu_8b-recipe-cost-tf32-fp32-vs-llmc.{md,json} ($OUT/r/gpu_8b.*).
 # Run from a folder holding this repo plus .bench (gpu_8b.py prepare), .whl (ModelOpt 0.47,
 # llm-compressor 0.14.0.1 and what the device image lacks) and .whl-mo (transformers 5.14.1 and
 # its tokenizers, for our payload; llm-compressor uses the image's transformers).

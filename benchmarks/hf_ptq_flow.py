@@ -1,6 +1,6 @@
 """The flow of ModelOpt's example script examples/llm_ptq/hf_ptq.py (--qformat nvfp4), reproduced
 step by step so it can be timed beside our payload on the same machine and the same calibration
-windows. What it does, in hf_ptq.py's order (see /work/shared/docs/nvfp4-spec.md §9):
+windows. What it does, in hf_ptq.py's order (see docs/nvfp4-format.md §9):
 
   load      example_utils.get_model: config, init_empty_weights + infer_auto_device_map (spill to
             the CPU past the GPU), then from_pretrained(torch_dtype="auto", device_map="auto");

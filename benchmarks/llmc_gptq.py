@@ -1,4 +1,4 @@
-"""llm-compressor's GPTQ to NVFP4 on a checkpoint folder: the peer that issue 14 times us against.
+"""llm-compressor's GPTQ to NVFP4 on a checkpoint folder: the peer that issue 14 (docs/decisions.md) times us against.
 
     python3 benchmarks/llmc_gptq.py MODEL_DIR CALIB_TXT SAMPLES SEQ_LEN METRICS_JSON [--save DIR]
 

@@ -1,4 +1,4 @@
-"""The payload on the stacks of NVIDIA's real images, on a GPU (issue 12's measured failure).
+"""The payload on the stacks of NVIDIA's real images, on a GPU (docs/decisions.md, issue 12's measured failure).
 
 NVIDIA's 2025 TensorRT-LLM images carry ModelOpt 0.37 and transformers 4.57; the payload once
 failed there at its first import (transformers.initialization, on the direct-load path every

@@ -28,7 +28,7 @@ Every method ends in ModelOpt's own quantizer state, so the checkpoint is writte
   inputs the quantized layers before it produce; its bf16 units are chosen before it runs.
 
 The numerics (E2M1 rounding, FP8 E4M3 scales, float32 arithmetic) follow
-/work/shared/docs/nvfp4-spec.md sections 2-4 and ModelOpt's NVFP4QTensor.
+docs/nvfp4-format.md §2-4 and ModelOpt's NVFP4QTensor.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 BLOCK = 16
 
-# Fused groups the engines build for Llama-style blocks (spec section 4).
+# Fused groups the engines build for Llama-style blocks (docs/nvfp4-format.md §4).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -485,7 +485,7 @@ def model_bytes_default(model, linears: dict) -> float:
 
 class Emulation:
     """In-process W4A4 emulation for ranking: weights are already on the grid (bf16);
-    inputs are fake-quantized per spec section 3 with the unit's shared input scale.
+    inputs are fake-quantized per docs/nvfp4-format.md §3 with the unit's shared input scale.
     Optionally records each Linear's relative output error vs its original weights."""
 
     def __init__(self, linears: dict, units: list[list[str]], originals: dict | None = None):

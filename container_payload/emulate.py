@@ -1,7 +1,7 @@
 """Exact emulation of an NVFP4 (or FP8) checkpoint in plain PyTorch, for evaluation.
 
 The checkpoint is loaded into the stock transformers model, with every quantized
-Linear replaced by `EmulatedLinear`: its weight dequantized once (nvfp4-spec §1, §5,
+Linear replaced by `EmulatedLinear`: its weight dequantized once (docs/nvfp4-format.md §1, §5,
 §6) and, for W4A4, its input fake-quantized per 16-block with the static input_scale
 (§3). All of it in float32, so the result is what the engines compute on Blackwell up
 to float32 summation order, and it runs on any CPU or GPU.

@@ -1,4 +1,4 @@
-"""GPTQ on the NVFP4 grid as a few large operations per 16-column block (issue 14).
+"""GPTQ on the NVFP4 grid as a few large operations per 16-column block (docs/decisions.md, issue 14).
 
 algorithms.gptq_nvfp4 (the reference, kept as the slow path and in the tests) spends about 18
 small kernels on every column: at 8B shapes 1.25M columns, most of the sequential recipe's time

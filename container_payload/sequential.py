@@ -40,7 +40,7 @@ RIDGE = 1.0
 CHUNK_TOKENS = 16384
 # On CUDA, H = Xq^T Xq and C = X^T Xq in TF32 (inputs rounded to 10 mantissa bits, float32 sums).
 # At 8B shapes these products are about 2 PFLOP in all. Measured on an H200, 128 x 512 tokens
-# (benchmarks/results/gpu_8b-recipe-cost.md): the sequential pass took 84.7 s with them in float32
+# (benchmarks/results/gpu_8b-recipe-cost-tf32-fp32-vs-llmc.md): the sequential pass took 84.7 s with them in float32
 # and 48.3 s in TF32, the recipe 3.78x and 2.71x the default recipe's wall time. The rounding
 # (~5e-4 relative per input) is far below the damping (1% of mean diag H) and the ridge (100%).
 # The CPU path always uses float32; the recipe parameter gptq.hessian_tf32=false gives float32 on

@@ -95,7 +95,7 @@ def memory_budget() -> int:
 
 def hardening_kwargs(mem_limit: str | int | None = None, *, read_only: bool = True,
                      tmp_size: str = "4g") -> dict:
-    """docker create() options every launcher container gets (issue 13).
+    """docker create() options every launcher container gets (docs/decisions.md, issue 13).
 
     The payload runs as the calling user and needs no capability at all: it reads its
     mounts, writes /out (a bind owned by that user) and /tmp. PID 1 is tini (init=True),

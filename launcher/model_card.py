@@ -42,7 +42,7 @@ Or `launcher serve {path}`, which starts and checks the server for you.
 
 
 # What each recipe cost at 8B shapes on one H200, 128 x 512 calibration, all in one call
-# (benchmarks/results/gpu_8b-recipe-cost.md, 2026-11-30): the wall time of the whole payload run.
+# (benchmarks/results/gpu_8b-recipe-cost-tf32-fp32-vs-llmc.md, 2026-11-30): the wall time of the whole payload run.
 GPU_8B_COST = {
     "default": "32.4 s",
     "smooth-gptq-seq-mp": "87.8 s (2.7x the default recipe)",
@@ -83,7 +83,7 @@ def render(output: Path, result: dict, evaluation: dict | None, source_bytes: in
                      "without loading and export) |")
     if result.get("recipe") in GPU_8B_COST:
         lines.append(f"| this recipe on an 8B model | {GPU_8B_COST[result['recipe']]} on one H200 "
-                     "(128 x 512 calibration; spark-nvfp4's benchmarks/results/gpu_8b-recipe-cost.md) |")
+                     "(128 x 512 calibration; spark-nvfp4's benchmarks/results/gpu_8b-recipe-cost-tf32-fp32-vs-llmc.md) |")
     lines += [
         "",
     ]

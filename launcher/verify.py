@@ -3,7 +3,7 @@
     python -m launcher.verify CKPT [--json OUT]      (the CLI exposes it as `launcher verify`)
 
 Two formats, told apart by config.json: ModelOpt's unified Hugging Face checkpoint
-(spec section 5) and compressed-tensors, llm-compressor's output (spec section 6).
+(docs/nvfp4-format.md §5) and compressed-tensors, llm-compressor's output (docs/nvfp4-format.md §6).
 Only safetensors headers and the small scale tensors are read, never the packed
 weights' data, so an 8B checkpoint costs a few MB of reads. No torch: the host never
 has it; numpy + ml_dtypes decode what little is read.
@@ -781,7 +781,7 @@ def check_linears(fmt: str, w4a4: bool | None, excludes: Excludes, ts: Tensors,
 
 
 def _check_fused(values: dict[str, float | None], suffix: str, report: Report) -> None:
-    """Members of a fused GEMM must carry bit-identical scales (spec section 4)."""
+    """Members of a fused GEMM must carry bit-identical scales (docs/nvfp4-format.md §4)."""
     groups: dict[tuple[str, str], dict[str, float | None]] = defaultdict(dict)
     for m, v in values.items():
         parent, _, leaf = m.rpartition(".")

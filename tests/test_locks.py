@@ -101,7 +101,7 @@ def test_release_leaves_a_lock_taken_over_by_another_run(tmp_path):
     assert json.loads(lock.path.read_text())["run_id"] == "run-i"
 
 
-# ---------------------------------------------------------------- races (issue 13)
+# ---------------------------------------------------------------- races (docs/decisions.md, issue 13)
 
 def _contender(out, run_id, barrier, marks, results):
     """One process of the race: take the lock, and while holding it say so in `marks`

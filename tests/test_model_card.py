@@ -1,4 +1,4 @@
-"""The model card states what the recipe cost (issue 14): its own time on this run, and for the
+"""The model card states what the recipe cost (docs/decisions.md, issue 14): its own time on this run, and for the
 recipes measured at 8B shapes on an H200, that wall time."""
 from pathlib import Path
 

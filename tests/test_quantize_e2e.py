@@ -81,7 +81,7 @@ def test_secrets_go_nowhere(e2e, docker_client, standin_image):
 
 
 def test_containers_are_hardened(e2e):
-    """docker inspect of every container the run started (issue 13): no capabilities, no
+    """docker inspect of every container the run started (docs/decisions.md, issue 13): no capabilities, no
     privilege gain, a pids limit, a read-only root with a tmpfs /tmp, a memory limit, no
     network, and every mount read-only except the one folder the payload writes."""
     attrs = [json.loads(c) for c in e2e["container_inspect"]]

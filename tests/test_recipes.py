@@ -1,6 +1,6 @@
 """The recipe registry and requirement set (container_payload/recipes.py) and the derived
 image's plan, host side: no Docker, no torch. The stacks below are the ones NVIDIA's images
-carry (../shared/docs/images.md); the end-to-end proof is tests/test_real_image.py."""
+carry (docs/images.md); the end-to-end proof is tests/test_real_image.py."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Run records are input, not truth (issue 13): rollback and status given damaged or
+"""Run records are input, not truth (docs/decisions.md, issue 13): rollback and status given damaged or
 crafted records delete nothing the run did not create, print one line per damaged
 record and never a traceback, and --dry-run writes nothing at all.
 

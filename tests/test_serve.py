@@ -77,7 +77,7 @@ def test_serve_chat_rollback(checkpoint, docker_client):
         assert f"launcher rollback {rec['id']}" in proc.stdout
         assert "answer:" in proc.stdout
 
-        # issue 13: a key, printed once, delivered as a file that is gone now; hardened container
+        # issue 13 (docs/decisions.md): a key, printed once, delivered as a file that is gone now; hardened container
         (key,) = [ln.split()[2] for ln in proc.stdout.splitlines() if ln.startswith("api key:")]
         assert len(key) >= 24 and key not in json.dumps(rec) and key not in json.dumps(c.attrs)
         assert not (home / "runs" / rec["id"] / "api-key").exists()

@@ -1,4 +1,4 @@
-"""`launcher verify` on crafted files (issue 13): any bytes in any file it reads end in
+"""`launcher verify` on crafted files (docs/decisions.md, issue 13): any bytes in any file it reads end in
 problem lines and a non-zero exit, within 10 s and 1 GB, never a traceback or a hang.
 
 Every case starts from tests/synthetic_ckpt.py's checkpoint, which must pass first, and

@@ -9,7 +9,7 @@ writes, under OUT_DIR:
   w4a4/         ModelOpt NVFP4 W4A4 export (export_hf_checkpoint)
   w4a16/        ModelOpt NVFP4 weight-only export
   fp8/          ModelOpt FP8 export
-  ct-w4a4/      w4a4 rewritten as compressed-tensors (nvfp4-spec §6: same bytes, other
+  ct-w4a4/      w4a4 rewritten as compressed-tensors (docs/nvfp4-format.md §6: same bytes, other
                 names, reciprocal global scales)
   tokens.json   the evaluation windows (the calib_data contract), for an emulation that
                 has no tokenizer
