@@ -1,12 +1,14 @@
 """One self-contained HTML page comparing evaluated checkpoints.
 
-    python -m launcher.report OUT.html EVAL1.json[:NAME] [EVAL2.json[:NAME] ...]
+    launcher report OUT.html EVAL1.json[:NAME] [EVAL2.json[:NAME] ...]
 
 Input: the JSON files container_payload/evaluate.py writes. The page has a table of
 KL / perplexity / top-1 agreement / size, a KL bar chart, the per-layer weight error,
 the per-token KL distribution, a memory table for DGX Spark and common GPUs, and the
-greedy generations side by side. Host side: no torch and no matplotlib, so the plots
-are small hand-written SVGs; the page loads nothing from anywhere.
+greedy generations side by side. The plots are small hand-written SVGs, on purpose: a
+plotting library (matplotlib: ~40 MB with numpy's friends and a font cache) would be the
+launcher's heaviest dependency for four bar and line charts, and the page must load nothing
+from anywhere (no JavaScript chart library from a CDN).
 """
 from __future__ import annotations
 
