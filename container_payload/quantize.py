@@ -101,19 +101,44 @@ def load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_model(model_dir: Path, device: str, direct=None):
+def load_model(model_dir: Path, device: str, direct=None, spread: dict | None = None):
     """(model, which loader read the weights). `direct` (optional): a background
-    direct_load.read_state_dict whose tensors become the model's (see model_from_state_dict)."""
+    direct_load.read_state_dict whose tensors become the model's (see model_from_state_dict).
+    `spread` (gpu_spread's answer): the decoder layers placed over several GPUs by accelerate,
+    each GPU filled up to its budget; ModelOpt calibrates through accelerate's hooks as its own
+    hf_ptq example does for models larger than one GPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = model_from_state_dict(model_dir, direct, device) if direct is not None else None
     loader = "direct" if model is not None else "from_pretrained"
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.bfloat16, device_map=device, low_cpu_mem_usage=True)
+        placement = {"device_map": "auto", "max_memory": spread} if spread else {"device_map": device}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, low_cpu_mem_usage=True,
+                                                     **placement)
+        if spread:
+            loader = "from_pretrained, spread over " + ", ".join(
+                sorted({f"cuda:{d}" for d in model.hf_device_map.values() if isinstance(d, int)}))
+            if any(d in ("cpu", "disk") for d in model.hf_device_map.values()):
+                raise PayloadError(f"the model does not fit the GPUs' budget ({spread}): parts landed on the "
+                                   "CPU", kind="oom")
     model.eval()
     return model, loader
+
+
+def gpu_spread(device: str, budget_bytes: int | None, model_dir: Path) -> dict | None:
+    """accelerate's max_memory ({gpu index: bytes}) when the model's weights exceed one GPU's
+    budget and more than one GPU is visible; None: the whole model on one device."""
+    import torch
+
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        return None
+    per_gpu = budget_bytes or torch.cuda.mem_get_info(0)[1]
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    # room for calibration activations and ModelOpt's statistics beside the weights
+    if weights <= 0.8 * per_gpu:
+        return None
+    return {i: int(0.8 * per_gpu) for i in range(torch.cuda.device_count())}
 
 
 def model_from_state_dict(model_dir: Path, direct, device: str):
@@ -369,6 +394,12 @@ def versions() -> dict:
             "modelopt": modelopt.__version__, "python": sys.version.split()[0]}
 
 
+def torch_gpus(device: str) -> int:
+    import torch
+
+    return torch.cuda.device_count() if device == "cuda" else 0
+
+
 def peak_memory(device: str) -> dict:
     import resource
 
@@ -377,6 +408,9 @@ def peak_memory(device: str) -> dict:
     mem = {"host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device == "cuda":
         mem["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+        if torch.cuda.device_count() > 1:
+            mem["gpu_peak_bytes_per_device"] = [torch.cuda.max_memory_allocated(i)
+                                                for i in range(torch.cuda.device_count())]
     return mem
 
 
@@ -413,7 +447,8 @@ def run(job: QuantizeJob) -> dict:
         prepare_embedded(job.gguf, model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
     direct = prefetch = None
-    files = _direct_load_files(job.direct_load, device, low_memory, model_dir)
+    spread = gpu_spread(device, job.gpu_memory_budget, model_dir) if (model_dir / "config.json").exists() else None
+    files = None if spread else _direct_load_files(job.direct_load, device, low_memory, model_dir)
     if files:
         from . import direct_load
 
@@ -434,7 +469,7 @@ def run(job: QuantizeJob) -> dict:
     mark("modelopt_imported")
 
     t = time.time()
-    model, loader = load_model(model_dir, device, direct)
+    model, loader = load_model(model_dir, device, direct, spread)
     for name, reader in (("direct_read", direct), ("prefetch", prefetch)):
         if reader is not None:
             reader.result()
@@ -477,6 +512,7 @@ def run(job: QuantizeJob) -> dict:
         "device": device,
         "low_memory": low_memory,
         "loader": loader,
+        "gpus": torch_gpus(device),
         "calibration": {**dataclasses.asdict(job.calibration), **calib_info},
         "timings": timings,
         "memory": peak_memory(device),
