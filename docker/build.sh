@@ -6,7 +6,15 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 tag=${1:-spark-nvfp4/trtllm-standin:cpu}
 reqs=${2:-$here/requirements-standin.txt}
+# Up to date: an image built from this very Dockerfile and requirements (and base) is kept. A
+# rebuild would re-run the pip stage, whose cache the prune below removes (minutes on 2 cores).
 "$here/build-base.sh"
+base_id=$(docker image inspect -f '{{.Id}}' spark-nvfp4/debian-base:bookworm)
+build_hash=$(cat "$here/Dockerfile.standin" "$reqs" <(echo "$base_id") | sha256sum | cut -c1-16)
+if [ "$(docker image inspect -f '{{index .Config.Labels "io.spark-nvfp4.build-hash"}}' "$tag" 2>/dev/null)" \
+     = "$build_hash" ]; then
+  echo "$tag is up to date (build $build_hash)"; exit 0
+fi
 ctx=$(mktemp -d /var/tmp/spark-nvfp4-ctx.XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
 cp "$here/Dockerfile.standin" "$ctx/"
@@ -21,6 +29,7 @@ python3 -m pip download --no-deps --only-binary=:all: -q -d "$ctx/wheels" \
   || echo "no local torch wheel; the build will fetch it"
 # --force-rm + the prune: the build stage (CA bundle, wheels) leaves no image behind.
 docker build --force-rm --label "io.spark-nvfp4.stack=$(basename "$reqs" .txt)" \
+  --label "io.spark-nvfp4.build-hash=$build_hash" \
   -f "$ctx/Dockerfile.standin" -t "$tag" "$ctx"
 docker image prune -f --filter "label=io.spark-nvfp4.build-stage=true" >/dev/null
 echo "built $tag"
