@@ -193,18 +193,24 @@ def test_old_transformers_loads_the_outputs_tokenizer_and_config(old_run, new_ru
 @pytest.mark.timeout(1800)  # a quantization and an evaluation (and, run alone, the module's first run too)
 def test_modelopt_library_recipe_runs_in_the_derived_image(old_run, derived_tag, home):
     """One of ModelOpt's own YAML recipes (0.45+: the 2025 image has none, its derived image
-    has 0.47's library), through the same export, verify and quick evaluation."""
+    has 0.47's library), through the same export, verify and an evaluation in the same image
+    (a short one: `launcher eval` with few tokens, instead of quantize's 2048-token check)."""
     out = _out(home, "out-yaml")
     proc = _launch(home, "quantize", "--image", OLD, "--output", str(out), "--recipe",
-                   "general/ptq/nvfp4_default-kv_fp8_cast", "--calib-samples", "4", "--calib-seq-len", "64")
+                   "general/ptq/nvfp4_default-kv_fp8_cast", "--calib-samples", "4", "--calib-seq-len", "64",
+                   "--no-eval")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"using {derived_tag}" in proc.stderr and "verify: ok" in proc.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["recipe"] == "general/ptq/nvfp4_default-kv_fp8_cast" and result["modelopt_preset"] == "modelopt-recipe"
     hf = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert hf["quant_algo"] == "NVFP4" and hf["kv_cache_quant_algo"] == "FP8"
-    ev = json.loads((out / "eval.json").read_text())
-    assert 0 < ev["kl_divergence"] < 5 and "quality: KL" in proc.stderr
+    ev_proc = _launch(home, "eval", str(out), "--image", derived_tag, "--tokens", "512", "--seq-len", "128",
+                      "--no-generations", "--json")
+    assert ev_proc.returncode == 0, ev_proc.stderr[-3000:]
+    ev = json.loads(ev_proc.stdout)   # --json: the run's result object
+    assert ev["status"] == "complete" and 0 < ev["quality"]["kl_divergence"] < 5
+    assert json.loads((out / "eval.json").read_text())["kl_divergence"] == ev["quality"]["kl_divergence"]
 
 
 def test_rollback_removes_the_derived_image_and_keeps_the_users(old_run, new_run, derived_tag, docker_client,
