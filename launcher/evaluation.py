@@ -21,10 +21,8 @@ from rich.console import Console
 from . import assets, model_source, paths, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
-from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
-from .image import ImageStore, choose_image
-from .orphans import guard, reap
+from .session import DockerSession
 
 HELDOUT = ("heldout-wiki", "heldout-brown")
 # The check at the end of `launcher quantize`: held-out tokens scored. The CPU emulation
@@ -82,18 +80,13 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     json_out = check_json_out(req.json_out or ckpt / "eval.json")
     ref = model_source.resolve(ref_spec)
 
-    client = connect()
-    reap(client, console)
-    nvidia = has_nvidia_runtime(client)
-    image = choose_image(req.image, nvidia)
-    rec = runs.new_run("eval", {"checkpoint": str(ckpt), "reference": reference, "text": str(text),
-                                "tokens": req.tokens, "seq_len": req.seq_len})
-    rec.image = image
-    rec.save()
+    docker = DockerSession.open(console)
+    client, nvidia = docker.client, docker.nvidia
+    image = docker.image_ref(req.image)
+    rec = docker.start_run("eval", {"checkpoint": str(ckpt), "reference": reference, "text": str(text),
+                                    "tokens": req.tokens, "seq_len": req.seq_len}, image)
     with rec.ends_on_error():
-        if ImageStore(client, console).ensure(image).pulled:
-            rec.add("images", image)  # rollback --images may remove what eval pulled
-    guard(rec)  # removes the container at once if this launcher is killed
+        docker.ensure_image(rec, image)  # rollback --images may remove what eval pulled
     out_dir = rec.folder / "evalout"   # the only folder the payload may write
     out_dir.mkdir()
     job = {"checkpoint": "/ckpt", "reference": ref.container_dir, "text": f"/text/{text.name}",

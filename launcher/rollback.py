@@ -56,6 +56,7 @@ class Plan:
     left_out: list[Item] = field(default_factory=list)              # recorded, kind not asked for
     skipped_runs: list[tuple[str, str]] = field(default_factory=list)
     docker_error: str | None = None
+    unchecked: list[Item] = field(default_factory=list)             # containers/images: Docker was down
     _gone: list[Item] = field(default_factory=list)                 # recorded but already gone: prune
 
     @property
@@ -228,10 +229,9 @@ def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> N
 
 def _plan_docker(p: Plan, rec: runs.RunRecord, client, others: list[runs.RunRecord], ids: set[str]) -> None:
     if client is None:
-        for cid in rec.created.containers:
-            p.refused.append((Item("containers", cid, rec.id), "Docker daemon unreachable: not checked"))
-        for ref in rec.created.images if "images" in p.kinds else []:
-            p.refused.append((Item("images", ref, rec.id), "Docker daemon unreachable: not checked"))
+        p.unchecked += [Item("containers", cid, rec.id) for cid in rec.created.containers]
+        p.unchecked += [Item("images", ref, rec.id) for ref in rec.created.images if "images" in p.kinds]
+        p.refused += [(item, "Docker daemon unreachable: not checked") for item in p.unchecked if item.run_id == rec.id]
         return
     from docker.errors import APIError, ImageNotFound, NotFound
 
@@ -343,7 +343,7 @@ def _update_records(p: Plan, out: Outcome) -> None:
     status: the next rollback retries exactly what is left."""
     struck = out.removed + p._gone
     unfinished = {i.run_id for i, _ in out.failed}
-    unfinished |= {i.run_id for i, why in p.refused if why.startswith("Docker daemon unreachable")}
+    unfinished |= {i.run_id for i in p.unchecked}
     for rec in p.runs:
         changed = False
         for item in struck:
@@ -395,8 +395,8 @@ def _read_json(path: Path) -> dict | None:
 def _reason(e: Exception) -> str:
     if isinstance(e, LauncherError):
         return e.what
-    msg = str(getattr(e, "explanation", None) or e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"
+    from .errors import docker_detail
+    return f"{type(e).__name__}: {docker_detail(e)}"
 
 
 # ---------------------------------------------------------------- presentation
