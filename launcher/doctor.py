@@ -198,9 +198,7 @@ def _offline() -> bool:
 
 
 def _cached_snapshot_bytes(repo_id: str) -> int | None:
-    snaps = paths.hf_hub_cache() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-    sizes = [model_source.weight_bytes(s) for s in snaps.glob("*") if s.is_dir()] if snaps.exists() else []
-    return max(sizes) if sizes and max(sizes) > 0 else None
+    return model_source.cached_weight_bytes(repo_id) or None
 
 
 def check_token(spec: JobSpec) -> Row:

@@ -11,8 +11,6 @@ copies it to --json atomically. An image it pulls is recorded for rollback.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,15 +116,13 @@ def check_json_out(path: Path) -> Path:
 
 def _publish(made: Path, json_out: Path) -> dict:
     """The payload's JSON, checked, then written to --json atomically (temp file + rename)."""
+    from .files import atomic_write_json
     from .untrusted import read_json_object
 
     result = read_json_object(made, limit=64 << 20)
     if result is None:
         raise LauncherError("the evaluation wrote no readable JSON", where=str(made), advice="see the run's log")
-    with tempfile.NamedTemporaryFile("w", dir=json_out.parent, delete=False, suffix=".tmp",
-                                     prefix=f".{json_out.name}.") as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, json_out)
+    atomic_write_json(json_out, result)
     return result
 
 

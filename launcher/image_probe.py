@@ -6,7 +6,6 @@ and no torch import: about a second even on NVIDIA's 20 GB images.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import docker
@@ -18,6 +17,7 @@ from container_payload import recipes
 from . import paths
 from .container import PayloadContainer, payload_command
 from .errors import ImageError, docker_error
+from .files import atomic_write_text
 from .logstream import find_event
 
 PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s
@@ -67,9 +67,7 @@ def probe(client: docker.DockerClient, image: str, run_id: str = "probe") -> Ima
         pass
     found = ImageProbe(image_id=image_id, **_run(client, image_id, run_id))
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-    tmp.write_text(found.model_dump_json(indent=2))
-    os.replace(tmp, cached)
+    atomic_write_text(cached, found.model_dump_json(indent=2))
     return found
 
 

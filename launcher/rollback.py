@@ -378,13 +378,10 @@ def tree_size(path: Path) -> int:
 
 
 def human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+    """A size as rich writes it (decimal units: 1.5 GB, as disks are sold); "-" when unknown."""
+    from rich.filesize import decimal
+
+    return "-" if n is None else decimal(n)
 
 
 def _read_json(path: Path) -> dict | None:
