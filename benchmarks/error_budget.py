@@ -20,7 +20,8 @@ torch.set_num_threads(2)
 BF16 = sys.argv[1]
 CK = dict(a.split("=", 1) for a in sys.argv[2:])
 tok = AutoTokenizer.from_pretrained(BF16)
-A = Path.home() / ".cache/spark-nvfp4/assets/text"
+from launcher import paths
+A = paths.assets_dir() / "text"
 ids = {}
 for name in ("brown-heldout", "wiki-heldout"):
     ids[name] = torch.tensor(token_windows(tok, (A / f"{name}.txt").read_text(), 3, 512))

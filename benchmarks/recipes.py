@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = Path(os.path.expanduser("~/.cache/spark-nvfp4/assets"))
+sys.path.insert(0, str(REPO))
+from launcher import paths  # noqa: E402 - the launcher's home ($SPARK_NVFP4_HOME), stdlib only
+
+ASSETS = paths.assets_dir()
 GGUF = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CALIB = ASSETS / "text" / "brown-calibration.txt"
 HELDOUT = {"brown": ASSETS / "text" / "brown-heldout.txt", "wiki": ASSETS / "text" / "wiki-heldout.txt"}

@@ -3,28 +3,30 @@
 The container is labelled with the run id so that rollback and orphan reaping find
 it by label, never by name. No secret ever enters it: the model and hub datasets are
 fetched on the host, and the container runs without network. Every container the
-launcher starts gets `hardening_kwargs()`: no capabilities, no privilege gain, a pids
-limit, a read-only root filesystem with a tmpfs /tmp, and a memory limit.
+launcher starts is made here, and gets `hardening_kwargs()`: no capabilities, no privilege
+gain, a pids limit, a read-only root filesystem with a tmpfs /tmp, and a memory limit
+(except where noted: an image build's root, trtllm-serve's root and memory).
 """
 from __future__ import annotations
 
 import os
 import signal
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import docker
 import psutil
-from docker.errors import APIError, NotFound
+from docker.errors import APIError, DockerException, NotFound
 from docker.types import DeviceRequest, Mount
 
 import container_payload
 from container_payload import contract
 
 from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
-from .errors import Interrupted, LauncherError, OutOfMemory, PayloadFailed
+from .errors import Interrupted, OutOfMemory, PayloadFailed, docker_error
 from .logstream import EventStream, open_log
 
 if TYPE_CHECKING:
@@ -94,41 +96,65 @@ def memory_budget() -> int:
 
 
 def hardening_kwargs(mem_limit: str | int | None = None, *, read_only: bool = True,
-                     tmp_size: str = "4g") -> dict:
+                     limit_memory: bool = True, tmp_size: str = "4g") -> dict:
     """docker create() options every launcher container gets (docs/decisions.md, issue 13).
 
     The payload runs as the calling user and needs no capability at all: it reads its
     mounts, writes /out (a bind owned by that user) and /tmp. PID 1 is tini (init=True),
     which needs none either. `read_only` keeps the image's own files unwritable; /tmp is
-    a tmpfs (HOME=/tmp there, so caches of torch, triton and HF land in it)."""
+    a tmpfs (HOME=/tmp there, so caches of torch, triton and HF land in it).
+    `limit_memory` False: trtllm-serve, whose KV cache takes most of a Spark's unified memory."""
     kw = dict(
         cap_drop=["ALL"],
         security_opt=["no-new-privileges:true"],
         pids_limit=PIDS_LIMIT,
-        mem_limit=mem_limit or memory_budget(),
     )
+    if limit_memory:
+        kw["mem_limit"] = mem_limit or memory_budget()
     if read_only:
         kw["read_only"] = True
         kw["tmpfs"] = {"/tmp": f"rw,nosuid,nodev,size={tmp_size}"}
     return kw
 
 
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM handled like Ctrl-C while a container runs: the same cleanup path removes it."""
+    def _raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class PayloadContainer:
-    """Runs `python3 -m container_payload.<module> <job>` in the image."""
+    """One container of the launcher's: `python3 -m container_payload.<module> <job>` in the
+    image (payload=True), or a plain command of the image (an image build, trtllm-serve).
+    Attached (`run`: logs streamed until it exits) or detached (`start`: it keeps running)."""
 
     def __init__(self, client: docker.DockerClient, image: str, run_id: str, role: str = "quantize"):
         self.client = client
         self.image = image
         self.run_id = run_id
         self.role = role
+        self.noun = "server container" if role == "serve" else "container"  # for messages
         self.container = None
+        self.publish: int | None = None
+        self._wants_gpu = False
 
     def create(self, command: list[str], binds: list[Bind], *, env: dict[str, str] | None = None,
                device_requests: list[DeviceRequest] | None = None, mem_limit: str | None = None,
-               network: str | None = None, ports: dict | None = None, name: str | None = None,
-               user: str | None = "host", payload: bool = True):
-        """`payload` False: a plain container of the image (an image build), without our
-        code, working folder or environment, since a commit would keep those."""
+               network: str | None = None, publish: int | None = None, container_port: int = 8000,
+               name: str | None = None, user: str | None = "host", payload: bool = True,
+               read_only: bool | None = None, limit_memory: bool = True, host_ipc: bool = False):
+        """`payload` False: a plain container of the image, without our code, working folder or
+        environment (an image build, whose commit would keep those; trtllm-serve). `read_only`
+        defaults to `payload`: an image build writes into the image. `publish`: the host port
+        on 127.0.0.1 only that `container_port` is published on. `host_ipc`: NVIDIA's setting
+        for TensorRT-LLM (NCCL/MPI shared memory), instead of our private /dev/shm."""
         mounts = [Bind(PAYLOAD_DIR, f"{PAYLOAD_TARGET}/container_payload").mount()] if payload else []
         mounts += [b.mount() for b in binds]
         kwargs = dict(
@@ -138,51 +164,70 @@ class PayloadContainer:
             environment={**(PAYLOAD_ENV if payload else {}), **(env or {})},
             labels=owner_labels(self.run_id, self.role),
             # Files the payload writes into the output must belong to the user, not root. The
-            # probe runs as the image's own user (None), an image build as root ("0:0").
+            # probe and trtllm-serve run as the image's own user (None), an image build as root.
             user=f"{os.getuid()}:{os.getgid()}" if user == "host" else user,
             init=True,  # tini as PID 1: docker stop's SIGTERM reaches python
             device_requests=device_requests or [],
             detach=True,
             name=name,
             ulimits=[STACK, MEMLOCK] if device_requests else [STACK],
-            **NVIDIA_SETTINGS,
+            **({"ipc_mode": "host"} if host_ipc else NVIDIA_SETTINGS),
+            **hardening_kwargs(mem_limit, read_only=payload if read_only is None else read_only,
+                               limit_memory=limit_memory),
         )
         if payload:
             kwargs["working_dir"] = PAYLOAD_TARGET
-        # an image build (payload False) writes into the image: its root stays writable
-        kwargs.update(hardening_kwargs(mem_limit, read_only=payload))
         if network:
             kwargs["network_mode"] = network
-        if ports:
-            kwargs["ports"] = ports
+        if publish is not None:  # loopback only: see serve.py for why
+            kwargs["ports"] = {f"{container_port}/tcp": ("127.0.0.1", publish)}
+        self.publish, self._wants_gpu = publish, bool(device_requests)
         try:
             self.container = self.client.containers.create(**kwargs)
         except APIError as e:
-            msg = str(getattr(e, "explanation", e))
-            if "could not select device driver" in msg or "nvidia" in msg.lower():
-                raise LauncherError("Docker cannot give the container a GPU: the NVIDIA container runtime "
-                                    "is missing", advice="install nvidia-container-toolkit, or pass --gpus none "
-                                    "to run on the CPU") from None
-            raise LauncherError(f"cannot create the container: {msg.splitlines()[0]}") from None
+            raise docker_error(e, "create", ref=self.image, noun=self.noun) from None
         return self.container
+
+    def start(self) -> None:
+        """Start it and return at once (detached: a server, a probe)."""
+        assert self.container is not None
+        try:
+            self.container.start()
+        except APIError as e:
+            raise self._start_error(e) from None
+
+    def _start_error(self, e: APIError):
+        """Docker says 500 for most start failures; the facts we can check pick the advice."""
+        from .daemon import has_nvidia_runtime
+
+        if self._wants_gpu and not has_nvidia_runtime(self.client):
+            return docker_error(e, "start-gpu")
+        if self.publish is not None and not port_free(self.publish):
+            return docker_error(e, "publish", where="--port", port=str(self.publish))
+        return docker_error(e, "start", noun=self.noun)
 
     def run(self, stream: EventStream) -> int:
         """Start and stream logs until the payload exits; return its exit status. Ctrl-C or
         SIGTERM stops the container and raises Interrupted (the caller removes it)."""
         assert self.container is not None
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        with sigterm_as_interrupt():
+            try:
+                self.start()
+                for chunk in self.container.logs(stream=True, follow=True, stdout=True, stderr=True):
+                    stream.feed(chunk)
+                status = self.container.wait()
+                return int(status.get("StatusCode", 1))
+            except KeyboardInterrupt:
+                self.stop()
+                raise Interrupted("interrupted: the container was stopped and removed",
+                                  advice="rerun the same command to resume") from None
+
+    def log_lines(self, tail: int = 200) -> list[str]:
+        """Its last lines of output; none when it is gone already."""
         try:
-            self.container.start()
-            for chunk in self.container.logs(stream=True, follow=True, stdout=True, stderr=True):
-                stream.feed(chunk)
-            status = self.container.wait()
-            return int(status.get("StatusCode", 1))
-        except KeyboardInterrupt:
-            self.stop()
-            raise Interrupted("interrupted: the container was stopped and removed",
-                              advice="rerun the same command to resume") from None
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+            return self.container.logs(tail=tail).decode("utf-8", "replace").splitlines()
+        except (DockerException, AttributeError):
+            return []
 
     def oom_killed(self) -> bool:
         try:
@@ -199,17 +244,27 @@ class PayloadContainer:
         except (NotFound, APIError):
             pass
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Force-remove it; True when it is gone (False: Docker refused, it is still there)."""
         if self.container is None:
-            return
+            return True
         try:
             self.container.remove(force=True)
-        except (NotFound, APIError):
+        except NotFound:
             pass
+        except APIError:
+            return False
+        return True
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (bind test: connect would miss a listener elsewhere)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def check_exit(code: int, stream: EventStream, oom_killed: bool, log_path: Path) -> None:

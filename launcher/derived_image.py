@@ -286,22 +286,15 @@ def _offline_advice(base_ref: str, tag: str) -> str:
 def prepare(image_ref: str, console: Console, *, dry_run: bool = False) -> str:
     """`launcher image prepare`: the image (pulled if absent) and its derived image, ready
     for every recipe. Returns the image to pass to --image."""
-    from .daemon import connect, has_nvidia_runtime
-    from .image import ImageStore, choose_image
-    from .orphans import reap
+    from .session import DockerSession
 
-    client = connect()
-    reap(client, console)
-    ref = choose_image(image_ref, has_nvidia_runtime(client))
-    rec = runs.new_run("image-prepare", {"image": ref})
-    rec.image = ref
-    rec.save()
+    docker = DockerSession.open(console)
+    ref = docker.image_ref(image_ref)
+    rec = docker.start_run("image-prepare", {"image": ref}, ref)
     with rec.ends_on_error():
-        info = ImageStore(client, console).ensure(ref, dry_run=dry_run)
-        if info.pulled and not dry_run:
-            rec.add("images", ref)
+        info = docker.ensure_image(rec, ref, dry_run=dry_run)
         tag = ref if dry_run and not info.id else runnable(
-            client, ref, recipes.EVERYTHING, cuda=False, rec=rec, console=console, dry_run=dry_run)
+            docker.client, ref, recipes.EVERYTHING, cuda=False, rec=rec, console=console, dry_run=dry_run)
         rec.finish("complete")
     if tag == ref:
         console.print(f"{ref} runs every recipe as it is: nothing to derive")

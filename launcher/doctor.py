@@ -127,9 +127,10 @@ def check_runtime(client, image: str) -> tuple[bool, Row]:
         return True, Row("NVIDIA runtime", OK, f"runtimes: {', '.join(runtimes)}")
     from .image import ImageStore, is_standin
 
-    # A CPU stand-in needs no GPU: then the missing runtime is a warning, not a failure.
+    # A CPU stand-in needs no GPU: then the missing runtime is a warning, not a failure. An
+    # absent image cannot say (its label decides), so it counts as one that needs a GPU.
     present = ImageStore(client).get(image)
-    needs_gpu = not is_standin(present) if present is not None else image != STANDIN_IMAGE
+    needs_gpu = present is None or not is_standin(present)
     return False, Row(
         "NVIDIA runtime", FAIL if needs_gpu else WARN,
         f"Docker has no 'nvidia' runtime (runtimes: {', '.join(runtimes) or 'none'}): containers get no GPU",
@@ -142,6 +143,7 @@ def check_gpu(client, image: str, image_present: bool) -> Row:
     from docker.errors import APIError, ContainerError, DockerException
 
     from .container import gpu_requests
+    from .errors import docker_detail
 
     if not image_present:
         return Row("GPU", SKIP, f"asked in the image, which is not here yet ({image})",
@@ -156,8 +158,7 @@ def check_gpu(client, image: str, image_present: bool) -> Row:
         return Row("GPU", FAIL, f"nvidia-smi failed in the image: {msg[-1] if msg else e}",
                    "check the driver on the host (`nvidia-smi`) and the toolkit (`nvidia-ctk --version`)")
     except (APIError, DockerException, ValueError) as e:
-        first = str(getattr(e, "explanation", None) or e).strip().splitlines()
-        return Row("GPU", FAIL, f"cannot query the GPU in the image: {first[0] if first else type(e).__name__}",
+        return Row("GPU", FAIL, f"cannot query the GPU in the image: {docker_detail(e)}",
                    "check that `docker run --rm --gpus all IMAGE nvidia-smi` works")
     if not gpus:
         return Row("GPU", FAIL, "nvidia-smi in the image lists no GPU", "check the driver and the toolkit")
@@ -197,9 +198,7 @@ def _offline() -> bool:
 
 
 def _cached_snapshot_bytes(repo_id: str) -> int | None:
-    snaps = paths.hf_hub_cache() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-    sizes = [model_source.weight_bytes(s) for s in snaps.glob("*") if s.is_dir()] if snaps.exists() else []
-    return max(sizes) if sizes and max(sizes) > 0 else None
+    return model_source.cached_weight_bytes(repo_id) or None
 
 
 def check_token(spec: JobSpec) -> Row:
@@ -243,22 +242,22 @@ def check_image(client, ref: str) -> tuple[bool, Row]:
     """(present locally?, row). Absent: ask the registry for the manifest, pull nothing."""
     from docker.errors import APIError, DockerException
 
-    from .image import ImageStore, is_standin, registry_of
+    from .image import ImageStore, is_standin, registry_of, standin_build_target
 
     store = ImageStore(client)
     img = store.get(ref)
     if img is not None:
         kind = " (CPU stand-in)" if is_standin(img) else ""
         return True, Row("image", OK, f"{ref}{kind} present locally ({img.attrs.get('Size', 0) / 1e9:.2f} GB)")
-    if ref == STANDIN_IMAGE:
-        return False, Row("image", FAIL, f"the CPU stand-in {ref} is not built", "run `make image`")
+    if target := standin_build_target(ref):
+        return False, Row("image", FAIL, f"the CPU stand-in {ref} is not built", f"run `make {target}`")
     registry = registry_of(ref)
     auth = ImageStore._auth(ref, "NGC_API_KEY")
     need_key = registry == "nvcr.io" and auth is None
     try:
         dist = client.api.inspect_distribution(ref, auth_config=auth)
     except APIError as e:
-        err = ImageStore._pull_error(ref, registry, e, auth is not None)
+        err = ImageStore.pull_error(ref, registry, e, auth is not None)
         advice = err.advice or ""
         if need_key:
             advice = "export NGC_API_KEY (create one at ngc.nvidia.com) and retry"

@@ -6,9 +6,12 @@ else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class LauncherError(Exception):
     exit_code = 1
+    status_code: int | None = None  # Docker's HTTP status, when the error is Docker's answer
 
     def __init__(self, what: str, *, where: str | None = None, advice: str | None = None):
         super().__init__(what)
@@ -38,6 +41,15 @@ class DockerUnavailable(LauncherError):
 class ImageError(LauncherError):
     """The image is absent and cannot be pulled (registry unreachable, refused, unknown)."""
     exit_code = 4
+
+
+class DockerFailed(LauncherError):
+    """Docker refused or failed a request about a container (create, start)."""
+    exit_code = 1
+
+
+class DockerConflict(DockerFailed):
+    """Docker answered 409: the name or resource is taken by something else."""
 
 
 class ModelError(LauncherError):
@@ -81,3 +93,64 @@ class RunDamaged(RunNotFound):
 class Interrupted(LauncherError):
     """Ctrl-C or SIGTERM: the container was stopped and removed."""
     exit_code = 130
+
+
+# ---------------------------------------------------------------- Docker's answers, translated
+
+@dataclass(frozen=True)
+class Translation:
+    error: type[LauncherError]
+    what: str                  # str.format fields: detail (Docker's first line) and the caller's
+    advice: str | None = None
+
+
+NETWORK_ADVICE = ("check the network or proxy; or build the CPU stand-in with `make image` "
+                  "and pass --image spark-nvfp4/trtllm-standin:cpu")
+
+# (what we asked Docker, its APIError.status_code) -> the error the user reads. Status None is
+# the fallback of an action: any other status, or no HTTP status at all (an error inside a
+# pull's stream, a timeout). Only the status decides, never the wording of Docker's message,
+# which changes between Docker versions and registries.
+DOCKER_ERRORS: dict[tuple[str, int | None], Translation] = {
+    ("pull", 401): Translation(ImageError, "registry refused the pull of {ref}", "{login}"),
+    ("pull", 403): Translation(ImageError, "registry refused the pull of {ref}", "{login}"),
+    ("pull", 404): Translation(ImageError, "image {ref} does not exist in the registry",
+                               "check the image name and tag (a private image needs a login)"),
+    # The daemon answers 500 when it could not talk to the registry (refused, DNS, TLS, timeout).
+    ("pull", 500): Translation(ImageError, "registry unreachable while pulling {ref}: {detail}", NETWORK_ADVICE),
+    ("pull", None): Translation(ImageError, "cannot pull {ref}: {detail}"),
+    ("create", 404): Translation(ImageError, "image {ref} is not present: cannot create the {noun}",
+                                 "pull or build it, then retry"),
+    ("create", 409): Translation(DockerConflict, "cannot create the {noun}: the name is in use ({detail})",
+                                 "remove the other container (`docker rm NAME`), then retry"),
+    ("create", None): Translation(DockerFailed, "cannot create the {noun}: {detail}"),
+    ("start", 404): Translation(DockerFailed, "the {noun} disappeared before it started",
+                                "was it removed by someone else? run the command again"),
+    ("start", None): Translation(DockerFailed, "cannot start the {noun}: {detail}"),
+    # start failed, a GPU was asked for and Docker has no NVIDIA runtime (the caller checked)
+    ("start-gpu", None): Translation(DockerFailed, "Docker cannot give the container a GPU: the NVIDIA "
+                                     "container runtime is missing", "install nvidia-container-toolkit, or "
+                                     "pass --gpus none to run on the CPU"),
+    # start failed and the port we publish is taken now (the caller checked)
+    ("publish", None): Translation(ConfigError, "port {port} on 127.0.0.1 was taken meanwhile",
+                                   "pass another --port"),
+    ("probe", None): Translation(ImageError, "the image probe did not finish: {detail}",
+                                 "check that the image starts (`docker run --rm IMAGE python3 -V`)"),
+}
+
+
+def docker_detail(e: BaseException) -> str:
+    """Docker's own explanation, first line (an APIError's str() wraps it in the HTTP status
+    and URL); for any other exception its first line, or its type."""
+    text = str(getattr(e, "explanation", None) or e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def docker_error(e: BaseException, action: str, *, where: str | None = None, **fields: str) -> LauncherError:
+    """The LauncherError for Docker's failure `e` of `action` (a key of DOCKER_ERRORS)."""
+    status = getattr(e, "status_code", None)
+    t = DOCKER_ERRORS.get((action, status)) or DOCKER_ERRORS[(action, None)]
+    values = {"detail": docker_detail(e), **fields}
+    err = t.error(t.what.format(**values), where=where, advice=t.advice.format(**values) if t.advice else None)
+    err.status_code = status
+    return err

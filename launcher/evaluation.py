@@ -11,8 +11,6 @@ copies it to --json-out atomically. An image it pulls is recorded for rollback.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +21,9 @@ from container_payload.contract import EvalJob
 from . import assets, model_source, paths, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
-from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
-from .image import ImageStore, choose_image
-from .orphans import guard, reap
 from .output import console as stderr_console
+from .session import DockerSession
 
 # The check at the end of `launcher quantize`: held-out tokens scored. The CPU emulation
 # scores ~512 tokens in 10-40 s on 2 cores, so the stand-in gets a smaller sample.
@@ -84,18 +80,13 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     json_out = check_json_out(req.json_out or ckpt / "eval.json")
     ref = model_source.resolve(ref_spec)
 
-    client = connect()
-    reap(client, console)
-    nvidia = has_nvidia_runtime(client)
-    image = choose_image(req.image, nvidia)
-    rec = runs.new_run("eval", {"checkpoint": str(ckpt), "reference": reference, "text": str(text),
-                                "tokens": req.tokens, "seq_len": req.seq_len})
-    rec.image = image
-    rec.save()
+    docker = DockerSession.open(console)
+    client, nvidia = docker.client, docker.nvidia
+    image = docker.image_ref(req.image)
+    rec = docker.start_run("eval", {"checkpoint": str(ckpt), "reference": reference, "text": str(text),
+                                    "tokens": req.tokens, "seq_len": req.seq_len}, image)
     with rec.ends_on_error():
-        if ImageStore(client, console).ensure(image).pulled:
-            rec.add("images", image)  # rollback --images may remove what eval pulled
-    guard(rec)  # removes the container at once if this launcher is killed
+        docker.ensure_image(rec, image)  # rollback --images may remove what eval pulled
     out_dir = rec.folder / "evalout"   # the only folder the payload may write
     out_dir.mkdir()
     job = EvalJob(checkpoint="/ckpt", reference=ref.container_dir, text=f"/text/{text.name}",
@@ -131,15 +122,13 @@ def check_json_out(path: Path) -> Path:
 
 def _publish(made: Path, json_out: Path) -> dict:
     """The payload's JSON, checked, then written to --json-out atomically (temp file + rename)."""
+    from .files import atomic_write_json
     from .untrusted import read_json_object
 
     result = read_json_object(made, limit=64 << 20)
     if result is None:
         raise LauncherError("the evaluation wrote no readable JSON", where=str(made), advice="see the run's log")
-    with tempfile.NamedTemporaryFile("w", dir=json_out.parent, delete=False, suffix=".tmp",
-                                     prefix=f".{json_out.name}.") as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, json_out)
+    atomic_write_json(json_out, result)
     return result
 
 

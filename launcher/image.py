@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from .config import NVIDIA_IMAGE, STANDIN_IMAGE, STANDIN_REPO
-from .errors import ImageError
+from .errors import ImageError, docker_error
 
 
 @dataclass
@@ -42,8 +42,18 @@ STANDIN_LABEL = "io.spark-nvfp4.standin"  # set by docker/Dockerfile.standin (an
 
 
 def is_standin(image) -> bool:
-    """A CPU stand-in (or an image derived from one): it needs no GPU, and serve emulates."""
+    """A CPU stand-in (or an image derived from one): it needs no GPU, and serve emulates.
+    Decided by the image's label only, never by its name (any tag may point anywhere)."""
     return (image.labels or {}).get(STANDIN_LABEL) == "true"
+
+
+def standin_build_target(ref: str) -> str | None:
+    """The `make` target that builds `ref` here, when it names one of our stand-ins: an
+    absent one is built, never pulled (it is on no registry). Says how to build; whether a
+    present image is a stand-in is is_standin's question."""
+    if parse_repository_tag(ref)[0] != STANDIN_REPO:
+        return None
+    return "image-2025" if ref.endswith(":2025") else "image"
 
 
 class ImageStore:
@@ -61,8 +71,8 @@ class ImageStore:
         img = self.get(ref)
         if img is not None:
             return ImageInfo(ref, img.id, pulled=False, size=img.attrs.get("Size", 0))
-        if parse_repository_tag(ref)[0] == STANDIN_REPO:
-            target = "image-2025" if ref.endswith(":2025") else "image"
+        target = standin_build_target(ref)
+        if target:
             raise ImageError(f"the CPU stand-in image {ref} is not built",
                              advice=f"run `make {target}` (builds it from Debian and PyPI)")
         if dry_run:
@@ -92,8 +102,8 @@ class ImageStore:
                 totals: dict[str, int] = {}
                 for ev in self.client.api.pull(repo, tag=tag or "latest", stream=True, decode=True,
                                                auth_config=auth):
-                    if "error" in ev:
-                        raise APIError(ev["error"])
+                    if "error" in ev:  # failed mid-stream: no HTTP status to go by
+                        raise APIError(ev["error"], explanation=ev["error"])
                     layer, detail = ev.get("id"), ev.get("progressDetail") or {}
                     if not layer or ":" in layer:
                         continue
@@ -108,29 +118,14 @@ class ImageStore:
                         done = totals.get(layer, 1)
                         bar.update(tasks[layer], total=done, completed=done, description=status)
             self.console.print(f"pulled {ref}: {len(tasks)} layers, {sum(totals.values()) / 1e6:.1f} MB downloaded")
-        except APIError as e:
-            raise self._pull_error(ref, registry, e, auth is not None) from None
-        except docker.errors.DockerException as e:
-            raise ImageError(f"cannot pull {ref}: {e}", where=registry,
-                             advice="check the registry address and your network") from None
+        except docker.errors.DockerException as e:  # APIError included
+            raise self.pull_error(ref, registry, e, auth is not None) from None
 
     @staticmethod
-    def _pull_error(ref: str, registry: str, e: APIError, had_auth: bool) -> ImageError:
-        msg = str(getattr(e, "explanation", None) or e).strip()
-        low = msg.lower()
-        if any(s in low for s in ("unauthorized", "denied", "authentication required", "401", "403")):
-            advice = ("your NGC API key was refused; create one at ngc.nvidia.com and export NGC_API_KEY"
-                      if had_auth else "this registry needs a login: export NGC_API_KEY (for nvcr.io) and retry")
-            return ImageError(f"registry refused the pull of {ref}", where=registry, advice=advice)
-        if any(s in low for s in ("connection refused", "no such host", "timeout", "i/o timeout",
-                                  "dial tcp", "network is unreachable", "server misbehaving")):
-            return ImageError(f"registry unreachable while pulling {ref}", where=registry,
-                              advice="check the network or proxy; or build the CPU stand-in with `make image` "
-                                     "and pass --image spark-nvfp4/trtllm-standin:cpu")
-        if "not found" in low or "manifest unknown" in low:
-            return ImageError(f"image {ref} does not exist in the registry", where=registry,
-                              advice="check the image name and tag")
-        return ImageError(f"cannot pull {ref}: {msg.splitlines()[0]}", where=registry)
+    def pull_error(ref: str, registry: str, e: Exception, had_auth: bool) -> ImageError:
+        login = ("your NGC API key was refused; create one at ngc.nvidia.com and export NGC_API_KEY"
+                 if had_auth else "this registry needs a login: export NGC_API_KEY (for nvcr.io) and retry")
+        return docker_error(e, "pull", where=registry, ref=ref, login=login)
 
     def remove(self, ref_or_id: str) -> bool:
         try:

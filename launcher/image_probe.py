@@ -6,18 +6,18 @@ and no torch import: about a second even on NVIDIA's 20 GB images.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import docker
-from docker.errors import APIError, ImageNotFound
+from docker.errors import ImageNotFound
 from pydantic import BaseModel, ValidationError
 
 from container_payload import recipes
 
 from . import paths
 from .container import PayloadContainer, payload_command
-from .errors import ImageError
+from .errors import ImageError, docker_error
+from .files import atomic_write_text
 from .logstream import find_event
 
 PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s
@@ -67,9 +67,7 @@ def probe(client: docker.DockerClient, image: str, run_id: str = "probe") -> Ima
         pass
     found = ImageProbe(image_id=image_id, **_run(client, image_id, run_id))
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-    tmp.write_text(found.model_dump_json(indent=2))
-    os.replace(tmp, cached)
+    atomic_write_text(cached, found.model_dump_json(indent=2))
     return found
 
 
@@ -80,9 +78,8 @@ def _run(client: docker.DockerClient, image_id: str, run_id: str) -> dict:
         box.container.start()
         code = box.container.wait(timeout=PROBE_TIMEOUT_S).get("StatusCode", 1)
         text = box.container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
-    except (APIError, docker.errors.DockerException, OSError) as e:  # includes the wait's timeout
-        raise ImageError(f"the image probe did not finish: {str(e).splitlines()[0]}", where=image_id[:19],
-                         advice="check that the image starts (`docker run --rm IMAGE python3 -V`)") from None
+    except (docker.errors.DockerException, OSError) as e:  # includes the wait's timeout
+        raise docker_error(e, "probe", where=image_id[:19]) from None
     finally:
         box.remove()
     event = find_event(text.splitlines(), "probe")

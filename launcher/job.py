@@ -27,13 +27,11 @@ from container_payload import contract, recipes
 from . import assets, derived_image, model_source, paths, preflight, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
-from .daemon import connect, has_nvidia_runtime
 from .errors import ConfigError, LauncherError
-from .image import ImageStore, choose_image
 from .locks import OutputLock, lock_path
-from .orphans import guard, reap
 from .output import console as stderr_console
 from .output import run_result
+from .session import DockerSession
 
 
 @dataclass
@@ -144,17 +142,11 @@ class QuantizeJob:
         model_source.validate(spec)
         check_calibration(spec)
         fingerprint = job_fingerprint(spec)
-        client = connect()
-        reap(client, self.console)
-        nvidia = has_nvidia_runtime(client)
+        docker = DockerSession.open(self.console)
+        nvidia = docker.nvidia
         self.device_kind = "gpu" if nvidia and spec.gpus != "none" else "cpu"
-        image_ref = choose_image(spec.image, nvidia)
-
-        rec = runs.new_run("quantize", spec.model_dump(mode="json"))
-        rec.image = image_ref
-        rec.output = str(output)
-        rec.save()
-        guard(rec)  # removes the container at once if this launcher is killed
+        image_ref = docker.image_ref(spec.image)
+        rec = docker.start_run("quantize", spec.model_dump(mode="json"), image_ref, str(output))
         self.console.print(f"run [bold]{rec.id}[/] -> {output}")
         with rec.ends_on_error():
             lock = None
@@ -162,7 +154,7 @@ class QuantizeJob:
                 rec.add("locks", str(lock_path(output)))  # a kill -9 leaves it; rollback checks it is ours
                 lock = OutputLock(output, rec.id).acquire()
             try:
-                outcome = self._run_locked(client, rec, output, fingerprint, nvidia, image_ref)
+                outcome = self._run_locked(docker, rec, output, fingerprint, image_ref)
             finally:
                 if lock is not None:
                     lock.release()
@@ -174,7 +166,7 @@ class QuantizeJob:
                                                      extra={"dry_run": self.dry_run}))
         return outcome
 
-    def _run_locked(self, client, rec: runs.RunRecord, output: Path, fingerprint: str, nvidia: bool,
+    def _run_locked(self, docker: DockerSession, rec: runs.RunRecord, output: Path, fingerprint: str,
                     image_ref: str) -> JobOutcome | None:
         """Under the output lock: reuse, or preflight, fetch, pull and quantize. Returns the
         outcome when the job ends early (reused, dry run), None when it quantized."""
@@ -187,10 +179,10 @@ class QuantizeJob:
         if output.exists() and any(output.iterdir()):
             raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
                               where="--output", advice="choose another --output, or remove the folder")
-        store = ImageStore(client, self.console)
+        client, nvidia = docker.client, docker.nvidia
         # An image already here is probed (and derived, if it falls short) before the
         # model download: a 16 GB download must not precede a one-line "cannot run".
-        runnable = self._runnable_image(client, rec, image_ref) if store.get(image_ref) else None
+        runnable = self._runnable_image(client, rec, image_ref) if docker.images.get(image_ref) else None
         # 3. preflight, including what the download will need, before downloading anything
         model_bytes, to_download = model_source.download_bytes(spec)
         preflight.enforce(preflight.quantize_checks(
@@ -200,9 +192,7 @@ class QuantizeJob:
         record = None if self.dry_run else (lambda path: rec.add("cache", path))
         model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)
         calib = None if self.dry_run else calibration_bind(spec, on_create=record)
-        image = store.ensure(image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
-        if image.pulled and not self.dry_run:  # "would pull" is not a pull
-            rec.add("images", image_ref)
+        image = docker.ensure_image(rec, image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
         if runnable is None and image.id:
             runnable = self._runnable_image(client, rec, image_ref)
         if self.dry_run:

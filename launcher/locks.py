@@ -17,12 +17,10 @@ import errno
 import fcntl
 import json
 import os
-import socket
 import stat
 from pathlib import Path
 
-import psutil
-
+from . import owner
 from .errors import LockHeld
 
 MAX_LOCK_BYTES = 4096  # ours are ~120 bytes; anything bigger is not ours to parse
@@ -36,12 +34,7 @@ def lock_path(output: Path) -> Path:
 def _alive(info: dict) -> bool:
     """A lock written by another host (shared disk), or by a launcher that predates flock
     and is still running: flock alone cannot see those, so the content decides."""
-    if info.get("host") != socket.gethostname():
-        return True
-    try:
-        return abs(psutil.Process(info["pid"]).create_time() - info["started"]) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError, OverflowError):
-        return False
+    return owner.alive(info.get("pid"), info.get("started"), info.get("host"))
 
 
 def _open_regular(path: Path, flags: int) -> int:
@@ -115,8 +108,7 @@ class OutputLock:
         if info is not None and info.get("run_id") != self.run_id and _alive(info):
             os.close(fd)
             raise self._held_error(info)
-        me = {"pid": os.getpid(), "started": psutil.Process().create_time(),
-              "host": socket.gethostname(), "run_id": self.run_id}
+        me = {**owner.me(), "run_id": self.run_id}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self._fd, self.held = fd, True

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from .files import atomic_write_text
 
 ENGINES = """\
 ## Serve it
@@ -117,7 +117,4 @@ def render(output: Path, result: dict, evaluation: dict | None, source_bytes: in
 def write(output: Path, evaluation: dict | None, source_bytes: int | None = None) -> Path:
     result = json.loads((output / "result.json").read_text())
     text = render(output, result, evaluation, source_bytes)
-    with tempfile.NamedTemporaryFile("w", dir=output, delete=False, suffix=".tmp", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(f.name, output / "README.md")
-    return output / "README.md"
+    return atomic_write_text(output / "README.md", text)

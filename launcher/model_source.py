@@ -107,14 +107,19 @@ def download_bytes(spec: JobSpec) -> tuple[int, int]:
         return (weight_bytes(converted) or (gguf.stat().st_size * 3 if gguf.exists() else EMBEDDED_BYTES_GUESS)), 0
     if spec.is_local:
         return weight_bytes(Path(spec.model).expanduser()), 0
-    repo_folder = paths.hf_hub_cache() / ("models--" + spec.model.replace("/", "--"))
+    repo_folder = paths.hf_repo_folder(spec.model)
     if _offline(spec):
-        snaps = repo_folder / "snapshots"
-        return max((weight_bytes(s) for s in snaps.glob("*") if s.is_dir()), default=0), 0
+        return cached_weight_bytes(spec.model), 0
     total = check_access(spec.model, spec.revision, token_from(spec.hf_token_env))
     blobs = repo_folder / "blobs"
     cached = sum(p.stat().st_size for p in blobs.iterdir() if p.is_file()) if blobs.is_dir() else 0
     return total, max(0, total - cached)
+
+
+def cached_weight_bytes(repo_id: str) -> int:
+    """Weight bytes of the largest snapshot of `repo_id` in the hub cache; 0 when none."""
+    snaps = paths.hf_repo_folder(repo_id) / "snapshots"
+    return max((weight_bytes(s) for s in snaps.glob("*") if s.is_dir()), default=0)
 
 
 def _offline(spec: JobSpec) -> bool:
@@ -196,7 +201,7 @@ def _hub(spec: JobSpec, *, dry_run: bool, on_create: Callable[[str], None] | Non
     token = token_from(spec.hf_token_env)
     offline = _offline(spec)
     cache = paths.hf_hub_cache()
-    repo_folder = cache / ("models--" + spec.model.replace("/", "--"))
+    repo_folder = paths.hf_repo_folder(spec.model)
     existed = repo_folder.exists()
     if not offline and not access_checked:
         check_access(spec.model, spec.revision, token)
@@ -281,7 +286,7 @@ def fetch_dataset(source: str, token_env: str, offline: bool,
     name, split, fld = parse_hf_source(source)
     token = token_from(token_env)
     cache = paths.hf_hub_cache()
-    repo_folder = cache / ("datasets--" + name.replace("/", "--"))
+    repo_folder = paths.hf_repo_folder(name, "dataset")
     existed = repo_folder.exists()
     try:
         patterns = None

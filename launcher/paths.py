@@ -33,3 +33,10 @@ def hf_hub_cache() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
+
+
+def hf_repo_folder(repo_id: str, repo_type: str = "model") -> Path:
+    """A repo's folder in the hub cache (`models--org--name`), named by huggingface_hub itself."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    return hf_hub_cache() / repo_folder_name(repo_id=repo_id, repo_type=repo_type)

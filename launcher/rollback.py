@@ -56,6 +56,7 @@ class Plan:
     left_out: list[Item] = field(default_factory=list)              # recorded, kind not asked for
     skipped_runs: list[tuple[str, str]] = field(default_factory=list)
     docker_error: str | None = None
+    unchecked: list[Item] = field(default_factory=list)             # containers/images: Docker was down
     _gone: list[Item] = field(default_factory=list)                 # recorded but already gone: prune
 
     @property
@@ -228,10 +229,9 @@ def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> N
 
 def _plan_docker(p: Plan, rec: runs.RunRecord, client, others: list[runs.RunRecord], ids: set[str]) -> None:
     if client is None:
-        for cid in rec.created.containers:
-            p.refused.append((Item("containers", cid, rec.id), "Docker daemon unreachable: not checked"))
-        for ref in rec.created.images if "images" in p.kinds else []:
-            p.refused.append((Item("images", ref, rec.id), "Docker daemon unreachable: not checked"))
+        p.unchecked += [Item("containers", cid, rec.id) for cid in rec.created.containers]
+        p.unchecked += [Item("images", ref, rec.id) for ref in rec.created.images if "images" in p.kinds]
+        p.refused += [(item, "Docker daemon unreachable: not checked") for item in p.unchecked if item.run_id == rec.id]
         return
     from docker.errors import APIError, ImageNotFound, NotFound
 
@@ -343,7 +343,7 @@ def _update_records(p: Plan, out: Outcome) -> None:
     status: the next rollback retries exactly what is left."""
     struck = out.removed + p._gone
     unfinished = {i.run_id for i, _ in out.failed}
-    unfinished |= {i.run_id for i, why in p.refused if why.startswith("Docker daemon unreachable")}
+    unfinished |= {i.run_id for i in p.unchecked}
     for rec in p.runs:
         changed = False
         for item in struck:
@@ -378,13 +378,10 @@ def tree_size(path: Path) -> int:
 
 
 def human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+    """A size as rich writes it (decimal units: 1.5 GB, as disks are sold); "-" when unknown."""
+    from rich.filesize import decimal
+
+    return "-" if n is None else decimal(n)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -395,8 +392,8 @@ def _read_json(path: Path) -> dict | None:
 def _reason(e: Exception) -> str:
     if isinstance(e, LauncherError):
         return e.what
-    msg = str(getattr(e, "explanation", None) or e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"
+    from .errors import docker_detail
+    return f"{type(e).__name__}: {docker_detail(e)}"
 
 
 # ---------------------------------------------------------------- presentation
@@ -488,7 +485,7 @@ def run_rollback(run_id: str | None, *, all_runs: bool, outputs: bool, images: b
 
 def _unchecked(p) -> None:
     """Without Docker the files go, but the rollback is not complete: say so in the exit code."""
-    n = sum(1 for _, why in p.refused if why.startswith("Docker daemon unreachable"))
+    n = len(p.unchecked)
     if n:
         from .errors import DockerUnavailable
         raise DockerUnavailable(f"{n} recorded container(s)/image(s) not removed: the Docker daemon is unreachable",

@@ -14,9 +14,8 @@ import json
 import os
 import re
 import secrets
-import stat
 import socket
-import tempfile
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -24,8 +23,9 @@ from typing import Literal
 import psutil
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from . import paths
+from . import owner, paths
 from .errors import RunDamaged, RunNotFound
+from .files import atomic_write_text
 
 # what new_run() makes: 20261130-061304-a1b2c3 (a folder name, never a path)
 RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
@@ -78,9 +78,7 @@ class RunRecord(BaseModel):
     def save(self) -> None:
         self.updated_at = _now()
         self.folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.folder, delete=False, suffix=".tmp") as f:
-            f.write(self.model_dump_json(indent=2))
-        os.replace(f.name, self.folder / "record.json")
+        atomic_write_text(self.folder / "record.json", self.model_dump_json(indent=2))
 
     def add(self, kind: str, item: str) -> None:
         items = getattr(self.created, kind)
@@ -124,19 +122,13 @@ class RunRecord(BaseModel):
     def write_result(self, body: dict) -> dict:
         """The run's result.json (what a CI job reads), written whole or not at all."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.folder, delete=False, suffix=".tmp") as f:
-            json.dump(body, f, indent=2, default=str)
-        os.replace(f.name, self.folder / "result.json")
+        atomic_write_text(self.folder / "result.json", json.dumps(body, indent=2, default=str))
         return body
 
     def owner_alive(self) -> bool:
-        """Is the launcher process that runs this record still alive (same host)?"""
-        if self.host != socket.gethostname():
-            return True  # can't tell from here: assume alive, never reap other hosts' runs
-        try:
-            return abs(psutil.Process(self.pid).create_time() - self.pid_started) < 1.0
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return False
+        """Is the launcher process that runs this record still alive? (Another host's: assumed
+        so, never reap other hosts' runs.)"""
+        return owner.alive(self.pid, self.pid_started, self.host)
 
 
 def _now() -> str:

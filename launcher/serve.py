@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -36,13 +34,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import runs
-from .container import PAYLOAD_DIR, PAYLOAD_TARGET, Bind, gpu_requests, hardening_kwargs, owner_labels
-from .daemon import connect, has_nvidia_runtime
+from container_payload import contract
+
+from .container import Bind, PayloadContainer, gpu_requests, payload_command, port_free, sigterm_as_interrupt
 from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
-from .image import ImageStore, choose_image, is_standin
 from .logstream import PREFIX as EVENT_PREFIX
 from .logstream import find_event
-from .orphans import guard, reap
+from .session import DockerSession
 
 CONTAINER_PORT = 8000
 KEY_TARGET = "/run/secrets/api-key"
@@ -99,54 +97,25 @@ def healthy(port: int) -> bool:
         return False
 
 
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 # ---------------------------------------------------------------- the container
 
-def container_kwargs(*, image: str, standin: bool, nvidia: bool, ckpt: Path, job_file: Path,
-                     run_id: str, port: int, key_file: Path | None = None) -> dict:
-    common = dict(
-        image=image, detach=True, init=True,  # tini: docker stop's SIGTERM reaches the server
-        labels=owner_labels(run_id, "serve"),
-        ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", port)},
-        environment={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-    )
+def create_server(box: PayloadContainer, *, standin: bool, nvidia: bool, ckpt: Path, job_file: Path,
+                  port: int, key_file: Path | None = None) -> None:
+    """The server's container, published on 127.0.0.1:port only."""
     if standin:
-        return dict(
-            common,
-            command=["python3", "-m", "container_payload.serve", "/run/job.json"],
-            working_dir=PAYLOAD_TARGET,
-            mounts=[Bind(PAYLOAD_DIR, f"{PAYLOAD_TARGET}/container_payload").mount(),
-                    Bind(ckpt, "/ckpt").mount(), Bind(job_file, "/run/job.json").mount()]
-                   + ([Bind(key_file, KEY_TARGET).mount()] if key_file else []),
-            environment={**common["environment"], "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
-            user=f"{os.getuid()}:{os.getgid()}",   # it writes nothing; no reason to be root
-            device_requests=gpu_requests("auto", nvidia),
-            **hardening_kwargs(),
-        )
-    from docker.types import Ulimit
-
-    # NVIDIA's recommended settings for TensorRT-LLM containers: host IPC (NCCL/MPI shared
-    # memory), unlimited locked memory, a 64 MB stack. It runs as the image's user: it
-    # keeps its caches in its own home and writes nothing to the host.
-    return dict(
-        common,
-        command=["trtllm-serve", "/ckpt", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT)],
-        mounts=[Bind(ckpt, "/ckpt").mount()],
-        device_requests=gpu_requests("all", True),
-        ipc_mode="host",
-        ulimits=[Ulimit(name="memlock", soft=-1, hard=-1), Ulimit(name="stack", soft=67108864, hard=67108864)],
-        # Its own caches go under its home: the root filesystem stays writable. No memory
-        # limit: on a Spark's unified memory the KV cache takes most of it (untested on a GPU here).
-        **{k: v for k, v in hardening_kwargs(read_only=False).items() if k != "mem_limit"},
-    )
+        # our emulation server: a payload like the others (its hardening, its user), plus the port
+        binds = [Bind(ckpt, "/ckpt"), Bind(job_file, "/run/job.json")]
+        box.create(payload_command("serve", "/run/job.json"), binds + ([Bind(key_file, KEY_TARGET)] if key_file else []),
+                   device_requests=gpu_requests("auto", nvidia), publish=port, container_port=CONTAINER_PORT)
+        return
+    # NVIDIA's settings for TensorRT-LLM containers: host IPC (NCCL/MPI shared memory),
+    # unlimited locked memory, a 64 MB stack. It runs as the image's user and keeps its caches
+    # under its home: the root filesystem stays writable. No memory limit: on a Spark's unified
+    # memory the KV cache takes most of it (untested on a GPU here).
+    box.create(["trtllm-serve", "/ckpt", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT)], [Bind(ckpt, "/ckpt")],
+               env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}, device_requests=gpu_requests("all", True),
+               publish=port, container_port=CONTAINER_PORT, user=None, payload=False, limit_memory=False,
+               host_ipc=True)
 
 
 def write_key_file(path: Path, key: str) -> Path:
@@ -155,13 +124,6 @@ def write_key_file(path: Path, key: str) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(key)
     return path
-
-
-def _log_tail(container, n: int = 200) -> list[str]:
-    try:
-        return container.logs(tail=n).decode("utf-8", "replace").splitlines()
-    except Exception:  # noqa: BLE001 - the container may be gone already
-        return []
 
 
 def _reason(lines: list[str]) -> str:
@@ -178,10 +140,6 @@ class ServerFailed(PayloadFailed):
     """The server exited, or did not become healthy in time."""
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 # ---------------------------------------------------------------- the command
 
 def serve(req: ServeRequest, console: Console | None = None, out: Console | None = None) -> ServeOutcome:
@@ -195,54 +153,44 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
         raise ConfigError(f"port {req.port} on 127.0.0.1 is already in use", where="--port",
                           advice="pass another --port, or stop what listens there")
 
-    client = connect()
-    reap(client, console)
-    nvidia = has_nvidia_runtime(client)
-    image = choose_image(req.image, nvidia)
-    store = ImageStore(client, console)
-    info = store.ensure(image)
-    standin = is_standin(store.get(image))
-    if not standin and not nvidia:
-        raise PreflightError(f"trtllm-serve needs a GPU and Docker has no NVIDIA runtime ({image})",
-                             advice="install nvidia-container-toolkit (see `launcher doctor`), or serve the "
-                                    "exact CPU emulation with --image spark-nvfp4/trtllm-standin:cpu")
-
-    rec = runs.new_run("serve", {"model": str(ckpt), "checkpoint": str(ckpt), "port": req.port, "image": image})
-    rec.image = image
-    rec.save()
-    if info.pulled:
-        rec.add("images", image)
-    guard(rec)  # removes the container at once if this launcher is killed before it is healthy
-    console.print(f"run [bold]{rec.id}[/]: serving {escape(str(ckpt))} with {escape(image)}"
-                  + (" (CPU stand-in: exact NVFP4 emulation)" if standin else ""), highlight=False)
-    key = (req.api_key or secrets.token_urlsafe(24)) if standin else None
-    key_file = write_key_file(rec.folder / "api-key", key) if key else None
-    job_file = rec.folder / "serve-job.json"
-    job_file.write_text(json.dumps({"checkpoint": "/ckpt", "model_name": ckpt.name, "port": CONTAINER_PORT,
-                                    "host": "0.0.0.0", "device": "auto" if nvidia else "cpu",
-                                    **({"api_key_file": KEY_TARGET} if key else {})}, indent=2))
-
-    container = None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    with rec.ends_on_error():
+    docker = DockerSession.open(console)
+    image = docker.image_ref(req.image)
+    rec = docker.start_run("serve", {"model": str(ckpt), "checkpoint": str(ckpt), "port": req.port, "image": image},
+                           image)
+    box = PayloadContainer(docker.client, image, rec.id, role="serve")
+    key_file = None
+    with rec.ends_on_error(), sigterm_as_interrupt():
         try:
-            container = _create(client, container_kwargs(image=image, standin=standin, nvidia=nvidia, ckpt=ckpt,
-                                                         job_file=job_file, run_id=rec.id, port=req.port,
-                                                         key_file=key_file), rec)
-            _start(container, req.port)
-            _wait_healthy(container, req, rec, console)
-            _save_log(container, rec)
-            rec.result = {"endpoint": f"http://127.0.0.1:{req.port}/v1", "container": container.id,
+            docker.ensure_image(rec, image)
+            standin = docker.is_standin(image)
+            if not standin and not docker.nvidia:
+                raise PreflightError(f"trtllm-serve needs a GPU and Docker has no NVIDIA runtime ({image})",
+                                     advice="install nvidia-container-toolkit (see `launcher doctor`), or serve the "
+                                            "exact CPU emulation with --image spark-nvfp4/trtllm-standin:cpu")
+            console.print(f"run [bold]{rec.id}[/]: serving {escape(str(ckpt))} with {escape(image)}"
+                          + (" (CPU stand-in: exact NVFP4 emulation)" if standin else ""), highlight=False)
+            key = (req.api_key or secrets.token_urlsafe(24)) if standin else None
+            key_file = write_key_file(rec.folder / "api-key", key) if key else None
+            job_file = rec.folder / "serve-job.json"
+            job_file.write_text(contract.to_json(contract.ServeJob(
+                checkpoint="/ckpt", model_name=ckpt.name, port=CONTAINER_PORT, host="0.0.0.0",
+                device="auto" if docker.nvidia else "cpu", api_key_file=KEY_TARGET if key else None)))
+            create_server(box, standin=standin, nvidia=docker.nvidia, ckpt=ckpt, job_file=job_file, port=req.port,
+                          key_file=key_file)
+            rec.add("containers", box.container.id)  # recorded before it runs: a crash now leaves it findable
+            box.start()
+            _wait_healthy(box, req, rec, console)
+            _save_log(box, rec)
+            rec.result = {"endpoint": f"http://127.0.0.1:{req.port}/v1", "container": box.container.id,
                           "port": req.port}
             rec.finish("complete")  # from here on the server is a result, not debris of a live run
         except KeyboardInterrupt:
-            _discard(container, rec)
+            _discard(box, rec)
             raise Interrupted("interrupted before the server was ready: its container was removed") from None
         except BaseException:
-            _discard(container, rec)
+            _discard(box, rec)
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
             if key_file is not None:
                 key_file.unlink(missing_ok=True)  # read by the server at start; not kept on disk
 
@@ -257,7 +205,7 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
         answer = reply["choices"][0]["message"]["content"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise LauncherError(f"the server is up but the test chat request failed: {e}", where=endpoint,
-                            advice=f"see `docker logs {container.short_id}`; stop it with `{stop}`") from None
+                            advice=f"see `docker logs {box.container.short_id}`; stop it with `{stop}`") from None
     out.print(f"[bold]prompt:[/] {escape(req.prompt)}", highlight=False)
     out.print(f"[bold]answer:[/] {escape(answer)}", highlight=False)
     out.print(f"[bold]endpoint:[/] {endpoint}  (OpenAI-compatible; model {escape(model)!r})", highlight=False)
@@ -268,36 +216,13 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
         out.print("[bold]api key:[/] none: trtllm-serve checks no key; the port is on 127.0.0.1 only",
                   highlight=False)
     out.print(f"[bold]stop it:[/] {stop}", highlight=False)
-    return ServeOutcome(rec.id, container.id, endpoint, model, answer, key)
+    return ServeOutcome(rec.id, box.container.id, endpoint, model, answer, key)
 
 
-def _create(client, kwargs: dict, rec: runs.RunRecord):
-    from docker.errors import APIError
-
-    try:
-        container = client.containers.create(**kwargs)
-    except APIError as e:
-        raise LauncherError(f"cannot create the server container: {_first(e)}") from None
-    rec.add("containers", container.id)  # recorded before it runs: a crash now leaves it findable
-    return container
-
-
-def _start(container, port: int) -> None:
-    from docker.errors import APIError
-
-    try:
-        container.start()
-    except APIError as e:
-        msg = _first(e)
-        if "allocated" in msg or "address already in use" in msg:
-            raise ConfigError(f"port {port} on 127.0.0.1 was taken meanwhile", where="--port",
-                              advice="pass another --port") from None
-        raise LauncherError(f"cannot start the server container: {msg}") from None
-
-
-def _wait_healthy(container, req: ServeRequest, rec: runs.RunRecord, console: Console) -> None:
+def _wait_healthy(box: PayloadContainer, req: ServeRequest, rec: runs.RunRecord, console: Console) -> None:
     from docker.errors import NotFound
 
+    container = box.container
     start = time.monotonic()
     with console.status(f"waiting for http://127.0.0.1:{req.port}/health") as status:
         while True:
@@ -307,8 +232,8 @@ def _wait_healthy(container, req: ServeRequest, rec: runs.RunRecord, console: Co
                 raise ServerFailed("the server container disappeared while starting",
                                    advice="was it removed by someone else? run the command again") from None
             if container.status in ("exited", "dead"):
-                lines = _log_tail(container)
-                _save_log(container, rec)
+                lines = box.log_lines()
+                _save_log(box, rec)
                 code = container.attrs.get("State", {}).get("ExitCode")
                 _show_tail(lines, console)
                 raise ServerFailed(f"the server exited (status {code}) before it was ready: {_reason(lines)}",
@@ -318,8 +243,8 @@ def _wait_healthy(container, req: ServeRequest, rec: runs.RunRecord, console: Co
                 return
             waited = time.monotonic() - start
             if waited > req.timeout:
-                lines = _log_tail(container)
-                _save_log(container, rec)
+                lines = box.log_lines()
+                _save_log(box, rec)
                 _show_tail(lines, console)
                 raise ServerFailed(f"the server did not answer /health within {req.timeout:.0f} s",
                                    where=str(rec.log_path),
@@ -336,30 +261,19 @@ def _show_tail(lines: list[str], console: Console) -> None:
             console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
 
 
-def _save_log(container, rec: runs.RunRecord) -> None:
+def _save_log(box: PayloadContainer, rec: runs.RunRecord) -> None:
     """What the server printed so far, for `launcher logs RUN_ID` (later: `docker logs`)."""
-    lines = _log_tail(container, n=2000)
+    lines = box.log_lines(tail=2000)
     if lines:
         rec.folder.mkdir(parents=True, exist_ok=True)
         rec.log_path.write_text("\n".join(lines) + "\n")
 
 
-def _discard(container, rec: runs.RunRecord) -> None:
-    if container is None:
+def _discard(box: PayloadContainer, rec: runs.RunRecord) -> None:
+    """The container of a server that never became ready goes; struck from the record only
+    once it is gone (otherwise rollback retries it)."""
+    if box.container is None or not box.remove():
         return
-    from docker.errors import APIError, NotFound
-
-    try:
-        container.remove(force=True)
-    except NotFound:
-        pass
-    except APIError:
-        return  # still there: it stays in the record, so rollback can retry
-    if container.id in rec.created.containers:
-        rec.created.containers.remove(container.id)
+    if box.container.id in rec.created.containers:
+        rec.created.containers.remove(box.container.id)
         rec.save()
-
-
-def _first(e: Exception) -> str:
-    lines = str(getattr(e, "explanation", None) or e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

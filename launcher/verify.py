@@ -232,14 +232,19 @@ def _read_json(path: Path, report: Report, required: bool) -> dict | None:
     return data
 
 
-def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
-    """Parse and validate one shard's header against the file's size.
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (JSON object, `__metadata__` included) and the offset its
+    data section starts at; ValueError saying why when the file is not one. The one reader
+    of the format on the host (tests use it too); bounded, so any bytes are safe to give it."""
+    try:
+        header, base, _ = _header(path)
+    except _Unreadable as e:
+        raise ValueError(str(e)) from None
+    return header, base
 
-    Tensors whose data lies past the end of the file stay in the result (their header
-    entries are still checked) but are marked not intact, so nothing reads them; the
-    file gets the one problem.
-    """
-    name = shard.name
+
+def _header(shard: Path) -> tuple[dict, int, int]:
+    """(header, data start, file size), or _Unreadable with the one problem of the file."""
     try:
         with open_regular(shard) as f:
             size = os.fstat(f.fileno()).st_size
@@ -260,8 +265,18 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
         raise _Unreadable(f"header is not valid JSON: {_reason(e)}")
     if not isinstance(header, dict):
         raise _Unreadable("header is not a JSON object")
+    return header, 8 + n, size
 
-    base = 8 + n
+
+def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
+    """Parse and validate one shard's header against the file's size.
+
+    Tensors whose data lies past the end of the file stay in the result (their header
+    entries are still checked) but are marked not intact, so nothing reads them; the
+    file gets the one problem.
+    """
+    name = shard.name
+    header, base, size = _header(shard)
     data_size = size - base
     infos: dict[str, TensorInfo] = {}
     spans = []

@@ -1,21 +1,20 @@
 """An independent float64 NVFP4 reference, shared by the evaluation tests.
 
-Nothing here comes from the payload: its own safetensors reader, its own E2M1 / E4M3
-decoding from the bit layouts, its own round-to-nearest-even, and its own Llama
-forward in numpy float64.
+Nothing here comes from the payload: the safetensors header is read by the host's parser
+(launcher/verify.py), then its own E2M1 / E4M3 decoding from the bit layouts, its own
+round-to-nearest-even, and its own Llama forward in numpy float64.
 """
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 
+from launcher.verify import safetensors_header
+
 
 def read_safetensors(path: Path) -> dict:
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    body = raw[8 + n:]
+    header, start = safetensors_header(path)  # the host's one header parser (launcher/verify.py)
+    body = path.read_bytes()[start:]
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":

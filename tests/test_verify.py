@@ -25,7 +25,7 @@ import pytest
 from safetensors import safe_open
 
 from launcher.errors import VerifyFailed
-from launcher.verify import verify_checkpoint
+from launcher.verify import safetensors_header, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tests" / "tools"
@@ -108,11 +108,9 @@ def read_st(path: Path) -> tuple[dict, dict]:
     Raw bytes rather than safetensors.numpy: numpy has no float8, so the library's
     numpy API cannot load a file holding F8_E4M3 block scales.
     """
-    blob = path.read_bytes()
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
+    header, start = safetensors_header(path)
     meta = header.pop("__metadata__", None)
-    data = blob[8 + n:]
+    data = path.read_bytes()[start:]
     tensors = {k: [v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]]]
                for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])}
     return meta, tensors

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 
 from synthetic_ckpt import make_checkpoint
 
+from launcher.verify import safetensors_header
+
 REPO = Path(__file__).resolve().parents[1]
 SHARD1 = "model-00001-of-00002.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -94,9 +96,9 @@ def ckpt(tmp_path) -> Path:
 
 
 def header_of(path: Path) -> tuple[dict, bytes]:
-    blob = path.read_bytes()
-    (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8:8 + n]), blob[8 + n:]
+    """The header and data of a valid file, by the launcher's one parser."""
+    header, start = safetensors_header(path)
+    return header, path.read_bytes()[start:]
 
 
 def write_header(path: Path, header_text: bytes, data: bytes) -> None:

@@ -1,0 +1,62 @@
+"""The host's single helpers for what several modules need: atomic writes, owner liveness,
+the safetensors header, the hub cache's folder names."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from launcher import owner, paths
+from launcher.files import atomic_write_json, atomic_write_text
+from launcher.verify import safetensors_header
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "record.json"
+    target.write_text("old")
+    atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["record.json"]
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path):
+    target = tmp_path / "README.md"
+    target.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(target, "half \udc80 written")  # a lone surrogate cannot be encoded
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["README.md"]
+
+
+def test_owner_alive_by_pid_and_start_time():
+    me = owner.me()
+    assert owner.alive(me["pid"], me["started"], me["host"])
+    assert not owner.alive(me["pid"], me["started"] - 100, me["host"])  # the pid, reused by another process
+    assert owner.alive(me["pid"], 0, "another-host")                      # not ours to judge: assumed alive
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not owner.alive(child.pid, me["started"], me["host"])
+    assert not owner.alive("12", None, me["host"]) and not owner.alive(-1, 0.0, me["host"])  # edited files
+
+
+def test_safetensors_header(tmp_path):
+    header = {"__metadata__": {"format": "pt"}, "w": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}
+    text = json.dumps(header).encode()
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(struct.pack("<Q", len(text)) + text + b"\x01\x02")
+    assert safetensors_header(good) == (header, 8 + len(text))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 1 << 40) + text)
+    with pytest.raises(ValueError, match="implausible"):
+        safetensors_header(bad)
+
+
+def test_hub_cache_folder_names(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert paths.hf_repo_folder("org/name") == tmp_path / "models--org--name"
+    assert paths.hf_repo_folder("org/data", "dataset") == tmp_path / "datasets--org--data"
