@@ -331,6 +331,8 @@ def quantize(model, recipe, forward_loop):
     if recipe.refine is not None:
         events.stage("refine", detail=recipe.name)
         recipe.refine(model, forward_loop)
+    if getattr(recipe, "check", None) is not None:
+        recipe.check(model)
     return model
 
 

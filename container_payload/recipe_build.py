@@ -25,6 +25,7 @@ class BuiltRecipe:
     config: object                       # a dict, or ModelOpt's QuantizeConfig for YAML recipes
     refine: Callable | None = None       # after mtq.quantize's calibration (our own methods)
     prepare: Callable | None = None      # before mtq.quantize, on the bf16 model (smoothing)
+    check: Callable | None = None        # after calibration: refuse a model ModelOpt left half calibrated
 
 
 def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> BuiltRecipe:
@@ -39,6 +40,13 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda") -> BuiltRe
         cpu_ok = [n for n, r in recipes.RECIPES.items() if not r.needs.gpu]
         raise PayloadError(f"recipe {recipe!r} needs a GPU ({known.needs.why[0]}); on a CPU use one "
                            f"of: {', '.join(cpu_ok)}", kind="input")
+    if known.origin == "moe":
+        from . import moe
+
+        cfg = moe.build_config(recipe, mtq)
+        if kv_cache == "fp8":
+            cfg["quant_cfg"] = with_entries(cfg["quant_cfg"], mtq.FP8_KV_CFG["quant_cfg"])
+        return BuiltRecipe(name=recipe, preset=known.preset, config=cfg, check=moe.check_calibrated)
     preset = recipes.FORMAT_PRESETS.get(fmt, known.preset)
     refine = prepare = None
     if known.origin == "ours":

@@ -95,6 +95,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "smoothing, bf16 units chosen first, then layer-sequential gptq-aa (make quantize's recipe)",
            _STATIC_BLOCK),
 )}
+# Mixture-of-Experts layouts (container_payload/moe.py builds them from ModelOpt's presets): one
+# format per kind of layer, exported by ModelOpt as MIXED_PRECISION (or NVFP4 with the rest
+# excluded). ModelOpt 0.37 has no weight-only NVFP4 export and, with transformers 4.57, left the
+# experts of tokens it never routed uncalibrated (measured, tests/test_moe.py); 0.47 calibrates
+# every expert's weights and shares one input amax across a layer's experts.
+_MOE = Needs(modelopt="0.47", why=("MoE expert calibration and MIXED_PRECISION export (ModelOpt 0.47)",))
+RECIPES.update({r.name: r for r in (
+    Recipe("moe-w4a16-experts", "moe", "NVFP4_DEFAULT_CFG+FP8_DEFAULT_CFG",
+           "MoE: experts and shared experts NVFP4 weight-only, attention FP8, FP8 KV cache "
+           "(nvidia/Qwen3.6-35B-A3B-NVFP4's layout)", _MOE),
+    Recipe("moe-w4a4-experts", "moe", "NVFP4_DEFAULT_CFG",
+           "MoE: routed experts NVFP4 W4A4, everything else bf16", _MOE),
+)})
 NAMES = tuple(RECIPES)
 
 # Formats other than W4A4 use one ModelOpt preset and only the default recipe.
