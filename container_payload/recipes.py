@@ -97,9 +97,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 # Mixture-of-Experts layouts (container_payload/moe.py builds them from ModelOpt's presets): one
 # format per kind of layer, exported by ModelOpt as MIXED_PRECISION (or NVFP4 with the rest
-# excluded). ModelOpt 0.37 has no weight-only NVFP4 export and, with transformers 4.57, left the
-# experts of tokens it never routed uncalibrated (measured, tests/test_moe.py); 0.47 calibrates
-# every expert's weights and shares one input amax across a layer's experts.
+# excluded). Measured on the 2025 stand-in (ModelOpt 0.37, transformers 4.57, CPU): the configs
+# build and every expert is calibrated, but each expert keeps its own down_proj input amax (the
+# engines use one per layer) and 0.37 has no weight-only NVFP4 export format; its NVFP4 export
+# needs CUDA in any case. ModelOpt 0.47 over that same transformers 4.57 (what the derived image
+# holds) exports both recipes and they verify.
 _MOE = Needs(modelopt="0.47", why=("MoE expert calibration and MIXED_PRECISION export (ModelOpt 0.47)",))
 RECIPES.update({r.name: r for r in (
     Recipe("moe-w4a16-experts", "moe", "NVFP4_DEFAULT_CFG+FP8_DEFAULT_CFG",
