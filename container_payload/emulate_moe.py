@@ -41,11 +41,21 @@ class EmulatedExperts(nn.Module):
     """A fused experts module as the engines compute it: forward(hidden_states, top_k_index,
     top_k_weights) like transformers 5's, over per-expert EmulatedLinear modules."""
 
-    def __init__(self, gate: list, up: list, down: list, act_fn):
+    def __init__(self, gate: list, up: list, down: list, act_fn, names=EXPERT_NAMES[0]):
         super().__init__()
         self.gate, self.up, self.down = nn.ModuleList(gate), nn.ModuleList(up), nn.ModuleList(down)
         self.num_experts = len(gate)
         self.act_fn = act_fn
+        self.names = tuple(names)  # the checkpoint's (gate, up, down) names, for per-expert reports
+
+    def per_expert(self, reference: nn.Module):
+        """(checkpoint name suffix 'N.proj', EmulatedLinear, the reference's weight) of every
+        expert, the reference being the original fused experts module."""
+        inter = self.gate[0].out_features
+        for e in range(self.num_experts):
+            ref = (reference.gate_up_proj[e][:inter], reference.gate_up_proj[e][inter:], reference.down_proj[e])
+            for name, mods, w in zip(self.names, (self.gate, self.up, self.down), ref):
+                yield f"{e}.{name}", mods[e], w
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
@@ -97,7 +107,7 @@ def replace_fused_experts(model: nn.Module, fmt, tensors: dict, module_tensors) 
             for role in names:
                 prefix = f"{name}.{e}.{role}"
                 parts[role].append(made.setdefault(prefix, _linear(fmt, tensors, prefix, module_tensors)))
-        _set_module(model, name, EmulatedExperts(*(parts[r] for r in names), module.act_fn))
+        _set_module(model, name, EmulatedExperts(*(parts[r] for r in names), module.act_fn, names))
     return made
 
 
