@@ -128,6 +128,16 @@ class Format:
     act_quant: bool               # W4A4 / W8A8: activations are quantized too
     act_dynamic: bool = False     # per-token dynamic activation scales (FP8_DYNAMIC)
     notes: list = field(default_factory=list)
+    layers: dict = field(default_factory=dict)  # MIXED_PRECISION: module (or experts parent) -> quant_algo
+
+    def act_quant_of(self, module: str) -> bool:
+        """Whether `module`'s input is quantized: the format's, or its quantized_layers entry's."""
+        if not self.layers:
+            return self.act_quant
+        name = module
+        while name and name not in self.layers:
+            name = name.rpartition(".")[0]
+        return self.layers.get(name) in ("NVFP4", "FP8")
 
 
 def quantization_config(model_dir: Path) -> dict | None:
@@ -141,14 +151,19 @@ def quantization_config(model_dir: Path) -> dict | None:
     if hf.exists():
         q = json.loads(hf.read_text()).get("quantization", {})
         return {"quant_method": "modelopt", "quant_algo": q.get("quant_algo"),
-                "kv_cache_quant_algo": q.get("kv_cache_quant_algo")}
+                "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
+                "quantized_layers": q.get("quantized_layers")}
     return None
 
 
 def detect_format(qc: dict) -> Format:
     method = qc.get("quant_method")
     groups = list((qc.get("config_groups") or {}).values())
-    if method == "modelopt":
+    if method == "modelopt" and qc.get("quant_algo") == "MIXED_PRECISION":
+        from .emulate_moe import mixed_format
+
+        fmt = mixed_format(qc)
+    elif method == "modelopt":
         algo = str(qc.get("quant_algo") or "")
         if algo not in ("NVFP4", "W4A16_NVFP4", "FP8"):
             raise PayloadError(f"ModelOpt quant_algo {algo!r} is not emulated "
@@ -208,6 +223,18 @@ def _module_tensors(fmt: Format, t: dict, prefix: str) -> tuple[str, torch.Tenso
                        "a format this emulation knows", kind="input")
 
 
+def activation(fmt: Format, prefix: str, kind: str, input_scale) -> str | None:
+    """How one quantized Linear's input is quantized (EmulatedLinear's act)."""
+    if not fmt.act_quant_of(prefix):
+        return None
+    if kind == "fp8" and fmt.act_dynamic:
+        return "fp8-dynamic"
+    if input_scale is None:
+        raise PayloadError(f"{prefix}: the checkpoint quantizes activations but has no "
+                           "input scale for this layer", kind="input")
+    return kind
+
+
 def _empty_model(model_dir: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -241,9 +268,15 @@ def load_emulated(model_dir, device: str = "cpu", dtype: torch.dtype = torch.flo
     tensors = read_tensors(model_dir)
     model = _empty_model(model_dir)
 
+    from .emulate_moe import rename_to_model, replace_fused_experts
+
+    tensors = rename_to_model(model, tensors, fmt)
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors
                         if k.endswith((".weight_packed", ".weight_scale"))})
     modules = {}
+    # transformers 5 keeps experts as fused 3-D parameters; the checkpoint has them per expert
+    modules.update(replace_fused_experts(model, fmt, tensors, _module_tensors))
+    quantized = [q for q in quantized if q not in modules]
     for prefix in quantized:
         old = model.get_submodule(prefix)
         if not isinstance(old, nn.Linear):
@@ -254,15 +287,7 @@ def load_emulated(model_dir, device: str = "cpu", dtype: torch.dtype = torch.flo
             raise PayloadError(f"{prefix}: dequantized weight {tuple(w.shape)} does not match the "
                                f"model's {(old.out_features, old.in_features)}", kind="input")
         bias = tensors.pop(prefix + ".bias", None)
-        act = None
-        if fmt.act_quant:
-            if kind == "fp8" and fmt.act_dynamic:
-                act = "fp8-dynamic"
-            elif input_scale is None:
-                raise PayloadError(f"{prefix}: the checkpoint quantizes activations but has no "
-                                   "input scale for this layer", kind="input")
-            else:
-                act = kind
+        act = activation(fmt, prefix, kind, input_scale)
         modules[prefix] = _set_module(model, prefix, EmulatedLinear(w, bias, kind, act, input_scale))
 
     # Everything else (embeddings, norms, lm_head, unquantized Linears) as stored.

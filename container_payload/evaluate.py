@@ -123,14 +123,21 @@ def layer_errors(ref, model) -> list[dict]:
     """||W - Wq|| / ||W|| for every emulated Linear, in model order."""
     from .emulate import EmulatedLinear
 
-    rows = []
+    from .emulate_moe import EmulatedExperts
+
+    pairs = []
     ref_modules = dict(ref.named_modules())
     for name, mod in model.named_modules():
         if isinstance(mod, EmulatedLinear) and name in ref_modules:
-            w = ref_modules[name].weight.detach().double()
-            err = (w - mod.weight.detach().double()).norm() / w.norm().clamp_min(1e-30)
-            rows.append({"name": name, "kind": mod.kind, "act": mod.act or "none",
-                         "rel_error": err.item(), "shape": list(mod.weight.shape)})
+            pairs.append((name, mod, ref_modules[name].weight))
+        elif isinstance(mod, EmulatedExperts) and name in ref_modules:  # fused experts, per expert
+            pairs += [(f"{name}.{sub}", lin, w) for sub, lin, w in mod.per_expert(ref_modules[name])]
+    rows = []
+    for name, mod, ref_weight in pairs:
+        w = ref_weight.detach().double()
+        err = (w - mod.weight.detach().double()).norm() / w.norm().clamp_min(1e-30)
+        rows.append({"name": name, "kind": mod.kind, "act": mod.act or "none",
+                     "rel_error": err.item(), "shape": list(mod.weight.shape)})
     return rows
 
 

@@ -10,6 +10,7 @@ recipe needs beyond that is refused by recipes.shortfalls before any weights loa
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import modelopt.torch.quantization as mtq
 
@@ -23,6 +24,7 @@ class BuiltRecipe:
     preset: str
     config: object                       # the Calibrate step's: a dict, or ModelOpt's QuantizeConfig (YAML)
     steps: tuple = ()                    # recipes' typed steps, Calibrate among them
+    check: Callable | None = None        # after calibration: refuse a model ModelOpt left half calibrated
 
 
 def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: dict | None = None) -> BuiltRecipe:
@@ -44,6 +46,13 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: di
         cpu_ok = [n for n, r in recipes.RECIPES.items() if not r.needs.gpu]
         raise PayloadError(f"recipe {recipe!r} needs a GPU ({known.needs.why[0]}); on a CPU use one "
                            f"of: {', '.join(cpu_ok)}", kind="input")
+    if known.origin == "moe":
+        from . import moe
+
+        cfg = moe.build_config(known.preset, mtq)
+        if kv_cache == "fp8":
+            cfg["quant_cfg"] = with_entries(cfg["quant_cfg"], mtq.FP8_KV_CFG["quant_cfg"])
+        return BuiltRecipe(name=recipe, preset=known.preset, config=cfg, steps=steps, check=moe.check_calibrated)
     preset = recipes.FORMAT_PRESETS.get(fmt, known.preset)
     cfg = _preset(preset)
     if kv_cache == "fp8":

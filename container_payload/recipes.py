@@ -82,7 +82,7 @@ class Smooth:
 @dataclass(frozen=True)
 class Calibrate:
     """ModelOpt's calibration (mtq.quantize) with one of its presets (max calibration unless the
-    preset searches)."""
+    preset searches), or one of MOE_LAYOUTS (moe.py: formats by kind of layer)."""
     preset: str = "NVFP4_DEFAULT_CFG"
     key = "calibrate"
 
@@ -147,8 +147,11 @@ class Recipe:
 
     @property
     def origin(self) -> str:
-        """"modelopt": one of ModelOpt's presets as it is; "ours": ModelOpt plus our own steps."""
-        return "modelopt" if all(isinstance(s, Calibrate) for s in self.steps) else "ours"
+        """"modelopt": one of ModelOpt's presets as it is; "moe": a per-layer-kind layout of ModelOpt's
+        formats (moe.py); "ours": ModelOpt plus our own steps."""
+        if not all(isinstance(s, Calibrate) for s in self.steps):
+            return "ours"
+        return "moe" if self.preset in MOE_LAYOUTS else "modelopt"
 
     @property
     def preset(self) -> str:
@@ -188,6 +191,23 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "smoothing, bf16 units chosen first, then layer-sequential gptq-aa (make quantize's recipe)",
            (Smooth(0.5), Calibrate(), KeepBf16(), Gptq(act_aware=True, sequential=True))),
 )}
+# Mixture-of-Experts layouts (container_payload/moe.py builds them from ModelOpt's presets): one
+# format per kind of layer, exported by ModelOpt as MIXED_PRECISION (or NVFP4 with the rest
+# excluded). Their Calibrate step names the layout instead of a preset. Measured on the 2025
+# stand-in (ModelOpt 0.37, transformers 4.57, CPU): the configs build and every expert is
+# calibrated, but each expert keeps its own down_proj input amax (the engines use one per layer)
+# and 0.37 has no weight-only NVFP4 export format; its NVFP4 export needs CUDA in any case.
+# ModelOpt 0.47 over that same transformers 4.57 (what the derived image holds) exports both
+# recipes and they verify.
+_MOE = Needs(modelopt="0.47", why=("MoE expert calibration and MIXED_PRECISION export (ModelOpt 0.47)",))
+MOE_LAYOUTS = ("moe-w4a16-experts", "moe-w4a4-experts")
+PRESET_NEEDS.update({layout: _MOE for layout in MOE_LAYOUTS})
+RECIPES.update({r.name: r for r in (
+    Recipe("moe-w4a16-experts", "MoE: experts and shared experts NVFP4 weight-only, attention FP8, FP8 KV cache "
+           "(nvidia/Qwen3.6-35B-A3B-NVFP4's layout)", (Calibrate("moe-w4a16-experts"),)),
+    Recipe("moe-w4a4-experts", "MoE: routed experts NVFP4 W4A4, everything else bf16",
+           (Calibrate("moe-w4a4-experts"),)),
+)})
 NAMES = tuple(RECIPES)
 
 

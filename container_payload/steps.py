@@ -38,6 +38,8 @@ def run(model, recipe, forward_loop):
 
             events.stage("calibrate", detail=f"recipe {recipe.name} ({recipe.preset})")
             model = mtq.quantize(model, recipe.config, forward_loop)
+            if recipe.check is not None:  # e.g. moe.py: every expert's quantizers saw data
+                recipe.check(model)
             calibrated = True
             if later:
                 events.stage("refine", detail=recipe.name)

@@ -45,7 +45,7 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 # Engines fuse these into one GEMM, so the members must share their global scales.
 FUSED = {"q_proj": "q_proj,k_proj,v_proj", "k_proj": "q_proj,k_proj,v_proj",
          "v_proj": "q_proj,k_proj,v_proj", "gate_proj": "gate_proj,up_proj",
-         "up_proj": "gate_proj,up_proj"}
+         "up_proj": "gate_proj,up_proj", "w1": "w1,w3", "w3": "w1,w3"}  # w1/w3: Mixtral's expert gate/up
 # Bits per element of each safetensors dtype (F4 packs two elements a byte).
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
               "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
@@ -126,6 +126,7 @@ class Report:
     total_bytes: int = 0        # tensor data in all shards
     quantized_bytes: int = 0    # packed weights + block scales + global/input scales
     quantized_params: int = 0   # weight elements of the quantized Linears
+    layer_formats: dict = field(default_factory=dict)  # MIXED_PRECISION: quant_algo -> quantized Linears
     problems: list[Problem] = field(default_factory=list)
     deadline: float = field(default_factory=lambda: time.monotonic() + VERIFY_SECONDS, repr=False)
 
@@ -903,6 +904,20 @@ def _verify(path: Path, report: Report) -> None:
     report.format = fmt
     if fmt is None:
         return
+    from . import verify_mixed
+
+    if fmt == MODELOPT and verify_mixed.is_mixed(path, qc):
+        layers, patterns = verify_mixed.check_config(path, qc, report)
+        excludes = Excludes(patterns, report, "hf_quant_config.json")
+        with ExitStack() as stack:
+            reader = ScaleReader(stack, ts.damaged, report)
+            try:
+                verify_mixed.check_tensors(layers, excludes, ts, reader, report)
+                verify_mixed.check_experts(ts, reader, report)
+                check_kv_scales(fmt, ts, reader, report)
+            except (OSError, ValueError) as e:
+                report.add(str(path), f"cannot read the scale tensors: {e}")
+        return
     if fmt == MODELOPT:
         w4a4, patterns = check_modelopt_config(path, qc, report)
     else:
@@ -913,6 +928,8 @@ def _verify(path: Path, report: Report) -> None:
         reader = ScaleReader(stack, ts.damaged, report)
         try:
             check_linears(fmt, w4a4, excludes, ts, reader, report)
+            if fmt == MODELOPT:
+                verify_mixed.check_experts(ts, reader, report)
             check_kv_scales(fmt, ts, reader, report)
         except (OSError, ValueError) as e:
             # A shard that passed the header checks but that safetensors or the OS
@@ -929,6 +946,8 @@ def _summary_text(r: Report) -> str:
     if r.format is None:
         return f"{r.path}: not verified as NVFP4"
     mode = {None: "?", True: "W4A16 (weight-only)", False: "W4A4"}[r.weight_only]
+    if r.layer_formats:  # MIXED_PRECISION
+        mode = "per layer: " + ", ".join(f"{n} {algo}" for algo, n in r.layer_formats.items())
     kv = f", KV cache {r.kv_cache}" if r.kv_cache else ""
     bits = f", {8 * r.quantized_bytes / r.quantized_params:.3f} bits/weight" if r.quantized_params else ""
     algo = r.quant_algo if isinstance(r.quant_algo, str) and len(r.quant_algo) <= 80 else short(r.quant_algo)

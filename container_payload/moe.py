@@ -1,0 +1,122 @@
+"""Mixture-of-Experts recipes: which Linear gets which format, as ModelOpt wildcard entries.
+
+    moe-w4a16-experts  routed and shared experts NVFP4 weight-only, attention FP8 (W8A8
+                       per-tensor), FP8 KV cache: the layout of nvidia/Qwen3.6-35B-A3B-NVFP4.
+                       ModelOpt exports it as quant_algo MIXED_PRECISION with per-layer formats.
+    moe-w4a4-experts   routed experts NVFP4 W4A4; attention, shared experts and all else bf16.
+
+Routers (`mlp.gate`, `block_sparse_moe.gate`, `router`, `shared_expert_gate`) and lm_head stay
+bf16 through the preset's own disable entries, which come after ours and so win.
+
+The entries are built from ModelOpt's own presets (NVFP4_DEFAULT_CFG, FP8_DEFAULT_CFG): the
+quantizer attributes and the disable list are the ones this ModelOpt ships, in the form it uses
+(0.37: a dict of wildcard -> attributes; 0.45+: a list of entries). ModelOpt strips the expert
+index from the per-expert quantizers of transformers 5's fused experts
+(`experts.gate_up_proj_weight_quantizers.3` matches `*weight_quantizer`), so one pattern covers
+per-expert Linears (transformers 4.57) and fused experts (5.x) alike.
+"""
+from __future__ import annotations
+
+import copy
+
+from .events import PayloadError
+
+# routed experts: Qwen/Mixtral/DeepSeek `.experts.`; shared experts: Qwen's `shared_expert.`,
+# DeepSeek's `shared_experts.`
+ROUTED = "*.experts.*"
+SHARED = "*shared_expert*"
+ATTENTION = "*self_attn.*"
+
+# recipe -> [(module pattern, format of its weight_quantizer, of its input_quantizer)]
+LAYOUTS = {
+    "moe-w4a16-experts": [(ROUTED, "nvfp4", None), (SHARED, "nvfp4", None), (ATTENTION, "fp8", "fp8")],
+    "moe-w4a4-experts": [(ROUTED, "nvfp4", "nvfp4")],
+}
+KV_FP8 = {"moe-w4a16-experts": True, "moe-w4a4-experts": False}
+QUANTIZERS = ("*weight_quantizer", "*input_quantizer")
+
+
+def _entries(quant_cfg):
+    """[(pattern, attributes)] of a preset in either form (0.37 dict, 0.45+ list)."""
+    if isinstance(quant_cfg, dict):
+        return list(quant_cfg.items())
+    return [(e.get("quantizer_name"), e) for e in quant_cfg]
+
+
+def _attributes(preset: dict, pattern: str) -> dict:
+    """The quantizer attributes a preset gives `pattern` ('*weight_quantizer' ...), as the
+    0.37 dict value or the 0.45+ entry's cfg."""
+    for name, value in _entries(preset["quant_cfg"]):
+        if name == pattern:
+            return copy.deepcopy(value["cfg"] if "quantizer_name" in value and "cfg" in value else value)
+    raise PayloadError(f"this ModelOpt's preset has no {pattern!r} entry to build the MoE recipe from",
+                       kind="input")
+
+
+def build_config(recipe: str, mtq) -> dict:
+    """ModelOpt's quantize config for one of LAYOUTS, in this ModelOpt's form."""
+    fmt = {"nvfp4": mtq.NVFP4_DEFAULT_CFG, "fp8": mtq.FP8_DEFAULT_CFG}
+    base = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    ours = []
+    for module, weight, act in LAYOUTS[recipe]:
+        for quantizer, kind in zip(QUANTIZERS, (weight, act)):
+            if kind is not None:
+                ours.append((module + quantizer.lstrip("*"), _attributes(fmt[kind], quantizer)))
+    if KV_FP8[recipe]:
+        ours += [(n, v.get("cfg", v) if "quantizer_name" in v else v)
+                 for n, v in _entries(mtq.FP8_KV_CFG["quant_cfg"]) if n != "default"]
+    # Ours replace the preset's global weight/input entries where they stood: after the preset's
+    # leading "*" disable (0.45+), before its router/lm_head disables, which must win.
+    quant_cfg = base["quant_cfg"]
+    if isinstance(quant_cfg, dict):
+        out, placed = {}, False
+        for name, value in quant_cfg.items():
+            if name in QUANTIZERS:
+                if not placed:
+                    out.update({n: {**a, "enable": True} for n, a in ours})
+                    placed = True
+                continue
+            out[name] = value
+        base["quant_cfg"] = out
+    else:
+        out, placed = [], False
+        for entry in quant_cfg:
+            if entry.get("quantizer_name") in QUANTIZERS:
+                if not placed:
+                    out += [{"quantizer_name": n, "cfg": a} for n, a in ours]
+                    placed = True
+                continue
+            out.append(entry)
+        base["quant_cfg"] = out
+    return base
+
+
+# ---------------------------------------------------------------- after calibration
+
+def uncalibrated_quantizers(model) -> list[str]:
+    """Every enabled static quantizer without a usable amax: an expert (or any Linear) whose
+    input never saw a calibration token, or a weight that was never measured. The export would
+    otherwise write a default or fail; one such name is enough to stop the job."""
+    import torch
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    bad = []
+    for name, q in model.named_modules():
+        if not isinstance(q, TensorQuantizer) or not q.is_enabled:
+            continue
+        if getattr(q, "_dynamic", False):
+            continue  # scales computed at run time: nothing to calibrate
+        amax = getattr(q, "amax", None)
+        if amax is None:
+            bad.append(f"{name} (no amax)")
+        elif not bool(torch.isfinite(amax).all()) or not bool((amax > 0).all()):
+            bad.append(f"{name} (amax {amax.flatten()[:4].tolist()})")
+    return bad
+
+
+def check_calibrated(model) -> None:
+    bad = uncalibrated_quantizers(model)
+    if bad:
+        raise PayloadError(f"{len(bad)} quantizer(s) were not calibrated, first {bad[0]}: no calibration "
+                           "token reached them; give more or longer calibration windows "
+                           "(--calib-samples, --calib-seq-len)", kind="input")

@@ -1,0 +1,69 @@
+"""A tiny random-weight Mixture-of-Experts causal LM, saved as a bf16 safetensors folder
+that `launcher quantize --model DIR` accepts.
+
+    python tiny_moe.py {qwen3_moe|mixtral} TOKENIZER_DIR OUT_DIR [SEED]
+
+Built from transformers' own config classes, so the architecture is the real one; the
+tokenizer files are copied from TOKENIZER_DIR (the embedded SmolLM2's: vocabulary 49152)
+so that calibration and evaluation text tokenizes as usual. transformers 5 keeps the
+experts as fused 3-D parameters in memory but saves them per expert
+(`experts.N.gate_proj.weight`), which transformers 4.57 reads too.
+
+Sizes: in_features 64 (hidden) and 32 or 64 (expert intermediate) are multiples of 16,
+as NVFP4 needs; 4 experts, 2 per token, so that some tokens skip each expert.
+"""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+COMMON = dict(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+              num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def config(kind: str):
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**COMMON, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                              decoder_sparse_step=1, norm_topk_prob=True)
+    if kind == "mixtral":
+        return MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=4)
+    raise SystemExit(f"unknown kind {kind!r}: qwen3_moe or mixtral")
+
+
+def build(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    cfg = config(kind)
+    # A std larger than the default 0.02 makes the routers' choices (and so the quantization
+    # error) visible in a 2-layer model; the weights are random either way.
+    cfg.initializer_range = 0.1
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    hub_style_config(kind, out / "config.json")
+    for p in out.iterdir():
+        os.chmod(p, 0o644)  # safetensors writes 0600: a container user other than ours must read it
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, out / name)
+
+
+def hub_style_config(kind: str, path: Path) -> None:
+    """config.json as the Hub's models have it, which every transformers reads: 5.x saves
+    Qwen3-MoE's expert count as `num_local_experts` and the rope base inside
+    `rope_parameters`, which 4.57 does not know (it then builds 128 experts and fails to load)."""
+    cfg = json.loads(path.read_text())
+    if kind == "qwen3_moe" and "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    build(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)
