@@ -87,7 +87,7 @@ def test_default_removes_debris_keeps_results_and_is_idempotent(launcher_home, t
 
     dry = cli("rollback", run_id, "--dry-run", home=launcher_home, env=hub)
     assert dry.returncode == 0, dry.stderr
-    assert "partial" in dry.stderr and "500 B" in dry.stderr and partial.exists() and lock.exists()
+    assert "partial" in dry.stderr and "500 bytes" in dry.stderr and partial.exists() and lock.exists()
 
     proc = cli("rollback", run_id, "--yes", home=launcher_home, env=hub)
     assert proc.returncode == 0, proc.stderr
