@@ -414,6 +414,10 @@ def run(job: dict) -> dict:
     if job.get("gguf"):
         prepare_embedded(job["gguf"], model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
+    if job.get("mode", "whole") != "whole":  # issue 15: one layer at a time (streaming.py)
+        from . import streaming
+        if streaming.chosen_mode(job, model_dir) == "streamed":
+            return streaming.run_job(job, device, t0)
     direct = prefetch = None
     files = _direct_load_files(job.get("direct_load", "auto"), device, low_memory, model_dir)
     if files:

@@ -27,7 +27,9 @@ Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-pr
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import os
 import time
@@ -179,6 +181,22 @@ def _to(value, device):
     return value
 
 
+def _first_sequence(item):
+    """[hidden, args, kwargs] of one batch cut to its first sequence (a cheap probe input:
+    the whole-model export probes with 2 tokens). Tensors whose first dim is the batch are
+    cut; the rest (rotary cos/sin of batch 1, flags) are shared."""
+    h, args, kwargs = item
+    bs = h.shape[0]
+
+    def cut(v):
+        if torch.is_tensor(v):
+            return v[:1].clone() if v.dim() >= 2 and v.shape[0] == bs else v
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(x) for x in v)
+        return v
+    return [cut(h), cut(tuple(args)), {k: cut(v) for k, v in kwargs.items()}]
+
+
 def _modelopt_parts():
     """ModelOpt's export internals this path uses (0.47+), or a one-line refusal."""
     import modelopt
@@ -241,6 +259,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     inputs = capture_inputs(model, layers, batches, device, keep)
     free(decoder)  # the layers are meta already; embeddings and norm go (written in step 4)
     gc.collect()
+    gc.freeze()  # the imports' million objects: the per-layer collections below skip them
 
     # 3. layer by layer
     peak_layer = 0
@@ -248,8 +267,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
         events.progress("calibrate", i, len(layers))
         materialize(layer, name + ".", reader, device, dtype)
         root = prefixed(name, layer)
-        first = _to(inputs[0], device)
-        first = [first[0].clone(), first[1], first[2]]
+        probe = _first_sequence(_to(inputs[0], device))
         calls = [0]
 
         def forward_loop(_root, layer=layer, calls=calls):
@@ -259,12 +277,13 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
                     o = _output(layer(h.to(device), *_to(a, device), **_to(k, device)))
                     inputs[j] = [o.to(keep), a, k]  # the next layer's input; this one is done
 
-        mtq.quantize(root, recipe.config, forward_loop)
+        with contextlib.redirect_stdout(io.StringIO()):  # "Inserted 21 quantizers", per layer
+            mtq.quantize(root, recipe.config, forward_loop)
         if calls[0] != 1:
             raise PayloadError(f"ModelOpt ran the calibration loop {calls[0]} times for {name}; streamed "
                                "mode supports one pass (max calibration); use --mode whole", kind="input")
-        _export_layer(root, layer, name, first, dtype, writer, hf, postprocess, get_quant_config, ExportContext)
-        del first, root
+        _export_layer(root, layer, name, probe, dtype, writer, hf, postprocess, get_quant_config, ExportContext)
+        del probe, root
         free(layer)
         gc.collect()
         if device == "cuda":
@@ -316,11 +335,11 @@ def _tied_output_key(model) -> str | None:
     return next(n for n, m in model.named_modules() if m is out) + ".weight"
 
 
-def _export_layer(root, layer, name, first, dtype, writer, hf, postprocess, get_quant_config, ExportContext):
+def _export_layer(root, layer, name, probe, dtype, writer, hf, postprocess, get_quant_config, ExportContext):
     """One quantized layer through ModelOpt's export: the fused groups' shared amax (what
     requantize_resmooth_fused_llm_layers does on the whole model, here with one captured batch
     as its probe input), each module's export handler, the per-tensor post-processing."""
-    h, a, k = first
+    h, a, k = probe
     inputs, norms = hf.collect_shared_input_modules(root, lambda: layer(h, *a, **k), collect_layernorms=True)
     hf._fuse_shared_input_modules(root, inputs, norms, qkv_only=False, fuse_layernorms=True,
                                   quantization_format=hf.get_quantization_format(root))
@@ -333,3 +352,67 @@ def _export_layer(root, layer, name, first, dtype, writer, hf, postprocess, get_
             new_key, value = postprocess(f"{name}.{key}", tensor, 448, kv_format, False)
             if new_key is not None:
                 writer.add(new_key, value.detach().contiguous().cpu())
+
+
+def chosen_mode(job: dict, model_dir: Path) -> str:
+    """The job's mode: "whole" or "streamed"; "auto" decides from the job's memory budget
+    (memory_plan), with the checkpoint's real layer sizes in hand."""
+    from . import memory_plan
+
+    mode = job.get("mode", "whole")
+    if mode != "auto":
+        return mode
+    budget = job.get("memory_budget")
+    if not budget:
+        return "whole"
+    calib = job["calibration"]
+    bs = calib["batch_size"] if calib["batch_size"] != "auto" else 8
+    shape = memory_plan.shape_of(model_dir, 0)
+    need = memory_plan.peaks(shape, calib["samples"] * calib["seq_len"], bs * calib["seq_len"])
+    picked, problem = memory_plan.choose("auto", int(budget), need, refusal(job["recipe"]))
+    if problem:
+        raise PayloadError(problem, kind="memory")
+    events.stage("plan", detail=f"mode {picked}: whole needs ~{need['whole'] >> 20} MiB, streamed "
+                                f"~{need['streamed'] >> 20} MiB, budget {int(budget) >> 20} MiB")
+    return picked
+
+
+def run_job(job: dict, device: str, t0: float) -> dict:
+    """quantize.run's streamed twin: the same tokenization and batches, then run_streamed, the
+    tokenizer copied, result.json written last."""
+    from . import quantize as q
+
+    model_dir, out = Path(job["model_dir"]), Path(job["output_dir"])
+    problem = refusal(job["recipe"])
+    if problem:
+        raise PayloadError(problem, kind="input")
+    tokenizer = q.load_tokenizer(model_dir)
+    q._import_modelopt()
+    from . import recipe_build
+
+    recipe = recipe_build.build(job["format"], job["recipe"], job.get("kv_cache", "none"), device)
+    config = type("Shape", (), {"config": skeleton_config(model_dir)})()
+    windows = q.calibration_windows(tokenizer, job["calibration"])
+    batches, calib_info = q.calibration_batches(windows, job["calibration"], device, model=config,
+                                                low_memory=True)
+    facts = run_streamed(model_dir, out, recipe, batches, device)
+    q.copy_tokenizer(model_dir, out)
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    result = {"status": "complete", "format": job["format"], "recipe": recipe.name,
+              "modelopt_preset": recipe.preset, "modelopt_config": recipe.config,
+              "kv_cache": job.get("kv_cache", "none"), "device": device, "mode": "streamed",
+              "streamed": facts, "calibration": {**job["calibration"], **calib_info},
+              "timings": {"total_s": round(time.time() - t0, 3)}, "memory": q.peak_memory(device),
+              "versions": q.versions(), "files": files, "checkpoint_bytes": sum(files.values())}
+    tmp = out / ".result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, out / "result.json")  # written last: its presence marks the folder complete
+    events.emit("done", result="result.json", checkpoint_bytes=result["checkpoint_bytes"],
+                timings=result["timings"])
+    return result
+
+
+def skeleton_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
