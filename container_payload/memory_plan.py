@@ -25,6 +25,10 @@ GiB = 1 << 30
 RUNTIME_BYTES = 1 * GiB
 WHOLE_FACTOR = 1.4
 LAYER_COPIES = 3
+# Recipes whose calibration is ModelOpt's max with no step of ours: the streamed path
+# (streaming.py) reproduces them exactly. Ours need the whole model (smoothing statistics,
+# the mixed-precision KL, Hessians from whole-model passes); AWQ / MSE search over it.
+STREAMED_RECIPES = ("default",)
 _LAYER_KEY = re.compile(r"^(.*\.)?layers\.(\d+)\.")
 
 
@@ -76,6 +80,14 @@ def _exact(model_dir: Path) -> Shape:
     return Shape(outside + sum(layers.values()), outside, max(layers.values()),
                  int(config.get("hidden_size", 4096)), int(config.get("intermediate_size", 0) or 0)
                  or 4 * int(config.get("hidden_size", 4096)))
+
+
+def refusal(recipe: str) -> str | None:
+    """Why `recipe` cannot stream (one line), or None when it can."""
+    if recipe in STREAMED_RECIPES:
+        return None
+    return (f"recipe {recipe!r} needs the whole model in memory (streamed mode runs only "
+            f"{', '.join(STREAMED_RECIPES)}); use --mode whole, or --recipe default to stream")
 
 
 def activation_bytes(shape: Shape, tokens: int, batch_tokens: int) -> int:

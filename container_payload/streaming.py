@@ -41,17 +41,9 @@ from torch import nn
 from . import events
 from .direct_load import DTYPES, _read_into, checkpoint_files, read_header
 from .events import PayloadError
+from .memory_plan import STREAMED_RECIPES, refusal  # noqa: F401 - the host reads them there
 
-STREAMED_RECIPES = ("default",)
 MIN_MODELOPT = (0, 47)
-
-
-def refusal(recipe: str) -> str | None:
-    """Why `recipe` cannot stream (one line), or None when it can."""
-    if recipe in STREAMED_RECIPES:
-        return None
-    return (f"recipe {recipe!r} needs the whole model in memory (streamed mode runs only "
-            f"{', '.join(STREAMED_RECIPES)}); use --mode whole, or --recipe default to stream")
 
 
 class ShardReader:
@@ -212,6 +204,21 @@ def _modelopt_parts():
     return hf, _postprocess_single_tensor, get_quant_config, ExportContext, _StreamingShardWriter
 
 
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after
+    which freed layers stay in the heap as fragments: measured on a 48-layer model, RSS grew
+    by about one bf16 layer per layer (+260 MB) instead of staying flat (+17 MB). A fixed
+    threshold keeps every tensor-sized block in its own mapping, returned when freed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD; also turns the dynamic raise off
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> dict:
     """Quantize and export layer by layer (see the module docstring). `recipe`: a BuiltRecipe
     of STREAMED_RECIPES. Returns facts for result.json."""
@@ -221,6 +228,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     if problem or recipe.prepare is not None or recipe.refine is not None:
         raise PayloadError(problem or f"recipe {recipe.name!r} has steps of ours: it cannot stream", kind="input")
     hf, postprocess, get_quant_config, ExportContext, ShardWriter = _modelopt_parts()
+    _return_freed_memory()
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     reader = ShardReader(model_dir)

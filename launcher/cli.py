@@ -50,7 +50,7 @@ FLAG_FIELDS = {
     "calibration.source": "--calib", "calibration.samples": "--calib-samples",
     "calibration.seq_len": "--calib-seq-len", "calibration.batch_size": "--calib-batch-size",
     "kv_cache": "--kv-cache", "output": "--output", "image": "--image", "gpus": "--gpus",
-    "memory_limit": "--memory-limit", "low_memory": "--low-memory", "offline": "--offline", "evaluate": "--eval/--no-eval",
+    "memory_limit": "--memory-limit", "low_memory": "--low-memory", "mode": "--mode", "memory_budget": "--memory-budget", "offline": "--offline", "evaluate": "--eval/--no-eval",
     "image_upgrade": "--image-upgrade/--no-image-upgrade",
     "keep_container": "--keep-container",
 }
@@ -81,6 +81,11 @@ FLAG_FIELDS = {
 @click.option("--memory-limit", help="Container memory limit, e.g. 100g.")
 @click.option("--low-memory", is_flag=True, default=None, help="Calibrate in small batches without read-ahead: "
               "same checkpoint bytes, much less GPU memory (for big models on a 128 GB Spark).")
+@click.option("--mode", type=click.Choice(["auto", "whole", "streamed"]), help="whole: the model in memory at once; "
+              "streamed: one decoder layer at a time (recipe default; same bytes); auto [default]: whole when "
+              "it fits the memory budget, else streamed.")
+@click.option("--memory-budget", help="Memory the job may use, e.g. 24g [default: the machine's: available host "
+              "memory, the GPU's memory, or the one pool of a DGX Spark].")
 @click.option("--offline", is_flag=True, default=None, help="Never touch the network; the model must be cached "
               "(and the derived image built, when the image needs one).")
 @click.option("--image-upgrade/--no-image-upgrade", "image_upgrade", default=None,
@@ -102,7 +107,7 @@ def quantize(fmt, weights_only, config_file, dry_run, **kw):
                         "batch_size": kw["calib_batch_size"]},
         "kv_cache": kw["kv_cache"], "output": kw["output"], "image": kw["image"], "gpus": kw["gpus"],
         "memory_limit": kw["memory_limit"], "low_memory": kw["low_memory"], "offline": kw["offline"], "evaluate": kw["evaluate"],
-        "image_upgrade": kw["image_upgrade"],
+        "mode": kw["mode"], "memory_budget": kw["memory_budget"], "image_upgrade": kw["image_upgrade"],
         "keep_container": kw["keep_container"],
     }
     spec = load_spec(flags, FLAG_FIELDS, config_file)

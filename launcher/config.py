@@ -74,6 +74,8 @@ class JobSpec(BaseModel):
     gpus: str = "auto"
     memory_limit: str | None = None
     low_memory: bool = False      # smaller calibration batches, no read-ahead: same bytes, less memory
+    mode: Literal["auto", "whole", "streamed"] = "auto"  # streamed: one decoder layer at a time (issue 15)
+    memory_budget: str | None = None  # bytes the job may use, like 24g; default from the machine (memory_budget.py)
     hf_token_env: str = "HF_TOKEN"
     ngc_key_env: str = "NGC_API_KEY"
     offline: bool = False
@@ -109,7 +111,7 @@ class JobSpec(BaseModel):
                              "not its value")
         return v
 
-    @field_validator("memory_limit")
+    @field_validator("memory_limit", "memory_budget")
     @classmethod
     def _mem(cls, v):
         if v is not None and not re.fullmatch(r"\d+[bkmg]?", v.lower()):
