@@ -113,7 +113,7 @@ def choose(requested: str, budget: int, need: dict[str, int], cannot_stream: str
         if cannot_stream is None and streamed_fits:
             hint = f"streamed mode fits ({g(need['streamed'])}): use --mode streamed or auto"
         else:
-            hint = f"raise --memory-budget to {need['whole'] // GiB + 1}g on a machine that has it"
+            hint = f"raise --memory-budget to {-(-need['whole'] // GiB)}g on a machine that has it"
         return "whole", (f"the whole model needs about {g(need['whole'])} and the memory budget is "
                          f"{g(budget)}; {hint}")
     if cannot_stream is not None:  # whole does not fit (auto) or streamed was asked for
@@ -126,7 +126,7 @@ def choose(requested: str, budget: int, need: dict[str, int], cannot_stream: str
     lead = "neither mode fits" if requested == "auto" else "streamed mode does not fit"
     return "streamed", (f"{lead} the memory budget of {g(budget)} (whole needs about {g(need['whole'])}, "
                         f"streamed {g(need['streamed'])}); raise --memory-budget to "
-                        f"{need['streamed'] // GiB + 1}g on a machine that has it, or calibrate on fewer tokens")
+                        f"{-(-need['streamed'] // GiB)}g on a machine that has it, or calibrate on fewer tokens")
 
 
 def parse_bytes(text: str) -> int:
