@@ -131,14 +131,15 @@ def prefixed(name: str, module: nn.Module) -> nn.Module:
 
 
 class _Catcher(nn.Module):
-    """Stands in for the first decoder layer: keeps what the decoder hands it, per batch."""
+    """Stands in for the first decoder layer: keeps what the decoder hands it, per batch (the
+    hidden states at once on `keep`: on a GPU, all batches together would not fit a cap)."""
 
-    def __init__(self, store: list):
+    def __init__(self, store: list, keep: str):
         super().__init__()
-        self.store = store
+        self.store, self.keep = store, keep
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.store.append([hidden_states, args, kwargs])
+        self.store.append([hidden_states.to(self.keep), args, kwargs])
         return hidden_states
 
 
@@ -151,15 +152,13 @@ def capture_inputs(model, layers: nn.ModuleList, batches, device: str, keep: str
     decoder = model.get_decoder()
     store: list = []
     real = decoder.layers
-    decoder.layers = nn.ModuleList([_Catcher(store)])
+    decoder.layers = nn.ModuleList([_Catcher(store, keep)])
     try:
         with torch.inference_mode():
             for batch in batches:
                 decoder(input_ids=batch.to(device), use_cache=False)
     finally:
         decoder.layers = real
-    for item in store:
-        item[0] = item[0].to(keep)
     return store
 
 
