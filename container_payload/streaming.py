@@ -240,7 +240,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     layer_bytes = [sum(reader.nbytes(f"{n}.{p}") for p, _ in layer.named_parameters() if f"{n}.{p}" in reader)
                    for n, layer in zip(names, layers)]
     # Shards of about one bf16 layer: the writer's buffer adds at most that to the peak.
-    writer = ShardWriter(out, max(max(layer_bytes), 16 << 20))
+    writer = ShardWriter(out, max(layer_bytes))
     keep = "cpu"  # activations stay in host memory, moved per batch (on a Spark: the same pool)
 
     # 1. ModelOpt's conversion of everything outside the layers (lm_head and the embeddings are

@@ -90,8 +90,11 @@ def test_streamed_peak_rss_stays_under_the_layer_bound(tiny_llama, ref_python, t
                                  text=True, timeout=300).stdout.strip().splitlines()[-1])
     shape = memory_plan.shape_of(tiny_llama, 0)
     assert shape.exact and shape.largest_layer_bytes < 5 << 20
+    # SLACK: the quantized skeleton's Python objects (~0.7 MiB per layer, 40 layers) and the
+    # run-to-run noise of the runtime measurement (measured 502-527 MiB)
+    slack = 32 << 20
     bound = (shape.outside_bytes + memory_plan.LAYER_COPIES * shape.largest_layer_bytes
-             + memory_plan.activation_bytes(shape, samples * seq_len, 4 * seq_len) + runtime)
+             + memory_plan.activation_bytes(shape, samples * seq_len, 4 * seq_len) + runtime + slack)
     # the test can fail: holding the whole model alone (no export) would exceed the bound
     assert runtime + shape.total_bytes > bound + 100 * (1 << 20)
 

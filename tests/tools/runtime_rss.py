@@ -1,5 +1,6 @@
 """Peak RSS of the payload's fixed runtime: torch, transformers and ModelOpt imported, the
-tokenizer loaded and the calibration text tokenized, no weights. Prints bytes.
+tokenizer loaded and the calibration text tokenized, the streamed mode's empty model skeleton
+(meta device: modules, no weights). Prints bytes.
 
     python runtime_rss.py MODEL_DIR TEXT SAMPLES SEQ_LEN
 """
@@ -16,4 +17,7 @@ q._import_modelopt()
 import transformers  # noqa: E402,F401
 
 q.calibration_windows(tokenizer, {"source": text, "samples": samples, "seq_len": seq_len})
+from container_payload import streaming  # noqa: E402
+
+streaming.skeleton(model_dir)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
