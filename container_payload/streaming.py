@@ -19,10 +19,10 @@ llm_layers does on the whole model) and its per-module handlers see what they se
 Non-layer tensors (embeddings, final norm, lm_head) are copied from the source, as the
 whole-model export writes them unchanged.
 
-What streams: recipes whose calibration is ModelOpt's `max` with no step of ours, i.e.
-STREAMED_RECIPES, in every format (nvfp4, nvfp4-w4a16, fp8) and KV option. Ours need the whole
-model (smoothing statistics, mixed-precision KL, Hessians from whole-model passes) and AWQ/MSE
-presets run searches this path does not reproduce: refused in one line (refusal()).
+What streams: memory_plan.STREAMED_RECIPES (`default`: ModelOpt's max calibration, no step of
+ours). Tested on nvfp4 without KV cache; --format nvfp4-w4a16 / fp8 and --kv-cache fp8 go the
+same way but are untested. Ours need the whole model (smoothing statistics, mixed-precision KL,
+Hessians from whole-model passes); AWQ/MSE search over it: refused in one line (refusal()).
 Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-processing).
 """
 from __future__ import annotations
