@@ -55,6 +55,8 @@ class QuantizeJob:
     device: str = "auto"                    # auto (CUDA when there is one) | cpu | cuda
     low_memory: bool = False                # small calibration batches, no read-ahead: same bytes
     gpu_memory_budget: int | None = None    # bytes per GPU; a model larger than that spreads over the GPUs
+    mode: str = "whole"                     # whole | streamed (one decoder layer at a time) | auto (by memory_budget)
+    memory_budget: int | None = None        # bytes the job may use (mode auto decides with it)
     cpu_float32: bool = True                # our own passes' bf16 products in float32 on a CPU (linear_compute)
     direct_load: bool | str | dict = "auto"   # read shards straight to the device; a dict tunes the reader
     prefetch: bool | None = None            # read the shards into the page cache first (None: unless low_memory)

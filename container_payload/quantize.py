@@ -446,6 +446,10 @@ def run(job: QuantizeJob) -> dict:
     if job.gguf:
         prepare_embedded(job.gguf, model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
+    if job.mode != "whole":  # one layer at a time (streaming.py)
+        from . import streaming
+        if streaming.chosen_mode(job, model_dir) == "streamed":
+            return streaming.run_job(job, device, t0)
     direct = prefetch = None
     spread = gpu_spread(device, job.gpu_memory_budget, model_dir) if (model_dir / "config.json").exists() else None
     files = None if spread else _direct_load_files(job.direct_load, device, low_memory, model_dir)

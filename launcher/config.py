@@ -105,6 +105,12 @@ class JobSpec(BaseModel):
     low_memory: bool = Field(False, json_schema_extra=flag(
         "--low-memory", "Calibrate in small batches without read-ahead: same checkpoint bytes, much less GPU "
         "memory (for big models on a 128 GB Spark)."))
+    mode: Literal["auto", "whole", "streamed"] = Field("auto", json_schema_extra=flag(
+        "--mode", "whole: the model in memory at once; streamed: one decoder layer at a time (recipe default; "
+        "same bytes); auto: whole when it fits the memory budget, else streamed."))
+    memory_budget: str | None = Field(None, json_schema_extra=flag(
+        "--memory-budget", "Memory the job may use, e.g. 24g [default: the machine's: available host memory, the "
+        "GPU's memory, or the one pool of a DGX Spark]."))
     hf_token_env: str = Field("HF_TOKEN", json_schema_extra=flag(None, "Name of the variable holding the HF token."))
     ngc_key_env: str = Field("NGC_API_KEY", json_schema_extra=flag(None, "Name of the variable holding the NGC key."))
     offline: bool = Field(False, json_schema_extra=flag(
@@ -173,7 +179,7 @@ class JobSpec(BaseModel):
                              "not its value")
         return v
 
-    @field_validator("memory_limit")
+    @field_validator("memory_limit", "memory_budget")
     @classmethod
     def _mem(cls, v):
         if v is not None and not re.fullmatch(r"\d+[bkmg]?", v.lower()):

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from container_payload import contract, recipes
 
-from . import assets, derived_image, model_source, paths, preflight, runs
+from . import assets, derived_image, memory_budget, model_source, paths, preflight, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .errors import ConfigError, LauncherError
@@ -134,6 +134,7 @@ class QuantizeJob:
         self.device_kind = "cpu"
         self.model = None
         self.runnable = None  # the image the payload ran in: the user's, or its derived image
+        self.plan = None      # memory_budget.Plan: whole or streamed, and the budget
 
     def run(self) -> JobOutcome:
         spec = self.spec
@@ -179,15 +180,18 @@ class QuantizeJob:
         if output.exists() and any(output.iterdir()):
             raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
                               where="--output", advice="choose another --output, or remove the folder")
-        client, nvidia = docker.client, docker.nvidia
+        client = docker.client
+        model_bytes, to_download = model_source.download_bytes(spec)
+        # whole or streamed, from the memory budget (the image's needs depend on it)
+        self.plan = memory_budget.plan(spec, model_bytes, self.device_kind == "gpu")
         # An image already here is probed (and derived, if it falls short) before the
         # model download: a 16 GB download must not precede a one-line "cannot run".
         runnable = self._runnable_image(client, rec, image_ref) if docker.images.get(image_ref) else None
         # 3. preflight, including what the download will need, before downloading anything
-        model_bytes, to_download = model_source.download_bytes(spec)
         preflight.enforce(preflight.quantize_checks(
             model_bytes=model_bytes, output=output, download_bytes=to_download,
-            cache_dir=paths.hf_hub_cache(), on_gpu=self.device_kind == "gpu"))
+            cache_dir=paths.hf_hub_cache(), on_gpu=self.device_kind == "gpu", memory=self.plan.check))
+        self.console.print(f"memory: {self.plan.check.detail}", highlight=False)
         # 4. downloads on the host, each recorded as it starts (a dry run creates nothing)
         record = None if self.dry_run else (lambda path: rec.add("cache", path))
         model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)
@@ -210,6 +214,8 @@ class QuantizeJob:
         spec = self.spec
         needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache,
                                   embedded=spec.is_embedded and model_source.embedded_needs_conversion())
+        if self.plan is not None and self.plan.mode == "streamed":
+            needs = needs | memory_budget.STREAMED_NEEDS
         return derived_image.runnable(client, image_ref, needs, cuda=self.device_kind == "gpu", rec=rec,
                                       console=self.console, upgrade=spec.image_upgrade, offline=spec.offline,
                                       dry_run=self.dry_run)
@@ -247,8 +253,8 @@ class QuantizeJob:
             model_dir=model.container_dir, gguf=model.gguf, output_dir="/out",
             format=spec.format.value, recipe=recipe, recipe_params=spec.recipe_params, kv_cache=spec.kv_cache,
             calibration=contract.Calibration(**{**spec.calibration.model_dump(), "source": calib_src}),
-            device="auto" if self.device_kind == "gpu" else "cpu",
-            low_memory=spec.low_memory, job_fingerprint=fingerprint, run_id=rec.id)
+            device="auto" if self.device_kind == "gpu" else "cpu", low_memory=spec.low_memory,
+            mode=spec.mode, memory_budget=self.plan.budget, job_fingerprint=fingerprint, run_id=rec.id)
         # No token and no network, ever: a hub dataset was fetched on the host (calibration_bind).
         env = {"HF_DATASETS_OFFLINE": "1"} if calib_src.startswith("hf:") else {}
         run_payload(PayloadRun(

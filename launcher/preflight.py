@@ -49,14 +49,15 @@ def memory_check(need_bytes: int, on_gpu: bool) -> Check:
 
 
 def quantize_checks(*, model_bytes: int, output: Path, download_bytes: int, cache_dir: Path,
-                    on_gpu: bool) -> list[Check]:
+                    on_gpu: bool, memory: Check | None = None) -> list[Check]:
+    """`memory`: the memory budget's check (memory_budget.plan), in place of the whole-model one."""
     out_bytes = int(model_bytes * 0.32) + (64 << 20)
     checks = [disk_check(output.parent, out_bytes * 2, "output")]  # partial + final during rename
     if download_bytes:
         checks.append(disk_check(cache_dir, download_bytes, "model download"))
     # bf16 weights once, plus activations and ModelOpt's bookkeeping; on a GPU most
     # of it goes to device memory, but loading still passes through host memory.
-    checks.append(memory_check(int(model_bytes * (0.6 if on_gpu else 1.4)) + GiB, on_gpu))
+    checks.append(memory or memory_check(int(model_bytes * (0.6 if on_gpu else 1.4)) + GiB, on_gpu))
     return checks
 
 

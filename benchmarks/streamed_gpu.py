@@ -1,0 +1,122 @@
+"""GPU benchmark of issue 15: the default recipe whole vs layer-streamed at 8B shapes.
+
+    python3 benchmarks/gpu_8b.py prepare                     # once, on the CPU: .bench/tokenizer, calib.txt
+    python3 benchmarks/streamed_gpu.py --out benchmarks/results [--tiny]   # on the GPU machine
+
+1. a random-weight checkpoint with Llama-3-8B shapes (gpu_8b.write_checkpoint: DeepSeek-R1-Distill-
+   Llama-8B's config, 16 GB of bf16), written on the GPU;
+2. the payload in whole mode, uncapped (the reference: whole cannot run under the cap);
+3. the payload in streamed mode with GPU memory capped at --gpu-fraction (default 10%) of the
+   model's bf16 bytes (torch.cuda.set_per_process_memory_fraction, set before the payload runs)
+   and host RSS checked against --host-cap-gib (ru_maxrss after the run; Linux has no RSS limit);
+4. the two checkpoints compared tensor by tensor (tests/tools/compare_ckpt.py: weights and
+   scales identical, input_scale within 1%; the count of bit-identical input_scales is reported);
+5. DIR/streamed_gpu.json and DIR/streamed_gpu.md: wall times, GPU and host peaks, the comparison.
+
+Both runs use the same fixed calibration batches (batch size 4), so their inputs match.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests" / "tools")]
+
+import gpu_8b  # noqa: E402
+from compare_ckpt import differences, tensors  # noqa: E402
+
+# Runs the payload after capping this process's share of GPU 0 (an argument: bytes).
+CAPPED = ("import sys, runpy, torch; cap = int(sys.argv.pop(1)); "
+          "torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory, 0); "
+          "runpy.run_module('container_payload.quantize', run_name='__main__')")
+
+
+def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | None, out_dir: Path) -> dict:
+    out = work / f"out-{name}"
+    job = {"model_dir": str(model_dir), "output_dir": str(out), "format": "nvfp4", "recipe": "default",
+           "kv_cache": "none", "device": "auto", "mode": mode,
+           "calibration": {"source": str(gpu_8b.BENCH / "calib.txt"), "samples": args.samples,
+                           "seq_len": args.seq_len, "batch_size": 4}}
+    job_path = work / f"job-{name}.json"
+    job_path.write_text(json.dumps(job, indent=2))
+    gpu_8b.evict(list(model_dir.glob("*.safetensors")), everything=False)
+    cmd = [sys.executable, "-m", "container_payload.quantize", str(job_path)] if cap is None else \
+        [sys.executable, "-c", CAPPED, str(cap), str(job_path)]
+    gpu_8b.log(f"{name}: start ({mode}, GPU cap {'none' if cap is None else f'{cap / 2**30:.2f} GiB'})")
+    rc, wall, stdout = gpu_8b.run_logged(cmd, out_dir / f"streamed_gpu-{name}.log")
+    result = json.loads((out / "result.json").read_text()) if rc == 0 else {}
+    row = {"rc": rc, "wall_s": round(wall, 3), "mode": result.get("mode", "whole"), "gpu_cap_bytes": cap,
+           **result.get("memory", {}), "timings": result.get("timings", {}), "out": str(out)}
+    gpu_8b.log(f"{name}: rc {rc}, wall {wall:.1f} s, memory {result.get('memory')}")
+    if rc != 0:
+        gpu_8b.log(stdout[-3000:])
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--work", default="/tmp/streamed-gpu")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--gpu-fraction", type=float, default=0.10, help="GPU cap as a fraction of the bf16 model")
+    ap.add_argument("--host-cap-gib", type=float, default=12.0, help="host RSS the streamed run must stay under")
+    ap.add_argument("--tiny", action="store_true", help="2 narrow layers on the CPU: a smoke test of the script")
+    args = ap.parse_args(argv)
+    import shutil
+
+    import torch
+
+    out_dir, work = Path(args.out), Path(args.work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cuda = torch.cuda.is_available()
+    cfg = dict(gpu_8b.R1_8B_CONFIG)
+    if args.tiny:
+        cfg.update(gpu_8b.TINY_OVERRIDES)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(gpu_8b.BENCH / "tokenizer")
+    cfg["bos_token_id"], cfg["eos_token_id"] = tok.bos_token_id, tok.eos_token_id
+    model_dir = work / "llama-8b-random"
+    res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "card": gpu_8b.card(), "samples": args.samples,
+           "seq_len": args.seq_len, "tiny": args.tiny}
+    res["checkpoint"] = gpu_8b.write_checkpoint(model_dir, cfg, "cuda" if cuda else "cpu",
+                                                shard_bytes=4_976_000_000 if not args.tiny else 40_000_000)
+    cap = int(res["checkpoint"]["bytes"] * args.gpu_fraction) if cuda else None
+    res["whole"] = payload(work, model_dir, "whole", "whole", args, None, out_dir)
+    res["streamed"] = payload(work, model_dir, "streamed", "streamed", args, cap, out_dir)
+    if res["whole"]["rc"] == 0 and res["streamed"]["rc"] == 0:
+        a, b = Path(res["whole"]["out"]), Path(res["streamed"]["out"])
+        ta, tb = tensors(a), tensors(b)
+        res["comparison"] = {"problems": differences(a, b), "tensors": len(ta),
+                             "bit_identical": sum(k in tb and ta[k] == tb[k] for k in ta)}
+    host_peak = res["streamed"].get("host_rss_peak_bytes", 0)
+    res["host_cap_ok"] = bool(host_peak) and host_peak <= args.host_cap_gib * 2**30
+    (out_dir / "streamed_gpu.json").write_text(json.dumps(res, indent=2, default=str))
+    (out_dir / "streamed_gpu.md").write_text(render(res, args))
+    gpu_8b.log(f"comparison: {res.get('comparison')}; host cap ok: {res['host_cap_ok']}")
+    ok = res.get("comparison", {}).get("problems") == [] and res["host_cap_ok"]
+    return 0 if ok else 1
+
+
+def render(res: dict, args) -> str:
+    g = lambda b: f"{(b or 0) / 2**30:.2f} GiB"  # noqa: E731
+    w, s = res["whole"], res["streamed"]
+    cmp_ = res.get("comparison", {})
+    return "\n".join([
+        f"# Whole vs layer-streamed, default recipe ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
+        f"Random-weight Llama-3-8B shapes ({g(res['checkpoint']['bytes'])} bf16), {args.samples} x "
+        f"{args.seq_len} calibration tokens, batch 4. Streamed: GPU capped at {args.gpu_fraction:.0%} of the "
+        f"bf16 model ({g(s['gpu_cap_bytes'])}), host RSS cap {args.host_cap_gib} GiB.", "",
+        "| mode | wall | peak GPU | peak host RSS |", "|---|---|---|---|",
+        f"| whole (uncapped) | {w['wall_s']:.1f} s | {g(w.get('gpu_peak_bytes'))} | {g(w.get('host_rss_peak_bytes'))} |",
+        f"| streamed | {s['wall_s']:.1f} s | {g(s.get('gpu_peak_bytes'))} | {g(s.get('host_rss_peak_bytes'))} |", "",
+        f"Comparison: {cmp_.get('bit_identical')} of {cmp_.get('tensors')} tensors bit-identical; "
+        f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res['host_cap_ok']}.", ""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

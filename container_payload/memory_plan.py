@@ -1,0 +1,140 @@
+"""Peak memory of a quantize job in each mode, and which mode a budget allows.
+
+Standard library only: the launcher's preflight uses it before the download, and the payload
+uses it again (mode "auto") with the checkpoint in hand. The estimates are simple and stated:
+
+  whole    = 1.4 x bf16 weights (the model, ModelOpt's export state dict of about 0.3x, and
+             temporaries; what preflight has always assumed) + activations + runtime
+  streamed = embeddings + lm_head + 3 x the largest decoder layer (the bf16 layer, its export,
+             the shard buffer of about one layer) + activations + runtime
+
+activations = the captured hidden states (tokens x hidden x 2 bytes, kept once: each layer's
+outputs replace its inputs) + one batch's temporaries inside a layer (float32 MLP products).
+runtime = torch + transformers + ModelOpt imported and a tokenizer loaded: about 0.5 GiB on
+a CPU (tests/test_streaming.py measures it), counted as 1 GiB (a CUDA context adds more;
+tokenizing the whole builtin Brown text adds about 0.6 GiB of its own on top).
+Measured on the CPU (40-layer random Llama, 252 MiB bf16): the streamed peak was 601 MiB, of
+which 510 MiB runtime; its largest moment is writing lm_head (the tensor + its serialized copy).
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 1 << 30
+RUNTIME_BYTES = 1 * GiB
+WHOLE_FACTOR = 1.4
+LAYER_COPIES = 3
+# Recipes whose calibration is ModelOpt's max with no step of ours: the streamed path
+# (streaming.py) reproduces them exactly. Ours need the whole model (smoothing statistics,
+# the mixed-precision KL, Hessians from whole-model passes); AWQ / MSE search over it.
+STREAMED_RECIPES = ("default",)
+_LAYER_KEY = re.compile(r"^(.*\.)?layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates need of a model; exact from its folder, else a guess from its size."""
+    total_bytes: int
+    outside_bytes: int          # everything not in a decoder layer: embeddings, lm_head, norm
+    largest_layer_bytes: int
+    hidden: int = 4096
+    intermediate: int = 14336
+    exact: bool = True
+
+
+def shape_of(model_dir: Path | None, total_bytes: int) -> Shape:
+    """From the folder's config.json and safetensors headers when it has them; otherwise (a hub
+    model not yet downloaded) a conservative guess: the largest layer 1/16 of the weights and
+    embeddings + lm_head 1/8 (Llama-3-8B: 1/32 and 1/8)."""
+    if model_dir is not None:
+        try:
+            return _exact(Path(model_dir))
+        except (OSError, ValueError, KeyError, struct.error):
+            pass
+    return Shape(total_bytes, total_bytes // 8, total_bytes // 16, exact=False)
+
+
+def _exact(model_dir: Path) -> Shape:
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError("no safetensors")
+    layers: dict[str, int] = {}
+    outside = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            size = info["data_offsets"][1] - info["data_offsets"][0]
+            m = _LAYER_KEY.match(name)
+            if m:
+                layers[m.group(0)] = layers.get(m.group(0), 0) + size
+            else:
+                outside += size
+    if not layers:
+        raise ValueError("no decoder layers found")
+    return Shape(outside + sum(layers.values()), outside, max(layers.values()),
+                 int(config.get("hidden_size", 4096)), int(config.get("intermediate_size", 0) or 0)
+                 or 4 * int(config.get("hidden_size", 4096)))
+
+
+def refusal(recipe: str) -> str | None:
+    """Why `recipe` cannot stream (one line), or None when it can."""
+    if recipe in STREAMED_RECIPES:
+        return None
+    return (f"recipe {recipe!r} needs the whole model in memory (streamed mode runs only "
+            f"{', '.join(STREAMED_RECIPES)}); use --mode whole, or --recipe default to stream")
+
+
+def activation_bytes(shape: Shape, tokens: int, batch_tokens: int) -> int:
+    return tokens * shape.hidden * 2 + batch_tokens * shape.intermediate * 4 * 4
+
+
+def peaks(shape: Shape, tokens: int, batch_tokens: int) -> dict[str, int]:
+    act = activation_bytes(shape, tokens, batch_tokens)
+    return {"whole": int(shape.total_bytes * WHOLE_FACTOR) + act + RUNTIME_BYTES,
+            "streamed": shape.outside_bytes + LAYER_COPIES * shape.largest_layer_bytes + act + RUNTIME_BYTES}
+
+
+def choose(requested: str, budget: int, need: dict[str, int], cannot_stream: str | None = None
+           ) -> tuple[str, str | None]:
+    """(mode to run, None), or (mode, one-line problem) when the budget allows nothing.
+    `requested`: auto | whole | streamed; `cannot_stream`: why the recipe cannot stream
+    (streaming.refusal), None when it can."""
+    g = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+    whole_fits, streamed_fits = need["whole"] <= budget, need["streamed"] <= budget
+    if requested == "whole" or (requested == "auto" and whole_fits):
+        if whole_fits:
+            return "whole", None
+        if cannot_stream is None and streamed_fits:
+            hint = f"streamed mode fits ({g(need['streamed'])}): use --mode streamed or auto"
+        else:
+            hint = f"raise --memory-budget to {-(-need['whole'] // GiB)}g on a machine that has it"
+        return "whole", (f"the whole model needs about {g(need['whole'])} and the memory budget is "
+                         f"{g(budget)}; {hint}")
+    if cannot_stream is not None:  # whole does not fit (auto) or streamed was asked for
+        if requested == "auto":
+            return "whole", (f"the whole model needs about {g(need['whole'])}, more than the memory budget "
+                             f"of {g(budget)}, and {cannot_stream}")
+        return "streamed", cannot_stream
+    if streamed_fits:
+        return "streamed", None
+    lead = "neither mode fits" if requested == "auto" else "streamed mode does not fit"
+    return "streamed", (f"{lead} the memory budget of {g(budget)} (whole needs about {g(need['whole'])}, "
+                        f"streamed {g(need['streamed'])}); raise --memory-budget to "
+                        f"{-(-need['streamed'] // GiB)}g on a machine that has it, or calibrate on fewer tokens")
+
+
+def parse_bytes(text: str) -> int:
+    """'24g', '512m', '1073741824' -> bytes (the --memory-limit syntax)."""
+    m = re.fullmatch(r"(\d+)([bkmg]?)", text.strip().lower())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (like 24g or 512m)")
+    return int(m.group(1)) << {"": 0, "b": 0, "k": 10, "m": 20, "g": 30}[m.group(2)]

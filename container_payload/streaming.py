@@ -1,0 +1,425 @@
+"""Layer-streamed quantization: the whole model is never in memory at once.
+
+    skeleton on the meta device -> embeddings read, first layer's inputs captured ->
+    per decoder layer: read from the shards, ModelOpt quantize + calibrate on the captured
+    inputs, ModelOpt's per-module export, tensors written, freed -> the rest, configs last
+
+Peak memory is about one decoder layer (bf16, plus its export) + the calibration activations
+(tokens x hidden x bf16, once: each layer's outputs replace its inputs) + the embeddings while
+the inputs are captured + one shard being written.
+
+Why the bytes equal the whole-model path: ModelOpt's max calibration runs the model
+UNQUANTIZED (quantizers only collect amax), so layer i's inputs here are exactly the hidden
+states the whole model computes, with the same batches, the same bf16 kernels and the same
+rotary / mask arguments (captured where the decoder hands them to its first layer). Each layer
+is quantized inside a view that names it as the full model does ("model.layers.7"), so
+ModelOpt's name patterns, its shared q/k/v and gate/up global amax, the export's fusion
+(collect_shared_input_modules + _fuse_shared_input_modules: what requantize_resmooth_fused_
+llm_layers does on the whole model) and its per-module handlers see what they see there.
+Non-layer tensors (embeddings, final norm, lm_head) are copied from the source, as the
+whole-model export writes them unchanged.
+
+What streams: memory_plan.STREAMED_RECIPES (`default`: ModelOpt's max calibration, no step of
+ours). Tested on nvfp4 without KV cache; --format nvfp4-w4a16 / fp8 and --kv-cache fp8 go the
+same way but are untested. Ours need the whole model (smoothing statistics, mixed-precision KL,
+Hessians from whole-model passes); AWQ/MSE search over it: refused in one line (refusal()).
+Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-processing).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import events, recipes
+from .contract import DONE, RESULT_FILE, QuantizeJob
+from .direct_load import DTYPES, _read_into, checkpoint_files, read_header
+from .events import PayloadError
+from .memory_plan import STREAMED_RECIPES, refusal  # noqa: F401 - the host reads them there
+
+MIN_MODELOPT = (0, 47)
+
+
+class ShardReader:
+    """Single tensors out of safetensors shards, by name, read with preadv into fresh tensors:
+    no mmap, so nothing of the file stays mapped (and counted in RSS) after a read."""
+
+    def __init__(self, model_dir: Path):
+        self.where: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
+        for path in checkpoint_files(model_dir):
+            start, entries = read_header(path)
+            for name, dtype, shape, begin, end in entries:
+                self.where[name] = (path, dtype, shape, start + begin, end - begin)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def nbytes(self, name: str) -> int:
+        return self.where[name][4]
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        path, src_dtype, shape, pos, size = self.where[name]
+        t = torch.empty(shape, dtype=src_dtype)
+        if size:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                _read_into(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), pos)
+            finally:
+                os.close(fd)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+
+def skeleton(model_dir: Path, dtype=torch.bfloat16):
+    """The model with every parameter on the meta device (buffers such as rotary frequencies
+    real), as from_pretrained would build it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "quantization_config", None) is not None:
+        raise PayloadError(f"{model_dir} is already quantized", kind="input")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.name_or_path = str(model_dir)
+    if (model_dir / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return model
+
+
+def materialize(module: nn.Module, prefix: str, reader: ShardReader, device: str, dtype,
+                skip: str | None = None) -> None:
+    """Every meta parameter of `module` (but those under `skip`) read from the shards;
+    accelerate sets each in place."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, p in list(module.named_parameters()):
+        if not p.is_meta or (skip and name.startswith(skip)):
+            continue
+        key = prefix + name
+        if key not in reader:
+            raise PayloadError(f"streamed mode reads tensors by the model's parameter names and "
+                               f"{key} is not in the checkpoint (a converted layout); use --mode whole",
+                               kind="input")
+        set_module_tensor_to_device(module, name, device, value=reader.read(key, dtype))
+
+
+def free(module: nn.Module) -> None:
+    """Parameters and buffers back to meta: the memory goes, the structure stays."""
+    module.to("meta")
+
+
+def prefixed(name: str, module: nn.Module) -> nn.Module:
+    """A root whose only path to `module` is `name`: ModelOpt sees "model.layers.7.mlp..."
+    exactly as in the whole model (its config patterns and fusion go by names)."""
+    root = node = nn.Module()
+    *parents, last = name.split(".")
+    for part in parents:
+        child = nn.Module()
+        node.add_module(part, child)
+        node = child
+    node.add_module(last, module)
+    return root
+
+
+class _Catcher(nn.Module):
+    """Stands in for the first decoder layer: keeps what the decoder hands it, per batch (the
+    hidden states at once on `keep`: on a GPU, all batches together would not fit a cap)."""
+
+    def __init__(self, store: list, keep: str):
+        super().__init__()
+        self.store, self.keep = store, keep
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append([hidden_states.to(self.keep), args, kwargs])
+        return hidden_states
+
+
+def _output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_inputs(model, layers: nn.ModuleList, batches, device: str, keep: str) -> list:
+    """[hidden, args, kwargs] per batch as the first layer receives them (on `keep`)."""
+    decoder = model.get_decoder()
+    store: list = []
+    real = decoder.layers
+    decoder.layers = nn.ModuleList([_Catcher(store, keep)])
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                decoder(input_ids=batch.to(device), use_cache=False)
+    finally:
+        decoder.layers = real
+    return store
+
+
+def _to(value, device):
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _first_sequence(item):
+    """[hidden, args, kwargs] of one batch cut to its first sequence (a cheap probe input:
+    the whole-model export probes with 2 tokens). Tensors whose first dim is the batch are
+    cut; the rest (rotary cos/sin of batch 1, flags) are shared."""
+    h, args, kwargs = item
+    bs = h.shape[0]
+
+    def cut(v):
+        if torch.is_tensor(v):
+            return v[:1].clone() if v.dim() >= 2 and v.shape[0] == bs else v
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(x) for x in v)
+        return v
+    return [cut(h), cut(tuple(args)), {k: cut(v) for k, v in kwargs.items()}]
+
+
+def _modelopt_parts():
+    """ModelOpt's export internals this path uses (0.47+), or a one-line refusal."""
+    import modelopt
+    from .recipes import version_tuple
+
+    if version_tuple(modelopt.__version__) < MIN_MODELOPT:
+        raise PayloadError(f"streamed mode needs ModelOpt >= 0.47 (this image has {modelopt.__version__}); "
+                           "let the launcher derive an image, or use --mode whole", kind="image")
+    from modelopt.torch.export import unified_export_hf as hf
+    from modelopt.torch.export.quant_utils import _postprocess_single_tensor, get_quant_config
+    from modelopt.torch.export.registry import ExportContext
+    from modelopt.torch.export.unified_export_hf_streaming import _StreamingShardWriter
+    return hf, _postprocess_single_tensor, get_quant_config, ExportContext, _StreamingShardWriter
+
+
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after
+    which freed layers stay in the heap as fragments: measured on a 48-layer model, RSS grew
+    by about one bf16 layer per layer (+260 MB) instead of staying flat (+17 MB). A fixed
+    threshold keeps every tensor-sized block in its own mapping, returned when freed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD; also turns the dynamic raise off
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> dict:
+    """Quantize and export layer by layer (see the module docstring). `recipe`: a BuiltRecipe
+    of STREAMED_RECIPES. Returns facts for result.json."""
+    import modelopt.torch.quantization as mtq
+
+    problem = refusal(recipe.name)
+    if problem or recipe.prepare is not None or recipe.refine is not None:
+        raise PayloadError(problem or f"recipe {recipe.name!r} has steps of ours: it cannot stream", kind="input")
+    hf, postprocess, get_quant_config, ExportContext, ShardWriter = _modelopt_parts()
+    _return_freed_memory()
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    reader = ShardReader(model_dir)
+    model = skeleton(model_dir)
+    dtype = hf._resolve_export_dtype(model, None)
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    layer_names = {id(m): n for n, m in model.named_modules()}
+    names = [layer_names[id(layer)] for layer in layers]
+    layer_bytes = [sum(reader.nbytes(f"{n}.{p}") for p, _ in layer.named_parameters() if f"{n}.{p}" in reader)
+                   for n, layer in zip(names, layers)]
+    # Shards of about one bf16 layer: the writer's buffer adds at most that to the peak.
+    writer = ShardWriter(out, max(layer_bytes))
+    keep = "cpu"  # activations stay in host memory, moved per batch (on a Spark: the same pool)
+
+    # 1. ModelOpt's conversion of everything outside the layers (lm_head and the embeddings are
+    #    QuantLinear / QuantEmbedding with their quantizers off, as in the whole model), on meta.
+    from modelopt.torch.opt import apply_mode
+    from modelopt.torch.quantization.mode import QuantizeModeRegistry
+
+    decoder.layers = nn.ModuleList()
+    try:  # the conversion step of mtq.quantize alone: nothing to calibrate out here
+        apply_mode(model, mode=[("quantize", dict(recipe.config))], registry=QuantizeModeRegistry)
+    finally:
+        decoder.layers = layers
+    outside = [n for n, q in _enabled_quantizers(model)]
+    if outside:
+        raise PayloadError(f"recipe {recipe.name!r} quantizes {outside[0]}, outside the decoder layers: "
+                           "it cannot stream; use --mode whole", kind="input")
+
+    # 2. the decoder's own weights (embeddings, final norm), the first layer's inputs
+    events.stage("calibrate", detail=f"streamed: capturing the first layer's inputs ({len(batches)} batches)")
+    layer_keys = tuple(n + "." for n in names)
+    decoder_prefix = layer_names[id(decoder)] + "." if layer_names[id(decoder)] else ""
+    materialize(decoder, decoder_prefix, reader, device, dtype, skip="layers.")
+    inputs = capture_inputs(model, layers, batches, device, keep)
+    free(decoder)  # the layers are meta already; embeddings and norm go (written in step 4)
+    gc.collect()
+    gc.freeze()  # the imports' million objects: the per-layer collections below skip them
+
+    # 3. layer by layer
+    peak_layer = 0
+    for i, (name, layer) in enumerate(zip(names, layers)):
+        events.progress("calibrate", i, len(layers))
+        materialize(layer, name + ".", reader, device, dtype)
+        root = prefixed(name, layer)
+        probe = _first_sequence(_to(inputs[0], device))
+        calls = [0]
+
+        def forward_loop(_root, layer=layer, calls=calls):
+            calls[0] += 1
+            with torch.inference_mode():
+                for j, (h, a, k) in enumerate(inputs):
+                    o = _output(layer(h.to(device), *_to(a, device), **_to(k, device)))
+                    inputs[j] = [o.to(keep), a, k]  # the next layer's input; this one is done
+
+        with contextlib.redirect_stdout(io.StringIO()):  # "Inserted 21 quantizers", per layer
+            mtq.quantize(root, recipe.config, forward_loop)
+        if calls[0] != 1:
+            raise PayloadError(f"ModelOpt ran the calibration loop {calls[0]} times for {name}; streamed "
+                               "mode supports one pass (max calibration); use --mode whole", kind="input")
+        _export_layer(root, layer, name, probe, dtype, writer, hf, postprocess, get_quant_config, ExportContext)
+        del probe, root
+        free(layer)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        peak_layer = max(peak_layer, layer_bytes[i])
+    events.progress("calibrate", len(layers), len(layers))
+    del inputs
+
+    # 4. everything outside the layers, as the source has it (cast to the export dtype)
+    events.stage("export", detail=str(out))
+    tied = _tied_output_key(model)
+    for key in reader.where:
+        if key.startswith(layer_keys) or key == tied:
+            continue
+        new_key, value = postprocess(key, reader.read(key, dtype), 448, None, False)
+        if new_key is not None:
+            writer.add(new_key, value.contiguous())
+    writer.finalize()
+
+    # 5. configs, as export_hf_checkpoint writes them: hf_quant_config.json from the whole
+    #    (now meta) model's quantizers, config.json with its quantization_config
+    quant_config = get_quant_config(model)
+    hf._sanitize_generation_config_for_save(model)
+    patches = hf._patch_revert_weight_conversion()
+    try:
+        model.config.save_pretrained(str(out))
+    finally:
+        hf._unpatch_revert_weight_conversion(patches)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
+    hf._write_hf_export_config(model, quant_config, out)
+    return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes),
+            "stream_s": round(time.time() - t0, 3)}
+
+
+def _enabled_quantizers(module: nn.Module):
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return [(n, q) for n, q in module.named_modules() if isinstance(q, TensorQuantizer) and q.is_enabled]
+
+
+def _tied_output_key(model) -> str | None:
+    """The output embedding's key when the config ties it to the input embedding: the whole
+    export drops that alias (its TiedWeightMap); so does this path."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    out = model.get_output_embeddings()
+    if out is None or not getattr(config, "tie_word_embeddings", False):
+        return None
+    return next(n for n, m in model.named_modules() if m is out) + ".weight"
+
+
+def _export_layer(root, layer, name, probe, dtype, writer, hf, postprocess, get_quant_config, ExportContext):
+    """One quantized layer through ModelOpt's export: the fused groups' shared amax (what
+    requantize_resmooth_fused_llm_layers does on the whole model, here with one captured batch
+    as its probe input), each module's export handler, the per-tensor post-processing."""
+    h, a, k = probe
+    inputs, norms = hf.collect_shared_input_modules(root, lambda: layer(h, *a, **k), collect_layernorms=True)
+    hf._fuse_shared_input_modules(root, inputs, norms, qkv_only=False, fuse_layernorms=True,
+                                  quantization_format=hf.get_quantization_format(root))
+    kv_format = get_quant_config(root)["quantization"]["kv_cache_quant_algo"]
+    ctx = ExportContext(model=root, dtype=dtype, is_modelopt_qlora=False)
+    with torch.inference_mode():
+        for sub_name, sub in layer.named_modules():
+            hf._dispatch_export_handler(f"{name}.{sub_name}" if sub_name else name, sub, ctx)
+        for key, tensor in layer.state_dict().items():
+            new_key, value = postprocess(f"{name}.{key}", tensor, 448, kv_format, False)
+            if new_key is not None:
+                writer.add(new_key, value.detach().contiguous().cpu())
+
+
+def chosen_mode(job: QuantizeJob, model_dir: Path) -> str:
+    """The job's mode: "whole" or "streamed"; "auto" decides from the job's memory budget
+    (memory_plan), with the checkpoint's real layer sizes in hand."""
+    from . import memory_plan
+
+    if job.mode != "auto":
+        return job.mode
+    budget = job.memory_budget
+    if not budget:
+        return "whole"
+    calib = job.calibration
+    bs = calib.batch_size if calib.batch_size != "auto" else 8
+    shape = memory_plan.shape_of(model_dir, 0)
+    need = memory_plan.peaks(shape, calib.samples * calib.seq_len, bs * calib.seq_len)
+    picked, problem = memory_plan.choose("auto", int(budget), need, refusal(job.recipe))
+    if problem:
+        raise PayloadError(problem, kind="oom")
+    events.stage("plan", detail=f"mode {picked}: whole needs ~{need['whole'] >> 20} MiB, streamed "
+                                f"~{need['streamed'] >> 20} MiB, budget {int(budget) >> 20} MiB")
+    return picked
+
+
+def run_job(job: QuantizeJob, device: str, t0: float) -> dict:
+    """quantize.run's streamed twin: the same tokenization and batches, then run_streamed, the
+    tokenizer copied, result.json written last."""
+    from . import quantize as q
+
+    model_dir, out = Path(job.model_dir), Path(job.output_dir)
+    problem = refusal(job.recipe)
+    if problem:
+        raise PayloadError(problem, kind="input")
+    tokenizer = q.load_tokenizer(model_dir)
+    q._import_modelopt()
+    from . import recipe_build
+
+    recipe = recipe_build.build(job.format, job.recipe, job.kv_cache, device, job.recipe_params)
+    config = type("Shape", (), {"config": skeleton_config(model_dir)})()
+    windows = q.calibration_windows(tokenizer, job.calibration)
+    batches, calib_info = q.calibration_batches(windows, job.calibration, device, model=config,
+                                                low_memory=True)
+    facts = run_streamed(model_dir, out, recipe, batches, device)
+    q.copy_tokenizer(model_dir, out)
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    result = {"status": "complete", "format": job.format, "recipe": recipe.name, "steps": recipes.describe(recipe.steps),
+              "modelopt_preset": recipe.preset, "modelopt_config": recipe.config,
+              "kv_cache": job.kv_cache, "device": device, "mode": "streamed",
+              "streamed": facts, "calibration": {**dataclasses.asdict(job.calibration), **calib_info},
+              "timings": {"total_s": round(time.time() - t0, 3)}, "memory": q.peak_memory(device),
+              "versions": q.versions(), "files": files, "checkpoint_bytes": sum(files.values())}
+    tmp = out / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, out / RESULT_FILE)  # written last: its presence marks the folder complete
+    events.emit(DONE, result=RESULT_FILE, checkpoint_bytes=result["checkpoint_bytes"], timings=result["timings"])
+    return result
+
+
+def skeleton_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
