@@ -104,7 +104,7 @@ def test_streamed_peak_rss_stays_under_the_layer_bound(tiny_llama, ref_python, t
            "recipe": "default", "kv_cache": "none", "device": "cpu", "mode": "streamed",
            "calibration": {"source": str(text), "samples": samples, "seq_len": seq_len, "batch_size": "auto"}}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([ref_python, "-m", "container_payload.quantize", str(tmp_path / "job.json")],
+    proc = subprocess.run([ref_python, "-m", "container_payload", "quantize", str(tmp_path / "job.json")],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((out / "result.json").read_text())
