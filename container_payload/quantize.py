@@ -135,10 +135,11 @@ def gpu_spread(device: str, budget_bytes: int | None, model_dir: Path) -> dict |
         return None
     per_gpu = budget_bytes or torch.cuda.mem_get_info(0)[1]
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    # room for calibration activations and ModelOpt's statistics beside the weights
+    # one GPU keeps a fifth of its budget for calibration activations and ModelOpt's statistics
     if weights <= 0.8 * per_gpu:
         return None
-    return {i: int(0.8 * per_gpu) for i in range(torch.cuda.device_count())}
+    # spread: the weights fill each GPU up to its budget (accelerate places whole decoder layers)
+    return {i: int(per_gpu) for i in range(torch.cuda.device_count())}
 
 
 def model_from_state_dict(model_dir: Path, direct, device: str):
