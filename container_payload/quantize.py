@@ -138,8 +138,9 @@ def gpu_spread(device: str, budget_bytes: int | None, model_dir: Path) -> dict |
     # one GPU keeps a fifth of its budget for calibration activations and ModelOpt's statistics
     if weights <= 0.8 * per_gpu:
         return None
-    # spread: the weights fill each GPU up to its budget (accelerate places whole decoder layers)
-    return {i: int(per_gpu) for i in range(torch.cuda.device_count())}
+    # spread: the weights fill each GPU up to 0.9 of its budget (accelerate places whole decoder
+    # layers); calibration batches are then sized from what the budget leaves (auto_batch_size)
+    return {i: int(0.9 * per_gpu) for i in range(torch.cuda.device_count())}
 
 
 def model_from_state_dict(model_dir: Path, direct, device: str):
@@ -286,7 +287,8 @@ def calibration_windows(tokenizer, calib: Calibration):
     return token_windows(tokenizer, text, calib.samples, calib.seq_len)
 
 
-def calibration_batches(windows: list[list[int]], calib: Calibration, device: str, model=None, low_memory=False):
+def calibration_batches(windows: list[list[int]], calib: Calibration, device: str, model=None, low_memory=False,
+                        gpu_budget: int | None = None):
     """Batches of the (already tokenized, see run()) calibration windows."""
     import torch
 
@@ -295,7 +297,7 @@ def calibration_batches(windows: list[list[int]], calib: Calibration, device: st
     events.stage("tokenize", detail=calib.source)
     bs = calib.batch_size
     if bs == "auto":
-        bs = auto_batch_size(calib.seq_len, device, model=model, low_memory=low_memory)
+        bs = auto_batch_size(calib.seq_len, device, model=model, low_memory=low_memory, gpu_budget=gpu_budget)
         bs = min(bs, len(windows))
     ids = torch.tensor(windows, dtype=torch.long)
     batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
@@ -304,7 +306,8 @@ def calibration_batches(windows: list[list[int]], calib: Calibration, device: st
     return batches, info
 
 
-def auto_batch_size(seq_len: int, device: str, model=None, low_memory: bool = False) -> int:
+def auto_batch_size(seq_len: int, device: str, model=None, low_memory: bool = False,
+                    gpu_budget: int | None = None) -> int:
     """Largest batch whose activations fit comfortably: calibration runs the decoder
     only (no lm_head logits), so the peak is a few copies of the widest activation
     (the MLP's intermediate) per token. Fewer, larger batches also mean fewer passes of
@@ -314,6 +317,9 @@ def auto_batch_size(seq_len: int, device: str, model=None, low_memory: bool = Fa
     import torch
 
     free, _ = torch.cuda.mem_get_info()
+    if gpu_budget:  # a spread model: what its budget leaves on the fullest GPU
+        free = min(free, max(0, gpu_budget - max(torch.cuda.memory_allocated(i)
+                                                 for i in range(torch.cuda.device_count()))))
     cfg = getattr(model, "config", None)
     width = max(getattr(cfg, "intermediate_size", 0) or 0, 4 * (getattr(cfg, "hidden_size", 0) or 0))
     # bf16 gate/up/act/product copies + ModelOpt's fp32 statistics temporaries; 64 KiB floor
@@ -487,7 +493,8 @@ def run(job: QuantizeJob) -> dict:
     t = time.time()
     windows = windows.result()
     batches, calib_info = calibration_batches(windows, job.calibration, device, model=model,
-                                              low_memory=low_memory)
+                                              low_memory=low_memory,
+                                              gpu_budget=job.gpu_memory_budget if spread else None)
     timings["tokenize_s"] = round(time.time() - t, 3)
 
     t = time.time()

@@ -226,7 +226,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     import modelopt.torch.quantization as mtq
 
     problem = refusal(recipe.name)
-    if problem or recipe.prepare is not None or recipe.refine is not None:
+    if problem or any(not isinstance(step, recipes.Calibrate) for step in recipe.steps):
         raise PayloadError(problem or f"recipe {recipe.name!r} has steps of ours: it cannot stream", kind="input")
     hf, postprocess, get_quant_config, ExportContext, ShardWriter = _modelopt_parts()
     _return_freed_memory()
