@@ -35,7 +35,6 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
 
 from .linear_compute import float32_linears, linear, patch_forward
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from . import events, recipes
 from .contract import DONE, RESULT_FILE, QuantizeJob
-from .direct_load import DTYPES, _read_into, checkpoint_files, read_header
+from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
 from .memory_plan import STREAMED_RECIPES, refusal  # noqa: F401 - the host reads them there
 

@@ -38,7 +38,7 @@ from container_payload import recipes
 
 from . import runs
 from .container import Bind, PayloadContainer
-from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
+from .daemon import LABEL_PREFIX, ROLE_LABEL
 from .errors import ImageError, Interrupted
 from .image_probe import ImageProbe, probe
 

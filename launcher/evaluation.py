@@ -18,7 +18,7 @@ from rich.console import Console
 
 from container_payload.contract import EvalJob
 
-from . import assets, model_source, paths, runs
+from . import assets, model_source, paths
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .errors import ConfigError, LauncherError

@@ -180,7 +180,7 @@ class QuantizeJob:
         if output.exists() and any(output.iterdir()):
             raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
                               where="--output", advice="choose another --output, or remove the folder")
-        client = docker.client
+        client, nvidia = docker.client, docker.nvidia
         model_bytes, to_download = model_source.download_bytes(spec)
         # whole or streamed, from the memory budget (the image's needs depend on it)
         self.plan = memory_budget.plan(spec, model_bytes, self.device_kind == "gpu")

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import REPO, one_line_error, raw_tensors, run_launcher
+from conftest import REPO, raw_tensors, run_launcher
 from synthetic_ckpt import write_safetensors
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
