@@ -79,20 +79,31 @@ def ckpt_bytes(d: Path) -> int:
                and (p.suffix == ".safetensors" or p.name.endswith("config.json")))
 
 
-def quantize(recipe: str, model_dir: Path, out: Path, args) -> dict:
-    ck = out / recipe
+def variant(name: str) -> tuple[str, dict]:
+    """A row: RECIPE, or LABEL=RECIPE:step.param=value;... (the recipe with --recipe-param values)."""
+    if "=" not in name.split(":")[0]:
+        return name, {}
+    label, _, rest = name.partition("=")
+    recipe, _, params = rest.partition(":")
+    return recipe, dict(p.split("=", 1) for p in params.split(";") if p)
+
+
+def quantize(label: str, model_dir: Path, out: Path, args) -> dict:
+    recipe, params = variant(label)
+    label = label.split("=")[0]
+    ck = out / label
     job = {"model_dir": str(model_dir), "gguf": str(GGUF), "output_dir": str(ck), "format": "nvfp4",
-           "recipe": recipe, "kv_cache": "none", "device": args.device,
+           "recipe": recipe, "recipe_params": params, "kv_cache": "none", "device": args.device,
            "calibration": {"source": str(CALIB), "samples": args.samples, "seq_len": args.seq_len,
                            "batch_size": "auto"}}
-    jf = out / f"{recipe}.job.json"
+    jf = out / f"{label}.job.json"
     if args.reuse and (ck / "result.json").exists() and json.loads(jf.read_text()) == job:
         res = json.loads((ck / "result.json").read_text())
         return {"dir": ck, "quantize_s": res["timings"]["quantize_s"], "wall_s": None,
                 "peak_rss_bytes": res["memory"]["host_rss_peak_bytes"],
                 "windows_sha256": res["calibration"]["windows_sha256"]}
     jf.write_text(json.dumps(job))
-    wall = run([MO_PY, "-m", "container_payload.quantize", jf], out / f"{recipe}.quantize.log")
+    wall = run([MO_PY, "-m", "container_payload", "quantize", jf], out / f"{label}.quantize.log")
     res = json.loads((ck / "result.json").read_text())
     return {"dir": ck, "quantize_s": res["timings"]["quantize_s"], "wall_s": wall,
             "peak_rss_bytes": res["memory"]["host_rss_peak_bytes"],
@@ -127,7 +138,7 @@ def evaluate(ck: Path, model_dir: Path, name: str, out: Path, args) -> dict:
                      and jo.stat().st_mtime > (Path(ck) / "config.json").stat().st_mtime)
         if fresh:
             jf.write_text(json.dumps(job))
-            run([MO_PY, "-m", "container_payload.evaluate", jf], out / f"{name}.eval-{text}.log")
+            run([MO_PY, "-m", "container_payload", "evaluate", jf], out / f"{name}.eval-{text}.log")
         r = json.loads(jo.read_text())
         res[text] = {k: r.get(k) for k in ("kl_divergence", "perplexity", "reference_perplexity",
                                            "top1_agreement", "tokens")}
@@ -175,7 +186,8 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--recipes", default=None,
                     help=f"comma-separated; default {CPU_RECIPES} (plus ModelOpt's GPU-only presets "
-                         "with --device cuda)")
+                         "with --device cuda). A row may set recipe parameters: "
+                         "LABEL=RECIPE:step.param=value;... (e.g. pure-w4a4=smooth-gptq-seq-mp:keep_bf16.budget=0)")
     ap.add_argument("--no-llmc", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                     help="where the payload quantizes and evaluates (the llm-compressor column picks its own)")
@@ -206,13 +218,13 @@ def main() -> int:
             else:
                 q = quantize(name, model_dir, out, args)
             print(f"[{time.time() - t0:6.0f}s] {name}: evaluate", flush=True)
-            ev = evaluate(q["dir"], model_dir, name, out, args)
-            rows.append({"recipe": name, "quantize_s": q["quantize_s"], "peak_rss_bytes": q["peak_rss_bytes"],
+            ev = evaluate(q["dir"], model_dir, name.split("=")[0], out, args)
+            rows.append({"recipe": name.split("=")[0], "quantize_s": q["quantize_s"], "peak_rss_bytes": q["peak_rss_bytes"],
                          "bytes": ckpt_bytes(q["dir"]), "checkpoint": str(q["dir"]), "eval": ev,
                          "windows_sha256": q.get("windows_sha256")})
         except Exception as e:  # noqa: BLE001 - one failed column must not lose the others
             print(f"{name} failed: {e}", flush=True)
-            rows.append({"recipe": name, "error": str(e).splitlines()[0]})
+            rows.append({"recipe": name.split("=")[0], "error": str(e).splitlines()[0]})
     base = None
     d = next((r for r in rows if r["recipe"] == "default" and "eval" in r), None)
     if d:
