@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import model_source, paths, preflight
+from . import model_source, output, paths, preflight
 from .config import STANDIN_IMAGE, JobSpec
 from .errors import DockerUnavailable, ModelError, PreflightError
 
@@ -364,11 +364,11 @@ def table(report: Report):
 def doctor(req: DoctorRequest, console: Console | None = None) -> Report:
     """Print the table; raise PreflightError (one line, non-zero exit) if a required check failed."""
     report = run_checks(req)
-    Console().print(table(report))
+    output.stdout.print(table(report))
     if report.failed:
         names = ", ".join(r.name for r in report.failed)
         raise PreflightError(f"doctor: {len(report.failed)} required check(s) failed: {names}",
                              advice="follow the advice column above")
-    (console or Console(stderr=True)).print("[green]ready[/]: all required checks passed")
+    (console or output.console).print("[green]ready[/]: all required checks passed")
     return report
 

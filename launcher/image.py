@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from .config import NVIDIA_IMAGE, STANDIN_IMAGE, STANDIN_REPO
 from .errors import ImageError, docker_error
+from . import output
 
 
 @dataclass
@@ -59,7 +60,7 @@ def standin_build_target(ref: str) -> str | None:
 class ImageStore:
     def __init__(self, client: docker.DockerClient, console: Console | None = None):
         self.client = client
-        self.console = console or Console(stderr=True)
+        self.console = console or output.console
 
     def get(self, ref: str):
         try:

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from container_payload import contract
+
+from . import output
 from container_payload.contract import PREFIX
 
 
@@ -57,7 +59,7 @@ class EventStream:
     def __init__(self, log_file: IO[str], console: Console | None = None, *, echo: bool = True,
                  secrets: Iterable[str] = ()):
         self.log = log_file
-        self.console = console or Console(stderr=True)
+        self.console = console or output.console
         self.echo = echo
         self.secrets = [s for s in secrets if s]
         self.outcome = StreamOutcome()

@@ -33,7 +33,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from . import runs
+from . import output, runs
 from container_payload import contract
 
 from .container import Bind, PayloadContainer, gpu_requests, payload_command, port_free, sigterm_as_interrupt
@@ -143,8 +143,8 @@ class ServerFailed(PayloadFailed):
 # ---------------------------------------------------------------- the command
 
 def serve(req: ServeRequest, console: Console | None = None, out: Console | None = None) -> ServeOutcome:
-    console = console or Console(stderr=True)
-    out = out or Console()
+    console = console or output.console
+    out = out or output.stdout
     ckpt = req.checkpoint.expanduser().resolve()
     if not (ckpt / "config.json").exists():
         raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="OUTPUT",
