@@ -27,7 +27,7 @@ from pathlib import Path
 GiB = 1 << 30
 RUNTIME_BYTES = 1 * GiB
 WHOLE_FACTOR = 1.4
-LAYER_COPIES = 3
+LAYER_COPIES = 4   # the layer at work, its host read, the writer's buffer, the next layer read ahead
 # Recipes whose calibration is ModelOpt's max with no step of ours: the streamed path
 # (streaming.py) reproduces them exactly. Ours need the whole model (smoothing statistics,
 # the mixed-precision KL, Hessians from whole-model passes); AWQ / MSE search over it.
