@@ -150,7 +150,13 @@ class _Catcher(nn.Module):
         self.store, self.keep = store, keep
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.store.append([hidden_states.to(self.keep), args, kwargs])
+        if hidden_states.is_cuda and self.keep == "cpu":
+            # pinned: each layer's calibration copies them in and its outputs back, asynchronously
+            kept = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
+            kept.copy_(hidden_states)
+        else:
+            kept = hidden_states.to(self.keep)
+        self.store.append([kept, args, kwargs])
         return hidden_states
 
 
@@ -305,8 +311,13 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
             calls[0] += 1
             with torch.inference_mode():
                 for j, (h, a, k) in enumerate(inputs):
-                    o = _output(layer(h.to(device), *_to(a, device), **_to(k, device)))
-                    inputs[j] = [o.to(keep), a, k]  # the next layer's input; this one is done
+                    o = _output(layer(h.to(device, non_blocking=True), *_to(a, device), **_to(k, device)))
+                    if h.is_pinned() and o.shape == h.shape and o.dtype == h.dtype:
+                        h.copy_(o, non_blocking=True)  # the next layer's input, in the same pinned buffer
+                    else:
+                        inputs[j] = [o.to(keep), a, k]  # the next layer's input; this one is done
+                if device == "cuda":
+                    torch.cuda.synchronize()  # every output is back in host memory
 
         t = time.time()
         with contextlib.redirect_stdout(io.StringIO()):  # "Inserted 21 quantizers", per layer
