@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 
+from torch import nn
+
 from .events import PayloadError
 
 # routed experts: Qwen/Mixtral/DeepSeek `.experts.`; shared experts: Qwen's `shared_expert.`,
@@ -88,7 +90,14 @@ def build_config(recipe: str, mtq) -> dict:
                 continue
             out.append(entry)
         base["quant_cfg"] = out
+    # Every calibration token reaches every expert (ModelOpt's moe_calib_experts_ratio, 0.47+: the
+    # router's top_k raised for the calibration pass only), so an expert the router rarely picks
+    # still gets its statistics from the whole text; the outputs use the real routing.
+    base["algorithm"] = {"method": "max", "moe_calib_experts_ratio": ALL_EXPERTS}
     return base
+
+
+ALL_EXPERTS = 1.0
 
 
 # ---------------------------------------------------------------- after calibration
@@ -114,7 +123,23 @@ def uncalibrated_quantizers(model) -> list[str]:
     return bad
 
 
+def share_expert_input_amax(model) -> None:
+    """One input amax per projection across the experts of a layer (their max), as the engines
+    use one per layer: ModelOpt syncs them itself unless every expert was calibrated on every
+    token (moe_calib_experts_ratio), which is what build_config asks for. Per-expert Linears
+    (transformers 4.57) only; transformers 5's fused experts share one input quantizer already."""
+    from modelopt.torch.quantization.utils.core_utils import sync_moe_expert_amax
+
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if getattr(module, "_moe_calib_experts_ratio", None) is not None and isinstance(experts, nn.ModuleList):
+            sync_moe_expert_amax(experts)
+
+
 def check_calibrated(model) -> None:
+    """After ModelOpt's calibration: the experts' input amax shared per layer, then every enabled
+    quantizer must hold a measured amax."""
+    share_expert_input_amax(model)
     bad = uncalibrated_quantizers(model)
     if bad:
         raise PayloadError(f"{len(bad)} quantizer(s) were not calibrated, first {bad[0]}: no calibration "
