@@ -192,6 +192,10 @@ class QuantizeJob:
             model_bytes=model_bytes, output=output, download_bytes=to_download,
             cache_dir=paths.hf_hub_cache(), on_gpu=self.device_kind == "gpu", memory=self.plan.check))
         self.console.print(f"memory: {self.plan.check.detail}", highlight=False)
+        slow = preflight.cpu_calibration_note(model_bytes, spec.calibration.samples * spec.calibration.seq_len,
+                                              on_gpu=self.device_kind == "gpu")
+        if slow:
+            self.console.print(f"[yellow]note:[/] {slow}", highlight=False)
         # 4. downloads on the host, each recorded as it starts (a dry run creates nothing)
         record = None if self.dry_run else (lambda path: rec.add("cache", path))
         model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)

@@ -61,6 +61,35 @@ def quantize_checks(*, model_bytes: int, output: Path, download_bytes: int, cach
     return checks
 
 
+# bf16 matrix products on a CPU without bf16 instructions: measured 0.5-5 GF/s on 2 cores of an
+# AVX2-only EPYC, 60x slower than float32 there. ModelOpt's calibration keeps the model's bf16
+# products (its input scales must match ModelOpt run directly), so on such a host it dominates.
+SLOW_BF16_FLOPS = 5e9
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU has bf16 matrix instructions (None: cannot tell)."""
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return None
+    return any(f in flags.split() for f in BF16_CPU_FLAGS) if flags else None
+
+
+def cpu_calibration_note(model_bytes: int, tokens: int, on_gpu: bool) -> str | None:
+    """A warning when ModelOpt's bf16 calibration will be slow on this CPU (None: nothing to say)."""
+    if on_gpu or cpu_has_bf16() is not False or not model_bytes:
+        return None
+    flop = 2 * (model_bytes / 2) * tokens
+    minutes = flop / SLOW_BF16_FLOPS / 60
+    if minutes < 5:
+        return None
+    return (f"this CPU has no bf16 matrix instructions ({' / '.join(BF16_CPU_FLAGS)}): ModelOpt's bf16 "
+            f"calibration of {tokens} tokens is ~{flop / 1e12:.1f} TFLOP, roughly {minutes:.0f} min or more "
+            f"here; fewer tokens (e.g. --calib-samples 16 --calib-seq-len 256) or a GPU cut that")
+
+
 def enforce(checks: list[Check]) -> None:
     bad = [c for c in checks if not c.ok]
     if bad:

@@ -60,3 +60,24 @@ def test_hub_cache_folder_names(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert paths.hf_repo_folder("org/name") == tmp_path / "models--org--name"
     assert paths.hf_repo_folder("org/data", "dataset") == tmp_path / "datasets--org--data"
+
+
+def test_slow_bf16_cpu_note(tmp_path, monkeypatch):
+    """A CPU without bf16 instructions gets a warning before a long bf16 calibration; one with
+    them, a GPU job or a short calibration gets none."""
+    from launcher import preflight
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse2 avx2 fma\n")
+    assert preflight.cpu_has_bf16(info) is False
+    info.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
+    assert preflight.cpu_has_bf16(info) is True
+    assert preflight.cpu_has_bf16(tmp_path / "missing") is None
+
+    monkeypatch.setattr(preflight, "cpu_has_bf16", lambda: False)
+    note = preflight.cpu_calibration_note(270_000_000, 128 * 512, on_gpu=False)
+    assert "17.7 TFLOP" in note and "--calib-samples" in note
+    assert preflight.cpu_calibration_note(270_000_000, 8 * 64, on_gpu=False) is None
+    assert preflight.cpu_calibration_note(270_000_000, 128 * 512, on_gpu=True) is None
+    monkeypatch.setattr(preflight, "cpu_has_bf16", lambda: True)
+    assert preflight.cpu_calibration_note(270_000_000, 128 * 512, on_gpu=False) is None
