@@ -13,9 +13,9 @@ from rich.markup import escape
 
 from container_payload.contract import EvalJob
 
+from .assets import HELDOUT
 from .config import FLAG_NAMES, QuantFormat, flagged_fields, load_spec
 from .errors import ConfigError, LauncherError
-from .assets import HELDOUT
 from .output import console, error_fields, print_json, stdout
 
 
@@ -29,7 +29,7 @@ class Launcher(click.Group):
         except LauncherError as e:
             # escape: a `where` like [/tmp/x] would otherwise be read as a closing markup tag
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            if _json_mode(ctx):
+            if ctx.meta.get("json"):
                 print_json(getattr(e, "result", None) or {"command": ctx.invoked_subcommand, "status": "failed",
                                                          "exit_code": e.exit_code, "error": error_fields(e)})
             sys.exit(e.exit_code)
@@ -38,14 +38,9 @@ class Launcher(click.Group):
             sys.exit(130)
 
 
-def _json_mode(ctx) -> bool:
-    return bool(ctx.meta.get("json"))
-
-
-def json_requested(on: bool) -> bool:
+def json_requested(on: bool) -> None:
     """Called first by a command with --json: a failure then prints its JSON result too."""
     click.get_current_context().meta["json"] = on
-    return on
 
 
 @click.group(cls=Launcher, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
