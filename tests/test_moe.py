@@ -190,7 +190,7 @@ def test_eval_emulates_the_moe_checkpoint(moe_runs, name, tmp_path):
     run = moe_runs[name]
     out = tmp_path / "eval.json"
     proc = run_launcher("eval", str(run["out"]), "--reference", str(run["source"]), "--text", "heldout-wiki",
-                        "--tokens", "256", "--seq-len", "64", "--json", str(out), "--no-generations", env=run["env"])
+                        "--tokens", "256", "--seq-len", "64", "--json-out", str(out), "--no-generations", env=run["env"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["tokens"] == 4 * 63 and 0 < got["kl_divergence"] < 1
