@@ -354,11 +354,11 @@ def forward_loop_for(batches, device: str, times: dict | None = None):
     return forward_loop
 
 
-def quantize(model, recipe, forward_loop):
+def quantize(model, recipe, forward_loop, applied: list | None = None):
     """The recipe's steps in order (steps.py): ModelOpt's calibration among them."""
     from . import steps
 
-    return steps.run(model, recipe, forward_loop)
+    return steps.run(model, recipe, forward_loop, applied)
 
 
 def export(model, model_dir: Path, out: Path, low_memory: bool = False) -> None:
@@ -499,7 +499,8 @@ def run(job: QuantizeJob) -> dict:
 
     t = time.time()
     loop_times = {}
-    model = quantize(model, recipe, forward_loop_for(batches, device, loop_times))
+    applied: list[str] = []
+    model = quantize(model, recipe, forward_loop_for(batches, device, loop_times), applied)
     timings["quantize_s"] = round(time.time() - t, 3)
     if "calibrate_s" in loop_times:
         timings["calibrate_s"] = round(loop_times["calibrate_s"], 3)
@@ -518,6 +519,7 @@ def run(job: QuantizeJob) -> dict:
         "format": job.format,
         "recipe": recipe.name,
         "steps": recipes.describe(recipe.steps),
+        "steps_applied": applied,
         "modelopt_preset": recipe.preset,
         "modelopt_config": recipe.config.model_dump() if hasattr(recipe.config, "model_dump") else recipe.config,
         "kv_cache": job.kv_cache,

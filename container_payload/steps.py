@@ -23,16 +23,22 @@ class State:
     captured: tuple | None = None    # sequential.first_layer_inputs' result, for a sequential Gptq
 
 
-def run(model, recipe, forward_loop):
-    """All of `recipe`'s steps (recipe_build.BuiltRecipe); returns the quantized model."""
+def run(model, recipe, forward_loop, applied: list | None = None):
+    """All of `recipe`'s steps (recipe_build.BuiltRecipe); returns the quantized model. `applied`
+    gets one line per step: what it did on this model, or why it skipped (the model card shows
+    them: a step made for Llama-style blocks may not apply to another architecture)."""
     state = State()
     calibrated = False
+    applied = [] if applied is None else applied
     for i, step in enumerate(recipe.steps):
         later = recipe.steps[i + 1:]
         if isinstance(step, Smooth):
             events.stage("pre-calibrate", detail=f"{recipe.name}: smoothing statistics, folded into the bf16 weights")
             from .smoothing import smooth
-            smooth(model, forward_loop, step.alpha)
+            groups = smooth(model, forward_loop, step.alpha)
+            applied.append(f"{step.key}: {groups} groups smoothed" if groups else
+                           f"{step.key}: skipped ({type(model).__name__}: its decoder layers have no plain RMSNorm "
+                           "before q/k/v and gate/up)")
         elif isinstance(step, Calibrate):
             import modelopt.torch.quantization as mtq
 
@@ -41,13 +47,19 @@ def run(model, recipe, forward_loop):
             if recipe.check is not None:  # e.g. moe.py: every expert's quantizers saw data
                 recipe.check(model)
             calibrated = True
+            applied.append(f"{step.key}: ModelOpt {recipe.preset}")
             if later:
                 events.stage("refine", detail=recipe.name)
         elif not calibrated:
             raise ValueError(f"recipe {recipe.name}: {step.key} must come after calibrate")
         else:
-            RUNNERS[type(step)](model, step, forward_loop, state, later)
+            applied.append(f"{step.key}: {RUNNERS[type(step)](model, step, forward_loop, state, later)}")
     return model
+
+
+def _reach(linears: dict | None) -> str:
+    """What a weight step did, in a few words."""
+    return f"{len(linears)} quantized Linears" if linears else "skipped (no quantized Linear it applies to)"
 
 
 def _ranking_batches(later) -> int:
@@ -55,14 +67,15 @@ def _ranking_batches(later) -> int:
     return next((s.batches for s in later if isinstance(s, KeepBf16)), 0)
 
 
-def _scale_search(model, step: ScaleSearch, forward_loop, state: State, later) -> None:
+def _scale_search(model, step: ScaleSearch, forward_loop, state: State, later) -> str:
     from .algorithms import quantize_weights
 
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=False, search=True, keep_batches=_ranking_batches(later))
+    return _reach(state.linears)
 
 
-def _gptq(model, step: Gptq, forward_loop, state: State, later) -> None:
+def _gptq(model, step: Gptq, forward_loop, state: State, later) -> str:
     if step.sequential:
         from .sequential import sequential_gptq
 
@@ -70,21 +83,22 @@ def _gptq(model, step: Gptq, forward_loop, state: State, later) -> None:
         state.linears, state.originals, state.kept_ids = sequential_gptq(
             model, forward_loop, keep_batches=_ranking_batches(later), captured=captured,
             ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32)
-        return
+        return _reach(state.linears)
     from .algorithms import quantize_weights
 
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=True, search=True, keep_batches=_ranking_batches(later),
         act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel)
+    return _reach(state.linears)
 
 
 @torch.no_grad()
-def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> None:
+def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> str:
     from .algorithms import QuantizersOff, keep_sensitive_in_bf16, quantized_linears, round_weights
 
     if state.originals is not None:  # after GPTQ / rounding: rank the weights it chose
-        keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
-        return
+        kept = keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
+        return f"{len(kept)} fused units kept in bf16"
     # Before GPTQ: rank round-to-nearest weights, then give the originals back to the GPTQ that
     # follows (it fits around the units kept in bf16). A sequential one reuses the captured inputs.
     from .sequential import first_layer_inputs
@@ -94,12 +108,13 @@ def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> None
     linears = quantized_linears(model)
     originals = {n: m.weight.detach().clone() for n, m in linears.items()}
     round_weights(linears)
-    keep_sensitive_in_bf16(model, linears, originals, captured[2], step.budget)
+    kept = keep_sensitive_in_bf16(model, linears, originals, captured[2], step.budget)
     for n, m in linears.items():
         m.weight.data.copy_(originals[n])
     del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)
     if any(isinstance(s, Gptq) and s.sequential for s in later):
         state.captured = captured
+    return f"{len(kept)} fused units kept in bf16"
 
 
 RUNNERS = {ScaleSearch: _scale_search, Gptq: _gptq, KeepBf16: _keep_bf16}

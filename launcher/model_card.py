@@ -77,6 +77,8 @@ def render(output: Path, result: dict, evaluation: dict | None, source_bytes: in
         f"transformers {result.get('versions', {}).get('transformers')} |",
         f"| quantized on | {result.get('device')} in {result.get('timings', {}).get('total_s', '?')} s |",
     ]
+    if result.get("steps_applied"):  # which parts of the recipe applied to this architecture
+        lines.append(f"| recipe steps | {'; '.join(map(str, result['steps_applied']))} |")
     timings = result.get("timings", {})
     if timings.get("quantize_s") is not None:
         lines.append(f"| recipe's own time | {timings['quantize_s']:.0f} s (calibration and refinement, "

@@ -672,7 +672,12 @@ def case_seq_mp_recipe_export():
     assert [type(x) for x in built.steps] == [recipes.Smooth, recipes.Calibrate, recipes.KeepBf16, recipes.Gptq]
     assert built.steps[2].budget == frac
     built.steps = built.steps[1:]
-    model = steps.run(model, built, fl)
+    applied = []
+    model = steps.run(model, built, fl, applied)
+    # what each step did on this model, for the model card
+    assert applied[0] == "calibrate: ModelOpt NVFP4_DEFAULT_CFG", applied
+    assert applied[1].startswith("keep_bf16: ") and applied[1].endswith("fused units kept in bf16"), applied
+    assert applied[2].startswith("gptq: ") and applied[2].endswith("quantized Linears"), applied
     linears = al.quantized_linears(model)
     with tempfile.TemporaryDirectory() as out:
         with torch.inference_mode():
