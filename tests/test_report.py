@@ -71,6 +71,8 @@ def decode_png(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGBA") if img.mode not in ("RGB", "RGBA") else img)
 
+
+@pytest.fixture(scope="module")
 def evals(tmp_path_factory):
     d = tmp_path_factory.mktemp("evals")
     paths = []

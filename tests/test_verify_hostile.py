@@ -243,7 +243,7 @@ def test_problem_flood_is_capped(ckpt):
     header, data = header_of(ckpt / SHARD1)
     header.update({f"junk.{i}": {"dtype": "nope"} for i in range(5000)})
     write_header(ckpt / SHARD1, json.dumps(header).encode(), data)
-    out = assert_rejected_cleanly(ckpt, "more (all in --json)")
+    out = assert_rejected_cleanly(ckpt, "more (all in --json-out)")
     assert len(out.splitlines()) < 210
 
 
