@@ -55,6 +55,7 @@ class QuantizeJob:
     device: str = "auto"                    # auto (CUDA when there is one) | cpu | cuda
     low_memory: bool = False                # small calibration batches, no read-ahead: same bytes
     gpu_memory_budget: int | None = None    # bytes per GPU; a model larger than that spreads over the GPUs
+    trust_remote_code: bool = False         # the model's own code (auto_map) may be imported
     mode: str = "whole"                     # whole | streamed (one decoder layer at a time) | auto (by memory_budget)
     memory_budget: int | None = None        # bytes the job may use (mode auto decides with it)
     cpu_float32: bool = True                # our own passes' bf16 products in float32 on a CPU (linear_compute)

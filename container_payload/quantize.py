@@ -92,16 +92,17 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     events.stage("load", detail=str(model_dir))
     if not (model_dir / "config.json").exists():
         raise PayloadError(f"no config.json in model folder {model_dir}", kind="input")
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
-def load_model(model_dir: Path, device: str, direct=None, spread: dict | None = None):
+def load_model(model_dir: Path, device: str, direct=None, spread: dict | None = None,
+               trust_remote_code: bool = False):
     """(model, which loader read the weights). `direct` (optional): a background
     direct_load.read_state_dict whose tensors become the model's (see model_from_state_dict).
     `spread` (gpu_spread's answer): the decoder layers placed over several GPUs by accelerate,
@@ -115,7 +116,7 @@ def load_model(model_dir: Path, device: str, direct=None, spread: dict | None = 
     if model is None:
         placement = {"device_map": "auto", "max_memory": spread} if spread else {"device_map": device}
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, low_cpu_mem_usage=True,
-                                                     **placement)
+                                                     trust_remote_code=trust_remote_code, **placement)
         if spread:
             loader = "from_pretrained, spread over " + ", ".join(
                 sorted({f"cuda:{d}" for d in model.hf_device_map.values() if isinstance(d, int)}))
@@ -459,7 +460,8 @@ def run(job: QuantizeJob) -> dict:
             return streaming.run_job(job, device, t0)
     direct = prefetch = None
     spread = gpu_spread(device, job.gpu_memory_budget, model_dir) if (model_dir / "config.json").exists() else None
-    files = None if spread else _direct_load_files(job.direct_load, device, low_memory, model_dir)
+    files = None if spread or job.trust_remote_code else _direct_load_files(job.direct_load, device, low_memory,
+                                                                            model_dir)
     if files:
         from . import direct_load
 
@@ -470,7 +472,7 @@ def run(job: QuantizeJob) -> dict:
         prefetch = _Background(_prefetch, model_dir)
 
     t = time.time()
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, job.trust_remote_code)
     windows = _Background(calibration_windows, tokenizer, job.calibration)
     _import_modelopt()
     from . import recipe_build
@@ -480,7 +482,7 @@ def run(job: QuantizeJob) -> dict:
     mark("modelopt_imported")
 
     t = time.time()
-    model, loader = load_model(model_dir, device, direct, spread)
+    model, loader = load_model(model_dir, device, direct, spread, job.trust_remote_code)
     for name, reader in (("direct_read", direct), ("prefetch", prefetch)):
         if reader is not None:
             reader.result()

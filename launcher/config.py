@@ -111,6 +111,10 @@ class JobSpec(BaseModel):
     memory_budget: str | None = Field(None, json_schema_extra=flag(
         "--memory-budget", "Memory the job may use, e.g. 24g [default: the machine's: available host memory, the "
         "GPU's memory, or the one pool of a DGX Spark]."))
+    trust_remote_code: bool = Field(False, json_schema_extra=flag(
+        "--trust-remote-code", "Allow a model that ships its own Python code (auto_map in its config.json): the "
+        "code is downloaded with the model and imported inside the container (no network, no token there). "
+        "Off: such a model is refused in one line."))
     hf_token_env: str = Field("HF_TOKEN", json_schema_extra=flag(None, "Name of the variable holding the HF token."))
     ngc_key_env: str = Field("NGC_API_KEY", json_schema_extra=flag(None, "Name of the variable holding the NGC key."))
     offline: bool = Field(False, json_schema_extra=flag(

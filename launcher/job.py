@@ -199,6 +199,8 @@ class QuantizeJob:
         # 4. downloads on the host, each recorded as it starts (a dry run creates nothing)
         record = None if self.dry_run else (lambda path: rec.add("cache", path))
         model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)
+        if not self.dry_run and not spec.is_embedded:
+            model_source.check_remote_code(model.host_dir, spec)
         calib = None if self.dry_run else calibration_bind(spec, on_create=record)
         image = docker.ensure_image(rec, image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
         if runnable is None and image.id:
@@ -258,7 +260,8 @@ class QuantizeJob:
             format=spec.format.value, recipe=recipe, recipe_params=spec.recipe_params, kv_cache=spec.kv_cache,
             calibration=contract.Calibration(**{**spec.calibration.model_dump(), "source": calib_src}),
             device="auto" if self.device_kind == "gpu" else "cpu", low_memory=spec.low_memory,
-            mode=spec.mode, memory_budget=self.plan.budget, job_fingerprint=fingerprint, run_id=rec.id)
+            mode=spec.mode, memory_budget=self.plan.budget, trust_remote_code=spec.trust_remote_code,
+            job_fingerprint=fingerprint, run_id=rec.id)
         # No token and no network, ever: a hub dataset was fetched on the host (calibration_bind).
         env = {"HF_DATASETS_OFFLINE": "1"} if calib_src.startswith("hf:") else {}
         run_payload(PayloadRun(

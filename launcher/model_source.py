@@ -28,6 +28,7 @@ from .errors import ConfigError, ModelError
 # (container_payload/quantize.py: portable_tokenizer_config); earlier conversions are left alone.
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-bf16-v2"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+CODE_PATTERNS = ["*.py"]   # a model's own code (auto_map), fetched only with --trust-remote-code
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt", ".arrow")
 CALIB_DATA_BYTES = 64_000_000   # the payload reads at most this much text of a dataset
 EMBEDDED_BYTES_GUESS = 270_000_000   # bf16 SmolLM2-135M, before its GGUF is fetched
@@ -96,6 +97,20 @@ def validate(spec: JobSpec) -> None:
         _local(Path(spec.model).expanduser())
         return
     check_repo_id(spec.model)
+
+
+def check_remote_code(model_dir: Path, spec: JobSpec) -> None:
+    """A model whose config.json names its own code (auto_map) runs only with --trust-remote-code:
+    checked on the host, on the files the payload would read, before any container starts."""
+    from .untrusted import read_json_object
+
+    config = read_json_object(Path(model_dir) / "config.json") or {}
+    auto_map = config.get("auto_map")
+    if auto_map and not spec.trust_remote_code:
+        classes = ", ".join(sorted(map(str, auto_map.values()))[:2]) if isinstance(auto_map, dict) else "?"
+        raise ModelError(f"{spec.model} ships its own Python code ({classes}), which would run in the container",
+                         where=str(Path(model_dir) / "config.json"),
+                         advice="read that code; if you trust it, pass --trust-remote-code")
 
 
 def download_bytes(spec: JobSpec) -> tuple[int, int]:
@@ -210,8 +225,9 @@ def _hub(spec: JobSpec, *, dry_run: bool, on_create: Callable[[str], None] | Non
     if not existed and not offline and on_create:
         on_create(str(repo_folder))  # recorded as the download starts: an interrupted one can be rolled back
     try:
+        patterns = WEIGHT_PATTERNS + (CODE_PATTERNS if spec.trust_remote_code else [])
         snap = Path(snapshot_download(spec.model, revision=spec.revision, token=token, cache_dir=cache,
-                                      allow_patterns=WEIGHT_PATTERNS, local_files_only=offline))
+                                      allow_patterns=patterns, local_files_only=offline))
     except LocalEntryNotFoundError:
         raise ModelError(f"{spec.model} is not in the local Hugging Face cache and we are offline",
                          where=str(cache), advice="download it once while online, or unset HF_HUB_OFFLINE") from None
