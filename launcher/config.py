@@ -141,7 +141,10 @@ class JobSpec(BaseModel):
     @field_validator("recipe_params", mode="before")
     @classmethod
     def _params_mapping(cls, v):
-        # from a flag: ["smooth.alpha=0.6", ...]; from a file or the environment: a mapping
+        # from a flag: ["smooth.alpha=0.6", ...]; from the environment: "smooth.alpha=0.6,gptq.ridge=3";
+        # from a file: a mapping
+        if isinstance(v, str):
+            v = [part for part in v.split(",") if part.strip()]
         if isinstance(v, (list, tuple)):
             out = {}
             for item in v:

@@ -58,3 +58,19 @@ def test_only_spec_fields_are_read_from_the_environment():
     spec = load_spec({}, {}, environ={"SPARK_NVFP4_REF_PYTHON": "/x/python", "SPARK_NVFP4_HOME": "/tmp/h",
                                       "SPARK_NVFP4_RECIPE": "smooth", "SPARK_NVFP4_CALIBRATION__SAMPLES": "8"})
     assert spec.recipe == "smooth" and spec.calibration.samples == 8
+
+
+def test_recipe_params_from_flag_environment_and_file_fingerprint_alike(tmp_path):
+    from launcher.config import FLAG_NAMES, load_spec
+    from launcher.job import job_fingerprint
+
+    flag = load_spec({"recipe": "smooth-gptq-seq-mp", "recipe_params": ["smooth.alpha=0.6", "gptq.ridge=3"]},
+                     FLAG_NAMES, environ={})
+    env = load_spec({"recipe": "smooth-gptq-seq-mp"}, FLAG_NAMES,
+                    environ={"SPARK_NVFP4_RECIPE_PARAMS": "smooth.alpha=0.6,gptq.ridge=3"})
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("recipe: smooth-gptq-seq-mp\nrecipe_params:\n  smooth.alpha: 0.6\n  gptq.ridge: 3\n")
+    file = load_spec({}, FLAG_NAMES, cfg, environ={})
+    assert flag.recipe_params == env.recipe_params == file.recipe_params == {"smooth.alpha": 0.6, "gptq.ridge": 3.0}
+    assert job_fingerprint(flag) == job_fingerprint(env) == job_fingerprint(file)
+    assert job_fingerprint(flag) != job_fingerprint(load_spec({"recipe": "smooth-gptq-seq-mp"}, FLAG_NAMES, environ={}))
