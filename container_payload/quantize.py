@@ -515,7 +515,6 @@ def run(job: QuantizeJob) -> dict:
     mark("export_done")
     timings["timeline"] = dict(sorted(timeline.items(), key=lambda kv: kv[1]))
 
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     result = {
         "status": "complete",
         "format": job.format,
@@ -533,14 +532,19 @@ def run(job: QuantizeJob) -> dict:
         "timings": timings,
         "memory": peak_memory(device),
         "versions": versions(),
-        "files": files,
-        "checkpoint_bytes": sum(files.values()),
     }
-    # Written last: its presence is what marks the folder complete.
+    return finish(out, result)
+
+
+def finish(out: Path, result: dict) -> dict:
+    """The output's files and size added to `result`, then result.json written LAST (its presence
+    is what marks the folder complete) and the `done` event sent; for the whole and streamed paths."""
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    result = {**result, "files": files, "checkpoint_bytes": sum(files.values())}
     tmp = out / f".{RESULT_FILE}.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str))
     os.replace(tmp, out / RESULT_FILE)
-    events.emit(DONE, result=RESULT_FILE, checkpoint_bytes=result["checkpoint_bytes"], timings=timings)
+    events.emit(DONE, result=RESULT_FILE, checkpoint_bytes=result["checkpoint_bytes"], timings=result["timings"])
     return result
 
 

@@ -107,7 +107,8 @@ def chunked(inputs: list, max_tokens: int) -> list:
     return out
 
 
-def _output(out):
+def layer_output(out):
+    """A decoder layer's hidden states, whether it returns them alone or in a tuple."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -220,8 +221,8 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
             members = [name_of[id(m)] for m in layer.modules() if id(m) in name_of]
             units = fused_units(members)
             if not units:
-                fp = [_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
-                qs = [_output(layer(h, *a, **k)) for h, (a, k) in zip(qs, calls)]
+                fp = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
+                qs = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(qs, calls)]
                 continue
             heads = {u[0]: linears[u[0]] for u in units}
             scales = {u[0]: unit_input_scale([linears[n] for n in u]) for u in units}
@@ -229,7 +230,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
             x_fp = {n: [] for n in heads}
             cap = _Capture(heads, lambda n, x: x_fp[n].append(x.detach().reshape(-1, x.shape[-1])))
             try:
-                fp = [_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
+                fp = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
             finally:
                 cap.remove()
             timer.lap("original stream")
@@ -291,7 +292,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
                 out = []
                 for i, (h, (a, k)) in enumerate(zip(qs, calls)):
                     batch[0] = i
-                    out.append(_output(layer(h, *a, **k)))
+                    out.append(layer_output(layer(h, *a, **k)))
                 qs = out
             finally:
                 replay.stop(len(qs))

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import gc
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -40,9 +39,10 @@ import torch
 from torch import nn
 
 from . import events, recipes
-from .contract import DONE, RESULT_FILE, QuantizeJob
+from .contract import QuantizeJob
 from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
+from .sequential import layer_output
 from .memory_plan import STREAMED_RECIPES, refusal  # noqa: F401 - the host reads them there
 
 MIN_MODELOPT = (0, 47)
@@ -158,10 +158,6 @@ class _Catcher(nn.Module):
             kept = hidden_states.to(self.keep)
         self.store.append([kept, args, kwargs])
         return hidden_states
-
-
-def _output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def capture_inputs(model, layers: nn.ModuleList, batches, device: str, keep: str) -> list:
@@ -311,7 +307,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
             calls[0] += 1
             with torch.inference_mode():
                 for j, (h, a, k) in enumerate(inputs):
-                    o = _output(layer(h.to(device, non_blocking=True), *_to(a, device), **_to(k, device)))
+                    o = layer_output(layer(h.to(device, non_blocking=True), *_to(a, device), **_to(k, device)))
                     if h.is_pinned() and o.shape == h.shape and o.dtype == h.dtype:
                         h.copy_(o, non_blocking=True)  # the next layer's input, in the same pinned buffer
                     else:
@@ -443,18 +439,13 @@ def run_job(job: QuantizeJob, device: str, t0: float) -> dict:
                                                 low_memory=True)
     facts = run_streamed(model_dir, out, recipe, batches, device)
     q.copy_tokenizer(model_dir, out)
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     result = {"status": "complete", "format": job.format, "recipe": recipe.name, "steps": recipes.describe(recipe.steps),
               "modelopt_preset": recipe.preset, "modelopt_config": recipe.config,
               "kv_cache": job.kv_cache, "device": device, "mode": "streamed",
               "streamed": facts, "calibration": {**dataclasses.asdict(job.calibration), **calib_info},
               "timings": {"total_s": round(time.time() - t0, 3)}, "memory": q.peak_memory(device),
-              "versions": q.versions(), "files": files, "checkpoint_bytes": sum(files.values())}
-    tmp = out / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out / RESULT_FILE)  # written last: its presence marks the folder complete
-    events.emit(DONE, result=RESULT_FILE, checkpoint_bytes=result["checkpoint_bytes"], timings=result["timings"])
-    return result
+              "versions": q.versions()}
+    return q.finish(out, result)
 
 
 def skeleton_config(model_dir: Path):
