@@ -19,6 +19,7 @@ one to advance) against one for `gptq-aa`. The hidden states of both streams sta
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -194,6 +195,136 @@ class _Capture:
             h.remove()
 
 
+@dataclass(frozen=True)
+class Fit:
+    """How refine_layer fits a layer's units (the Gptq step's parameters) and where its
+    streams live. device / keep: the device the layer runs on and where the streams and the
+    captured unit inputs wait between calls (streaming.py keeps them in host memory under a GPU
+    budget; None: where they are, as in the whole model). replay: _Replay's cache of finished
+    submodules' outputs (about 8x the hidden states of a layer: off under a memory budget; the
+    result is the same either way)."""
+    damp: float = 0.01
+    block_size: int = 128
+    search: bool = True
+    ridge: float = RIDGE
+    kernel: str = "auto"
+    hessian_tf32: bool = True
+    replay: bool = True
+    device: str | None = None
+    keep: str | None = None
+
+    def on(self, t):
+        return t if self.device is None else t.to(self.device, non_blocking=True)
+
+    def back(self, t):
+        return t if self.keep is None else t.to(self.keep)
+
+
+@torch.no_grad()
+def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, originals: dict,
+                 fit: Fit, timer: _Timer) -> tuple[list, list, int]:
+    """One decoder layer of the sequential pass: its quantized units fitted by activation-aware
+    GPTQ on the two streams. fp / qs: the original and quantized hidden states per chunk; calls:
+    the (args, kwargs) per chunk. Returns the streams after the layer and the units fitted.
+    The caller holds QuantizersOff (and float32_linears on the CPU)."""
+    run = lambda h, a, k: layer(fit.on(h), *a, **k)  # noqa: E731
+    name_of = {id(m): n for n, m in linears.items()}
+    members = [name_of[id(m)] for m in layer.modules() if id(m) in name_of]
+    units = fused_units(members)
+    if not units:
+        return ([fit.back(layer_output(run(h, a, k))) for h, (a, k) in zip(fp, calls)],
+                [fit.back(layer_output(run(h, a, k))) for h, (a, k) in zip(qs, calls)], 0)
+    heads = {u[0]: linears[u[0]] for u in units}
+    scales = {u[0]: unit_input_scale([linears[n] for n in u]) for u in units}
+    # 1. the original layer: every unit's input X, and the next layer's input
+    x_fp = {n: [] for n in heads}
+    cap = _Capture(heads, lambda n, x: x_fp[n].append(fit.back(x.detach().reshape(-1, x.shape[-1]))))
+    try:
+        fp = [fit.back(layer_output(run(h, a, k))) for h, (a, k) in zip(fp, calls)]
+    finally:
+        cap.remove()
+    timer.lap("original stream")
+    # 2. unit by unit, in execution order, on the quantized stream
+    emulated = []
+    batch = [0]
+    replay = _Replay(layer, units, linears, batch) if fit.replay else None
+    for unit in units:
+        head = unit[0]
+        h_acc = c_acc = None
+        count = 0
+
+        def accumulate(n, x, head=head):
+            nonlocal h_acc, c_acc, count
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
+            x0 = fit.on(x_fp[head][batch[0]]).float()
+            prec = torch.get_float32_matmul_precision()
+            if fit.hessian_tf32 and x.is_cuda:
+                torch.set_float32_matmul_precision("high")
+            try:
+                h, c = xq.T @ xq, x0.T @ xq
+            finally:
+                torch.set_float32_matmul_precision(prec)
+            h_acc = h if h_acc is None else h_acc.add_(h)
+            c_acc = c if c_acc is None else c_acc.add_(c)
+            count += xq.shape[0]
+            raise _StopLayer  # the rest of the layer is not needed for this unit
+
+        emu = Emulation(linears, emulated)
+        if replay:
+            replay.start(len(emulated))
+        cap = _Capture({head: heads[head]}, accumulate)
+        try:
+            for i, (h, (a, k)) in enumerate(zip(qs, calls)):
+                batch[0] = i
+                try:
+                    run(h, a, k)
+                except _StopLayer:
+                    pass
+        finally:
+            cap.remove()
+            if replay:
+                replay.stop(len(qs))
+            emu.remove()
+        timer.lap("quantized stream + H, C")
+        # one H and one C for the whole unit (the same tensors: quantize_unit stacks the
+        # members that share them into one GPTQ call)
+        h_unit, c_unit = h_acc / max(count, 1), c_acc / max(count, 1)
+        del h_acc, c_acc
+        hs = {n: h_unit for n in unit}
+        cs = {n: c_unit for n in unit}
+        quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=fit.search,
+                      damp=fit.damp, block_size=fit.block_size, ridge=fit.ridge, kernel=fit.kernel)
+        del h_unit, c_unit, hs, cs
+        x_fp[head] = None
+        emulated.append(unit)
+        timer.lap("GPTQ (activation correction included)")
+    # 3. the quantized layer: the next layer's quantized input
+    emu = Emulation(linears, emulated)
+    if replay:
+        replay.start(len(emulated), record=False)
+    try:
+        out = []
+        for i, (h, (a, k)) in enumerate(zip(qs, calls)):
+            batch[0] = i
+            out.append(fit.back(layer_output(run(h, a, k))))
+        qs = out
+    finally:
+        if replay:
+            replay.stop(len(qs))
+        emu.remove()
+    timer.lap("quantized stream + H, C")
+    return fp, qs, len(units)
+
+
+def start_streams(inputs: list) -> tuple[list, list, list]:
+    """The two streams of the pass (original, quantized) and the per-chunk layer arguments,
+    from what the first layer receives per batch."""
+    inputs = chunked(inputs, CHUNK_TOKENS)
+    fp = [h for h, _, _ in inputs]
+    return fp, [h.clone() for h in fp], [(a, k) for _, a, k in inputs]
+
+
 @torch.no_grad()
 def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.01,
                     block_size: int = 128, search: bool = True, captured=None,
@@ -204,102 +335,19 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
     kept_ids), like algorithms.quantize_weights."""
     t0 = time.time()
     timer = _Timer()
-    if ridge is None:
-        ridge = RIDGE
+    fit = Fit(damp=damp, block_size=block_size, search=search, ridge=RIDGE if ridge is None else ridge,
+              kernel=kernel, hessian_tf32=hessian_tf32)
     linears = quantized_linears(model)
     originals: dict = {}
     with QuantizersOff(model), float32_linears(model):
         layers, inputs, kept = captured or first_layer_inputs(model, forward_loop, keep_batches)
-        inputs = chunked(inputs, CHUNK_TOKENS)
-        fp = [h for h, _, _ in inputs]        # the original model's hidden states
-        qs = [h.clone() for h in fp]          # the quantized model's
-        calls = [(a, k) for _, a, k in inputs]
-        name_of = {id(m): n for n, m in linears.items()}
+        fp, qs, calls = start_streams(inputs)
+        del inputs
         done_units = 0
         for li, layer in enumerate(layers):
             _progress(li, len(layers))
-            members = [name_of[id(m)] for m in layer.modules() if id(m) in name_of]
-            units = fused_units(members)
-            if not units:
-                fp = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
-                qs = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(qs, calls)]
-                continue
-            heads = {u[0]: linears[u[0]] for u in units}
-            scales = {u[0]: unit_input_scale([linears[n] for n in u]) for u in units}
-            # 1. the original layer: every unit's input X, and the next layer's input
-            x_fp = {n: [] for n in heads}
-            cap = _Capture(heads, lambda n, x: x_fp[n].append(x.detach().reshape(-1, x.shape[-1])))
-            try:
-                fp = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(fp, calls)]
-            finally:
-                cap.remove()
-            timer.lap("original stream")
-            # 2. unit by unit, in execution order, on the quantized stream
-            emulated = []
-            batch = [0]
-            replay = _Replay(layer, units, linears, batch)
-            for unit in units:
-                head = unit[0]
-                h_acc = c_acc = None
-                count = 0
-
-                def accumulate(n, x, head=head):
-                    nonlocal h_acc, c_acc, count
-                    x = x.detach().reshape(-1, x.shape[-1]).float()
-                    xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
-                    x0 = x_fp[head][batch[0]].float()
-                    prec = torch.get_float32_matmul_precision()
-                    if hessian_tf32 and x.is_cuda:
-                        torch.set_float32_matmul_precision("high")
-                    try:
-                        h, c = xq.T @ xq, x0.T @ xq
-                    finally:
-                        torch.set_float32_matmul_precision(prec)
-                    h_acc = h if h_acc is None else h_acc.add_(h)
-                    c_acc = c if c_acc is None else c_acc.add_(c)
-                    count += xq.shape[0]
-                    raise _StopLayer  # the rest of the layer is not needed for this unit
-
-                emu = Emulation(linears, emulated)
-                replay.start(len(emulated))
-                cap = _Capture({head: heads[head]}, accumulate)
-                try:
-                    for i, (h, (a, k)) in enumerate(zip(qs, calls)):
-                        batch[0] = i
-                        try:
-                            layer(h, *a, **k)
-                        except _StopLayer:
-                            pass
-                finally:
-                    cap.remove()
-                    replay.stop(len(qs))
-                    emu.remove()
-                timer.lap("quantized stream + H, C")
-                # one H and one C for the whole unit (the same tensors: quantize_unit stacks the
-                # members that share them into one GPTQ call)
-                h_unit, c_unit = h_acc / max(count, 1), c_acc / max(count, 1)
-                hs = {n: h_unit for n in unit}
-                cs = {n: c_unit for n in unit}
-                quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=search,
-                              damp=damp, block_size=block_size, ridge=ridge, kernel=kernel)
-                x_fp[head] = None
-                emulated.append(unit)
-                timer.lap("GPTQ (activation correction included)")
-            # 3. the quantized layer: the next layer's quantized input
-            emu = Emulation(linears, emulated)
-            replay.start(len(emulated), record=False)
-            try:
-                out = []
-                for i, (h, (a, k)) in enumerate(zip(qs, calls)):
-                    batch[0] = i
-                    out.append(layer_output(layer(h, *a, **k)))
-                qs = out
-            finally:
-                replay.stop(len(qs))
-                emu.remove()
-            del replay
-            timer.lap("quantized stream + H, C")
-            done_units += len(units)
+            fp, qs, n = refine_layer(layer, linears, fp, qs, calls, originals, fit, timer)
+            done_units += n
         _progress(len(layers), len(layers))
     _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears ({timer}) "
          f"({done_units} units, {len(layers)} layers) in {time.time() - t0:.1f}s")
