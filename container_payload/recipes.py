@@ -170,6 +170,7 @@ def _modelopt(name: str, preset: str, summary: str) -> Recipe:
 
 
 _AA = Gptq(act_aware=True)
+_SEQ = Gptq(act_aware=True, sequential=True)
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     _modelopt("default", "NVFP4_DEFAULT_CFG",
               "ModelOpt's default: max calibration, round-to-nearest (what NVIDIA's script does)"),
@@ -187,9 +188,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            (Smooth(), Calibrate())),
     Recipe("smooth-gptq-aa", "smoothing, then gptq-aa", (Smooth(0.5), Calibrate(), _AA)),
     Recipe("smooth-gptq-aa-mp", "smoothing, then gptq-aa-mp", (Smooth(0.5), Calibrate(), _AA, KeepBf16())),
+    Recipe("gptq-seq", "layer-sequential gptq-aa: each layer fitted on the inputs the quantized layers before "
+           "it produce (streams)", (Calibrate(), _SEQ)),
+    Recipe("smooth-gptq-seq", "smoothing, then layer-sequential gptq-aa: make quantize's recipe without bf16 "
+           "units (streams)", (Smooth(0.5), Calibrate(), _SEQ)),
     Recipe("smooth-gptq-seq-mp",
            "smoothing, bf16 units chosen first, then layer-sequential gptq-aa (make quantize's recipe)",
-           (Smooth(0.5), Calibrate(), KeepBf16(), Gptq(act_aware=True, sequential=True))),
+           (Smooth(0.5), Calibrate(), KeepBf16(), _SEQ)),
 )}
 # Mixture-of-Experts layouts (container_payload/moe.py builds them from ModelOpt's presets): one
 # format per kind of layer, exported by ModelOpt as MIXED_PRECISION (or NVFP4 with the rest

@@ -83,15 +83,18 @@ def apply_scales(producer: torch.nn.Module, linears: list[torch.nn.Linear], s: t
         lin.weight.copy_(lin.weight.float() * s.to(lin.weight.device)[None, :])
 
 
-def smooth(model, forward_loop, alpha: float) -> int:
-    """Fold smoothing scales into the model in place; returns how many groups were smoothed."""
+def smooth(model, forward_loop, alpha: float, log: bool = True) -> int:
+    """Fold smoothing scales into the model in place; returns how many groups were smoothed.
+    log=False: no log lines (the streamed path calls this once per layer)."""
     groups = smoothing_groups(model)
     if not groups:
-        emit("log", message=f"smoothing: skipped ({type(model).__name__}: decoder layers without a plain RMSNorm "
+        if log:
+            emit("log", message=f"smoothing: skipped ({type(model).__name__}: decoder layers without a plain RMSNorm "
                             "or the q/k/v, gate/up, down layout)")
         return 0
     stats = input_channel_absmax(groups, forward_loop, model)
     for (producer, linears), x_absmax in zip(groups, stats):
         apply_scales(producer, linears, smoothing_scales(x_absmax, [lin.weight for lin in linears], alpha))
-    emit("log", message=f"smoothing: {len(groups)} groups, alpha {alpha}")
+    if log:
+        emit("log", message=f"smoothing: {len(groups)} groups, alpha {alpha}")
     return len(groups)

@@ -19,10 +19,19 @@ llm_layers does on the whole model) and its per-module handlers see what they se
 Non-layer tensors (embeddings, final norm, lm_head) are copied from the source, as the
 whole-model export writes them unchanged.
 
-What streams: memory_plan.STREAMED_RECIPES (`default`: ModelOpt's max calibration, no step of
-ours). Tested on nvfp4 without KV cache; --format nvfp4-w4a16 / fp8 and --kv-cache fp8 go the
-same way but are untested. Ours need the whole model (smoothing statistics, mixed-precision KL,
-Hessians from whole-model passes); AWQ/MSE search over it: refused in one line (refusal()).
+What streams: memory_plan.STREAMED_RECIPES, the recipes whose steps each need one layer:
+- `default`: ModelOpt's max calibration, nothing of ours: the same bytes as the whole path.
+- Smooth: each layer's statistics from a third stream of hidden states, the unsmoothed model's
+  (the whole path measures every layer in one pass before it folds anything), then folded into
+  that layer before its calibration.
+- the sequential Gptq (gptq-seq, smooth-gptq-seq): sequential.refine_layer after the layer's
+  calibration, on its own two streams (original, quantized), kept in host memory; every unit
+  input it captures waits there too, so the GPU holds the layer, one chunk and the unit's H, C.
+The calibration stream stays separate from the GPTQ's original stream: the whole path's
+calibration runs in bf16, its GPTQ pass in float32 on a CPU (linear_compute.py), and each stream
+here is the whole path's, bit for bit. Tested on nvfp4 without KV cache; --format nvfp4-w4a16 /
+fp8 and --kv-cache fp8 go the same way but are untested. keep_bf16 (the whole model's KL),
+the one-pass GPTQ and ModelOpt's searches are refused in one line (memory_plan.refusal).
 Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-processing).
 """
 from __future__ import annotations
@@ -39,11 +48,13 @@ import torch
 from torch import nn
 
 from . import events, recipes
+from .algorithms import QuantizersOff, quantized_linears
 from .contract import QuantizeJob
 from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
-from .sequential import layer_output
+from .linear_compute import float32_linears
 from .memory_plan import STREAMED_RECIPES, refusal  # noqa: F401 - the host reads them there
+from .sequential import Fit, RIDGE, _Timer, layer_output, refine_layer, start_streams
 
 MIN_MODELOPT = (0, 47)
 
@@ -236,9 +247,13 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     of STREAMED_RECIPES. Returns facts for result.json."""
     import modelopt.torch.quantization as mtq
 
-    problem = refusal(recipe.name)
-    if problem or any(not isinstance(step, recipes.Calibrate) for step in recipe.steps):
-        raise PayloadError(problem or f"recipe {recipe.name!r} has steps of ours: it cannot stream", kind="input")
+    from .memory_plan import _why_not
+
+    problem = next((w for w in map(_why_not, recipe.steps) if w), None)
+    if problem:
+        raise PayloadError(f"recipe {recipe.name!r} cannot stream: {problem}; use --mode whole", kind="input")
+    smooth = next((s for s in recipe.steps if isinstance(s, recipes.Smooth)), None)
+    gptq = next((s for s in recipe.steps if isinstance(s, recipes.Gptq)), None)
     hf, postprocess, get_quant_config, ExportContext, ShardWriter = _modelopt_parts()
     _return_freed_memory()
     t0 = time.time()
@@ -277,6 +292,14 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     decoder_prefix = layer_names[id(decoder)] + "." if layer_names[id(decoder)] else ""
     materialize(decoder, decoder_prefix, reader, device, dtype, skip="layers.")
     inputs = capture_inputs(model, layers, batches, device, keep)
+    # the recipe's other streams start from the same first-layer inputs (copies: the
+    # calibration loop overwrites its own in place)
+    stats = [[h.clone(), a, k] for h, a, k in inputs] if smooth else None
+    if gptq:
+        fp, qs, chunk_args = start_streams([(h.clone(), a, k) for h, a, k in inputs])
+        fit = Fit(ridge=RIDGE if gptq.ridge is None else gptq.ridge, kernel=gptq.kernel,
+                  hessian_tf32=gptq.hessian_tf32, replay=False, device=device, keep=keep)
+        timer = _Timer()
     free(decoder)  # the layers are meta already; embeddings and norm go (written in step 4)
     gc.collect()
     gc.freeze()  # the imports' million objects: the per-layer collections below skip them
@@ -287,7 +310,8 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     from concurrent.futures import ThreadPoolExecutor
 
     peak_layer = 0
-    phases = {"read_wait": 0.0, "calibrate": 0.0, "export": 0.0}   # seconds, for result.json
+    phases = {"read_wait": 0.0, "smooth": 0.0, "calibrate": 0.0, "refine": 0.0, "export": 0.0}  # seconds
+    reach = {"groups": 0, "linears": 0, "smooth_skipped": None}
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
     pending = ahead.submit(read_params, layers[0], names[0] + ".", reader, dtype) if layers else None
     for i, (name, layer) in enumerate(zip(names, layers)):
@@ -316,12 +340,27 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
                     torch.cuda.synchronize()  # every output is back in host memory
 
         t = time.time()
+        if smooth:
+            groups = _smooth_layer(layer, stats, smooth.alpha, device, keep)
+            reach["groups"] += groups
+            if not groups and reach["smooth_skipped"] is None:
+                reach["smooth_skipped"] = type(layer).__name__
+        phases["smooth"] += time.time() - t
+        t = time.time()
         with contextlib.redirect_stdout(io.StringIO()):  # "Inserted 21 quantizers", per layer
             mtq.quantize(root, recipe.config, forward_loop)
         phases["calibrate"] += time.time() - t
         if calls[0] != 1:
             raise PayloadError(f"ModelOpt ran the calibration loop {calls[0]} times for {name}; streamed "
                                "mode supports one pass (max calibration); use --mode whole", kind="input")
+        t = time.time()
+        if gptq:
+            linears = quantized_linears(root)
+            with QuantizersOff(root), float32_linears(root):
+                fp, qs, _ = refine_layer(layer, linears, fp, qs, chunk_args, {}, fit, timer)
+            reach["linears"] += len(linears)
+            del linears
+        phases["refine"] += time.time() - t
         t = time.time()
         _export_layer(root, layer, name, probe, dtype, writer, hf, postprocess, get_quant_config, ExportContext)
         del probe, root
@@ -333,7 +372,10 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
         peak_layer = max(peak_layer, layer_bytes[i])
     events.progress("calibrate", len(layers), len(layers))
     ahead.shutdown()
-    del inputs
+    del inputs, stats
+    if gptq:
+        del fp, qs, chunk_args
+        events.emit("log", message=f"refine: sequential activation-aware GPTQ, streamed ({timer})")
 
     # 4. everything outside the layers, as the source has it (cast to the export dtype)
     events.stage("export", detail=str(out))
@@ -358,8 +400,36 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(out))
     hf._write_hf_export_config(model, quant_config, out)
-    return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes),
+    applied = []
+    for step in recipe.steps:
+        if isinstance(step, recipes.Smooth):
+            applied.append(f"{step.key}: {reach['groups']} groups smoothed" if not reach["smooth_skipped"] else
+                           f"{step.key}: {reach['groups']} groups smoothed; skipped in {reach['smooth_skipped']} "
+                           "layers (no plain RMSNorm before q/k/v and gate/up)")
+        elif isinstance(step, recipes.Calibrate):
+            applied.append(f"{step.key}: ModelOpt {recipe.preset}, layer by layer")
+        else:
+            applied.append(f"{step.key}: {reach['linears']} quantized Linears, layer by layer")
+    return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes), "applied": applied,
             "stream_s": round(time.time() - t0, 3), "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
+
+
+def _smooth_layer(layer: nn.Module, stats: list, alpha: float, device: str, keep: str) -> int:
+    """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (advanced
+    in place through the still unsmoothed layer, as the whole path's one statistics pass runs
+    the unsmoothed model), then the scales folded. Returns the groups smoothed."""
+    from .smoothing import smooth
+
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([layer])  # smoothing finds its groups in `.layers`
+
+    def stats_loop(_holder):
+        with torch.inference_mode():
+            for j, (h, a, k) in enumerate(stats):
+                stats[j][0] = layer_output(layer(h.to(device), *_to(a, device), **_to(k, device))).to(keep)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return smooth(holder, stats_loop, alpha, log=False)
 
 
 def _enabled_quantizers(module: nn.Module):
@@ -410,8 +480,8 @@ def chosen_mode(job: QuantizeJob, model_dir: Path) -> str:
     calib = job.calibration
     bs = calib.batch_size if calib.batch_size != "auto" else 8
     shape = memory_plan.shape_of(model_dir, 0)
-    need = memory_plan.peaks(shape, calib.samples * calib.seq_len, bs * calib.seq_len)
-    picked, problem = memory_plan.choose("auto", int(budget), need, refusal(job.recipe))
+    need = memory_plan.peaks(shape, calib.samples * calib.seq_len, bs * calib.seq_len, job.recipe, job.recipe_params)
+    picked, problem = memory_plan.choose("auto", int(budget), need, refusal(job.recipe, job.recipe_params))
     if problem:
         raise PayloadError(problem, kind="oom")
     events.stage("plan", detail=f"mode {picked}: whole needs ~{need['whole'] >> 20} MiB, streamed "
@@ -425,7 +495,7 @@ def run_job(job: QuantizeJob, device: str, t0: float) -> dict:
     from . import quantize as q
 
     model_dir, out = Path(job.model_dir), Path(job.output_dir)
-    problem = refusal(job.recipe)
+    problem = refusal(job.recipe, job.recipe_params)
     if problem:
         raise PayloadError(problem, kind="input")
     tokenizer = q.load_tokenizer(model_dir)
@@ -440,6 +510,7 @@ def run_job(job: QuantizeJob, device: str, t0: float) -> dict:
     facts = run_streamed(model_dir, out, recipe, batches, device)
     q.copy_tokenizer(model_dir, out)
     result = {"status": "complete", "format": job.format, "recipe": recipe.name, "steps": recipes.describe(recipe.steps),
+              "steps_applied": facts.pop("applied"),
               "modelopt_preset": recipe.preset, "modelopt_config": recipe.config,
               "kv_cache": job.kv_cache, "device": device, "mode": "streamed",
               "streamed": facts, "calibration": {**dataclasses.asdict(job.calibration), **calib_info},

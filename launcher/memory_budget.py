@@ -87,8 +87,9 @@ def plan(spec: JobSpec, model_bytes: int, on_gpu: bool) -> Plan:
     calib = spec.calibration
     bs = calib.batch_size if calib.batch_size != "auto" else (8 if on_gpu else 4)
     shape = memory_plan.shape_of(model_folder(spec), model_bytes)
-    need = memory_plan.peaks(shape, calib.samples * calib.seq_len, bs * calib.seq_len)
-    mode, problem = memory_plan.choose(spec.mode, budget, need, memory_plan.refusal(spec.recipe))
+    need = memory_plan.peaks(shape, calib.samples * calib.seq_len, bs * calib.seq_len, spec.recipe,
+                             spec.recipe_params)
+    mode, problem = memory_plan.choose(spec.mode, budget, need, memory_plan.refusal(spec.recipe, spec.recipe_params))
     g = lambda b: f"{b / (1 << 30):.1f} GiB"  # noqa: E731
     detail = (f"mode {mode} ({spec.mode}): whole ~{g(need['whole'])}, streamed ~{g(need['streamed'])}, "
               f"budget {g(budget)} ({source}){'' if shape.exact else ', layer sizes guessed from the total'}")

@@ -19,7 +19,7 @@ from container_payload import memory_plan
 from launcher.model_source import EMBEDDED_DIRNAME
 
 from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REAL_HOME, REPO, assert_matches_reference, one_line_error,
-                      run_launcher)
+                      raw_tensors, run_launcher)
 
 GiB = 1 << 30
 
@@ -32,17 +32,21 @@ def test_budget_picks_the_mode_and_names_what_would_fit():
     assert "--mode streamed" in problem
     mode, problem = memory_plan.choose("auto", GiB // 2, need)
     assert "neither mode fits" in problem and "--memory-budget to 1g" in problem
-    mode, problem = memory_plan.choose("auto", 2 * GiB, need, memory_plan.refusal("smooth"))
+    mode, problem = memory_plan.choose("auto", 2 * GiB, need, memory_plan.refusal("gptq-aa"))
     assert mode == "whole" and "needs the whole model" in problem
-    assert memory_plan.refusal("default") is None
+    assert memory_plan.refusal("default") is None and memory_plan.refusal("smooth-gptq-seq") is None
+    # a parameter can take a recipe off the streamed path: the one-pass GPTQ needs whole-model passes
+    assert "one-pass gptq" in memory_plan.refusal("gptq-seq", {"gptq.sequential": False})
 
 
 @pytest.mark.docker
 def test_streamed_refuses_a_whole_model_recipe_before_the_download(launcher_home, standin_image, tmp_path):
-    proc = run_launcher("quantize", "--output", str(tmp_path / "o"), "--mode", "streamed", "--recipe", "smooth",
-                        "--no-eval")
+    proc = run_launcher("quantize", "--output", str(tmp_path / "o"), "--mode", "streamed", "--recipe",
+                        "smooth-gptq-seq-mp", "--no-eval")
     assert proc.returncode != 0
-    assert "recipe 'smooth' needs the whole model in memory" in one_line_error(proc.stderr)
+    line = one_line_error(proc.stderr)
+    assert "recipe 'smooth-gptq-seq-mp' needs the whole model in memory (keep_bf16 ranks" in line
+    assert "smooth-gptq-seq" in line.split("streamed mode runs")[1]
 
 
 @pytest.mark.docker
@@ -115,3 +119,49 @@ def test_streamed_peak_rss_stays_under_the_layer_bound(tiny_llama, ref_python, t
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sum(k.endswith(".weight_scale_2") for k in index["weight_map"]) == 40 * 7
     assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "NVFP4"
+
+
+@pytest.fixture(scope="module")
+def small_llama(ref_python, tmp_path_factory, embedded_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "llama4"
+    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "make_tiny_llama.py"), str(folder),
+                    str(embedded_model_dir), "4", "128"], check=True, capture_output=True, timeout=300)
+    return folder
+
+
+def _payload_quantize(ref_python, model: Path, out: Path, recipe: str, mode: str, calib: Path) -> dict:
+    out.mkdir()
+    job = {"model_dir": str(model), "gguf": None, "output_dir": str(out), "format": "nvfp4", "recipe": recipe,
+           "kv_cache": "none", "device": "cpu", "mode": mode,
+           "calibration": {"source": str(calib), "samples": 8, "seq_len": 64, "batch_size": 4}}
+    path = out.parent / f"{out.name}.json"
+    path.write_text(json.dumps(job))
+    proc = subprocess.run([ref_python, "-m", "container_payload", "quantize", str(path)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_streamed_smooth_gptq_seq_writes_the_whole_paths_bytes(small_llama, ref_python, texts, tmp_path):
+    """make quantize's recipe without its bf16 units (smoothing, calibration, the sequential
+    GPTQ) streamed layer by layer: every tensor, input scales included, byte for byte what the
+    whole-model path writes; and the GPTQ really ran (the weights differ from `default`'s)."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    runs = {mode: _payload_quantize(ref_python, small_llama, tmp_path / mode, "smooth-gptq-seq", mode, calib)
+            for mode in ("whole", "streamed")}
+    assert runs["streamed"]["mode"] == "streamed" and runs["streamed"]["streamed"]["layers"] == 4
+    assert runs["whole"]["steps_applied"] == ["smooth: 12 groups smoothed", "calibrate: ModelOpt NVFP4_DEFAULT_CFG",
+                                              "gptq: 28 quantized Linears"]
+    assert runs["streamed"]["steps_applied"] == [
+        "smooth: 12 groups smoothed", "calibrate: ModelOpt NVFP4_DEFAULT_CFG, layer by layer",
+        "gptq: 28 quantized Linears, layer by layer"]
+    whole, streamed = raw_tensors(tmp_path / "whole"), raw_tensors(tmp_path / "streamed")
+    assert sorted(whole) == sorted(streamed)
+    differ = [k for k in whole if whole[k] != streamed[k]]
+    assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
+    _payload_quantize(ref_python, small_llama, tmp_path / "default", "default", "streamed", calib)
+    default = raw_tensors(tmp_path / "default")
+    q = "model.layers.2.mlp.down_proj.weight"
+    assert default[q] != streamed[q], "the GPTQ recipe wrote default's weights: its steps did not run"

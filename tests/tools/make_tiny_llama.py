@@ -1,10 +1,11 @@
 """A random Llama with many small layers (bf16 safetensors), for the streamed mode's memory test.
 
-    python make_tiny_llama.py OUT_DIR TOKENIZER_DIR
+    python make_tiny_llama.py OUT_DIR TOKENIZER_DIR [LAYERS HIDDEN]
 
-40 layers of hidden 384 / MLP 1536 (4.7 MB each) and untied 49152-token embeddings
+By default 40 layers of hidden 384 / MLP 1536 (4.7 MB each) and untied 49152-token embeddings
 (2 x 38 MB): about 265 MB, most of it in the layers, so a whole-model peak is far above a
-streamed one. The tokenizer is the embedded model's (same vocabulary).
+streamed one. LAYERS / HIDDEN make a smaller one (MLP 4 x hidden, heads of 64) for recipes that are slow on
+a CPU. The tokenizer is the embedded model's (same vocabulary).
 """
 import shutil
 import sys
@@ -14,9 +15,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 out, tok = Path(sys.argv[1]), Path(sys.argv[2])
+layers, hidden = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (40, 384)
 torch.manual_seed(0)
-config = LlamaConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=40, num_attention_heads=6,
-                     num_key_value_heads=6, vocab_size=49152, tie_word_embeddings=False,
+config = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=49152, tie_word_embeddings=False,
                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 model = LlamaForCausalLM(config).to(torch.bfloat16)
 model.save_pretrained(out)
