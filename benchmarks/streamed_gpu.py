@@ -1,7 +1,7 @@
-"""GPU benchmark of issue 15: the default recipe whole vs layer-streamed at 8B shapes.
+"""GPU benchmark of issue 15: a recipe whole vs layer-streamed at 8B shapes.
 
     python3 benchmarks/gpu_8b.py prepare                     # once, on the CPU: .bench/tokenizer, calib.txt
-    python3 benchmarks/streamed_gpu.py --out benchmarks/results [--tiny]   # on the GPU machine
+    python3 benchmarks/streamed_gpu.py --out benchmarks/results [--recipe R] [--tiny]   # on the GPU machine
 
 1. a random-weight checkpoint with Llama-3-8B shapes (gpu_8b.write_checkpoint: DeepSeek-R1-Distill-
    Llama-8B's config, 16 GB of bf16), written on the GPU;
@@ -11,7 +11,8 @@
    and host RSS checked against --host-cap-gib (ru_maxrss after the run; Linux has no RSS limit);
 4. the two checkpoints compared tensor by tensor (tests/tools/compare_ckpt.py: weights and
    scales identical, input_scale within 1%; the count of bit-identical input_scales is reported);
-5. DIR/streamed_gpu.json and DIR/streamed_gpu.md: wall times, GPU and host peaks, the comparison.
+5. DIR/streamed-vs-whole-gpu_8b[-RECIPE].json and .md: wall times, GPU and host peaks, the
+   comparison (no suffix for the default recipe).
 
 Both runs use the same fixed calibration batches (batch size 4), so their inputs match.
 """
@@ -35,7 +36,7 @@ CAPPED = ("import sys, runpy, torch; cap = int(sys.argv.pop(1)); "
 
 def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | None, out_dir: Path) -> dict:
     out = work / f"out-{name}"
-    job = {"model_dir": str(model_dir), "output_dir": str(out), "format": "nvfp4", "recipe": "default",
+    job = {"model_dir": str(model_dir), "output_dir": str(out), "format": "nvfp4", "recipe": args.recipe,
            "kv_cache": "none", "device": "auto", "mode": mode,
            "calibration": {"source": str(gpu_8b.BENCH / "calib.txt"), "samples": args.samples,
                            "seq_len": args.seq_len, "batch_size": 4}}
@@ -45,10 +46,11 @@ def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | 
     cmd = [sys.executable, "-m", "container_payload.quantize", str(job_path)] if cap is None else \
         [sys.executable, "-c", CAPPED, str(cap), str(job_path)]
     gpu_8b.log(f"{name}: start ({mode}, GPU cap {'none' if cap is None else f'{cap / 2**30:.2f} GiB'})")
-    rc, wall, stdout = gpu_8b.run_logged(cmd, out_dir / f"streamed_gpu-{name}.log")
+    rc, wall, stdout = gpu_8b.run_logged(cmd, out_dir / f"{stem(args)}-{name}.log")
     result = json.loads((out / "result.json").read_text()) if rc == 0 else {}
     row = {"rc": rc, "wall_s": round(wall, 3), "mode": result.get("mode", "whole"), "gpu_cap_bytes": cap,
-           **result.get("memory", {}), "timings": result.get("timings", {}), "out": str(out)}
+           **result.get("memory", {}), "timings": result.get("timings", {}), "out": str(out),
+           "steps_applied": result.get("steps_applied"), "layer_loop_s": result.get("streamed", {}).get("layer_loop_s")}
     gpu_8b.log(f"{name}: rc {rc}, wall {wall:.1f} s, memory {result.get('memory')}")
     if rc != 0:
         gpu_8b.log(stdout[-3000:])
@@ -61,7 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/streamed-gpu")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--recipe", default="default", help="a recipe that streams (memory_plan.STREAMED_RECIPES)")
     ap.add_argument("--gpu-fraction", type=float, default=0.10, help="GPU cap as a fraction of the bf16 model")
+    ap.add_argument("--gpu-cap-gib", type=float, default=None, help="the GPU cap in GiB (instead of --gpu-fraction)")
     ap.add_argument("--host-cap-gib", type=float, default=12.0, help="host RSS the streamed run must stay under")
     ap.add_argument("--tiny", action="store_true", help="2 narrow layers on the CPU: a smoke test of the script")
     args = ap.parse_args(argv)
@@ -81,11 +85,12 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(gpu_8b.BENCH / "tokenizer")
     cfg["bos_token_id"], cfg["eos_token_id"] = tok.bos_token_id, tok.eos_token_id
     model_dir = work / "llama-8b-random"
-    res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "card": gpu_8b.card(), "samples": args.samples,
+    res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "card": gpu_8b.card(), "recipe": args.recipe, "samples": args.samples,
            "seq_len": args.seq_len, "tiny": args.tiny}
     res["checkpoint"] = gpu_8b.write_checkpoint(model_dir, cfg, "cuda" if cuda else "cpu",
                                                 shard_bytes=4_976_000_000 if not args.tiny else 40_000_000)
-    cap = int(res["checkpoint"]["bytes"] * args.gpu_fraction) if cuda else None
+    cap = (int(args.gpu_cap_gib * 2**30) if args.gpu_cap_gib else int(res["checkpoint"]["bytes"] * args.gpu_fraction)) \
+        if cuda else None
     # Software warm for both runs (the first payload of a fresh machine would otherwise pay the
     # libraries' cold start alone): what both import, imported once; then the checkpoint's pages
     # are evicted before each run (payload()).
@@ -95,6 +100,8 @@ def main(argv=None) -> int:
                     + ("; torch.zeros(1, device='cuda')" if cuda else "")], check=True)
     res["whole"] = payload(work, model_dir, "whole", "whole", args, None, out_dir)
     res["streamed"] = payload(work, model_dir, "streamed", "streamed", args, cap, out_dir)
+    if res["streamed"]["rc"] != 0 and cap is not None:  # what it needs, then: measured uncapped
+        res["streamed_uncapped"] = payload(work, model_dir, "streamed-uncapped", "streamed", args, None, out_dir)
     if res["whole"]["rc"] == 0 and res["streamed"]["rc"] == 0:
         a, b = Path(res["whole"]["out"]), Path(res["streamed"]["out"])
         ta, tb = tensors(a), tensors(b)
@@ -102,11 +109,15 @@ def main(argv=None) -> int:
                              "bit_identical": sum(k in tb and ta[k] == tb[k] for k in ta)}
     host_peak = res["streamed"].get("host_rss_peak_bytes", 0)
     res["host_cap_ok"] = bool(host_peak) and host_peak <= args.host_cap_gib * 2**30
-    (out_dir / "streamed_gpu.json").write_text(json.dumps(res, indent=2, default=str))
-    (out_dir / "streamed_gpu.md").write_text(render(res, args))
+    (out_dir / f"{stem(args)}.json").write_text(json.dumps(res, indent=2, default=str))
+    (out_dir / f"{stem(args)}.md").write_text(render(res, args))
     gpu_8b.log(f"comparison: {res.get('comparison')}; host cap ok: {res['host_cap_ok']}")
     ok = res.get("comparison", {}).get("problems") == [] and res["host_cap_ok"]
     return 0 if ok else 1
+
+
+def stem(args) -> str:
+    return "streamed-vs-whole-gpu_8b" + ("" if args.recipe == "default" else f"-{args.recipe}") + ("-tiny" if args.tiny else "")
 
 
 def render(res: dict, args) -> str:
@@ -114,15 +125,20 @@ def render(res: dict, args) -> str:
     w, s = res["whole"], res["streamed"]
     cmp_ = res.get("comparison", {})
     return "\n".join([
-        f"# Whole vs layer-streamed, default recipe ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
+        f"# Whole vs layer-streamed, recipe {args.recipe} ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
         f"Random-weight Llama-3-8B shapes ({g(res['checkpoint']['bytes'])} bf16), {args.samples} x "
-        f"{args.seq_len} calibration tokens, batch 4. Streamed: GPU capped at {args.gpu_fraction:.0%} of the "
-        f"bf16 model ({g(s['gpu_cap_bytes'])}), host RSS cap {args.host_cap_gib} GiB.", "",
+        f"{args.seq_len} calibration tokens, batch 4. Streamed: GPU capped at {g(s['gpu_cap_bytes'])} "
+        f"({(s['gpu_cap_bytes'] or 0) / res['checkpoint']['bytes']:.0%} of the bf16 model), host RSS cap "
+        f"{args.host_cap_gib} GiB.", "",
         "| mode | wall | peak GPU | peak host RSS |", "|---|---|---|---|",
         f"| whole (uncapped) | {w['wall_s']:.1f} s | {g(w.get('gpu_peak_bytes'))} | {g(w.get('host_rss_peak_bytes'))} |",
-        f"| streamed | {s['wall_s']:.1f} s | {g(s.get('gpu_peak_bytes'))} | {g(s.get('host_rss_peak_bytes'))} |", "",
+        f"| streamed (capped; rc {s['rc']}) | {s['wall_s']:.1f} s | {g(s.get('gpu_peak_bytes'))} | "
+        f"{g(s.get('host_rss_peak_bytes'))} |",
+        *([f"| streamed (uncapped, after the capped run failed) | {u['wall_s']:.1f} s | {g(u.get('gpu_peak_bytes'))} | "
+           f"{g(u.get('host_rss_peak_bytes'))} |"] if (u := res.get("streamed_uncapped")) else []), "",
         f"Comparison: {cmp_.get('bit_identical')} of {cmp_.get('tensors')} tensors bit-identical; "
-        f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res['host_cap_ok']}.", ""])
+        f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res['host_cap_ok']}.", "",
+        f"Steps (streamed): {s.get('steps_applied')}; layer loop: {s.get('layer_loop_s')}.", ""])
 
 
 if __name__ == "__main__":
