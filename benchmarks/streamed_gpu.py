@@ -102,12 +102,13 @@ def main(argv=None) -> int:
     res["streamed"] = payload(work, model_dir, "streamed", "streamed", args, cap, out_dir)
     if res["streamed"]["rc"] != 0 and cap is not None:  # what it needs, then: measured uncapped
         res["streamed_uncapped"] = payload(work, model_dir, "streamed-uncapped", "streamed", args, None, out_dir)
-    if res["whole"]["rc"] == 0 and res["streamed"]["rc"] == 0:
-        a, b = Path(res["whole"]["out"]), Path(res["streamed"]["out"])
+    streamed = res["streamed"] if res["streamed"]["rc"] == 0 else res.get("streamed_uncapped", {})
+    if res["whole"]["rc"] == 0 and streamed.get("rc") == 0:
+        a, b = Path(res["whole"]["out"]), Path(streamed["out"])
         ta, tb = tensors(a), tensors(b)
         res["comparison"] = {"problems": differences(a, b), "tensors": len(ta),
                              "bit_identical": sum(k in tb and ta[k] == tb[k] for k in ta)}
-    host_peak = res["streamed"].get("host_rss_peak_bytes", 0)
+    host_peak = streamed.get("host_rss_peak_bytes", 0)
     res["host_cap_ok"] = bool(host_peak) and host_peak <= args.host_cap_gib * 2**30
     (out_dir / f"{stem(args)}.json").write_text(json.dumps(res, indent=2, default=str))
     (out_dir / f"{stem(args)}.md").write_text(render(res, args))
@@ -122,7 +123,7 @@ def stem(args) -> str:
 
 def render(res: dict, args) -> str:
     g = lambda b: f"{(b or 0) / 2**30:.2f} GiB"  # noqa: E731
-    w, s = res["whole"], res["streamed"]
+    w, s, u = res["whole"], res["streamed"], res.get("streamed_uncapped")
     cmp_ = res.get("comparison", {})
     return "\n".join([
         f"# Whole vs layer-streamed, recipe {args.recipe} ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
@@ -135,10 +136,11 @@ def render(res: dict, args) -> str:
         f"| streamed (capped; rc {s['rc']}) | {s['wall_s']:.1f} s | {g(s.get('gpu_peak_bytes'))} | "
         f"{g(s.get('host_rss_peak_bytes'))} |",
         *([f"| streamed (uncapped, after the capped run failed) | {u['wall_s']:.1f} s | {g(u.get('gpu_peak_bytes'))} | "
-           f"{g(u.get('host_rss_peak_bytes'))} |"] if (u := res.get("streamed_uncapped")) else []), "",
-        f"Comparison: {cmp_.get('bit_identical')} of {cmp_.get('tensors')} tensors bit-identical; "
+           f"{g(u.get('host_rss_peak_bytes'))} |"] if u else []), "",
+        f"Comparison (whole vs the streamed run that completed): {cmp_.get('bit_identical')} of "
+        f"{cmp_.get('tensors')} tensors bit-identical; "
         f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res['host_cap_ok']}.", "",
-        f"Steps (streamed): {s.get('steps_applied')}; layer loop: {s.get('layer_loop_s')}.", ""])
+        f"Steps (streamed): {(u or s).get('steps_applied')}; layer loop: {(u or s).get('layer_loop_s')}.", ""])
 
 
 if __name__ == "__main__":

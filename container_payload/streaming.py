@@ -196,6 +196,11 @@ def _to(value, device):
     return value
 
 
+def _copy(h: torch.Tensor) -> torch.Tensor:
+    """A copy of a captured input, pinned like it when it is (clone() would not pin it)."""
+    return torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h) if h.is_pinned() else h.clone()
+
+
 def _first_sequence(item):
     """[hidden, args, kwargs] of one batch cut to its first sequence (a cheap probe input:
     the whole-model export probes with 2 tokens). Tensors whose first dim is the batch are
@@ -294,9 +299,9 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     inputs = capture_inputs(model, layers, batches, device, keep)
     # the recipe's other streams start from the same first-layer inputs (copies: the
     # calibration loop overwrites its own in place)
-    stats = [[h.clone(), a, k] for h, a, k in inputs] if smooth else None
+    stats = [[_copy(h), a, k] for h, a, k in inputs] if smooth else None
     if gptq:
-        fp, qs, chunk_args = start_streams([(h.clone(), a, k) for h, a, k in inputs])
+        fp, qs, chunk_args = start_streams([(_copy(h), a, k) for h, a, k in inputs])
         fit = Fit(ridge=RIDGE if gptq.ridge is None else gptq.ridge, kernel=gptq.kernel,
                   hessian_tf32=gptq.hessian_tf32, replay=False, device=device, keep=keep)
         timer = _Timer()
@@ -422,11 +427,13 @@ def _smooth_layer(layer: nn.Module, stats: list, alpha: float, device: str, keep
 
     holder = nn.Module()
     holder.layers = nn.ModuleList([layer])  # smoothing finds its groups in `.layers`
+    back = Fit(device=device, keep=keep).back
 
     def stats_loop(_holder):
         with torch.inference_mode():
             for j, (h, a, k) in enumerate(stats):
-                stats[j][0] = layer_output(layer(h.to(device), *_to(a, device), **_to(k, device))).to(keep)
+                stats[j][0] = back(layer_output(layer(h.to(device, non_blocking=True), *_to(a, device),
+                                                       **_to(k, device))))
 
     with contextlib.redirect_stdout(io.StringIO()):
         return smooth(holder, stats_loop, alpha, log=False)
