@@ -3,6 +3,9 @@
     moe-w4a16-experts  routed and shared experts NVFP4 weight-only, attention FP8 (W8A8
                        per-tensor), FP8 KV cache: the layout of nvidia/Qwen3.6-35B-A3B-NVFP4.
                        ModelOpt exports it as quant_algo MIXED_PRECISION with per-layer formats.
+                       Hybrid models (Qwen3.5/3.6-MoE's Gated DeltaNet `linear_attn` layers): the
+                       large projections in_proj_qkv, in_proj_z and out_proj FP8; in_proj_a,
+                       in_proj_b (a few rows each) and conv1d bf16.
     moe-w4a4-experts   routed experts NVFP4 W4A4; attention, shared experts and all else bf16.
 
 Routers (`mlp.gate`, `block_sparse_moe.gate`, `router`, `shared_expert_gate`) and lm_head stay
@@ -24,14 +27,24 @@ from torch import nn
 from .events import PayloadError
 
 # routed experts: Qwen/Mixtral/DeepSeek `.experts.`; shared experts: Qwen's `shared_expert.`,
-# DeepSeek's `shared_experts.`
+# DeepSeek's `shared_experts.` (Qwen's `shared_expert_gate` matches too, but the preset's own
+# disable entry for it comes later and wins: it stays bf16, as the published checkpoint has it)
 ROUTED = "*.experts.*"
 SHARED = "*shared_expert*"
 ATTENTION = "*self_attn.*"
+# Gated DeltaNet projections that nvidia/Qwen3.6-35B-A3B-NVFP4 stores FP8. Its module formats
+# (ModelOpt's tools/recipe_backfill/published_checkpoints.json, read from the checkpoint's
+# hf_quant_config.json and tensors): linear_attn.in_proj_qkv / in_proj_z / out_proj FP8,
+# in_proj_a / in_proj_b / conv1d bf16, self_attn FP8, routed and shared experts W4A16_NVFP4,
+# mlp.gate and shared_expert_gate bf16, kv_cache_quant_algo FP8; ModelOpt's recipe that
+# reproduces it is huggingface/qwen3_5_moe/ptq/w4a16_nvfp4-fp8_attn-kv_fp8_cast. (Its lm_head is
+# W4A16_NVFP4 too; ours stays bf16, as in every other recipe here.)
+LINEAR_ATTENTION = ("*linear_attn.in_proj_qkv.", "*linear_attn.in_proj_z.", "*linear_attn.out_proj.")
 
 # recipe -> [(module pattern, format of its weight_quantizer, of its input_quantizer)]
 LAYOUTS = {
-    "moe-w4a16-experts": [(ROUTED, "nvfp4", None), (SHARED, "nvfp4", None), (ATTENTION, "fp8", "fp8")],
+    "moe-w4a16-experts": [(ROUTED, "nvfp4", None), (SHARED, "nvfp4", None), (ATTENTION, "fp8", "fp8"),
+                          *((m, "fp8", "fp8") for m in LINEAR_ATTENTION)],
     "moe-w4a4-experts": [(ROUTED, "nvfp4", "nvfp4")],
 }
 KV_FP8 = {"moe-w4a16-experts": True, "moe-w4a4-experts": False}

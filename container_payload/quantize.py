@@ -92,6 +92,28 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
+def check_model_type(model_dir: Path, trust_remote_code: bool = False) -> None:
+    """A model type this image's transformers does not know (Qwen3.5-MoE's `qwen3_5_moe` in an
+    image with transformers 4.57) stops the job here in one line, before any weights load:
+    transformers' own error comes from deep inside from_pretrained with a traceback. A model
+    with its own code (auto_map, --trust-remote-code) brings its type along."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # load_tokenizer and from_pretrained report a missing or unreadable config.json
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return
+    if trust_remote_code and "auto_map" in config:
+        return
+    raise PayloadError(f"model type {model_type!r} (config.json) is unknown to this image's transformers "
+                       f"{transformers.__version__}: pass --image with a newer image whose transformers knows it",
+                       kind="input")
+
+
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -447,6 +469,7 @@ def run(job: QuantizeJob) -> dict:
     low_memory = job.low_memory
     device = pick_device(job.device)
     check_image(job, device)
+    check_model_type(model_dir, job.trust_remote_code)
     from . import linear_compute
 
     linear_compute.CPU_FLOAT32 = job.cpu_float32

@@ -1,11 +1,12 @@
-"""Mixture-of-Experts through the real chain: tiny random-weight Qwen3-MoE and Mixtral models
-(tests/tools/tiny_moe.py, built by the ModelOpt reference venv) go through `launcher quantize`
-in the stand-in with the two MoE recipes, then `launcher verify` and `launcher eval`.
+"""Mixture-of-Experts through the real chain: tiny random-weight Qwen3-MoE, Mixtral, Qwen3.5-MoE
+(shared expert, Gated DeltaNet layer) and DeepSeek-V2 (MLA, shared experts, a dense first layer)
+models (tests/tools/tiny_moe.py, built by the ModelOpt reference venv) go through `launcher
+quantize` in the stand-in with the two MoE recipes, then `launcher verify` and `launcher eval`.
 
-Every expert calibrated is proven from the outside: each expert's weight_scale_2 must equal its
-own max |W| / 2688 recomputed here from the source bf16 weights (numpy), and each expert of a
-W4A4 layer must carry an input_scale, one per layer and projection, that differs between
-projections and layers (no default)."""
+Every expert calibrated is proven from the outside: each routed and shared expert's
+weight_scale_2 must equal its own max |W| / 2688 recomputed here from the source bf16 weights
+(numpy), and each expert of a W4A4 layer must carry an input_scale, one per layer and
+projection, that differs between projections and layers (no default)."""
 from __future__ import annotations
 
 import json
@@ -17,24 +18,35 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import REPO, raw_tensors, run_launcher
+from conftest import REPO, one_line_error, raw_tensors, run_launcher
 from synthetic_ckpt import write_safetensors
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 CALIB = ("--calib-samples", "8", "--calib-seq-len", "64")
 # (model, recipe): each recipe once, each architecture once
-RUNS = {"qwen3_moe-w4a16": ("qwen3_moe", "moe-w4a16-experts"), "mixtral-w4a4": ("mixtral", "moe-w4a4-experts")}
-EXPERT_PROJS = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
-EXPERTS_AT = {"qwen3_moe": "mlp.experts", "mixtral": "block_sparse_moe.experts"}
+RUNS = {"qwen3_moe-w4a16": ("qwen3_moe", "moe-w4a16-experts"), "mixtral-w4a4": ("mixtral", "moe-w4a4-experts"),
+        "qwen3_5_moe-w4a16": ("qwen3_5_moe", "moe-w4a16-experts"),
+        "deepseek_v2-w4a16": ("deepseek_v2", "moe-w4a16-experts")}
+GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PROJS = {"qwen3_moe": GATE_UP_DOWN, "mixtral": ("w1", "w3", "w2"), "qwen3_5_moe": GATE_UP_DOWN,
+                "deepseek_v2": GATE_UP_DOWN}
+EXPERTS_AT = {"qwen3_moe": "mlp.experts", "mixtral": "block_sparse_moe.experts", "qwen3_5_moe": "mlp.experts",
+              "deepseek_v2": "mlp.experts"}
+SHARED_AT = {"qwen3_5_moe": "mlp.shared_expert", "deepseek_v2": "mlp.shared_experts"}
 LAYERS, EXPERTS = 2, 4
+MOE_LAYERS = {"deepseek_v2": (1,)}  # first_k_dense_replace=1: layer 0 is a dense MLP; others: every layer
+
+
+def moe_layers(kind: str) -> tuple[int, ...]:
+    return MOE_LAYERS.get(kind, tuple(range(LAYERS)))
 
 
 @pytest.fixture(scope="session")
 def tiny_models(ref_python, embedded_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-moe")
     out = {}
-    for kind in EXPERT_PROJS:
+    for kind in sorted({kind for kind, _ in RUNS.values()}):
         subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), kind, str(embedded_model_dir),
                         str(root / kind)], check=True, capture_output=True, timeout=600)
         out[kind] = root / kind
@@ -64,6 +76,18 @@ def source_amax(source: Path, name: str) -> float:
     dtype, shape, data = raw_tensors(source)[name]
     assert dtype == "BF16"
     return float(np.abs(np.frombuffer(data, ml_dtypes.bfloat16).astype(np.float32)).max())
+
+
+def assert_own_global_scales(tensors: dict, source: Path, prefix: str, projs: tuple[str, str, str]) -> tuple:
+    """`prefix`.{gate, up, down}'s NVFP4 global scales are their own source weights' max |W| / 2688:
+    gate and up are one fused GEMM, so both carry the larger amax of the two."""
+    gate, up, down = projs
+    src = {p: source_amax(source, f"{prefix}.{p}.weight") for p in projs}
+    want = {gate: max(src[gate], src[up]) / 2688, up: max(src[gate], src[up]) / 2688, down: src[down] / 2688}
+    for proj, value in want.items():
+        got = f32(tensors[f"{prefix}.{proj}.weight_scale_2"][2])
+        assert np.isclose(got, np.float32(value), rtol=1e-6), (prefix, proj, got, value)
+    return projs
 
 
 def test_w4a16_layout_is_the_published_mixed_precision(moe_runs):
@@ -110,15 +134,10 @@ def test_every_expert_is_calibrated(moe_runs, name):
     gate, up, down = EXPERT_PROJS[kind]
     tensors = raw_tensors(run["out"])
     inputs = {}
-    for layer in range(LAYERS):
+    for layer in moe_layers(kind):
         base = f"model.layers.{layer}.{EXPERTS_AT[kind]}"
         for e in range(EXPERTS):
-            src = lambda p: source_amax(run["source"], f"{base}.{e}.{p}.weight")  # noqa: E731
-            # gate and up are one fused GEMM: one global scale from the larger amax of the two
-            want = {gate: max(src(gate), src(up)) / 2688, up: max(src(gate), src(up)) / 2688, down: src(down) / 2688}
-            for proj, value in want.items():
-                got = f32(tensors[f"{base}.{e}.{proj}.weight_scale_2"][2])
-                assert np.isclose(got, np.float32(value), rtol=1e-6), (base, e, proj, got, value)
+            for proj in assert_own_global_scales(tensors, run["source"], f"{base}.{e}", (gate, up, down)):
                 if w4a4:
                     inputs[(layer, proj, e)] = f32(tensors[f"{base}.{e}.{proj}.input_scale"][2])
     if w4a4:
@@ -129,6 +148,46 @@ def test_every_expert_is_calibrated(moe_runs, name):
             assert inputs[(layer, gate, 0)] == inputs[(layer, up, 0)]
             assert inputs[(layer, gate, 0)] != inputs[(layer, down, 0)]
         assert inputs[(0, down, 0)] != inputs[(1, down, 0)]
+
+
+@pytest.mark.parametrize("name", [n for n, (kind, _) in RUNS.items() if kind in SHARED_AT])
+def test_shared_experts_get_their_own_scales_and_the_gates_stay_bf16(moe_runs, name):
+    """Shared experts W4A16_NVFP4, each with global scales from its own source weights; the
+    router and Qwen's shared_expert_gate bf16 and bit-identical to the source."""
+    run = moe_runs[name]
+    kind = run["kind"]
+    layers = json.loads((run["out"] / "hf_quant_config.json").read_text())["quantization"]["quantized_layers"]
+    tensors, source = raw_tensors(run["out"]), raw_tensors(run["source"])
+    for layer in moe_layers(kind):
+        shared = f"model.layers.{layer}.{SHARED_AT[kind]}"
+        assert_own_global_scales(tensors, run["source"], shared, GATE_UP_DOWN)
+        for proj in GATE_UP_DOWN:
+            assert layers[f"{shared}.{proj}"] == {"quant_algo": "W4A16_NVFP4", "group_size": 16}
+            assert tensors[f"{shared}.{proj}.weight"][0] == "U8" and f"{shared}.{proj}.input_scale" not in tensors
+        gates = [f"model.layers.{layer}.mlp.gate"] + ([f"{shared}_gate"] if kind == "qwen3_5_moe" else [])
+        for gate in gates:
+            assert gate not in layers and tensors[f"{gate}.weight"] == source[f"{gate}.weight"], gate
+            assert tensors[f"{gate}.weight"][0] == "BF16"
+
+
+def test_gated_deltanet_layer_follows_the_published_layout(moe_runs):
+    """Qwen3.5-MoE's linear-attention layer as nvidia/Qwen3.6-35B-A3B-NVFP4 stores it (moe.py):
+    in_proj_qkv, in_proj_z and out_proj FP8, each weight scale its own max |W| / 448; in_proj_a,
+    in_proj_b and conv1d bf16, as in the source."""
+    run = moe_runs["qwen3_5_moe-w4a16"]
+    layers = json.loads((run["out"] / "hf_quant_config.json").read_text())["quantization"]["quantized_layers"]
+    tensors, source = raw_tensors(run["out"]), raw_tensors(run["source"])
+    at = "model.layers.0.linear_attn"  # tiny_moe.py: layer 0 linear attention, layer 1 full attention
+    for proj in ("in_proj_qkv", "in_proj_z", "out_proj"):
+        assert layers[f"{at}.{proj}"] == {"quant_algo": "FP8"}
+        assert tensors[f"{at}.{proj}.weight"][0] == "F8_E4M3" and f"{at}.{proj}.input_scale" in tensors
+        want = source_amax(run["source"], f"{at}.{proj}.weight") / 448
+        assert np.isclose(f32(tensors[f"{at}.{proj}.weight_scale"][2]), np.float32(want), rtol=1e-6), proj
+    for kept in ("in_proj_a", "in_proj_b", "conv1d"):
+        assert not any(k.startswith(f"{at}.{kept}") for k in layers)
+        assert tensors[f"{at}.{kept}.weight"] == source[f"{at}.{kept}.weight"], kept
+    assert {k for k, v in layers.items() if v["quant_algo"] == "FP8" and ".self_attn." in k} == {
+        f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -196,7 +255,9 @@ def test_eval_emulates_the_moe_checkpoint(moe_runs, name, tmp_path):
     assert got["tokens"] == 4 * 63 and 0 < got["kl_divergence"] < 1
     emulated = {row["name"]: row for row in got["per_layer"]}
     experts = [n for n in emulated if ".experts." in n]
-    assert len(experts) == LAYERS * EXPERTS * 3  # every expert's own dequantized weights
+    assert len(experts) == len(moe_layers(run["kind"])) * EXPERTS * 3  # every expert's own dequantized weights
+    shared = [n for n in emulated if "shared_expert" in n]
+    assert len(shared) == (len(moe_layers(run["kind"])) * 3 if run["kind"] in SHARED_AT else 0)
     if name.endswith("w4a16"):
         assert got["format"]["algo"] == "MIXED_PRECISION" and got["format"]["activations"] == ["fp8", "none"]
         assert {emulated[n]["act"] for n in experts} == {"none"}
@@ -224,3 +285,20 @@ except PayloadError as e:
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("REFUSED"))
     assert "input_quantizer (no amax)" in line and ".experts." in line
+
+
+def test_a_model_type_unknown_to_the_image_fails_in_one_line(tiny_models, old_image, shared_assets, tmp_path):
+    """Qwen3.5-MoE needs transformers 5: in the 2025 stack's image (transformers 4.57; the MoE
+    recipe runs in its derived image with ModelOpt 0.47) the payload stops before loading any
+    weight, in one line that says what to do, and leaves no output."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "assets").symlink_to(shared_assets)
+    out = tmp_path / "out"
+    proc = run_launcher("quantize", "--model", str(tiny_models["qwen3_5_moe"]), "--output", str(out), "--recipe",
+                        "moe-w4a16-experts", "--image", old_image, *CALIB, "--no-eval",
+                        env={"SPARK_NVFP4_HOME": str(home)})
+    assert proc.returncode == 7, proc.stderr[-3000:]
+    line = one_line_error(proc.stderr)
+    assert "model type 'qwen3_5_moe_text'" in line and "unknown to this image's transformers 4.57" in line, line
+    assert "--image" in line and not out.exists()

@@ -1,7 +1,7 @@
 """A tiny random-weight Mixture-of-Experts causal LM, saved as a bf16 safetensors folder
 that `launcher quantize --model DIR` accepts.
 
-    python tiny_moe.py {qwen3_moe|mixtral} TOKENIZER_DIR OUT_DIR [SEED]
+    python tiny_moe.py {qwen3_moe|mixtral|qwen2_moe|qwen3_5_moe|deepseek_v2} TOKENIZER_DIR OUT_DIR [SEED]
 
 Built from transformers' own config classes, so the architecture is the real one; the
 tokenizer files are copied from TOKENIZER_DIR (the embedded SmolLM2's: vocabulary 49152)
@@ -11,6 +11,10 @@ experts as fused 3-D parameters in memory but saves them per expert
 
 Sizes: in_features 64 (hidden) and 32 or 64 (expert intermediate) are multiples of 16,
 as NVFP4 needs; 4 experts, 2 per token, so that some tokens skip each expert.
+Families with shared experts: qwen2_moe (`mlp.shared_expert` + `mlp.shared_expert_gate`),
+qwen3_5_moe (the text model of Qwen3.5/3.6-MoE, model_type qwen3_5_moe_text: the same shared
+expert, one Gated DeltaNet `linear_attn` layer then one full-attention layer) and deepseek_v2
+(DeepSeek-V2-Lite's shape: MLA attention without q LoRA, `mlp.shared_experts`, layer 0 dense).
 """
 import json
 import os
@@ -19,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, DeepseekV2Config, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 COMMON = dict(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
@@ -33,7 +37,25 @@ def config(kind: str):
                               decoder_sparse_step=1, norm_topk_prob=True)
     if kind == "mixtral":
         return MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=4)
-    raise SystemExit(f"unknown kind {kind!r}: qwen3_moe or mixtral")
+    if kind == "qwen2_moe":
+        return Qwen2MoeConfig(**COMMON, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                              shared_expert_intermediate_size=64, decoder_sparse_step=1)
+    if kind == "qwen3_5_moe":
+        from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+        return Qwen3_5MoeTextConfig(**COMMON, moe_intermediate_size=32, num_experts=4,
+                                    shared_expert_intermediate_size=64,
+                                    layer_types=["linear_attention", "full_attention"],
+                                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                    linear_value_head_dim=16, linear_conv_kernel_dim=4)
+    if kind == "deepseek_v2":
+        # MLA: as many key/value heads as query heads (DeepSeek-V2-Lite: 16 and 16)
+        return DeepseekV2Config(**{k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")},
+                                num_key_value_heads=4, intermediate_size=128,
+                                moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                                first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+                                qk_rope_head_dim=16, v_head_dim=16, topk_method="greedy", n_group=1, topk_group=1)
+    raise SystemExit(f"unknown kind {kind!r}: qwen3_moe, mixtral, qwen2_moe, qwen3_5_moe or deepseek_v2")
 
 
 def build(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> None:
