@@ -1,14 +1,20 @@
-"""A Mixture-of-Experts model with Qwen3-30B-A3B's shapes, quantized with the weight-only-experts
-recipe (moe-w4a16-experts: NVFP4 weight-only experts, FP8 attention, FP8 KV cache) on a GPU.
+"""A Mixture-of-Experts model with Qwen3-30B-A3B's or Qwen3.6-35B-A3B's shapes, quantized with the
+weight-only-experts recipe (moe-w4a16-experts: NVFP4 weight-only experts and shared experts, FP8
+attention and linear attention, FP8 KV cache) on a GPU.
 
-    python3 benchmarks/moe_gpu.py --out DIR [--layers 8]     # on the device; carry .bench and the wheels
+    python3 benchmarks/moe_gpu.py --out DIR [--shapes qwen3.6-35b-a3b] [--layers 8]   # on the device
+
+Qwen3.6-35B-A3B (NVIDIA's playbook model): transformers' Qwen3_5MoeTextConfig defaults, which are
+Qwen3.5-35B-A3B's (the same architecture): hidden 2048, 40 layers (3 Gated DeltaNet : 1 full
+attention), 256 experts of 512 + one shared expert of 512, 8 per token, vocabulary 248320.
 
 Qwen3-30B-A3B's config (hidden 2048, 128 experts of intermediate 768, 8 per token, 32 query and 4
 KV heads of 128, vocabulary 151936) with random weights. Its 48 layers are 58 GB of bf16; the
 run cuts them to --layers (8: about 11 GB) so the checkpoint, its copy and the output fit the
 device's disk and the call's time, and says so. Calibration: 128 x 512 tokens of .bench/calib.txt
 (the stand-in tokenizer's ids are all below the vocabulary). The checkpoint goes through
-launcher.verify (its mixed-precision rules); DIR/moe_gpu.json and .md get the timings and peaks.
+launcher.verify (its mixed-precision rules); DIR/moe-SHAPES-shapes-w4a16-experts.json and .md get
+the timings and peaks.
 """
 import argparse
 import json
@@ -32,27 +38,39 @@ QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144
                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
 
 
-def build(folder: Path, layers: int) -> dict:
+def shapes(name: str, layers: int):
+    """(config, tiny_moe kind, layers of the full model)."""
+    if name == "qwen3-30b-a3b":
+        from transformers import Qwen3MoeConfig
+        return Qwen3MoeConfig(**{**QWEN3_30B_A3B, "num_hidden_layers": layers}), "qwen3_moe", 48
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+    full = Qwen3_5MoeTextConfig()
+    cfg = Qwen3_5MoeTextConfig(num_hidden_layers=layers, layer_types=full.layer_types[:layers],
+                               bos_token_id=0, eos_token_id=1)
+    return cfg, "qwen3_5_moe", full.num_hidden_layers
+
+
+def build(folder: Path, layers: int, name: str) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(REPO / "tests" / "tools"))
     from tiny_moe import hub_style_config
 
     t = time.time()
-    cfg = Qwen3MoeConfig(**{**QWEN3_30B_A3B, "num_hidden_layers": layers})
+    cfg, kind, of_layers = shapes(name, layers)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="5GB")
     del model
     torch.cuda.empty_cache()
-    hub_style_config("qwen3_moe", folder / "config.json")
+    hub_style_config(kind, folder / "config.json")
     for p in (BENCH / "tokenizer").iterdir():
         shutil.copy(p, folder / p.name)
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    return {"layers": layers, "of_layers": QWEN3_30B_A3B["num_hidden_layers"], "bytes": size,
-            "full_model_bytes_estimate": int(size / layers * QWEN3_30B_A3B["num_hidden_layers"]),
+    return {"layers": layers, "of_layers": of_layers, "bytes": size,
+            "full_model_bytes_estimate": int(size / layers * of_layers),
             "build_s": round(time.time() - t, 1)}
 
 
@@ -61,14 +79,15 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/moe")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--shapes", choices=("qwen3-30b-a3b", "qwen3.6-35b-a3b"), default="qwen3-30b-a3b")
     ap.add_argument("--samples", type=int, default=128)
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    res = {"config": "Qwen3-30B-A3B shapes, random weights", "recipe": "moe-w4a16-experts"}
-    model_dir = work / "qwen3-30b-a3b-cut"
-    res["checkpoint"] = build(model_dir, args.layers)
+    res = {"config": f"{args.shapes} shapes, random weights", "recipe": "moe-w4a16-experts"}
+    model_dir = work / f"{args.shapes}-cut"
+    res["checkpoint"] = build(model_dir, args.layers, args.shapes)
     job = {"model_dir": str(model_dir), "output_dir": str(work / "out"), "recipe": "moe-w4a16-experts",
            "calibration": {"source": str(BENCH / "calib.txt"), "samples": args.samples, "seq_len": 512}}
     jp = out / "job-moe.json"
@@ -91,9 +110,10 @@ def main() -> int:
                               verify_ok=report.ok, verify_problems=[str(p) for p in report.problems[:5]])
     else:
         res["payload"]["tail"] = stdout[-3000:]
-    (out / "moe_gpu.json").write_text(json.dumps(res, indent=2))
+    stem = f"moe-{args.shapes}-shapes-w4a16-experts"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
     p, c = res["payload"], res["checkpoint"]
-    md = ["# Qwen3-30B-A3B shapes (MoE), moe-w4a16-experts, on one GPU", "",
+    md = [f"# {args.shapes} shapes (MoE), moe-w4a16-experts, on one GPU", "",
           f"{c['layers']} of {c['of_layers']} layers (cut to fit the device's disk and the call's time): "
           f"{c['bytes'] / GiB:.1f} GiB bf16 (the full model: ~{c['full_model_bytes_estimate'] / GiB:.0f} GiB); "
           f"calibration {args.samples} x 512 tokens.", ""]
@@ -107,7 +127,7 @@ def main() -> int:
                f"- launcher verify: {'ok' if p['verify_ok'] else p['verify_problems']}"]
     else:
         md += ["payload failed:", "```", p["tail"][-1500:], "```"]
-    (out / "moe_gpu.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0 if rc == 0 else 1
 

@@ -15,8 +15,8 @@ activations = the captured hidden states (tokens x hidden x 2 bytes, kept once: 
 outputs replace its inputs) + one batch's temporaries inside a layer (float32 MLP products).
 A sequential GPTQ adds two streams of hidden states (original, quantized), smoothing one more
 (the unsmoothed model's, for its statistics); GPTQ holds one layer's unit inputs (3 x hidden +
-intermediate per token, bf16) and H, C and the solver's two factors of the widest unit
-(intermediate^2 x 4 bytes each).
+intermediate per token, bf16), and for the widest unit H and C in float32 and the activation
+correction's float64 squares (GPTQ_SQUARES).
 runtime = torch + transformers + ModelOpt imported and a tokenizer loaded: about 0.5 GiB on
 a CPU (tests/test_streaming.py measures it), counted as 1 GiB (a CUDA context adds more;
 tokenizing the whole builtin Brown text adds about 0.6 GiB of its own on top).
@@ -37,7 +37,10 @@ GiB = 1 << 30
 RUNTIME_BYTES = 1 * GiB
 WHOLE_FACTOR = 1.4
 WHOLE_FACTOR_OURS = 3.0   # the measurement of make quantize's recipe
-GPTQ_SQUARES = 4          # H, C and the solver's two factors of the widest unit
+# widest unit's squares (intermediate^2 x 4 bytes each) at GPTQ's peak: H and C in float32, the
+# activation correction's two float64 squares (= 4 float32 ones). Measured at 8B on an H200, the
+# streamed smooth-gptq-seq peaked at 7.0 GiB of GPU and 10.0 GiB host: 17 GiB, estimated 15.
+GPTQ_SQUARES = 6
 LAYER_COPIES = 4   # the layer at work, its host read, the writer's buffer, the next layer read ahead
 
 # What streams (streaming.py): a recipe whose steps each work on one decoder layer at a time.
