@@ -106,8 +106,9 @@ class JobSpec(BaseModel):
         "--low-memory", "Calibrate in small batches without read-ahead: same checkpoint bytes, much less GPU "
         "memory (for big models on a 128 GB Spark)."))
     mode: Literal["auto", "whole", "streamed"] = Field("auto", json_schema_extra=flag(
-        "--mode", "whole: the model in memory at once; streamed: one decoder layer at a time (recipe default; "
-        "same bytes); auto: whole when it fits the memory budget, else streamed."))
+        "--mode", "whole: the model in memory at once; streamed: one decoder layer at a time (recipes default, "
+        "smooth, gptq-seq, smooth-gptq-seq; the same bytes as whole); auto: whole when it fits the memory budget, "
+        "else streamed."))
     memory_budget: str | None = Field(None, json_schema_extra=flag(
         "--memory-budget", "Memory the job may use, e.g. 24g [default: the machine's: available host memory, the "
         "GPU's memory, or the one pool of a DGX Spark]."))
