@@ -19,7 +19,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from container_payload import contract, recipes
+from container_payload import contract, memory_plan, recipes
 
 from .errors import ConfigError
 
@@ -106,8 +106,8 @@ class JobSpec(BaseModel):
         "--low-memory", "Calibrate in small batches without read-ahead: same checkpoint bytes, much less GPU "
         "memory (for big models on a 128 GB Spark)."))
     mode: Literal["auto", "whole", "streamed"] = Field("auto", json_schema_extra=flag(
-        "--mode", "whole: the model in memory at once; streamed: one decoder layer at a time (recipes default, "
-        "smooth, gptq-seq, smooth-gptq-seq; the same bytes as whole); auto: whole when it fits the memory budget, "
+        "--mode", "whole: the model in memory at once; streamed: one decoder layer at a time (recipes "
+        f"{', '.join(memory_plan.STREAMED_RECIPES)}; the same bytes as whole); auto: whole when it fits the memory budget, "
         "else streamed."))
     memory_budget: str | None = Field(None, json_schema_extra=flag(
         "--memory-budget", "Memory the job may use, e.g. 24g [default: the machine's: available host memory, the "
