@@ -54,7 +54,7 @@ from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
 from .linear_compute import float32_linears
 from .memory_plan import STREAMED_RECIPES, refusal  # noqa: F401 - the host reads them there
-from .sequential import Fit, RIDGE, _Timer, layer_output, refine_layer, start_streams
+from .sequential import CHUNK_TOKENS, Fit, RIDGE, _Timer, chunked, layer_output, refine_layer, start_streams
 
 MIN_MODELOPT = (0, 47)
 
@@ -153,37 +153,53 @@ def prefixed(name: str, module: nn.Module) -> nn.Module:
 
 
 class _Catcher(nn.Module):
-    """Stands in for the first decoder layer: keeps what the decoder hands it, per batch (the
-    hidden states at once on `keep`: on a GPU, all batches together would not fit a cap)."""
+    """Stands in for decoder layer `index` during one pass of the decoder: keeps the arguments
+    the decoder hands that layer, per batch (hybrid models hand each kind of layer its own mask
+    or rotary embeddings: Gemma 2/3's sliding and global layers, Qwen3.5's linear and full
+    attention), and for layer 0 the hidden states too, on `keep` (on a GPU all batches together
+    would not fit a cap). What the decoder reads off a layer (Gemma 3's `attention_type`,
+    Qwen3.5's `layer_type`) comes from the real one."""
 
-    def __init__(self, store: list, keep: str):
+    def __init__(self, real: nn.Module, index: int, hidden: list, calls: list, keep: str):
         super().__init__()
-        self.store, self.keep = store, keep
+        self.__dict__["_real"] = real  # not a submodule: it stays out of this module's tree
+        self.index, self.hidden, self.calls, self.keep = index, hidden, calls, keep
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if hidden_states.is_cuda and self.keep == "cpu":
-            # pinned: each layer's calibration copies them in and its outputs back, asynchronously
-            kept = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
-            kept.copy_(hidden_states)
-        else:
-            kept = hidden_states.to(self.keep)
-        self.store.append([kept, args, kwargs])
+        self.calls.append((args, kwargs))
+        if self.index == 0:
+            if hidden_states.is_cuda and self.keep == "cpu":
+                # pinned: each layer's calibration copies them in and its outputs back, asynchronously
+                kept = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
+                kept.copy_(hidden_states)
+            else:
+                kept = hidden_states.to(self.keep)
+            self.hidden.append(kept)
         return hidden_states
 
 
-def capture_inputs(model, layers: nn.ModuleList, batches, device: str, keep: str) -> list:
-    """[hidden, args, kwargs] per batch as the first layer receives them (on `keep`)."""
+def capture_inputs(model, layers: nn.ModuleList, batches, device: str, keep: str) -> tuple[list, list]:
+    """(the first layer's hidden states per batch, on `keep`; per layer, the (args, kwargs) the
+    decoder hands it per batch). The layers pass the hidden states through unchanged: only what
+    the decoder computes for each layer is wanted here."""
     decoder = model.get_decoder()
-    store: list = []
+    hidden: list = []
+    calls: list = [[] for _ in layers]
     real = decoder.layers
-    decoder.layers = nn.ModuleList([_Catcher(store, keep)])
+    decoder.layers = nn.ModuleList([_Catcher(layer, i, hidden, calls[i], keep) for i, layer in enumerate(layers)])
     try:
         with torch.inference_mode():
             for batch in batches:
                 decoder(input_ids=batch.to(device), use_cache=False)
     finally:
         decoder.layers = real
-    return store
+    return hidden, calls
 
 
 def _to(value, device):
@@ -296,12 +312,12 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     layer_keys = tuple(n + "." for n in names)
     decoder_prefix = layer_names[id(decoder)] + "." if layer_names[id(decoder)] else ""
     materialize(decoder, decoder_prefix, reader, device, dtype, skip="layers.")
-    inputs = capture_inputs(model, layers, batches, device, keep)
+    inputs, layer_calls = capture_inputs(model, layers, batches, device, keep)
     # the recipe's other streams start from the same first-layer inputs (copies: the
     # calibration loop overwrites its own in place)
-    stats = [[_copy(h), a, k] for h, a, k in inputs] if smooth else None
+    stats = [_copy(h) for h in inputs] if smooth else None
     if gptq:
-        fp, qs, chunk_args = start_streams([(_copy(h), a, k) for h, a, k in inputs])
+        fp, qs, _ = start_streams([(_copy(h), a, k) for h, (a, k) in zip(inputs, layer_calls[0])])
         fit = Fit(ridge=RIDGE if gptq.ridge is None else gptq.ridge, kernel=gptq.kernel,
                   hessian_tf32=gptq.hessian_tf32, replay=False, device=device, keep=keep)
         timer = _Timer()
@@ -329,24 +345,25 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
         materialize(layer, name + ".", reader, device, dtype, values=values)
         del values
         root = prefixed(name, layer)
-        probe = _first_sequence(_to(inputs[0], device))
+        args = layer_calls[i]  # (args, kwargs) per batch, as the decoder hands them to this layer
+        probe = _first_sequence(_to([inputs[0], *args[0]], device))
         calls = [0]
 
-        def forward_loop(_root, layer=layer, calls=calls):
+        def forward_loop(_root, layer=layer, calls=calls, args=args):
             calls[0] += 1
             with torch.inference_mode():
-                for j, (h, a, k) in enumerate(inputs):
+                for j, (h, (a, k)) in enumerate(zip(inputs, args)):
                     o = layer_output(layer(h.to(device, non_blocking=True), *_to(a, device), **_to(k, device)))
                     if h.is_pinned() and o.shape == h.shape and o.dtype == h.dtype:
                         h.copy_(o, non_blocking=True)  # the next layer's input, in the same pinned buffer
                     else:
-                        inputs[j] = [o.to(keep), a, k]  # the next layer's input; this one is done
+                        inputs[j] = o.to(keep)  # the next layer's input; this one is done
                 if device == "cuda":
                     torch.cuda.synchronize()  # every output is back in host memory
 
         t = time.time()
         if smooth:
-            groups = _smooth_layer(layer, stats, smooth.alpha, device, keep)
+            groups = _smooth_layer(layer, stats, args, smooth.alpha, device, keep)
             reach["groups"] += groups
             if not groups and reach["smooth_skipped"] is None:
                 reach["smooth_skipped"] = type(layer).__name__
@@ -362,6 +379,9 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
         if gptq:
             linears = quantized_linears(root)
             with QuantizersOff(root), float32_linears(root):
+                # this layer's arguments cut into the streams' chunks (chunked cuts the same way)
+                chunk_args = [(a, k) for _, a, k in chunked([(h, a, k) for h, (a, k) in zip(inputs, args)],
+                                                            CHUNK_TOKENS)]
                 fp, qs, _ = refine_layer(layer, linears, fp, qs, chunk_args, {}, fit, timer)
             reach["linears"] += len(linears)
             del linears
@@ -379,7 +399,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     ahead.shutdown()
     del inputs, stats
     if gptq:
-        del fp, qs, chunk_args
+        del fp, qs
         events.emit("log", message=f"refine: sequential activation-aware GPTQ, streamed ({timer})")
 
     # 4. everything outside the layers, as the source has it (cast to the export dtype)
@@ -419,10 +439,11 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
             "stream_s": round(time.time() - t0, 3), "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
 
 
-def _smooth_layer(layer: nn.Module, stats: list, alpha: float, device: str, keep: str) -> int:
-    """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (advanced
-    in place through the still unsmoothed layer, as the whole path's one statistics pass runs
-    the unsmoothed model), then the scales folded. Returns the groups smoothed."""
+def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, keep: str) -> int:
+    """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (hidden
+    states per batch, advanced in place through the still unsmoothed layer, as the whole path's
+    one statistics pass runs the unsmoothed model), then the scales folded. `args`: the layer's
+    (args, kwargs) per batch. Returns the groups smoothed."""
     from .smoothing import smooth
 
     holder = nn.Module()
@@ -431,8 +452,8 @@ def _smooth_layer(layer: nn.Module, stats: list, alpha: float, device: str, keep
 
     def stats_loop(_holder):
         with torch.inference_mode():
-            for j, (h, a, k) in enumerate(stats):
-                stats[j][0] = back(layer_output(layer(h.to(device, non_blocking=True), *_to(a, device),
+            for j, (h, (a, k)) in enumerate(zip(stats, args)):
+                stats[j] = back(layer_output(layer(h.to(device, non_blocking=True), *_to(a, device),
                                                        **_to(k, device))))
 
     with contextlib.redirect_stdout(io.StringIO()):
