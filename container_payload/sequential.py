@@ -49,32 +49,66 @@ CHUNK_TOKENS = 16384
 
 
 class _Catcher(nn.Module):
-    """Stands in for the decoder's layers during one calibration pass: records what the first
-    layer receives and passes the hidden states on, so the pass costs only the embedding."""
+    """Stands in for decoder layer `index` during one pass of the decoder: keeps the arguments
+    the decoder hands that layer, per batch (hybrid models hand each kind of layer its own mask
+    or rotary embeddings: Gemma 2/3's sliding and global layers, Qwen3.5's linear and full
+    attention), and for layer 0 the hidden states too, through `keep` (where they wait). It
+    passes the hidden states on unchanged, so the pass costs only the embedding. What the
+    decoder reads off a layer (Gemma 3's `attention_type`, Qwen3.5's `layer_type`) comes from
+    the real one."""
 
-    def __init__(self, store: list):
+    def __init__(self, real: nn.Module, index: int, hidden: list, calls: list, keep):
         super().__init__()
-        self.store = store
+        self.__dict__["_real"] = real  # not a submodule: it stays out of this module's tree
+        self.index, self.hidden, self.calls, self.keep = index, hidden, calls, keep
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.store.append((hidden_states.detach(), args, kwargs))
+        self.calls.append((args, kwargs))
+        if self.index == 0:
+            self.hidden.append(self.keep(hidden_states.detach()))
         return hidden_states
 
 
-def first_layer_inputs(model, forward_loop, keep_batches: int = 0):
-    """One cheap pass of the calibration set: (the decoder's layers, what the first layer
-    receives per batch [(hidden, args, kwargs)], the first keep_batches input_ids batches)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+@dataclass
+class Captured:
+    """One pass of the calibration set through the decoder's stand-ins."""
+    layers: nn.ModuleList   # the decoder's real layers
+    hidden: list            # what layer 0 receives, per batch
+    calls: list             # per layer, the (args, kwargs) the decoder hands it, per batch
+    kept: list              # the first keep_batches input_ids batches (for keep_bf16's ranking)
+
+
+def capture_layer_calls(decoder, run, keep=lambda h: h) -> tuple[list, list]:
+    """run() passes the calibration set through `decoder` with its layers replaced by stand-ins
+    (_Catcher); returns (layer 0's hidden states per batch, per layer its calls per batch)."""
     layers = decoder.layers
-    store, kept = [], []
-    handle = keep_input_ids(model, kept, keep_batches)
-    decoder.layers = nn.ModuleList([_Catcher(store)])
+    hidden: list = []
+    calls: list = [[] for _ in layers]
+    decoder.layers = nn.ModuleList([_Catcher(layer, i, hidden, calls[i], keep) for i, layer in enumerate(layers)])
     try:
-        forward_loop(model)
+        run()
     finally:
         decoder.layers = layers
+    return hidden, calls
+
+
+def first_layer_inputs(model, forward_loop, keep_batches: int = 0) -> Captured:
+    """One cheap pass of the calibration set (the layers stood in for): what every layer is
+    handed, and the first keep_batches input_ids batches."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    kept: list = []
+    handle = keep_input_ids(model, kept, keep_batches)
+    try:
+        hidden, calls = capture_layer_calls(decoder, lambda: forward_loop(model))
+    finally:
         handle.remove()
-    return layers, store, kept
+    return Captured(decoder.layers, hidden, calls, kept)
 
 
 def _split(value, bs: int, pieces: list[slice]):
@@ -326,12 +360,14 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
     return fp, qs, len(units)
 
 
-def start_streams(inputs: list) -> tuple[list, list, list]:
-    """The two streams of the pass (original, quantized) and the per-chunk layer arguments,
-    from what the first layer receives per batch."""
-    inputs = chunked(inputs, CHUNK_TOKENS)
-    fp = [h for h, _, _ in inputs]
-    return fp, [h.clone() for h in fp], [(a, k) for _, a, k in inputs]
+def start_streams(hidden: list, calls: list) -> tuple[list, list, list]:
+    """The two streams of the pass (original, quantized), from what layer 0 receives per batch,
+    cut into chunks; and each layer's (args, kwargs) cut into the same chunks (`calls`: per
+    layer, per batch)."""
+    per_layer = [[(a, k) for _, a, k in chunked([(h, a, k) for h, (a, k) in zip(hidden, layer)], CHUNK_TOKENS)]
+                 for layer in calls]
+    fp = [h for h, _, _ in chunked([(h, (), {}) for h in hidden], CHUNK_TOKENS)]
+    return fp, [h.clone() for h in fp], per_layer
 
 
 @torch.no_grad()
@@ -349,13 +385,14 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
     linears = quantized_linears(model)
     originals: dict = {}
     with QuantizersOff(model), float32_linears(model):
-        layers, inputs, kept = captured or first_layer_inputs(model, forward_loop, keep_batches)
-        fp, qs, calls = start_streams(inputs)
-        del inputs
+        captured = captured or first_layer_inputs(model, forward_loop, keep_batches)
+        layers, kept = captured.layers, captured.kept
+        fp, qs, calls = start_streams(captured.hidden, captured.calls)
+        del captured
         done_units = 0
         for li, layer in enumerate(layers):
             _progress(li, len(layers))
-            fp, qs, n = refine_layer(layer, linears, fp, qs, calls, originals, fit, timer)
+            fp, qs, n = refine_layer(layer, linears, fp, qs, calls[li], originals, fit, timer)
             done_units += n
         _progress(len(layers), len(layers))
     _log(f"refine: sequential activation-aware GPTQ on {len(originals)} Linears ({timer}) "

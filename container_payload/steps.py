@@ -20,7 +20,7 @@ class State:
     linears: dict | None = None      # the quantized Linears, by name
     originals: dict | None = None    # their weights before GPTQ / rounding
     kept_ids: list = field(default_factory=list)   # calibration input_ids batches kept for ranking
-    captured: tuple | None = None    # sequential.first_layer_inputs' result, for a sequential Gptq
+    captured: object = None          # sequential.first_layer_inputs' Captured, for a sequential Gptq
 
 
 def run(model, recipe, forward_loop, applied: list | None = None):
@@ -108,7 +108,7 @@ def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> str:
     linears = quantized_linears(model)
     originals = {n: m.weight.detach().clone() for n, m in linears.items()}
     round_weights(linears)
-    kept = keep_sensitive_in_bf16(model, linears, originals, captured[2], step.budget)
+    kept = keep_sensitive_in_bf16(model, linears, originals, captured.kept, step.budget)
     for n, m in linears.items():
         m.weight.data.copy_(originals[n])
     del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)

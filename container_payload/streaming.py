@@ -54,7 +54,7 @@ from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
 from .linear_compute import float32_linears
 from .memory_plan import STREAMED_RECIPES, refusal  # noqa: F401 - the host reads them there
-from .sequential import CHUNK_TOKENS, Fit, RIDGE, _Timer, chunked, layer_output, refine_layer, start_streams
+from .sequential import Fit, RIDGE, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
 
 MIN_MODELOPT = (0, 47)
 
@@ -152,54 +152,22 @@ def prefixed(name: str, module: nn.Module) -> nn.Module:
     return root
 
 
-class _Catcher(nn.Module):
-    """Stands in for decoder layer `index` during one pass of the decoder: keeps the arguments
-    the decoder hands that layer, per batch (hybrid models hand each kind of layer its own mask
-    or rotary embeddings: Gemma 2/3's sliding and global layers, Qwen3.5's linear and full
-    attention), and for layer 0 the hidden states too, on `keep` (on a GPU all batches together
-    would not fit a cap). What the decoder reads off a layer (Gemma 3's `attention_type`,
-    Qwen3.5's `layer_type`) comes from the real one."""
-
-    def __init__(self, real: nn.Module, index: int, hidden: list, calls: list, keep: str):
-        super().__init__()
-        self.__dict__["_real"] = real  # not a submodule: it stays out of this module's tree
-        self.index, self.hidden, self.calls, self.keep = index, hidden, calls, keep
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_real"], name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        if self.index == 0:
-            if hidden_states.is_cuda and self.keep == "cpu":
-                # pinned: each layer's calibration copies them in and its outputs back, asynchronously
-                kept = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)
-                kept.copy_(hidden_states)
-            else:
-                kept = hidden_states.to(self.keep)
-            self.hidden.append(kept)
-        return hidden_states
-
-
-def capture_inputs(model, layers: nn.ModuleList, batches, device: str, keep: str) -> tuple[list, list]:
+def capture_inputs(model, batches, device: str, keep: str) -> tuple[list, list]:
     """(the first layer's hidden states per batch, on `keep`; per layer, the (args, kwargs) the
-    decoder hands it per batch). The layers pass the hidden states through unchanged: only what
-    the decoder computes for each layer is wanted here."""
-    decoder = model.get_decoder()
-    hidden: list = []
-    calls: list = [[] for _ in layers]
-    real = decoder.layers
-    decoder.layers = nn.ModuleList([_Catcher(layer, i, hidden, calls[i], keep) for i, layer in enumerate(layers)])
-    try:
+    decoder hands it per batch): sequential.capture_layer_calls over the calibration batches."""
+    def keep_hidden(h):
+        if h.is_cuda and keep == "cpu":
+            # pinned: each layer's calibration copies them in and its outputs back, asynchronously
+            return torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h)
+        return h.to(keep)
+
+    def run():
         with torch.inference_mode():
             for batch in batches:
                 decoder(input_ids=batch.to(device), use_cache=False)
-    finally:
-        decoder.layers = real
-    return hidden, calls
+
+    decoder = model.get_decoder()
+    return capture_layer_calls(decoder, run, keep_hidden)
 
 
 def _to(value, device):
@@ -312,12 +280,12 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     layer_keys = tuple(n + "." for n in names)
     decoder_prefix = layer_names[id(decoder)] + "." if layer_names[id(decoder)] else ""
     materialize(decoder, decoder_prefix, reader, device, dtype, skip="layers.")
-    inputs, layer_calls = capture_inputs(model, layers, batches, device, keep)
+    inputs, layer_calls = capture_inputs(model, batches, device, keep)
     # the recipe's other streams start from the same first-layer inputs (copies: the
     # calibration loop overwrites its own in place)
     stats = [_copy(h) for h in inputs] if smooth else None
     if gptq:
-        fp, qs, _ = start_streams([(_copy(h), a, k) for h, (a, k) in zip(inputs, layer_calls[0])])
+        fp, qs, chunk_calls = start_streams([_copy(h) for h in inputs], layer_calls)
         fit = Fit(ridge=RIDGE if gptq.ridge is None else gptq.ridge, kernel=gptq.kernel,
                   hessian_tf32=gptq.hessian_tf32, replay=False, device=device, keep=keep)
         timer = _Timer()
@@ -379,10 +347,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
         if gptq:
             linears = quantized_linears(root)
             with QuantizersOff(root), float32_linears(root):
-                # this layer's arguments cut into the streams' chunks (chunked cuts the same way)
-                chunk_args = [(a, k) for _, a, k in chunked([(h, a, k) for h, (a, k) in zip(inputs, args)],
-                                                            CHUNK_TOKENS)]
-                fp, qs, _ = refine_layer(layer, linears, fp, qs, chunk_args, {}, fit, timer)
+                fp, qs, _ = refine_layer(layer, linears, fp, qs, chunk_calls[i], {}, fit, timer)
             reach["linears"] += len(linears)
             del linears
         phases["refine"] += time.time() - t
@@ -399,7 +364,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     ahead.shutdown()
     del inputs, stats
     if gptq:
-        del fp, qs
+        del fp, qs, chunk_calls
         events.emit("log", message=f"refine: sequential activation-aware GPTQ, streamed ({timer})")
 
     # 4. everything outside the layers, as the source has it (cast to the export dtype)
