@@ -232,6 +232,33 @@ def quantized_linears(model) -> dict:
     return out
 
 
+def weights_out_of_reach(model, linears: dict) -> dict[str, int]:
+    """Modules whose weights ModelOpt quantizes but that are not among `linears` (the 2-D Linears
+    our weight steps handle), counted by kind: transformers 5 keeps a Mixture-of-Experts layer's
+    experts as fused 3-D parameters, which ModelOpt quantizes per expert (one weight quantizer
+    each, in a ModuleList) but GPTQ, the scale search and the bf16 ranking do not reach; they
+    keep ModelOpt's round-to-nearest with max scales."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    modules = dict(model.named_modules())
+    handled = {id(m) for m in linears.values()}
+    owners = {}
+    for name, q in modules.items():
+        if not isinstance(q, TensorQuantizer) or not q.is_enabled:
+            continue
+        parts = name.split(".")
+        at = next((i for i, p in enumerate(parts) if "weight_quantizer" in p), None)
+        owner = modules.get(".".join(parts[:at])) if at is not None else None
+        if owner is not None and id(owner) not in handled:
+            owners[id(owner)] = owner
+    out: dict[str, int] = {}
+    for m in owners.values():
+        fused = any(p.dim() == 3 for p in m.parameters(recurse=False))
+        what = f"{type(m).__name__} ({'fused 3-D expert weights' if fused else 'not a 2-D Linear of 16-multiple inputs'})"
+        out[what] = out.get(what, 0) + 1
+    return out
+
+
 def fused_units(names) -> list[list[str]]:
     """Quantized Linear names grouped into the units the engines fuse (q/k/v, gate/up);
     every other Linear is a unit of its own."""

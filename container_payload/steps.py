@@ -35,10 +35,7 @@ def run(model, recipe, forward_loop, applied: list | None = None):
         if isinstance(step, Smooth):
             events.stage("pre-calibrate", detail=f"{recipe.name}: smoothing statistics, folded into the bf16 weights")
             from .smoothing import smooth
-            groups = smooth(model, forward_loop, step.alpha)
-            applied.append(f"{step.key}: {groups} groups smoothed" if groups else
-                           f"{step.key}: skipped ({type(model).__name__}: its decoder layers have no plain RMSNorm "
-                           "before q/k/v and gate/up)")
+            applied.append(f"{step.key}: {smooth(model, forward_loop, step.alpha).line()}")
         elif isinstance(step, Calibrate):
             import modelopt.torch.quantization as mtq
 
@@ -57,9 +54,16 @@ def run(model, recipe, forward_loop, applied: list | None = None):
     return model
 
 
-def _reach(linears: dict | None) -> str:
-    """What a weight step did, in a few words."""
-    return f"{len(linears)} quantized Linears" if linears else "skipped (no quantized Linear it applies to)"
+def _reach(model, linears: dict | None, did: str = "") -> str:
+    """What a weight step did, in a few words, and which quantized weights it could not reach."""
+    from .algorithms import weights_out_of_reach
+
+    out = (did or f"{len(linears)} quantized Linears") if linears else "skipped (no quantized Linear it applies to)"
+    missed = weights_out_of_reach(model, linears or {})
+    if missed:
+        out += "; not reached, left at ModelOpt's calibration: " + ", ".join(
+            f"{n} {what}" for what, n in missed.items())
+    return out
 
 
 def _ranking_batches(later) -> int:
@@ -72,7 +76,7 @@ def _scale_search(model, step: ScaleSearch, forward_loop, state: State, later) -
 
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=False, search=True, keep_batches=_ranking_batches(later))
-    return _reach(state.linears)
+    return _reach(model, state.linears)
 
 
 def _gptq(model, step: Gptq, forward_loop, state: State, later) -> str:
@@ -83,13 +87,13 @@ def _gptq(model, step: Gptq, forward_loop, state: State, later) -> str:
         state.linears, state.originals, state.kept_ids = sequential_gptq(
             model, forward_loop, keep_batches=_ranking_batches(later), captured=captured,
             ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32)
-        return _reach(state.linears)
+        return _reach(model, state.linears)
     from .algorithms import quantize_weights
 
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=True, search=True, keep_batches=_ranking_batches(later),
         act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel)
-    return _reach(state.linears)
+    return _reach(model, state.linears)
 
 
 @torch.no_grad()
@@ -98,7 +102,7 @@ def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> str:
 
     if state.originals is not None:  # after GPTQ / rounding: rank the weights it chose
         kept = keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
-        return f"{len(kept)} fused units kept in bf16"
+        return _reach(model, state.linears, _kept(kept, state.linears))
     # Before GPTQ: rank round-to-nearest weights, then give the originals back to the GPTQ that
     # follows (it fits around the units kept in bf16). A sequential one reuses the captured inputs.
     from .sequential import first_layer_inputs
@@ -114,7 +118,13 @@ def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> str:
     del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)
     if any(isinstance(s, Gptq) and s.sequential for s in later):
         state.captured = captured
-    return f"{len(kept)} fused units kept in bf16"
+    return _reach(model, linears, _kept(kept, linears))
+
+
+def _kept(kept: list, linears: dict) -> str:
+    from .algorithms import fused_units
+
+    return f"{len(kept)} of {len(fused_units(linears))} fused units kept in bf16"
 
 
 RUNNERS = {ScaleSearch: _scale_search, Gptq: _gptq, KeepBf16: _keep_bf16}
