@@ -80,20 +80,85 @@ def _scale_search(model, step: ScaleSearch, forward_loop, state: State, later) -
 
 
 def _gptq(model, step: Gptq, forward_loop, state: State, later) -> str:
-    if step.sequential:
+    captured, state.captured = state.captured, None  # handed over: freed with the pass
+    unlike = layers_unlike_the_first(model, forward_loop) if step.sequential else []
+    if step.sequential and not unlike:
         from .sequential import sequential_gptq
 
-        captured, state.captured = state.captured, None  # handed over: freed with the pass
         state.linears, state.originals, state.kept_ids = sequential_gptq(
             model, forward_loop, keep_batches=_ranking_batches(later), captured=captured,
             ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32)
         return _reach(model, state.linears)
+    del captured
     from .algorithms import quantize_weights
 
+    # a sequential step falls back to one pass here: its ridge default is the one-pass one (recipes.Gptq)
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=True, search=True, keep_batches=_ranking_batches(later),
         act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel)
-    return _reach(model, state.linears)
+    line = _reach(model, state.linears)
+    if unlike:
+        line += (f" by one-pass activation-aware GPTQ, not the sequential pass: layer(s) {', '.join(unlike)} "
+                 "get another attention mask or rotary embedding than layer 0, which that pass replays to every layer")
+    return line
+
+
+class _FirstBatchSeen(Exception):
+    pass
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a plain ==: only the same one is the same
+        return False
+
+
+@torch.no_grad()
+def layers_unlike_the_first(model, forward_loop) -> list[str]:
+    """The decoder layers (index and attention kind) called, on the first calibration batch, with
+    other arguments than layer 0: its attention mask, rotary embeddings, positions. The sequential
+    pass captures layer 0's and gives them to every layer (sequential.first_layer_inputs), which
+    is right when they are the same for all (Llama, Qwen, Gemma 2 within its sliding window) and
+    wrong otherwise: Gemma 3's global layers have their own rotary base and no sliding window
+    (measured on a 2-layer Gemma 3: 15% relative error in the global layer's output)."""
+    from .algorithms import QuantizersOff
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = list(getattr(decoder, "layers", []))
+    kinds = getattr(getattr(model, "config", None), "layer_types", None) or []
+    first, unlike = {}, []
+
+    def hook_for(i):
+        def hook(mod, args, kwargs):
+            call = {**{k: v for k, v in kwargs.items() if k != "hidden_states"}, "*args": args[1:]}
+            if i == 0:
+                first.update(call)
+            elif not _same(call, first):
+                kind = getattr(mod, "attention_type", None) or (kinds[i] if i < len(kinds) else "?")
+                unlike.append(f"{i} ({kind})")
+            if i == len(layers) - 1:
+                raise _FirstBatchSeen  # one batch tells
+        return hook
+
+    if len(layers) < 2:
+        return []
+    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with QuantizersOff(model):
+            forward_loop(model)
+    except _FirstBatchSeen:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return unlike
 
 
 @torch.no_grad()

@@ -593,7 +593,7 @@ def case_smoothing_families():
             a, b = before(input_ids=ids).logits.float(), model(input_ids=ids).logits.float()
         return before, model, done, ((a - b).norm() / a.norm()).item()
 
-    for kind in ("llama", "qwen3", "gemma", "gemma2", "gemma3_text", "qwen3_moe"):
+    for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "qwen3_moe"):
         before, model, done, err = smoothed(kind)
         moe = kind == "qwen3_moe"
         assert done.groups == (1 if moe else 3) * 2, (kind, done.line())
