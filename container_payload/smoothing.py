@@ -18,7 +18,7 @@ not from its class or the model's name: weight * x / rms(x) (Llama, Mistral, Qwe
 (1 + weight) * x / rms(x) (Gemma 1-3, whose stored weight is the offset from 1); a scale s folds
 into the first as w / s and into the second as (1 + w) / s - 1. Which producer feeds which
 Linears is proven on the first calibration batch, not assumed: the norm's output must be exactly
-what q_proj (gate_proj) reads, and down_proj's input exactly act(gate) * up. So Gemma 2/3's
+what q_proj (gate_proj) reads, and down_proj's input act(gate) * up. So Gemma 2/3's
 post_attention_layernorm (it normalizes the attention output before the residual add) is never
 taken for gate/up: their pre_feedforward_layernorm is. Qwen3's q_norm / k_norm come after q/k,
 so the q/k/v input is smoothed as in Llama. A part that does not fit (a Mixture-of-Experts MLP,
@@ -120,8 +120,11 @@ def smoothing_groups(model, report: Smoothed | None = None) -> list[Group]:
                 report.skipped[f"{part} ({type(owner).__name__} has no {'/'.join(names)} Linears)"] += 1
                 continue
             if part == "down_proj input":
-                if not isinstance(producer, torch.nn.Linear) or not callable(getattr(owner, "act_fn", None)):
-                    report.skipped[f"{part} ({type(owner).__name__}: no up_proj Linear and act_fn)"] += 1
+                # down_proj(act(gate_proj(x)) * up_proj(x)): linear in up's rows (a plain act(up) is not)
+                if not isinstance(producer, torch.nn.Linear) or not isinstance(getattr(owner, "gate_proj", None),
+                                                                             torch.nn.Linear) \
+                        or not callable(getattr(owner, "act_fn", None)):
+                    report.skipped[f"{part} ({type(owner).__name__}: no gate_proj, up_proj and act_fn)"] += 1
                     continue
                 groups.append(Group(part, producer, linears, "rows", mlp=owner))
                 continue
@@ -136,8 +139,8 @@ def smoothing_groups(model, report: Smoothed | None = None) -> list[Group]:
 
 def input_channel_absmax(groups, forward_loop, model) -> tuple[list[torch.Tensor], list[bool]]:
     """max |x_j| over the calibration data at the input of each group (its first Linear), and
-    whether, on the first batch, that input is exactly what the group's producer made: the
-    norm's output, or act(gate) * up for down_proj."""
+    whether, on the first batch, that input is what the group's producer made: the norm's output,
+    or act(gate) * up for down_proj (to 1%: recomputing the product may round otherwise)."""
     stats = [None] * len(groups)
     made = [None] * len(groups)      # the producer's output (and gate's, for "rows") of the first batch
     fits = [None] * len(groups)
