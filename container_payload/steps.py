@@ -129,6 +129,7 @@ def layers_unlike_the_first(model, forward_loop) -> list[str]:
     wrong otherwise: Gemma 3's global layers have their own rotary base and no sliding window
     (measured on a 2-layer Gemma 3: 15% relative error in the global layer's output)."""
     from .algorithms import QuantizersOff
+    from .linear_compute import float32_linears
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = list(getattr(decoder, "layers", []))
@@ -151,7 +152,7 @@ def layers_unlike_the_first(model, forward_loop) -> list[str]:
         return []
     handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        with QuantizersOff(model):
+        with QuantizersOff(model), float32_linears(model):  # one batch, up to the last layer
             forward_loop(model)
     except _FirstBatchSeen:
         pass
