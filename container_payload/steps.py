@@ -81,8 +81,8 @@ def _scale_search(model, step: ScaleSearch, forward_loop, state: State, later) -
 
 def _gptq(model, step: Gptq, forward_loop, state: State, later) -> str:
     captured, state.captured = state.captured, None  # handed over: freed with the pass
-    unlike = layers_unlike_the_first(model, forward_loop) if step.sequential else []
-    if step.sequential and not unlike:
+    blockers = sequential_blockers(model, forward_loop, state.linears) if step.sequential else []
+    if step.sequential and not blockers:
         from .sequential import sequential_gptq
 
         state.linears, state.originals, state.kept_ids = sequential_gptq(
@@ -97,9 +97,8 @@ def _gptq(model, step: Gptq, forward_loop, state: State, later) -> str:
         model, forward_loop, gptq=True, search=True, keep_batches=_ranking_batches(later),
         act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel)
     line = _reach(model, state.linears)
-    if unlike:
-        line += (f" by one-pass activation-aware GPTQ, not the sequential pass: layer(s) {', '.join(unlike)} "
-                 "get another attention mask or rotary embedding than layer 0, which that pass replays to every layer")
+    if blockers:
+        line += " by one-pass activation-aware GPTQ, not the sequential pass: " + "; ".join(blockers)
     return line
 
 
@@ -121,45 +120,69 @@ def _same(a, b) -> bool:
 
 
 @torch.no_grad()
-def layers_unlike_the_first(model, forward_loop) -> list[str]:
-    """The decoder layers (index and attention kind) called, on the first calibration batch, with
-    other arguments than layer 0: its attention mask, rotary embeddings, positions. The sequential
-    pass captures layer 0's and gives them to every layer (sequential.first_layer_inputs), which
-    is right when they are the same for all (Llama, Qwen, Gemma 2 within its sliding window) and
-    wrong otherwise: Gemma 3's global layers have their own rotary base and no sliding window
-    (measured on a 2-layer Gemma 3: 15% relative error in the global layer's output)."""
-    from .algorithms import QuantizersOff
+def sequential_blockers(model, forward_loop, linears: dict | None = None) -> list[str]:
+    """Why the sequential pass (sequential.py) would compute the wrong thing on this model, from
+    one calibration batch (empty: it applies). That pass captures what layer 0 is called with and
+    calls every layer so, and it pairs each Linear's original and quantized inputs row by row:
+    - layers called with other arguments than layer 0 (mask, rotary embeddings, positions): right
+      for Llama, Qwen, Gemma 2 within its sliding window; wrong for Gemma 3, whose global layers
+      have their own rotary base and no sliding window (measured on a 2-layer Gemma 3: 15% relative
+      error in the global layer's output);
+    - routed Linears (experts as nn.Linear, transformers 4.57's MoE) see a subset of the tokens
+      that differs between the two streams, so their rows cannot be paired."""
+    from .algorithms import QuantizersOff, quantized_linears
     from .linear_compute import float32_linears
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = list(getattr(decoder, "layers", []))
+    if not layers:
+        return []
     kinds = getattr(getattr(model, "config", None), "layer_types", None) or []
-    first, unlike = {}, []
+    linears = quantized_linears(model) if linears is None else linears
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    watched = {n: m for n, m in linears.items() if id(m) in inside}
+    first, unlike, tokens, rows = {}, [], [], {}
 
-    def hook_for(i):
+    def layer_hook(i):
         def hook(mod, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
             call = {**{k: v for k, v in kwargs.items() if k != "hidden_states"}, "*args": args[1:]}
             if i == 0:
                 first.update(call)
+                tokens.append(h.numel() // h.shape[-1])
             elif not _same(call, first):
                 kind = getattr(mod, "attention_type", None) or (kinds[i] if i < len(kinds) else "?")
                 unlike.append(f"{i} ({kind})")
-            if i == len(layers) - 1:
-                raise _FirstBatchSeen  # one batch tells
         return hook
 
-    if len(layers) < 2:
-        return []
-    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    def linear_hook(name):
+        def hook(mod, args):
+            rows[name] = rows.get(name, 0) + args[0].numel() // args[0].shape[-1]
+        return hook
+
+    def stop(*_):
+        raise _FirstBatchSeen  # one batch tells
+
+    handles = [layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [m.register_forward_pre_hook(linear_hook(n)) for n, m in watched.items()]
+    handles.append(layers[-1].register_forward_hook(stop))
     try:
-        with QuantizersOff(model), float32_linears(model):  # one batch, up to the last layer
+        with QuantizersOff(model), float32_linears(model):
             forward_loop(model)
     except _FirstBatchSeen:
         pass
     finally:
         for h in handles:
             h.remove()
-    return unlike
+    out = []
+    if unlike:
+        out.append(f"layer(s) {', '.join(unlike)} get another attention mask or rotary embedding than layer 0, "
+                   "which that pass replays to every layer")
+    routed = [n for n in watched if tokens and rows.get(n, 0) != tokens[0]]
+    if routed:
+        out.append(f"{len(routed)} Linears see only the tokens routed to them (experts as Linears, e.g. "
+                   f"{routed[0]}), which differ between its two streams")
+    return out
 
 
 @torch.no_grad()
