@@ -237,6 +237,40 @@ def quantized_linears(model) -> dict:
     return out
 
 
+def modules_out_of_reach(model, linears: dict) -> list:
+    """Modules whose weights ModelOpt quantizes but that are not among `linears` (the 2-D Linears
+    our weight steps handle). transformers 5 keeps a Mixture-of-Experts layer's experts as fused
+    3-D parameters, which ModelOpt quantizes per expert (a ModuleList of weight quantizers) but
+    GPTQ, the scale search and the bf16 ranking do not reach: they keep ModelOpt's round-to-nearest
+    with max scales."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    modules = dict(model.named_modules())
+    handled = {id(m) for m in linears.values()}
+    owners = {}
+    for name, q in modules.items():
+        if not isinstance(q, TensorQuantizer) or not q.is_enabled:
+            continue
+        parts = name.split(".")
+        at = next((i for i, p in enumerate(parts) if "weight_quantizer" in p), None)
+        owner = modules.get(".".join(parts[:at])) if at is not None else None
+        if owner is not None and id(owner) not in handled:
+            owners[id(owner)] = owner
+    return list(owners.values())
+
+
+def weights_out_of_reach(model, linears: dict) -> dict[str, int]:
+    """modules_out_of_reach counted by kind, e.g. {"Qwen3MoeExperts (fused 3-D expert weights)": 2}."""
+    out: dict[str, int] = {}
+    for m in modules_out_of_reach(model, linears):
+        name = type(m).__name__  # ModelOpt's QuantX subclasses X: name the model's own class
+        name = next((c.__name__ for c in type(m).__mro__[1:] if c.__name__ == name.removeprefix("Quant")), name)
+        fused = any(p.dim() == 3 for p in m.parameters(recurse=False))
+        what = f"{name} ({'fused 3-D expert weights' if fused else 'not a 2-D Linear of 16-multiple inputs'})"
+        out[what] = out.get(what, 0) + 1
+    return out
+
+
 def fused_units(names) -> list[list[str]]:
     """Quantized Linear names grouped into the units the engines fuse (q/k/v, gate/up);
     every other Linear is a unit of its own."""
@@ -482,8 +516,12 @@ def _nvfp4_bytes(numel: int) -> float:
 
 
 def model_bytes_default(model, linears: dict) -> float:
-    """Estimated weight bytes of the default NVFP4 checkpoint (everything else as stored)."""
+    """Estimated weight bytes of the default NVFP4 checkpoint (everything else as stored). Weights
+    quantized out of our reach (fused experts) count as NVFP4 too: counted as bf16, a MoE's
+    experts would make the bf16 budget several times what it promises."""
     qweights = {id(m.weight) for m in linears.values()}
+    qweights |= {id(p) for m in modules_out_of_reach(model, linears) for p in m.parameters(recurse=False)
+                 if p.dim() >= 2}
     total = 0.0
     for p in model.parameters():  # parameters() yields a tied weight once
         total += _nvfp4_bytes(p.numel()) if id(p) in qweights else p.numel() * p.element_size()

@@ -76,6 +76,7 @@ class EvalJob:
     device: str = "auto"
     generations: list | None = None         # prompts for side-by-side greedy generations (None: the built-in ones)
     max_new_tokens: int = 48
+    trust_remote_code: bool = False         # the models' own code (auto_map) may be imported
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ServeJob:
     device: str = "cpu"
     max_new_tokens: int = 64
     api_key_file: str | None = None         # a read-only file: never the environment (`docker inspect` shows it)
+    trust_remote_code: bool = False         # the checkpoint's own code (auto_map) may be imported
 
 
 @dataclass(frozen=True)

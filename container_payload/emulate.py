@@ -235,20 +235,20 @@ def activation(fmt: Format, prefix: str, kind: str, input_scale) -> str | None:
     return kind
 
 
-def _empty_model(model_dir: Path):
+def _empty_model(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         # Our modules replace transformers' own quantizers; it must not load them.
         del config.quantization_config
     try:
         from accelerate import init_empty_weights
     except ImportError:  # without accelerate: a random init first, slower but correct
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     # Parameters on the meta device, buffers (rotary frequencies) real.
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
@@ -257,8 +257,10 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return module
 
 
-def load_emulated(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Quantized checkpoint -> (model with EmulatedLinear modules, info dict)."""
+def load_emulated(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  trust_remote_code: bool = False):
+    """Quantized checkpoint -> (model with EmulatedLinear modules, info dict). trust_remote_code:
+    the checkpoint's own code (auto_map) may be imported (the launcher decided: --trust-remote-code)."""
     model_dir = Path(model_dir)
     qc = quantization_config(model_dir)
     if qc is None:
@@ -266,7 +268,7 @@ def load_emulated(model_dir, device: str = "cpu", dtype: torch.dtype = torch.flo
                            kind="input")
     fmt = detect_format(qc)
     tensors = read_tensors(model_dir)
-    model = _empty_model(model_dir)
+    model = _empty_model(model_dir, trust_remote_code)
 
     from .emulate_moe import rename_to_model, replace_fused_experts
 
@@ -310,7 +312,8 @@ def load_emulated(model_dir, device: str = "cpu", dtype: torch.dtype = torch.flo
     return model, info
 
 
-def load_reference(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_reference(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   trust_remote_code: bool = False):
     """The original (unquantized) model, computing in `dtype`."""
     from transformers import AutoModelForCausalLM
 
@@ -318,12 +321,12 @@ def load_reference(model_dir, device: str = "cpu", dtype: torch.dtype = torch.fl
     if quantization_config(model_dir) is not None:
         raise PayloadError(f"{model_dir} is a quantized checkpoint, not an original model",
                            kind="input")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), {"quantized": False}
 
 
-def load_any(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_any(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """A quantized checkpoint emulated, or an original model as it is."""
     if quantization_config(Path(model_dir)) is None:
-        return load_reference(model_dir, device, dtype)
-    return load_emulated(model_dir, device, dtype)
+        return load_reference(model_dir, device, dtype, trust_remote_code)
+    return load_emulated(model_dir, device, dtype, trust_remote_code)

@@ -35,15 +35,15 @@ KL_BINS = 50
 KL_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
 
-def load_models(checkpoint: Path, reference: Path, device: str):
+def load_models(checkpoint: Path, reference: Path, device: str, trust_remote_code: bool = False):
     from .emulate import load_any, load_reference
 
     events.stage("load", detail=f"{reference} (reference), {checkpoint} (emulated)")
-    ref, _ = load_reference(reference, device)
+    ref, _ = load_reference(reference, device, trust_remote_code=trust_remote_code)
     if checkpoint.resolve() == reference.resolve():
         # The same original model: one copy computes both sides, exactly.
         return ref, ref, {"quantized": False, "same_as_reference": True}
-    model, info = load_any(checkpoint, device)
+    model, info = load_any(checkpoint, device, trust_remote_code=trust_remote_code)
     return ref, model, info
 
 
@@ -216,8 +216,8 @@ def run(job: EvalJob) -> dict:
             raise PayloadError(f"no config.json in model folder {p}", kind="input")
     device = pick_device(job.device)
     # The reference's tokenizer defines the tokens; the checkpoint's copy must agree anyway.
-    tokenizer = AutoTokenizer.from_pretrained(reference)
-    ref, model, info = load_models(checkpoint, reference, device)
+    tokenizer = AutoTokenizer.from_pretrained(reference, trust_remote_code=job.trust_remote_code)
+    ref, model, info = load_models(checkpoint, reference, device, job.trust_remote_code)
     timings["load_s"] = round(time.time() - t0, 3)
 
     t = time.time()

@@ -29,7 +29,8 @@ from .events import PayloadError
 
 
 class Engine:
-    def __init__(self, checkpoint: Path, device: str, max_new_tokens: int, name: str = "model"):
+    def __init__(self, checkpoint: Path, device: str, max_new_tokens: int, name: str = "model",
+                 trust_remote_code: bool = False):
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -40,8 +41,8 @@ class Engine:
         self.device = device
         self.name = name  # the host folder's name: inside, the checkpoint is always /ckpt
         events.stage("load", detail=f"{checkpoint} (emulated) on {device}")
-        self.model, self.info = load_any(checkpoint, device)
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.model, self.info = load_any(checkpoint, device, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
         if not getattr(self.tokenizer, "chat_template", None):
             raise PayloadError(f"{checkpoint} has no chat template: /v1/chat/completions cannot format "
                                "messages", kind="input")
@@ -167,7 +168,7 @@ def make_handler(engine: Engine, api_key: str | None = None):
 
 
 def run(job: ServeJob) -> None:
-    engine = Engine(Path(job.checkpoint), job.device, int(job.max_new_tokens), job.model_name)
+    engine = Engine(Path(job.checkpoint), job.device, int(job.max_new_tokens), job.model_name, job.trust_remote_code)
     # The key comes in a read-only file (never the environment, which `docker inspect` shows);
     # read before /health answers, since the launcher removes the file once the server is up.
     api_key = Path(job.api_key_file).read_text().strip() if job.api_key_file else None

@@ -35,10 +35,7 @@ def run(model, recipe, forward_loop, applied: list | None = None):
         if isinstance(step, Smooth):
             events.stage("pre-calibrate", detail=f"{recipe.name}: smoothing statistics, folded into the bf16 weights")
             from .smoothing import smooth
-            groups = smooth(model, forward_loop, step.alpha)
-            applied.append(f"{step.key}: {groups} groups smoothed" if groups else
-                           f"{step.key}: skipped ({type(model).__name__}: its decoder layers have no plain RMSNorm "
-                           "before q/k/v and gate/up)")
+            applied.append(f"{step.key}: {smooth(model, forward_loop, step.alpha).line()}")
         elif isinstance(step, Calibrate):
             import modelopt.torch.quantization as mtq
 
@@ -57,9 +54,16 @@ def run(model, recipe, forward_loop, applied: list | None = None):
     return model
 
 
-def _reach(linears: dict | None) -> str:
-    """What a weight step did, in a few words."""
-    return f"{len(linears)} quantized Linears" if linears else "skipped (no quantized Linear it applies to)"
+def _reach(model, linears: dict | None, did: str = "") -> str:
+    """What a weight step did, in a few words, and which quantized weights it could not reach."""
+    from .algorithms import weights_out_of_reach
+
+    out = (did or f"{len(linears)} quantized Linears") if linears else "skipped (no quantized Linear it applies to)"
+    missed = weights_out_of_reach(model, linears or {})
+    if missed:
+        out += "; not reached, left at ModelOpt's calibration: " + ", ".join(
+            f"{n} {what}" for what, n in missed.items())
+    return out
 
 
 def _ranking_batches(later) -> int:
@@ -72,24 +76,84 @@ def _scale_search(model, step: ScaleSearch, forward_loop, state: State, later) -
 
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=False, search=True, keep_batches=_ranking_batches(later))
-    return _reach(state.linears)
+    return _reach(model, state.linears)
 
 
 def _gptq(model, step: Gptq, forward_loop, state: State, later) -> str:
-    if step.sequential:
+    captured, state.captured = state.captured, None  # handed over: freed with the pass
+    blockers = sequential_blockers(model, forward_loop, state.linears) if step.sequential else []
+    if step.sequential and not blockers:
         from .sequential import sequential_gptq
 
-        captured, state.captured = state.captured, None  # handed over: freed with the pass
         state.linears, state.originals, state.kept_ids = sequential_gptq(
             model, forward_loop, keep_batches=_ranking_batches(later), captured=captured,
             ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32)
-        return _reach(state.linears)
+        return _reach(model, state.linears)
+    del captured
     from .algorithms import quantize_weights
 
+    # a sequential step falls back to one pass here: its ridge default is the one-pass one (recipes.Gptq)
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=True, search=True, keep_batches=_ranking_batches(later),
         act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel)
-    return _reach(state.linears)
+    line = _reach(model, state.linears)
+    if blockers:
+        line += " by one-pass activation-aware GPTQ, not the sequential pass: " + "; ".join(blockers)
+    return line
+
+
+class _FirstBatchSeen(Exception):
+    pass
+
+
+@torch.no_grad()
+def sequential_blockers(model, forward_loop, linears: dict | None = None) -> list[str]:
+    """Why the sequential pass (sequential.py) would compute the wrong thing on this model, from
+    one calibration batch (empty: it applies). That pass pairs each Linear's original and
+    quantized inputs row by row, so routed Linears (experts as nn.Linear, transformers 4.57's
+    MoE), which see a subset of the tokens that differs between the two streams, cannot be
+    fitted by it. (Layers called with other masks or rotary embeddings than layer 0, as Gemma 3's
+    global layers are, are not a blocker: the pass calls each layer with its own arguments.)"""
+    from .algorithms import QuantizersOff, quantized_linears
+    from .linear_compute import float32_linears
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = list(getattr(decoder, "layers", []))
+    if not layers:
+        return []
+    linears = quantized_linears(model) if linears is None else linears
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    watched = {n: m for n, m in linears.items() if id(m) in inside}
+    tokens, rows = [], {}
+
+    def count_tokens(mod, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        tokens.append(h.numel() // h.shape[-1])
+
+    def linear_hook(name):
+        def hook(mod, args):
+            rows[name] = rows.get(name, 0) + args[0].numel() // args[0].shape[-1]
+        return hook
+
+    def stop(*_):
+        raise _FirstBatchSeen  # one batch tells
+
+    handles = [layers[0].register_forward_pre_hook(count_tokens, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(linear_hook(n)) for n, m in watched.items()]
+    handles.append(layers[-1].register_forward_hook(stop))
+    try:
+        with QuantizersOff(model), float32_linears(model):
+            forward_loop(model)
+    except _FirstBatchSeen:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    routed = [n for n in watched if tokens and rows.get(n, 0) != tokens[0]]
+    if routed:
+        return [f"{len(routed)} Linears see only the tokens routed to them (experts as Linears, e.g. "
+                f"{routed[0]}), which differ between its two streams"]
+    return []
 
 
 @torch.no_grad()
@@ -98,7 +162,7 @@ def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> str:
 
     if state.originals is not None:  # after GPTQ / rounding: rank the weights it chose
         kept = keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
-        return f"{len(kept)} fused units kept in bf16"
+        return _reach(model, state.linears, _kept(kept, state.linears))
     # Before GPTQ: rank round-to-nearest weights, then give the originals back to the GPTQ that
     # follows (it fits around the units kept in bf16). A sequential one reuses the captured inputs.
     from .sequential import first_layer_inputs
@@ -114,7 +178,13 @@ def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> str:
     del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)
     if any(isinstance(s, Gptq) and s.sequential for s in later):
         state.captured = captured
-    return f"{len(kept)} fused units kept in bf16"
+    return _reach(model, linears, _kept(kept, linears))
+
+
+def _kept(kept: list, linears: dict) -> str:
+    from .algorithms import fused_units
+
+    return f"{len(kept)} of {len(fused_units(linears))} fused units kept in bf16"
 
 
 RUNNERS = {ScaleSearch: _scale_search, Gptq: _gptq, KeepBf16: _keep_bf16}

@@ -300,7 +300,9 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
 
     peak_layer = 0
     phases = {"read_wait": 0.0, "smooth": 0.0, "calibrate": 0.0, "refine": 0.0, "export": 0.0}  # seconds
-    reach = {"groups": 0, "linears": 0, "smooth_skipped": None}
+    from .smoothing import Smoothed
+
+    smoothed, reached = Smoothed(), 0  # what smoothing and the GPTQ did, over all layers
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
     pending = ahead.submit(read_params, layers[0], names[0] + ".", reader, dtype) if layers else None
     for i, (name, layer) in enumerate(zip(names, layers)):
@@ -331,10 +333,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
 
         t = time.time()
         if smooth:
-            groups = _smooth_layer(layer, stats, args, smooth.alpha, device, keep)
-            reach["groups"] += groups
-            if not groups and reach["smooth_skipped"] is None:
-                reach["smooth_skipped"] = type(layer).__name__
+            smoothed.add(_smooth_layer(layer, stats, args, smooth.alpha, device, keep))
         phases["smooth"] += time.time() - t
         t = time.time()
         with contextlib.redirect_stdout(io.StringIO()):  # "Inserted 21 quantizers", per layer
@@ -348,7 +347,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
             linears = quantized_linears(root)
             with QuantizersOff(root), float32_linears(root):
                 fp, qs, _ = refine_layer(layer, linears, fp, qs, chunk_calls[i], {}, fit, timer)
-            reach["linears"] += len(linears)
+            reached += len(linears)
             del linears
         phases["refine"] += time.time() - t
         t = time.time()
@@ -390,25 +389,23 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(out))
     hf._write_hf_export_config(model, quant_config, out)
-    applied = []
+    applied = []  # the whole path's lines (steps.run), each marked "layer by layer"
     for step in recipe.steps:
         if isinstance(step, recipes.Smooth):
-            applied.append(f"{step.key}: {reach['groups']} groups smoothed" if not reach["smooth_skipped"] else
-                           f"{step.key}: {reach['groups']} groups smoothed; skipped in {reach['smooth_skipped']} "
-                           "layers (no plain RMSNorm before q/k/v and gate/up)")
+            applied.append(f"{step.key}: {smoothed.line()}, layer by layer")
         elif isinstance(step, recipes.Calibrate):
             applied.append(f"{step.key}: ModelOpt {recipe.preset}, layer by layer")
         else:
-            applied.append(f"{step.key}: {reach['linears']} quantized Linears, layer by layer")
+            applied.append(f"{step.key}: {reached} quantized Linears, layer by layer")
     return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes), "applied": applied,
             "stream_s": round(time.time() - t0, 3), "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
 
 
-def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, keep: str) -> int:
+def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, keep: str):
     """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (hidden
     states per batch, advanced in place through the still unsmoothed layer, as the whole path's
     one statistics pass runs the unsmoothed model), then the scales folded. `args`: the layer's
-    (args, kwargs) per batch. Returns the groups smoothed."""
+    (args, kwargs) per batch. Returns smoothing's report for the layer."""
     from .smoothing import smooth
 
     holder = nn.Module()

@@ -93,6 +93,17 @@ def spec_options(f):
     return f
 
 
+def spec_option(dotted: str):
+    """One JobSpec field's option on a command without a spec (eval, serve): the flag and help
+    quantize has, so that the rule reads the same everywhere."""
+    info = dict(flagged_fields())[dotted]
+
+    def add(f):
+        f.__click_params__ = getattr(f, "__click_params__", []) + [_spec_option(dotted, info)]
+        return f
+    return add
+
+
 def spec_flags(kw: dict) -> dict:
     """The nested spec values given on the command line (None: not given)."""
     flags: dict = {}
@@ -170,8 +181,9 @@ def verify(ckpt, json_out, json_mode):
 @click.option("--image", default="auto", show_default=True, help="Container image (as for quantize).")
 @click.option("--gpus", default="auto", show_default=True, help="auto | none | all | 0,1 ...")
 @click.option("--no-generations", is_flag=True, help="Skip the side-by-side greedy generations.")
+@spec_option("trust_remote_code")
 @click.option("--json", "json_mode", is_flag=True, help=JSON_HELP)
-def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_generations, json_mode):
+def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_generations, trust_remote_code, json_mode):
     """Measure what quantization cost: perplexity of both models, KL(original || quantized),
     top-1 agreement and greedy generations side by side, on held-out text. The quantized
     model is an exact emulation of what the engines compute, so no FP4 GPU is needed."""
@@ -180,7 +192,7 @@ def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_gene
 
     json_requested(json_mode)
     result = evaluate(EvalRequest(ckpt, reference, text, tokens, seq_len, json_out, image, gpus,
-                                  generations=not no_generations), console)
+                                  generations=not no_generations, trust_remote_code=bool(trust_remote_code)), console)
     console.print(summary_line(result), highlight=False)
     if json_mode:
         print_json(runs.load(result["run_id"]).read_result())
@@ -261,14 +273,16 @@ def doctor(model, output, image):
               help="Seconds to wait for the server's /health.")
 @click.option("--api-key", help="Key clients must send (Authorization: Bearer KEY) [default: a random key, "
               "printed once]. The stand-in server checks it; trtllm-serve has no key option.")
-def serve(output, port, image, timeout, api_key):
+@spec_option("trust_remote_code")
+def serve(output, port, image, timeout, api_key, trust_remote_code):
     """Serve the checkpoint OUTPUT (OpenAI-compatible, http://127.0.0.1:PORT/v1) in a detached
     container, check it with one chat request, and leave it running; stop it with
     `launcher rollback RUN_ID`."""
     from .serve import ServeRequest
     from .serve import serve as run_serve
 
-    run_serve(ServeRequest(output, port=port, image=image, timeout=timeout, api_key=api_key), console)
+    run_serve(ServeRequest(output, port=port, image=image, timeout=timeout, api_key=api_key,
+                           trust_remote_code=bool(trust_remote_code)), console)
 
 
 @main.command()

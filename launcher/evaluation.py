@@ -42,6 +42,7 @@ class EvalRequest:
     gpus: str = "auto"
     generations: bool = True
     keep: bool = False                  # leave the container for inspection (quantize --keep-container)
+    trust_remote_code: bool = False     # the models' own code (auto_map) may run: model_source.check_remote_code
 
 
 def text_path(text: str) -> Path:
@@ -71,7 +72,9 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     if reference is None:
         raise ConfigError("the checkpoint does not say which model it came from", where="--reference",
                           advice="pass --reference MODEL (hub id, folder, or embedded)")
-    ref_spec = JobSpec(model=reference, output=Path("/nonexistent"))
+    # the checkpoint carries its source's code (quantize copies it): the same rule for both models
+    model_source.check_remote_code(ckpt, req.trust_remote_code, str(ckpt))
+    ref_spec = JobSpec(model=reference, output=Path("/nonexistent"), trust_remote_code=req.trust_remote_code)
     model_source.validate(ref_spec)  # a bad id or missing folder: before Docker and the network
     if ref_spec.is_embedded and not (paths.models_dir() / model_source.EMBEDDED_DIRNAME / "config.json").exists():
         raise LauncherError("the embedded model has not been converted yet",
@@ -79,6 +82,7 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     text = text_path(req.text)
     json_out = check_json_out(req.json_out or ckpt / "eval.json")
     ref = model_source.resolve(ref_spec)
+    model_source.check_remote_code(ref.host_dir, req.trust_remote_code, reference)
 
     docker = DockerSession.open(console)
     client, nvidia = docker.client, docker.nvidia
@@ -92,7 +96,7 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     job = EvalJob(checkpoint="/ckpt", reference=ref.container_dir, text=f"/text/{text.name}",
                   tokens=req.tokens, seq_len=req.seq_len, json_out=f"/evalout/{json_out.name}",
                   device="cpu" if req.gpus == "none" or not nvidia else "auto",
-                  generations=None if req.generations else [])
+                  generations=None if req.generations else [], trust_remote_code=req.trust_remote_code)
     binds = [Bind(ckpt, "/ckpt"), Bind(text, f"/text/{text.name}"),
              Bind(out_dir, "/evalout", read_only=False)] + [b for b in ref.binds if b.target != "/assets"]
     with rec.ends_on_error():

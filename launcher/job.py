@@ -200,7 +200,7 @@ class QuantizeJob:
         record = None if self.dry_run else (lambda path: rec.add("cache", path))
         model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)
         if not self.dry_run and not spec.is_embedded:
-            model_source.check_remote_code(model.host_dir, spec)
+            model_source.check_remote_code(model.host_dir, spec.trust_remote_code, spec.model)
         calib = None if self.dry_run else calibration_bind(spec, on_create=record)
         image = docker.ensure_image(rec, image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
         if runnable is None and image.id:
@@ -237,7 +237,8 @@ class QuantizeJob:
             try:
                 evaluation = evaluate(EvalRequest(output, reference=self.spec.model, tokens=QUICK_TOKENS[self.device_kind],
                                                   image=image_ref, gpus=self.spec.gpus,
-                                                  keep=self.spec.keep_container), self.console)
+                                                  keep=self.spec.keep_container,
+                                                  trust_remote_code=self.spec.trust_remote_code), self.console)
                 self.console.print(f"quality: {summary_line(evaluation)}", highlight=False)
             except LauncherError as e:
                 self.console.print(f"[yellow]warning:[/] evaluation failed, the checkpoint is fine: {e}")

@@ -99,16 +99,18 @@ def validate(spec: JobSpec) -> None:
     check_repo_id(spec.model)
 
 
-def check_remote_code(model_dir: Path, spec: JobSpec) -> None:
+def check_remote_code(model_dir: Path, trusted: bool, what: str) -> None:
     """A model whose config.json names its own code (auto_map) runs only with --trust-remote-code:
-    checked on the host, on the files the payload would read, before any container starts."""
+    checked on the host, on the files the payload would read, before any container starts. The one
+    rule for every command that loads a model in a container (quantize, eval, serve); `what` names
+    the model as the user gave it."""
     from .untrusted import read_json_object
 
     config = read_json_object(Path(model_dir) / "config.json") or {}
     auto_map = config.get("auto_map")
-    if auto_map and not spec.trust_remote_code:
+    if auto_map and not trusted:
         classes = ", ".join(sorted(map(str, auto_map.values()))[:2]) if isinstance(auto_map, dict) else "?"
-        raise ModelError(f"{spec.model} ships its own Python code ({classes}), which would run in the container",
+        raise ModelError(f"{what} ships its own Python code ({classes}), which would run in the container",
                          where=str(Path(model_dir) / "config.json"),
                          advice="read that code; if you trust it, pass --trust-remote-code")
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from . import output, runs
+from . import model_source, output, runs
 from container_payload import contract
 
 from .container import Bind, PayloadContainer, gpu_requests, payload_command, port_free, sigterm_as_interrupt
@@ -60,6 +60,7 @@ class ServeRequest:
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 32
     api_key: str | None = None      # None: a random key, printed once
+    trust_remote_code: bool = False  # the checkpoint's own code (auto_map) may run: model_source.check_remote_code
 
 
 @dataclass
@@ -100,7 +101,7 @@ def healthy(port: int) -> bool:
 # ---------------------------------------------------------------- the container
 
 def create_server(box: PayloadContainer, *, standin: bool, nvidia: bool, ckpt: Path, job_file: Path,
-                  port: int, key_file: Path | None = None) -> None:
+                  port: int, key_file: Path | None = None, trust_remote_code: bool = False) -> None:
     """The server's container, published on 127.0.0.1:port only."""
     if standin:
         # our emulation server: a payload like the others (its hardening, its user), plus the port
@@ -112,7 +113,9 @@ def create_server(box: PayloadContainer, *, standin: bool, nvidia: bool, ckpt: P
     # unlimited locked memory, a 64 MB stack. It runs as the image's user and keeps its caches
     # under its home: the root filesystem stays writable. No memory limit: on a Spark's unified
     # memory the KV cache takes most of it (untested on a GPU here).
-    box.create(["trtllm-serve", "/ckpt", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT)], [Bind(ckpt, "/ckpt")],
+    # trtllm-serve's own flag for a model with auto_map (untested here: no GPU image)
+    trust = ["--trust_remote_code"] if trust_remote_code else []
+    box.create(["trtllm-serve", "/ckpt", "--host", "0.0.0.0", "--port", str(CONTAINER_PORT), *trust], [Bind(ckpt, "/ckpt")],
                env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}, device_requests=gpu_requests("all", True),
                publish=port, container_port=CONTAINER_PORT, user=None, payload=False, limit_memory=False,
                host_ipc=True)
@@ -149,6 +152,7 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
     if not (ckpt / "config.json").exists():
         raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="OUTPUT",
                           advice="pass the folder `launcher quantize` wrote")
+    model_source.check_remote_code(ckpt, req.trust_remote_code, str(ckpt))  # before Docker, as quantize does
     if not port_free(req.port):
         raise ConfigError(f"port {req.port} on 127.0.0.1 is already in use", where="--port",
                           advice="pass another --port, or stop what listens there")
@@ -174,9 +178,10 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
             job_file = rec.folder / "serve-job.json"
             job_file.write_text(contract.to_json(contract.ServeJob(
                 checkpoint="/ckpt", model_name=ckpt.name, port=CONTAINER_PORT, host="0.0.0.0",
-                device="auto" if docker.nvidia else "cpu", api_key_file=KEY_TARGET if key else None)))
+                device="auto" if docker.nvidia else "cpu", api_key_file=KEY_TARGET if key else None,
+                trust_remote_code=req.trust_remote_code)))
             create_server(box, standin=standin, nvidia=docker.nvidia, ckpt=ckpt, job_file=job_file, port=req.port,
-                          key_file=key_file)
+                          key_file=key_file, trust_remote_code=req.trust_remote_code)
             rec.add("containers", box.container.id)  # recorded before it runs: a crash now leaves it findable
             box.start()
             _wait_healthy(box, req, rec, console)

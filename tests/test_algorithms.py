@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference", "fast_gptq_vs_reference", "cpu_float32_linears",
          "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
-         "smoothing", "sequential_vs_direct_reference", "seq_mp_recipe_export", "recipe_names_agree"]
+         "smoothing", "smoothing_families", "sequential_vs_direct_reference", "seq_mp_recipe_export", "recipe_names_agree"]
 
 
 # ---------------------------------------------------------------- host side (pytest)
@@ -80,6 +80,10 @@ def test_mixed_precision_export_is_standard():
 
 def test_smoothing_keeps_the_function_and_narrows_activation_blocks():
     _run_case("smoothing")
+
+
+def test_smoothing_folds_by_what_each_family_computes():
+    _run_case("smoothing_families")
 
 
 def test_sequential_gptq_matches_a_direct_rerun_and_beats_one_pass():
@@ -517,7 +521,7 @@ def case_smoothing():
         h1.remove(), h2.remove()
 
     alpha = 0.65
-    assert smoothing.smooth(model, forward_loop, alpha) == 3 * len(model.model.layers)
+    assert smoothing.smooth(model, forward_loop, alpha).groups == 3 * len(model.model.layers)
     with torch.no_grad():
         got = model(ids).logits
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), (got - ref).abs().max()
@@ -545,13 +549,70 @@ def case_smoothing():
     e_before = a4_error(cap["mlp"], b0.mlp.gate_proj.weight)
     assert e_after < 0.5 * e_before, (e_after, e_before)
 
+    # a norm whose weight does not just scale its output (a LayerNorm: mean and bias) is left alone,
+    # and the other groups of the layer are still smoothed
     other, loop2, _ = _tiny_llama(None)
-    norm_cls = type(other.model.layers[0].input_layernorm)
-    for layer in other.model.layers:  # e.g. Gemma's (1 + weight) norm: folding would be wrong
-        layer.input_layernorm.__class__ = type("GemmaRMSNorm", (norm_cls,), {})
+    for layer in other.model.layers:
+        layer.input_layernorm = torch.nn.LayerNorm(64).to(torch.bfloat16)
     untouched = copy.deepcopy(other.state_dict())
-    assert smoothing.smooth(other, loop2, alpha) == 0
-    assert all(torch.equal(v, other.state_dict()[k]) for k, v in untouched.items())
+    done = smoothing.smooth(other, loop2, alpha)
+    assert done.groups == 2 * len(other.model.layers) and "q/k/v input" not in done.parts, done.line()
+    assert "q/k/v input (LayerNorm does not scale" in done.line(), done.line()
+    changed = {k for k, v in untouched.items() if not torch.equal(v, other.state_dict()[k])}
+    assert not any(".self_attn." in k or "input_layernorm" in k for k in changed), changed
+
+
+def case_smoothing_families():
+    """On tiny random models of each family (tests/tools/tiny_moe.py), smoothing keeps the bf16
+    logits (relative error of the bf16 rounding only), folds a scale into Gemma's (1 + weight)
+    norms as (1 + w) / s - 1, takes Gemma 2/3's pre_feedforward_layernorm (not the
+    post_attention_layernorm) for gate/up, and on Qwen3-MoE smooths q/k/v only. The same models
+    with every norm folded as Llama's (w / s) must fail the first check: that is the mistake
+    this guards against."""
+    import copy
+
+    import torch
+    sys.path.insert(0, str(REPO / "tests" / "tools"))
+    from tiny_moe import random_model
+
+    from container_payload import smoothing
+
+    ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(1))
+
+    def smoothed(kind, fold=None):
+        model = random_model(kind)
+        before = copy.deepcopy(model)
+        real = smoothing.norm_fold
+        if fold is not None:
+            smoothing.norm_fold = lambda m: fold if real(m) else None
+        try:
+            done = smoothing.smooth(model, lambda m: m(input_ids=ids), 0.5)
+        finally:
+            smoothing.norm_fold = real
+        with torch.no_grad():
+            a, b = before(input_ids=ids).logits.float(), model(input_ids=ids).logits.float()
+        return before, model, done, ((a - b).norm() / a.norm()).item()
+
+    for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "qwen3_moe"):
+        before, model, done, err = smoothed(kind)
+        moe = kind == "qwen3_moe"
+        assert done.groups == (1 if moe else 3) * 2, (kind, done.line())
+        # bf16: each weight rounded once more (and in the MoE a few tokens change experts)
+        assert err < 0.05, (kind, err)
+        l0, b0 = model.model.layers[0], before.model.layers[0]
+        gemma = kind.startswith("gemma")
+        assert smoothing.norm_fold(l0.input_layernorm) == ("one_plus_weight" if gemma else "weight"), kind
+        assert ("(1 + weight)" in done.line()) == gemma, done.line()
+        if kind in ("gemma2", "gemma3_text"):
+            assert torch.equal(l0.post_attention_layernorm.weight, b0.post_attention_layernorm.weight)
+            assert not torch.equal(l0.pre_feedforward_layernorm.weight, b0.pre_feedforward_layernorm.weight)
+        if moe:
+            assert set(done.parts) == {"q/k/v input"} and "Qwen3MoeSparseMoeBlock has no gate_proj/up_proj" \
+                in done.line(), done.line()
+        if gemma:
+            _, _, _, wrong = smoothed(kind, fold="weight")   # the Llama formula on Gemma's norms
+            assert wrong > 0.15 and wrong > 5 * err, (kind, wrong, err)
+    print("families ok")
 
 
 def case_sequential_vs_direct_reference():

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_moe import TOKENIZER_FILES  # noqa: E402 - the same tokenizer files (the chat template: serve)
+
 CONFIGURATION = '''from transformers import LlamaConfig
 
 
@@ -43,7 +46,7 @@ cfg.update(model_type="tiny_custom", architectures=["TinyForCausalLM"],
 (out / "config.json").write_text(json.dumps(cfg, indent=2))
 (out / "configuration_tiny.py").write_text(CONFIGURATION)
 (out / "modeling_tiny.py").write_text(MODELING)
-for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+for name in TOKENIZER_FILES:
     if (tok / name).exists():
         shutil.copyfile(tok / name, out / name)
 for p in out.iterdir():
