@@ -154,20 +154,18 @@ def prefixed(name: str, module: nn.Module) -> nn.Module:
 
 def capture_inputs(model, batches, device: str, keep: str) -> tuple[list, list]:
     """(the first layer's hidden states per batch, on `keep`; per layer, the (args, kwargs) the
-    decoder hands it per batch): sequential.capture_layer_calls over the calibration batches."""
-    def keep_hidden(h):
-        if h.is_cuda and keep == "cpu":
-            # pinned: each layer's calibration copies them in and its outputs back, asynchronously
-            return torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h)
-        return h.to(keep)
-
+    decoder hands it per batch): sequential.capture_layer_calls over the calibration batches.
+    On a GPU the hidden states go to pinned host memory (Fit.back): each layer's calibration
+    copies them in and its outputs back, asynchronously."""
     def run():
         with torch.inference_mode():
             for batch in batches:
                 decoder(input_ids=batch.to(device), use_cache=False)
+        if device == "cuda":
+            torch.cuda.synchronize()  # the copies are done before the host copies them (_copy)
 
     decoder = model.get_decoder()
-    return capture_layer_calls(decoder, run, keep_hidden)
+    return capture_layer_calls(decoder, run, Fit(device=device, keep=keep).back)
 
 
 def _to(value, device):
