@@ -162,7 +162,7 @@ def choose(requested: str, budget: int, need: dict[str, int], cannot_stream: str
            ) -> tuple[str, str | None]:
     """(mode to run, None), or (mode, one-line problem) when the budget allows nothing.
     `requested`: auto | whole | streamed; `cannot_stream`: why the recipe cannot stream
-    (streaming.refusal), None when it can."""
+    (refusal()), None when it can."""
     g = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
     whole_fits, streamed_fits = need["whole"] <= budget, need["streamed"] <= budget
     if requested == "whole" or (requested == "auto" and whole_fits):

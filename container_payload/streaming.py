@@ -53,7 +53,7 @@ from .contract import QuantizeJob
 from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
 from .linear_compute import float32_linears
-from .memory_plan import STREAMED_RECIPES, refusal  # noqa: F401 - the host reads them there
+from .memory_plan import refusal
 from .sequential import Fit, RIDGE, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
 
 MIN_MODELOPT = (0, 47)
@@ -359,7 +359,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
         peak_layer = max(peak_layer, layer_bytes[i])
     events.progress("calibrate", len(layers), len(layers))
     ahead.shutdown()
-    del inputs, stats
+    inputs = stats = None  # freed (the loop's closures held them)
     if gptq:
         del fp, qs, chunk_calls
         events.emit("log", message=f"refine: sequential activation-aware GPTQ, streamed ({timer})")

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from container_payload import memory_plan
-from launcher.model_source import EMBEDDED_DIRNAME
 
-from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REAL_HOME, REPO, assert_matches_reference, one_line_error,
+from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REPO, assert_matches_reference, one_line_error,
                       raw_tensors, run_launcher)
 
 GiB = 1 << 30
