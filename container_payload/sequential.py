@@ -240,12 +240,16 @@ class Fit:
     damp: float = 0.01
     block_size: int = 128
     search: bool = True
-    ridge: float = RIDGE
+    ridge: float | None = None    # None: RIDGE (the Gptq step's default)
     kernel: str = "auto"
     hessian_tf32: bool = True
     replay: bool = True
     device: str | None = None
     keep: str | None = None
+
+    def __post_init__(self):
+        if self.ridge is None:
+            object.__setattr__(self, "ridge", RIDGE)
 
     def on(self, t):
         return t if self.device is None else t.to(self.device, non_blocking=True)
@@ -380,7 +384,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
     kept_ids), like algorithms.quantize_weights."""
     t0 = time.time()
     timer = _Timer()
-    fit = Fit(damp=damp, block_size=block_size, search=search, ridge=RIDGE if ridge is None else ridge,
+    fit = Fit(damp=damp, block_size=block_size, search=search, ridge=ridge,
               kernel=kernel, hessian_tf32=hessian_tf32)
     linears = quantized_linears(model)
     originals: dict = {}

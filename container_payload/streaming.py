@@ -54,7 +54,7 @@ from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
 from .linear_compute import float32_linears
 from .memory_plan import refusal
-from .sequential import Fit, RIDGE, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
+from .sequential import Fit, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
 
 MIN_MODELOPT = (0, 47)
 
@@ -231,14 +231,10 @@ def _return_freed_memory() -> None:
 
 def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> dict:
     """Quantize and export layer by layer (see the module docstring). `recipe`: a BuiltRecipe
-    of STREAMED_RECIPES. Returns facts for result.json."""
+    whose steps stream (run_job refuses the others first: memory_plan.refusal). Returns facts
+    for result.json."""
     import modelopt.torch.quantization as mtq
 
-    from .memory_plan import _why_not
-
-    problem = next((w for w in map(_why_not, recipe.steps) if w), None)
-    if problem:
-        raise PayloadError(f"recipe {recipe.name!r} cannot stream: {problem}; use --mode whole", kind="input")
     smooth = next((s for s in recipe.steps if isinstance(s, recipes.Smooth)), None)
     gptq = next((s for s in recipe.steps if isinstance(s, recipes.Gptq)), None)
     hf, postprocess, get_quant_config, ExportContext, ShardWriter = _modelopt_parts()
@@ -284,7 +280,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     stats = [_copy(h) for h in inputs] if smooth else None
     if gptq:
         fp, qs, chunk_calls = start_streams([_copy(h) for h in inputs], layer_calls)
-        fit = Fit(ridge=RIDGE if gptq.ridge is None else gptq.ridge, kernel=gptq.kernel,
+        fit = Fit(ridge=gptq.ridge, kernel=gptq.kernel,
                   hessian_tf32=gptq.hessian_tf32, replay=False, device=device, keep=keep)
         timer = _Timer()
     free(decoder)  # the layers are meta already; embeddings and norm go (written in step 4)
@@ -296,7 +292,6 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     #    layer loop at 8B. One more layer in host memory (memory_plan.LAYER_COPIES counts it).
     from concurrent.futures import ThreadPoolExecutor
 
-    peak_layer = 0
     phases = {"read_wait": 0.0, "smooth": 0.0, "calibrate": 0.0, "refine": 0.0, "export": 0.0}  # seconds
     from .smoothing import Smoothed
 
@@ -356,7 +351,6 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
         if device == "cuda":
             torch.cuda.empty_cache()
         phases["export"] += time.time() - t
-        peak_layer = max(peak_layer, layer_bytes[i])
     events.progress("calibrate", len(layers), len(layers))
     ahead.shutdown()
     inputs = stats = None  # freed (the loop's closures held them)
