@@ -199,7 +199,7 @@ class QuantizeJob:
     def _runnable_image(self, client, rec: runs.RunRecord, image_ref: str) -> str:
         """`image_ref`, or the image derived from it when its packages fall short of the job."""
         spec = self.spec
-        needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache,
+        needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache, params=spec.recipe_params,
                                   embedded=spec.is_embedded and model_source.embedded_needs_conversion())
         if self.plan is not None and self.plan.mode == "streamed":
             needs = needs | memory_budget.STREAMED_NEEDS
