@@ -1,7 +1,8 @@
 """What `launcher list`, `status` and `logs` show of the runs of this home.
 
-Records are files anyone can edit: every value shown goes through output.safe (escaped, printable), and a
-recorded path is measured only when rollback would accept it as the run's own.
+Records are files anyone can edit: every value shown goes through output.safe (markup escaped,
+control characters printable), and a recorded path is measured only when rollback would accept
+it as the run's own.
 """
 from __future__ import annotations
 
