@@ -71,8 +71,11 @@ def check_image(job: QuantizeJob, device: str) -> None:
     launcher checks the same from its probe; this guards direct runs and stale probes)."""
     from . import probe, recipes
 
-    needs = recipes.needs_for(job.recipe, job.format, job.kv_cache,
-                              embedded=bool(job.gguf) and not (Path(job.model_dir) / "config.json").exists())
+    try:
+        needs = recipes.needs_for(job.recipe, job.format, job.kv_cache, params=job.recipe_params,
+                                  embedded=bool(job.gguf) and not (Path(job.model_dir) / "config.json").exists())
+    except (KeyError, ValueError):
+        return  # an unknown recipe or a bad parameter: recipe_build.build refuses it in one line
     missing = recipes.shortfalls(needs, probe.installed(), cuda=device == "cuda")
     if missing:
         raise PayloadError(f"this image cannot run recipe {job.recipe!r}: {'; '.join(map(str, missing))}; "

@@ -36,15 +36,17 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: di
     known = recipes.RECIPES.get(recipe)
     if known is None:
         raise PayloadError(recipes.check_name(recipe), kind="input")
-    try:
-        steps = recipes.with_params(recipe, params or {})
+    try:  # the recipe as this job runs it: a calibrate.preset parameter decides preset and needs
+        known = recipes.effective(recipe, params)
     except ValueError as e:
         raise PayloadError(str(e), kind="input") from None
+    steps = known.steps
     if fmt != "nvfp4" and recipe != "default":
         raise PayloadError(f"recipe {recipe!r} applies to nvfp4 (W4A4) only", kind="input")
     if known.needs.gpu and device != "cuda":
         cpu_ok = [n for n, r in recipes.RECIPES.items() if not r.needs.gpu]
-        raise PayloadError(f"recipe {recipe!r} needs a GPU ({known.needs.why[0]}); on a CPU use one "
+        raise PayloadError(f"recipe {recipe!r}{' with preset ' + known.preset if params else ''} needs a GPU "
+                           f"({known.needs.why[0]}); on a CPU use one "
                            f"of: {', '.join(cpu_ok)}", kind="input")
     if known.origin == "moe":
         from . import moe

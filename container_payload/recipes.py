@@ -14,6 +14,7 @@ The minimum versions are what was measured, not what a changelog promises:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 
@@ -65,6 +66,24 @@ class Needs:
 # ends in a checkpoint that export_hf_checkpoint writes in the standard format. Parameters are
 # job fields (`--recipe-param gptq.ridge=3`), never environment variables.
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric step parameter accepts (each step declares its own in `ranges`, beside
+    `choices`; the launcher refuses the rest before anything runs, the payload again)."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False      # `low` itself is refused (ridge > 0)
+
+    def __contains__(self, v) -> bool:
+        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        return above and (self.high is None or v <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
 _STATIC_BLOCK = Needs(modelopt="0.46", why=("StaticBlockScaleQuantizer (ModelOpt 0.46)",))
 _GPU_SEARCH = Needs(gpu=True, why=("ModelOpt runs this search with CUDA/Triton kernels only",))
 
@@ -77,6 +96,7 @@ class Smooth:
     alpha: float = 0.65
     key = "smooth"
     needs = Needs()
+    ranges = {"alpha": Range(0, 1)}    # SmoothQuant's migration strength: 0 none, 1 all of it
 
 
 @dataclass(frozen=True)
@@ -89,6 +109,10 @@ class Calibrate:
     @property
     def needs(self) -> Needs:
         return PRESET_NEEDS.get(self.preset, Needs())
+
+    @property
+    def choices(self) -> dict:
+        return {"preset": PRESETS}     # (a property: the registry is built from RECIPES below)
 
 
 @dataclass(frozen=True)
@@ -115,6 +139,7 @@ class Gptq:
     key = "gptq"
     needs = _STATIC_BLOCK
     choices = {"kernel": ("auto", "triton", "torch", "reference")}
+    ranges = {"ridge": Range(0, low_open=True)}   # 0 would leave the correction unregularized
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,7 @@ class KeepBf16:
     batches: int = 1
     key = "keep_bf16"
     needs = Needs()
+    ranges = {"budget": Range(0, 1), "batches": Range(1)}   # a fraction of the size; at least one batch
 
 
 STEPS = {cls.key: cls for cls in (Smooth, Calibrate, ScaleSearch, Gptq, KeepBf16)}
@@ -214,6 +240,10 @@ RECIPES.update({r.name: r for r in (
            (Calibrate("moe-w4a4-experts"),)),
 )})
 NAMES = tuple(RECIPES)
+# The registry of presets a Calibrate step may name (`--recipe-param calibrate.preset=...`): ModelOpt's
+# W4A4 NVFP4 presets our recipes use. (An MoE layout is chosen by its recipe's name: built by moe.py,
+# it is no ModelOpt preset the other recipes' steps could follow.)
+PRESETS = tuple(dict.fromkeys(r.preset for r in RECIPES.values() if r.preset not in MOE_LAYOUTS))
 
 
 def describe(steps) -> str:
@@ -223,7 +253,19 @@ def describe(steps) -> str:
 
 
 def _coerce(value, default, name: str):
-    """A parameter's value from a flag, a config file or JSON, as the type of its default."""
+    """A parameter's value from a flag, a config file or JSON, as the type of its default;
+    numbers finite (NaN and inf are no setting), integers whole."""
+    v = _as_type(value, default, name)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{name} = {value} is not a finite number")
+    if type(default) is int and isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError(f"{name} = {value} must be a whole number")
+        v = int(v)
+    return v
+
+
+def _as_type(value, default, name: str):
     kind = type(default) if default is not None else float
     if isinstance(value, str):
         text = value.strip().lower()
@@ -268,15 +310,23 @@ def with_params(recipe: str, params: dict) -> tuple:
         v = _coerce(value, getattr(step, param), dotted)
         allowed = getattr(step, "choices", {}).get(param)
         if allowed and v not in allowed:
-            raise ValueError(f"{dotted} must be one of {', '.join(allowed)}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-            raise ValueError(f"{dotted} must not be negative")
+            raise ValueError(f"{dotted} = {v!r:.60} must be one of {', '.join(allowed)}")
+        bounds = getattr(step, "ranges", {}).get(param)
+        if bounds is not None and v is not None and v not in bounds:
+            raise ValueError(f"{dotted} = {v:g} is outside its range {bounds}")
         for i in idx:
             steps[i] = replace(steps[i], **{param: v})
     if any(isinstance(s, Gptq) and s.sequential and not s.act_aware for s in steps):
         raise ValueError("gptq.sequential needs gptq.act_aware: the sequential pass fits each layer to "
                          "the quantized inputs it will see")
     return tuple(steps)
+
+
+def effective(recipe: str, params: dict | None = None) -> Recipe:
+    """RECIPES[recipe] as a job runs it: its steps with `params` applied (so its preset, origin
+    and needs are those of the job, not of the recipe's defaults)."""
+    known = RECIPES[recipe]
+    return replace(known, steps=with_params(recipe, params or {})) if params else known
 
 
 # Formats other than W4A4 use one ModelOpt preset and only the default recipe.
@@ -312,9 +362,11 @@ def check_name(name: str) -> str | None:
             "such as general/ptq/nvfp4_default-kv_fp8_cast, or a .yaml recipe file")
 
 
-def needs_for(recipe: str, fmt: str = "nvfp4", kv_cache: str = "none", *, embedded: bool = False) -> Needs:
-    """Everything a job needs from its image: the recipe's, the format's and the KV cache's."""
-    base = MODELOPT_RECIPE_NEEDS if is_modelopt_recipe(recipe) else RECIPES[recipe].needs
+def needs_for(recipe: str, fmt: str = "nvfp4", kv_cache: str = "none", *, embedded: bool = False,
+              params: dict | None = None) -> Needs:
+    """Everything a job needs from its image: the recipe's (with its `params`: a preset may need
+    more), the format's and the KV cache's."""
+    base = MODELOPT_RECIPE_NEEDS if is_modelopt_recipe(recipe) else effective(recipe, params).needs
     needs = base | FORMAT_NEEDS[fmt] | KV_CACHE_NEEDS[kv_cache]
     return needs | EMBEDDED_NEEDS if embedded else needs
 

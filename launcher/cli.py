@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from container_payload.contract import EvalJob
 
 from .assets import HELDOUT
 from .config import FLAG_NAMES, QuantFormat, flagged_fields, load_spec
 from .errors import ConfigError, LauncherError
-from .output import console, error_fields, print_json, stdout
+from .output import console, error_fields, markup, print_json, stdout
 
 
 class Launcher(click.Group):
@@ -27,8 +26,8 @@ class Launcher(click.Group):
         try:
             return super().invoke(ctx)
         except LauncherError as e:
-            # escape: a `where` like [/tmp/x] would otherwise be read as a closing markup tag
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            # markup(): a `where` like [/tmp/x] would otherwise be read as a closing markup tag
+            console.print(markup("[bold red]error:[/] {}", str(e)), highlight=False, soft_wrap=True)
             if ctx.meta.get("json"):
                 print_json(getattr(e, "result", None) or {"command": ctx.invoked_subcommand, "status": "failed",
                                                          "exit_code": e.exit_code, "error": error_fields(e)})

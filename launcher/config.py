@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -43,6 +44,8 @@ def flag(name: str | None, help: str, **click_kwargs) -> dict:
 
 
 _CALIB = contract.Calibration   # the defaults the payload also uses
+MAX_SAMPLES = 65536
+DOCKER_MIN_MEMORY = 6 << 20      # Docker refuses a smaller --memory at create, after the run began
 
 
 class Calibration(BaseModel):
@@ -50,7 +53,7 @@ class Calibration(BaseModel):
 
     source: str = Field(_CALIB.source, json_schema_extra=flag(
         "--calib", "Calibration text: builtin (Brown corpus), FILE.txt, FILE.jsonl, or hf:DATASET[:SPLIT[:FIELD]]."))
-    samples: int = Field(_CALIB.samples, gt=0, le=65536, json_schema_extra=flag(
+    samples: int = Field(_CALIB.samples, gt=0, le=MAX_SAMPLES, json_schema_extra=flag(
         "--calib-samples", "Number of calibration windows."))
     seq_len: int = Field(_CALIB.seq_len, ge=16, le=131072, json_schema_extra=flag(
         "--calib-seq-len", "Tokens per window."))
@@ -60,8 +63,8 @@ class Calibration(BaseModel):
     @field_validator("batch_size")
     @classmethod
     def _positive_batch(cls, v):
-        if v != "auto" and v <= 0:
-            raise ValueError("must be a positive integer or 'auto'")
+        if v != "auto" and not 0 < v <= MAX_SAMPLES:
+            raise ValueError(f"must be 'auto' or a whole number in [1, {MAX_SAMPLES}]")
         return v
 
     @field_validator("source")
@@ -189,9 +192,19 @@ class JobSpec(BaseModel):
 
     @field_validator("memory_limit", "memory_budget")
     @classmethod
-    def _mem(cls, v):
-        if v is not None and not re.fullmatch(r"\d+[bkmg]?", v.lower()):
-            raise ValueError("must look like 16g or 512m")
+    def _mem(cls, v, info: ValidationInfo):
+        if v is None:
+            return v
+        try:
+            size = memory_plan.parse_bytes(v)
+        except ValueError:
+            raise ValueError("must look like 16g or 512m") from None
+        if size <= 0:  # Docker reads a memory limit of 0 as none at all: the hardening would be off
+            raise ValueError("must be more than 0")
+        if info.field_name == "memory_limit":
+            total = psutil.virtual_memory().total
+            if not DOCKER_MIN_MEMORY <= size <= total:
+                raise ValueError(f"must be in [6m, {total >> 20}m] (Docker's minimum, this machine's memory)")
         return v
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ from .container import Bind, PayloadContainer
 from .daemon import LABEL_PREFIX, ROLE_LABEL
 from .errors import ImageError, Interrupted
 from .image_probe import ImageProbe, probe
+from .output import markup
 
 REPOSITORY = "spark-nvfp4/derived"
 ROLE = "derived-image"
@@ -95,7 +96,7 @@ def runnable(client: docker.DockerClient, image_ref: str, needs: recipes.Needs, 
     needs, else its derived image: reused, or built (not when `offline`). `upgrade` False
     (--no-image-upgrade) means this image exactly: a shortfall is one line, nothing else."""
     base = probe(client, image_ref, rec.id)
-    console.print(f"image: {image_ref}: {base.summary()}", highlight=False)
+    console.print(markup("image: {}: {}", image_ref, base.summary()), highlight=False)
     missing = recipes.shortfalls(needs, base.packages, cuda=cuda)
     if not missing:
         return image_ref
@@ -106,15 +107,16 @@ def runnable(client: docker.DockerClient, image_ref: str, needs: recipes.Needs, 
                                 "pass --image with an image that has them")
     p = plan(image_ref, base)
     if present(client, p):
-        console.print(f"image: using {p.tag} (derived earlier: {', '.join(p.install)})")
+        console.print(markup("image: using {} (derived earlier: {})", p.tag, ", ".join(p.install)))
         return p.tag
     if dry_run:
-        console.print(f"would derive {p.tag} ({reasons}) with {', '.join(p.install)}")
+        console.print(markup("would derive {} ({}) with {}", p.tag, reasons, ", ".join(p.install)))
         return p.tag
     if offline:
         raise ImageError(f"{image_ref} cannot run this job ({reasons}) and --offline forbids building "
                          f"its derived image {p.tag}", where=image_ref, advice=_offline_advice(image_ref, p.tag))
-    console.print(f"image: {image_ref} falls short ({reasons}); deriving {p.tag} with {', '.join(p.install)}")
+    console.print(markup("image: {} falls short ({}); deriving {} with {}", image_ref, reasons, p.tag,
+                          ", ".join(p.install)))
     tag = build(client, p, rec, console)
     check(client, p, tag, rec)
     return tag
@@ -257,7 +259,7 @@ def _run_with_progress(box: PayloadContainer, rec: runs.RunRecord, console: Cons
     with open(rec.log_path, "a", encoding="utf-8") as log, \
             Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                      console=console, transient=True) as bar:
-        task = bar.add_task(f"deriving image: pip install {' '.join(p.install)}")
+        task = bar.add_task(markup("deriving image: pip install {}", " ".join(p.install)))
         try:
             box.container.start()
             for chunk in box.container.logs(stream=True, follow=True):
@@ -266,7 +268,7 @@ def _run_with_progress(box: PayloadContainer, rec: runs.RunRecord, console: Cons
                 for line in lines:
                     log.write(line + "\n")
                     if step.match(line):
-                        bar.update(task, description=f"deriving image: {line[:100]}")
+                        bar.update(task, description=markup("deriving image: {}", line[:100]))
                     if line.startswith("ERROR"):
                         last_error = last_error or line[:300]
             code = int(box.container.wait().get("StatusCode", 1))
@@ -297,5 +299,5 @@ def prepare(image_ref: str, console: Console, *, dry_run: bool = False) -> str:
             docker.client, ref, recipes.EVERYTHING, cuda=False, rec=rec, console=console, dry_run=dry_run)
         rec.finish("complete")
     if tag == ref:
-        console.print(f"{ref} runs every recipe as it is: nothing to derive")
+        console.print(markup("{} runs every recipe as it is: nothing to derive", ref))
     return tag

@@ -341,8 +341,21 @@ def run_checks(req: DoctorRequest) -> Report:
         if present:
             report.rows += check_stack(client, image, cuda=nvidia)
     report.rows.append(check_token(spec))
+    report.rows.append(check_output_row(spec))
     report.rows += check_model_and_disk(spec, output, on_gpu=nvidia)
     return report
+
+
+def check_output_row(spec: JobSpec) -> Row:
+    """quantize's own output check (destination.py): a path it would refuse fails here too."""
+    from .destination import check_output
+    from .errors import ConfigError
+
+    try:
+        path = check_output(spec.output, model_folder=Path(spec.model).expanduser() if spec.is_local else None)
+    except ConfigError as e:
+        return Row("output", FAIL, e.what, e.advice or "")
+    return Row("output", OK, f"{path} can be written")
 
 
 def table(report: Report):

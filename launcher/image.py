@@ -77,7 +77,7 @@ class ImageStore:
             raise ImageError(f"the CPU stand-in image {ref} is not built",
                              advice=f"run `make {target}` (builds it from Debian and PyPI)")
         if dry_run:
-            self.console.print(f"would pull {ref}")
+            self.console.print(output.markup("would pull {}", ref))
             return ImageInfo(ref, "", pulled=True, size=0)
         self.pull(ref, auth=self._auth(ref, ngc_key_env))
         img = self.get(ref)
@@ -95,7 +95,7 @@ class ImageStore:
     def pull(self, ref: str, auth: dict | None = None) -> None:
         repo, tag = parse_repository_tag(ref)
         registry = registry_of(ref)
-        self.console.print(f"pulling {ref}")
+        self.console.print(output.markup("pulling {}", ref))
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
         try:
             with Progress(*columns, console=self.console, transient=True) as bar:
@@ -109,8 +109,8 @@ class ImageStore:
                     if not layer or ":" in layer:
                         continue
                     if layer not in tasks:
-                        tasks[layer] = bar.add_task(f"layer {layer}", total=None)
-                    status = f"{ev.get('status', '')[:11]:<11} {layer}"
+                        tasks[layer] = bar.add_task(output.markup("layer {}", layer), total=None)
+                    status = output.markup("{:<11} {}", str(ev.get("status", ""))[:11], layer)
                     if detail.get("total"):
                         totals[layer] = detail["total"]
                         bar.update(tasks[layer], total=detail["total"], completed=detail.get("current", 0),
@@ -118,7 +118,8 @@ class ImageStore:
                     elif ev.get("status") in ("Pull complete", "Already exists"):
                         done = totals.get(layer, 1)
                         bar.update(tasks[layer], total=done, completed=done, description=status)
-            self.console.print(f"pulled {ref}: {len(tasks)} layers, {sum(totals.values()) / 1e6:.1f} MB downloaded")
+            self.console.print(output.markup("pulled {}: {} layers, {:.1f} MB downloaded", ref, len(tasks),
+                                             sum(totals.values()) / 1e6))
         except docker.errors.DockerException as e:  # APIError included
             raise self.pull_error(ref, registry, e, auth is not None) from None
 

@@ -27,10 +27,11 @@ from container_payload import contract, recipes
 from . import assets, derived_image, memory_budget, model_source, paths, preflight, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
+from .destination import check_output, partial_path
 from .errors import ConfigError, LauncherError
 from .locks import OutputLock, lock_path
 from .output import console as stderr_console
-from .output import run_result
+from .output import markup, run_result
 from .session import DockerSession
 
 
@@ -94,26 +95,6 @@ def calibration_bind(spec: JobSpec, on_create=None) -> tuple[str, list[Bind]]:
     return f"/calib/{path.name}", [Bind(path.resolve(), f"/calib/{path.name}")]
 
 
-def check_output(spec: JobSpec) -> Path:
-    """The output folder, refused before anything runs when it cannot be one."""
-    output = Path(spec.output).expanduser().resolve()
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"output is an existing file, not a folder: {output}", where="--output",
-                          advice="choose another --output")
-    forbidden = [("the Hugging Face cache", paths.hf_hub_cache()), ("the launcher's home", paths.home())]
-    if spec.is_local:
-        forbidden.append(("the model folder", Path(spec.model).expanduser()))
-    for what, folder in forbidden:
-        folder = folder.expanduser().resolve()
-        if output == folder or folder in output.parents or output in folder.parents:
-            raise ConfigError(f"output {output} is inside {what} (or holds it)", where="--output",
-                              advice="choose a folder of its own, e.g. out/NAME-NVFP4")
-    if output == Path(output.anchor) or output == Path.home().resolve():
-        raise ConfigError(f"output {output} is / or your home folder", where="--output",
-                          advice="choose a folder of its own, e.g. out/NAME-NVFP4")
-    return output
-
-
 def completed_output(output: Path, fingerprint: str) -> bool:
     from .untrusted import read_json_object
 
@@ -139,7 +120,7 @@ class QuantizeJob:
     def run(self) -> JobOutcome:
         spec = self.spec
         # 1. everything that needs neither Docker nor the network
-        output = check_output(spec)
+        output = check_output(spec.output, model_folder=Path(spec.model).expanduser() if spec.is_local else None)
         model_source.validate(spec)
         check_calibration(spec)
         fingerprint = job_fingerprint(spec)
@@ -148,7 +129,7 @@ class QuantizeJob:
         self.device_kind = "gpu" if nvidia and spec.gpus != "none" else "cpu"
         image_ref = docker.image_ref(spec.image)
         rec = docker.start_run("quantize", spec.model_dump(mode="json"), image_ref, str(output))
-        self.console.print(f"run [bold]{rec.id}[/] -> {output}")
+        self.console.print(markup("run [bold]{}[/] -> {}", rec.id, output), highlight=False)
         with rec.ends_on_error():
             lock = None
             if not self.dry_run:  # 2. the lock first: the output is judged under it
@@ -174,7 +155,7 @@ class QuantizeJob:
         spec = self.spec
         if completed_output(output, fingerprint):
             verify_or_raise(output, self.console, reused=True)  # damaged since? never handed out as done
-            self.console.print(f"[green]{output} is already a complete checkpoint of this job; reusing it[/]")
+            self.console.print(markup("[green]{} is already a complete checkpoint of this job; reusing it[/]", output))
             rec.finish("complete")
             return JobOutcome(rec, output, reused=True)
         if output.exists() and any(output.iterdir()):
@@ -191,11 +172,11 @@ class QuantizeJob:
         preflight.enforce(preflight.quantize_checks(
             model_bytes=model_bytes, output=output, download_bytes=to_download,
             cache_dir=paths.hf_hub_cache(), on_gpu=self.device_kind == "gpu", memory=self.plan.check))
-        self.console.print(f"memory: {self.plan.check.detail}", highlight=False)
+        self.console.print(markup("memory: {}", self.plan.check.detail), highlight=False)
         slow = preflight.cpu_calibration_note(model_bytes, spec.calibration.samples * spec.calibration.seq_len,
                                               on_gpu=self.device_kind == "gpu")
         if slow:
-            self.console.print(f"[yellow]note:[/] {slow}", highlight=False)
+            self.console.print(markup("[yellow]note:[/] {}", slow), highlight=False)
         # 4. downloads on the host, each recorded as it starts (a dry run creates nothing)
         record = None if self.dry_run else (lambda path: rec.add("cache", path))
         model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)
@@ -218,7 +199,7 @@ class QuantizeJob:
     def _runnable_image(self, client, rec: runs.RunRecord, image_ref: str) -> str:
         """`image_ref`, or the image derived from it when its packages fall short of the job."""
         spec = self.spec
-        needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache,
+        needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache, params=spec.recipe_params,
                                   embedded=spec.is_embedded and model_source.embedded_needs_conversion())
         if self.plan is not None and self.plan.mode == "streamed":
             needs = needs | memory_budget.STREAMED_NEEDS
@@ -241,16 +222,16 @@ class QuantizeJob:
                                                   trust_remote_code=self.spec.trust_remote_code), self.console)
                 self.console.print(f"quality: {summary_line(evaluation)}", highlight=False)
             except LauncherError as e:
-                self.console.print(f"[yellow]warning:[/] evaluation failed, the checkpoint is fine: {e}")
+                self.console.print(markup("[yellow]warning:[/] evaluation failed, the checkpoint is fine: {}", e))
         card = model_card.write(output, evaluation, source_bytes or None)
-        self.console.print(f"model card: {card}")
+        self.console.print(markup("model card: {}", card), highlight=False)
         return evaluation
 
     def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path, fingerprint: str,
                   nvidia: bool, calib: tuple[str, list[Bind]]) -> None:
         spec = self.spec
         clean_stale_partials(output, self.console)
-        partial = output.parent / f".{output.name}.partial-{rec.id}"
+        partial = partial_path(output, rec.id)
         partial.mkdir(parents=True)
         rec.add("partials", str(partial))
 
@@ -290,22 +271,20 @@ class QuantizeJob:
                                      "the output path") from None
         rec.created.partials.remove(str(partial))
         rec.add("outputs", str(output))
-        self.console.print(f"[green]checkpoint complete:[/] {output} "
-                           f"({result.get('checkpoint_bytes', 0) / 1e6:.1f} MB)")
+        self.console.print(markup("[green]checkpoint complete:[/] {} ({:.1f} MB)", output,
+                                  result.get("checkpoint_bytes", 0) / 1e6))
 
 
 def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> None:
     """The independent host-side check; a checkpoint that fails it is never promoted, nor
     reused: an existing output is verified again, since it may have been damaged since."""
-    from rich.markup import escape
-
     from .verify import MAX_PRINTED, _summary, verify_checkpoint
 
     report = verify_checkpoint(folder)
     if report.problems:
         from .errors import VerifyFailed
         for p in report.problems[:MAX_PRINTED]:
-            console.print(f"[red]verify[/] {escape(str(p))}", highlight=False)
+            console.print(markup("[red]verify[/] {}", str(p)), highlight=False)
         if reused:
             raise VerifyFailed(f"the existing output matches this job but fails verification "
                                f"({len(report.problems)} problems): it was damaged since it was written",
@@ -313,7 +292,7 @@ def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> Non
                                                          "and run again")
         raise VerifyFailed(f"the new checkpoint failed verification ({len(report.problems)} problems)",
                            where=str(folder), advice="this is a bug in the recipe or export; please report it")
-    console.print(f"verify: ok ({escape(_summary(report))})", highlight=False)
+    console.print(markup("verify: ok ({})", _summary(report)), highlight=False)
 
 
 def clean_stale_partials(output: Path, console: Console) -> None:
@@ -334,5 +313,5 @@ def clean_stale_partials(output: Path, console: Console) -> None:
                     continue
                 rec.created.partials.remove(p)
                 rec.save()
-                console.print(f"removed the partial output of interrupted run {rec.id}")
+                console.print(markup("removed the partial output of interrupted run {}", rec.id))
 

@@ -116,7 +116,14 @@ class OutputLock:
 
     def _held_error(self, info: dict | None) -> LockHeld:
         who = f"run {info.get('run_id')} (pid {info.get('pid')})" if info else "another run"
-        return LockHeld(f"{who} is writing this output", where=str(self.path.parent),
+        host = info.get("host") if info else None
+        if host is not None and host != owner.me()["host"]:
+            # its owner cannot be looked at from here: the user must judge, so say how to
+            return LockHeld(f"{who} on host {str(host)[:100]} holds this output's lock; whether it still "
+                            "runs cannot be checked from this host", where=str(self.path),
+                            advice="wait for it to finish; if that run is dead (its host rebooted or it was "
+                                   f"killed), remove {self.path} and retry, or choose another --output")
+        return LockHeld(f"{who} is writing this output", where=str(self.path),
                         advice="wait for it to finish, or choose another --output")
 
     def release(self) -> None:

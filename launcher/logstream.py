@@ -111,13 +111,13 @@ class EventStream:
         if kind == contract.STAGE:
             self._finish_running()
             name = ev.get("stage", "?")
-            self._tasks[name] = self._progress.add_task(name, total=ev.get("total"))
+            self._tasks[name] = self._progress.add_task(output.safe(name), total=ev.get("total"))
             if ev.get("detail"):
-                self._progress.console.print(f"[bold]{name}[/]: {ev['detail']}", highlight=False)
+                self._progress.console.print(output.markup("[bold]{}[/]: {}", name, str(ev["detail"])), highlight=False)
         elif kind == contract.PROGRESS:
             name = ev.get("stage", "?")
             if name not in self._tasks:
-                self._tasks[name] = self._progress.add_task(name, total=ev.get("total"))
+                self._tasks[name] = self._progress.add_task(output.safe(name), total=ev.get("total"))
             self._progress.update(self._tasks[name], total=ev.get("total"), completed=ev.get("done", 0))
         elif kind == contract.ERROR:
             self.outcome.error = ev

@@ -20,6 +20,7 @@ from rich.console import Console
 from . import runs
 from .daemon import RUN_LABEL, connect
 from .errors import DockerUnavailable, RunNotFound
+from .output import markup
 
 
 def tidy(console: Console | None = None) -> None:
@@ -48,7 +49,7 @@ def reap(client: docker.DockerClient, console: Console | None = None) -> list[st
             c.remove(force=True)
             removed.append(c.id)
             if console:
-                console.print(f"removed container {c.short_id} left by run {run_id}")
+                console.print(markup("removed container {} left by run {}", c.short_id, run_id))
         except (NotFound, APIError):
             pass
     return removed

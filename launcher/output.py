@@ -12,11 +12,57 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import PurePath
+from string import Formatter
 
 from rich.console import Console
+from rich.markup import escape
+
+from .untrusted import printable
 
 console = Console(stderr=True)
 stdout = Console()
+
+
+def safe(value) -> str:
+    """A user- or file-supplied value (path, model name, image ref, run id, message) as rich
+    markup that prints verbatim: `x[/]y` or `[bold]z` is text, not a tag, and control
+    characters cannot move the cursor. (A trailing backslash stays single: rich's escape()
+    doubles it, which prints twice; markup() doubles it only where one of our tags follows.)"""
+    text = printable(str(value))
+    body = text.rstrip("\\")
+    return escape(body) + text[len(body):]
+
+
+def markup(template: str, *args, **kwargs) -> str:
+    """`template` (our own rich markup) formatted with every str, path or error argument
+    passed through safe(); other values keep their format specs ({size:.1f}). The one way to
+    put a value that is not ours into a line rich prints."""
+    pieces, position = [], 0
+    for literal, name, spec, conversion in Formatter().parse(template):
+        pieces.append(literal)
+        if name is None:
+            continue
+        if name == "":
+            value, position = args[position], position + 1
+        else:
+            value = args[int(name)] if name.isdigit() else kwargs[name]
+        if conversion:
+            value = repr(value) if conversion == "r" else str(value)
+        if isinstance(value, (str, PurePath, BaseException)):
+            pieces.append(_Value(safe(format(str(value), spec))))
+        else:
+            pieces.append(format(value, spec))
+    # backslashes that end a value and precede one of our tags would escape the tag: doubled,
+    # rich prints them once and still reads the tag
+    out = [p + "\\" * (len(p) - len(p.rstrip("\\")))
+           if isinstance(p, _Value) and i + 1 < len(pieces) and pieces[i + 1].startswith("[") else p
+           for i, p in enumerate(pieces)]
+    return "".join(out)
+
+
+class _Value(str):
+    """A formatted value inside markup()'s pieces (not template text)."""
 
 
 def print_json(obj: dict) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import paths, runs
 from .daemon import RUN_LABEL, connect
 from .errors import ConfigError, DockerUnavailable, LauncherError, RunNotFound
+from .output import markup, safe
 
 ALWAYS = ("containers", "partials", "locks")
 OPTIONAL = ("outputs", "images", "cache")
@@ -40,11 +41,8 @@ class Item:
 
     @property
     def label(self) -> str:
-        """For rich output: paths may hold `[`, which must not be read as markup."""
-        from rich.markup import escape
-
-        from .untrusted import printable
-        return escape(printable(self.ref[:12] if self.kind == "containers" else self.ref))
+        """What the user reads (plain text: output.markup escapes it when printed)."""
+        return self.ref[:12] if self.kind == "containers" else self.ref
 
 
 @dataclass
@@ -409,20 +407,17 @@ def plan_table(p: Plan, title: str):
     for col in ("run", "kind", "what", "size"):
         t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
     for i in p.items:
-        t.add_row(i.run_id, KIND_NAMES[i.kind], i.label + (f" ({i.note})" if i.note else ""), human(i.size))
+        t.add_row(safe(i.run_id), KIND_NAMES[i.kind], safe(i.label + (f" ({i.note})" if i.note else "")),
+                  human(i.size))
     t.add_row("", "", "[bold]total[/]", human(sum(i.size or 0 for i in p.items)))
     return t
 
 
 def describe_rest(p: Plan, console) -> None:
     """What stays, and why: refused items, kinds not asked for, runs left alone."""
-    from rich.markup import escape
-
-    from .untrusted import printable
-
     for item, why in p.refused:
-        console.print(f"[yellow]kept[/] {KIND_NAMES[item.kind]} {item.label} of run {item.run_id}: {escape(why)}",
-                      highlight=False)
+        console.print(markup("[yellow]kept[/] {} {} of run {}: {}", KIND_NAMES[item.kind], item.label,
+                             item.run_id, why), highlight=False)
     flags = {"outputs": "--outputs", "images": "--images", "cache": "--cache"}
     left = sorted({i.kind for i in p.left_out})
     if left:
@@ -430,20 +425,19 @@ def describe_rest(p: Plan, console) -> None:
                          for k in left)
         console.print(f"not removed unless asked: {what}", highlight=False)
     for run_id, why in p.skipped_runs:
-        console.print(f"[yellow]left alone[/] run {escape(printable(run_id))}: {escape(printable(why))}",
+        console.print(markup("[yellow]left alone[/] run {}: {}", run_id, why),
                       highlight=False, soft_wrap=True)
     if p.docker_error:
-        console.print(f"[yellow]Docker:[/] {escape(p.docker_error)}; containers and images were not checked "
-                      "(start Docker and roll back again to remove them)", highlight=False)
+        console.print(markup("[yellow]Docker:[/] {}; containers and images were not checked "
+                             "(start Docker and roll back again to remove them)", p.docker_error), highlight=False)
 
 
 def describe_outcome(out: Outcome, console) -> None:
-    from rich.markup import escape
-
     for item in out.removed:
-        console.print(f"removed {KIND_NAMES[item.kind]} {item.label} ({human(item.size)})", highlight=False)
+        console.print(markup("removed {} {} ({})", KIND_NAMES[item.kind], item.label, human(item.size)),
+                      highlight=False)
     for item, why in out.failed:
-        console.print(f"[red]could not remove[/] {KIND_NAMES[item.kind]} {item.label}: {escape(why)}",
+        console.print(markup("[red]could not remove[/] {} {}: {}", KIND_NAMES[item.kind], item.label, why),
                       highlight=False)
 
 
@@ -461,7 +455,7 @@ def run_rollback(run_id: str | None, *, all_runs: bool, outputs: bool, images: b
     p = plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache, dry_run=dry_run)
     if p.empty:
         describe_rest(p, console)
-        console.print("nothing to roll back" + (f" for run {run_id}" if run_id else ""))
+        console.print("nothing to roll back" + (markup(" for run {}", run_id) if run_id else ""))
         _unchecked(p)
         return
     console.print(plan_table(p, "would remove" if dry_run else "to remove"))

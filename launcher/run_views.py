@@ -1,7 +1,8 @@
 """What `launcher list`, `status` and `logs` show of the runs of this home.
 
-Records are files anyone can edit: every value shown goes through untrusted.printable, and a
-recorded path is measured only when rollback would accept it as the run's own.
+Records are files anyone can edit: every value shown goes through output.safe (markup escaped,
+control characters printable), and a recorded path is measured only when rollback would accept
+it as the run's own.
 """
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ import time
 from pathlib import Path
 
 from rich import box
-from rich.markup import escape
 from rich.table import Table
 
 from . import runs
 from .orphans import tidy
-from .untrusted import printable
+from .output import markup, safe
 
 STATUS_COLORS = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
 
@@ -39,7 +39,7 @@ def print_runs(console, out) -> None:
     tidy(console)
     records = runs.all_runs()
     for name, why in runs.damaged.items():
-        console.print(f"[yellow]skipped[/] run {escape(printable(name))}: {escape(printable(why))}",
+        console.print(markup("[yellow]skipped[/] run {}: {}", name, why),
                       highlight=False, soft_wrap=True)
     if not records:
         console.print("no runs yet")
@@ -51,8 +51,8 @@ def print_runs(console, out) -> None:
     for r in records:
         st = f"[{STATUS_COLORS[r.status]}]{r.status}[/]" if r.status in STATUS_COLORS else r.status
         shown = (str(r.spec.get("model") or "embedded"), r.output or str(r.spec.get("output") or "-"))
-        t.add_row(r.id, st, *(escape(printable(x)) for x in shown),
-                  escape(printable(r.created_at.replace("T", " ")[5:16])), age(r.created_at))
+        t.add_row(safe(r.id), st, *(safe(x) for x in shown), safe(r.created_at.replace("T", " ")[5:16]),
+                  age(r.created_at))
     out.print(t)
 
 
@@ -73,7 +73,7 @@ def print_status(run_id: str, console, out) -> None:
         rows.append(("checkpoint", f"{human(r.result.get('checkpoint_bytes'))}, "
                                    f"{r.result.get('timings', {}).get('total_s', '?')} s in the payload"))
     for k, v in rows:
-        t.add_row(f"[bold]{k}[/]", escape(printable(str(v))))
+        t.add_row(f"[bold]{k}[/]", safe(v))
     out.print(t)
     made = Table(title="created", title_justify="left")
     for col in ("kind", "what", "now"):
@@ -86,10 +86,10 @@ def print_status(run_id: str, console, out) -> None:
                 now = "not ours: rollback leaves it"
             else:
                 now = human(tree_size(Path(item))) if os.path.lexists(item) else "gone"
-            made.add_row(kind, escape(printable(item)), now)
+            made.add_row(kind, safe(item), now)
     out.print(made if made.row_count else "created: nothing")
     files = sorted(p for p in r.folder.iterdir() if p.is_file()) if r.folder.exists() else []
-    out.print("files: " + ", ".join(f"{p} ({human(p.stat().st_size)})" for p in files), highlight=False)
+    out.print("files: " + ", ".join(markup("{} ({})", p, human(p.stat().st_size)) for p in files), highlight=False)
 
 
 def print_log(run_id: str, follow: bool, console) -> None:
@@ -98,7 +98,7 @@ def print_log(run_id: str, follow: bool, console) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     pos = 0
     if not rec.log_path.exists() and not follow:
-        console.print(f"run {run_id} has no log yet ({rec.status})")
+        console.print(markup("run {} has no log yet ({})", run_id, rec.status))
         return
     while True:
         going = follow and rec.status == "running" and rec.owner_alive()

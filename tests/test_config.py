@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import JobSpec, QuantFormat, load_spec
+from launcher.config import FLAG_NAMES, JobSpec, QuantFormat, load_spec
 from launcher.errors import ConfigError
 
 NAMES = {"calibration.samples": "--calib-samples", "recipe": "--recipe"}
@@ -74,3 +74,78 @@ def test_recipe_params_from_flag_environment_and_file_fingerprint_alike(tmp_path
     assert flag.recipe_params == env.recipe_params == file.recipe_params == {"smooth.alpha": 0.6, "gptq.ridge": 3.0}
     assert job_fingerprint(flag) == job_fingerprint(env) == job_fingerprint(file)
     assert job_fingerprint(flag) != job_fingerprint(load_spec({"recipe": "smooth-gptq-seq-mp"}, FLAG_NAMES, environ={}))
+
+
+# ---------------------------------------------------------------- values at the edge (issue 22, item 5)
+
+@pytest.mark.parametrize("param,needle", [
+    ("smooth.alpha=nan", "smooth.alpha = nan is not a finite number"),
+    ("smooth.alpha=inf", "smooth.alpha = inf is not a finite number"),
+    ("smooth.alpha=-inf", "smooth.alpha = -inf is not a finite number"),
+    ("smooth.alpha=1.5", "smooth.alpha = 1.5 is outside its range [0, 1]"),
+    ("smooth.alpha=-0.1", "smooth.alpha = -0.1 is outside its range [0, 1]"),
+    ("keep_bf16.batches=0", "keep_bf16.batches = 0 is outside its range >= 1"),
+    ("keep_bf16.budget=1.5", "keep_bf16.budget = 1.5 is outside its range [0, 1]"),
+    ("gptq.ridge=0", "gptq.ridge = 0 is outside its range > 0"),
+    ("gptq.ridge=nan", "gptq.ridge = nan is not a finite number"),
+    ("calibrate.preset=MY_OWN_CFG", "calibrate.preset = 'MY_OWN_CFG' must be one of NVFP4_DEFAULT_CFG"),
+])
+def test_recipe_params_out_of_range_are_refused_with_flag_value_and_range(param, needle):
+    with pytest.raises(ConfigError) as e:
+        load_spec({"recipe": "smooth-gptq-seq-mp", "recipe_params": [param]}, FLAG_NAMES, environ={})
+    assert needle in str(e.value) and "[--recipe-param]" in str(e.value) and e.value.exit_code == 2
+
+
+def test_recipe_params_from_a_file_are_finite_and_whole(tmp_path):
+    # YAML's .nan and a fractional count never reach the payload either
+    for text, needle in (("smooth.alpha: .nan", "not a finite number"), ("keep_bf16.batches: 2.5", "whole number")):
+        cfg = tmp_path / "job.yaml"
+        cfg.write_text(f"recipe: smooth-gptq-seq-mp\nrecipe_params:\n  {text}\n")
+        with pytest.raises(ConfigError, match=needle):
+            load_spec({}, FLAG_NAMES, cfg, environ={})
+    cfg.write_text("recipe: smooth-gptq-seq-mp\nrecipe_params:\n  keep_bf16.batches: 2.0\n")
+    assert load_spec({}, FLAG_NAMES, cfg, environ={}).recipe_params == {"keep_bf16.batches": 2}
+
+
+def test_ranges_are_declared_once_beside_the_parameters():
+    # the payload and the launcher read the same declaration: every numeric parameter has one
+    from dataclasses import fields
+
+    from container_payload import recipes
+
+    for step in recipes.STEPS.values():
+        for f in fields(step):
+            if f.type in ("float", "int", "float | None"):
+                assert f.name in step.ranges, f"{step.key}.{f.name} has no declared range"
+
+
+def test_a_preset_from_the_registry_decides_the_needs():
+    # calibrate.preset is honoured: a GPU-only search preset makes the job need a GPU
+    from container_payload import recipes
+
+    assert not recipes.needs_for("gptq").gpu
+    assert recipes.needs_for("gptq", params={"calibrate.preset": "NVFP4_AWQ_LITE_CFG"}).gpu
+    assert recipes.effective("gptq", {"calibrate.preset": "NVFP4_AWQ_LITE_CFG"}).preset == "NVFP4_AWQ_LITE_CFG"
+
+
+@pytest.mark.parametrize("flags,needle", [
+    ({"memory_limit": "0"}, "invalid memory_limit = '0': Value error, must be more than 0 [--memory-limit]"),
+    ({"memory_limit": "0g"}, "must be more than 0"),
+    ({"memory_limit": "1k"}, "must be in [6m, "),
+    ({"memory_limit": "1048576g"}, "this machine's memory"),
+    ({"memory_budget": "0"}, "invalid memory_budget = '0': Value error, must be more than 0 [--memory-budget]"),
+    ({"calibration": {"batch_size": 10 ** 9}}, "must be 'auto' or a whole number in [1, 65536] [--calib-batch-size]"),
+    ({"calibration": {"batch_size": 0}}, "[--calib-batch-size]"),
+])
+def test_numeric_flags_out_of_range_are_refused(flags, needle):
+    with pytest.raises(ConfigError) as e:
+        load_spec(flags, FLAG_NAMES, environ={})
+    assert needle in str(e.value) and e.value.exit_code == 2
+
+
+def test_memory_limit_within_the_machine_is_kept():
+    import psutil
+
+    top = f"{psutil.virtual_memory().total >> 20}m"
+    assert load_spec({"memory_limit": top}, FLAG_NAMES, environ={}).memory_limit == top
+    assert load_spec({"memory_limit": "6m"}, FLAG_NAMES, environ={}).memory_limit == "6m"

@@ -22,7 +22,7 @@ WIDE = {"COLUMNS": "400"}  # one table row per line: no cell wraps
 
 def rows(stdout: str) -> dict[str, str]:
     """check name -> the rest of its table line."""
-    names = ("Docker daemon", "NVIDIA runtime", "GPU", "image", "Hugging Face token", "model",
+    names = ("Docker daemon", "NVIDIA runtime", "GPU", "image", "Hugging Face token", "model", "output",
              "disk (output)", "disk (model download)", "memory", "disk / memory")
     out = {}
     for line in stdout.splitlines():
@@ -52,6 +52,19 @@ def test_daemon_down(launcher_home, tmp_path):
     # what needs the daemon says so instead of failing for its own reasons
     for name in ("NVIDIA runtime", "GPU", "image"):
         assert status(r[name]) == "skip" and "Docker daemon" in r[name]
+
+
+def test_output_quantize_would_refuse_fails_its_row(launcher_home, tmp_path):
+    # the same check as quantize's (destination.py): "disk ok" alone said nothing about /etc/hostname/x
+    for out, needle in (("/etc/hostname/x", "which is a file, not a folder"), ("/proc/x", "kernel's proc")):
+        proc = run_launcher("doctor", "--output", out, env={**WIDE, "DOCKER_HOST": "unix:///nonexistent"},
+                            timeout=120)
+        assert proc.returncode == 6 and "Traceback" not in proc.stderr, proc.stderr
+        r = rows(proc.stdout)
+        assert status(r["output"]) == "FAIL" and needle in r["output"], proc.stdout
+    proc = run_launcher("doctor", "--output", str(tmp_path / "o"), env={**WIDE, "DOCKER_HOST": "unix:///nonexistent"},
+                        timeout=120)
+    assert status(rows(proc.stdout)["output"]) == "ok" and not list(tmp_path.glob(".spark-nvfp4-probe-*"))
 
 
 @pytest.mark.docker

@@ -130,3 +130,13 @@ def test_ctrl_c_during_calibration(launcher_home, tmp_path, docker_client, stand
     assert latest_record(launcher_home)["status"] == "interrupted"
     _nothing_left(docker_client, launcher_home, out)
     assert not list(tmp_path.glob(".o.partial-*")) or latest_record(launcher_home)["created"]["partials"]
+
+
+@pytest.mark.parametrize("name", ["x[/]y", "[bold]z", "a[red]b[/red]c"])
+def test_output_with_rich_markup_is_printed_verbatim(launcher_home, tmp_path, standin_image, name):
+    # `x[/]y` was a MarkupError traceback after the run record existed; `[bold]z` printed as `z`
+    out = tmp_path / name
+    proc = run_launcher("quantize", "--dry-run", "--output", str(out), timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"-> {out}\n" in proc.stderr and proc.stdout.strip() == str(out)
+    assert latest_record(launcher_home)["status"] == "complete"

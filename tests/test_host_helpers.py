@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import REPO
 from launcher import owner, paths
 from launcher.files import atomic_write_json, atomic_write_text
 from launcher.verify import safetensors_header
@@ -81,3 +82,87 @@ def test_slow_bf16_cpu_note(tmp_path, monkeypatch):
     assert preflight.cpu_calibration_note(270_000_000, 128 * 512, on_gpu=True) is None
     monkeypatch.setattr(preflight, "cpu_has_bf16", lambda: True)
     assert preflight.cpu_calibration_note(270_000_000, 128 * 512, on_gpu=False) is None
+
+
+# ---------------------------------------------------------------- --output: refused before anything runs
+
+def _quantize_refused(tmp_path, output: str, env: dict | None = None) -> str:
+    """`launcher quantize --output OUTPUT` with Docker unreachable: the output must be refused
+    first (exit 2, one line), with no run record and nothing created."""
+    from conftest import one_line_error, run_launcher
+
+    home = tmp_path / "home"
+    proc = run_launcher("quantize", "--dry-run", "--output", output, timeout=120,
+                        env={"SPARK_NVFP4_HOME": str(home), "DOCKER_HOST": f"unix://{tmp_path}/no.sock", **(env or {})})
+    assert proc.returncode == 2, proc.stderr
+    line = one_line_error(proc.stderr)
+    assert "[--output]" in line
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir()), "a run record was left"
+    return line
+
+
+@pytest.mark.parametrize("output,needle", [
+    ("/etc/hostname/ckpt", "which is a file, not a folder"),
+    ("/proc/ckpt", "kernel's proc filesystem"),
+    ("/sys/ckpt", "kernel's sysfs filesystem"),
+    ("/", "is the filesystem root"),
+    ("/usr", "is a system folder"),
+])
+def test_impossible_output_is_one_line_before_docker(tmp_path, output, needle):
+    assert needle in _quantize_refused(tmp_path, output)
+
+
+def test_output_names_too_long_for_the_filesystem(tmp_path):
+    # 240 bytes fit NAME_MAX (255), the run's partial folder beside it (32 more) does not
+    line = _quantize_refused(tmp_path, str(tmp_path / ("a" * 240)))
+    assert "too long" in line and "partial folder" in line
+    assert "too long" in _quantize_refused(tmp_path, str(tmp_path / ("b" * 300) / "ckpt"))
+    assert "too long" in _quantize_refused(tmp_path, str(tmp_path / ("c/" * 2100)))
+    assert not list(tmp_path.glob(".spark-nvfp4-probe-*")) and not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to user nobody with setpriv, which needs root")
+def test_read_only_parent_is_refused_for_a_user_who_cannot_write_it(tmp_path):
+    # root writes anywhere, so the user is dropped to nobody: the folder is theirs to read only
+    import shutil
+
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    tmp_path.chmod(0o755)
+    parent.chmod(0o555)
+    code = ("import sys; from launcher.destination import check_output; from launcher.errors import ConfigError\n"
+            "try: check_output(sys.argv[1])\nexcept ConfigError as e: print(e); sys.exit(2)")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                           code, str(parent / "ckpt")], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HOME": str(tmp_path), "SPARK_NVFP4_HOME": str(tmp_path / "h")})
+    assert proc.returncode == 2, proc.stderr
+    assert "does not allow new folders (Permission denied)" in proc.stdout
+    assert list(parent.iterdir()) == []
+
+
+def test_output_check_leaves_nothing_behind(tmp_path, monkeypatch):
+    from launcher.destination import check_output
+
+    monkeypatch.setenv("SPARK_NVFP4_HOME", str(tmp_path / "home"))
+    out = check_output(tmp_path / "a" / "b" / "ckpt")
+    assert out == (tmp_path / "a" / "b" / "ckpt").resolve()
+    assert list(tmp_path.iterdir()) == []   # the probe folder is gone; nothing made for a dry run
+
+
+# ---------------------------------------------------------------- user values through rich
+
+@pytest.mark.parametrize("value", ["out/x[/]y", "out/[bold]z", "a\\[b]", "[/tmp/x]", "tail\\"])
+def test_markup_prints_user_values_verbatim(value):
+    from rich.console import Console
+
+    from launcher.errors import LauncherError
+    from launcher.output import markup
+
+    console = Console(record=True, width=500, color_system=None)
+    console.print(markup("[bold]run[/] {} -> {:.1f} MB", value, 1.25))
+    console.print(markup("[yellow]warning:[/] {}", LauncherError("failed", where=value)))
+    console.print(markup("[green]{}[/] ok", value))   # a value right before our closing tag
+    assert console.export_text().splitlines() == [f"run {value} -> 1.2 MB", f"warning: failed [{value}]",
+                                                  f"{value} ok"]

@@ -93,6 +93,18 @@ def test_lock_of_another_host_is_never_cleared(tmp_path):
         OutputLock(out, "run-g").acquire()
 
 
+def test_lock_of_another_host_names_the_host_the_file_and_how_to_clear_it(tmp_path):
+    # "wait for it to finish" alone would be forever when that host's run died
+    out = tmp_path / "ckpt"
+    lock_path(out).write_text(json.dumps({"host": "elsewhere.example", "pid": 4242, "started": 0, "run_id": "far"}))
+    with pytest.raises(LockHeld) as e:
+        OutputLock(out, "run-g2").acquire()
+    line = str(e.value)
+    assert "run far (pid 4242) on host elsewhere.example" in line and "cannot be checked from this host" in line
+    assert f"[{lock_path(out)}]" in line and f"remove {lock_path(out)} and retry" in line
+    assert "\n" not in line and lock_path(out).exists()   # one line; the lock itself is left alone
+
+
 def test_release_leaves_a_lock_taken_over_by_another_run(tmp_path):
     out = tmp_path / "ckpt"
     lock = OutputLock(out, "run-h").acquire()
