@@ -33,6 +33,7 @@ import numpy as np
 import regex
 
 from .errors import ConfigError
+from .files import atomic_write_text
 from .untrusted import link_out_of, printable
 
 MODELOPT = "modelopt"
@@ -989,7 +990,7 @@ def print_report(report: Report, console) -> None:
 def write_report(report: Report, json_out: Path) -> None:
     """The full report as JSON (a file the user named: a one-line error if it cannot be written)."""
     try:
-        Path(json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        atomic_write_text(Path(json_out), json.dumps(report.to_json(), indent=2) + "\n")
     except OSError as e:
         raise ConfigError(f"cannot write the report: {e.strerror or e}", where=str(json_out),
                           advice="choose a writable --json-out path") from None
