@@ -102,6 +102,14 @@ def make_shareable(folder: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it (Linux 4.7+), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o22)
     os.umask(mask)
     return mask

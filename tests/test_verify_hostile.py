@@ -478,3 +478,13 @@ def test_memory_measurement_sees_a_big_child():
     ballast[::4096] = b"x" * len(ballast[::4096])
     _, _, _, peak = measure([sys.executable, "-c", "pass"], 60)
     assert peak < 200 * 2**20, peak
+
+
+def test_json_out_is_never_written_through_a_symlink(ckpt, tmp_path):
+    victim, out = tmp_path / "victim.txt", tmp_path / "report.json"
+    victim.write_text("precious")
+    out.symlink_to(victim)
+    proc = subprocess.run([sys.executable, "-m", "launcher", "verify", str(ckpt), "--json-out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "report.json is a symlink" in proc.stderr and victim.read_text() == "precious"
