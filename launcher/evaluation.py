@@ -10,7 +10,7 @@ copies it to --json-out atomically. An image it pulls is recorded for rollback.
 """
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,10 @@ from . import assets, model_source, paths
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .errors import ConfigError, LauncherError
+from .files import refuse_link
 from .output import console as stderr_console
 from .session import DockerSession
+from .untrusted import link_out_of, printable, read_json_object
 
 # The check at the end of `launcher quantize`: held-out tokens scored. The CPU emulation
 # scores ~512 tokens in 10-40 s on 2 cores, so the stand-in gets a smaller sample.
@@ -56,10 +58,21 @@ def text_path(text: str) -> Path:
     return path.resolve()
 
 
+def refuse_links_out(ckpt: Path) -> None:
+    """A checkpoint (a tarball's, a clone's) whose file links out of its folder is refused before
+    anything of it is read (untrusted.link_out_of: the rule verify applies too)."""
+    with os.scandir(ckpt) as entries:
+        for entry in entries:
+            escape = entry.is_symlink() and link_out_of(Path(entry.path), ckpt)
+            if escape:
+                raise ConfigError(f"{printable(entry.name)} in the checkpoint is {escape}", where=printable(entry.path),
+                                  advice="put the file itself in the checkpoint folder in place of the link, or remove it")
+
+
 def source_of(checkpoint: Path) -> str | None:
-    try:
-        return json.loads((checkpoint / "result.json").read_text())["source"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
+    try:  # a file of the checkpoint: a regular file of bounded size, or nothing
+        return (read_json_object(checkpoint / "result.json") or {})["source"]["model"]
+    except (KeyError, TypeError):
         return None
 
 
@@ -68,6 +81,7 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     ckpt = req.checkpoint.expanduser().resolve()
     if not (ckpt / "config.json").exists():
         raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="CKPT")
+    refuse_links_out(ckpt)  # before its result.json and config.json are read here
     reference = req.reference or source_of(ckpt)
     if reference is None:
         raise ConfigError("the checkpoint does not say which model it came from", where="--reference",
@@ -115,24 +129,31 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
 
 
 def check_json_out(path: Path) -> Path:
-    path = Path(path).expanduser().resolve()
-    if path.is_dir():
+    """--json-out (default CKPT/eval.json) as the file itself, never a link's target: the
+    folder is resolved (the user's own links), the name is not (a checkout may plant one)."""
+    path = Path(path).expanduser()
+    path = path.parent.resolve() / path.name
+    if path.is_dir() and not path.is_symlink():
         raise ConfigError(f"--json-out names a folder: {path}", where="--json-out", advice="give a file name, e.g. eval.json")
     if not path.parent.is_dir():
         raise ConfigError(f"the folder of --json-out does not exist: {path.parent}", where="--json-out",
                           advice="create it first, or choose another path")
+    refuse_link(path)  # before the container runs; _publish refuses one planted since
     return path
 
 
 def _publish(made: Path, json_out: Path) -> dict:
     """The payload's JSON, checked, then written to --json-out atomically (temp file + rename)."""
     from .files import atomic_write_json
-    from .untrusted import read_json_object
 
     result = read_json_object(made, limit=64 << 20)
     if result is None:
         raise LauncherError("the evaluation wrote no readable JSON", where=str(made), advice="see the run's log")
-    atomic_write_json(json_out, result)
+    try:
+        atomic_write_json(json_out, result)  # refuses a link planted at json_out since the check
+    except OSError as e:
+        raise ConfigError(f"cannot write the evaluation: {e.strerror or e}", where=str(json_out),
+                          advice=f"the result is kept in {made}; choose a writable --json-out") from None
     return result
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from container_payload import contract, recipes
 
-from . import assets, derived_image, memory_budget, model_source, paths, preflight, runs
+from . import assets, derived_image, files, memory_budget, model_source, paths, preflight, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .destination import check_output, partial_path
@@ -33,6 +33,7 @@ from .locks import OutputLock, lock_path
 from .output import console as stderr_console
 from .output import markup, run_result
 from .session import DockerSession
+from .untrusted import link_out_of, read_json_object
 
 
 @dataclass
@@ -254,13 +255,15 @@ class QuantizeJob:
         model_source.finish_embedded(model)
 
         result_path = partial / "result.json"
-        if not result_path.exists():
-            raise LauncherError("the payload exited cleanly but wrote no result.json", where=str(partial))
-        result = json.loads(result_path.read_text())
+        # the container wrote it: a link it planted (to a file of the host) is neither read nor written through
+        result = None if link_out_of(result_path) else read_json_object(result_path, limit=64 << 20)
+        if result is None:
+            raise LauncherError("the payload exited cleanly but wrote no readable result.json", where=str(partial))
         result["job_fingerprint"] = fingerprint
         result["run_id"] = rec.id
         result["source"] = {"model": spec.model, "revision": spec.revision}
-        result_path.write_text(json.dumps(result, indent=2))
+        files.atomic_write_json(result_path, result)
+        files.make_shareable(partial)  # 0644 like any output (safetensors writes 0600): see files.py
 
         verify_or_raise(partial, self.console)
         try:

@@ -1,10 +1,10 @@
 """The output's README.md: what was quantized and how, what it cost, how to serve it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .files import atomic_write_text
+from .untrusted import link_out_of, read_json_object
 
 ENGINES = """\
 ## Serve it
@@ -117,6 +117,8 @@ def render(output: Path, result: dict, evaluation: dict | None, source_bytes: in
 
 
 def write(output: Path, evaluation: dict | None, source_bytes: int | None = None) -> Path:
-    result = json.loads((output / "result.json").read_text())
+    # written by the container: a regular file of the output, or the card says "?"
+    made = output / "result.json"
+    result = (None if link_out_of(made) else read_json_object(made, limit=64 << 20)) or {}
     text = render(output, result, evaluation, source_bytes)
     return atomic_write_text(output / "README.md", text)

@@ -17,6 +17,8 @@ import json
 import math
 from pathlib import Path
 
+from .files import atomic_write_text
+
 GiB = 1 << 30
 # The memory model: weights as stored + a KV cache of this many tokens in bf16 (one
 # 32k-token sequence, or e.g. 8 sequences of 4k). Activations and runtime overhead
@@ -306,7 +308,7 @@ def build_report(candidates: list[dict], out_html: Path) -> Path:
             f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>")
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    out_html.write_text(page, encoding="utf-8")
+    atomic_write_text(out_html, page)  # a path the user named: never written through a link there
     return out_html
 
 

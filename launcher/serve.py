@@ -38,6 +38,7 @@ from container_payload import contract
 
 from .container import Bind, PayloadContainer, gpu_requests, payload_command, port_free, sigterm_as_interrupt
 from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
+from .files import atomic_write_text
 from .logstream import PREFIX as EVENT_PREFIX
 from .logstream import find_event
 from .session import DockerSession
@@ -271,7 +272,7 @@ def _save_log(box: PayloadContainer, rec: runs.RunRecord) -> None:
     lines = box.log_lines(tail=2000)
     if lines:
         rec.folder.mkdir(parents=True, exist_ok=True)
-        rec.log_path.write_text("\n".join(lines) + "\n")
+        atomic_write_text(rec.log_path, "\n".join(lines) + "\n")
 
 
 def _discard(box: PayloadContainer, rec: runs.RunRecord) -> None:

@@ -38,3 +38,27 @@ def read_json_object(path: Path, limit: int = 1 << 20) -> dict | None:
         except (OSError, ValueError, RecursionError):
             return None
     return data if isinstance(data, dict) else None
+
+
+def link_out_of(path: Path, folder: Path | None = None) -> str | None:
+    """Why `path`, a file of `folder` (default: its own folder, e.g. a checkpoint), must not be
+    read: it is a symlink whose target lies outside that folder. None when it may be read.
+
+    The one rule for reading a checkpoint or model folder: a link inside the folder is
+    fine, and so is a Hugging Face cache snapshot's link into its own repo's blobs/
+    (<repo>/snapshots/<rev>/f -> ../../blobs/<hash>), which huggingface_hub makes. Any other
+    link (a tarball's or a clone's `config.json -> /etc/passwd`) is not followed."""
+    path = Path(path)
+    try:
+        if not path.is_symlink():
+            return None
+        root = Path(folder if folder is not None else path.parent).resolve()
+        target, link = path.resolve(), os.readlink(path)
+    except (OSError, RuntimeError, ValueError):  # a loop, a name that vanished
+        return "a symlink that cannot be resolved: not followed"
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if any(target.is_relative_to(a) for a in allowed):
+        return None
+    return f"a symlink to {printable(link)}, outside the folder: not followed"

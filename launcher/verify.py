@@ -33,7 +33,8 @@ import numpy as np
 import regex
 
 from .errors import ConfigError
-from .untrusted import printable
+from .files import atomic_write_text
+from .untrusted import link_out_of, printable
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -106,11 +107,18 @@ class TensorInfo:
     shape: tuple
     start: int   # absolute byte offsets in the shard file
     end: int
-    intact: bool = True  # False: its data lies past the end of a truncated file
+    # False: its data lies past the end of a truncated file, or its offsets span other than
+    # its dtype and shape need. Such a tensor's values are never read.
+    intact: bool = True
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    @property
+    def declared(self) -> int:
+        """Bytes its dtype and shape need: the most any read of it may take."""
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
 
 
 @dataclass
@@ -171,9 +179,12 @@ def short(value) -> str:
 
 
 def open_regular(path: Path):
-    """Open a file for reading only if it is a regular file (symlinks to one are fine: HF
-    cache snapshots are symlinks into blobs/). A FIFO, socket or device would block or
-    never end, so it is never read."""
+    """Open a file of the checkpoint folder for reading only if it is a regular file in it. A
+    symlink out of the folder is not followed (untrusted.link_out_of; an HF cache snapshot's
+    links into its blobs/ are fine); a FIFO, socket or device would block or never end."""
+    escape = link_out_of(path)
+    if escape:
+        raise _Unreadable(escape)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -272,9 +283,10 @@ def _header(shard: Path) -> tuple[dict, int, int]:
 def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
     """Parse and validate one shard's header against the file's size.
 
-    Tensors whose data lies past the end of the file stay in the result (their header
-    entries are still checked) but are marked not intact, so nothing reads them; the
-    file gets the one problem.
+    Tensors whose data lies past the end of the file, or whose offsets span more or less
+    than their dtype and shape need, stay in the result (their header entries are still
+    checked) but are marked not intact, so nothing reads them: a span is judged from the
+    header alone, before any read. The file or tensor gets the one problem.
     """
     name = shard.name
     header, base, size = _header(shard)
@@ -306,7 +318,8 @@ def read_header(shard: Path, report: Report) -> dict[str, TensorInfo]:
         if e - b != need:
             report.add(key, f"data_offsets span {e - b} bytes but {dtype} {short(shape)} needs {need} ({name})")
         spans.append((b, e, key))
-        infos[key] = TensorInfo(key, shard, dtype, tuple(shape), base + b, base + e, intact=e <= data_size)
+        infos[key] = TensorInfo(key, shard, dtype, tuple(shape), base + b, base + e,
+                                intact=e <= data_size and e - b == need)
 
     # safetensors requires the tensors to tile the data section exactly; it refuses
     # the file otherwise, and a gap or overlap means a broken writer.
@@ -442,19 +455,22 @@ class ScaleReader:
                 self._damaged.add(t.shard)
         return self._raw(t).view("<f4").astype(np.float32)
 
+    # Both readers take at most t.declared bytes, whatever the offsets say (read_header
+    # marks a tensor whose span differs not intact, and callers read only intact ones).
     @staticmethod
     def _raw(t: TensorInfo) -> np.ndarray:
         with open_regular(t.shard) as f:
             f.seek(t.start)
-            return np.frombuffer(f.read(t.nbytes), dtype=np.uint8)
+            return np.frombuffer(f.read(min(t.nbytes, t.declared)), dtype=np.uint8)
 
     @staticmethod
     def e4m3_histogram(t: TensorInfo) -> np.ndarray:
         counts = np.zeros(256, dtype=np.int64)
-        if t.nbytes == 0:
+        n = min(t.nbytes, t.declared)
+        if n == 0:
             return counts
-        data = np.memmap(t.shard, dtype=np.uint8, mode="r", offset=t.start, shape=(t.nbytes,))
-        for i in range(0, t.nbytes, CHUNK):
+        data = np.memmap(t.shard, dtype=np.uint8, mode="r", offset=t.start, shape=(n,))
+        for i in range(0, n, CHUNK):
             counts += np.bincount(data[i:i + CHUNK], minlength=256)
         del data
         return counts
@@ -974,7 +990,7 @@ def print_report(report: Report, console) -> None:
 def write_report(report: Report, json_out: Path) -> None:
     """The full report as JSON (a file the user named: a one-line error if it cannot be written)."""
     try:
-        Path(json_out).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        atomic_write_text(Path(json_out), json.dumps(report.to_json(), indent=2) + "\n")
     except OSError as e:
         raise ConfigError(f"cannot write the report: {e.strerror or e}", where=str(json_out),
                           advice="choose a writable --json-out path") from None

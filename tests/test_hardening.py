@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_line_error, run_launcher
+from launcher.errors import ConfigError
 from synthetic_ckpt import make_checkpoint
 
 NO_DOCKER = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
@@ -252,6 +253,49 @@ def test_eval_json_must_be_a_file_in_an_existing_folder(home, tmp_path):
         proc = run_launcher("eval", str(ckpt), "--reference", str(ckpt), "--text", str(ckpt / "config.json"),
                             "--json-out", str(target), env=NO_DOCKER, timeout=60)
         assert proc.returncode == 2 and needle in one_line_error(proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("target", ["outside", "inside"])
+def test_eval_never_writes_through_a_planted_eval_json(home, tmp_path, target):
+    """A checkpoint from a tarball or a clone with eval.json a symlink (once: eval overwrote the
+    link's target). Refused before Docker in one line naming the file; the target is untouched."""
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    victim = tmp_path / "victim.txt" if target == "outside" else ckpt / "notes.txt"
+    victim.write_text("precious")
+    (ckpt / "eval.json").symlink_to(victim)
+    proc = run_launcher("eval", str(ckpt), "--reference", str(ckpt), "--text", str(ckpt / "config.json"),
+                        env=NO_DOCKER, timeout=60)
+    line = one_line_error(proc.stderr)
+    assert proc.returncode == 2 and "eval.json" in line and "symlink" in line, proc.stderr
+    assert victim.read_text() == "precious"
+
+
+def test_eval_publishes_beside_a_link_planted_after_the_check(tmp_path):
+    """The link may appear while the container runs: the copy to --json-out still refuses it."""
+    from launcher.evaluation import _publish, check_json_out
+
+    made, victim = tmp_path / "made.json", tmp_path / "victim.txt"
+    made.write_text('{"kl_divergence": 0.01}')
+    victim.write_text("precious")
+    json_out = check_json_out(tmp_path / "eval.json")
+    json_out.symlink_to(victim)
+    with pytest.raises(ConfigError, match="symlink"):
+        _publish(made, json_out)
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("victim", ["config.json", "result.json"])
+def test_eval_reads_nothing_through_a_link_out_of_the_checkpoint(home, tmp_path, victim):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    elsewhere = tmp_path / victim
+    if (ckpt / victim).exists():
+        (ckpt / victim).rename(elsewhere)
+    else:
+        elsewhere.write_text(json.dumps({"source": {"model": "org/secret-model"}}))
+    (ckpt / victim).symlink_to(elsewhere)
+    proc = run_launcher("eval", str(ckpt), "--text", str(tmp_path / "x.txt"), env=NO_DOCKER, timeout=60)
+    line = one_line_error(proc.stderr)
+    assert proc.returncode == 2 and f"{victim} in the checkpoint is a symlink to {elsewhere}" in line, proc.stderr
 
 
 def test_hub_dataset_is_fetched_on_the_host_and_mounted_read_only(home, tmp_path):

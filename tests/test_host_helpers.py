@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 
 from conftest import REPO
 from launcher import owner, paths
-from launcher.files import atomic_write_json, atomic_write_text
+from launcher.errors import ConfigError
+from launcher.files import atomic_write_json, atomic_write_text, make_shareable
 from launcher.verify import safetensors_header
 
 
@@ -30,6 +32,59 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         atomic_write_text(target, "half \udc80 written")  # a lone surrogate cannot be encoded
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["README.md"]
+
+
+@pytest.mark.parametrize("planted", ["outside", "inside", "dangling"])
+def test_atomic_write_never_writes_through_a_symlink(tmp_path, planted):
+    """A name in a folder the launcher did not fill (eval.json in a cloned checkpoint) that is a
+    symlink: refused in one line, and neither the link nor its target is touched."""
+    folder, victim = tmp_path / "ckpt", tmp_path / "victim.txt"
+    folder.mkdir()
+    victim.write_text("precious")
+    target = {"outside": victim, "inside": folder / "other.json", "dangling": tmp_path / "absent"}[planted]
+    if planted == "inside":
+        target.write_text("{}")
+    (folder / "eval.json").symlink_to(target)
+    with pytest.raises(ConfigError, match=r"eval\.json is a symlink \(to .*\): not written through it"):
+        atomic_write_json(folder / "eval.json", {"kl": 0.01})
+    assert victim.read_text() == "precious" and not (tmp_path / "absent").exists()
+    assert (folder / "eval.json").is_symlink() and not [p for p in os.listdir(folder) if p.endswith(".tmp")]
+
+
+def test_atomic_write_refuses_a_fifo_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "report.json")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        atomic_write_text(tmp_path / "report.json", "{}")
+
+
+def test_written_files_are_0644_minus_the_umask(tmp_path):
+    """Outputs are shared artefacts: 0644 like the rest of a checkpoint, not tempfile's 0600;
+    a stricter umask is respected."""
+    old = os.umask(0o022)
+    try:
+        assert stat.S_IMODE(atomic_write_text(tmp_path / "README.md", "x").stat().st_mode) == 0o644
+        os.umask(0o077)
+        assert stat.S_IMODE(atomic_write_text(tmp_path / "eval.json", "x").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_make_shareable_fixes_modes_and_never_follows_links(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    (out / "sub").mkdir(parents=True)
+    victim.write_text("x")
+    victim.chmod(0o600)
+    for name in ("model.safetensors", "sub/tokenizer.json"):
+        (out / name).write_text("x")
+        (out / name).chmod(0o600)
+    (out / "link").symlink_to(victim)
+    old = os.umask(0o022)
+    try:
+        make_shareable(out)
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE((out / n).stat().st_mode) for n in ("model.safetensors", "sub/tokenizer.json")] == [0o644] * 2
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
 
 
 def test_owner_alive_by_pid_and_start_time():

@@ -3,6 +3,8 @@ the stand-in image, compared with ModelOpt run directly on the same bf16 model."
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -129,6 +131,18 @@ def test_model_card_carries_quality_numbers(e2e):
     assert "What quantization cost" in card and f"{ev['kl_divergence']:.4f}" in card
     assert "trtllm-serve" in card and "vllm serve" in card
     assert "quality: KL" in e2e["proc"].stderr
+
+
+def test_every_output_file_is_0644(e2e):
+    """model.safetensors (safetensors 0.8 writes 0600) and README.md (once tempfile's 0600)
+    are shared like the rest: 0644 minus the umask (022 here), and nothing in the output
+    is a link."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = sorted(p for p in e2e["out"].rglob("*") if not p.is_dir())
+    assert {"model.safetensors", "README.md", "eval.json", "config.json", "result.json"} <= {p.name for p in files}
+    modes = {str(p.relative_to(e2e["out"])): oct(stat.S_IMODE(p.lstat().st_mode)) for p in files}
+    assert set(modes.values()) == {oct(0o644 & ~umask)}, modes
 
 
 def _token_ids(ref_python: str, model_dir: Path, text: Path, n: int) -> list[int]:

@@ -112,3 +112,14 @@ def test_cli_and_renders_in_chromium(evals, tmp_path):
     for hexcolor in report.COLORS[:2]:
         rgb = [int(hexcolor[i:i + 2], 16) for i in (1, 3, 5)]
         assert (np.abs(img[..., :3].astype(int) - rgb).sum(-1) == 0).sum() > 200, hexcolor
+
+
+def test_cli_never_writes_the_page_through_a_symlink(evals, tmp_path):
+    """OUT_HTML planted as a link (a shared folder, a checkout): one line, exit 2, target untouched."""
+    victim, out = tmp_path / "victim.txt", tmp_path / "report.html"
+    victim.write_text("precious")
+    out.symlink_to(victim)
+    proc = subprocess.run([sys.executable, "-m", "launcher", "report", str(out), str(evals[0])], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "report.html is a symlink" in proc.stderr and victim.read_text() == "precious"

@@ -151,17 +151,65 @@ def test_fifo_in_place_of_a_file(ckpt, victim):
 def test_device_behind_a_symlink(ckpt):
     (ckpt / SHARD1).unlink()
     (ckpt / SHARD1).symlink_to("/dev/zero")
-    assert_rejected_cleanly(ckpt, f"{SHARD1}: not a regular file")
+    assert_rejected_cleanly(ckpt, f"{SHARD1}: a symlink to /dev/zero, outside the folder: not followed")
 
 
-def test_symlink_into_a_blob_store_stays_accepted(ckpt, tmp_path):
-    """HF cache snapshots are symlinks into ../../blobs: normal, not hostile."""
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    shutil.move(ckpt / SHARD1, blobs / "abc123")
-    (ckpt / SHARD1).symlink_to(os.path.relpath(blobs / "abc123", ckpt))
-    rc, out, _, _ = run_verify(ckpt)
+@pytest.mark.parametrize("victim", ["config.json", "hf_quant_config.json", INDEX, SHARD1])
+def test_symlink_out_of_the_checkpoint_is_not_read(ckpt, tmp_path, victim):
+    """A checkpoint from a tarball or a clone whose file links elsewhere on the host: even to
+    a valid copy of the very file (so only not-following can tell), it is refused unread."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(ckpt / victim, outside / victim)
+    (ckpt / victim).symlink_to(outside / victim)
+    assert_rejected_cleanly(ckpt, f"{victim}: a symlink to {outside / victim}, outside the folder: not followed")
+
+
+def test_symlinks_inside_the_checkpoint_and_into_its_hf_blobs_stay_accepted(tmp_path):
+    """HF cache snapshots are symlinks into their repo's ../../blobs (huggingface_hub makes
+    them), and a link to another file of the folder stays in it: normal, not hostile."""
+    repo = tmp_path / "models--org--name"
+    snap = make_checkpoint(repo / "snapshots" / "0123abc")
+    (repo / "blobs").mkdir()
+    shutil.move(snap / SHARD1, repo / "blobs" / "abc123")
+    (snap / SHARD1).symlink_to(f"../../blobs/abc123")
+    shutil.move(snap / INDEX, snap / "index-copy.json")
+    (snap / INDEX).symlink_to("index-copy.json")
+    rc, out, _, _ = run_verify(snap)
     assert rc == 0, out
+
+
+@pytest.mark.parametrize("span", [1 << 30, 10 << 30])
+def test_scale_spanning_gigabytes_of_a_sparse_file_is_judged_unread(ckpt, span):
+    """A 4-byte F32 scale whose data_offsets span 1 or 10 GiB, laid out last so the file is
+    otherwise consistent (a sparse file: no disk used). The span is a problem found from
+    the header; nothing of it is read (once: 2.1 GB resident, or a MemoryError)."""
+    header, data = header_of(ckpt / SHARD1)
+    victim = "model.layers.0.self_attn.q_proj.input_scale"
+    meta = header.pop("__metadata__", None)
+    pieces, end = [], 0
+    for name in sorted(header, key=lambda k: header[k]["data_offsets"][0]):
+        if name == victim:
+            continue
+        b, e = header[name]["data_offsets"]
+        pieces.append(data[b:e])
+        header[name]["data_offsets"] = [end, end + e - b]
+        end += e - b
+    header[victim]["data_offsets"] = [end, end + span]
+    if meta is not None:
+        header["__metadata__"] = meta
+    text = json.dumps(header).encode()
+    write_header(ckpt / SHARD1, text, b"".join(pieces))
+    os.truncate(ckpt / SHARD1, 8 + len(text) + end + span)
+    index = json.loads((ckpt / INDEX).read_text())
+    index["metadata"]["total_size"] += span - 4  # what the shards now declare: no second problem
+    (ckpt / INDEX).write_text(json.dumps(index))
+    rc, out, seconds, peak = run_verify(ckpt)
+    assert "Traceback" not in out and rc == VERIFY_EXIT, (rc, out)
+    problems = [ln for ln in out.splitlines() if ln.startswith("problem ")]
+    assert problems == [f"problem {victim}: data_offsets span {span} bytes but F32 [] needs 4 ({SHARD1})"], out
+    assert seconds < 5, f"{seconds:.1f} s"
+    assert peak < 300 << 20, f"{peak / 2**20:.0f} MiB"
 
 
 def test_index_entry_outside_the_folder_is_not_followed(ckpt, tmp_path):
@@ -430,3 +478,13 @@ def test_memory_measurement_sees_a_big_child():
     ballast[::4096] = b"x" * len(ballast[::4096])
     _, _, _, peak = measure([sys.executable, "-c", "pass"], 60)
     assert peak < 200 * 2**20, peak
+
+
+def test_json_out_is_never_written_through_a_symlink(ckpt, tmp_path):
+    victim, out = tmp_path / "victim.txt", tmp_path / "report.json"
+    victim.write_text("precious")
+    out.symlink_to(victim)
+    proc = subprocess.run([sys.executable, "-m", "launcher", "verify", str(ckpt), "--json-out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "report.json is a symlink" in proc.stderr and victim.read_text() == "precious"
