@@ -10,7 +10,6 @@ copies it to --json-out atomically. An image it pulls is recorded for rollback.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from .errors import ConfigError, LauncherError
 from .files import refuse_link
 from .output import console as stderr_console
 from .session import DockerSession
-from .untrusted import link_out_of, printable, read_json_object
+from .untrusted import read_json_object
 
 # The check at the end of `launcher quantize`: held-out tokens scored. The CPU emulation
 # scores ~512 tokens in 10-40 s on 2 cores, so the stand-in gets a smaller sample.
@@ -58,17 +57,6 @@ def text_path(text: str) -> Path:
     return path.resolve()
 
 
-def refuse_links_out(ckpt: Path) -> None:
-    """A checkpoint (a tarball's, a clone's) whose file links out of its folder is refused before
-    anything of it is read (untrusted.link_out_of: the rule verify applies too)."""
-    with os.scandir(ckpt) as entries:
-        for entry in entries:
-            escape = entry.is_symlink() and link_out_of(Path(entry.path), ckpt)
-            if escape:
-                raise ConfigError(f"{printable(entry.name)} in the checkpoint is {escape}", where=printable(entry.path),
-                                  advice="put the file itself in the checkpoint folder in place of the link, or remove it")
-
-
 def source_of(checkpoint: Path) -> str | None:
     try:  # a file of the checkpoint: a regular file of bounded size, or nothing
         return (read_json_object(checkpoint / "result.json") or {})["source"]["model"]
@@ -81,7 +69,7 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     ckpt = req.checkpoint.expanduser().resolve()
     if not (ckpt / "config.json").exists():
         raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="CKPT")
-    refuse_links_out(ckpt)  # before its result.json and config.json are read here
+    model_source.refuse_links_out(ckpt)  # before its result.json and config.json are read here
     reference = req.reference or source_of(ckpt)
     if reference is None:
         raise ConfigError("the checkpoint does not say which model it came from", where="--reference",

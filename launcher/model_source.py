@@ -23,6 +23,7 @@ from . import assets, paths
 from .config import JobSpec
 from .container import Bind
 from .errors import ConfigError, ModelError
+from .untrusted import link_out_of, printable
 
 # -v2: the converted tokenizer is PreTrainedTokenizerFast, the same to transformers 4.x and 5.x
 # (container_payload/quantize.py: portable_tokenizer_config); earlier conversions are left alone.
@@ -97,6 +98,17 @@ def validate(spec: JobSpec) -> None:
         _local(Path(spec.model).expanduser())
         return
     check_repo_id(spec.model)
+
+
+def refuse_links_out(ckpt: Path) -> None:
+    """A checkpoint (a tarball's, a clone's) whose file links out of its folder is refused before
+    anything of it is read (untrusted.link_out_of: the rule verify applies too)."""
+    with os.scandir(ckpt) as entries:
+        for entry in entries:
+            escape = entry.is_symlink() and link_out_of(Path(entry.path), ckpt)
+            if escape:
+                raise ConfigError(f"{printable(entry.name)} in the checkpoint is {escape}", where=printable(entry.path),
+                                  advice="put the file itself in the checkpoint folder in place of the link, or remove it")
 
 
 def check_remote_code(model_dir: Path, trusted: bool, what: str) -> None:

@@ -153,6 +153,7 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
     if not (ckpt / "config.json").exists():
         raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="OUTPUT",
                           advice="pass the folder `launcher quantize` wrote")
+    model_source.refuse_links_out(ckpt)  # nothing read through a link out of the checkpoint, as eval
     model_source.check_remote_code(ckpt, req.trust_remote_code, str(ckpt))  # before Docker, as quantize does
     if not port_free(req.port):
         raise ConfigError(f"port {req.port} on 127.0.0.1 is already in use", where="--port",

@@ -284,8 +284,9 @@ def test_eval_publishes_beside_a_link_planted_after_the_check(tmp_path):
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.parametrize("command", ["eval", "serve"])
 @pytest.mark.parametrize("victim", ["config.json", "result.json"])
-def test_eval_reads_nothing_through_a_link_out_of_the_checkpoint(home, tmp_path, victim):
+def test_eval_and_serve_read_nothing_through_a_link_out_of_the_checkpoint(home, tmp_path, victim, command):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     elsewhere = tmp_path / victim
     if (ckpt / victim).exists():
@@ -293,7 +294,8 @@ def test_eval_reads_nothing_through_a_link_out_of_the_checkpoint(home, tmp_path,
     else:
         elsewhere.write_text(json.dumps({"source": {"model": "org/secret-model"}}))
     (ckpt / victim).symlink_to(elsewhere)
-    proc = run_launcher("eval", str(ckpt), "--text", str(tmp_path / "x.txt"), env=NO_DOCKER, timeout=60)
+    extra = ("--text", str(tmp_path / "x.txt")) if command == "eval" else ()
+    proc = run_launcher(command, str(ckpt), *extra, env=NO_DOCKER, timeout=60)
     line = one_line_error(proc.stderr)
     assert proc.returncode == 2 and f"{victim} in the checkpoint is a symlink to {elsewhere}" in line, proc.stderr
 
