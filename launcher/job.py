@@ -25,7 +25,7 @@ from rich.console import Console
 from container_payload import contract, recipes
 
 from . import assets, derived_image, memory_budget, model_source, paths, preflight, runs
-from .config import JobSpec
+from .config import JobSpec, read_recipe_file
 from .container import Bind, PayloadRun, run_payload
 from .errors import ConfigError, LauncherError
 from .locks import OutputLock, lock_path
@@ -50,7 +50,7 @@ def job_fingerprint(spec: JobSpec) -> str:
         keys["recipe_params"] = spec.recipe_params
     recipe_file = recipe_path(spec)
     if recipe_file is not None:  # a YAML recipe of the user's: what it says, not where it lies
-        keys["recipe"] = hashlib.sha256(recipe_file.read_bytes()).hexdigest()
+        keys["recipe"] = hashlib.sha256(read_recipe_file(recipe_file)).hexdigest()
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
