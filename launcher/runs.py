@@ -15,13 +15,12 @@ import os
 import re
 import secrets
 import socket
-import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import psutil
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
 from . import owner, paths
 from .errors import RunDamaged, RunNotFound
@@ -42,6 +41,14 @@ class Created(BaseModel):
     partials: list[str] = Field(default_factory=list)     # temporary output folders
     cache: list[str] = Field(default_factory=list)        # cache folders it downloaded or converted
     locks: list[str] = Field(default_factory=list)        # output lock files (stale after a kill -9)
+
+
+class RecordedResult(BaseModel):
+    """The members of a record's `result` that commands read back (status, --json): typed, so
+    that a hand-edited record is refused in one line rather than crashing a command later."""
+    model_config = ConfigDict(extra="allow", strict=True)   # strict: "5" stays a string, so it is refused
+    checkpoint_bytes: NonNegativeInt | None = None
+    timings: dict[str, float | dict | None] | None = None
 
 
 class RunRecord(BaseModel):
@@ -65,6 +72,13 @@ class RunRecord(BaseModel):
     def _our_id(cls, v: str) -> str:
         if not RUN_ID.fullmatch(v):
             raise ValueError("not a run id of this launcher")
+        return v
+
+    @field_validator("result")
+    @classmethod
+    def _typed_result(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            RecordedResult.model_validate(v)  # (the dict stays as it is: results differ by command)
         return v
 
     @property
@@ -153,30 +167,19 @@ def check_id(run_id: str) -> str:
 
 def _parse(path: Path) -> RunRecord:
     """A record file, or RunDamaged saying in one line why it cannot be used."""
-    where = str(path)
+    from .untrusted import parse, read_capped
+
+    where, advice = str(path), "it is skipped; delete that folder if it is not needed"
+    raw = read_capped(path, MAX_RECORD, "run record", error=RunDamaged, advice=advice, missing_ok=True)
+    if raw is None:
+        raise RunNotFound("no such run", where=where, advice="`launcher list` shows the runs")
+    data = parse(raw, "json", "damaged run record", where, error=RunDamaged, advice=advice)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise RunNotFound("no such run", where=where, advice="`launcher list` shows the runs") from None
-    except OSError as e:
-        raise RunDamaged(f"run record unreadable: {e.strerror}", where=where) from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise RunDamaged("run record is not a regular file", where=where)
-        raw = f.read(MAX_RECORD + 1)
-    try:
-        if len(raw) > MAX_RECORD:
-            raise ValueError("larger than any record this launcher writes")
-        rec = RunRecord.model_validate(json.loads(raw))
+        rec = RunRecord.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "record"
-        raise RunDamaged(f"damaged run record: {field}: {err['msg']}", where=where,
-                         advice="it is skipped; delete that folder if it is not needed") from None
-    except (ValueError, RecursionError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise RunDamaged(f"damaged run record: {reason}", where=where,
-                         advice="it is skipped; delete that folder if it is not needed") from None
+        raise RunDamaged(f"damaged run record: {field}: {err['msg']}", where=where, advice=advice) from None
     if rec.id != path.parent.name:
         raise RunDamaged(f"run record names run {rec.id}, not its folder's", where=where,
                          advice="it is skipped; a record copied between folders is not trusted")
