@@ -10,7 +10,6 @@ copies it to --json-out atomically. An image it pulls is recorded for rollback.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from . import assets, model_source, paths
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .errors import ConfigError, LauncherError
+from .output import MAX_RESULT_BYTES
 from .output import console as stderr_console
 from .session import DockerSession
 
@@ -57,10 +57,13 @@ def text_path(text: str) -> Path:
 
 
 def source_of(checkpoint: Path) -> str | None:
-    try:
-        return json.loads((checkpoint / "result.json").read_text())["source"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The model a checkpoint was made from, per its result.json (a checkpoint from a tarball or a
+    clone is anyone's: read as untrusted, and a name only when it is one)."""
+    from .untrusted import read_json_object
+
+    source = (read_json_object(checkpoint / "result.json", MAX_RESULT_BYTES) or {}).get("source")
+    model = source.get("model") if isinstance(source, dict) else None
+    return model if isinstance(model, str) and model else None
 
 
 def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
@@ -129,7 +132,7 @@ def _publish(made: Path, json_out: Path) -> dict:
     from .files import atomic_write_json
     from .untrusted import read_json_object
 
-    result = read_json_object(made, limit=64 << 20)
+    result = read_json_object(made, limit=MAX_RESULT_BYTES)
     if result is None:
         raise LauncherError("the evaluation wrote no readable JSON", where=str(made), advice="see the run's log")
     atomic_write_json(json_out, result)

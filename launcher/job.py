@@ -27,11 +27,12 @@ from container_payload import contract, recipes
 from . import assets, derived_image, memory_budget, model_source, paths, preflight, runs
 from .config import JobSpec, read_recipe_file
 from .container import Bind, PayloadRun, run_payload
-from .errors import ConfigError, LauncherError
+from .errors import ConfigError, LauncherError, PayloadFailed
 from .locks import OutputLock, lock_path
 from .output import console as stderr_console
-from .output import run_result
+from .output import MAX_RESULT_BYTES, run_result
 from .session import DockerSession
+from .untrusted import parse, read_capped
 
 
 @dataclass
@@ -273,9 +274,14 @@ class QuantizeJob:
         model_source.finish_embedded(model)
 
         result_path = partial / "result.json"
-        if not result_path.exists():
+        # the container wrote it (a model's own code may run there): read as untrusted
+        raw = read_capped(result_path, MAX_RESULT_BYTES, "the payload's result.json", error=PayloadFailed,
+                          missing_ok=True)
+        if raw is None:
             raise LauncherError("the payload exited cleanly but wrote no result.json", where=str(partial))
-        result = json.loads(result_path.read_text())
+        result = parse(raw, "json", "the payload's result.json", str(result_path), error=PayloadFailed)
+        if not isinstance(result, dict):
+            raise PayloadFailed("the payload's result.json is not a JSON object", where=str(result_path))
         result["job_fingerprint"] = fingerprint
         result["run_id"] = rec.id
         result["source"] = {"model": spec.model, "revision": spec.revision}

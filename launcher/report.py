@@ -13,7 +13,6 @@ from anywhere (no JavaScript chart library from a CDN).
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
@@ -315,7 +314,15 @@ def candidate(arg: str) -> dict:
     path, name = arg, None
     if ":" in arg and not Path(arg).exists():
         path, name = arg.rsplit(":", 1)
-    ev = json.loads(Path(path).read_text())
+    from .errors import ConfigError
+    from .output import MAX_RESULT_BYTES
+    from .untrusted import parse, read_capped
+
+    ev = parse(read_capped(Path(path), MAX_RESULT_BYTES, "evaluation file", follow_symlinks=True),
+               "json", "evaluation file", path)
+    if not isinstance(ev, dict):
+        raise ConfigError("evaluation file does not hold a JSON object", where=path,
+                          advice="pass JSON files written by `launcher eval --json`")
     name = name or Path(ev.get("checkpoint") or path).name
     return {"name": name, "eval_json": ev, "checkpoint_bytes": ev.get("checkpoint_bytes"),
             "params": (ev.get("model") or {}).get("params")}
