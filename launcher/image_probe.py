@@ -68,8 +68,12 @@ def probe(client: docker.DockerClient, image: str, run_id: str = "probe") -> Ima
     if found is not None and found.image_id == image_id:
         return found
     found = ImageProbe(image_id=image_id, **_run(client, image_id, run_id))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cached, found.model_dump_json(indent=2))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cached, found.model_dump_json(indent=2))
+    except OSError as e:  # a cache, not a need: the next command probes again
+        why = f"cannot cache the image probe: {e.strerror} [{cached}]"
+        output.console.print(f"[yellow]warning:[/] {escape(printable(why))}", highlight=False, soft_wrap=True)
     return found
 
 

@@ -23,7 +23,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
 from . import owner, paths
-from .errors import RunDamaged, RunNotFound
+from .errors import LauncherError, RunDamaged, RunNotFound
 from .files import atomic_write_text
 
 # what new_run() makes: 20261130-061304-a1b2c3 (a folder name, never a path)
@@ -91,8 +91,12 @@ class RunRecord(BaseModel):
 
     def save(self) -> None:
         self.updated_at = _now()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.folder / "record.json", self.model_dump_json(indent=2))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / "record.json", self.model_dump_json(indent=2))
+        except OSError as e:  # the home's runs/ is a file, read-only, full...
+            raise LauncherError(f"cannot write the run record: {e.strerror}", where=str(self.folder),
+                                advice=f"check the launcher home ({paths.ENV_HOME} or ~/.cache/spark-nvfp4)") from None
 
     def add(self, kind: str, item: str) -> None:
         items = getattr(self.created, kind)
@@ -110,7 +114,6 @@ class RunRecord(BaseModel):
         """Any exception that leaves the block ends the run with the matching status, so a
         record never stays 'running' after its launcher gave up; the run's result.json says
         why, and the exception carries it (`--json` prints it)."""
-        from .errors import LauncherError
         from .output import run_result
 
         try:

@@ -289,3 +289,35 @@ def test_hostile_config_and_recipe_files(option, suffix, hostility, tmp_path):
         return
     assert proc.returncode == 2 and len(errors) == 1, f"{what}\n{proc.stderr}"
     assert str(path) in errors[0], errors[0]
+
+
+# --------------------------------------------------------------- the home's folders themselves
+
+HOME_FOLDERS: dict[str, Callable[[Path], object]] = {
+    "a file": lambda p: p.write_text(SECRET),
+    "a fifo": os.mkfifo,
+    "a symlink to /dev/zero": lambda p: p.symlink_to("/dev/zero"),
+}
+
+
+@pytest.mark.parametrize("shape", HOME_FOLDERS)
+@pytest.mark.parametrize("folder,args,code", [
+    ("runs", ("list",), 0), ("runs", ("status", "20261130-060000-a1a1a1"), 11),
+    ("runs", ("rollback", "--all", "--dry-run"), 0),
+    ("runs", ("image", "prepare", "--image", STANDIN, "--dry-run"), 1),   # it cannot write its record
+    ("probes", ("image", "prepare", "--image", STANDIN, "--dry-run"), 0),  # a warning: the cache is a cache
+])
+def test_home_folders_that_are_not_folders(folder, args, code, shape, tmp_path, request):
+    docker = "prepare" in args
+    if docker:
+        request.getfixturevalue("standin_image")
+    h = Home(tmp_path / "home", tmp_path)
+    (tmp_path / "user").mkdir()
+    h.home.mkdir()
+    HOME_FOLDERS[shape](h.home / folder)
+    proc, took = launcher(args, h, docker, limit=LIMIT_S + (PROBE_MARGIN_S if docker else 0))
+    what = f"{folder} as {shape}: `launcher {' '.join(args)}` -> {proc.returncode} in {took:.1f} s"
+    assert "Traceback" not in proc.stderr, f"{what}\n{proc.stderr[-3000:]}"
+    assert SECRET not in proc.stdout + proc.stderr, what
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == code and len(errors) == (1 if code else 0), f"{what}\n{proc.stderr[-2000:]}"
