@@ -218,8 +218,8 @@ def check_home(hostility: str, tmp_path: Path, clean_root: Path, docker: bool, i
         assert "Traceback" not in proc.stderr, f"{what}\n{proc.stderr[-3000:]}"
         assert SECRET not in said, f"{what}: printed the symlink's target\n{said[-2000:]}"
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-        refusing = [n for n, e in readers if e == "refuse"
-                    and (HOME_FILES[n].refused_by is None or hostility in HOME_FILES[n].refused_by)]
+        refusing = [name for name, e in readers if e == "refuse"
+                    and (HOME_FILES[name].refused_by is None or hostility in HOME_FILES[name].refused_by)]
         if refusing:
             kind = HOME_FILES[refusing[0]]
             assert proc.returncode == kind.code and len(errors) == 1, f"{what}\n{proc.stderr[-2000:]}"
@@ -228,7 +228,7 @@ def check_home(hostility: str, tmp_path: Path, clean_root: Path, docker: bool, i
         code, error_lines, _ = clean_outcome(args, docker, image_id, clean_tmp)
         assert proc.returncode == code, f"{what}, {code} without the file\n{proc.stderr[-2000:]}"
         assert len(errors) == error_lines, f"{what}\n{proc.stderr[-2000:]}"
-        for name in (n for n, e in readers if e == "warn"):
+        for name in (name for name, e in readers if e == "warn"):
             path = str(HOME_FILES[name].path(hostile, HOME_FILES[name].run))
             said_once = [ln for ln in proc.stderr.splitlines() if path in ln and not ln.startswith("error:")]
             assert len(said_once) == 1, f"{what}: {name} not reported in one line\n{proc.stderr[-2000:]}"
@@ -244,7 +244,8 @@ def test_hostile_home_host_commands(hostility, tmp_path, clean_root):
 @pytest.mark.parametrize("hostility", HOSTILE)
 def test_hostile_home_docker_commands(hostility, tmp_path, clean_root, docker_client, standin_image):
     """doctor, quantize --dry-run and image prepare --dry-run probe the image: a hostile cached
-    probe is one warning and a new probe, the hostile records are skipped in one line each."""
+    probe is one warning and a new probe; the other hostile files of the home (they read the
+    records too) change nothing of their outcome."""
     check_home(hostility, tmp_path, clean_root, docker=True, image_id=docker_client.images.get(standin_image).id)
 
 
