@@ -322,3 +322,23 @@ def test_home_folders_that_are_not_folders(folder, args, code, shape, tmp_path, 
     assert SECRET not in proc.stdout + proc.stderr, what
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == code and len(errors) == (1 if code else 0), f"{what}\n{proc.stderr[-2000:]}"
+
+
+# --------------------------------------------------------------- a checkpoint's result.json (eval's source)
+
+@pytest.mark.parametrize("hostility", HOSTILE)
+def test_hostile_checkpoint_result_names_no_source(hostility, tmp_path):
+    """`launcher eval CKPT` takes the reference model from CKPT/result.json: a checkpoint from a
+    tarball is anyone's, so a hostile one names no model (exit 2, pass --reference); a link out
+    of the checkpoint is not followed (its target's model name would be printed)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    HOSTILE[hostility](ckpt / "result.json", tmp_path / "outside.json",
+                       json.dumps({"source": {"model": SECRET}}).encode(), b'{"source": {"model": ["x"]}}')
+    (tmp_path / "user").mkdir()
+    proc, took = launcher(("eval", str(ckpt)), Home(tmp_path / "home", tmp_path), docker=False)
+    what = f"result.json as {hostility}: `launcher eval` -> {proc.returncode} in {took:.1f} s"
+    assert "Traceback" not in proc.stderr and SECRET not in proc.stdout + proc.stderr, f"{what}\n{proc.stderr}"
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "--reference" in errors[0], f"{what}\n{proc.stderr}"
