@@ -249,7 +249,7 @@ def test_hostile_home_docker_commands(hostility, tmp_path, clean_root, docker_cl
     check_home(hostility, tmp_path, clean_root, docker=True, image_id=docker_client.images.get(standin_image).id)
 
 
-# --------------------------------------------------------------- files the user names: --config, --recipe
+# --------------------------------------------------------------- files the user names: --config, --recipe, EVAL.json
 
 def _alias_bomb() -> bytes:
     """300 bytes of YAML that are 10**9 values once its aliases are walked."""
@@ -271,15 +271,23 @@ USER_FILES: dict[str, Callable[[Path], None]] = {
 }
 
 
+# how each command is given the file
+READERS: dict[str, Callable[[Path, Path], tuple[str, ...]]] = {
+    "--config": lambda p, tmp: ("quantize", "--dry-run", "--output", str(tmp / "out"), "--config", str(p)),
+    "--recipe": lambda p, tmp: ("quantize", "--dry-run", "--output", str(tmp / "out"), "--recipe", str(p)),
+    "report EVAL.json": lambda p, tmp: ("report", str(tmp / "report.html"), str(p)),
+}
+
+
 @pytest.mark.parametrize("hostility", USER_FILES)
-@pytest.mark.parametrize("option,suffix", [("--config", ".json"), ("--config", ".yaml"), ("--recipe", ".yaml")])
-def test_hostile_config_and_recipe_files(option, suffix, hostility, tmp_path):
+@pytest.mark.parametrize("option,suffix", [("--config", ".json"), ("--config", ".yaml"), ("--recipe", ".yaml"),
+                                           ("report EVAL.json", ".json")])
+def test_hostile_files_the_user_names(option, suffix, hostility, tmp_path):
     path = tmp_path / f"job{suffix}"
     USER_FILES[hostility](path)
     h = Home(tmp_path / "home", tmp_path)
     (tmp_path / "user").mkdir()
-    proc, took = launcher(("quantize", "--dry-run", "--output", str(tmp_path / "out"), option, str(path)), h,
-                          docker=False)
+    proc, took = launcher(READERS[option](path, tmp_path), h, docker=False)
     what = f"{option} {hostility}{suffix} -> {proc.returncode} in {took:.1f} s"
     assert "Traceback" not in proc.stderr, f"{what}\n{proc.stderr[-3000:]}"
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
