@@ -7,16 +7,13 @@ Every invalid value is rejected with the field's name and where it came from.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 import psutil
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
@@ -138,8 +135,12 @@ class JobSpec(BaseModel):
         problem = recipes.check_name(v)
         if problem:
             raise ValueError(problem)
-        if v.endswith(recipes.YAML_SUFFIXES) and not Path(v).expanduser().is_file():
-            raise ValueError("recipe file not found (a ModelOpt library recipe is named without .yaml)")
+        if v.endswith(recipes.YAML_SUFFIXES):
+            try:  # exists, is a regular file, is not huge
+                read_recipe_file(Path(v))
+            except ConfigError as e:
+                hint = f" ({e.advice})" if e.what.endswith("not found") else ""
+                raise ValueError(e.what + hint) from None
         return v
 
     @field_validator("recipe_params", mode="before")
@@ -256,24 +257,33 @@ def flagged_fields() -> list[tuple[str, Any]]:
 FLAG_NAMES = {dotted: info.json_schema_extra["flag"] for dotted, info in flagged_fields()}
 
 
+MAX_RECIPE_BYTES = 1 << 20  # ModelOpt's library recipes are 1-3 KB; it is read whole to fingerprint the job
+
+
+def read_recipe_file(path: Path) -> bytes:
+    """The bytes of the user's YAML recipe (--recipe FILE.yaml), or a one-line ConfigError
+    unless it is a regular file of sane size."""
+    from .untrusted import read_capped
+
+    return read_capped(path.expanduser(), MAX_RECIPE_BYTES, "recipe file", follow_symlinks=True,
+                       advice="a ModelOpt library recipe is named without .yaml")
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a job's fields fit in a few KB; a config file is never more than this
+
+
 def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file: {e.strerror}", where=str(path),
-                          advice="pass an existing YAML, JSON or TOML file to --config")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file is not valid {path.suffix.lstrip('.') or 'JSON'}: "
-                          f"{str(e).splitlines()[0]}", where=str(path))
+    from .untrusted import parse, read_capped
+
+    advice = "pass a YAML, JSON or TOML file of job fields to --config"
+    # the user's own file: a symlink to it is fine, a FIFO or /dev/zero is not
+    raw = read_capped(path, MAX_CONFIG_BYTES, "config file", advice=advice, follow_symlinks=True)
+    fmt = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}.get(path.suffix, "json")
+    data = parse(raw, fmt, "config file", str(path), advice=advice)
+    if data is None and fmt == "yaml":  # an empty YAML file: no fields
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError("config file must hold a mapping of fields", where=str(path))
+        raise ConfigError("config file must hold a mapping of fields", where=str(path), advice=advice)
     return data
 
 

@@ -22,6 +22,7 @@ from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .errors import ConfigError, LauncherError
 from .files import refuse_link
+from .output import MAX_RESULT_BYTES
 from .output import console as stderr_console
 from .session import DockerSession
 from .untrusted import read_json_object
@@ -58,10 +59,11 @@ def text_path(text: str) -> Path:
 
 
 def source_of(checkpoint: Path) -> str | None:
-    try:  # a file of the checkpoint: a regular file of bounded size, or nothing
-        return (read_json_object(checkpoint / "result.json") or {})["source"]["model"]
-    except (KeyError, TypeError):
-        return None
+    """The model a checkpoint was made from, per its result.json (a checkpoint from a tarball or a
+    clone is anyone's: read as untrusted, and a name only when it is one)."""
+    source = (read_json_object(checkpoint / "result.json", MAX_RESULT_BYTES) or {}).get("source")
+    model = source.get("model") if isinstance(source, dict) else None
+    return model if isinstance(model, str) and model else None
 
 
 def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
@@ -134,7 +136,7 @@ def _publish(made: Path, json_out: Path) -> dict:
     """The payload's JSON, checked, then written to --json-out atomically (temp file + rename)."""
     from .files import atomic_write_json
 
-    result = read_json_object(made, limit=64 << 20)
+    result = read_json_object(made, limit=MAX_RESULT_BYTES)
     if result is None:
         raise LauncherError("the evaluation wrote no readable JSON", where=str(made), advice="see the run's log")
     try:

@@ -11,15 +11,18 @@ from pathlib import Path
 import docker
 from docker.errors import ImageNotFound
 from pydantic import BaseModel, ValidationError
+from rich.markup import escape
 
 from container_payload import recipes
 
-from . import paths
+from . import output, paths
 from .container import PayloadContainer, payload_command
 from .errors import ImageError, docker_error
 from .files import atomic_write_text
 from .logstream import find_event
+from .untrusted import parse, printable, read_capped
 
+MAX_PROBE_BYTES = 1 << 20  # a probe is ~2 KB (a few hundred package versions at most)
 PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s
 # What the user is shown, and what a derived image must keep (plus every nvidia-*/cuda-* lib).
 KEY_PACKAGES = ("torch", "transformers", "nvidia-modelopt", "accelerate", "safetensors", "numpy",
@@ -61,14 +64,35 @@ def probe(client: docker.DockerClient, image: str, run_id: str = "probe") -> Ima
     except ImageNotFound:
         raise ImageError(f"image {image} is not present", advice="pull or build it first") from None
     cached = cache_path(image_id)
-    try:
-        return ImageProbe.model_validate_json(cached.read_text())
-    except (OSError, ValidationError, ValueError):
-        pass
+    found = _cached(cached)
+    if found is not None and found.image_id == image_id:
+        return found
     found = ImageProbe(image_id=image_id, **_run(client, image_id, run_id))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cached, found.model_dump_json(indent=2))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cached, found.model_dump_json(indent=2))
+    except OSError as e:  # a cache, not a need: the next command probes again
+        why = f"cannot cache the image probe: {e.strerror} [{cached}]"
+        output.console.print(f"[yellow]warning:[/] {escape(printable(why))}", highlight=False, soft_wrap=True)
     return found
+
+
+def _cached(path: Path) -> ImageProbe | None:
+    """The cached probe, or None when absent; a damaged one (a FIFO, /dev/zero, a symlink, huge,
+    not JSON, wrong types) is one warning and counts as absent: the image is probed again."""
+    try:
+        raw = read_capped(path, MAX_PROBE_BYTES, "cached image probe", error=ImageError, missing_ok=True)
+        if raw is None:
+            return None
+        return ImageProbe.model_validate(parse(raw, "json", "cached image probe", str(path), error=ImageError))
+    except ValidationError as e:
+        err = e.errors()[0]
+        why = f"cached image probe is damaged: {'.'.join(map(str, err['loc']))}: {err['msg']} [{path}]"
+    except ImageError as e:
+        why = str(e)
+    output.console.print(f"[yellow]warning:[/] {escape(printable(why))}; probing the image again",
+                         highlight=False, soft_wrap=True)
+    return None
 
 
 def _run(client: docker.DockerClient, image_id: str, run_id: str) -> dict:

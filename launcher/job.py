@@ -25,15 +25,15 @@ from rich.console import Console
 from container_payload import contract, recipes
 
 from . import assets, derived_image, files, memory_budget, model_source, paths, preflight, runs
-from .config import JobSpec
+from .config import JobSpec, read_recipe_file
 from .container import Bind, PayloadRun, run_payload
 from .destination import check_output, partial_path
-from .errors import ConfigError, LauncherError
+from .errors import ConfigError, LauncherError, PayloadFailed
 from .locks import OutputLock, lock_path
 from .output import console as stderr_console
-from .output import markup, run_result
+from .output import MAX_RESULT_BYTES, markup, run_result
 from .session import DockerSession
-from .untrusted import link_out_of, read_json_object
+from .untrusted import parse, read_capped
 
 
 @dataclass
@@ -52,7 +52,7 @@ def job_fingerprint(spec: JobSpec) -> str:
         keys["recipe_params"] = spec.recipe_params
     recipe_file = recipe_path(spec)
     if recipe_file is not None:  # a YAML recipe of the user's: what it says, not where it lies
-        keys["recipe"] = hashlib.sha256(recipe_file.read_bytes()).hexdigest()
+        keys["recipe"] = hashlib.sha256(read_recipe_file(recipe_file)).hexdigest()
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -255,10 +255,14 @@ class QuantizeJob:
         model_source.finish_embedded(model)
 
         result_path = partial / "result.json"
-        # the container wrote it: a link it planted (to a file of the host) is neither read nor written through
-        result = None if link_out_of(result_path) else read_json_object(result_path, limit=64 << 20)
-        if result is None:
-            raise LauncherError("the payload exited cleanly but wrote no readable result.json", where=str(partial))
+        # the container wrote it (a model's own code may run there): read as untrusted
+        raw = read_capped(result_path, MAX_RESULT_BYTES, "the payload's result.json", error=PayloadFailed,
+                          missing_ok=True)
+        if raw is None:
+            raise LauncherError("the payload exited cleanly but wrote no result.json", where=str(partial))
+        result = parse(raw, "json", "the payload's result.json", str(result_path), error=PayloadFailed)
+        if not isinstance(result, dict):
+            raise PayloadFailed("the payload's result.json is not a JSON object", where=str(result_path))
         result["job_fingerprint"] = fingerprint
         result["run_id"] = rec.id
         result["source"] = {"model": spec.model, "revision": spec.revision}

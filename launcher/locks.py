@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import owner
 from .errors import LockHeld
+from .untrusted import read_json_object
 
 MAX_LOCK_BYTES = 4096  # ours are ~120 bytes; anything bigger is not ours to parse
 
@@ -56,17 +57,7 @@ def _open_regular(path: Path, flags: int) -> int:
 
 def read_info(path: Path) -> dict | None:
     """The lock's content, or None when absent, not ours, damaged or not a regular file."""
-    try:
-        fd = _open_regular(path, os.O_RDONLY)
-    except (OSError, LockHeld):
-        return None
-    try:
-        data = json.loads(os.read(fd, MAX_LOCK_BYTES + 1)[:MAX_LOCK_BYTES])
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError, RecursionError):
-        return None
-    finally:
-        os.close(fd)
+    return read_json_object(path, MAX_LOCK_BYTES)
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -118,7 +118,7 @@ def check_remote_code(model_dir: Path, trusted: bool, what: str) -> None:
     the model as the user gave it."""
     from .untrusted import read_json_object
 
-    config = read_json_object(Path(model_dir) / "config.json") or {}
+    config = read_json_object(Path(model_dir) / "config.json", follow_symlinks=True) or {}  # hub snapshots link blobs
     auto_map = config.get("auto_map")
     if auto_map and not trusted:
         classes = ", ".join(sorted(map(str, auto_map.values()))[:2]) if isinstance(auto_map, dict) else "?"

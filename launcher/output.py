@@ -20,6 +20,10 @@ from rich.markup import escape
 
 from .untrusted import printable
 
+# what a result.json (a run's, the payload's, an evaluation's) may weigh when read back: they are
+# ~100 KB with generations and per-layer errors; a larger file is not one of ours
+MAX_RESULT_BYTES = 64 << 20
+
 console = Console(stderr=True)
 stdout = Console()
 

@@ -13,11 +13,11 @@ from anywhere (no JavaScript chart library from a CDN).
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
 from .files import atomic_write_text
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 GiB = 1 << 30
 # The memory model: weights as stored + a KV cache of this many tokens in bf16 (one
@@ -312,12 +312,80 @@ def build_report(candidates: list[dict], out_html: Path) -> Path:
     return out_html
 
 
+class _Typed(BaseModel):
+    # strict: "0.03" stays a string and is refused (the page formats numbers); extra members pass
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Histogram(_Typed):
+    counts: list[float]
+    edges: list[float]
+
+
+class _KLPerToken(_Typed):
+    quantiles: dict[str, float] = {}
+    histogram: _Histogram | None = None
+
+
+class _Layer(_Typed):
+    name: str
+    rel_error: float
+
+
+class _Format(_Typed):
+    quantized: bool = False
+    activations: list[str] | None = None
+    algo: str | None = "?"
+    naming: str | None = "?"
+
+
+class _ModelFacts(_Typed):
+    params: int | None = None
+    reference_bytes: int | None = None
+    kv_bytes_per_token_bf16: int | None = None
+
+
+class _Generation(_Typed):
+    quantized: str = ""
+    identical: bool = False
+
+
+class EvalFile(_Typed):
+    """The members of `launcher eval`'s JSON this page computes with, typed: an EVAL.json is a
+    file anyone can hand over, and a wrong type is one line, not a traceback mid-page."""
+    perplexity: float
+    reference_perplexity: float
+    kl_divergence: float
+    top1_agreement: float
+    tokens: int
+    checkpoint: str | None = None
+    checkpoint_bytes: int | None = None
+    weights_bytes: int | None = None
+    kl_per_token: _KLPerToken | None = None
+    per_layer: list[_Layer] | None = None
+    format: _Format | None = None
+    model: _ModelFacts | None = None
+    generations: list[_Generation] | None = None
+
+
 def candidate(arg: str) -> dict:
     """EVAL.json[:NAME] (launcher report's argument) -> one candidate of the page."""
     path, name = arg, None
     if ":" in arg and not Path(arg).exists():
         path, name = arg.rsplit(":", 1)
-    ev = json.loads(Path(path).read_text())
+    from .errors import ConfigError
+    from .output import MAX_RESULT_BYTES
+    from .untrusted import parse, read_capped
+
+    ev = parse(read_capped(Path(path), MAX_RESULT_BYTES, "evaluation file", follow_symlinks=True),
+               "json", "evaluation file", path)
+    try:
+        EvalFile.model_validate(ev)   # (the dict itself goes on: the page reads it as written)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "file"
+        raise ConfigError(f"evaluation file is not one `launcher eval` writes: {field}: {err['msg']}", where=path,
+                          advice="pass JSON files written by `launcher eval --json`") from None
     name = name or Path(ev.get("checkpoint") or path).name
     return {"name": name, "eval_json": ev, "checkpoint_bytes": ev.get("checkpoint_bytes"),
             "params": (ev.get("model") or {}).get("params")}

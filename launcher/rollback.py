@@ -194,8 +194,9 @@ def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> N
         owner = (_read_json(Path(path) / "result.json") or {}).get("run_id")
         if Path(path).is_symlink() or not Path(path).is_dir():
             p.refused.append((item, "no longer the folder this run wrote (replaced?)"))
-        elif owner != rec.id:
-            p.refused.append((item, f"its result.json names {'run ' + owner if owner else 'no run'}, "
+        elif owner != rec.id:  # (any type: the file is anyone's to edit)
+            named = f"run {owner:.40}" if isinstance(owner, str) and owner else "no run"
+            p.refused.append((item, f"its result.json names {named}, "
                                     "not this one: it was replaced, so it is not ours to delete"))
         elif "outputs" not in p.kinds:
             item.size = tree_size(Path(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import datetime as dt
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -88,26 +89,48 @@ def print_status(run_id: str, console, out) -> None:
                 now = human(tree_size(Path(item))) if os.path.lexists(item) else "gone"
             made.add_row(kind, safe(item), now)
     out.print(made if made.row_count else "created: nothing")
-    files = sorted(p for p in r.folder.iterdir() if p.is_file()) if r.folder.exists() else []
-    out.print("files: " + ", ".join(markup("{} ({})", p, human(p.stat().st_size)) for p in files), highlight=False)
+    # lstat: a symlink put in the run's folder is named as one, never followed
+    files = sorted((p, p.lstat()) for p in r.folder.iterdir()) if r.folder.is_dir() else []
+    shown = [f"{p} ({human(st.st_size) if stat.S_ISREG(st.st_mode) else 'not a regular file'})"
+             for p, st in files if not stat.S_ISDIR(st.st_mode)]
+    out.print("files: " + safe(", ".join(shown)), highlight=False)
+
+
+# `logs` prints at most this much of a log, its end (a real one is a few MB at most); a larger
+# or sparse file put there is never read whole
+MAX_LOG_SHOWN = 16 << 20
+_LOG_CHUNK = 1 << 20
 
 
 def print_log(run_id: str, follow: bool, console) -> None:
-    """The run's log on stdout, as bytes arrive; with follow, until the run ends."""
+    """The run's log on stdout, as bytes arrive; with follow, until the run ends. The log is
+    read as untrusted: a regular file only (a FIFO or /dev/zero would never end), never
+    through a symlink (it would print the link's target), at most its last MAX_LOG_SHOWN."""
+    from .errors import RunDamaged
+    from .untrusted import open_regular
+
     rec = runs.load(run_id)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    pos = 0
-    if not rec.log_path.exists() and not follow:
+    pos = None  # where the next read starts (None: nothing read yet)
+    advice = "it is not the launcher's log; remove it"
+    if not os.path.lexists(rec.log_path) and not follow:
         console.print(markup("run {} has no log yet ({})", run_id, rec.status))
         return
     while True:
         going = follow and rec.status == "running" and rec.owner_alive()
-        if rec.log_path.exists():
-            with open(rec.log_path, "rb") as f:
+        f = open_regular(rec.log_path, "run log", error=RunDamaged, advice=advice, missing_ok=True)
+        if f is not None:
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                start = 0 if pos is None or size < pos else pos  # (smaller: the log was replaced)
+                pos = max(start, size - MAX_LOG_SHOWN)
+                if pos > start:
+                    console.print(f"[yellow]note:[/] {size - start:,} bytes of log; showing the last "
+                                  f"{MAX_LOG_SHOWN:,}", highlight=False)
                 f.seek(pos)
-                chunk = f.read()
-            pos += len(chunk)
-            sys.stdout.write(decoder.decode(chunk))
+                while pos < size and (chunk := f.read(min(_LOG_CHUNK, size - pos))):
+                    pos += len(chunk)
+                    sys.stdout.write(decoder.decode(chunk))
             sys.stdout.flush()
         if not going:  # read once more after the run ended: nothing written at the end is lost
             break

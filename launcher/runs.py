@@ -15,16 +15,15 @@ import os
 import re
 import secrets
 import socket
-import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import psutil
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
 from . import owner, paths
-from .errors import RunDamaged, RunNotFound
+from .errors import LauncherError, RunDamaged, RunNotFound
 from .files import atomic_write_text
 
 # what new_run() makes: 20261130-061304-a1b2c3 (a folder name, never a path)
@@ -42,6 +41,14 @@ class Created(BaseModel):
     partials: list[str] = Field(default_factory=list)     # temporary output folders
     cache: list[str] = Field(default_factory=list)        # cache folders it downloaded or converted
     locks: list[str] = Field(default_factory=list)        # output lock files (stale after a kill -9)
+
+
+class RecordedResult(BaseModel):
+    """The members of a record's `result` that commands read back (status, --json): typed, so
+    that a hand-edited record is refused in one line rather than crashing a command later."""
+    model_config = ConfigDict(extra="allow", strict=True)   # strict: "5" stays a string, so it is refused
+    checkpoint_bytes: NonNegativeInt | None = None
+    timings: dict[str, float | dict | None] | None = None
 
 
 class RunRecord(BaseModel):
@@ -67,6 +74,13 @@ class RunRecord(BaseModel):
             raise ValueError("not a run id of this launcher")
         return v
 
+    @field_validator("result")
+    @classmethod
+    def _typed_result(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            RecordedResult.model_validate(v)  # (the dict stays as it is: results differ by command)
+        return v
+
     @property
     def folder(self) -> Path:
         return paths.runs_dir() / self.id
@@ -77,8 +91,12 @@ class RunRecord(BaseModel):
 
     def save(self) -> None:
         self.updated_at = _now()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.folder / "record.json", self.model_dump_json(indent=2))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / "record.json", self.model_dump_json(indent=2))
+        except OSError as e:  # the home's runs/ is a file, read-only, full...
+            raise LauncherError(f"cannot write the run record: {e.strerror}", where=str(self.folder),
+                                advice=f"check the launcher home ({paths.ENV_HOME} or ~/.cache/spark-nvfp4)") from None
 
     def add(self, kind: str, item: str) -> None:
         items = getattr(self.created, kind)
@@ -96,7 +114,6 @@ class RunRecord(BaseModel):
         """Any exception that leaves the block ends the run with the matching status, so a
         record never stays 'running' after its launcher gave up; the run's result.json says
         why, and the exception carries it (`--json` prints it)."""
-        from .errors import LauncherError
         from .output import run_result
 
         try:
@@ -153,30 +170,19 @@ def check_id(run_id: str) -> str:
 
 def _parse(path: Path) -> RunRecord:
     """A record file, or RunDamaged saying in one line why it cannot be used."""
-    where = str(path)
+    from .untrusted import parse, read_capped
+
+    where, advice = str(path), "it is skipped; delete that folder if it is not needed"
+    raw = read_capped(path, MAX_RECORD, "run record", error=RunDamaged, advice=advice, missing_ok=True)
+    if raw is None:
+        raise RunNotFound("no such run", where=where, advice="`launcher list` shows the runs")
+    data = parse(raw, "json", "damaged run record", where, error=RunDamaged, advice=advice)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise RunNotFound("no such run", where=where, advice="`launcher list` shows the runs") from None
-    except OSError as e:
-        raise RunDamaged(f"run record unreadable: {e.strerror}", where=where) from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise RunDamaged("run record is not a regular file", where=where)
-        raw = f.read(MAX_RECORD + 1)
-    try:
-        if len(raw) > MAX_RECORD:
-            raise ValueError("larger than any record this launcher writes")
-        rec = RunRecord.model_validate(json.loads(raw))
+        rec = RunRecord.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "record"
-        raise RunDamaged(f"damaged run record: {field}: {err['msg']}", where=where,
-                         advice="it is skipped; delete that folder if it is not needed") from None
-    except (ValueError, RecursionError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise RunDamaged(f"damaged run record: {reason}", where=where,
-                         advice="it is skipped; delete that folder if it is not needed") from None
+        raise RunDamaged(f"damaged run record: {field}: {err['msg']}", where=where, advice=advice) from None
     if rec.id != path.parent.name:
         raise RunDamaged(f"run record names run {rec.id}, not its folder's", where=where,
                          advice="it is skipped; a record copied between folders is not trusted")

@@ -40,9 +40,9 @@ def test_invalid_values_name_field_and_source(flags, env, needle):
 def test_bad_config_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "job.toml"
     bad.write_text("model = [unclosed")
-    with pytest.raises(ConfigError, match="config file is not valid toml"):
+    with pytest.raises(ConfigError, match="config file is not valid TOML"):
         load_spec({}, NAMES, bad, {})
-    with pytest.raises(ConfigError, match="cannot read config file"):
+    with pytest.raises(ConfigError, match="config file not found"):
         load_spec({}, NAMES, tmp_path / "missing.yaml", {})
 
 
