@@ -1,6 +1,6 @@
 """A quantize job from spec to finished folder: the one place that sequences the pieces.
 
-    inputs (no Docker) -> Docker -> record -> lock -> reuse? -> preflight (incl. download)
+    inputs (no Docker) -> Docker -> record -> lock -> reuse? (reuse.py) -> preflight (incl. download)
     -> model and calibration data (host, recorded as they start) -> image -> payload
     container -> verify -> promote -> eval
 
@@ -13,7 +13,6 @@ complete checkpoint is renamed into place, so a folder at --output is always who
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,11 +23,12 @@ from rich.console import Console
 
 from container_payload import contract, recipes
 
-from . import assets, derived_image, memory_budget, model_source, paths, preflight, runs
+from . import assets, derived_image, memory_budget, model_source, paths, preflight, reuse, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
 from .errors import ConfigError, LauncherError
-from .locks import OutputLock, lock_path
+from .job_inputs import fingerprint, job_inputs, model_identity
+from .locks import OutputLock, lock_path, partial_path, replaced_path
 from .output import console as stderr_console
 from .output import run_result
 from .session import DockerSession
@@ -41,17 +41,6 @@ class JobOutcome:
     reused: bool = False
     evaluation: dict | None = None   # the quick quality check (launcher eval's JSON), when it ran
     result: dict | None = None       # the run's result.json (what --json prints)
-
-
-def job_fingerprint(spec: JobSpec) -> str:
-    """What makes two runs produce the same checkpoint (not where it goes)."""
-    keys = spec.model_dump(mode="json", include={"model", "revision", "format", "recipe", "calibration", "kv_cache"})
-    if spec.recipe_params:  # (absent when empty: the fingerprints of earlier runs stay valid)
-        keys["recipe_params"] = spec.recipe_params
-    recipe_file = recipe_path(spec)
-    if recipe_file is not None:  # a YAML recipe of the user's: what it says, not where it lies
-        keys["recipe"] = hashlib.sha256(recipe_file.read_bytes()).hexdigest()
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def recipe_path(spec: JobSpec) -> Path | None:
@@ -114,13 +103,6 @@ def check_output(spec: JobSpec) -> Path:
     return output
 
 
-def completed_output(output: Path, fingerprint: str) -> bool:
-    from .untrusted import read_json_object
-
-    result = read_json_object(output / "result.json") or {}
-    return result.get("status") == "complete" and result.get("job_fingerprint") == fingerprint
-
-
 def _secrets(spec: JobSpec) -> list[str]:
     """Values to scrub from every log line: the HF token wherever it comes from, the NGC key."""
     return [v for v in (model_source.token_from(spec.hf_token_env), os.environ.get(spec.ngc_key_env)) if v]
@@ -135,6 +117,8 @@ class QuantizeJob:
         self.model = None
         self.runnable = None  # the image the payload ran in: the user's, or its derived image
         self.plan = None      # memory_budget.Plan: whole or streamed, and the budget
+        self.inputs = None    # job_inputs.job_inputs: what the job reads, by content
+        self.previous = None  # reuse.Previous: what lay at the output, and what we do with it
 
     def run(self) -> JobOutcome:
         spec = self.spec
@@ -142,7 +126,6 @@ class QuantizeJob:
         output = check_output(spec)
         model_source.validate(spec)
         check_calibration(spec)
-        fingerprint = job_fingerprint(spec)
         docker = DockerSession.open(self.console)
         nvidia = docker.nvidia
         self.device_kind = "gpu" if nvidia and spec.gpus != "none" else "cpu"
@@ -155,7 +138,7 @@ class QuantizeJob:
                 rec.add("locks", str(lock_path(output)))  # a kill -9 leaves it; rollback checks it is ours
                 lock = OutputLock(output, rec.id).acquire()
             try:
-                outcome = self._run_locked(docker, rec, output, fingerprint, image_ref)
+                outcome = self._run_locked(docker, rec, output, image_ref)
             finally:
                 if lock is not None:
                     lock.release()
@@ -163,23 +146,32 @@ class QuantizeJob:
             # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
             source = model_source.weight_bytes(self.model.host_dir) or self.model.bytes
             outcome = JobOutcome(rec, output, evaluation=self.describe(output, self.runnable, source))
+        why = self.previous.why if self.previous else None
         outcome.result = rec.write_result(run_result(rec, evaluation=outcome.evaluation, reused=outcome.reused,
-                                                     extra={"dry_run": self.dry_run}))
+                                                     extra={"dry_run": self.dry_run, "why_not_reused": why}))
         return outcome
 
-    def _run_locked(self, docker: DockerSession, rec: runs.RunRecord, output: Path, fingerprint: str,
+    def _run_locked(self, docker: DockerSession, rec: runs.RunRecord, output: Path,
                     image_ref: str) -> JobOutcome | None:
         """Under the output lock: reuse, or preflight, fetch, pull and quantize. Returns the
         outcome when the job ends early (reused, dry run), None when it quantized."""
+        from rich.markup import escape
+
+        from .untrusted import printable
+
         spec = self.spec
-        if completed_output(output, fingerprint):
+        self.inputs = job_inputs(spec)  # by content: a hub model's commit is asked for here
+        self.previous = previous = reuse.judge(output, self.inputs)
+        if previous.action == "reuse":
             verify_or_raise(output, self.console, reused=True)  # damaged since? never handed out as done
-            self.console.print(f"[green]{output} is already a complete checkpoint of this job; reusing it[/]")
+            self.console.print(f"[green]{escape(str(output))} is already a complete checkpoint of this job; "
+                               "reusing it[/]", highlight=False)
+            rec.result, evaluation = reuse.carried(previous)
             rec.finish("complete")
-            return JobOutcome(rec, output, reused=True)
-        if output.exists() and any(output.iterdir()):
-            raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
-                              where="--output", advice="choose another --output, or remove the folder")
+            return JobOutcome(rec, output, reused=True, evaluation=evaluation)
+        if previous.why:
+            self.console.print(f"[yellow]not reusing[/] {escape(printable(str(output)))}: "
+                               f"{escape(printable(previous.why))}; quantizing again", highlight=False, soft_wrap=True)
         client, nvidia = docker.client, docker.nvidia
         model_bytes, to_download = model_source.download_bytes(spec)
         # whole or streamed, from the memory budget (the image's needs depend on it)
@@ -210,7 +202,7 @@ class QuantizeJob:
             return JobOutcome(rec, output)
         self.runnable = rec.image = runnable
         rec.save()
-        self._quantize(client, rec, model, runnable, output, fingerprint, nvidia, calib)
+        self._quantize(client, rec, model, runnable, output, nvidia, calib)
         rec.result = json.loads((output / "result.json").read_text())
         rec.finish("complete")
         return None
@@ -246,11 +238,11 @@ class QuantizeJob:
         self.console.print(f"model card: {card}")
         return evaluation
 
-    def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path, fingerprint: str,
+    def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path,
                   nvidia: bool, calib: tuple[str, list[Bind]]) -> None:
         spec = self.spec
         clean_stale_partials(output, self.console)
-        partial = output.parent / f".{output.name}.partial-{rec.id}"
+        partial = partial_path(output, rec.id)
         partial.mkdir(parents=True)
         rec.add("partials", str(partial))
 
@@ -262,7 +254,7 @@ class QuantizeJob:
             calibration=contract.Calibration(**{**spec.calibration.model_dump(), "source": calib_src}),
             device="auto" if self.device_kind == "gpu" else "cpu", low_memory=spec.low_memory,
             mode=spec.mode, memory_budget=self.plan.budget, trust_remote_code=spec.trust_remote_code,
-            job_fingerprint=fingerprint, run_id=rec.id)
+            job_fingerprint=fingerprint(self.inputs), run_id=rec.id)
         # No token and no network, ever: a hub dataset was fetched on the host (calibration_bind).
         env = {"HF_DATASETS_OFFLINE": "1"} if calib_src.startswith("hf:") else {}
         run_payload(PayloadRun(
@@ -271,19 +263,25 @@ class QuantizeJob:
             gpus=spec.gpus, nvidia=nvidia, env=env, network="none", mem_limit=spec.memory_limit,
             keep=spec.keep_container, secrets=tuple(_secrets(spec))), self.console)
         model_source.finish_embedded(model)
+        if model.staging is not None:  # the embedded model was converted just now: it is its files
+            self.inputs["model"] = model_identity(spec)
 
         result_path = partial / "result.json"
         if not result_path.exists():
             raise LauncherError("the payload exited cleanly but wrote no result.json", where=str(partial))
         result = json.loads(result_path.read_text())
-        result["job_fingerprint"] = fingerprint
+        result["job_inputs"] = self.inputs
+        result["job_fingerprint"] = fingerprint(self.inputs)
         result["run_id"] = rec.id
         result["source"] = {"model": spec.model, "revision": spec.revision}
         result_path.write_text(json.dumps(result, indent=2))
 
         verify_or_raise(partial, self.console)
         try:
-            os.replace(partial, output)
+            if self.previous.action == "replace":
+                self._replace(partial, output, rec)
+            else:
+                os.replace(partial, output)
         except OSError as e:  # under the lock only a folder made by hand can be in the way
             raise ConfigError(f"cannot move the finished checkpoint into place: {e.strerror}", where=str(output),
                               advice=f"the checkpoint is complete in {partial}; move it yourself or free "
@@ -292,6 +290,21 @@ class QuantizeJob:
         rec.add("outputs", str(output))
         self.console.print(f"[green]checkpoint complete:[/] {output} "
                            f"({result.get('checkpoint_bytes', 0) / 1e6:.1f} MB)")
+
+
+    def _replace(self, partial: Path, output: Path, rec: runs.RunRecord) -> None:
+        """The new checkpoint in place of the old one of another job (reuse.py: ours to replace).
+        The old one is moved aside under a name this run's record holds before the move, then
+        deleted: a crash between the two renames leaves it for `rollback` / the next run."""
+        reuse.check_replaceable(output, self.previous.result, self.previous.why)  # again: minutes passed
+        aside = replaced_path(output, rec.id)
+        rec.add("partials", str(aside))
+        os.replace(output, aside)
+        os.replace(partial, output)
+        shutil.rmtree(aside, ignore_errors=True)
+        if not aside.exists():
+            rec.created.partials.remove(str(aside))
+            rec.save()
 
 
 def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> None:

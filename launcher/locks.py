@@ -31,6 +31,16 @@ def lock_path(output: Path) -> Path:
     return output.parent / f".{output.name}.spark-nvfp4.lock"
 
 
+def partial_path(output: Path, run_id: str) -> Path:
+    """Where run `run_id` builds its checkpoint, beside the output (renamed into place when verified)."""
+    return output.parent / f".{output.name}.partial-{run_id}"
+
+
+def replaced_path(output: Path, run_id: str) -> Path:
+    """Where run `run_id` moves an older checkpoint of another job aside, before deleting it."""
+    return output.parent / f".{output.name}.partial-{run_id}.old"
+
+
 def _alive(info: dict) -> bool:
     """A lock written by another host (shared disk), or by a launcher that predates flock
     and is still running: flock alone cannot see those, so the content decides."""

@@ -135,8 +135,8 @@ def _expected(rec: runs.RunRecord, kind: str) -> set[str]:
     out, _ = run_output(rec)
     if out is None:
         return set()
-    from .locks import lock_path
-    return {"outputs": {str(out)}, "partials": {str(out.parent / f".{out.name}.partial-{rec.id}")},
+    from .locks import lock_path, partial_path, replaced_path
+    return {"outputs": {str(out)}, "partials": {str(partial_path(out, rec.id)), str(replaced_path(out, rec.id))},
             "locks": {str(lock_path(out))}}[kind]
 
 
