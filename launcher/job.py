@@ -25,7 +25,7 @@ from container_payload import contract, recipes
 
 from . import assets, derived_image, memory_budget, model_source, paths, preflight, reuse, runs
 from .config import JobSpec
-from .container import Bind, PayloadRun, run_payload
+from .container import Bind, PayloadRun, check_gpus, run_payload
 from .errors import ConfigError, LauncherError
 from .job_inputs import fingerprint, job_inputs, model_identity
 from .locks import OutputLock, lock_path, partial_path, replaced_path
@@ -128,10 +128,20 @@ class QuantizeJob:
         check_calibration(spec)
         docker = DockerSession.open(self.console)
         nvidia = docker.nvidia
+        check_gpus(spec.gpus, nvidia)  # what the container's start would say, before any download
         self.device_kind = "gpu" if nvidia and spec.gpus != "none" else "cpu"
         image_ref = docker.image_ref(spec.image)
         rec = docker.start_run("quantize", spec.model_dump(mode="json"), image_ref, str(output))
         self.console.print(f"run [bold]{rec.id}[/] -> {output}")
+        try:
+            return self._run_recorded(docker, rec, output, image_ref)
+        finally:
+            # A dry run changes nothing and leaves no record (thousands of them made `list` slow);
+            # its record existed while it ran, so a kill -9 still gets its probe container reaped.
+            if self.dry_run:
+                rec.discard()
+
+    def _run_recorded(self, docker: DockerSession, rec: runs.RunRecord, output: Path, image_ref: str) -> JobOutcome:
         with rec.ends_on_error():
             lock = None
             if not self.dry_run:  # 2. the lock first: the output is judged under it
@@ -193,7 +203,9 @@ class QuantizeJob:
         model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)
         if not self.dry_run and not spec.is_embedded:
             model_source.check_remote_code(model.host_dir, spec.trust_remote_code, spec.model)
-        calib = None if self.dry_run else calibration_bind(spec, on_create=record)
+        calib = None
+        if not self.dry_run or (spec.calibration.source.startswith("hf:") and model_source._offline(spec)):
+            calib = calibration_bind(spec, on_create=record)  # offline it only looks in the cache: a dry run too
         image = docker.ensure_image(rec, image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
         if runnable is None and image.id:
             runnable = self._runnable_image(client, rec, image_ref)

@@ -222,7 +222,7 @@ def _hub(spec: JobSpec, *, dry_run: bool, on_create: Callable[[str], None] | Non
     existed = repo_folder.exists()
     if not offline and not access_checked:
         check_access(spec.model, spec.revision, token)
-    if dry_run:
+    if dry_run and not offline:  # offline, snapshot_download only looks in the cache: a dry run too
         return ResolvedModel(container_dir="/hf", binds=[], host_dir=repo_folder)
     if not existed and not offline and on_create:
         on_create(str(repo_folder))  # recorded as the download starts: an interrupted one can be rolled back
