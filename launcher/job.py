@@ -181,7 +181,9 @@ class QuantizeJob:
             return JobOutcome(rec, output, reused=True, evaluation=evaluation)
         if previous.why:
             self.console.print(f"[yellow]not reusing[/] {escape(printable(str(output)))}: "
-                               f"{escape(printable(previous.why))}; quantizing again", highlight=False, soft_wrap=True)
+                               f"{escape(printable(previous.why))}; "
+                               + ("a real run quantizes again" if self.dry_run else "quantizing again"),
+                               highlight=False, soft_wrap=True)
         client, nvidia = docker.client, docker.nvidia
         model_bytes, to_download = model_source.download_bytes(spec)
         # whole or streamed, from the memory budget (the image's needs depend on it)

@@ -143,8 +143,9 @@ def cached_blobs(repo_id: str, commit: str, patterns: list[str]) -> dict[str, st
     snap = paths.hf_repo_folder(repo_id) / "snapshots" / commit
     names = sorted(filter_repo_objects([str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()],
                                        allow_patterns=patterns))
-    return {n: Path(os.readlink(snap / n)).name if (snap / n).is_symlink() else "sha256:" + file_sha256(snap / n, "--model")
-            for n in names}
+    # a snapshot file is a link to blobs/<hash>; a file copied in by hand is hashed
+    return {n: Path(os.readlink(snap / n)).name if (snap / n).is_symlink()
+            else "sha256:" + file_sha256(snap / n, "--model") for n in names}
 
 
 # ---------------------------------------------------------------- the calibration text

@@ -7,14 +7,13 @@ the end-to-end test quantizes a tiny Llama through Docker three times.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, one_line_error, run_launcher
+from conftest import REPO, run_launcher
 from synthetic_ckpt import make_checkpoint, write_safetensors
 
 
