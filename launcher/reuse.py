@@ -110,7 +110,7 @@ def _number(v, integer: bool = False):
 def _checkpoint_fields(result: dict) -> dict:
     timings = result.get("timings") if isinstance(result.get("timings"), dict) else {}
     size = _number(result.get("checkpoint_bytes"), integer=True)
-    return {
+    fields = {
         "checkpoint_bytes": size if size is not None and size >= 0 else None,
         "recipe": result["recipe"][:200] if isinstance(result.get("recipe"), str) else None,
         "format": result["format"][:40] if isinstance(result.get("format"), str) else None,
@@ -119,6 +119,7 @@ def _checkpoint_fields(result: dict) -> dict:
         "job_fingerprint": result.get("job_fingerprint") if isinstance(result.get("job_fingerprint"), str) else None,
         "run_id": result.get("run_id"),
     }
+    return {k: v for k, v in fields.items() if v is not None}  # absent, not null: readers default it
 
 
 def _quality_fields(q) -> dict | None:
