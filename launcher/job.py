@@ -305,7 +305,6 @@ class QuantizeJob:
         self.console.print(f"[green]checkpoint complete:[/] {output} "
                            f"({result.get('checkpoint_bytes', 0) / 1e6:.1f} MB)")
 
-
     def _replace(self, partial: Path, output: Path, rec: runs.RunRecord) -> None:
         """The new checkpoint in place of the old one of another job (reuse.py: ours to replace).
         The old one is moved aside under a name this run's record holds before the move, then

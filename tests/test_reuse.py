@@ -309,6 +309,7 @@ def test_the_ci_gate_fails_on_a_missing_number():
 
 @pytest.mark.docker
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # three quantizations of a tiny model: ~2.5 min each on a loaded 2-core host
 def test_rerun_reuses_only_the_same_job(launcher_home, tiny_model, texts, tmp_path, standin_image):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
