@@ -107,6 +107,16 @@ def _number(v, integer: bool = False):
     return v if not integer or isinstance(v, int) else None
 
 
+def _numbers(d: dict, nested: bool = False) -> dict:
+    """The finite numbers of `d` (and of its dicts one level down, as timings' timeline)."""
+    out = {}
+    for k, v in list(d.items())[:64]:
+        value = _numbers(v) if nested and isinstance(v, dict) else _number(v)
+        if value not in (None, {}):
+            out[str(k)[:40]] = value
+    return out
+
+
 def _checkpoint_fields(result: dict) -> dict:
     timings = result.get("timings") if isinstance(result.get("timings"), dict) else {}
     size = _number(result.get("checkpoint_bytes"), integer=True)
@@ -114,8 +124,7 @@ def _checkpoint_fields(result: dict) -> dict:
         "checkpoint_bytes": size if size is not None and size >= 0 else None,
         "recipe": result["recipe"][:200] if isinstance(result.get("recipe"), str) else None,
         "format": result["format"][:40] if isinstance(result.get("format"), str) else None,
-        "timings": {str(k)[:40]: _number(v) for k, v in list(timings.items())[:64]
-                    if _number(v) is not None} or None,
+        "timings": _numbers(timings, nested=True) or None,
         "job_fingerprint": result.get("job_fingerprint") if isinstance(result.get("job_fingerprint"), str) else None,
         "run_id": result.get("run_id"),
     }

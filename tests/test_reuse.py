@@ -228,12 +228,13 @@ def test_a_reused_output_of_another_home_takes_its_numbers_from_eval_json_checke
 
     spec, tmp = job
     inputs = inputs_of(spec)
-    out = finished(spec, inputs, checkpoint_bytes=True, timings={"total_s": "NaN", "load_s": 1.0})
+    out = finished(spec, inputs, checkpoint_bytes=True,
+                   timings={"total_s": "NaN", "load_s": 1.0, "timeline": {"a": 2.0, "b": [1]}, "c": {"d": {}}})
     (out / "eval.json").write_text('{"kl_divergence": NaN, "top1_agreement": "0.9", "perplexity": 12.5, "tokens": 2.5}')
     prev = reuse.judge(out, inputs)
     assert prev.action == "reuse" and prev.maker is None
     checkpoint, measured = reuse.carried(prev)
-    assert "checkpoint_bytes" not in checkpoint and checkpoint["timings"] == {"load_s": 1.0}
+    assert "checkpoint_bytes" not in checkpoint and checkpoint["timings"] == {"load_s": 1.0, "timeline": {"a": 2.0}}
     assert measured["kl_divergence"] is None and measured["top1_agreement"] is None
     assert measured["perplexity"] == 12.5 and measured["tokens"] is None
 
