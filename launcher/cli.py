@@ -220,11 +220,12 @@ def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
 
 
 @main.command("list")
-def list_():
+@click.option("--all", "show_all", is_flag=True, help="Every run, not only the latest 100.")
+def list_(show_all):
     """The runs of this home, oldest first (runs whose launcher died are marked interrupted)."""
     from .run_views import print_runs
 
-    print_runs(console, stdout)
+    print_runs(console, stdout, show_all=show_all)
 
 
 @main.command()

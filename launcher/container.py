@@ -26,7 +26,7 @@ import container_payload
 from container_payload import contract
 
 from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
-from .errors import Interrupted, OutOfMemory, PayloadFailed, docker_error
+from .errors import DOCKER_ERRORS, Interrupted, OutOfMemory, PayloadFailed, docker_error
 from .files import atomic_write_text
 from .logstream import EventStream, open_log
 
@@ -81,6 +81,14 @@ def gpu_requests(gpus: str, nvidia_runtime: bool) -> list[DeviceRequest]:
     if gpus in ("auto", "all"):
         return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
     return [DeviceRequest(device_ids=gpus.split(","), capabilities=[["gpu"]])]
+
+
+def check_gpus(gpus: str, nvidia_runtime: bool) -> None:
+    """GPUs asked for by name (--gpus all, 0,1) where Docker has no NVIDIA runtime: the error the
+    container's start would end in, said before anything is downloaded (and by a dry run)."""
+    if gpu_requests(gpus, nvidia_runtime) and not nvidia_runtime:
+        t = DOCKER_ERRORS[("start-gpu", None)]
+        raise t.error(t.what, where="--gpus", advice=t.advice)
 
 
 # Enough for torch's thread pools and tokenizers on a 20-core Spark, far below a fork bomb.

@@ -31,6 +31,11 @@ def partial_path(output: Path, run_id: str) -> Path:
     return output.parent / f".{output.name}.partial-{run_id}"
 
 
+def replaced_path(output: Path, run_id: str) -> Path:
+    """Where run `run_id` moves an older checkpoint of another job aside, before deleting it."""
+    return output.parent / f".{output.name}.partial-{run_id}.old"
+
+
 def check_output(output: Path | str, *, model_folder: Path | None = None) -> Path:
     """The resolved output folder; ConfigError (one line: what, --output, what to do) when a
     run could not write it, or must not."""

@@ -1,6 +1,6 @@
 """A quantize job from spec to finished folder: the one place that sequences the pieces.
 
-    inputs (no Docker) -> Docker -> record -> lock -> reuse? -> preflight (incl. download)
+    inputs (no Docker) -> Docker -> record -> lock -> reuse? (reuse.py) -> preflight (incl. download)
     -> model and calibration data (host, recorded as they start) -> image -> payload
     container -> verify -> promote -> eval
 
@@ -13,7 +13,6 @@ complete checkpoint is renamed into place, so a folder at --output is always who
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,11 +23,12 @@ from rich.console import Console
 
 from container_payload import contract, recipes
 
-from . import assets, derived_image, files, memory_budget, model_source, paths, preflight, runs
-from .config import JobSpec, read_recipe_file
-from .container import Bind, PayloadRun, run_payload
-from .destination import check_output, partial_path
+from . import assets, derived_image, files, memory_budget, model_source, paths, preflight, reuse, runs
+from .config import JobSpec
+from .container import Bind, PayloadRun, check_gpus, run_payload
+from .destination import check_output, partial_path, replaced_path
 from .errors import ConfigError, LauncherError, PayloadFailed
+from .job_inputs import fingerprint, job_inputs, model_identity
 from .locks import OutputLock, lock_path
 from .output import console as stderr_console
 from .output import MAX_RESULT_BYTES, markup, run_result
@@ -43,17 +43,6 @@ class JobOutcome:
     reused: bool = False
     evaluation: dict | None = None   # the quick quality check (launcher eval's JSON), when it ran
     result: dict | None = None       # the run's result.json (what --json prints)
-
-
-def job_fingerprint(spec: JobSpec) -> str:
-    """What makes two runs produce the same checkpoint (not where it goes)."""
-    keys = spec.model_dump(mode="json", include={"model", "revision", "format", "recipe", "calibration", "kv_cache"})
-    if spec.recipe_params:  # (absent when empty: the fingerprints of earlier runs stay valid)
-        keys["recipe_params"] = spec.recipe_params
-    recipe_file = recipe_path(spec)
-    if recipe_file is not None:  # a YAML recipe of the user's: what it says, not where it lies
-        keys["recipe"] = hashlib.sha256(read_recipe_file(recipe_file)).hexdigest()
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def recipe_path(spec: JobSpec) -> Path | None:
@@ -96,11 +85,6 @@ def calibration_bind(spec: JobSpec, on_create=None) -> tuple[str, list[Bind]]:
     return f"/calib/{path.name}", [Bind(path.resolve(), f"/calib/{path.name}")]
 
 
-def completed_output(output: Path, fingerprint: str) -> bool:
-    from .untrusted import read_json_object
-
-    result = read_json_object(output / "result.json") or {}
-    return result.get("status") == "complete" and result.get("job_fingerprint") == fingerprint
 
 
 def _secrets(spec: JobSpec) -> list[str]:
@@ -117,6 +101,8 @@ class QuantizeJob:
         self.model = None
         self.runnable = None  # the image the payload ran in: the user's, or its derived image
         self.plan = None      # memory_budget.Plan: whole or streamed, and the budget
+        self.inputs = None    # job_inputs.job_inputs: what the job reads, by content
+        self.previous = None  # reuse.Previous: what lay at the output, and what we do with it
 
     def run(self) -> JobOutcome:
         spec = self.spec
@@ -124,20 +110,29 @@ class QuantizeJob:
         output = check_output(spec.output, model_folder=Path(spec.model).expanduser() if spec.is_local else None)
         model_source.validate(spec)
         check_calibration(spec)
-        fingerprint = job_fingerprint(spec)
         docker = DockerSession.open(self.console)
         nvidia = docker.nvidia
+        check_gpus(spec.gpus, nvidia)  # what the container's start would say, before any download
         self.device_kind = "gpu" if nvidia and spec.gpus != "none" else "cpu"
         image_ref = docker.image_ref(spec.image)
         rec = docker.start_run("quantize", spec.model_dump(mode="json"), image_ref, str(output))
         self.console.print(markup("run [bold]{}[/] -> {}", rec.id, output), highlight=False)
+        try:
+            return self._run_recorded(docker, rec, output, image_ref)
+        finally:
+            # A dry run changes nothing and leaves no record (thousands of them made `list` slow);
+            # its record existed while it ran, so a kill -9 still gets its probe container reaped.
+            if self.dry_run:
+                rec.discard()
+
+    def _run_recorded(self, docker: DockerSession, rec: runs.RunRecord, output: Path, image_ref: str) -> JobOutcome:
         with rec.ends_on_error():
             lock = None
             if not self.dry_run:  # 2. the lock first: the output is judged under it
                 rec.add("locks", str(lock_path(output)))  # a kill -9 leaves it; rollback checks it is ours
                 lock = OutputLock(output, rec.id).acquire()
             try:
-                outcome = self._run_locked(docker, rec, output, fingerprint, image_ref)
+                outcome = self._run_locked(docker, rec, output, image_ref)
             finally:
                 if lock is not None:
                     lock.release()
@@ -145,23 +140,28 @@ class QuantizeJob:
             # the real bf16 size where the folder exists (the embedded estimate is from its GGUF)
             source = model_source.weight_bytes(self.model.host_dir) or self.model.bytes
             outcome = JobOutcome(rec, output, evaluation=self.describe(output, self.runnable, source))
+        why = self.previous.why if self.previous else None
         outcome.result = rec.write_result(run_result(rec, evaluation=outcome.evaluation, reused=outcome.reused,
-                                                     extra={"dry_run": self.dry_run}))
+                                                     extra={"dry_run": self.dry_run, "why_not_reused": why}))
         return outcome
 
-    def _run_locked(self, docker: DockerSession, rec: runs.RunRecord, output: Path, fingerprint: str,
+    def _run_locked(self, docker: DockerSession, rec: runs.RunRecord, output: Path,
                     image_ref: str) -> JobOutcome | None:
         """Under the output lock: reuse, or preflight, fetch, pull and quantize. Returns the
         outcome when the job ends early (reused, dry run), None when it quantized."""
         spec = self.spec
-        if completed_output(output, fingerprint):
+        self.inputs = job_inputs(spec)  # by content: a hub model's commit is asked for here
+        self.previous = previous = reuse.judge(output, self.inputs)
+        if previous.action == "reuse":
             verify_or_raise(output, self.console, reused=True)  # damaged since? never handed out as done
             self.console.print(markup("[green]{} is already a complete checkpoint of this job; reusing it[/]", output))
+            rec.result, evaluation = reuse.carried(previous)
             rec.finish("complete")
-            return JobOutcome(rec, output, reused=True)
-        if output.exists() and any(output.iterdir()):
-            raise ConfigError(f"output folder exists and is not a finished run of this job: {output}",
-                              where="--output", advice="choose another --output, or remove the folder")
+            return JobOutcome(rec, output, reused=True, evaluation=evaluation)
+        if previous.why:
+            self.console.print(markup("[yellow]not reusing[/] {}: {}; {}", output, previous.why,
+                                      "a real run quantizes again" if self.dry_run else "quantizing again"),
+                               highlight=False, soft_wrap=True)
         client, nvidia = docker.client, docker.nvidia
         model_bytes, to_download = model_source.download_bytes(spec)
         # whole or streamed, from the memory budget (the image's needs depend on it)
@@ -183,7 +183,9 @@ class QuantizeJob:
         model = self.model = model_source.resolve(spec, dry_run=self.dry_run, on_create=record, access_checked=True)
         if not self.dry_run and not spec.is_embedded:
             model_source.check_remote_code(model.host_dir, spec.trust_remote_code, spec.model)
-        calib = None if self.dry_run else calibration_bind(spec, on_create=record)
+        calib = None
+        if not self.dry_run or (spec.calibration.source.startswith("hf:") and model_source._offline(spec)):
+            calib = calibration_bind(spec, on_create=record)  # offline it only looks in the cache: a dry run too
         image = docker.ensure_image(rec, image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
         if runnable is None and image.id:
             runnable = self._runnable_image(client, rec, image_ref)
@@ -192,7 +194,7 @@ class QuantizeJob:
             return JobOutcome(rec, output)
         self.runnable = rec.image = runnable
         rec.save()
-        self._quantize(client, rec, model, runnable, output, fingerprint, nvidia, calib)
+        self._quantize(client, rec, model, runnable, output, nvidia, calib)
         rec.result = json.loads((output / "result.json").read_text())
         rec.finish("complete")
         return None
@@ -228,7 +230,7 @@ class QuantizeJob:
         self.console.print(markup("model card: {}", card), highlight=False)
         return evaluation
 
-    def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path, fingerprint: str,
+    def _quantize(self, client, rec: runs.RunRecord, model, image_ref: str, output: Path,
                   nvidia: bool, calib: tuple[str, list[Bind]]) -> None:
         spec = self.spec
         clean_stale_partials(output, self.console)
@@ -244,7 +246,7 @@ class QuantizeJob:
             calibration=contract.Calibration(**{**spec.calibration.model_dump(), "source": calib_src}),
             device="auto" if self.device_kind == "gpu" else "cpu", low_memory=spec.low_memory,
             mode=spec.mode, memory_budget=self.plan.budget, trust_remote_code=spec.trust_remote_code,
-            job_fingerprint=fingerprint, run_id=rec.id)
+            job_fingerprint=fingerprint(self.inputs), run_id=rec.id)
         # No token and no network, ever: a hub dataset was fetched on the host (calibration_bind).
         env = {"HF_DATASETS_OFFLINE": "1"} if calib_src.startswith("hf:") else {}
         run_payload(PayloadRun(
@@ -253,6 +255,8 @@ class QuantizeJob:
             gpus=spec.gpus, nvidia=nvidia, env=env, network="none", mem_limit=spec.memory_limit,
             keep=spec.keep_container, secrets=tuple(_secrets(spec))), self.console)
         model_source.finish_embedded(model)
+        if model.staging is not None:  # the embedded model was converted just now: it is its files
+            self.inputs["model"] = model_identity(spec)
 
         result_path = partial / "result.json"
         # the container wrote it (a model's own code may run there): read as untrusted
@@ -263,7 +267,8 @@ class QuantizeJob:
         result = parse(raw, "json", "the payload's result.json", str(result_path), error=PayloadFailed)
         if not isinstance(result, dict):
             raise PayloadFailed("the payload's result.json is not a JSON object", where=str(result_path))
-        result["job_fingerprint"] = fingerprint
+        result["job_inputs"] = self.inputs
+        result["job_fingerprint"] = fingerprint(self.inputs)
         result["run_id"] = rec.id
         result["source"] = {"model": spec.model, "revision": spec.revision}
         files.atomic_write_json(result_path, result)
@@ -271,7 +276,10 @@ class QuantizeJob:
 
         verify_or_raise(partial, self.console)
         try:
-            os.replace(partial, output)
+            if self.previous.action == "replace":
+                self._replace(partial, output, rec)
+            else:
+                os.replace(partial, output)
         except OSError as e:  # under the lock only a folder made by hand can be in the way
             raise ConfigError(f"cannot move the finished checkpoint into place: {e.strerror}", where=str(output),
                               advice=f"the checkpoint is complete in {partial}; move it yourself or free "
@@ -280,6 +288,20 @@ class QuantizeJob:
         rec.add("outputs", str(output))
         self.console.print(markup("[green]checkpoint complete:[/] {} ({:.1f} MB)", output,
                                   result.get("checkpoint_bytes", 0) / 1e6))
+
+    def _replace(self, partial: Path, output: Path, rec: runs.RunRecord) -> None:
+        """The new checkpoint in place of the old one of another job (reuse.py: ours to replace).
+        The old one is moved aside under a name this run's record holds before the move, then
+        deleted: a crash between the two renames leaves it for `rollback` / the next run."""
+        reuse.check_replaceable(output, self.previous.result, self.previous.why)  # again: minutes passed
+        aside = replaced_path(output, rec.id)
+        rec.add("partials", str(aside))
+        os.replace(output, aside)
+        os.replace(partial, output)
+        shutil.rmtree(aside, ignore_errors=True)
+        if not aside.exists():
+            rec.created.partials.remove(str(aside))
+            rec.save()
 
 
 def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> None:

@@ -234,7 +234,7 @@ def _hub(spec: JobSpec, *, dry_run: bool, on_create: Callable[[str], None] | Non
     existed = repo_folder.exists()
     if not offline and not access_checked:
         check_access(spec.model, spec.revision, token)
-    if dry_run:
+    if dry_run and not offline:  # offline, snapshot_download only looks in the cache: a dry run too
         return ResolvedModel(container_dir="/hf", binds=[], host_dir=repo_folder)
     if not existed and not offline and on_create:
         on_create(str(repo_folder))  # recorded as the download starts: an interrupted one can be rolled back
@@ -258,6 +258,13 @@ def _hub(spec: JobSpec, *, dry_run: bool, on_create: Callable[[str], None] | Non
 
 def check_access(repo_id: str, revision: str | None, token: str | None) -> int:
     """Fail fast on a missing, private or gated repo; return its weight bytes."""
+    info = hub_model_info(repo_id, revision, token)
+    return sum((s.size or 0) for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+
+
+def hub_model_info(repo_id: str, revision: str | None, token: str | None):
+    """The hub's ModelInfo of the revision (its commit, files, sizes and blob hashes), with
+    access checked; every failure one ModelError line."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -265,13 +272,24 @@ def check_access(repo_id: str, revision: str | None, token: str | None) -> int:
     try:
         # auth_check fails on a gated repo without access; model_info alone would not.
         api.auth_check(repo_id, token=token)
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        return api.model_info(repo_id, revision=revision, files_metadata=True)
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise _access_error(repo_id, e, token) from None
     except (HfHubHTTPError, *transport_errors()) as e:
         raise ModelError(f"cannot reach the Hugging Face hub for {repo_id}: {_first_line(e)}",
                          advice=OFFLINE_ADVICE) from None
-    return sum((s.size or 0) for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+
+
+def hub_dataset_commit(name: str, token: str | None) -> str | None:
+    """The commit of a hub dataset's main branch (what fetch_dataset downloads)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return getattr(HfApi(token=token).dataset_info(name), "sha", None)
+    except (HfHubHTTPError, *transport_errors()) as e:
+        raise ModelError(f"dataset {name}: {_first_line(e)}", where="--calib",
+                         advice="check the name and the network; gated or private datasets need HF_TOKEN") from None
 
 
 def _access_error(repo_id: str, e: Exception, token: str | None) -> ModelError:

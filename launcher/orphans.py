@@ -23,19 +23,21 @@ from .errors import DockerUnavailable, RunNotFound
 from .output import markup
 
 
-def tidy(console: Console | None = None) -> None:
+def tidy(console: Console | None = None, records: list[runs.RunRecord] | None = None) -> None:
     """What read-only commands do first: mark runs whose launcher died as interrupted,
-    and remove their containers when Docker is up (without Docker, just the records)."""
+    and remove their containers when Docker is up (without Docker, just the records).
+    `records`: the runs the caller read already (updated in place)."""
     try:
         client = connect(timeout=5)
     except DockerUnavailable:
-        runs.mark_dead_runs()
+        runs.mark_dead_runs(records)
         return
-    reap(client, console)
+    reap(client, console, records)
 
 
-def reap(client: docker.DockerClient, console: Console | None = None) -> list[str]:
-    runs.mark_dead_runs()
+def reap(client: docker.DockerClient, console: Console | None = None,
+         records: list[runs.RunRecord] | None = None) -> list[str]:
+    runs.mark_dead_runs(records)
     removed = []
     for c in client.containers.list(all=True, filters={"label": RUN_LABEL}):
         run_id = c.labels.get(RUN_LABEL, "")

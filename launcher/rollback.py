@@ -133,8 +133,9 @@ def _expected(rec: runs.RunRecord, kind: str) -> set[str]:
     out, _ = run_output(rec)
     if out is None:
         return set()
+    from .destination import partial_path, replaced_path
     from .locks import lock_path
-    return {"outputs": {str(out)}, "partials": {str(out.parent / f".{out.name}.partial-{rec.id}")},
+    return {"outputs": {str(out)}, "partials": {str(partial_path(out, rec.id)), str(replaced_path(out, rec.id))},
             "locks": {str(lock_path(out))}}[kind]
 
 

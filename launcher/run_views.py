@@ -35,16 +35,25 @@ def age(iso: str) -> str:
     return f"{secs:.0f}s"
 
 
-def print_runs(console, out) -> None:
-    """The runs of this home, oldest first (runs whose launcher died are marked interrupted)."""
-    tidy(console)
+# rich lays a table out at ~1-3 ms a row: thousands of runs took seconds (issue 22)
+SHOWN_RUNS = 100
+
+
+def print_runs(console, out, show_all: bool = False) -> None:
+    """The runs of this home, oldest first, the latest SHOWN_RUNS unless `show_all` (runs whose
+    launcher died are marked interrupted)."""
     records = runs.all_runs()
-    for name, why in runs.damaged.items():
+    damaged = dict(runs.damaged)
+    tidy(console, records)
+    for name, why in damaged.items():
         console.print(markup("[yellow]skipped[/] run {}: {}", name, why),
                       highlight=False, soft_wrap=True)
     if not records:
         console.print("no runs yet")
         return
+    if not show_all and len(records) > SHOWN_RUNS:
+        console.print(f"{len(records) - SHOWN_RUNS} older runs not shown (`launcher list --all` shows them)")
+        records = records[-SHOWN_RUNS:]
     t = Table(box=box.SIMPLE_HEAD)
     for col in ("id", "status", "model", "output", "created", "age"):
         t.add_column(col, overflow="fold", no_wrap=col in ("id", "status", "age"),

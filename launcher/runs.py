@@ -142,6 +142,12 @@ class RunRecord(BaseModel):
         atomic_write_text(self.folder / "result.json", json.dumps(body, indent=2, default=str))
         return body
 
+    def discard(self) -> None:
+        """Remove this run's folder (a dry run's: it changed nothing and leaves no record)."""
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def owner_alive(self) -> bool:
         """Is the launcher process that runs this record still alive? (Another host's: assumed
         so, never reap other hosts' runs.)"""
@@ -218,10 +224,11 @@ def all_runs() -> list[RunRecord]:
     return out
 
 
-def mark_dead_runs() -> list[RunRecord]:
-    """Runs still 'running' whose launcher died (kill -9, crash): mark them interrupted."""
+def mark_dead_runs(records: list[RunRecord] | None = None) -> list[RunRecord]:
+    """Runs still 'running' whose launcher died (kill -9, crash): mark them interrupted (in
+    `records` too, when the caller read them already: one read of thousands is enough)."""
     dead = []
-    for rec in all_runs():
+    for rec in all_runs() if records is None else records:
         if rec.status == "running" and not rec.owner_alive():
             rec.finish("interrupted", error="the launcher process ended before the run finished")
             dead.append(rec)

@@ -2,7 +2,7 @@
 # Installs and starts what the launcher and its tests need on a Debian host:
 # Docker (Debian's docker.io) and its daemon, debootstrap for the stand-in image,
 # docker-registry + docker-compose for the pull tests, npm for the builtin text,
-# chromium for the report test. Idempotent; installs only what is missing.
+# chromium for the report test, jq for the README's CI gate (test_reuse.py). Idempotent; installs only what is missing.
 # On a DGX Spark, Docker and the NVIDIA runtime are already there: nothing happens.
 set -euo pipefail
 want=()
@@ -13,6 +13,7 @@ if [ "${1:-}" = "--test" ]; then
   command -v docker-registry >/dev/null || want+=(docker-registry)
   command -v docker-compose >/dev/null || want+=(docker-compose)
   command -v chromium >/dev/null || want+=(chromium)
+  command -v jq >/dev/null || want+=(jq)
 fi
 if [ ${#want[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { echo "need root to install: ${want[*]}" >&2; exit 1; }

@@ -62,7 +62,7 @@ def test_only_spec_fields_are_read_from_the_environment():
 
 def test_recipe_params_from_flag_environment_and_file_fingerprint_alike(tmp_path):
     from launcher.config import FLAG_NAMES, load_spec
-    from launcher.job import job_fingerprint
+    from launcher.job_inputs import options
 
     flag = load_spec({"recipe": "smooth-gptq-seq-mp", "recipe_params": ["smooth.alpha=0.6", "gptq.ridge=3"]},
                      FLAG_NAMES, environ={})
@@ -72,8 +72,9 @@ def test_recipe_params_from_flag_environment_and_file_fingerprint_alike(tmp_path
     cfg.write_text("recipe: smooth-gptq-seq-mp\nrecipe_params:\n  smooth.alpha: 0.6\n  gptq.ridge: 3\n")
     file = load_spec({}, FLAG_NAMES, cfg, environ={})
     assert flag.recipe_params == env.recipe_params == file.recipe_params == {"smooth.alpha": 0.6, "gptq.ridge": 3.0}
-    assert job_fingerprint(flag) == job_fingerprint(env) == job_fingerprint(file)
-    assert job_fingerprint(flag) != job_fingerprint(load_spec({"recipe": "smooth-gptq-seq-mp"}, FLAG_NAMES, environ={}))
+    assert options(flag) == options(env) == options(file)  # the part of the job fingerprint they make
+    assert options(flag) != options(load_spec({"recipe": "smooth-gptq-seq-mp"}, FLAG_NAMES, environ={}))
+
 
 
 # ---------------------------------------------------------------- values at the edge (issue 22, item 5)

@@ -212,10 +212,11 @@ def test_download_is_recorded_as_it_starts(home, tmp_path, monkeypatch, docker_c
 # ---------------------------------------------------------------- 2 and 6. the lock, then reuse verified
 
 def _finished_output(out: Path, spec) -> Path:
-    from launcher.job import job_fingerprint
+    from launcher.job_inputs import job_inputs
 
     make_checkpoint(out)
-    (out / "result.json").write_text(json.dumps({"status": "complete", "job_fingerprint": job_fingerprint(spec)}))
+    (out / "result.json").write_text(json.dumps({"status": "complete", "run_id": "20260101-000000-abcdef",
+                                                 "job_inputs": job_inputs(spec)}))
     return out
 
 
@@ -223,12 +224,19 @@ def _finished_output(out: Path, spec) -> Path:
 def test_reuse_verifies_the_existing_output(home, tmp_path, docker_client):
     from launcher.config import JobSpec
 
-    out = _finished_output(tmp_path / "o", JobSpec(output=tmp_path / "o"))
-    ok = run_launcher("quantize", "--output", str(out), "--no-eval", timeout=120)
+    model = tmp_path / "model"  # a local model: its fingerprint needs no assets or hub
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text")
+    job = ("--model", str(model), "--calib", str(calib), "--output", str(tmp_path / "o"), "--no-eval")
+    out = _finished_output(tmp_path / "o", JobSpec(model=str(model), calibration={"source": str(calib)},
+                                                   output=tmp_path / "o"))
+    ok = run_launcher("quantize", *job, timeout=120)
     assert ok.returncode == 0 and "reusing it" in ok.stderr, ok.stderr
     shard = out / "model-00001-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-64])  # damaged since it was written
-    bad = run_launcher("quantize", "--output", str(out), "--no-eval", timeout=120)
+    bad = run_launcher("quantize", *job, timeout=120)
     assert bad.returncode == 9, bad.stderr
     assert "fails verification" in one_line_error(bad.stderr) and "reusing" not in bad.stderr
     assert shard.exists()  # reported, never deleted: the launcher did not make it in this run

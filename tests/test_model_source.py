@@ -37,6 +37,12 @@ def test_offline_cached_hub_model(launcher_home, hub_cache, tmp_path):
     assert result["source"]["model"] == "local/smollm2"
     record = json.loads(next((launcher_home / "runs").glob("*/record.json")).read_text())
     assert record["created"]["cache"] == []  # it was already cached: not ours to remove
+    # the job is the commit the cache resolves main to, and the files' content
+    assert result["job_inputs"]["model"]["commit"] == REVISION
+    again = run_launcher("quantize", "--model", "local/smollm2", "--offline", "--output", str(out),
+                         "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--json",
+                         env={"HF_HUB_CACHE": str(hub_cache), "HF_TOKEN": ""})
+    assert again.returncode == 0 and json.loads(again.stdout)["reused"] is True, again.stderr[-2000:]
 
 
 def test_offline_model_not_cached(launcher_home, hub_cache, tmp_path):

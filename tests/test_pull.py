@@ -61,5 +61,4 @@ def test_present_image_is_not_pulled_nor_recorded(launcher_home, tmp_path, stand
                         "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "pulling" not in proc.stderr
-    record = json.loads(next((launcher_home / "runs").glob("*/record.json")).read_text())
-    assert record["created"]["images"] == []
+    assert not list((launcher_home / "runs").glob("*/record.json"))  # a dry run leaves no record
