@@ -27,7 +27,7 @@ from container_payload import contract, recipes
 from . import assets, derived_image, memory_budget, model_source, paths, preflight, runs
 from .config import JobSpec
 from .container import Bind, PayloadRun, run_payload
-from .errors import ConfigError, LauncherError
+from .errors import ConfigError, Interrupted, LauncherError
 from .locks import OutputLock, lock_path
 from .output import console as stderr_console
 from .output import run_result
@@ -228,7 +228,8 @@ class QuantizeJob:
 
     def describe(self, output: Path, image_ref: str, source_bytes: int) -> dict | None:
         """Quick quality check and model card; returns the evaluation. The checkpoint is already
-        complete: a failure here is reported, never turned into a failed run."""
+        complete: a failure here is reported, never turned into a failed run; an interrupt ends
+        the command (exit 130) and leaves the checkpoint in place."""
         from . import model_card
         from .evaluation import QUICK_TOKENS, EvalRequest, evaluate, summary_line
 
@@ -240,6 +241,10 @@ class QuantizeJob:
                                                   keep=self.spec.keep_container,
                                                   trust_remote_code=self.spec.trust_remote_code), self.console)
                 self.console.print(f"quality: {summary_line(evaluation)}", highlight=False)
+            except (KeyboardInterrupt, Interrupted):  # an interrupt is the user's, not a failed check
+                raise Interrupted("interrupted during the quality check; the checkpoint itself is complete "
+                                  "and verified", where=str(output),
+                                  advice=f"`launcher eval {output}` measures its quality") from None
             except LauncherError as e:
                 self.console.print(f"[yellow]warning:[/] evaluation failed, the checkpoint is fine: {e}")
         card = model_card.write(output, evaluation, source_bytes or None)
