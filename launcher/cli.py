@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from container_payload.contract import EvalJob
 
 from .assets import HELDOUT

@@ -9,8 +9,8 @@ result.json.
     any other exception      -> InternalError, exit 1; its traceback goes to stderr and to a file
                                 (the run's log, else crashes/ under the home) that `where` names
 
-Light on purpose: `python -m launcher` imports it before the rest, so that a signal during the
-imports still ends this way.
+Light on purpose (click and the errors only): `python -m launcher` imports it before the rest,
+so that a signal during the heavier imports still ends this way.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import itertools
 import os
 import signal
 import sys
+
+import click
 
 from .errors import Terminated
 
@@ -49,8 +51,6 @@ def conclude(e: BaseException, command: str | None, json_mode: bool) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from rich.markup import escape
 
-    import click
-
     from . import runs
     from .errors import as_launcher_error
     from .output import console, failure_result, print_json
@@ -62,10 +62,17 @@ def conclude(e: BaseException, command: str | None, json_mode: bool) -> int:
     if not _expected(e):
         log = _keep_traceback(e, run)
     err = as_launcher_error(e, log=log)
-    for rec in runs.started[1:]:  # nested runs (quantize's quick evaluation) cut short with it
-        if rec.status == "running":
-            rec.end(err)
-    result = run.end(err) if run is not None else failure_result(command, err)
+    result = failure_result(command, err)
+    try:
+        for rec in runs.started[1:]:  # nested runs (quantize's quick evaluation) cut short with it
+            if rec.status == "running":
+                rec.end(err)
+        if run is not None:
+            result = {**result, "run_id": run.id}  # should its folder refuse the writes below
+            result = run.end(err)
+    except OSError as write_error:  # a full disk or a broken home: the object is still printed
+        console.print(f"[yellow]warning:[/] the run's record and result.json could not be written: "
+                      f"{escape(str(write_error))}", highlight=False)
     if shown_by_click is not None:
         shown_by_click.show()  # click's own usage text, as without --json
     else:
@@ -78,30 +85,29 @@ def conclude(e: BaseException, command: str | None, json_mode: bool) -> int:
 def _unwrap_click(e: BaseException, command: str | None) -> BaseException:
     """click's exceptions as ours: a usage error is a ConfigError (exit 2) with click's message;
     the Abort click raises for Ctrl-C is the KeyboardInterrupt it wraps."""
-    import click
-
     from .errors import ConfigError, LauncherError
 
     if isinstance(e, click.Abort):
         cause = e.__cause__ or e.__context__
         return cause if isinstance(cause, KeyboardInterrupt) else LauncherError("aborted")
     if isinstance(e, click.UsageError):
-        err = ConfigError(e.format_message(), where=_usage_where(e),
-                          advice=f"see `launcher {command + ' ' if command else ''}--help`")
-    elif isinstance(e, click.ClickException):
+        return ConfigError(e.format_message(), where=_usage_where(e),
+                           advice=f"see `launcher {command + ' ' if command else ''}--help`")
+    if isinstance(e, click.ClickException):
         err = LauncherError(e.format_message())
         err.exit_code = e.exit_code
-    else:
-        return e
-    return err
+        return err
+    return e
 
 
 def _usage_where(e) -> str | None:
+    """The option or argument a usage error is about: `--calib-samples`, `CKPT`."""
     param = getattr(e, "param", None)
-    if param is not None:
-        return (param.opts or [param.human_readable_name])[0] if param.param_type_name == "option" \
-            else param.human_readable_name
-    return getattr(e, "option_name", None)
+    if param is None:
+        return getattr(e, "option_name", None)  # an unknown option
+    if isinstance(param, click.Option) and param.opts:
+        return param.opts[0]
+    return param.human_readable_name
 
 
 def _expected(e: BaseException) -> bool:
