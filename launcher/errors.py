@@ -111,8 +111,7 @@ def as_launcher_error(e: BaseException, log: str | None = None) -> LauncherError
     if isinstance(e, LauncherError):
         return e
     if isinstance(e, KeyboardInterrupt):
-        return Interrupted(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})",
-                           advice="rerun the same command to start again")
+        return Interrupted(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})")
     detail = (str(e).strip().splitlines() or [""])[0][:300]  # one line: the traceback is in `log`
     return InternalError(f"internal error: {type(e).__name__}" + (f": {detail}" if detail else ""), where=log,
                          advice="this is a bug; please report it with the traceback "
