@@ -100,15 +100,28 @@ def _shim_env(tmp_path: Path, name: str, body: str) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
 
 
-def _started(args: list[str], env: dict, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO,
-                            stdout=out.open("w"), stderr=err.open("w"),
-                            env={**os.environ, "COLUMNS": "200", **env},
-                            # Ctrl-C as from a terminal: a suite started in the background by a
-                            # script inherits SIGINT ignored, and Python then keeps ignoring it
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    return proc, out, err
+@pytest.fixture
+def start(tmp_path):
+    """Starts the launcher in the background (stdout and stderr to files); a launcher still
+    running when the test ends (a failed wait) is killed, its containers then reaped."""
+    started: list[subprocess.Popen] = []
+
+    def _start(args: list[str], env: dict) -> tuple[subprocess.Popen, Path, Path]:
+        out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO,
+                                stdout=out.open("w"), stderr=err.open("w"),
+                                env={**os.environ, "COLUMNS": "200", **env},
+                                # Ctrl-C as from a terminal: a suite started in the background by a
+                                # script inherits SIGINT ignored, and Python then keeps ignoring it
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        started.append(proc)
+        return proc, out, err
+
+    yield _start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
 
 
 def _interrupt_at(marker: str, proc: subprocess.Popen, err: Path, sig: int, timeout: float = 300) -> None:
@@ -143,9 +156,9 @@ def test_a_bug_before_the_run_record_is_one_object_with_its_traceback_in_a_file(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_before_the_run_record_is_one_object_and_exit_130(launcher_home, tmp_path, sig):
+def test_a_signal_before_the_run_record_is_one_object_and_exit_130(launcher_home, tmp_path, start, sig):
     env = {**NO_DOCKER, **_shim_env(tmp_path, "check_calibration", SLOW_STEP)}
-    proc, out, err = _started(["quantize", "--json", "--output", str(tmp_path / "o")], env, tmp_path)
+    proc, out, err = start(["quantize", "--json", "--output", str(tmp_path / "o")], env)
     _interrupt_at("SHIM: reached check_calibration", proc, err, sig)
     result = _one_object(out.read_text())
     assert proc.returncode == 130 == result["exit_code"] and result["status"] == "interrupted"
@@ -171,11 +184,11 @@ def test_a_bug_after_the_run_record_ends_the_run_and_keeps_its_traceback_in_the_
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_after_the_run_record_before_any_container_ends_the_run(launcher_home, tmp_path,
+def test_a_signal_after_the_run_record_before_any_container_ends_the_run(launcher_home, tmp_path, start,
                                                                          docker_client, sig):
     output = tmp_path / "o"
     env = _shim_env(tmp_path, "completed_output", SLOW_STEP)  # the record exists, the lock is held
-    proc, out, err = _started(["quantize", "--json", "--output", str(output)], env, tmp_path)
+    proc, out, err = start(["quantize", "--json", "--output", str(output)], env)
     _interrupt_at("SHIM: reached completed_output", proc, err, sig, timeout=120)
     result = _one_object(out.read_text())
     assert proc.returncode == 130 == result["exit_code"] and result["status"] == "interrupted"
@@ -187,20 +200,21 @@ def test_a_signal_after_the_run_record_before_any_container_ends_the_run(launche
     _no_container_of(docker_client, folder.name)
 
 
-def test_sigterm_during_the_container_run_is_one_object_and_exit_130(launcher_home, tmp_path, docker_client,
+@pytest.mark.timeout(1800)  # 1-2 min on an idle machine; far more under load
+def test_sigterm_during_the_container_run_is_one_object_and_exit_130(launcher_home, tmp_path, start, docker_client,
                                                                      standin_image, embedded_model_dir, texts):
     calib = tmp_path / "calib.txt"  # enough windows that calibration takes a while
     calib.write_text(texts.heldout_brown.read_text()[:400_000])
     output = tmp_path / "o"
-    proc, out, err = _started(["quantize", "--json", "--output", str(output), "--calib", str(calib),
-                               "--calib-samples", "400", "--calib-seq-len", "128", "--calib-batch-size", "1",
-                               "--no-eval"], {}, tmp_path)
+    proc, out, err = start(["quantize", "--json", "--output", str(output), "--calib", str(calib),
+                            "--calib-samples", "400", "--calib-seq-len", "128", "--calib-batch-size", "1",
+                            "--no-eval"], {})
 
     def calibrating():
         logs = list((launcher_home / "runs").glob("*/log.txt"))
         return proc.poll() is not None or (logs and '"stage": "calibrate", "done": 2' in logs[0].read_text())
 
-    wait_for(calibrating, 600, "calibration to start")
+    wait_for(calibrating, 1500, "calibration to start")
     assert proc.poll() is None, err.read_text()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
@@ -213,12 +227,13 @@ def test_sigterm_during_the_container_run_is_one_object_and_exit_130(launcher_ho
     _no_container_of(docker_client, folder.name)
 
 
+@pytest.mark.timeout(1800)  # a quantization, then an evaluation: 2-3 min idle, 10 under load
 def test_ctrl_c_during_the_quick_evaluation_is_an_interrupt_and_keeps_the_checkpoint(
-        launcher_home, tmp_path, docker_client, standin_image, embedded_model_dir):
+        launcher_home, tmp_path, start, docker_client, standin_image, embedded_model_dir):
     """Issue 22, item 9: it was "evaluation failed, the checkpoint is fine" and exit 0."""
     output = tmp_path / "o"
-    proc, out, err = _started(["quantize", "--json", "--output", str(output), "--calib-samples", "2",
-                               "--calib-seq-len", "32"], {}, tmp_path)
+    proc, out, err = start(["quantize", "--json", "--output", str(output), "--calib-samples", "2",
+                            "--calib-seq-len", "32"], {})
 
     def evaluating():  # the eval run's container is running: its log has the payload's first lines
         if proc.poll() is not None:
@@ -230,7 +245,7 @@ def test_ctrl_c_during_the_quick_evaluation_is_an_interrupt_and_keeps_the_checkp
                 return data["id"]
         return None
 
-    eval_id = wait_for(evaluating, 600, "the quick evaluation's container")
+    eval_id = wait_for(evaluating, 1500, "the quick evaluation's container")
     assert proc.poll() is None, err.read_text()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
