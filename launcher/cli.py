@@ -14,32 +14,26 @@ from container_payload.contract import EvalJob
 
 from .assets import HELDOUT
 from .config import FLAG_NAMES, QuantFormat, flagged_fields, load_spec
-from .errors import ConfigError, LauncherError
-from .output import console, error_fields, markup, print_json, stdout
+from .errors import ConfigError
+from .output import console, print_json, stdout
 
 
 class Launcher(click.Group):
-    """Every LauncherError ends as one line on stderr and its exit code (README: Exit codes);
-    under --json, stdout also gets the failed run's result object."""
+    """Every ending of a command, success or not, goes through ending.conclude: one error line,
+    the exit code of README's table, and under --json exactly one JSON object on stdout."""
 
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LauncherError as e:
-            # markup(): a `where` like [/tmp/x] would otherwise be read as a closing markup tag
-            console.print(markup("[bold red]error:[/] {}", str(e)), highlight=False, soft_wrap=True)
-            if ctx.meta.get("json"):
-                print_json(getattr(e, "result", None) or {"command": ctx.invoked_subcommand, "status": "failed",
-                                                         "exit_code": e.exit_code, "error": error_fields(e)})
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            console.print("[bold red]error:[/] interrupted")
-            sys.exit(130)
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from . import ending
 
-
-def json_requested(on: bool) -> None:
-    """Called first by a command with --json: a failure then prints its JSON result too."""
-    click.get_current_context().meta["json"] = on
+        args = sys.argv[1:] if args is None else list(args)
+        ending.catch_sigterm()
+        try:  # standalone_mode=False: click raises its usage errors and Ctrl-C to us
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except SystemExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - every ending, a bug's included, is reported
+            sys.exit(ending.conclude(e, *ending.wants_json(args)))
+        sys.exit(rv if isinstance(rv, int) else 0)  # click returns --help's and --version's code
 
 
 @click.group(cls=Launcher, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -130,7 +124,6 @@ def quantize(weights_only, config_file, dry_run, json_mode, **kw):
     Values come from --config < SPARK_NVFP4_<FIELD> variables < these flags."""
     from .job import QuantizeJob
 
-    json_requested(json_mode)
     flags = spec_flags(kw)
     if weights_only:
         flags["format"] = QuantFormat.NVFP4_W4A16.value
@@ -153,7 +146,6 @@ def verify(ckpt, json_out, json_mode):
     from .errors import VerifyFailed
     from .verify import print_report, verify_checkpoint, write_report
 
-    json_requested(json_mode)
     report = verify_checkpoint(ckpt)
     print_report(report, console if json_mode else stdout)
     if json_out is not None:
@@ -189,7 +181,6 @@ def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_gene
     from . import runs
     from .evaluation import EvalRequest, evaluate, summary_line
 
-    json_requested(json_mode)
     result = evaluate(EvalRequest(ckpt, reference, text, tokens, seq_len, json_out, image, gpus,
                                   generations=not no_generations, trust_remote_code=bool(trust_remote_code)), console)
     console.print(summary_line(result), highlight=False)

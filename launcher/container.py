@@ -10,9 +10,7 @@ gain, a pids limit, a read-only root filesystem with a tmpfs /tmp, and a memory 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,19 +124,6 @@ def hardening_kwargs(mem_limit: str | int | None = None, *, read_only: bool = Tr
     return kw
 
 
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM handled like Ctrl-C while a container runs: the same cleanup path removes it."""
-    def _raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class PayloadContainer:
     """One container of the launcher's: `python3 -m container_payload.<module> <job>` in the
     image (payload=True), or a plain command of the image (an image build, trtllm-serve).
@@ -217,19 +202,19 @@ class PayloadContainer:
 
     def run(self, stream: EventStream) -> int:
         """Start and stream logs until the payload exits; return its exit status. Ctrl-C or
-        SIGTERM stops the container and raises Interrupted (the caller removes it)."""
+        SIGTERM (raised like Ctrl-C: ending.catch_sigterm) stops the container and raises
+        Interrupted (the caller removes it)."""
         assert self.container is not None
-        with sigterm_as_interrupt():
-            try:
-                self.start()
-                for chunk in self.container.logs(stream=True, follow=True, stdout=True, stderr=True):
-                    stream.feed(chunk)
-                status = self.container.wait()
-                return int(status.get("StatusCode", 1))
-            except KeyboardInterrupt:
-                self.stop()
-                raise Interrupted("interrupted: the container was stopped and removed",
-                                  advice="rerun the same command to resume") from None
+        try:
+            self.start()
+            for chunk in self.container.logs(stream=True, follow=True, stdout=True, stderr=True):
+                stream.feed(chunk)
+            status = self.container.wait()
+            return int(status.get("StatusCode", 1))
+        except KeyboardInterrupt:
+            self.stop()
+            raise Interrupted("interrupted: the container was stopped and removed",
+                              advice="rerun the same command to resume") from None
 
     def log_lines(self, tail: int = 200) -> list[str]:
         """Its last lines of output; none when it is gone already."""

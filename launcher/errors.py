@@ -91,8 +91,31 @@ class RunDamaged(RunNotFound):
 
 
 class Interrupted(LauncherError):
-    """Ctrl-C or SIGTERM: the container was stopped and removed."""
+    """Ctrl-C or SIGTERM: any container of the run was stopped and removed."""
     exit_code = 130
+
+
+class InternalError(LauncherError):
+    """A bug: an exception nobody expected. `where` names the file that holds its traceback."""
+    exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that both take one cleanup path
+    (ending.catch_sigterm installs it for the whole command)."""
+
+
+def as_launcher_error(e: BaseException, log: str | None = None) -> LauncherError:
+    """Any ending as the LauncherError the user reads: Ctrl-C and SIGTERM are Interrupted, anything
+    unexpected is an InternalError whose traceback is in `log`."""
+    if isinstance(e, LauncherError):
+        return e
+    if isinstance(e, KeyboardInterrupt):
+        return Interrupted(f"interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})")
+    detail = (str(e).strip().splitlines() or [""])[0][:300]  # one line: the traceback is in `log`
+    return InternalError(f"internal error: {type(e).__name__}" + (f": {detail}" if detail else ""), where=log,
+                         advice="this is a bug; please report it with the traceback "
+                                + ("in that file" if log else "printed above"))
 
 
 # ---------------------------------------------------------------- Docker's answers, translated

@@ -27,7 +27,7 @@ from . import assets, derived_image, files, memory_budget, model_source, paths, 
 from .config import JobSpec
 from .container import Bind, PayloadRun, check_gpus, run_payload
 from .destination import check_output, partial_path, replaced_path
-from .errors import ConfigError, LauncherError, PayloadFailed
+from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed
 from .job_inputs import fingerprint, job_inputs, model_identity
 from .locks import OutputLock, lock_path
 from .output import console as stderr_console
@@ -212,7 +212,8 @@ class QuantizeJob:
 
     def describe(self, output: Path, image_ref: str, source_bytes: int) -> dict | None:
         """Quick quality check and model card; returns the evaluation. The checkpoint is already
-        complete: a failure here is reported, never turned into a failed run."""
+        complete: a failure here is reported, never turned into a failed run; an interrupt ends
+        the command (exit 130) and leaves the checkpoint in place."""
         from . import model_card
         from .evaluation import QUICK_TOKENS, EvalRequest, evaluate, summary_line
 
@@ -224,6 +225,10 @@ class QuantizeJob:
                                                   keep=self.spec.keep_container,
                                                   trust_remote_code=self.spec.trust_remote_code), self.console)
                 self.console.print(f"quality: {summary_line(evaluation)}", highlight=False)
+            except (KeyboardInterrupt, Interrupted):  # an interrupt is the user's, not a failed check
+                raise Interrupted("interrupted during the quality check; the checkpoint itself is complete "
+                                  "and verified", where=str(output),
+                                  advice=f"`launcher eval {output}` measures its quality") from None
             except LauncherError as e:
                 self.console.print(markup("[yellow]warning:[/] evaluation failed, the checkpoint is fine: {}", e))
         card = model_card.write(output, evaluation, source_bytes or None)

@@ -3,7 +3,7 @@
 - `console` (stderr): progress, notes and the one-line errors, for people.
 - `stdout`: tables and results a user may pipe.
 - `--json` (quantize, eval, verify): stdout carries exactly one JSON object for a CI job, the
-  same object the run keeps as `result.json` in its folder, success or failure:
+  same object the run keeps as `result.json` in its folder, whatever the ending (ending.py):
 
       {"command", "status": "complete" | "failed" | "interrupted", "exit_code", "run_id",
        "output", "sizes", "quality", "timings", "error": {"kind", "message", "where", "advice"}}
@@ -75,16 +75,20 @@ def print_json(obj: dict) -> None:
 
 
 def error_fields(e: BaseException) -> dict:
-    """The `error` member of a result: a LauncherError's parts, or a bug's type and message."""
-    from .errors import LauncherError
+    """The `error` member of a result: the parts of the LauncherError the user read
+    (errors.as_launcher_error: an interrupt or a bug is one too)."""
+    from .errors import as_launcher_error
 
-    if isinstance(e, LauncherError):
-        return {"kind": type(e).__name__, "exit_code": e.exit_code, "message": e.what, "where": e.where,
-                "advice": e.advice}
-    if isinstance(e, KeyboardInterrupt):
-        return {"kind": "Interrupted", "exit_code": 130, "message": "interrupted", "where": None, "advice": None}
-    return {"kind": "InternalError", "exit_code": 1, "message": f"{type(e).__name__}: {e}", "where": None,
-            "advice": "this is a bug; please report it with the run's log"}
+    e = as_launcher_error(e)
+    return {"kind": type(e).__name__, "exit_code": e.exit_code, "message": e.what, "where": e.where,
+            "advice": e.advice}
+
+
+def failure_result(command: str | None, failure: BaseException) -> dict:
+    """The JSON result of a command that failed before it had a run record (or has none: verify)."""
+    error = error_fields(failure)
+    return {"command": command, "status": "interrupted" if error["exit_code"] == 130 else "failed",
+            "exit_code": error["exit_code"], "run_id": None, "error": error}
 
 
 def quality(evaluation: dict | None) -> dict | None:
@@ -96,12 +100,13 @@ def quality(evaluation: dict | None) -> dict | None:
 
 
 def run_result(rec, *, failure: BaseException | None = None, evaluation: dict | None = None,
-               reused: bool = False, extra: dict | None = None) -> dict:
-    """The JSON result of one run (runs.RunRecord), complete or failed."""
+               reused: bool = False, extra: dict | None = None, status: str | None = None) -> dict:
+    """The JSON result of one run (runs.RunRecord), complete or failed; `status`: how its command
+    ended, where that differs from the record's (a quantize interrupted after its checkpoint)."""
     checkpoint = rec.result if isinstance(rec.result, dict) else {}
     error = error_fields(failure) if failure is not None else None
     body = {
-        "command": rec.command, "status": rec.status,
+        "command": rec.command, "status": status or rec.status,
         "exit_code": error["exit_code"] if error else 0, "run_id": rec.id, "output": rec.output,
         "reused": reused,
         "sizes": {"checkpoint_bytes": checkpoint.get("checkpoint_bytes")} if checkpoint.get("checkpoint_bytes") else None,

@@ -109,26 +109,29 @@ class RunRecord(BaseModel):
         self.error = error
         self.save()
 
+    def end(self, failure: BaseException) -> dict:
+        """The run's command ends on `failure` (any exception: errors.as_launcher_error says how it
+        reads): a running record says so, and result.json holds the object `--json` prints."""
+        from .errors import as_launcher_error
+        from .output import run_result
+
+        err = as_launcher_error(failure)
+        status = "interrupted" if err.exit_code == 130 else "failed"
+        if self.status == "running":  # a finished run keeps its status: what it made is a result
+            self.finish(status, error=str(err))  # (a promoted checkpoint, a server left running)
+        return self.write_result(run_result(self, failure=err, status=status))
+
     @contextmanager
     def ends_on_error(self):
-        """Any exception that leaves the block ends the run with the matching status, so a
-        record never stays 'running' after its launcher gave up; the run's result.json says
-        why, and the exception carries it (`--json` prints it)."""
-        from .output import run_result
+        """A LauncherError that leaves the block ends the run, for a caller that survives it (a
+        quantize whose quick evaluation failed). Every other ending reaches ending.conclude,
+        which ends each run this process started and has not finished."""
+        from .errors import LauncherError
 
         try:
             yield self
-        except KeyboardInterrupt as e:
-            self.finish("interrupted", error="interrupted (Ctrl-C)")
-            self.write_result(run_result(self, failure=e))
-            raise
         except LauncherError as e:
-            self.finish("interrupted" if e.exit_code == 130 else "failed", error=str(e))
-            e.result = self.write_result(run_result(self, failure=e))
-            raise
-        except BaseException as e:
-            self.finish("failed", error=f"{type(e).__name__}: {e}")
-            self.write_result(run_result(self, failure=e))
+            self.end(e)
             raise
 
     def read_result(self) -> dict | None:
@@ -158,9 +161,15 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# The runs this process started, oldest first (the first is its command's): whatever way the
+# command ends, ending.conclude ends those still running and writes the first one's result.json.
+started: list[RunRecord] = []
+
+
 def new_run(command: str, spec: dict) -> RunRecord:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     rec = RunRecord(id=f"{stamp}-{secrets.token_hex(3)}", command=command, created_at=_now(), spec=spec)
+    started.append(rec)  # before its file exists: an interrupt during save() still ends it
     rec.save()
     return rec
 

@@ -36,7 +36,7 @@ from rich.markup import escape
 from . import model_source, output, runs
 from container_payload import contract
 
-from .container import Bind, PayloadContainer, gpu_requests, payload_command, port_free, sigterm_as_interrupt
+from .container import Bind, PayloadContainer, gpu_requests, payload_command, port_free
 from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
 from .files import atomic_write_text
 from .logstream import PREFIX as EVENT_PREFIX
@@ -165,7 +165,7 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
                            image)
     box = PayloadContainer(docker.client, image, rec.id, role="serve")
     key_file = None
-    with rec.ends_on_error(), sigterm_as_interrupt():
+    with rec.ends_on_error():
         try:
             docker.ensure_image(rec, image)
             standin = docker.is_standin(image)
