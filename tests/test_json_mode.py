@@ -170,7 +170,7 @@ def test_a_signal_before_the_run_record_is_one_object_and_exit_130(launcher_home
 def test_a_bug_after_the_run_record_ends_the_run_and_keeps_its_traceback_in_the_log(
         launcher_home, tmp_path, docker_client):
     output = tmp_path / "o"
-    env = _shim_env(tmp_path, "completed_output", SIMULATED_BUG)  # under the output lock
+    env = _shim_env(tmp_path, "job_inputs", SIMULATED_BUG)  # under the output lock
     proc = run_launcher("quantize", "--json", "--output", str(output), env=env, timeout=120)
     out = _one_object(proc.stdout)
     assert proc.returncode == 1 == out["exit_code"] and out["error"]["kind"] == "InternalError"
@@ -187,9 +187,9 @@ def test_a_bug_after_the_run_record_ends_the_run_and_keeps_its_traceback_in_the_
 def test_a_signal_after_the_run_record_before_any_container_ends_the_run(launcher_home, tmp_path, start,
                                                                          docker_client, sig):
     output = tmp_path / "o"
-    env = _shim_env(tmp_path, "completed_output", SLOW_STEP)  # the record exists, the lock is held
+    env = _shim_env(tmp_path, "job_inputs", SLOW_STEP)  # the record exists, the lock is held
     proc, out, err = start(["quantize", "--json", "--output", str(output)], env)
-    _interrupt_at("SHIM: reached completed_output", proc, err, sig, timeout=120)
+    _interrupt_at("SHIM: reached job_inputs", proc, err, sig, timeout=120)
     result = _one_object(out.read_text())
     assert proc.returncode == 130 == result["exit_code"] and result["status"] == "interrupted"
     folder = _run_folder(launcher_home)
