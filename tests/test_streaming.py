@@ -2,8 +2,8 @@
 
 - the budget's choice of mode, and its one-line refusals, before any download;
 - `launcher quantize` with a budget the whole model does not fit: the payload streams, and the
-  checkpoint matches ModelOpt run directly on the whole model (weights and block scales
-  byte-identical, input_scale within 1%) and verifies;
+  checkpoint matches ModelOpt run directly on the whole model, fed the same batch shapes
+  (every tensor byte-identical, input_scale included) and verifies;
 - the streamed payload's peak RSS stays under a bound computed from the layer sizes, on a
   random 40-layer Llama whose whole-model peak is well above that bound.
 """
