@@ -327,7 +327,10 @@ def calibration_batches(windows: list[list[int]], calib: Calibration, device: st
         bs = min(bs, len(windows))
     ids = torch.tensor(windows, dtype=torch.long)
     batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+    # batch_shapes: what each forward was fed, in order. The batch is part of the calibration
+    # contract: bf16 kernels round differently for other shapes (AMX), so references replay these.
     info = {"samples": len(windows), "seq_len": calib.seq_len, "batch_size": bs,
+            "batch_shapes": [list(b.shape) for b in batches],
             "tokens": len(windows) * calib.seq_len, "windows_sha256": fingerprint(windows)}
     return batches, info
 

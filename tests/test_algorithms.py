@@ -619,9 +619,11 @@ def case_sequential_vs_direct_reference():
     """sequential_gptq keeps two streams of hidden states and runs one layer at a time. The
     reference runs the whole model again before every unit: once with the original weights
     (X), once with the units quantized so far, their inputs NVFP4-rounded (X~); then
-    H = Xq^T Xq, C = X^T Xq in float64. Same codes and scales, nearly everywhere; a unit kept
-    in bf16 (quantizers off) is left alone; and on the calibration text the model's W4A4 output
-    is closer to the original's than with one-pass activation-aware GPTQ."""
+    H = Xq^T Xq, C = X^T Xq in float64. The reference feeds the model the pieces the pass feeds
+    each layer (CHUNK_TOKENS: one sequence a call), in the same order: the same shapes, so the
+    same kernels and the same X (asserted). Same codes and scales, nearly everywhere; a unit
+    kept in bf16 (quantizers off) is left alone; and on the calibration text the model's W4A4
+    output is closer to the original's than with one-pass activation-aware GPTQ."""
     import copy
 
     import torch
@@ -642,7 +644,16 @@ def case_sequential_vs_direct_reference():
     kept_w = dict(model.named_modules())[keep].weight.detach().clone()
 
     sequential.CHUNK_TOKENS = 32  # one sequence a layer call: the pieces must add up to the batches
+    fed = {"pass": [], "reference": []}  # the hidden-state shapes each decoder layer was handed
+
+    def record(m, key):
+        return [layer.register_forward_pre_hook(lambda mod, a, k, key=key: fed[key].append(tuple(
+            (a[0] if a else k["hidden_states"]).shape)), with_kwargs=True) for layer in m.get_decoder().layers]
+
+    hooks = record(model, "pass")
     linears, originals, _ = sequential_gptq(model, fl)
+    for h in hooks:
+        h.remove()
     assert keep not in linears and keep not in originals
     assert torch.equal(dict(model.named_modules())[keep].weight, kept_w)
 
@@ -651,15 +662,23 @@ def case_sequential_vs_direct_reference():
     assert set(rl) == set(linears)
     orig = {n: m.weight.detach().clone() for n, m in rl.items()}
 
+    # the batches cut as the pass cuts them (sequential.chunked: whole sequences, in order)
+    rows = max(1, sequential.CHUNK_TOKENS // batches[0].shape[1])
+    pieces = [b[i:i + rows] for b in batches for i in range(0, len(b), rows)]
+
     def capture(mod, emulated):
         xs = []
         h = mod.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).double()))
         emu = al.Emulation(rl, emulated)
         try:
-            fl(ref)
+            with torch.inference_mode():
+                for p in pieces:
+                    ref.get_decoder()(input_ids=p, use_cache=False)
         finally:
             h.remove(), emu.remove()
         return torch.cat(xs)
+
+    hooks = record(ref, "reference")
 
     done = []
     with al.QuantizersOff(ref):
@@ -676,10 +695,18 @@ def case_sequential_vs_direct_reference():
             h, c = (xq.T @ xq / len(xq)).float(), (x.T @ xq / len(xq)).float()
             al.quantize_unit(unit, rl, {n: h for n in unit}, {n: c for n in unit}, {}, ridge=sequential.RIDGE)
             done.append(unit)
+    for h in hooks:
+        h.remove()
+    # both handed every layer the same shapes (so the same kernels, whatever the CPU's bf16/AMX
+    # paths): the pass its chunks, the reference its pieces, each once per unit and stream
+    assert set(fed["pass"]) == set(fed["reference"]) == {(rows, batches[0].shape[1], 64)}, fed
     for n in linears:
         a, b = linears[n].weight.detach(), rl[n].weight.detach()
-        # equal up to float32 ulps (the global scale is a max over float32 sums), so the same
-        # code; a handful may flip where H differs in the last bits
+        # The one arithmetic that still differs: H and C in float32 summed chunk by chunk (the
+        # pass) against float64 over all rows (the reference). Equal up to float32 ulps (the
+        # global scale is a max over float32 sums), so the same code; where H's last bits decide
+        # a code, GPTQ feeds the flip's error along its row. Measured on AVX-512 bf16 (no AMX):
+        # every weight and block scale within rtol 1e-5 (docs/decisions.md).
         same = torch.isclose(a, b, rtol=1e-5, atol=0).float().mean().item()
         assert same > 0.99, (n, same)
         sa, sb = linears[n].weight_quantizer.amax, rl[n].weight_quantizer.amax

@@ -2,8 +2,8 @@
 
 - the budget's choice of mode, and its one-line refusals, before any download;
 - `launcher quantize` with a budget the whole model does not fit: the payload streams, and the
-  checkpoint matches ModelOpt run directly on the whole model (weights and block scales
-  byte-identical, input_scale within 1%) and verifies;
+  checkpoint matches ModelOpt run directly on the whole model, fed the same batch shapes
+  (every tensor byte-identical, input_scale included) and verifies;
 - the streamed payload's peak RSS stays under a bound computed from the layer sizes, on a
   random 40-layer Llama whose whole-model peak is well above that bound.
 """
@@ -111,6 +111,8 @@ def test_streamed_peak_rss_stays_under_the_layer_bound(tiny_llama, ref_python, t
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((out / "result.json").read_text())
+    # the batch the payload fed is on record (the references replay it): "auto" is 4 on a CPU
+    assert result["calibration"]["batch_shapes"] == [[4, seq_len]] * (samples // 4)
     peak = result["memory"]["host_rss_peak_bytes"]
     print(f"peak RSS {peak >> 20} MiB, bound {bound >> 20} MiB (runtime {runtime >> 20} MiB, "
           f"whole model {shape.total_bytes >> 20} MiB)")
