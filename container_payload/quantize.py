@@ -40,7 +40,26 @@ def prepare_embedded(gguf: str, model_dir: Path) -> None:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     portable_tokenizer_config(tmp)
+    portable_rope_config(tmp)
     os.replace(tmp, model_dir)
+
+
+def portable_rope_config(model_dir: Path) -> None:
+    """The converted embedded model's rotary base, the same to every transformers: 5.x writes it
+    only inside `rope_parameters`, which 4.57 (NVIDIA's 2025 images) does not read, so it would
+    calibrate and export with its default rope_theta (10000 where the model has 100000). The
+    top-level `rope_theta` (and `rope_scaling`) 4.x reads are written beside it; 5.x reads both."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return
+    config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", dict(rope))
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
 
 
 # Files that make up a Hugging Face tokenizer (and its chat template), copied as they are.

@@ -26,8 +26,9 @@ from .errors import ConfigError, ModelError
 from .untrusted import link_out_of, printable
 
 # -v2: the converted tokenizer is PreTrainedTokenizerFast, the same to transformers 4.x and 5.x
-# (container_payload/quantize.py: portable_tokenizer_config); earlier conversions are left alone.
-EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-bf16-v2"
+# (container_payload/quantize.py: portable_tokenizer_config); -v3: its config.json carries the
+# top-level rope_theta 4.x reads (portable_rope_config). Earlier conversions are left alone.
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-bf16-v3"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 CODE_PATTERNS = ["*.py"]   # a model's own code (auto_map), fetched only with --trust-remote-code
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt", ".arrow")

@@ -174,11 +174,14 @@ def new_run(home, standin_image):
 
 def test_old_transformers_loads_the_outputs_tokenizer_and_config(old_run, new_run, embedded_model_dir):
     """transformers 4.57 (the serving image's) reads what transformers 4.57 and 5.14 wrote,
-    and the embedded model's converted folder."""
+    and the embedded model's converted folder, with the model's own rotary base (100000)."""
     code = ("import sys; from transformers import AutoConfig, AutoTokenizer\n"
             "for d in sys.argv[1:]:\n"
             "    t = AutoTokenizer.from_pretrained(d); c = AutoConfig.from_pretrained(d)\n"
             "    assert t('Hello world')['input_ids'] and c.model_type == 'llama', d\n"
+            # 4.57 reads no rope_parameters (5.x's): a config with only those would run at its default base
+            "    want = (getattr(c, 'rope_parameters', None) or {}).get('rope_theta', c.rope_theta)\n"
+            "    assert c.rope_theta == want == 100000, (d, c.rope_theta, want)\n"
             "    print('ok', d, type(t).__name__)\n")
     folders = {"/a": old_run["out"], "/b": new_run, "/c": embedded_model_dir}
     mounts = [x for target, src in folders.items() for x in ("-v", f"{src}:{target}:ro")]
