@@ -128,7 +128,11 @@ def _steps(recipe: str, params: dict | None) -> tuple | None:
 
 def refusal(recipe: str, params: dict | None = None) -> str | None:
     """Why `recipe` (with its --recipe-param values) cannot stream (one line), or None."""
-    steps = _steps(recipe, params)
+    return refusal_of(recipe, _steps(recipe, params))
+
+
+def refusal_of(recipe: str, steps: tuple | None) -> str | None:
+    """refusal() for steps already resolved (None: a ModelOpt YAML recipe)."""
     why = "ModelOpt's YAML recipes run over the whole model" if steps is None else \
         next((w for w in map(_why_not, steps) if w), None)
     if why is None:
@@ -143,7 +147,12 @@ def activation_bytes(shape: Shape, tokens: int, batch_tokens: int) -> int:
 
 def peaks(shape: Shape, tokens: int, batch_tokens: int, recipe: str = "default",
           params: dict | None = None) -> dict[str, int]:
-    steps = _steps(recipe, params) or ()
+    return peaks_of(shape, tokens, batch_tokens, _steps(recipe, params))
+
+
+def peaks_of(shape: Shape, tokens: int, batch_tokens: int, steps: tuple | None) -> dict[str, int]:
+    """peaks() for steps already resolved (None: a ModelOpt YAML recipe)."""
+    steps = steps or ()
     act = activation_bytes(shape, tokens, batch_tokens)
     stream = tokens * shape.hidden * 2
     seq = any(isinstance(s, recipes.Gptq) and s.sequential for s in steps)

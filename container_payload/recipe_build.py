@@ -27,7 +27,10 @@ class BuiltRecipe:
     check: Callable | None = None        # after calibration: refuse a model ModelOpt left half calibrated
 
 
-def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: dict | None = None) -> BuiltRecipe:
+def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: dict | None = None,
+          steps: tuple | None = None) -> BuiltRecipe:
+    """`recipe` with ModelOpt's configuration. `steps`: its typed steps as the caller resolved them
+    (quantize.resolve_steps, once per run); else they are resolved here from `params`."""
     if recipes.is_modelopt_recipe(recipe):
         if params:
             raise PayloadError("recipe parameters apply to this project's recipes, not to ModelOpt's YAML "
@@ -36,10 +39,11 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: di
     known = recipes.RECIPES.get(recipe)
     if known is None:
         raise PayloadError(recipes.check_name(recipe), kind="input")
-    try:
-        steps = recipes.with_params(recipe, params or {})
-    except ValueError as e:
-        raise PayloadError(str(e), kind="input") from None
+    if steps is None:
+        try:
+            steps = recipes.with_params(recipe, params or {})
+        except ValueError as e:
+            raise PayloadError(str(e), kind="input") from None
     if fmt != "nvfp4" and recipe != "default":
         raise PayloadError(f"recipe {recipe!r} applies to nvfp4 (W4A4) only", kind="input")
     if known.needs.gpu and device != "cuda":
