@@ -25,7 +25,9 @@ import os
 
 import torch
 
-from .algorithms import BLOCK, hessian_inverse_factor, max_block_scales, search_block_scales
+from .events import log as _log
+from .gptq import hessian_inverse_factor
+from .nvfp4 import BLOCK, max_block_scales, search_block_scales
 
 try:  # optional: the GPU images carry Triton with torch; the CPU stand-in may not
     import triton
@@ -207,7 +209,6 @@ def _first_step(args) -> bool:
         return True
     except Exception as exc:  # noqa: BLE001 - a compiler problem must not stop the quantization
         _TRITON_FAILED.append(repr(exc)[:300])
-        from .algorithms import _log
         _log(f"refine: GPTQ Triton kernel unavailable ({_TRITON_FAILED[0]}); using the torch step")
         return False
 

@@ -119,9 +119,6 @@ def run(job: QuantizeJob) -> dict:
     check_image(job, device)
     loading.check_model_type(model_dir, job.trust_remote_code)
     tuning = Tuning.of(job)
-    from . import linear_compute  # torch: after gc.disable (see above)
-
-    linear_compute.CPU_FLOAT32 = tuning.cpu_float32
     mark("torch_ready")
     if job.gguf:
         loading.prepare_embedded(job.gguf, model_dir)
@@ -152,7 +149,10 @@ def run(job: QuantizeJob) -> dict:
                                                           **pipeline.batch_sizing())
     timings["tokenize_s"] = round(time.time() - t, 3)
 
-    facts = pipeline.run(recipe, batches, out, timings)
+    from . import linear_compute  # torch, loaded by now
+
+    with linear_compute.cpu_float32(tuning.cpu_float32):
+        facts = pipeline.run(recipe, batches, out, timings)
     timings["total_s"] = round(time.time() - t0, 3)
     mark("export_done")
     timings["timeline"] = dict(sorted(timeline.items(), key=lambda kv: kv[1]))

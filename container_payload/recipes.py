@@ -66,6 +66,19 @@ class Needs:
 # job fields (`--recipe-param gptq.ridge=3`), never environment variables.
 
 _STATIC_BLOCK = Needs(modelopt="0.46", why=("StaticBlockScaleQuantizer (ModelOpt 0.46)",))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a step needs from a pipeline and what memory it adds; memory_plan's refusals and
+    peaks and the pipelines read these, never the step's type (a new step declares its own)."""
+    whole_only: str | None = None   # why it needs the whole model in memory; None: it runs layer by layer
+    hidden_streams: int = 0         # copies of the calibration hidden states it keeps beside the model's
+    unit_inputs: bool = False       # it holds one layer's unit inputs and the widest unit's H, C (GPTQ)
+    ours: bool = True               # our own weight pass: the whole path keeps the original weights too
+    layer_inputs: bool = False      # it wants the first layer's captured inputs (a sequential pass)
+    ranking_batches: int = 0        # calibration batches to keep for a ranking pass over all layers
+    on: str = "quantized"           # what it works on: "bf16" (before calibration), "calibrate", "quantized"
 _GPU_SEARCH = Needs(gpu=True, why=("ModelOpt runs this search with CUDA/Triton kernels only",))
 
 
@@ -77,6 +90,9 @@ class Smooth:
     alpha: float = 0.65
     key = "smooth"
     needs = Needs()
+
+    def plan(self) -> Plan:  # statistics from a stream of the unsmoothed model's hidden states
+        return Plan(hidden_streams=1, on="bf16")
 
 
 @dataclass(frozen=True)
@@ -90,12 +106,19 @@ class Calibrate:
     def needs(self) -> Needs:
         return PRESET_NEEDS.get(self.preset, Needs())
 
+    def plan(self) -> Plan:  # max calibration's amax are per layer; searches run the whole model
+        return Plan(ours=False, on="calibrate", whole_only=None if self.preset in LAYERWISE_PRESETS
+                    else f"calibrate({self.preset}) runs over the whole model")
+
 
 @dataclass(frozen=True)
 class ScaleSearch:
     """Per 16-block FP8 scale search on round-to-nearest weights, never worse than max scaling."""
     key = "scale_search"
     needs = _STATIC_BLOCK
+
+    def plan(self) -> Plan:
+        return Plan(whole_only=f"{self.key} was not moved to the streamed path")
 
 
 @dataclass(frozen=True)
@@ -116,6 +139,11 @@ class Gptq:
     needs = _STATIC_BLOCK
     choices = {"kernel": ("auto", "triton", "torch", "reference")}
 
+    def plan(self) -> Plan:  # sequential: two streams (original, quantized), layer by layer
+        if self.sequential:
+            return Plan(hidden_streams=2, unit_inputs=True, layer_inputs=True)
+        return Plan(unit_inputs=True, whole_only="the one-pass gptq takes its Hessians from whole-model passes")
+
 
 @dataclass(frozen=True)
 class KeepBf16:
@@ -128,8 +156,14 @@ class KeepBf16:
     key = "keep_bf16"
     needs = Needs()
 
+    def plan(self) -> Plan:
+        return Plan(whole_only="keep_bf16 ranks units by the whole model's output", ranking_batches=self.batches)
+
 
 STEPS = {cls.key: cls for cls in (Smooth, Calibrate, ScaleSearch, Gptq, KeepBf16)}
+# ModelOpt presets whose calibration runs layer by layer (max calibration: amax per layer, on the
+# unquantized inputs); the others search over the whole model.
+LAYERWISE_PRESETS = ("NVFP4_DEFAULT_CFG",)
 
 # ModelOpt presets that need more than the floor.
 PRESET_NEEDS = {

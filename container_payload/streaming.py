@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from . import events, recipes
-from .algorithms import QuantizersOff, quantized_linears
+from .quantizers import QuantizersOff, quantized_linears
 from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
 from .linear_compute import float32_linears
@@ -232,8 +232,8 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     Returns facts for result.json."""
     import modelopt.torch.quantization as mtq
 
-    smooth = next((s for s in recipe.steps if isinstance(s, recipes.Smooth)), None)
-    gptq = next((s for s in recipe.steps if isinstance(s, recipes.Gptq)), None)
+    by_key = {s.key: s for s in recipe.steps}  # the steps this pipeline runs per layer (recipes.Plan)
+    smooth, gptq = by_key.get(recipes.Smooth.key), by_key.get(recipes.Gptq.key)
     hf, postprocess, get_quant_config, ExportContext, ShardWriter = _modelopt_parts()
     _return_freed_memory()
     t0 = time.time()
@@ -382,14 +382,10 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
 
         custom_object_save(model, str(out), config=model.config)
     hf._write_hf_export_config(model, quant_config, out)
-    applied = []  # the whole path's lines (steps.run), each marked "layer by layer"
-    for step in recipe.steps:
-        if isinstance(step, recipes.Smooth):
-            applied.append(f"{step.key}: {smoothed.line()}, layer by layer")
-        elif isinstance(step, recipes.Calibrate):
-            applied.append(f"{step.key}: ModelOpt {recipe.preset}, layer by layer")
-        else:
-            applied.append(f"{step.key}: {reached} quantized Linears, layer by layer")
+    # the whole path's lines (steps.run), each marked "layer by layer"
+    lines = {recipes.Smooth.key: smoothed.line(), recipes.Calibrate.key: f"ModelOpt {recipe.preset}",
+             recipes.Gptq.key: f"{reached} quantized Linears"}
+    applied = [f"{step.key}: {lines[step.key]}, layer by layer" for step in recipe.steps]
     return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes), "applied": applied,
             "stream_s": round(time.time() - t0, 3), "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
 
