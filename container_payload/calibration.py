@@ -3,11 +3,11 @@ calibration runs them through (the same for the whole-model and the streamed pip
 import time
 
 from . import events
+from .calib_data import fingerprint, read_text, token_windows
 from .contract import Calibration
 
-def calibration_windows(tokenizer, calib: Calibration):
-    from .calib_data import read_text, token_windows
 
+def calibration_windows(tokenizer, calib: Calibration):
     text = read_text(calib.source, tokenizer)
     return token_windows(tokenizer, text, calib.samples, calib.seq_len)
 
@@ -15,9 +15,7 @@ def calibration_windows(tokenizer, calib: Calibration):
 def calibration_batches(windows: list[list[int]], calib: Calibration, device: str, model=None, low_memory=False,
                         gpu_budget: int | None = None):
     """Batches of the (already tokenized, see run()) calibration windows."""
-    import torch
-
-    from .calib_data import fingerprint
+    import torch  # quantize.run imports torch after gc.disable: not at this module's import
 
     events.stage("tokenize", detail=calib.source)
     bs = calib.batch_size

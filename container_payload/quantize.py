@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import calibration, events, loading, pipelines, recipes
+from . import calibration, events, loading, pipelines, probe, recipes
 from .contract import DONE, RESULT_FILE, QuantizeJob
 from .events import PayloadError
 from .tuning import Tuning
@@ -30,8 +30,6 @@ from .tuning import Tuning
 def check_image(job: QuantizeJob, device: str) -> None:
     """Refuse, before any weights load, a job this image's packages cannot finish (the
     launcher checks the same from its probe; this guards direct runs and stale probes)."""
-    from . import probe
-
     needs = recipes.needs_for(job.recipe, job.format, job.kv_cache,
                               embedded=bool(job.gguf) and not (Path(job.model_dir) / "config.json").exists())
     missing = recipes.shortfalls(needs, probe.installed(), cuda=device == "cuda")

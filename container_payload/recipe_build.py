@@ -14,7 +14,7 @@ from typing import Callable
 
 import modelopt.torch.quantization as mtq
 
-from . import recipes
+from . import moe, recipes
 from .events import PayloadError
 
 
@@ -51,8 +51,6 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: di
         raise PayloadError(f"recipe {recipe!r} needs a GPU ({known.needs.why[0]}); on a CPU use one "
                            f"of: {', '.join(cpu_ok)}", kind="input")
     if known.origin == "moe":
-        from . import moe
-
         cfg = moe.build_config(known.preset, mtq)
         if kv_cache == "fp8":
             cfg["quant_cfg"] = with_entries(cfg["quant_cfg"], mtq.FP8_KV_CFG["quant_cfg"])

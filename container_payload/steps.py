@@ -1,7 +1,7 @@
-"""Carries out a recipe's typed steps (recipes.py) on the model, in order.
+"""The whole-model pipeline's runner of each step type (RUNNERS, by the step's key), run in order.
 
-The one place that knows which function runs each step: smoothing.py before calibration,
-ModelOpt's mtq.quantize for Calibrate, algorithms.py / sequential.py after it. Steps after
+smoothing.py before calibration, ModelOpt's mtq.quantize for Calibrate, algorithms.py /
+sequential.py / bf16_ranking.py after it (streaming.py runs the steps that stream, per layer). Steps after
 Calibrate hand each other what they made (the quantized Linears, their original weights, the
 calibration batches kept for ranking) through one small State.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import modelopt.torch.quantization as mtq
 import torch
 
 from . import events
@@ -49,14 +50,11 @@ def run(model, recipe, forward_loop, applied: list | None = None):
 
 
 def _smooth(state: State, step: Smooth, forward_loop, later, recipe) -> str:
-
     events.stage("pre-calibrate", detail=f"{recipe.name}: smoothing statistics, folded into the bf16 weights")
     return smooth(state.model, forward_loop, step.alpha).line()
 
 
 def _calibrate(state: State, step: Calibrate, forward_loop, later, recipe) -> str:
-    import modelopt.torch.quantization as mtq
-
     events.stage("calibrate", detail=f"recipe {recipe.name} ({recipe.preset})")
     state.model = mtq.quantize(state.model, recipe.config, forward_loop)
     if recipe.check is not None:  # e.g. moe.py: every expert's quantizers saw data

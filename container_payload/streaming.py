@@ -47,11 +47,12 @@ import torch
 from torch import nn
 
 from . import events, recipes
-from .quantizers import QuantizersOff, quantized_linears
 from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
 from .linear_compute import float32_linears
+from .quantizers import QuantizersOff, quantized_linears
 from .sequential import Fit, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
+from .smoothing import Smoothed, smooth
 
 MIN_MODELOPT = (0, 47)
 
@@ -199,9 +200,8 @@ def _first_sequence(item):
 def _modelopt_parts():
     """ModelOpt's export internals this path uses (0.47+), or a one-line refusal."""
     import modelopt
-    from .recipes import version_tuple
 
-    if version_tuple(modelopt.__version__) < MIN_MODELOPT:
+    if recipes.version_tuple(modelopt.__version__) < MIN_MODELOPT:
         raise PayloadError(f"streamed mode needs ModelOpt >= 0.47 (this image has {modelopt.__version__}); "
                            "let the launcher derive an image, or use --mode whole", kind="image")
     from modelopt.torch.export import unified_export_hf as hf
@@ -290,8 +290,6 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     from concurrent.futures import ThreadPoolExecutor
 
     phases = {"read_wait": 0.0, "smooth": 0.0, "calibrate": 0.0, "refine": 0.0, "export": 0.0}  # seconds
-    from .smoothing import Smoothed
-
     smoothed, reached = Smoothed(), 0  # what smoothing and the GPTQ did, over all layers
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
     pending = ahead.submit(read_params, layers[0], names[0] + ".", reader, dtype) if layers else None
@@ -395,8 +393,6 @@ def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, devic
     states per batch, advanced in place through the still unsmoothed layer, as the whole path's
     one statistics pass runs the unsmoothed model), then the scales folded. `args`: the layer's
     (args, kwargs) per batch. Returns smoothing's report for the layer."""
-    from .smoothing import smooth
-
     holder = nn.Module()
     holder.layers = nn.ModuleList([layer])  # smoothing finds its groups in `.layers`
     back = Fit(device=device, keep=keep).back
