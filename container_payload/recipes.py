@@ -123,7 +123,7 @@ class ScaleSearch:
 
 @dataclass(frozen=True)
 class Gptq:
-    """GPTQ error compensation on the NVFP4 grid (algorithms.py, fast_gptq.py).
+    """GPTQ error compensation on the NVFP4 grid (gptq.py, fast_gptq.py; algorithms.py runs it in one pass).
     act_aware: fitted to the engine's NVFP4-rounded inputs (absorbs the W4A4 input rounding).
     sequential: layer by layer on the inputs the quantized layers before produce (sequential.py).
     ridge: the activation correction's pull towards the original weights, relative to mean

@@ -262,7 +262,7 @@ def case_gptq_vs_float64_reference():
 
 def case_fast_gptq_vs_reference():
     """fast_gptq (lazy batched updates, the 16-column step in one go, fused units stacked) against
-    algorithms.gptq_nvfp4, the column-by-column implementation it replaces: identical in float64,
+    gptq.gptq_nvfp4, the column-by-column implementation it replaces: identical in float64,
     the same decisions within float32 rounding in float32. The Triton kernel is checked the same
     way when Triton is importable (TRITON_INTERPRET=1 runs it on the CPU)."""
     import torch
