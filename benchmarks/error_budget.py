@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoTokenizer
-from container_payload import emulate
+from container_payload import emulate, emulated_model
 from container_payload.calib_data import token_windows
 torch.set_num_threads(2)
 BF16 = sys.argv[1]
@@ -25,7 +25,7 @@ A = paths.assets_dir() / "text"
 ids = {}
 for name in ("brown-heldout", "wiki-heldout"):
     ids[name] = torch.tensor(token_windows(tok, (A / f"{name}.txt").read_text(), 3, 512))
-ref, _ = emulate.load_reference(BF16)
+ref, _ = emulated_model.load_reference(BF16)
 ref_lp = {}
 with torch.no_grad():
     for k, x in ids.items():
@@ -43,7 +43,7 @@ def kl(model):
 def fmt(d): return " ".join(f"{k.split('-')[0]} {v:.4f}" for k, v in d.items()) + f" mean {sum(d.values())/len(d):.4f}"
 
 for name, path in CK.items():
-    emu, _ = emulate.load_emulated(path)
+    emu, _ = emulated_model.load_emulated(path)
     lins = {n: m for n, m in emu.named_modules() if isinstance(m, emulate.EmulatedLinear)}
     qw = {n: m.weight.data.clone() for n, m in lins.items()}
     print(name, "W4A4      ", fmt(kl(emu)), flush=True)

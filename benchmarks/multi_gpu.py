@@ -1,4 +1,4 @@
-"""A model over one GPU's budget, spread over two GPUs (quantize.gpu_spread), at 8B shapes.
+"""A model over one GPU's budget, spread over two GPUs (loading.gpu_spread), at 8B shapes.
 
     python3 benchmarks/multi_gpu.py --out DIR     # on a 2-GPU device machine; carry .bench and the wheels
 

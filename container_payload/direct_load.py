@@ -9,7 +9,7 @@ overlaps the transformers / ModelOpt imports. The bytes are the file's bytes: no
 
     state_dict = read_state_dict(checkpoint_files(model_dir), "cuda")
 
-The payload then builds the model around these tensors (quantize.model_from_state_dict); anything unusual
+The payload then builds the model around these tensors (loading.model_from_state_dict); anything unusual
 (other dtypes, a missing key) makes it fall back to from_pretrained.
 """
 import json

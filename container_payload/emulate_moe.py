@@ -1,4 +1,4 @@
-"""emulate.py's Mixture-of-Experts and mixed-precision parts.
+"""emulate.py's Mixture-of-Experts parts.
 
 transformers 5 holds a layer's experts as two fused 3-D parameters (`experts.gate_up_proj`
 [E, 2I, H], `experts.down_proj` [E, H, I]) whose forward indexes them per expert; a checkpoint
@@ -13,28 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .emulate import EmulatedLinear, _set_module, activation
 from .events import PayloadError
 
 # the checkpoint's names for (gate, up, down), in the orders the architectures use
 EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-ALGOS = ("NVFP4", "W4A16_NVFP4", "FP8")
-
-
-def mixed_format(qc: dict):
-    """Format of a ModelOpt MIXED_PRECISION checkpoint: per-layer formats from quantized_layers."""
-    from .emulate import Format
-
-    layers = qc.get("quantized_layers") or {}
-    if not isinstance(layers, dict) or not layers:
-        raise PayloadError("MIXED_PRECISION checkpoint without quantized_layers: run `launcher verify` "
-                           "on it", kind="input")
-    algos = {name: (cfg or {}).get("quant_algo") for name, cfg in layers.items()}
-    bad = sorted({a for a in algos.values() if a not in ALGOS}, key=str)
-    if bad:
-        raise PayloadError(f"MIXED_PRECISION layer format {bad[0]!r} is not emulated "
-                           f"({', '.join(ALGOS)} are)", kind="input")
-    return Format("modelopt", "MIXED_PRECISION", any(a != "W4A16_NVFP4" for a in algos.values()),
-                  layers=algos)
 
 
 class EmulatedExperts(nn.Module):
@@ -75,7 +58,6 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 
 def _linear(fmt, tensors: dict, prefix: str, module_tensors) -> nn.Module:
-    from .emulate import EmulatedLinear, activation
 
     if prefix + ".weight_scale" in tensors or prefix + ".weight_packed" in tensors:
         kind, w, input_scale = module_tensors(fmt, tensors, prefix)
@@ -90,7 +72,6 @@ def _linear(fmt, tensors: dict, prefix: str, module_tensors) -> nn.Module:
 def replace_fused_experts(model: nn.Module, fmt, tensors: dict, module_tensors) -> dict:
     """Swap every fused experts module for EmulatedExperts built from the per-expert tensors
     (consumed from `tensors`); returns {per-expert module name: EmulatedLinear}."""
-    from .emulate import _set_module
 
     made = {}
     for name, module in list(model.named_modules()):

@@ -36,7 +36,7 @@ KL_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
 
 def load_models(checkpoint: Path, reference: Path, device: str, trust_remote_code: bool = False):
-    from .emulate import load_any, load_reference
+    from .emulated_model import load_any, load_reference
 
     events.stage("load", detail=f"{reference} (reference), {checkpoint} (emulated)")
     ref, _ = load_reference(reference, device, trust_remote_code=trust_remote_code)

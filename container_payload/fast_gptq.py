@@ -1,6 +1,6 @@
 """GPTQ on the NVFP4 grid as a few large operations per 16-column block (docs/decisions.md, issue 14).
 
-algorithms.gptq_nvfp4 (the reference, kept as the slow path and in the tests) spends about 18
+gptq.gptq_nvfp4 (the reference, kept as the slow path and in the tests) spends about 18
 small kernels on every column: at 8B shapes 1.25M columns, most of the sequential recipe's time
 on a GPU. Here the same algorithm is organised as the GPTQ paper's lazy batch updates at two
 levels, with the per-column work of a 16-column NVFP4 block done in one step:
@@ -25,7 +25,9 @@ import os
 
 import torch
 
-from .algorithms import BLOCK, hessian_inverse_factor, max_block_scales, search_block_scales
+from .events import log as _log
+from .gptq import hessian_inverse_factor
+from .nvfp4 import BLOCK, max_block_scales, search_block_scales
 
 try:  # optional: the GPU images carry Triton with torch; the CPU stand-in may not
     import triton
@@ -207,7 +209,6 @@ def _first_step(args) -> bool:
         return True
     except Exception as exc:  # noqa: BLE001 - a compiler problem must not stop the quantization
         _TRITON_FAILED.append(repr(exc)[:300])
-        from .algorithms import _log
         _log(f"refine: GPTQ Triton kernel unavailable ({_TRITON_FAILED[0]}); using the torch step")
         return False
 
@@ -219,7 +220,7 @@ _NO_FMA = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusio
 def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_size: int = 128,
                     damp: float = 0.01, search: bool = True, down: int = 8, up: int = 1,
                     use_triton: bool | None = None):
-    """algorithms.gptq_nvfp4 (same arguments and results) with lazy batched updates and a fused
+    """gptq.gptq_nvfp4 (same arguments and results) with lazy batched updates and a fused
     16-column step. w [out, in] may stack several Linears that share h and ws2."""
     out_f, in_f = w.shape
     assert in_f % BLOCK == 0 and block_size % BLOCK == 0

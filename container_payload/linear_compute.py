@@ -8,11 +8,12 @@ computing in float32 and rounding the output to bf16 gives the same values up to
 sums, but not bit for bit: a largest activation can land one bf16 step away. So ModelOpt's own
 calibration keeps the model's bf16 products (its input_scale must match ModelOpt run directly),
 and only our passes use float32 (smoothing statistics, mixed-precision ranking, the sequential
-GPTQ streams). The job field cpu_float32=false turns it off (quantize.py sets CPU_FLOAT32).
+GPTQ streams). Tuning.cpu_float32=false turns it off for a run (quantize.run: `cpu_float32(False)`).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -20,11 +21,22 @@ from torch import nn
 _HALF = (torch.bfloat16, torch.float16)
 
 
-CPU_FLOAT32 = True
+# on unless a run turns it off (cpu_float32): scoped to that run, not a setting of the module
+_CPU_FLOAT32 = ContextVar("cpu_float32", default=True)
+
+
+@contextmanager
+def cpu_float32(on: bool):
+    """Inside the block, our passes compute bf16 CPU products in float32 (on) or as they are."""
+    token = _CPU_FLOAT32.set(on)
+    try:
+        yield
+    finally:
+        _CPU_FLOAT32.reset(token)
 
 
 def _upcast(x: torch.Tensor) -> bool:
-    return CPU_FLOAT32 and x.device.type == "cpu" and x.dtype in _HALF
+    return _CPU_FLOAT32.get() and x.device.type == "cpu" and x.dtype in _HALF
 
 
 _F_LINEAR = nn.functional.linear

@@ -43,30 +43,10 @@ WHOLE_FACTOR_OURS = 3.0   # the issue's measurement of make quantize's recipe
 GPTQ_SQUARES = 6
 LAYER_COPIES = 4   # the layer at work, its host read, the writer's buffer, the next layer read ahead
 
-# What streams (streaming.py): a recipe whose steps each work on one decoder layer at a time.
-# ModelOpt's max calibration does (its amax are per layer, on the unquantized inputs); so do
-# smoothing (statistics per layer) and the sequential GPTQ (it is layer by layer already).
-# The others need the whole model: keep_bf16 ranks units by the whole model's output, the
-# one-pass GPTQ and the scale search were not moved over, and ModelOpt's searches (AWQ, MSE)
-# and YAML recipes run over the whole model.
-_STREAMING_PRESETS = ("NVFP4_DEFAULT_CFG",)
-
-
-def _why_not(step) -> str | None:
-    """Why one typed step cannot run layer by layer, or None."""
-    if isinstance(step, recipes.Smooth):
-        return None
-    if isinstance(step, recipes.Calibrate):
-        return None if step.preset in _STREAMING_PRESETS else f"calibrate({step.preset}) runs over the whole model"
-    if isinstance(step, recipes.Gptq):
-        return None if step.sequential else "the one-pass gptq takes its Hessians from whole-model passes"
-    if isinstance(step, recipes.KeepBf16):
-        return "keep_bf16 ranks units by the whole model's output"
-    return f"{step.key} was not moved to the streamed path"
-
-
+# What streams (streaming.py): a recipe whose steps each work on one decoder layer at a time, as
+# each step declares (recipes.Plan.whole_only).
 STREAMED_RECIPES = tuple(name for name, r in recipes.RECIPES.items()
-                         if not any(_why_not(step) for step in r.steps))
+                         if not any(step.plan().whole_only for step in r.steps))
 _LAYER_KEY = re.compile(r"^(.*\.)?layers\.(\d+)\.")
 
 
@@ -128,9 +108,13 @@ def _steps(recipe: str, params: dict | None) -> tuple | None:
 
 def refusal(recipe: str, params: dict | None = None) -> str | None:
     """Why `recipe` (with its --recipe-param values) cannot stream (one line), or None."""
-    steps = _steps(recipe, params)
+    return refusal_of(recipe, _steps(recipe, params))
+
+
+def refusal_of(recipe: str, steps: tuple | None) -> str | None:
+    """refusal() for steps already resolved (None: a ModelOpt YAML recipe)."""
     why = "ModelOpt's YAML recipes run over the whole model" if steps is None else \
-        next((w for w in map(_why_not, steps) if w), None)
+        next((s.plan().whole_only for s in steps if s.plan().whole_only), None)
     if why is None:
         return None
     return (f"recipe {recipe!r} needs the whole model in memory ({why}; streamed mode runs "
@@ -143,15 +127,18 @@ def activation_bytes(shape: Shape, tokens: int, batch_tokens: int) -> int:
 
 def peaks(shape: Shape, tokens: int, batch_tokens: int, recipe: str = "default",
           params: dict | None = None) -> dict[str, int]:
-    steps = _steps(recipe, params) or ()
+    return peaks_of(shape, tokens, batch_tokens, _steps(recipe, params))
+
+
+def peaks_of(shape: Shape, tokens: int, batch_tokens: int, steps: tuple | None) -> dict[str, int]:
+    """peaks() for steps already resolved (None: a ModelOpt YAML recipe)."""
+    plans = [s.plan() for s in steps or ()]
     act = activation_bytes(shape, tokens, batch_tokens)
-    stream = tokens * shape.hidden * 2
-    seq = any(isinstance(s, recipes.Gptq) and s.sequential for s in steps)
-    streams = stream * ((2 if seq else 0) + any(isinstance(s, recipes.Smooth) for s in steps))
+    streams = tokens * shape.hidden * 2 * sum(p.hidden_streams for p in plans)
     gptq = 0
-    if any(isinstance(s, recipes.Gptq) for s in steps):
+    if any(p.unit_inputs for p in plans):
         gptq = tokens * (3 * shape.hidden + shape.intermediate) * 2 + GPTQ_SQUARES * shape.intermediate ** 2 * 4
-    ours = any(not isinstance(s, recipes.Calibrate) for s in steps)
+    ours = any(p.ours for p in plans)
     return {"whole": int(shape.total_bytes * (WHOLE_FACTOR_OURS if ours else WHOLE_FACTOR)) + act + streams
             + gptq + RUNTIME_BYTES,
             "streamed": shape.outside_bytes + LAYER_COPIES * shape.largest_layer_bytes + act + streams + gptq

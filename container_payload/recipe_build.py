@@ -8,13 +8,13 @@ dict of wildcard -> attributes) as well as newer ones (0.45+: a list of entries)
 recipe needs beyond that is refused by recipes.shortfalls before any weights load.
 """
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import modelopt.torch.quantization as mtq
 
-from . import recipes
+from . import moe, recipes
 from .events import PayloadError
 
 
@@ -27,7 +27,10 @@ class BuiltRecipe:
     check: Callable | None = None        # after calibration: refuse a model ModelOpt left half calibrated
 
 
-def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: dict | None = None) -> BuiltRecipe:
+def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: dict | None = None,
+          steps: tuple | None = None) -> BuiltRecipe:
+    """`recipe` with ModelOpt's configuration. `steps`: its typed steps as the caller resolved them
+    (quantize.resolve_steps, once per run); else they are resolved here from `params`."""
     if recipes.is_modelopt_recipe(recipe):
         if params:
             raise PayloadError("recipe parameters apply to this project's recipes, not to ModelOpt's YAML "
@@ -36,11 +39,12 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: di
     known = recipes.RECIPES.get(recipe)
     if known is None:
         raise PayloadError(recipes.check_name(recipe), kind="input")
-    try:  # the recipe as this job runs it: a calibrate.preset parameter decides preset and needs
-        known = recipes.effective(recipe, params)
-    except ValueError as e:
-        raise PayloadError(str(e), kind="input") from None
-    steps = known.steps
+    if steps is None:
+        try:
+            steps = recipes.with_params(recipe, params or {})
+        except ValueError as e:
+            raise PayloadError(str(e), kind="input") from None
+    known = replace(known, steps=steps)  # the job's preset and needs (a calibrate.preset parameter decides them)
     if fmt != "nvfp4" and recipe != "default":
         raise PayloadError(f"recipe {recipe!r} applies to nvfp4 (W4A4) only", kind="input")
     if known.needs.gpu and device != "cuda":
@@ -49,8 +53,6 @@ def build(fmt: str, recipe: str, kv_cache: str, device: str = "cuda", params: di
                            f"({known.needs.why[0]}); on a CPU use one "
                            f"of: {', '.join(cpu_ok)}", kind="input")
     if known.origin == "moe":
-        from . import moe
-
         cfg = moe.build_config(known.preset, mtq)
         if kv_cache == "fp8":
             cfg["quant_cfg"] = with_entries(cfg["quant_cfg"], mtq.FP8_KV_CFG["quant_cfg"])

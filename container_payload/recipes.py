@@ -85,6 +85,19 @@ class Range:
 
 
 _STATIC_BLOCK = Needs(modelopt="0.46", why=("StaticBlockScaleQuantizer (ModelOpt 0.46)",))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a step needs from a pipeline and what memory it adds; memory_plan's refusals and
+    peaks and the pipelines read these, never the step's type (a new step declares its own)."""
+    whole_only: str | None = None   # why it needs the whole model in memory; None: it runs layer by layer
+    hidden_streams: int = 0         # copies of the calibration hidden states it keeps beside the model's
+    unit_inputs: bool = False       # it holds one layer's unit inputs and the widest unit's H, C (GPTQ)
+    ours: bool = True               # our own weight pass: the whole path keeps the original weights too
+    layer_inputs: bool = False      # it wants the first layer's captured inputs (a sequential pass)
+    ranking_batches: int = 0        # calibration batches to keep for a ranking pass over all layers
+    on: str = "quantized"           # what it works on: "bf16" (before calibration), "calibrate", "quantized"
 _GPU_SEARCH = Needs(gpu=True, why=("ModelOpt runs this search with CUDA/Triton kernels only",))
 
 
@@ -97,6 +110,9 @@ class Smooth:
     key = "smooth"
     needs = Needs()
     ranges = {"alpha": Range(0, 1)}    # SmoothQuant's migration strength: 0 none, 1 all of it
+
+    def plan(self) -> Plan:  # statistics from a stream of the unsmoothed model's hidden states
+        return Plan(hidden_streams=1, on="bf16")
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,10 @@ class Calibrate:
     def choices(self) -> dict:
         return {"preset": PRESETS}     # (a property: the registry is built from RECIPES below)
 
+    def plan(self) -> Plan:  # max calibration's amax are per layer; searches run the whole model
+        return Plan(ours=False, on="calibrate", whole_only=None if self.preset in LAYERWISE_PRESETS
+                    else f"calibrate({self.preset}) runs over the whole model")
+
 
 @dataclass(frozen=True)
 class ScaleSearch:
@@ -121,10 +141,13 @@ class ScaleSearch:
     key = "scale_search"
     needs = _STATIC_BLOCK
 
+    def plan(self) -> Plan:
+        return Plan(whole_only=f"{self.key} was not moved to the streamed path")
+
 
 @dataclass(frozen=True)
 class Gptq:
-    """GPTQ error compensation on the NVFP4 grid (algorithms.py, fast_gptq.py).
+    """GPTQ error compensation on the NVFP4 grid (gptq.py, fast_gptq.py; algorithms.py runs it in one pass).
     act_aware: fitted to the engine's NVFP4-rounded inputs (absorbs the W4A4 input rounding).
     sequential: layer by layer on the inputs the quantized layers before produce (sequential.py).
     ridge: the activation correction's pull towards the original weights, relative to mean
@@ -141,6 +164,11 @@ class Gptq:
     choices = {"kernel": ("auto", "triton", "torch", "reference")}
     ranges = {"ridge": Range(0, low_open=True)}   # 0 would leave the correction unregularized
 
+    def plan(self) -> Plan:  # sequential: two streams (original, quantized), layer by layer
+        if self.sequential:
+            return Plan(hidden_streams=2, unit_inputs=True, layer_inputs=True)
+        return Plan(unit_inputs=True, whole_only="the one-pass gptq takes its Hessians from whole-model passes")
+
 
 @dataclass(frozen=True)
 class KeepBf16:
@@ -154,8 +182,14 @@ class KeepBf16:
     needs = Needs()
     ranges = {"budget": Range(0, 1), "batches": Range(1)}   # a fraction of the size; at least one batch
 
+    def plan(self) -> Plan:
+        return Plan(whole_only="keep_bf16 ranks units by the whole model's output", ranking_batches=self.batches)
+
 
 STEPS = {cls.key: cls for cls in (Smooth, Calibrate, ScaleSearch, Gptq, KeepBf16)}
+# ModelOpt presets whose calibration runs layer by layer (max calibration: amax per layer, on the
+# unquantized inputs); the others search over the whole model.
+LAYERWISE_PRESETS = ("NVFP4_DEFAULT_CFG",)
 
 # ModelOpt presets that need more than the floor.
 PRESET_NEEDS = {

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .algorithms import (Emulation, QuantizersOff, _log, fused_units, keep_input_ids,
-                         quantize_unit, quantized_linears, unit_input_scale)
+from .algorithms import quantize_unit
+from .bf16_ranking import Emulation
 from .emulate import fake_quant_nvfp4
+from . import events
+from .events import log as _log
+from .hessians import keep_input_ids
+from .quantizers import QuantizersOff, fused_units, quantized_linears, unit_input_scale
 from .linear_compute import float32_linears, patch_forward
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
@@ -149,7 +153,6 @@ def layer_output(out):
 
 def _progress(done: int, total: int) -> None:
     try:  # layers done, for the launcher's bar: this pass is most of the recipe's time
-        from . import events
         events.progress("refine", done, total)
     except Exception:  # noqa: BLE001 - progress must never break quantization
         pass

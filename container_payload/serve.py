@@ -7,7 +7,7 @@ max_new_tokens (cap per request), api_key_file.
 
 On the real image `launcher serve` runs trtllm-serve; here the same flow (container,
 published port, /health, one chat request) runs against the EXACT emulation of what the
-engines compute (emulate.load_any), so the answers are those of the NVFP4 checkpoint,
+engines compute (emulated_model.load_any), so the answers are those of the NVFP4 checkpoint,
 not of the original model. Greedy decoding only: sampling parameters are accepted and
 ignored, because a stand-in that samples could not be compared with anything.
 
@@ -34,7 +34,7 @@ class Engine:
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
-        from .emulate import load_any
+        from .emulated_model import load_any
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
-"""Carries out a recipe's typed steps (recipes.py) on the model, in order.
+"""The whole-model pipeline's runner of each step type (RUNNERS, by the step's key), run in order.
 
-The one place that knows which function runs each step: smoothing.py before calibration,
-ModelOpt's mtq.quantize for Calibrate, algorithms.py / sequential.py after it. Steps after
+smoothing.py before calibration, ModelOpt's mtq.quantize for Calibrate, algorithms.py /
+sequential.py / bf16_ranking.py after it (streaming.py runs the steps that stream, per layer). Steps after
 Calibrate hand each other what they made (the quantized Linears, their original weights, the
 calibration batches kept for ranking) through one small State.
 """
@@ -9,14 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import modelopt.torch.quantization as mtq
 import torch
 
 from . import events
+from .algorithms import quantize_weights
+from .bf16_ranking import keep_sensitive_in_bf16, round_weights
+from .linear_compute import float32_linears
+from .quantizers import QuantizersOff, fused_units, quantized_linears, weights_out_of_reach
 from .recipes import Calibrate, Gptq, KeepBf16, ScaleSearch, Smooth
+from .sequential import first_layer_inputs, sequential_gptq
+from .smoothing import smooth
 
 
 @dataclass
 class State:
+    model: object = None             # the model the steps work on (ModelOpt's calibration returns it)
     linears: dict | None = None      # the quantized Linears, by name
     originals: dict | None = None    # their weights before GPTQ / rounding
     kept_ids: list = field(default_factory=list)   # calibration input_ids batches kept for ranking
@@ -24,39 +32,40 @@ class State:
 
 
 def run(model, recipe, forward_loop, applied: list | None = None):
-    """All of `recipe`'s steps (recipe_build.BuiltRecipe); returns the quantized model. `applied`
-    gets one line per step: what it did on this model, or why it skipped (the model card shows
-    them: a step made for Llama-style blocks may not apply to another architecture)."""
-    state = State()
+    """All of `recipe`'s steps (recipe_build.BuiltRecipe), each by its RUNNERS entry; returns the
+    quantized model. `applied` gets one line per step: what it did on this model, or why it
+    skipped (the model card shows them: a step made for Llama-style blocks may not apply to
+    another architecture)."""
+    state = State(model=model)
     calibrated = False
     applied = [] if applied is None else applied
     for i, step in enumerate(recipe.steps):
-        later = recipe.steps[i + 1:]
-        if isinstance(step, Smooth):
-            events.stage("pre-calibrate", detail=f"{recipe.name}: smoothing statistics, folded into the bf16 weights")
-            from .smoothing import smooth
-            applied.append(f"{step.key}: {smooth(model, forward_loop, step.alpha).line()}")
-        elif isinstance(step, Calibrate):
-            import modelopt.torch.quantization as mtq
-
-            events.stage("calibrate", detail=f"recipe {recipe.name} ({recipe.preset})")
-            model = mtq.quantize(model, recipe.config, forward_loop)
-            if recipe.check is not None:  # e.g. moe.py: every expert's quantizers saw data
-                recipe.check(model)
-            calibrated = True
-            applied.append(f"{step.key}: ModelOpt {recipe.preset}")
-            if later:
-                events.stage("refine", detail=recipe.name)
-        elif not calibrated:
+        on = step.plan().on
+        if on == "quantized" and not calibrated:
             raise ValueError(f"recipe {recipe.name}: {step.key} must come after calibrate")
-        else:
-            applied.append(f"{step.key}: {RUNNERS[type(step)](model, step, forward_loop, state, later)}")
-    return model
+        line = RUNNERS[step.key](state, step, forward_loop, recipe.steps[i + 1:], recipe)
+        applied.append(f"{step.key}: {line}")
+        calibrated = calibrated or on == "calibrate"
+    return state.model
+
+
+def _smooth(state: State, step: Smooth, forward_loop, later, recipe) -> str:
+    events.stage("pre-calibrate", detail=f"{recipe.name}: smoothing statistics, folded into the bf16 weights")
+    return smooth(state.model, forward_loop, step.alpha).line()
+
+
+def _calibrate(state: State, step: Calibrate, forward_loop, later, recipe) -> str:
+    events.stage("calibrate", detail=f"recipe {recipe.name} ({recipe.preset})")
+    state.model = mtq.quantize(state.model, recipe.config, forward_loop)
+    if recipe.check is not None:  # e.g. moe.py: every expert's quantizers saw data
+        recipe.check(state.model)
+    if later:
+        events.stage("refine", detail=recipe.name)
+    return f"ModelOpt {recipe.preset}"
 
 
 def _reach(model, linears: dict | None, did: str = "") -> str:
     """What a weight step did, in a few words, and which quantized weights it could not reach."""
-    from .algorithms import weights_out_of_reach
 
     out = (did or f"{len(linears)} quantized Linears") if linears else "skipped (no quantized Linear it applies to)"
     missed = weights_out_of_reach(model, linears or {})
@@ -67,30 +76,28 @@ def _reach(model, linears: dict | None, did: str = "") -> str:
 
 
 def _ranking_batches(later) -> int:
-    """Calibration batches to keep now for a KeepBf16 that follows."""
-    return next((s.batches for s in later if isinstance(s, KeepBf16)), 0)
+    """Calibration batches to keep now for a ranking pass that follows (KeepBf16)."""
+    return next((s.plan().ranking_batches for s in later if s.plan().ranking_batches), 0)
 
 
-def _scale_search(model, step: ScaleSearch, forward_loop, state: State, later) -> str:
-    from .algorithms import quantize_weights
+def _scale_search(state: State, step: ScaleSearch, forward_loop, later, recipe) -> str:
+    model = state.model
 
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=False, search=True, keep_batches=_ranking_batches(later))
     return _reach(model, state.linears)
 
 
-def _gptq(model, step: Gptq, forward_loop, state: State, later) -> str:
+def _gptq(state: State, step: Gptq, forward_loop, later, recipe) -> str:
+    model = state.model
     captured, state.captured = state.captured, None  # handed over: freed with the pass
     blockers = sequential_blockers(model, forward_loop, state.linears) if step.sequential else []
     if step.sequential and not blockers:
-        from .sequential import sequential_gptq
-
         state.linears, state.originals, state.kept_ids = sequential_gptq(
             model, forward_loop, keep_batches=_ranking_batches(later), captured=captured,
             ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32)
         return _reach(model, state.linears)
     del captured
-    from .algorithms import quantize_weights
 
     # a sequential step falls back to one pass here: its ridge default is the one-pass one (recipes.Gptq)
     state.linears, state.originals, state.kept_ids = quantize_weights(
@@ -114,8 +121,6 @@ def sequential_blockers(model, forward_loop, linears: dict | None = None) -> lis
     MoE), which see a subset of the tokens that differs between the two streams, cannot be
     fitted by it. (Layers called with other masks or rotary embeddings than layer 0, as Gemma 3's
     global layers are, are not a blocker: the pass calls each layer with its own arguments.)"""
-    from .algorithms import QuantizersOff, quantized_linears
-    from .linear_compute import float32_linears
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = list(getattr(decoder, "layers", []))
@@ -157,16 +162,14 @@ def sequential_blockers(model, forward_loop, linears: dict | None = None) -> lis
 
 
 @torch.no_grad()
-def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> str:
-    from .algorithms import QuantizersOff, keep_sensitive_in_bf16, quantized_linears, round_weights
+def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str:
+    model = state.model
 
     if state.originals is not None:  # after GPTQ / rounding: rank the weights it chose
         kept = keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
         return _reach(model, state.linears, _kept(kept, state.linears))
     # Before GPTQ: rank round-to-nearest weights, then give the originals back to the GPTQ that
     # follows (it fits around the units kept in bf16). A sequential one reuses the captured inputs.
-    from .sequential import first_layer_inputs
-
     with QuantizersOff(model):
         captured = first_layer_inputs(model, forward_loop, step.batches)
     linears = quantized_linears(model)
@@ -176,15 +179,16 @@ def _keep_bf16(model, step: KeepBf16, forward_loop, state: State, later) -> str:
     for n, m in linears.items():
         m.weight.data.copy_(originals[n])
     del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)
-    if any(isinstance(s, Gptq) and s.sequential for s in later):
+    if any(s.plan().layer_inputs for s in later):
         state.captured = captured
     return _reach(model, linears, _kept(kept, linears))
 
 
 def _kept(kept: list, linears: dict) -> str:
-    from .algorithms import fused_units
 
     return f"{len(kept)} of {len(fused_units(linears))} fused units kept in bf16"
 
 
-RUNNERS = {ScaleSearch: _scale_search, Gptq: _gptq, KeepBf16: _keep_bf16}
+# step key -> its runner(state, step, forward_loop, later steps, recipe) -> the line it applied
+RUNNERS = {Smooth.key: _smooth, Calibrate.key: _calibrate, ScaleSearch.key: _scale_search, Gptq.key: _gptq,
+           KeepBf16.key: _keep_bf16}

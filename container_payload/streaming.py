@@ -37,7 +37,6 @@ Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-pr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import io
 import os
@@ -48,13 +47,12 @@ import torch
 from torch import nn
 
 from . import events, recipes
-from .algorithms import QuantizersOff, quantized_linears
-from .contract import QuantizeJob
 from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
 from .linear_compute import float32_linears
-from .memory_plan import refusal
+from .quantizers import QuantizersOff, quantized_linears
 from .sequential import Fit, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
+from .smoothing import Smoothed, smooth
 
 MIN_MODELOPT = (0, 47)
 
@@ -90,17 +88,17 @@ class ShardReader:
         return t
 
 
-def skeleton(model_dir: Path, dtype=torch.bfloat16):
+def skeleton(model_dir: Path, dtype=torch.bfloat16, trust_remote_code: bool = False):
     """The model with every parameter on the meta device (buffers such as rotary frequencies
-    real), as from_pretrained would build it."""
+    real), as from_pretrained would build it (the model's own code too, with trust_remote_code)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise PayloadError(f"{model_dir} is already quantized", kind="input")
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     model.name_or_path = str(model_dir)
     if (model_dir / "generation_config.json").exists():
@@ -202,9 +200,8 @@ def _first_sequence(item):
 def _modelopt_parts():
     """ModelOpt's export internals this path uses (0.47+), or a one-line refusal."""
     import modelopt
-    from .recipes import version_tuple
 
-    if version_tuple(modelopt.__version__) < MIN_MODELOPT:
+    if recipes.version_tuple(modelopt.__version__) < MIN_MODELOPT:
         raise PayloadError(f"streamed mode needs ModelOpt >= 0.47 (this image has {modelopt.__version__}); "
                            "let the launcher derive an image, or use --mode whole", kind="image")
     from modelopt.torch.export import unified_export_hf as hf
@@ -229,20 +226,20 @@ def _return_freed_memory() -> None:
         pass
 
 
-def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> dict:
+def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust_remote_code: bool = False) -> dict:
     """Quantize and export layer by layer (see the module docstring). `recipe`: a BuiltRecipe
-    whose steps stream (run_job refuses the others first: memory_plan.refusal). Returns facts
-    for result.json."""
+    whose steps stream (pipelines.choose refuses the others first: memory_plan.refusal_of).
+    Returns facts for result.json."""
     import modelopt.torch.quantization as mtq
 
-    smooth = next((s for s in recipe.steps if isinstance(s, recipes.Smooth)), None)
-    gptq = next((s for s in recipe.steps if isinstance(s, recipes.Gptq)), None)
+    by_key = {s.key: s for s in recipe.steps}  # the steps this pipeline runs per layer (recipes.Plan)
+    smooth, gptq = by_key.get(recipes.Smooth.key), by_key.get(recipes.Gptq.key)
     hf, postprocess, get_quant_config, ExportContext, ShardWriter = _modelopt_parts()
     _return_freed_memory()
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     reader = ShardReader(model_dir)
-    model = skeleton(model_dir)
+    model = skeleton(model_dir, trust_remote_code=trust_remote_code)
     dtype = hf._resolve_export_dtype(model, None)
     decoder = model.get_decoder()
     layers = decoder.layers
@@ -293,8 +290,6 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
     from concurrent.futures import ThreadPoolExecutor
 
     phases = {"read_wait": 0.0, "smooth": 0.0, "calibrate": 0.0, "refine": 0.0, "export": 0.0}  # seconds
-    from .smoothing import Smoothed
-
     smoothed, reached = Smoothed(), 0  # what smoothing and the GPTQ did, over all layers
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
     pending = ahead.submit(read_params, layers[0], names[0] + ".", reader, dtype) if layers else None
@@ -380,15 +375,15 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str) -> di
         hf._unpatch_revert_weight_conversion(patches)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(out))
+    if getattr(model, "_auto_class", None) is not None:  # a model with its own code: its modeling file,
+        from transformers.dynamic_module_utils import custom_object_save  # as save_pretrained copies it
+
+        custom_object_save(model, str(out), config=model.config)
     hf._write_hf_export_config(model, quant_config, out)
-    applied = []  # the whole path's lines (steps.run), each marked "layer by layer"
-    for step in recipe.steps:
-        if isinstance(step, recipes.Smooth):
-            applied.append(f"{step.key}: {smoothed.line()}, layer by layer")
-        elif isinstance(step, recipes.Calibrate):
-            applied.append(f"{step.key}: ModelOpt {recipe.preset}, layer by layer")
-        else:
-            applied.append(f"{step.key}: {reached} quantized Linears, layer by layer")
+    # the whole path's lines (steps.run), each marked "layer by layer"
+    lines = {recipes.Smooth.key: smoothed.line(), recipes.Calibrate.key: f"ModelOpt {recipe.preset}",
+             recipes.Gptq.key: f"{reached} quantized Linears"}
+    applied = [f"{step.key}: {lines[step.key]}, layer by layer" for step in recipe.steps]
     return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes), "applied": applied,
             "stream_s": round(time.time() - t0, 3), "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
 
@@ -398,8 +393,6 @@ def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, devic
     states per batch, advanced in place through the still unsmoothed layer, as the whole path's
     one statistics pass runs the unsmoothed model), then the scales folded. `args`: the layer's
     (args, kwargs) per batch. Returns smoothing's report for the layer."""
-    from .smoothing import smooth
-
     holder = nn.Module()
     holder.layers = nn.ModuleList([layer])  # smoothing finds its groups in `.layers`
     back = Fit(device=device, keep=keep).back
@@ -447,61 +440,3 @@ def _export_layer(root, layer, name, probe, dtype, writer, hf, postprocess, get_
             new_key, value = postprocess(f"{name}.{key}", tensor, 448, kv_format, False)
             if new_key is not None:
                 writer.add(new_key, value.detach().contiguous().cpu())
-
-
-def chosen_mode(job: QuantizeJob, model_dir: Path) -> str:
-    """The job's mode: "whole" or "streamed"; "auto" decides from the job's memory budget
-    (memory_plan), with the checkpoint's real layer sizes in hand."""
-    from . import memory_plan
-
-    if job.mode != "auto":
-        return job.mode
-    budget = job.memory_budget
-    if not budget:
-        return "whole"
-    calib = job.calibration
-    bs = calib.batch_size if calib.batch_size != "auto" else 8
-    shape = memory_plan.shape_of(model_dir, 0)
-    need = memory_plan.peaks(shape, calib.samples * calib.seq_len, bs * calib.seq_len, job.recipe, job.recipe_params)
-    picked, problem = memory_plan.choose("auto", int(budget), need, refusal(job.recipe, job.recipe_params))
-    if problem:
-        raise PayloadError(problem, kind="oom")
-    events.stage("plan", detail=f"mode {picked}: whole needs ~{need['whole'] >> 20} MiB, streamed "
-                                f"~{need['streamed'] >> 20} MiB, budget {int(budget) >> 20} MiB")
-    return picked
-
-
-def run_job(job: QuantizeJob, device: str, t0: float) -> dict:
-    """quantize.run's streamed twin: the same tokenization and batches, then run_streamed, the
-    tokenizer copied, result.json written last."""
-    from . import quantize as q
-
-    model_dir, out = Path(job.model_dir), Path(job.output_dir)
-    problem = refusal(job.recipe, job.recipe_params)
-    if problem:
-        raise PayloadError(problem, kind="input")
-    tokenizer = q.load_tokenizer(model_dir)
-    q._import_modelopt()
-    from . import recipe_build
-
-    recipe = recipe_build.build(job.format, job.recipe, job.kv_cache, device, job.recipe_params)
-    config = type("Shape", (), {"config": skeleton_config(model_dir)})()
-    windows = q.calibration_windows(tokenizer, job.calibration)
-    batches, calib_info = q.calibration_batches(windows, job.calibration, device, model=config,
-                                                low_memory=True)
-    facts = run_streamed(model_dir, out, recipe, batches, device)
-    q.copy_tokenizer(model_dir, out)
-    result = {"status": "complete", "format": job.format, "recipe": recipe.name, "steps": recipes.describe(recipe.steps),
-              "steps_applied": facts.pop("applied"),
-              "modelopt_preset": recipe.preset, "modelopt_config": recipe.config,
-              "kv_cache": job.kv_cache, "device": device, "mode": "streamed",
-              "streamed": facts, "calibration": {**dataclasses.asdict(job.calibration), **calib_info},
-              "timings": {"total_s": round(time.time() - t0, 3)}, "memory": q.peak_memory(device),
-              "versions": q.versions()}
-    return q.finish(out, result)
-
-
-def skeleton_config(model_dir: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir)

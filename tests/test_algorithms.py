@@ -116,25 +116,25 @@ def _spec_e2m1(v: float) -> float:
 
 def case_e2m1_and_fp8():
     import torch
-    from container_payload import algorithms as al
+    from container_payload import nvfp4 as nf
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     pts = [0, 0.1, 0.25, 0.26, 0.5, 0.74, 0.75, 0.76, 1.0, 1.25, 1.26, 1.5, 1.75, 2.0, 2.5, 2.6,
            3.0, 3.49, 3.5, 4.0, 5.0, 5.01, 6.0, 7.5, 100.0]
     xs = torch.tensor(pts + [-p for p in pts], dtype=torch.float32)
-    got = al.e2m1_round(xs)
+    got = nf.e2m1_round(xs)
     want = torch.tensor([_spec_e2m1(v) for v in xs.tolist()])
     assert torch.equal(got, want), (got, want)
     # same codes as ModelOpt's own packing cast on random data
     y = torch.randn(4096) * 3
     codes = NVFP4QTensor._cast_fp4(y.clone())
     mags = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
-    assert torch.equal(mags[codes.long()], al.e2m1_round(y))
+    assert torch.equal(mags[codes.long()], nf.e2m1_round(y))
     # the FP8 table: 126 positive finite values, strictly increasing, 2**-9 .. 448
-    t = al._fp8_table("cpu")
+    t = nf._fp8_table("cpu")
     assert len(t) == 126 and t[0] == 2 ** -9 and t[-1] == 448 and bool((t[1:] > t[:-1]).all())
     s = torch.rand(1000) * 500
-    assert torch.equal(al.fp8_e4m3(s), s.clamp(2 ** -9, 448).to(torch.float8_e4m3fn).float())
+    assert torch.equal(nf.fp8_e4m3(s), s.clamp(2 ** -9, 448).to(torch.float8_e4m3fn).float())
 
 
 def _slow_block_error(w, s, ws2, cw):
@@ -147,7 +147,7 @@ def _slow_block_error(w, s, ws2, cw):
 
 def case_scale_search_never_worse():
     import torch
-    from container_payload import algorithms as al
+    from container_payload import nvfp4 as nf
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 16, generator=g)
@@ -157,8 +157,8 @@ def case_scale_search_never_worse():
     ws2 = (w.abs().max() / 2688).float()
     for cw in (None, torch.rand(16, generator=g) + 0.1):
         cwv = torch.ones(16) if cw is None else cw
-        s_max = al.max_block_scales(w, ws2)
-        s_opt = al.search_block_scales(w, ws2, cw)
+        s_max = nf.max_block_scales(w, ws2)
+        s_opt = nf.search_block_scales(w, ws2, cw)
         better = 0
         for r in range(len(w)):
             e_max = _slow_block_error(w[r], s_max[r], ws2, cwv)
@@ -166,7 +166,7 @@ def case_scale_search_never_worse():
             assert e_opt <= e_max * (1 + 1e-6) + 1e-30, (r, e_opt, e_max)
             better += e_opt < e_max * (1 - 1e-6)
             # the chosen scale is an exact FP8 value
-            assert float(al.fp8_e4m3(s_opt[r:r + 1])[0]) == float(s_opt[r])
+            assert float(nf.fp8_e4m3(s_opt[r:r + 1])[0]) == float(s_opt[r])
         assert better > len(w) // 4, better  # the search does find better scales
         # and the total error drops clearly
         tot = lambda s: sum(_slow_block_error(w[r], s[r], ws2, cwv) for r in range(len(w)))
@@ -180,7 +180,7 @@ def _reference_gptq_f64(w, h, ws2, damp=0.01, search=True):
     weights, weighting column k's squared error by 1/d_k^2 with d_k the diagonal of the
     sequential elimination over the block (what GPTQ's Cholesky factor holds)."""
     import torch
-    from container_payload import algorithms as al
+    from container_payload import nvfp4 as nf
 
     w = w.double().clone()
     h = h.double().clone()
@@ -204,7 +204,7 @@ def _reference_gptq_f64(w, h, ws2, damp=0.01, search=True):
             blk = w[:, j:j + 16]
             if search:
                 # exhaustive over the same candidate FP8 values, first minimum wins
-                cand = al.block_scale_candidates(blk.abs().amax(-1).float(), ws2, 8, 1).double()
+                cand = nf.block_scale_candidates(blk.abs().amax(-1).float(), ws2, 8, 1).double()
                 best = []
                 for r in range(w.shape[0]):
                     errs = [sum(float(cw[k]) * (float(blk[r, k]) - _spec_e2m1(
@@ -213,7 +213,7 @@ def _reference_gptq_f64(w, h, ws2, damp=0.01, search=True):
                     best.append(float(cand[r][errs.index(min(errs))]))
                 s = torch.tensor(best, dtype=torch.float64)
             else:
-                s = al.max_block_scales(blk.float(), ws2).double()
+                s = nf.max_block_scales(blk.float(), ws2).double()
             scales[:, j // 16] = s
         step = scales[:, j // 16] * float(ws2)
         qc = torch.tensor([_spec_e2m1(float(v)) for v in (w[:, j] / step)], dtype=torch.float64) * step
@@ -238,35 +238,35 @@ def _problem(seed=0, out=12, n=64, tokens=256):
 
 def case_gptq_vs_float64_reference():
     import torch
-    from container_payload import algorithms as al
+    from container_payload import gptq as gq, nvfp4 as nf
 
     for search in (False, True):
         for block in (16, 32, 128):
             x, w, h, ws2 = _problem(seed=block)
             qr, sr = _reference_gptq_f64(w, h, ws2, search=search)
             # ours in float64: the same algorithm, lazy batched updates and Cholesky form
-            q64, s64 = al.gptq_nvfp4(w.clone(), h.clone(), ws2, block_size=block, search=search)
+            q64, s64 = gq.gptq_nvfp4(w.clone(), h.clone(), ws2, block_size=block, search=search)
             assert torch.equal(s64.double(), sr), (search, block)
             assert torch.allclose(q64, qr, rtol=0, atol=1e-12), (search, block, (q64 - qr).abs().max())
             # ours in float32 (the payload's precision): the same decisions almost everywhere
-            q32, s32 = al.gptq_nvfp4(w.float(), h.float(), ws2, block_size=block, search=search)
+            q32, s32 = gq.gptq_nvfp4(w.float(), h.float(), ws2, block_size=block, search=search)
             same = (q32.double() - qr).abs() <= 1e-6 * qr.abs().clamp_min(1e-6)
             assert same.float().mean() > 0.97, same.float().mean()
             e_ref = float(((w - qr) @ h * (w - qr)).sum())
             e_32 = float(((w - q32.double()) @ h * (w - q32.double())).sum())
             assert e_32 <= 1.05 * e_ref, (e_32, e_ref)
             # every output value sits on the NVFP4 grid of its own block scales
-            regrid = al.quantize_blocks(q32.reshape(-1, 16), s32.reshape(-1, 1), ws2).reshape(q32.shape)
+            regrid = nf.quantize_blocks(q32.reshape(-1, 16), s32.reshape(-1, 1), ws2).reshape(q32.shape)
             assert torch.equal(regrid, q32)
 
 
 def case_fast_gptq_vs_reference():
     """fast_gptq (lazy batched updates, the 16-column step in one go, fused units stacked) against
-    algorithms.gptq_nvfp4, the column-by-column implementation it replaces: identical in float64,
+    gptq.gptq_nvfp4, the column-by-column implementation it replaces: identical in float64,
     the same decisions within float32 rounding in float32. The Triton kernel is checked the same
     way when Triton is importable (TRITON_INTERPRET=1 runs it on the CPU)."""
     import torch
-    from container_payload import algorithms as al
+    from container_payload import gptq as gq, nvfp4 as nf
     from container_payload import fast_gptq as fg
 
     g = torch.Generator().manual_seed(1)
@@ -274,20 +274,20 @@ def case_fast_gptq_vs_reference():
                    torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 0.0])])
     y = torch.cat([y, -y])
     for dt in (torch.float32, torch.float64):
-        assert torch.equal(fg.e2m1_round_fast(y.to(dt)), al.e2m1_round(y.to(dt))), dt
+        assert torch.equal(fg.e2m1_round_fast(y.to(dt)), nf.e2m1_round(y.to(dt))), dt
     paths = [("torch", False)]
     if fg.triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
         paths.append(("triton", True))
     for search in (False, True):
         for block in (16, 128):
             _, w, h, ws2 = _problem(seed=block + search, out=40, n=256, tokens=1024)
-            qr, sr = al.gptq_nvfp4(w.clone(), h.clone(), ws2, block_size=block, search=search)
+            qr, sr = gq.gptq_nvfp4(w.clone(), h.clone(), ws2, block_size=block, search=search)
             qf, sf = fg.gptq_nvfp4_fast(w.clone(), h.clone(), ws2, block_size=block, search=search,
                                         use_triton=False)
             assert torch.equal(sf.double(), sr.double()), (search, block)
             assert torch.allclose(qf, qr, rtol=0, atol=1e-12), (search, block, (qf - qr).abs().max())
             w32, h32 = w.float(), h.float()
-            qr, sr = al.gptq_nvfp4(w32.clone(), h32.clone(), ws2, block_size=block, search=search)
+            qr, sr = gq.gptq_nvfp4(w32.clone(), h32.clone(), ws2, block_size=block, search=search)
             err = lambda q: float(((w - q.double()) @ h * (w - q.double())).sum())
             for name, tri in paths:
                 qf, sf = fg.gptq_nvfp4_fast(w32.clone(), h32.clone(), ws2, block_size=block,
@@ -296,7 +296,7 @@ def case_fast_gptq_vs_reference():
                 same_q = torch.isclose(qf, qr, rtol=1e-5, atol=0).float().mean().item()
                 assert same_s > 0.99 and same_q > 0.99, (name, search, block, same_s, same_q)
                 assert err(qf) <= 1.01 * err(qr), (name, err(qf), err(qr))
-                regrid = al.quantize_blocks(qf.reshape(-1, 16), sf.reshape(-1, 1), ws2).reshape(qf.shape)
+                regrid = nf.quantize_blocks(qf.reshape(-1, 16), sf.reshape(-1, 1), ws2).reshape(qf.shape)
                 assert torch.equal(regrid, qf), name
                 print(name, "search" if search else "max", block, "scales", same_s, "values", same_q)
     # a fused unit in one call: the rows of q, k and v stacked give each member's own result
@@ -305,7 +305,7 @@ def case_fast_gptq_vs_reference():
     stacked, s_st = fg.gptq_nvfp4_fast(w.clone(), h.clone(), ws2, use_triton=False)
     r0 = 0
     for p in parts:
-        qp, sp = al.gptq_nvfp4(p.clone(), h.clone(), ws2)
+        qp, sp = gq.gptq_nvfp4(p.clone(), h.clone(), ws2)
         assert torch.allclose(stacked[r0:r0 + len(p)], qp, rtol=0, atol=1e-12)
         assert torch.equal(s_st[r0:r0 + len(p)].double(), sp.double())
         r0 += len(p)
@@ -342,15 +342,15 @@ def case_cpu_float32_linears():
 
 def case_gptq_beats_rtn():
     import torch
-    from container_payload import algorithms as al
+    from container_payload import gptq as gq, nvfp4 as nf
 
     x, w, h, ws2 = _problem(seed=3, out=64, n=128, tokens=1024)
     w, h = w.float(), h.float()
-    rtn = al.quantize_blocks(w.reshape(-1, 16), al.max_block_scales(w.reshape(-1, 16), ws2)[:, None],
+    rtn = nf.quantize_blocks(w.reshape(-1, 16), nf.max_block_scales(w.reshape(-1, 16), ws2)[:, None],
                              ws2).reshape(w.shape)
     err = lambda q: float(((w - q) @ h * (w - q)).sum())
-    q_max, _ = al.gptq_nvfp4(w, h, ws2, search=False)
-    q_search, _ = al.gptq_nvfp4(w, h, ws2, search=True)
+    q_max, _ = gq.gptq_nvfp4(w, h, ws2, search=False)
+    q_search, _ = gq.gptq_nvfp4(w, h, ws2, search=True)
     assert err(q_max) < 0.8 * err(rtn), (err(q_max), err(rtn))
     assert err(q_search) < err(q_max), (err(q_search), err(q_max))
 
@@ -360,7 +360,7 @@ def case_activation_aware():
     float64 normal-equation solve), and GPTQ on it gives a smaller full W4A4 output error
     ||X W^T - X_q Q^T|| than GPTQ on W with either Hessian."""
     import torch
-    from container_payload import algorithms as al
+    from container_payload import gptq as gq
     from container_payload.emulate import fake_quant_nvfp4
 
     x, w, _, ws2 = _problem(seed=7, out=48, n=128, tokens=2048)
@@ -368,7 +368,7 @@ def case_activation_aware():
     xq = fake_quant_nvfp4(x, x.abs().max() / 2688)
     n = len(x)
     h_qq, c_xq, h_xx = xq.T @ xq / n, x.T @ xq / n, x.T @ x / n
-    v = al.activation_corrected_weight(w, h_qq, c_xq, damp=0.01)
+    v = gq.activation_corrected_weight(w, h_qq, c_xq, damp=0.01)
     # direct: minimize ||X W^T - Xq V^T||^2/n + lam ||V - W||^2
     X, Xq, W = x.double(), xq.double(), w.double()
     lam = 0.01 * torch.diag(Xq.T @ Xq / n).mean()
@@ -377,9 +377,9 @@ def case_activation_aware():
     assert torch.allclose(v.double(), V, rtol=1e-4, atol=2e-5), (v.double() - V).abs().max()
     full = lambda q: float(((x @ w.T - xq @ q.T) ** 2).sum())
     g = (v.abs().max() / 2688).float()
-    q_aa, _ = al.gptq_nvfp4(v, h_qq, g)
-    q_x, _ = al.gptq_nvfp4(w, h_xx, ws2)
-    q_q, _ = al.gptq_nvfp4(w, h_qq, ws2)
+    q_aa, _ = gq.gptq_nvfp4(v, h_qq, g)
+    q_x, _ = gq.gptq_nvfp4(w, h_xx, ws2)
+    q_q, _ = gq.gptq_nvfp4(w, h_qq, ws2)
     assert full(q_aa) < 0.9 * min(full(q_x), full(q_q)), (full(q_aa), full(q_x), full(q_q))
 
 
@@ -415,7 +415,7 @@ def case_export_keeps_our_grid():
     import torch
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from container_payload import algorithms as al
+    from container_payload import algorithms as al, nvfp4 as nf
     from container_payload.emulate import dequantize_nvfp4
 
     model, fl, _ = _tiny_llama(None)
@@ -439,7 +439,7 @@ def case_export_keeps_our_grid():
         bs = t[n + ".weight_scale"]
         assert bs.dtype == torch.float8_e4m3fn
         # the block scales we stored, exactly (export: fp8(amax_b * 448 / global_amax))
-        assert torch.equal(bs.float(), al.fp8_e4m3(want_scales[n] * 448 / gamax[n])), n
+        assert torch.equal(bs.float(), nf.fp8_e4m3(want_scales[n] * 448 / gamax[n])), n
         deq = dequantize_nvfp4(t[n + ".weight"], bs, ws2)
         # the exported codes dequantize to exactly the grid values GPTQ picked (up to the bf16
         # rounding of the weights held by the model, which never changes a code)
@@ -459,7 +459,7 @@ def case_mixed_precision_export():
     import torch
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from container_payload import algorithms as al
+    from container_payload import algorithms as al, bf16_ranking as rk
 
     model, fl, batches = _tiny_llama(None)
     orig = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -467,12 +467,12 @@ def case_mixed_precision_export():
     linears, originals, kept_ids = al.quantize_weights(model, fl, gptq=True, keep_batches=2)
     assert len(kept_ids) == 2 and torch.equal(kept_ids[0], batches[0])
     # budget for one MLP gate/up unit (2 x 128 x 64) but not two
-    unit_extra = 2 * (128 * 64 * 2 - al._nvfp4_bytes(128 * 64))
-    frac = 1.5 * unit_extra / al.model_bytes_default(model, linears)
-    kept = al.keep_sensitive_in_bf16(model, linears, originals, kept_ids, frac)
+    unit_extra = 2 * (128 * 64 * 2 - rk._nvfp4_bytes(128 * 64))
+    frac = 1.5 * unit_extra / rk.model_bytes_default(model, linears)
+    kept = rk.keep_sensitive_in_bf16(model, linears, originals, kept_ids, frac)
     assert kept, "nothing kept in bf16"
-    spent = sum(originals[n].numel() * 2 - al._nvfp4_bytes(originals[n].numel()) for u in kept for n in u)
-    assert spent <= frac * al.model_bytes_default(model, linears)
+    spent = sum(originals[n].numel() * 2 - rk._nvfp4_bytes(originals[n].numel()) for u in kept for n in u)
+    assert spent <= frac * rk.model_bytes_default(model, linears)
     kept_names = {n for u in kept for n in u}
     for u in kept:  # whole fused groups only
         leaves = sorted(n.rsplit(".", 1)[1] for n in u)
@@ -628,7 +628,7 @@ def case_sequential_vs_direct_reference():
 
     import torch
     import modelopt.torch.quantization as mtq
-    from container_payload import algorithms as al
+    from container_payload import algorithms as al, bf16_ranking as rk, quantizers as qz
     from container_payload.emulate import fake_quant_nvfp4
     from container_payload import sequential
     from container_payload.sequential import sequential_gptq
@@ -658,7 +658,7 @@ def case_sequential_vs_direct_reference():
     assert torch.equal(dict(model.named_modules())[keep].weight, kept_w)
 
     # the direct reference
-    rl = al.quantized_linears(ref)
+    rl = qz.quantized_linears(ref)
     assert set(rl) == set(linears)
     orig = {n: m.weight.detach().clone() for n, m in rl.items()}
 
@@ -669,7 +669,7 @@ def case_sequential_vs_direct_reference():
     def capture(mod, emulated):
         xs = []
         h = mod.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).double()))
-        emu = al.Emulation(rl, emulated)
+        emu = rk.Emulation(rl, emulated)
         try:
             with torch.inference_mode():
                 for p in pieces:
@@ -681,8 +681,8 @@ def case_sequential_vs_direct_reference():
     hooks = record(ref, "reference")
 
     done = []
-    with al.QuantizersOff(ref):
-        for unit in al.fused_units(rl):
+    with qz.QuantizersOff(ref):
+        for unit in qz.fused_units(rl):
             now = {n: m.weight.detach().clone() for n, m in rl.items()}
             for n, m in rl.items():
                 m.weight.data.copy_(orig[n])
@@ -690,7 +690,7 @@ def case_sequential_vs_direct_reference():
             for n, m in rl.items():
                 m.weight.data.copy_(now[n])
             xt = capture(rl[unit[0]], done)
-            scale = al.unit_input_scale([rl[n] for n in unit])
+            scale = qz.unit_input_scale([rl[n] for n in unit])
             xq = fake_quant_nvfp4(xt.float(), scale).double()
             h, c = (xq.T @ xq / len(xq)).float(), (x.T @ xq / len(xq)).float()
             al.quantize_unit(unit, rl, {n: h for n in unit}, {n: c for n in unit}, {}, ridge=sequential.RIDGE)
@@ -716,10 +716,10 @@ def case_sequential_vs_direct_reference():
     al.quantize_weights(one_pass, fl, gptq=True, search=True, act_aware=True)
 
     def final_states(m, emulate):
-        lin = al.quantized_linears(m)
+        lin = qz.quantized_linears(m)
         out = []
-        with al.QuantizersOff(m), torch.no_grad():
-            emu = al.Emulation(lin, al.fused_units(lin)) if emulate else None
+        with qz.QuantizersOff(m), torch.no_grad():
+            emu = rk.Emulation(lin, qz.fused_units(lin)) if emulate else None
             try:
                 out = [m.get_decoder()(input_ids=b, use_cache=False).last_hidden_state for b in batches]
             finally:
@@ -745,15 +745,15 @@ def case_seq_mp_recipe_export():
     import torch
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from container_payload import algorithms as al
+    from container_payload import bf16_ranking as rk, quantizers as qz
 
     from container_payload import recipe_build, recipes, steps
 
     model, fl, _ = _tiny_llama(None)
     orig = {n: p.detach().clone() for n, p in model.named_parameters()}
-    unit_extra = 2 * (128 * 64 * 2 - al._nvfp4_bytes(128 * 64))  # one gate/up unit
+    unit_extra = 2 * (128 * 64 * 2 - rk._nvfp4_bytes(128 * 64))  # one gate/up unit
     probe = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
-    frac = 1.5 * unit_extra / al.model_bytes_default(probe, al.quantized_linears(probe))
+    frac = 1.5 * unit_extra / rk.model_bytes_default(probe, qz.quantized_linears(probe))
     # the registry's recipe, its budget set as a recipe parameter (what --recipe-param does), and
     # without its smoothing step, so that a unit kept in bf16 must equal the original bit for bit
     built = recipe_build.build("nvfp4", "smooth-gptq-seq-mp", "none", "cpu", {"keep_bf16.budget": frac})
@@ -766,7 +766,7 @@ def case_seq_mp_recipe_export():
     assert applied[0] == "calibrate: ModelOpt NVFP4_DEFAULT_CFG", applied
     assert applied[1].startswith("keep_bf16: ") and applied[1].endswith("fused units kept in bf16"), applied
     assert applied[2].startswith("gptq: ") and applied[2].endswith("quantized Linears"), applied
-    linears = al.quantized_linears(model)
+    linears = qz.quantized_linears(model)
     with tempfile.TemporaryDirectory() as out:
         with torch.inference_mode():
             export_hf_checkpoint(model, export_dir=out)
@@ -802,8 +802,8 @@ def case_recipe_names_agree():
     for r in recipes.RECIPES.values():
         assert r.preset in recipes.MOE_LAYOUTS or hasattr(mtq, r.preset), r.preset
         assert sum(isinstance(x, recipes.Calibrate) for x in r.steps) == 1, r.name
-        for x in r.steps:  # every step after calibration has its runner
-            assert isinstance(x, (recipes.Smooth, recipes.Calibrate)) or type(x) in steps.RUNNERS, (r.name, x)
+        for x in r.steps:  # every step has its whole-model runner (steps.RUNNERS, by key)
+            assert x.key in steps.RUNNERS, (r.name, x)
     for preset in recipes.FORMAT_PRESETS.values():
         assert hasattr(mtq, preset), preset
 

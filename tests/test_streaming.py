@@ -130,11 +130,11 @@ def small_llama(ref_python, tmp_path_factory, embedded_model_dir) -> Path:
     return folder
 
 
-def _payload_quantize(ref_python, model: Path, out: Path, recipe: str, mode: str, calib: Path) -> dict:
+def _payload_quantize(ref_python, model: Path, out: Path, recipe: str, mode: str, calib: Path, **extra) -> dict:
     out.mkdir()
     job = {"model_dir": str(model), "gguf": None, "output_dir": str(out), "format": "nvfp4", "recipe": recipe,
            "kv_cache": "none", "device": "cpu", "mode": mode,
-           "calibration": {"source": str(calib), "samples": 8, "seq_len": 64, "batch_size": 4}}
+           "calibration": {"source": str(calib), "samples": 8, "seq_len": 64, "batch_size": 4}, **extra}
     path = out.parent / f"{out.name}.json"
     path.write_text(json.dumps(job))
     proc = subprocess.run([ref_python, "-m", "container_payload", "quantize", str(path)],
@@ -191,3 +191,32 @@ def test_streamed_hands_each_layer_its_own_mask_and_rotary(recipe, ref_python, e
     assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
     assert [line.replace(", layer by layer", "") for line in runs["streamed"]["steps_applied"]] \
         == runs["whole"]["steps_applied"]
+
+
+@pytest.mark.slow
+def test_streamed_runs_remote_code_and_reports_what_whole_reports(ref_python, embedded_model_dir, texts, tmp_path):
+    """Issue 20's drift: the streamed path built its skeleton without trust_remote_code (a model
+    with its own code failed there), stored modelopt_config unserialized, and its result lacked
+    loader, gpus and low_memory. Both modes now run one skeleton (quantize.run): the same result
+    keys, the same serialized config, and the same bytes on a model that ships its own code."""
+    model = tmp_path / "tiny-custom"
+    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_remote_code.py"), str(model),
+                    str(embedded_model_dir)], check=True, capture_output=True, timeout=300)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    runs = {mode: _payload_quantize(ref_python, model, tmp_path / mode, "default", mode, calib,
+                                    trust_remote_code=True) for mode in ("whole", "streamed")}
+    whole, streamed = runs["whole"], runs["streamed"]
+    assert (whole["mode"], streamed["mode"]) == ("whole", "streamed")
+    assert set(streamed) - set(whole) == {"streamed"} and set(whole) <= set(streamed)
+    for key in ("loader", "gpus", "low_memory"):
+        assert streamed[key] is not None and whole[key] is not None, key
+    assert streamed["modelopt_config"] == whole["modelopt_config"]
+    assert streamed["timings"].keys() >= {"imports_s", "load_s", "tokenize_s", "quantize_s", "total_s"}
+    # the model's own code travels with the checkpoint (the streamed one had no modeling_tiny.py)
+    code = {mode: sorted(p.name for p in (tmp_path / mode).glob("*.py")) for mode in runs}
+    assert code["streamed"] == code["whole"] == ["configuration_tiny.py", "modeling_tiny.py"]
+    a, b = raw_tensors(tmp_path / "whole"), raw_tensors(tmp_path / "streamed")
+    assert sorted(a) == sorted(b)
+    differ = [k for k in a if a[k] != b[k]]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"

@@ -1,4 +1,4 @@
-"""Checks of container_payload.direct_load and quantize.model_from_state_dict; prints JSON.
+"""Checks of container_payload.direct_load and loading.model_from_state_dict; prints JSON.
 
     python tests/tools/direct_load_check.py WORKDIR MODEL_DIR
     python tests/tools/direct_load_check.py WORKDIR --random-llama TOKENIZER_DIR   # (device)
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from container_payload import direct_load, quantize  # noqa: E402
+from container_payload import direct_load, loading  # noqa: E402
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -85,9 +85,9 @@ def main() -> None:
 
     device = "cuda" if res["cuda"] else "cpu"
     files = direct_load.checkpoint_files(model_dir)
-    tok = quantize.load_tokenizer(model_dir)
-    direct, loader = quantize.load_model(model_dir, device, Done(lambda: direct_load.read_state_dict(files, device)))
-    usual, usual_loader = quantize.load_model(model_dir, device, None)
+    tok = loading.load_tokenizer(model_dir)
+    direct, loader = loading.load_model(model_dir, device, Done(lambda: direct_load.read_state_dict(files, device)))
+    usual, usual_loader = loading.load_model(model_dir, device, None)
     s1, s2 = direct.state_dict(), usual.state_dict()
     b1, b2 = dict(direct.named_buffers()), dict(usual.named_buffers())
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]], device=device)
@@ -109,7 +109,7 @@ def main() -> None:
     usual.half().save_pretrained(fp16)
     tok.save_pretrained(fp16)
     files = direct_load.checkpoint_files(fp16)
-    _, fallback = quantize.load_model(fp16, device, Done(lambda: direct_load.read_state_dict(files, device)))
+    _, fallback = loading.load_model(fp16, device, Done(lambda: direct_load.read_state_dict(files, device)))
     res["fp16_loader"] = fallback
     print(json.dumps(res))
 

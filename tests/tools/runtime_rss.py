@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from container_payload import quantize as q  # noqa: E402
+from container_payload import calibration, loading  # noqa: E402
 from container_payload.contract import Calibration  # noqa: E402
 
 model_dir, text, samples, seq_len = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-tokenizer = q.load_tokenizer(model_dir)
-q._import_modelopt()
+tokenizer = loading.load_tokenizer(model_dir)
+loading.import_modelopt()
 import transformers  # noqa: E402,F401
 
-q.calibration_windows(tokenizer, Calibration(source=text, samples=samples, seq_len=seq_len))
+calibration.calibration_windows(tokenizer, Calibration(source=text, samples=samples, seq_len=seq_len))
 from container_payload import streaming  # noqa: E402
 
 streaming.skeleton(model_dir)
