@@ -137,6 +137,14 @@ def ref_python() -> str:
 
 # --- pytest-docker: the loopback registry ------------------------------------------
 
+def make_tiny_llama(ref_python: str, folder: Path, embedded_model_dir: Path, *dims: int) -> Path:
+    """A small random Llama with the embedded model's tokenizer (tests/tools/make_tiny_llama.py;
+    dims: layers and hidden size, else the tool's defaults)."""
+    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "make_tiny_llama.py"), str(folder),
+                    str(embedded_model_dir), *map(str, dims)], check=True, capture_output=True, timeout=300)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def docker_compose_command() -> str:
     return "docker-compose" if shutil.which("docker-compose") else "docker compose"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_launcher
+from conftest import make_tiny_llama, run_launcher
 from synthetic_ckpt import make_checkpoint, write_safetensors
 
 
@@ -284,10 +284,7 @@ def test_an_output_of_the_path_fingerprint_era_is_not_reused(job):
 
 @pytest.fixture(scope="module")
 def tiny_model(ref_python, tmp_path_factory, embedded_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "make_tiny_llama.py"), str(folder),
-                    str(embedded_model_dir), "2", "64"], check=True, capture_output=True, timeout=300)
-    return folder
+    return make_tiny_llama(ref_python, tmp_path_factory.mktemp("tiny") / "llama", embedded_model_dir, 2, 64)
 
 
 CI_GATE = "(.quality.kl_divergence // 1e9) < 0.05"   # README: the CI job's gate

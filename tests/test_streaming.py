@@ -17,7 +17,7 @@ import pytest
 
 from container_payload import memory_plan
 
-from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REPO, assert_matches_reference, one_line_error,
+from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REPO, assert_matches_reference, make_tiny_llama, one_line_error,
                       raw_tensors, run_launcher)
 
 GiB = 1 << 30
@@ -77,10 +77,7 @@ def test_auto_streams_under_a_small_budget_and_matches_modelopt(launcher_home, s
 
 @pytest.fixture(scope="module")
 def tiny_llama(ref_python, tmp_path_factory, embedded_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "make_tiny_llama.py"), str(folder),
-                    str(embedded_model_dir)], check=True, capture_output=True, timeout=300)
-    return folder
+    return make_tiny_llama(ref_python, tmp_path_factory.mktemp("tiny") / "llama", embedded_model_dir)
 
 
 @pytest.mark.slow
@@ -124,10 +121,7 @@ def test_streamed_peak_rss_stays_under_the_layer_bound(tiny_llama, ref_python, t
 
 @pytest.fixture(scope="module")
 def small_llama(ref_python, tmp_path_factory, embedded_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "llama4"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "make_tiny_llama.py"), str(folder),
-                    str(embedded_model_dir), "4", "128"], check=True, capture_output=True, timeout=300)
-    return folder
+    return make_tiny_llama(ref_python, tmp_path_factory.mktemp("tiny") / "llama4", embedded_model_dir, 4, 128)
 
 
 def _payload_quantize(ref_python, model: Path, out: Path, recipe: str, mode: str, calib: Path, **extra) -> dict:

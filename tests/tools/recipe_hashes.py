@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import struct
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from container_payload import recipes  # noqa: E402  (stdlib only)
+from compare_ckpt import tensors  # noqa: E402  (the one raw safetensors reader of tests/tools)
 
 SAMPLES, SEQ_LEN, BATCH = 16, 128, 4
 CONFIGS = ("config.json", "hf_quant_config.json")
@@ -35,17 +35,8 @@ RESULT_KEYS = ("recipe", "steps", "steps_applied", "modelopt_preset", "modelopt_
 
 def tensor_hashes(folder: Path) -> dict[str, str]:
     """sha256 of each tensor's dtype, shape and raw bytes, straight from the safetensors layout."""
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        blob = shard.read_bytes()
-        (n,) = struct.unpack("<Q", blob[:8])
-        header = json.loads(blob[8:8 + n])
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            a, b = info["data_offsets"]
-            h = hashlib.sha256(f"{info['dtype']}{info['shape']}".encode())
-            h.update(blob[8 + n + a:8 + n + b])
-            out[name] = h.hexdigest()
+    out = {name: hashlib.sha256(f"{dtype}{shape}".encode() + raw).hexdigest()
+           for name, (dtype, shape, raw) in tensors(folder).items()}
     for name in CONFIGS:
         if (folder / name).exists():
             out[name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
