@@ -92,7 +92,8 @@ def _secrets(spec: JobSpec) -> list[str]:
     return [v for v in (model_source.token_from(spec.hf_token_env), os.environ.get(spec.ngc_key_env)) if v]
 
 
-class QuantizeJob:
+class QuantizeRun:
+    """One `launcher quantize`, host side: checks, image, model, the payload container, the output."""
     def __init__(self, spec: JobSpec, console: Console | None = None, *, dry_run: bool = False):
         self.spec = spec
         self.console = console or stderr_console
