@@ -18,10 +18,6 @@ import math
 import re
 from dataclasses import dataclass, field, fields, replace
 
-# What the payload has been run with, end to end (tests and GPU runs).
-TESTED_TRANSFORMERS = ("4.57.1", "5.14.1")
-TESTED_MODELOPT = ("0.37.0 (GPU, default recipe)", "0.47.0")
-
 
 def version_tuple(v: str) -> tuple[int, ...]:
     """The leading release numbers of a version: '2.9.0a0+nv25.10' -> (2, 9, 0)."""

@@ -122,13 +122,13 @@ def quantize(weights_only, config_file, dry_run, json_mode, **kw):
     """Quantize a model to NVFP4 (exit 0 only when the checkpoint is complete and verified).
 
     Values come from --config < SPARK_NVFP4_<FIELD> variables < these flags."""
-    from .job import QuantizeJob
+    from .job import QuantizeRun
 
     flags = spec_flags(kw)
     if weights_only:
         flags["format"] = QuantFormat.NVFP4_W4A16.value
     spec = load_spec(flags, FLAG_NAMES, config_file)
-    outcome = QuantizeJob(spec, console, dry_run=dry_run).run()
+    outcome = QuantizeRun(spec, console, dry_run=dry_run).run()
     if json_mode:
         print_json(outcome.result)
     else:

@@ -217,13 +217,6 @@ class JobSpec(BaseModel):
         return self
 
     @property
-    def steps(self) -> tuple:
-        """The recipe's steps with --recipe-param applied (ModelOpt YAML recipes: none of ours)."""
-        if self.recipe not in recipes.RECIPES:
-            return ()
-        return recipes.with_params(self.recipe, self.recipe_params)
-
-    @property
     def is_embedded(self) -> bool:
         return self.model == EMBEDDED_MODEL
 

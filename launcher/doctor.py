@@ -184,17 +184,13 @@ def _model_bytes(spec: JobSpec) -> tuple[int, int, str]:
         resolved = model_source._local(Path(spec.model).expanduser())
         return resolved.bytes, 0, "local folder"
     cached = _cached_snapshot_bytes(spec.model)
-    if _offline():
+    if model_source.is_offline(spec):
         if cached is None:
             raise ModelError(f"offline (HF_HUB_OFFLINE=1) and {spec.model} is not in the Hugging Face cache",
                              where=str(paths.hf_hub_cache()), advice="download it once while online")
         return cached, 0, "Hugging Face cache (offline: hub not asked)"
     size = model_source.check_access(spec.model, spec.revision, model_source.token_from(spec.hf_token_env))
     return size, 0 if cached else size, "hub metadata"
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def _cached_snapshot_bytes(repo_id: str) -> int | None:
@@ -228,7 +224,7 @@ def check_model_and_disk(spec: JobSpec, output: Path, on_gpu: bool) -> list[Row]
         return rows
     label = "embedded" if spec.is_embedded else spec.model
     detail = f"{label}: {size / 1e9:.2f} GB of weights ({source})"
-    if _offline() and not (spec.is_embedded or spec.is_local):
+    if model_source.is_offline(spec) and not (spec.is_embedded or spec.is_local):
         rows = [Row("model", WARN, detail + "; offline, so access was not checked", required=False)]
     else:
         rows = [Row("model", OK, detail)]

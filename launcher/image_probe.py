@@ -24,9 +24,6 @@ from .untrusted import parse, printable, read_capped
 
 MAX_PROBE_BYTES = 1 << 20  # a probe is ~2 KB (a few hundred package versions at most)
 PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s
-# What the user is shown, and what a derived image must keep (plus every nvidia-*/cuda-* lib).
-KEY_PACKAGES = ("torch", "transformers", "nvidia-modelopt", "accelerate", "safetensors", "numpy",
-                "tensorrt-llm", "tensorrt_llm", "gguf")
 
 
 class ImageProbe(BaseModel):
@@ -42,9 +39,6 @@ class ImageProbe(BaseModel):
     def version(self, dist: str) -> str | None:
         want = recipes.dist_key(dist)
         return next((v for k, v in self.packages.items() if recipes.dist_key(k) == want), None)
-
-    def key_versions(self) -> dict[str, str]:
-        return {k: v for k in KEY_PACKAGES if (v := self.version(k))}
 
     def summary(self) -> str:
         torch = self.version("torch") or "none"

@@ -78,7 +78,7 @@ def calibration_bind(spec: JobSpec, on_create=None) -> tuple[str, list[Bind]]:
         text = assets.texts().calibration
         return f"/calib/{text.name}", [Bind(text, f"/calib/{text.name}")]
     if src.startswith("hf:"):
-        data = model_source.fetch_dataset(src, spec.hf_token_env, model_source._offline(spec), on_create)
+        data = model_source.fetch_dataset(src, spec.hf_token_env, model_source.is_offline(spec), on_create)
         return data.source, [data.bind]
     check_calibration(spec)
     path = Path(src).expanduser()
@@ -92,7 +92,8 @@ def _secrets(spec: JobSpec) -> list[str]:
     return [v for v in (model_source.token_from(spec.hf_token_env), os.environ.get(spec.ngc_key_env)) if v]
 
 
-class QuantizeJob:
+class QuantizeRun:
+    """One `launcher quantize`, host side: checks, image, model, the payload container, the output."""
     def __init__(self, spec: JobSpec, console: Console | None = None, *, dry_run: bool = False):
         self.spec = spec
         self.console = console or stderr_console
@@ -184,7 +185,7 @@ class QuantizeJob:
         if not self.dry_run and not spec.is_embedded:
             model_source.check_remote_code(model.host_dir, spec.trust_remote_code, spec.model)
         calib = None
-        if not self.dry_run or (spec.calibration.source.startswith("hf:") and model_source._offline(spec)):
+        if not self.dry_run or (spec.calibration.source.startswith("hf:") and model_source.is_offline(spec)):
             calib = calibration_bind(spec, on_create=record)  # offline it only looks in the cache: a dry run too
         image = docker.ensure_image(rec, image_ref, ngc_key_env=spec.ngc_key_env, dry_run=self.dry_run)
         if runnable is None and image.id:

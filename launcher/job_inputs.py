@@ -105,7 +105,7 @@ def hub_identity(spec: JobSpec) -> dict | None:
     the cache's file names (sha256 for LFS files, the git blob id for the others): the same
     whether read from the hub or from the cache, so an online and an offline run agree."""
     patterns = model_source.WEIGHT_PATTERNS + (model_source.CODE_PATTERNS if spec.trust_remote_code else [])
-    if model_source._offline(spec):
+    if model_source.is_offline(spec):
         commit = cached_commit(spec.model, spec.revision)
         return None if commit is None else {"repo": spec.model, "commit": commit,
                                             "files": cached_blobs(spec.model, commit, patterns)}
@@ -163,7 +163,7 @@ def calibration_identity(spec: JobSpec) -> dict | None:
 
 
 def dataset_commit(spec: JobSpec, name: str) -> str | None:
-    if model_source._offline(spec):
+    if model_source.is_offline(spec):
         return cached_commit(name, None, "dataset")
     return model_source.hub_dataset_commit(name, model_source.token_from(spec.hf_token_env))
 

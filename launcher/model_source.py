@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from huggingface_hub import constants
+
 from . import assets, paths
 from .config import JobSpec
 from .container import Bind
@@ -138,7 +140,7 @@ def download_bytes(spec: JobSpec) -> tuple[int, int]:
     if spec.is_local:
         return weight_bytes(Path(spec.model).expanduser()), 0
     repo_folder = paths.hf_repo_folder(spec.model)
-    if _offline(spec):
+    if is_offline(spec):
         return cached_weight_bytes(spec.model), 0
     total = check_access(spec.model, spec.revision, token_from(spec.hf_token_env))
     blobs = repo_folder / "blobs"
@@ -152,8 +154,10 @@ def cached_weight_bytes(repo_id: str) -> int:
     return max((weight_bytes(s) for s in snaps.glob("*") if s.is_dir()), default=0)
 
 
-def _offline(spec: JobSpec) -> bool:
-    return spec.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
+def is_offline(spec: JobSpec) -> bool:
+    """--offline, or huggingface_hub's own setting (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE = 1,
+    true, yes, on): the launcher leaves the hub alone exactly when huggingface_hub would."""
+    return spec.offline or constants.is_offline_mode()
 
 
 def resolve(spec: JobSpec, *, dry_run: bool = False, on_create: Callable[[str], None] | None = None,
@@ -229,7 +233,7 @@ def _hub(spec: JobSpec, *, dry_run: bool, on_create: Callable[[str], None] | Non
 
     check_repo_id(spec.model)
     token = token_from(spec.hf_token_env)
-    offline = _offline(spec)
+    offline = is_offline(spec)
     cache = paths.hf_hub_cache()
     repo_folder = paths.hf_repo_folder(spec.model)
     existed = repo_folder.exists()

@@ -165,7 +165,7 @@ def test_preflight_counts_the_download_before_downloading(home, tmp_path, monkey
 
     from launcher.config import JobSpec
     from launcher.errors import PreflightError
-    from launcher.job import QuantizeJob
+    from launcher.job import QuantizeRun
 
     import shutil
     # bigger than the free disk (the download does not fit), small enough that its NVFP4
@@ -175,7 +175,7 @@ def test_preflight_counts_the_download_before_downloading(home, tmp_path, monkey
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: downloads.append(a))
     spec = JobSpec(model="org/huge", output=tmp_path / "o", evaluate=False)
     with pytest.raises(PreflightError, match=r"disk \(model download\)"):
-        QuantizeJob(spec).run()
+        QuantizeRun(spec).run()
     assert downloads == []
     rec = json.loads(next((home / "runs").glob("*/record.json")).read_text())
     assert rec["status"] == "failed" and rec["created"]["cache"] == []
@@ -190,7 +190,7 @@ def test_download_is_recorded_as_it_starts(home, tmp_path, monkeypatch, docker_c
     from launcher import runs
     from launcher.config import JobSpec
     from launcher.errors import ModelError
-    from launcher.job import QuantizeJob
+    from launcher.job import QuantizeRun
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub(1000))
     repo = tmp_path / "hub" / "models--org--small"
@@ -201,7 +201,7 @@ def test_download_is_recorded_as_it_starts(home, tmp_path, monkeypatch, docker_c
         raise OSError("connection reset by peer")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", broken_download)
     with pytest.raises(ModelError, match="download of org/small failed"):
-        QuantizeJob(JobSpec(model="org/small", output=tmp_path / "o", evaluate=False)).run()
+        QuantizeRun(JobSpec(model="org/small", output=tmp_path / "o", evaluate=False)).run()
     (rec,) = runs.all_runs()
     assert rec.created.cache == [str(repo)] and rec.status == "failed"
     proc = run_launcher("rollback", rec.id, "--cache", "--yes", env={"HF_HUB_CACHE": str(tmp_path / "hub")})

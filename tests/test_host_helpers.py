@@ -118,6 +118,23 @@ def test_hub_cache_folder_names(tmp_path, monkeypatch):
     assert paths.hf_repo_folder("org/data", "dataset") == tmp_path / "datasets--org--data"
 
 
+@pytest.mark.parametrize("var, value", [("HF_HUB_OFFLINE", "1"), ("HF_HUB_OFFLINE", "true"),
+                                        ("TRANSFORMERS_OFFLINE", "YES")])
+def test_one_offline_rule_the_one_huggingface_hub_obeys(tmp_path, var, value):
+    """Offline is what huggingface_hub reads as offline: the hub is not asked for sizes. Before,
+    quantize read only HF_HUB_OFFLINE=1 (doctor also 'true'/'yes'), so HF_HUB_OFFLINE=true asked
+    the hub (here an unreachable endpoint) and failed."""
+    code = ("from launcher import model_source; from launcher.config import JobSpec; "
+            "print(model_source.download_bytes(JobSpec(model='org/absent', output='o')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update({var: value, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "",
+                "HF_ENDPOINT": "http://127.0.0.1:9", "SPARK_NVFP4_HOME": str(tmp_path / "home")})
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "(0, 0)"   # nothing cached, nothing asked
+
+
 def test_slow_bf16_cpu_note(tmp_path, monkeypatch):
     """A CPU without bf16 instructions gets a warning before a long bf16 calibration; one with
     them, a GPU job or a short calibration gets none."""
