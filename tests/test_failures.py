@@ -139,4 +139,4 @@ def test_output_with_rich_markup_is_printed_verbatim(launcher_home, tmp_path, st
     proc = run_launcher("quantize", "--dry-run", "--output", str(out), timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"-> {out}\n" in proc.stderr and proc.stdout.strip() == str(out)
-    assert latest_record(launcher_home)["status"] == "complete"
+    assert not list((launcher_home / "runs").glob("*/record.json"))  # a dry run ends and leaves no record
