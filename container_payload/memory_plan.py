@@ -121,6 +121,13 @@ def refusal_of(recipe: str, steps: tuple | None) -> str | None:
             f"{', '.join(STREAMED_RECIPES)}); use --mode whole, or one of those")
 
 
+def planning_batch(batch_size: int | str, on_gpu: bool) -> int:
+    """The calibration batch the memory plan assumes, the same on the host and in the payload:
+    the job's own, else what calibration.auto_batch_size starts from (4 on a CPU; on a GPU it
+    grows from 8 with the free memory, so 8 is the plan's floor)."""
+    return batch_size if batch_size != "auto" else (8 if on_gpu else 4)
+
+
 def activation_bytes(shape: Shape, tokens: int, batch_tokens: int) -> int:
     return tokens * shape.hidden * 2 + batch_tokens * shape.intermediate * 4 * 4
 

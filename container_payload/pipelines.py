@@ -118,7 +118,7 @@ def choose(job: QuantizeJob, device: str, tuning: Tuning, steps: tuple | None, m
     is refused here, before anything loads."""
     mode = job.mode
     if mode == "auto":
-        mode = _auto_mode(job, steps)
+        mode = _auto_mode(job, steps, on_gpu=device == "cuda")
     if mode == "streamed":
         problem = memory_plan.refusal_of(job.recipe, steps)
         if problem:
@@ -126,12 +126,12 @@ def choose(job: QuantizeJob, device: str, tuning: Tuning, steps: tuple | None, m
     return (Streamed if mode == "streamed" else WholeModel)(job, device, tuning, mark)
 
 
-def _auto_mode(job: QuantizeJob, steps: tuple | None) -> str:
+def _auto_mode(job: QuantizeJob, steps: tuple | None, on_gpu: bool) -> str:
     budget = job.memory_budget
     if not budget:
         return "whole"
     calib = job.calibration
-    bs = calib.batch_size if calib.batch_size != "auto" else 8
+    bs = memory_plan.planning_batch(calib.batch_size, on_gpu)  # the host's assumption too (memory_budget.plan)
     shape = memory_plan.shape_of(Path(job.model_dir), 0)
     need = memory_plan.peaks_of(shape, calib.samples * calib.seq_len, bs * calib.seq_len, steps)
     picked, problem = memory_plan.choose("auto", int(budget), need, memory_plan.refusal_of(job.recipe, steps))

@@ -85,7 +85,7 @@ def plan(spec: JobSpec, model_bytes: int, on_gpu: bool) -> Plan:
     else:
         budget, source = machine_budget(on_gpu)
     calib = spec.calibration
-    bs = calib.batch_size if calib.batch_size != "auto" else (8 if on_gpu else 4)
+    bs = memory_plan.planning_batch(calib.batch_size, on_gpu)
     shape = memory_plan.shape_of(model_folder(spec), model_bytes)
     need = memory_plan.peaks(shape, calib.samples * calib.seq_len, bs * calib.seq_len, spec.recipe,
                              spec.recipe_params)

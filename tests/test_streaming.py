@@ -62,7 +62,7 @@ def test_auto_streams_under_a_small_budget_and_matches_modelopt(launcher_home, s
                                                                embedded_model_dir, tmp_path):
     shape = memory_plan.shape_of(embedded_model_dir, 0)
     tokens = E2E_SAMPLES * E2E_SEQ_LEN
-    need = memory_plan.peaks(shape, tokens, 8 * E2E_SEQ_LEN)
+    need = memory_plan.peaks(shape, tokens, memory_plan.planning_batch("auto", on_gpu=False) * E2E_SEQ_LEN)
     budget = (need["whole"] + need["streamed"]) // 2  # streamed fits, whole does not
     out = tmp_path / "streamed"
     proc = run_launcher("quantize", "--output", str(out), "--recipe", "default", "--calib-samples",
