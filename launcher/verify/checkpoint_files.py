@@ -1,11 +1,12 @@
 """A checkpoint folder read as hostile input: its JSON files, the safetensors headers of its
-shards and its index, each checked against the others and against the files' sizes. Every
-way a file fails is a problem in the Report, never an exception out of here (safetensors_header,
-for callers outside verify, raises ValueError). Only headers are read here, never tensor data.
+shards and its index, each checked against the others and against the files' sizes.
+read_json and load_tensors turn every way a file fails into a problem in the Report
+(open_regular and the header readers raise Unreadable for them; safetensors_header, for
+callers outside verify, raises ValueError). Only headers are read here, never tensor data.
 
-Why not untrusted.open_regular / parse: those end the command with a LauncherError and refuse
-any symlink; here each failure is one problem among others, links inside the folder (an HF
-cache snapshot's) are followed, and the messages are part of the report's format."""
+Why not untrusted.open_regular / parse: those end the command with a LauncherError, refuse
+any symlink and any nesting past 32; here each failure is one problem among others, links
+inside the folder (an HF cache snapshot's) are followed, and the messages are the report's."""
 from __future__ import annotations
 
 import errno
