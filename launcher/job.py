@@ -313,7 +313,7 @@ class QuantizeRun:
 def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> None:
     """The independent host-side check; a checkpoint that fails it is never promoted, nor
     reused: an existing output is verified again, since it may have been damaged since."""
-    from .verify import MAX_PRINTED, _summary, verify_checkpoint
+    from .verify import MAX_PRINTED, summary, verify_checkpoint
 
     report = verify_checkpoint(folder)
     if report.problems:
@@ -327,7 +327,7 @@ def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> Non
                                                          "and run again")
         raise VerifyFailed(f"the new checkpoint failed verification ({len(report.problems)} problems)",
                            where=str(folder), advice="this is a bug in the recipe or export; please report it")
-    console.print(markup("verify: ok ({})", _summary(report)), highlight=False)
+    console.print(markup("verify: ok ({})", summary(report)), highlight=False)
 
 
 def clean_stale_partials(output: Path, console: Console) -> None:

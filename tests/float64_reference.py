@@ -1,7 +1,7 @@
 """An independent float64 NVFP4 reference, shared by the evaluation tests.
 
 Nothing here comes from the payload: the safetensors header is read by the host's parser
-(launcher/verify.py), then its own E2M1 / E4M3 decoding from the bit layouts, its own
+(launcher/verify/checkpoint_files.py), then its own E2M1 / E4M3 decoding from the bit layouts, its own
 round-to-nearest-even, and its own Llama forward in numpy float64.
 """
 import json
@@ -13,7 +13,7 @@ from launcher.verify import safetensors_header
 
 
 def read_safetensors(path: Path) -> dict:
-    header, start = safetensors_header(path)  # the host's one header parser (launcher/verify.py)
+    header, start = safetensors_header(path)  # the host's one header parser (launcher/verify/checkpoint_files.py)
     body = path.read_bytes()[start:]
     out = {}
     for name, meta in header.items():

@@ -1,4 +1,4 @@
-"""Mixed-precision ModelOpt checkpoints and Mixture-of-Experts rules, for launcher/verify.py.
+"""Mixed-precision ModelOpt checkpoints (quant_algo MIXED_PRECISION).
 
 MIXED_PRECISION (ModelOpt's export when layers differ in format, e.g. attention FP8 and experts
 NVFP4 weight-only): hf_quant_config.json `quantization.quantized_layers` (TensorRT-LLM) and
@@ -13,24 +13,23 @@ A Linear in no entry is loaded unquantized, so nothing needs excluding. Per form
 | FP8         | F8_E4M3 [out, in] | F32 [] (per tensor)      | none           | F32 []      |
 
 Fused GEMMs (q/k/v, gate/up, Mixtral's w1/w3) need one quant_algo (vLLM raises otherwise) and
-the shared scales of verify.py's section-4 rule. Experts of one MoE layer (`...experts.N.proj`):
-every expert present with the same projections in the same format, each with its own complete
-scales (TensorRT-LLM reads every expert's, a missing one fails the load), and one input_scale
-per projection across the layer's experts: TensorRT-LLM uses the max over experts (ModelOpt
-writes them equal), so an expert calibrated lower is quantized with another expert's scale.
+the shared scales of tensors.check_fused (docs/nvfp4-format.md §4). The experts' own rules
+are in experts.py.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
-import numpy as np
-
-from . import verify as v
+from .checkpoint_files import Tensors, read_json
+from .configs import kv_scheme
+from .excludes import Excludes
+from .findings import Report, in_time, short
+from .layouts import FUSED, GROUP_SIZE
+from .scales import ScaleReader, check_block_scales, check_positive
+from .tensors import check_dtype_shape, check_fused, missing
 
 MIXED = "MIXED_PRECISION"
 ALGOS = ("NVFP4", "W4A16_NVFP4", "FP8")
-EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<idx>\d+)\.(?P<proj>[^.]+)$")
 
 
 def is_mixed(ckpt, qc: dict | None) -> bool:
@@ -39,15 +38,15 @@ def is_mixed(ckpt, qc: dict | None) -> bool:
     hf = ckpt / "hf_quant_config.json"
     if not hf.is_file():
         return False
-    quiet = v.Report(path=str(ckpt))  # problems are reported by the real read below
-    data = v._read_json(hf, quiet, required=False) or {}
+    quiet = Report(path=str(ckpt))  # problems are reported by the real read below
+    data = read_json(hf, quiet, required=False) or {}
     hq = data.get("quantization")
     return isinstance(hq, dict) and hq.get("quant_algo") == MIXED
 
 
 # ---------------------------------------------------------------- configs
 
-def _layers(where: str, value, report: v.Report) -> dict[str, dict] | None:
+def _layers(where: str, value, report: Report) -> dict[str, dict] | None:
     if not isinstance(value, dict) or not value:
         report.add(where, "MIXED_PRECISION needs a non-empty quantized_layers object (vLLM refuses the "
                           "checkpoint without one)")
@@ -56,18 +55,18 @@ def _layers(where: str, value, report: v.Report) -> dict[str, dict] | None:
     for name, cfg in value.items():
         algo = cfg.get("quant_algo") if isinstance(cfg, dict) else None
         if algo not in ALGOS:
-            report.add(f"{where}.{name}", f"quant_algo {v.short(algo)} is not one of {', '.join(ALGOS)}")
+            report.add(f"{where}.{name}", f"quant_algo {short(algo)} is not one of {', '.join(ALGOS)}")
             continue
-        if algo != "FP8" and cfg.get("group_size", v.GROUP_SIZE) != v.GROUP_SIZE:
-            report.add(f"{where}.{name}", f"group_size {v.short(cfg.get('group_size'))}, NVFP4 needs {v.GROUP_SIZE}")
+        if algo != "FP8" and cfg.get("group_size", GROUP_SIZE) != GROUP_SIZE:
+            report.add(f"{where}.{name}", f"group_size {short(cfg.get('group_size'))}, NVFP4 needs {GROUP_SIZE}")
         out[name] = algo
     return out
 
 
-def check_config(ckpt, qc: dict | None, report: v.Report) -> tuple[dict[str, str], list[str]]:
+def check_config(ckpt, qc: dict | None, report: Report) -> tuple[dict[str, str], list[str]]:
     """(module -> quant_algo, exclude patterns) from both config files, which must agree."""
     report.quant_algo = MIXED
-    hf = v._read_json(ckpt / "hf_quant_config.json", report, required=True)
+    hf = read_json(ckpt / "hf_quant_config.json", report, required=True)
     hq = hf.get("quantization") if hf else None
     if hf is not None and not isinstance(hq, dict):
         report.add("hf_quant_config.json", "has no 'quantization' object")
@@ -75,16 +74,16 @@ def check_config(ckpt, qc: dict | None, report: v.Report) -> tuple[dict[str, str
     layers = excludes = None
     if hq is not None:
         if hq.get("quant_algo") != MIXED:
-            report.add("hf_quant_config.json", f"quant_algo is {v.short(hq.get('quant_algo'))}, config.json says {MIXED}")
+            report.add("hf_quant_config.json", f"quant_algo is {short(hq.get('quant_algo'))}, config.json says {MIXED}")
         layers = _layers("hf_quant_config.json quantization.quantized_layers", hq.get("quantized_layers"), report)
         excludes = hq.get("exclude_modules")
         kv = hq.get("kv_cache_quant_algo")
         if kv not in (None, "FP8"):
-            report.add("hf_quant_config.json", f"kv_cache_quant_algo {v.short(kv)} is not supported here (null or FP8)")
+            report.add("hf_quant_config.json", f"kv_cache_quant_algo {short(kv)} is not supported here (null or FP8)")
         report.kv_cache = kv if kv in (None, "FP8") else "?"
     if qc is not None:
         if qc.get("quant_algo") != MIXED:
-            report.add("config.json", f"quantization_config.quant_algo is {v.short(qc.get('quant_algo'))}, "
+            report.add("config.json", f"quantization_config.quant_algo is {short(qc.get('quant_algo'))}, "
                                       f"hf_quant_config.json says {MIXED}")
         theirs = _layers("config.json quantization_config.quantized_layers", qc.get("quantized_layers"), report)
         if layers is None:
@@ -92,9 +91,9 @@ def check_config(ckpt, qc: dict | None, report: v.Report) -> tuple[dict[str, str
         elif theirs is not None and theirs != layers:
             diff = sorted(set(layers.items()) ^ set(theirs.items()))
             report.add("config.json", f"quantization_config.quantized_layers differs from hf_quant_config.json's "
-                                      f"(first difference: {v.short(diff[0])}): vLLM and TensorRT-LLM would load "
+                                      f"(first difference: {short(diff[0])}): vLLM and TensorRT-LLM would load "
                                       "different formats")
-        kv = v._kv_scheme(qc.get("kv_cache_scheme"), "config.json", report)
+        kv = kv_scheme(qc.get("kv_cache_scheme"), "config.json", report)
         if hq is None:
             report.kv_cache = kv
         elif kv != report.kv_cache:
@@ -121,16 +120,16 @@ def _entry(module: str, layers: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def _scalar(name: str, ts: v.Tensors, reader: v.ScaleReader, report: v.Report, role: str) -> float | None:
+def _scalar(name: str, ts: Tensors, reader: ScaleReader, report: Report, role: str) -> float | None:
     t = ts.by_name.get(name)
-    if v._check_dtype_shape(name, "F32", (), ts, report, role):
+    if check_dtype_shape(name, "F32", (), ts, report, role):
         report.quantized_bytes += t.nbytes
-        return v._check_positive(name, reader.f32(t), report)
+        return check_positive(name, reader.f32(t), report)
     return None
 
 
-def check_tensors(layers: dict[str, str], excludes: v.Excludes, ts: v.Tensors, reader: v.ScaleReader,
-                  report: v.Report) -> dict[str, str]:
+def check_tensors(layers: dict[str, str], excludes: Excludes, ts: Tensors, reader: ScaleReader,
+                  report: Report) -> dict[str, str]:
     """Every quantized module against its quantized_layers entry; returns module -> quant_algo."""
     tensors = ts.by_name
     modules = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".weight_scale", ".weight_scale_2", ".input_scale"))}
@@ -141,7 +140,7 @@ def check_tensors(layers: dict[str, str], excludes: v.Excludes, ts: v.Tensors, r
     inputs: dict[str, float | None] = {}
     counts: dict[str, int] = defaultdict(int)
     for m in sorted(modules):
-        v._in_time(report)
+        in_time(report)
         if m in excludes:
             report.add(m, "is in the exclude/ignore list but is quantized")
         hit = _entry(m, layers)
@@ -153,10 +152,10 @@ def check_tensors(layers: dict[str, str], excludes: v.Excludes, ts: v.Tensors, r
         counts[algo] += 1
         w = tensors.get(f"{m}.weight")
         if w is None:
-            v._missing(f"{m}.weight", f"weight of a {algo} Linear", ts, report)
+            missing(f"{m}.weight", f"weight of a {algo} Linear", ts, report)
             continue
         if len(w.shape) != 2:
-            report.add(f"{m}.weight", f"shape {v.short(list(w.shape))}, expected a 2-D Linear weight")
+            report.add(f"{m}.weight", f"shape {short(list(w.shape))}, expected a 2-D Linear weight")
             continue
         if algo == "FP8":
             if w.dtype != "F8_E4M3":
@@ -174,14 +173,14 @@ def check_tensors(layers: dict[str, str], excludes: v.Excludes, ts: v.Tensors, r
             report.add(f"{m}.weight", f"dtype {w.dtype}, a {algo} layer stores U8 (packed E2M1 pairs)")
             continue
         out, in_ = w.shape[0], w.shape[1] * 2
-        if in_ % v.GROUP_SIZE:
-            report.add(f"{m}.weight", f"in_features {in_} is not a multiple of {v.GROUP_SIZE}: engines cannot run it")
+        if in_ % GROUP_SIZE:
+            report.add(f"{m}.weight", f"in_features {in_} is not a multiple of {GROUP_SIZE}: engines cannot run it")
         report.quantized_bytes += w.nbytes
         report.quantized_params += out * in_
         bs = tensors.get(f"{m}.weight_scale")
-        if v._check_dtype_shape(f"{m}.weight_scale", "F8_E4M3", (out, in_ // v.GROUP_SIZE), ts, report,
+        if check_dtype_shape(f"{m}.weight_scale", "F8_E4M3", (out, in_ // GROUP_SIZE), ts, report,
                                 "FP8 block scales"):
-            v._check_block_scales(bs, report, no_negative=True)
+            check_block_scales(bs, report, no_negative=True)
         if bs is not None:
             report.quantized_bytes += bs.nbytes
         globals_[m] = _scalar(f"{m}.weight_scale_2", ts, reader, report, "per-tensor global scale")
@@ -193,12 +192,12 @@ def check_tensors(layers: dict[str, str], excludes: v.Excludes, ts: v.Tensors, r
         report.add(name, f"listed in quantized_layers as {layers[name]} but has no quantized tensors")
     report.layer_formats = dict(sorted(counts.items()))
     _check_fused_algos(algo_of, tensors, report)
-    v._check_fused(globals_, "weight_scale_2", report)
-    v._check_fused(inputs, "input_scale", report)
+    check_fused(globals_, "weight_scale_2", report)
+    check_fused(inputs, "input_scale", report)
     return algo_of
 
 
-def _check_fused_algos(algo_of: dict[str, str], tensors: dict, report: v.Report) -> None:
+def _check_fused_algos(algo_of: dict[str, str], tensors: dict, report: Report) -> None:
     """Members of one fused GEMM in one format (an unquantized member counts as bf16)."""
     groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
     for name in tensors:
@@ -206,67 +205,10 @@ def _check_fused_algos(algo_of: dict[str, str], tensors: dict, report: v.Report)
             continue
         m = name[:-len(".weight")]
         parent, _, leaf = m.rpartition(".")
-        if leaf in v.FUSED:
-            groups[(parent, v.FUSED[leaf])][leaf] = algo_of.get(m, "bf16")
+        if leaf in FUSED:
+            groups[(parent, FUSED[leaf])][leaf] = algo_of.get(m, "bf16")
     for (parent, members), got in sorted(groups.items()):
         if len(set(got.values())) > 1:
             detail = ", ".join(f"{leaf} {algo}" for leaf, algo in sorted(got.items()))
             report.add(parent, f"the fused {members.replace(',', '/')} GEMM mixes formats ({detail}): vLLM "
                                "refuses it; quantize the group alike")
-
-
-# ---------------------------------------------------------------- experts
-
-def check_experts(ts: v.Tensors, reader: v.ScaleReader, report: v.Report) -> None:
-    """Completeness and shared input scales across the experts of each MoE layer."""
-    tensors = ts.by_name
-    layers: dict[str, dict[int, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
-    for name, t in tensors.items():
-        if not name.endswith(".weight"):
-            continue
-        hit = EXPERT.match(name[:-len(".weight")])
-        if hit:
-            layers[hit["layer"]][int(hit["idx"])][hit["proj"]] = t.dtype
-    for layer, experts in sorted(layers.items()):
-        v._in_time(report)
-        n = max(experts) + 1
-        absent = [i for i in range(n) if i not in experts]
-        if absent:
-            report.add(f"{layer}.{absent[0]}", f"expert missing: {len(absent)} of experts 0-{n - 1} have no "
-                                               "weights (the engines load every expert)")
-        projs = sorted({p for e in experts.values() for p in e})
-        for proj in projs:
-            dtypes = {i: e.get(proj) for i, e in sorted(experts.items())}
-            lacking = [i for i, d in dtypes.items() if d is None]
-            if lacking:
-                report.add(f"{layer}.{lacking[0]}.{proj}.weight",
-                           f"missing: {len(lacking)} expert(s) lack {proj}, the others have it")
-            kinds = sorted({d for d in dtypes.values() if d is not None})
-            if len(kinds) > 1:
-                report.add(f"{layer}.*.{proj}", f"experts store {proj} in different formats ({', '.join(kinds)}): "
-                                                "one MoE layer runs one kernel format")
-        _check_shared_inputs(layer, experts, projs, ts, reader, report)
-
-
-def _check_shared_inputs(layer: str, experts: dict, projs: list[str], ts: v.Tensors, reader: v.ScaleReader,
-                         report: v.Report) -> None:
-    # gate/up (w1/w3) feed one fused GEMM: one scale across both and all experts; down (w2) another
-    roles: dict[str, list[str]] = defaultdict(list)
-    for proj in projs:
-        roles[v.FUSED.get(proj, proj)].append(proj)
-    for role, members in sorted(roles.items()):
-        values = {}
-        for i in sorted(experts):
-            for proj in members:
-                t = ts.by_name.get(f"{layer}.{i}.{proj}.input_scale")
-                if t is not None and t.intact and t.dtype == "F32" and len(t.shape) == 0:
-                    values[(i, proj)] = float(np.float32(reader.f32(t)[0]))
-        if len(set(values.values())) < 2:
-            continue
-        top = max(values.values())
-        low = sorted(k for k, x in values.items() if x != top)
-        i, proj = low[0]
-        report.add(f"{layer}.{i}.{proj}.input_scale",
-                   f"is {np.float32(values[low[0]])!s} but the layer's largest is {np.float32(top)!s} "
-                   f"({len(low)} of {len(values)} differ): engines use one input scale per MoE layer "
-                   "(TensorRT-LLM takes the max over experts), so export them equal")
