@@ -11,16 +11,15 @@ from pathlib import Path
 import docker
 from docker.errors import ImageNotFound
 from pydantic import BaseModel, ValidationError
-from rich.markup import escape
 
 from container_payload import recipes
 
 from . import output, paths
 from .container import PayloadContainer, payload_command
-from .errors import ImageError, docker_error
+from .errors import ConfigError, ImageError, docker_error
 from .files import atomic_write_text
 from .logstream import find_event
-from .untrusted import parse, printable, read_capped
+from .untrusted import parse, read_capped
 
 MAX_PROBE_BYTES = 1 << 20  # a probe is ~2 KB (a few hundred package versions at most)
 PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s
@@ -65,9 +64,11 @@ def probe(client: docker.DockerClient, image: str, run_id: str = "probe") -> Ima
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cached, found.model_dump_json(indent=2))
+    except ConfigError:
+        pass  # a link or FIFO planted at the cache's name: never written through, and _cached's warning named it
     except OSError as e:  # a cache, not a need: the next command probes again
-        why = f"cannot cache the image probe: {e.strerror} [{cached}]"
-        output.console.print(f"[yellow]warning:[/] {escape(printable(why))}", highlight=False, soft_wrap=True)
+        output.console.print(output.markup("[yellow]warning:[/] {}", f"cannot cache the image probe: {e.strerror} "
+                                                                     f"[{cached}]"), highlight=False, soft_wrap=True)
     return found
 
 
@@ -84,7 +85,7 @@ def _cached(path: Path) -> ImageProbe | None:
         why = f"cached image probe is damaged: {'.'.join(map(str, err['loc']))}: {err['msg']} [{path}]"
     except ImageError as e:
         why = str(e)
-    output.console.print(f"[yellow]warning:[/] {escape(printable(why))}; probing the image again",
+    output.console.print(output.markup("[yellow]warning:[/] {}; probing the image again", why),
                          highlight=False, soft_wrap=True)
     return None
 
