@@ -50,7 +50,7 @@ def conclude(e: BaseException, command: str | None, json_mode: bool) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from . import runs
-    from .errors import as_launcher_error
+    from .errors import LauncherError, as_launcher_error
     from .output import console, failure_result, markup, print_json
 
     shown_by_click = e if isinstance(e, click.ClickException) else None
@@ -68,7 +68,8 @@ def conclude(e: BaseException, command: str | None, json_mode: bool) -> int:
         if run is not None:
             result = {**result, "run_id": run.id}  # should its folder refuse the writes below
             result = run.end(err)
-    except OSError as write_error:  # a full disk or a broken home: the object is still printed
+    except (OSError, LauncherError) as write_error:  # a full disk or a broken home (RunRecord.save's
+        # one line): the object is still printed
         console.print(markup("[yellow]warning:[/] the run's record and result.json could not be written: {}",
                              str(write_error)), highlight=False)
     if shown_by_click is not None:
