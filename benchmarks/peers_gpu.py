@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,10 @@ ROWS = [
         what="make quantize's recipe: smooth-gptq-seq + the costliest units kept bf16"),
 ]
 
+# The pool's order: the rows the verdict rests on first, so a call cut short still answers it.
+RUN_FIRST = ("smooth-gptq-seq-mp", "smooth-gptq-seq", "local-hessian", "gptq", "mse-fp8-sweep", "llmc-gptq-mse",
+             "autoquantize", "llmc-awq-gptq", "awq-full", "four-over-six")
+
 
 def log_tail(path: Path, n: int = 1500) -> str:
     try:
@@ -109,39 +113,44 @@ def quantize_row(row: Row, model_dir: Path, out: Path, args, default_bytes: int 
             "windows_sha256": b.get("windows_sha256"), "bench": b}
 
 
-def score_all(rows: list[dict], model_dir: Path, args) -> None:
-    """Every checkpoint through the payload's own evaluator functions, in one process: same
-    windows, same float32 emulation, the bf16 reference loaded once."""
-    import torch
-    from transformers import AutoTokenizer
+class Scorer:
+    """Every checkpoint through the payload's own evaluator functions, in this one process: the
+    same windows and the same float32 emulation for every row, the bf16 reference loaded once."""
 
-    from container_payload import evaluate
-    from container_payload.contract import EvalJob
-    from container_payload.emulate import load_any
+    def __init__(self, model_dir: Path, args):
+        import torch
+        from transformers import AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ref, _ = evaluate.load_models(model_dir, model_dir, device)[:2]
-    windows = {}
-    for text, path in bench.HELDOUT.items():
-        job = EvalJob(checkpoint="", reference=str(model_dir), text=str(path), json_out="",
-                      tokens=args.eval_tokens, seq_len=args.seq_len)
-        windows[text] = evaluate.windows_for(tok, job)
-    for r in rows:
-        if "checkpoint" not in r:
-            continue
+        from container_payload import evaluate
+        from container_payload.contract import EvalJob
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        self.ref = evaluate.load_models(model_dir, model_dir, self.device)[0]
+        self.windows = {}
+        for text, path in bench.HELDOUT.items():
+            job = EvalJob(checkpoint="", reference=str(model_dir), text=str(path), json_out="",
+                          tokens=args.eval_tokens, seq_len=args.seq_len)
+            self.windows[text] = evaluate.windows_for(tok, job)
+
+    def score(self, r: dict) -> None:
+        import torch
+
+        from container_payload import evaluate
+        from container_payload.emulate import load_any
+
         try:
-            model, info = load_any(Path(r["checkpoint"]), device)
-            r["format"] = {k: v for k, v in info.items() if k in ("format", "quant_algo", "layers", "notes")} \
-                if isinstance(info, dict) else str(info)
-            r["eval"] = {}
-            for text, w in windows.items():
-                m = evaluate.score(ref, model, w, device)
-                r["eval"][text] = {k: m[k] for k in ("kl_divergence", "perplexity", "reference_perplexity",
-                                                     "top1_agreement", "tokens")}
-                r["eval"][text]["kl_window_se"] = _se(m["kl_per_token"]["per_window"])
+            model, info = load_any(Path(r["checkpoint"]), self.device)
+            r["format"] = str(info)[:300]
+            ev = {}
+            for text, w in self.windows.items():
+                m = evaluate.score(self.ref, model, w, self.device)
+                ev[text] = {k: m[k] for k in ("kl_divergence", "perplexity", "reference_perplexity",
+                                              "top1_agreement", "tokens")}
+                ev[text]["kl_window_se"] = _se(m["kl_per_token"]["per_window"])
+            r["eval"] = ev
             del model
-            if device == "cuda":
+            if self.device == "cuda":
                 torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - one checkpoint our emulation cannot load must not lose the rest
             r["score_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -216,8 +225,9 @@ def table(rows: list[dict], meta: dict) -> str:
     for r in rows:
         name = f"`{r['label']}`"
         if not r.get("eval"):
-            why = r.get("error") or r.get("score_error") or "not run"
-            lines.append(f"| {name} | {r['tool']} | {'yes' if r['pure'] else 'no'} | failed: {why[:120]} |"
+            why = r.get("error") or r.get("score_error")
+            why = f"failed: {why[:120]}" if why else "not run (yet)"
+            lines.append(f"| {name} | {r['tool']} | {'yes' if r['pure'] else 'no'} | {why} |"
                          + " |" * 10)
             continue
         e = r["eval"]
@@ -319,15 +329,22 @@ def main() -> int:
     if state["default_bytes"] is None:
         save()
         return 1
+    rows["default"]["size_ratio"] = 1.0
+    scorer = Scorer(model_dir, args)
+    scorer.score(rows["default"])
+    save()
+    # The others quantize --jobs at a time; each is scored here as soon as it is done, and the
+    # table rewritten, so a call cut short still brings back every finished row.
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        list(pool.map(one, todo[1:]))
-    for r in rows.values():
-        if "bytes" in r:
-            r["size_ratio"] = r["bytes"] / state["default_bytes"]
-    save()
-    print(f"[{time.time() - t0:6.0f}s] scoring {sum('checkpoint' in r for r in rows.values())} checkpoints", flush=True)
-    score_all([rows[r.label] for r in todo], model_dir, args)
-    save()
+        first = sorted(todo[1:], key=lambda row: RUN_FIRST.index(row.label) if row.label in RUN_FIRST else 99)
+        futures = {pool.submit(one, row): row for row in first}
+        for f in as_completed(futures):
+            r = rows[futures[f].label]
+            if "bytes" in r:
+                r["size_ratio"] = r["bytes"] / state["default_bytes"]
+                scorer.score(r)
+                print(f"[{time.time() - t0:6.0f}s] {r['label']}: scored", flush=True)
+            save()
     print(res.with_suffix(".md").read_text(), flush=True)
     print(f"total {time.time() - t0:.0f} s", flush=True)
     return 0 if all(r.get("eval") for r in rows.values()) else 1
