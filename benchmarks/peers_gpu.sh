@@ -6,7 +6,8 @@
 #           bash benchmarks/peers_gpu.sh smoke          # every row on a 2-layer random model (tiny.tar.xz)
 #   call 2: bash benchmarks/peers_gpu.sh full B_DIR     # B_DIR: gguf.part-b; then the whole table
 # whl-mo: nvidia-modelopt 0.47.0, omegaconf, pulp (other platforms' solvers removed), gguf,
-# transformers 5.14.1 + tokenizers 0.22.2 (the payload's pins); whl-llmc: llmcompressor 0.14.0.1,
+# transformers 5.14.1 + tokenizers 0.22.2 (the payload's pins); whl-pyd: pydantic 2.14.4, pydantic-core
+# 2.50.5, annotated-types, typing-inspection (the device image has no pydantic; both sites need it); whl-llmc: llmcompressor 0.14.0.1,
 # compressed-tensors 0.19.0, loguru, datasets, dill, multiprocess, auto-round (the image's
 # transformers 5.17 serves it). Results go to $OUT.
 set -e
@@ -30,7 +31,8 @@ setup)
   tar xJf "$2/texts.tar.xz" -C $S/home/assets
   tar xJf "$2/tiny.tar.xz" -C $S
   pip_in /tmp/site-mo "$2"/whl-mo/*.whl
-  pip_in /tmp/site-llmc "$2"/whl-llmc/*.whl
+  pip_in /tmp/site-llmc "$2"/whl-llmc/*.whl "$2"/whl-pyd/*.whl
+  pip_in /tmp/site-mo "$2"/whl-pyd/*.whl
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   PYTHONPATH=/tmp/site-mo python3 -c "import torch, transformers, modelopt, modelopt.torch.quantization; print('mo', torch.__version__, transformers.__version__, modelopt.__version__, torch.cuda.get_device_name())"
   PYTHONPATH=/tmp/site-llmc python3 -c "import transformers, llmcompressor, compressed_tensors; print('llmc', transformers.__version__, llmcompressor.__version__, compressed_tensors.__version__)"
