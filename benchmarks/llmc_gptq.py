@@ -1,12 +1,16 @@
 """llm-compressor's GPTQ to NVFP4 on a checkpoint folder: the peer that issue 14 (docs/decisions.md) times us against.
 
-    python3 benchmarks/llmc_gptq.py MODEL_DIR CALIB_TXT SAMPLES SEQ_LEN METRICS_JSON [--save DIR]
+    python3 benchmarks/llmc_gptq.py MODEL_DIR CALIB_TXT SAMPLES SEQ_LEN METRICS_JSON [--save DIR] [--recipe NAME]
 
 As the issue measured it: `oneshot` with GPTQModifier(targets="Linear", scheme="NVFP4",
 ignore=["lm_head"]), the model loaded on the CPU in bf16 and onloaded layer by layer by
 llm-compressor's sequential pipeline, on the same token windows as our payload
 (container_payload.calib_data.token_windows with the folder's tokenizer). The time reported is
 the oneshot call alone (the quantize stage); the load is timed apart.
+
+--recipe picks the modifiers (issue 21's peers, llm-compressor 0.14): gptq (the above, the default),
+gptq-mse (GPTQ with the MSE weight observer), awq-gptq (AWQModifier, then GPTQ, as its AWQ
+examples pair a transform with a quantizing modifier) and awq-gptq-mse.
 """
 import json
 import sys
@@ -17,14 +21,32 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def modifiers(name: str) -> list:
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    observer = {"weight_observer": "mse"} if name.endswith("-mse") else {}
+    gptq = GPTQModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"], **observer)
+    if name.startswith("awq-"):
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        return [AWQModifier(duo_scaling="both"), gptq]
+    return [gptq]
+
+
+RECIPES = ("gptq", "gptq-mse", "awq-gptq", "awq-gptq-mse")
+
+
 def main(argv) -> int:
     model_dir, calib, n, seq, metrics = argv[0], argv[1], int(argv[2]), int(argv[3]), Path(argv[4])
     save = argv[argv.index("--save") + 1] if "--save" in argv else None
+    recipe = argv[argv.index("--recipe") + 1] if "--recipe" in argv else "gptq"
+    if recipe not in RECIPES:
+        print(f"--recipe must be one of {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
     t0 = time.time()
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from container_payload.calib_data import fingerprint, token_windows
@@ -38,11 +60,11 @@ def main(argv) -> int:
     t_load = time.time()
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     oneshot(model=model, dataset=ds, max_seq_length=seq, num_calibration_samples=n,
-            recipe=GPTQModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]))
+            recipe=modifiers(recipe))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t_q = time.time()
-    res = {"llmcompressor": llmcompressor.__version__, "imports_s": round(t_imp - t0, 3),
+    res = {"llmcompressor": llmcompressor.__version__, "recipe": recipe, "imports_s": round(t_imp - t0, 3),
            "load_s": round(t_load - t_imp, 3), "quantize_s": round(t_q - t_load, 3),
            "gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
            "samples": n, "seq_len": seq, "windows_sha256": fingerprint(win)}

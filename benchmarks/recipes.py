@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,8 +38,10 @@ LLMC_PY = Path(os.environ.get("SPARK_NVFP4_LLMC_PYTHON", REPO / ".venv-llmc" / "
 # Every row runs on the same calibration windows; ModelOpt's search presets need CUDA/Triton.
 CPU_RECIPES = "default,smooth-gptq-seq-mp,smooth,smooth-gptq-aa-mp"
 GPU_RECIPES = CPU_RECIPES + ",awq-lite,awq-clip,mse,four-over-six"
+# The repo first, then whatever PYTHONPATH the caller set (a --target site of carried wheels on the GPU).
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+       "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
 
 LLMC_SCRIPT = r'''
 import json, sys, time, resource
@@ -63,10 +66,10 @@ json.dump({"quantize_s": q, "host_rss_peak_bytes": resource.getrusage(resource.R
 '''
 
 
-def run(cmd, log: Path, timeout: int = 3600) -> float:
+def run(cmd, log: Path, timeout: int = 3600, cwd: Path = REPO, env: dict | None = None) -> float:
     t = time.time()
     with open(log, "w") as f:
-        r = subprocess.run([str(c) for c in cmd], cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
+        r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or ENV, stdout=f, stderr=subprocess.STDOUT,
                            timeout=timeout)
     if r.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
@@ -103,7 +106,12 @@ def quantize(label: str, model_dir: Path, out: Path, args) -> dict:
                 "peak_rss_bytes": res["memory"]["host_rss_peak_bytes"],
                 "windows_sha256": res["calibration"]["windows_sha256"]}
     jf.write_text(json.dumps(job))
-    wall = run([MO_PY, "-m", "container_payload", "quantize", jf], out / f"{label}.quantize.log")
+    # Each run in a folder of its own: ModelOpt's layerwise recipes (general/ptq/...-gptq) keep
+    # per-layer checkpoints under a relative checkpoint_dir and resume from whatever is there.
+    cwd = out / f"{label}.cwd"
+    shutil.rmtree(cwd, ignore_errors=True)
+    cwd.mkdir(parents=True)
+    wall = run([MO_PY, "-m", "container_payload", "quantize", jf], out / f"{label}.quantize.log", cwd=cwd)
     res = json.loads((ck / "result.json").read_text())
     return {"dir": ck, "quantize_s": res["timings"]["quantize_s"], "wall_s": wall,
             "peak_rss_bytes": res["memory"]["host_rss_peak_bytes"],
