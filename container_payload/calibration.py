@@ -62,6 +62,11 @@ def forward_loop_for(batches, device: str, times: dict | None = None):
         # vocabulary-sized logits would cost memory and time for nothing.
         t = time.time()
         body = model.get_decoder() if hasattr(model, "get_decoder") else model
+        if hasattr(model, "_original_forward"):
+            # ModelOpt's layerwise calibration (its GPTQ and local-Hessian recipes) patches the
+            # model's own forward to catch the signal that stops each pass early: call that one
+            # (the decoder alone let the signal escape; found on an H100, the fix not yet run there)
+            body = model
         total = len(batches)
         events.progress("calibrate", 0, total)
         # The model's own bf16 products, also on a CPU: float32 ones (linear_compute.py, 5x faster
