@@ -40,12 +40,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def portable_rope_config(model_dir: Path) -> None:
-    """The converted embedded model's rotary base, the same to every transformers: 5.x writes it
-    only inside `rope_parameters`, which 4.57 (NVIDIA's 2025 images) does not read, so it would
-    calibrate and export with its default rope_theta (10000 where the model has 100000). The
-    top-level `rope_theta` (and `rope_scaling`) 4.x reads are written beside it; 5.x reads both."""
+    """A config.json written by transformers 5 read at the same rotary base by every transformers:
+    5.x writes `rope_theta` only inside `rope_parameters`, which 4.57 (NVIDIA's 2025 images and the
+    engines built on them) does not read, so it would run at its default base (10000 where SmolLM2
+    has 100000). The top-level `rope_theta` (and `rope_scaling`) 4.x reads are written beside it;
+    5.x reads both. For the embedded model's conversion and for every exported checkpoint."""
     path = model_dir / "config.json"
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text()) if path.exists() else {}
     rope = config.get("rope_parameters")
     if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
         return

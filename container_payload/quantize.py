@@ -189,6 +189,7 @@ def result(job: QuantizeJob, recipe, device: str, facts: dict, calib_info: dict,
 def finish(out: Path, result: dict) -> dict:
     """The output's files and size added to `result`, then result.json written LAST (its presence
     is what marks the folder complete) and the `done` event sent; for the whole and streamed paths."""
+    loading.portable_rope_config(out)  # an export by transformers 5 read right by 4.x engines too
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     result = {**result, "files": files, "checkpoint_bytes": sum(files.values())}
     tmp = out / f".{RESULT_FILE}.tmp"
