@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,12 @@ def test_the_wheel_holds_the_payload_and_its_lock(installed):
     for f in (installed["launcher"], installed["payload"]):
         assert "site-packages" in f and not f.startswith(str(REPO)), f
     assert installed["lock"], "requirements.lock is not in the installed package"
+    # every module of the checkout, subpackages included (launcher/verify/ was once left out)
+    site = Path(installed["launcher"]).parent.parent
+    for package in ("launcher", "container_payload"):
+        missing = [str(p.relative_to(REPO)) for p in (REPO / package).rglob("*.py")
+                   if "__pycache__" not in p.parts and not (site / p.relative_to(REPO)).is_file()]
+        assert not missing, f"not in the installed package: {missing}"
 
 
 def test_installed_launcher_quantizes_the_embedded_model(installed, launcher_home, standin_image, docker_client,
