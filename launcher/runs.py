@@ -146,10 +146,13 @@ class RunRecord(BaseModel):
         return body
 
     def discard(self) -> None:
-        """Remove this run's folder (a dry run's: it changed nothing and leaves no record)."""
+        """Remove this run's folder (a dry run's: it changed nothing and leaves no record), and
+        forget it: ending.conclude must not write a result.json back into a folder of its own."""
         import shutil
 
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self in started:
+            started.remove(self)
 
     def owner_alive(self) -> bool:
         """Is the launcher process that runs this record still alive? (Another host's: assumed

@@ -38,6 +38,8 @@ def test_dry_run_offline_with_an_uncached_model_fails_as_the_real_run(launcher_h
     assert one_line_error(dry.stderr) == one_line_error(real.stderr)
     assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").iterdir())
     assert len(records(launcher_home)) == 1  # the real run's; the dry run's is gone
+    # and no folder of it either (its result.json was once written back after the discard)
+    assert len(list((launcher_home / "runs").iterdir())) == 1
 
 
 @pytest.mark.docker
