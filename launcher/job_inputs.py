@@ -18,15 +18,14 @@ import hashlib
 import json
 import os
 import re
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from container_payload import recipes
 
-from . import assets, model_source, paths
+from . import assets, model_source, paths, untrusted
 from .config import JobSpec, read_recipe_file
-from .errors import ConfigError
+from .errors import LauncherError
 
 # The files of a model folder the payload can load (transformers reads the top level only).
 MODEL_PATTERNS = model_source.WEIGHT_PATTERNS + model_source.CODE_PATTERNS + ["*.bin"]
@@ -88,15 +87,10 @@ def folder_hashes(folder: Path) -> dict[str, str]:
 
 
 def file_sha256(path: Path, where: str) -> str:
-    """sha256 of a regular file's bytes (a FIFO or device is refused, never read)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}", where=where,
-                          advice="check that the file exists and is readable") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ConfigError(f"not a regular file: {path}", where=where, advice="pass a regular file")
+    """sha256 of a regular file's bytes (a FIFO or device is refused, never read; a model
+    folder's own links, as in an HF snapshot, are followed)."""
+    with untrusted.open_regular(path, "model file", follow_symlinks=True,
+                                advice="check that the file exists and is readable") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -129,11 +123,11 @@ def cached_commit(repo_id: str, revision: str | None, repo_type: str = "model") 
     if COMMIT.fullmatch(revision):
         return revision if (folder / "snapshots" / revision).is_dir() else None
     try:  # a ref file holds 40 hex digits: read no more than that, never from a FIFO
-        fd = os.open(folder / "refs" / revision, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (OSError, ValueError):
+        raw = untrusted.read_capped(folder / "refs" / revision, 64, "hub cache ref", follow_symlinks=True,
+                                  missing_ok=True)
+    except LauncherError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        commit = f.read(64).decode("ascii", "replace").strip() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else ""
+    commit = (raw or b"").decode("ascii", "replace").strip()
     return commit if COMMIT.fullmatch(commit) else None
 
 
