@@ -22,6 +22,8 @@ from typing import Literal
 from . import runs
 from .errors import ConfigError, RunNotFound
 from .job_inputs import differences
+from .output import quality
+from .rollback import recorded_path_ok
 from .untrusted import read_json_object
 
 MAX_RESULT = 16 << 20          # a checkpoint's result.json is tens of KB
@@ -72,8 +74,6 @@ def check_replaceable(output: Path, result: dict, why: str) -> None:
 def _maker(output: Path, result: dict) -> runs.RunRecord | None:
     """The quantize run of this home whose record lists `output` and whose id the output's
     result.json names; None when there is none (another home, a copy, a hand-made folder)."""
-    from .rollback import recorded_path_ok
-
     try:
         rec = runs.load(result["run_id"])
     except RunNotFound:  # RunDamaged included
@@ -90,8 +90,6 @@ def carried(prev: Previous) -> tuple[dict, dict | None]:
     recipe, format and timings from the output's result.json; the quality from the maker's own
     JSON result in this home (the output's eval.json may have been rewritten by a later
     `launcher eval`), else from that eval.json. Only values of the right type and range."""
-    from .output import quality
-
     checkpoint = _checkpoint_fields(prev.result or {})
     made = prev.maker.read_result() if prev.maker is not None else None
     if isinstance(made, dict) and made.get("run_id") == prev.maker.id and made.get("status") == "complete":
