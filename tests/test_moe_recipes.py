@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from container_payload import recipes
+from container_payload import memory_plan, recipes
 
 MOE = ("moe-w4a16-experts", "moe-w4a4-experts")
 IMAGE_2025 = {"nvidia-modelopt": "0.37.0", "transformers": "4.57.1", "accelerate": "1.10.0"}
@@ -27,3 +27,16 @@ def test_listed_and_cpu_capable():
     for name in MOE:
         assert recipes.check_name(name) is None
         assert not recipes.RECIPES[name].needs.gpu
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_they_stream_by_their_steps_plan(name):
+    """Issue 20: the MoE layouts are max calibration, so their Calibrate step declares it runs layer
+    by layer (recipes.Plan) and the memory plan streams them; no MoE special case decides it."""
+    step, = recipes.RECIPES[name].steps
+    assert step.plan().whole_only is None and not step.plan().ours
+    assert memory_plan.refusal(name) is None and name in memory_plan.STREAMED_RECIPES
+    shape = memory_plan.Shape(64 << 30, 2 << 30, 1 << 30)
+    assert memory_plan.peaks(shape, 1 << 16, 1 << 12, name) == memory_plan.peaks(shape, 1 << 16, 1 << 12, "default")
+    # the declaration decides: a searching preset in the same step is refused
+    assert "runs over the whole model" in recipes.Calibrate("NVFP4_AWQ_LITE_CFG").plan().whole_only
