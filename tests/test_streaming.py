@@ -248,3 +248,23 @@ def test_streamed_moe_writes_the_whole_paths_bytes(kind, recipe, ref_python, emb
     for name in ("hf_quant_config.json", "config.json"):
         assert json.loads((tmp_path / "streamed" / name).read_text()) == \
             json.loads((tmp_path / "whole" / name).read_text()), name
+
+
+@pytest.mark.slow
+def test_streamed_reads_moe_checkpoints_as_transformers_loads_them(ref_python, embedded_model_dir, tmp_path):
+    """checkpoint_map.MappedWeights (transformers' conversion mapping, per parameter) against
+    from_pretrained on four MoE families: the same fused experts bit for bit, and the same
+    transforms marked used (Mixtral's rename included), which the export then reverses."""
+    kinds = ("qwen3_moe", "mixtral", "qwen3_5_moe", "deepseek_v2")
+    proc = subprocess.run([ref_python, str(REPO / "tests" / "tools" / "moe_weight_map.py"), str(REPO),
+                           str(embedded_model_dir), str(tmp_path), *kinds], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {row["kind"]: row for row in map(json.loads, proc.stdout.strip().splitlines()[-len(kinds):])}
+    assert sorted(got) == sorted(kinds)
+    for kind, row in got.items():
+        assert row["same_names"] and not row["differ"], (kind, row["differ"][:3])
+        assert row["conversions"] == row["loader_conversions"] and row["conversions"], kind
+        # every MoE layer's experts fused: gate_up_proj and down_proj (deepseek_v2's layer 0 is dense)
+        assert len(row["fused_experts"]) == (2 if kind == "deepseek_v2" else 4), (kind, row["fused_experts"])
+    assert any("block_sparse_moe" in c for c in got["mixtral"]["conversions"])
