@@ -40,3 +40,27 @@ def test_they_stream_by_their_steps_plan(name):
     assert memory_plan.peaks(shape, 1 << 16, 1 << 12, name) == memory_plan.peaks(shape, 1 << 16, 1 << 12, "default")
     # the declaration decides: a searching preset in the same step is refused
     assert "runs over the whole model" in recipes.Calibrate("NVFP4_AWQ_LITE_CFG").plan().whole_only
+
+
+def test_streamed_plan_counts_the_experts_the_read_fuses(tmp_path):
+    """A checkpoint that stores its experts one by one: the streamed read fuses one layer's experts
+    (checkpoint_map), one more copy of them for a moment, and the streamed peak counts it; a dense
+    layer of the same size does not add it."""
+    from synthetic_ckpt import write_safetensors
+
+    def checkpoint(folder, names):
+        folder.mkdir()
+        (folder / "config.json").write_text('{"hidden_size": 64, "intermediate_size": 128}')
+        write_safetensors(folder / "model.safetensors", {n: ("BF16", [64, 64], bytes(64 * 64 * 2)) for n in names})
+        return memory_plan.shape_of(folder, 0)
+
+    experts = [f"model.layers.{i}.mlp.experts.{e}.{p}.weight" for i in range(2) for e in range(4)
+               for p in ("gate_proj", "up_proj", "down_proj")]
+    dense = [f"model.layers.{i}.mlp.{p}{e}.weight" for i in range(2) for e in range(4)
+             for p in ("gate_proj", "up_proj", "down_proj")]
+    outside = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
+    moe, flat = checkpoint(tmp_path / "moe", outside + experts), checkpoint(tmp_path / "dense", outside + dense)
+    assert moe.expert_bytes == 12 * 64 * 64 * 2 and flat.expert_bytes == 0
+    assert moe.largest_layer_bytes == flat.largest_layer_bytes
+    a, b = (memory_plan.peaks(s, 1024, 256, "moe-w4a16-experts") for s in (moe, flat))
+    assert a["streamed"] - b["streamed"] == moe.expert_bytes and a["whole"] == b["whole"]
