@@ -34,8 +34,10 @@ are read through checkpoint_map.MappedWeights, and the export's names go back th
 checkpoint_map.HubNames, as from_pretrained and export_hf_checkpoint do on the whole model.
 The calibration stream stays separate from the GPTQ's original stream: the whole path's
 calibration runs in bf16, its GPTQ pass in float32 on a CPU (linear_compute.py), and each stream
-here is the whole path's, bit for bit. Tested on nvfp4 without KV cache; --format nvfp4-w4a16 /
-fp8 and --kv-cache fp8 go the same way but are untested. keep_bf16 (the whole model's KL),
+here is the whole path's, bit for bit. Tested on nvfp4, and with an FP8 KV cache through
+moe-w4a16-experts (which sets one; --kv-cache fp8 on a dense model matched by hand: before ModelOpt's
+plugins saw the whole skeleton, its KV scales were silently missing); --format nvfp4-w4a16 / fp8
+go the same way but are untested. keep_bf16 (the whole model's KL),
 the one-pass GPTQ and ModelOpt's searches are refused in one line (memory_plan.refusal).
 Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-processing).
 """
