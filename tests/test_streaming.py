@@ -268,3 +268,23 @@ def test_streamed_reads_moe_checkpoints_as_transformers_loads_them(ref_python, e
         # every MoE layer's experts fused: gate_up_proj and down_proj (deepseek_v2's layer 0 is dense)
         assert len(row["fused_experts"]) == (2 if kind == "deepseek_v2" else 4), (kind, row["fused_experts"])
     assert any("block_sparse_moe" in c for c in got["mixtral"]["conversions"])
+
+
+@pytest.mark.slow
+def test_streamed_fp8_kv_cache_keeps_its_scales(ref_python, embedded_model_dir, texts, tmp_path):
+    """--kv-cache fp8 streamed on a dense model: ModelOpt registers the attention class for KV-cache
+    quantization only when its plugins see a transformers model, so the streamed path runs them on
+    the whole skeleton. Before, the streamed checkpoint silently had no k_scale / v_scale and no
+    kv_cache_quant_algo; now it is the whole path's, byte for byte."""
+    model = tmp_path / "llama"
+    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), "llama", str(embedded_model_dir),
+                    str(model)], check=True, capture_output=True, timeout=300)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    for mode in ("whole", "streamed"):
+        _payload_quantize(ref_python, model, tmp_path / mode, "default", mode, calib, kv_cache="fp8")
+    whole, streamed = raw_tensors(tmp_path / "whole"), raw_tensors(tmp_path / "streamed")
+    assert sum(k.endswith((".k_scale", ".v_scale")) for k in streamed) == 2 * 2
+    assert sorted(whole) == sorted(streamed) and not [k for k in whole if whole[k] != streamed[k]]
+    quant = json.loads((tmp_path / "streamed" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["kv_cache_quant_algo"] == "FP8"
