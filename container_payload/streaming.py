@@ -464,7 +464,7 @@ def _export_layer(root, layer, name, probe, dtype, writer, hub_names: HubNames) 
     ctx = ExportContext(model=root, dtype=dtype, is_modelopt_qlora=False)
     tensors = {}
     with torch.inference_mode():
-        for sub_name, sub in list(layer.named_modules()):
+        for sub_name, sub in layer.named_modules():  # as _process_quantized_modules: it visits what handlers add
             hf._dispatch_export_handler(f"{name}.{sub_name}" if sub_name else name, sub, ctx)
         _reconstruct_fused_moe_linear(layer)
         for key, tensor in layer.state_dict().items():
