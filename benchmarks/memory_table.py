@@ -30,7 +30,8 @@ def qwen36_35b_a3b() -> Shape:
     attn = 2 * hidden * 16 * 256 + 2 * hidden * 2 * 256 + 16 * 256 * hidden  # full attention (q gated)
     layer = (moe + attn) * 2
     outside = 2 * vocab * hidden * 2
-    return Shape(outside + layers * layer, outside, layer, hidden, inter)
+    # the hub checkpoint stores the routed experts one by one: streamed mode fuses them as it reads
+    return Shape(outside + layers * layer, outside, layer, hidden, inter, expert_bytes=experts * 3 * hidden * inter * 2)
 
 
 MODELS = {"8B (Llama-3-8B shapes)": llama(32, 4096, 14336, 8),

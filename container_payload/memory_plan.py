@@ -10,6 +10,9 @@ uses it again (mode "auto") with the checkpoint in hand. The estimates are simpl
   streamed = embeddings + lm_head + 4 x the largest decoder layer (the bf16 layer, its export,
              the shard buffer of about one layer, the next layer read ahead) + activations
              + the recipe's streams and GPTQ work + runtime
+             + a MoE checkpoint's per-expert tensors of one layer (fused as they are read; measured on
+             a 6-layer, 64-expert Qwen3-MoE of 50 MiB layers: 4.5 layers above runtime, embeddings
+             and activations, where this counts 4.97)
 
 activations = the captured hidden states (tokens x hidden x 2 bytes, kept once: each layer's
 outputs replace its inputs) + one batch's temporaries inside a layer (float32 MLP products).
@@ -48,6 +51,7 @@ LAYER_COPIES = 4   # the layer at work, its host read, the writer's buffer, the 
 STREAMED_RECIPES = tuple(name for name, r in recipes.RECIPES.items()
                          if not any(step.plan().whole_only for step in r.steps))
 _LAYER_KEY = re.compile(r"^(.*\.)?layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class Shape:
     hidden: int = 4096
     intermediate: int = 14336
     exact: bool = True
+    # the largest layer's per-expert tensors (`experts.3.gate_proj.weight`): the streamed read fuses
+    # them as transformers 5 loads them (checkpoint_map), one more copy of them while they stack
+    expert_bytes: int = 0
 
 
 def shape_of(model_dir: Path | None, total_bytes: int) -> Shape:
@@ -80,6 +87,7 @@ def _exact(model_dir: Path) -> Shape:
     if not files:
         raise ValueError("no safetensors")
     layers: dict[str, int] = {}
+    experts: dict[str, int] = {}
     outside = 0
     for path in files:
         with open(path, "rb") as f:
@@ -91,13 +99,15 @@ def _exact(model_dir: Path) -> Shape:
             m = _LAYER_KEY.match(name)
             if m:
                 layers[m.group(0)] = layers.get(m.group(0), 0) + size
+                if _EXPERT_KEY.search(name):
+                    experts[m.group(0)] = experts.get(m.group(0), 0) + size
             else:
                 outside += size
     if not layers:
         raise ValueError("no decoder layers found")
     return Shape(outside + sum(layers.values()), outside, max(layers.values()),
                  int(config.get("hidden_size", 4096)), int(config.get("intermediate_size", 0) or 0)
-                 or 4 * int(config.get("hidden_size", 4096)))
+                 or 4 * int(config.get("hidden_size", 4096)), expert_bytes=max(experts.values(), default=0))
 
 
 def _steps(recipe: str, params: dict | None) -> tuple | None:
@@ -148,8 +158,8 @@ def peaks_of(shape: Shape, tokens: int, batch_tokens: int, steps: tuple | None) 
     ours = any(p.ours for p in plans)
     return {"whole": int(shape.total_bytes * (WHOLE_FACTOR_OURS if ours else WHOLE_FACTOR)) + act + streams
             + gptq + RUNTIME_BYTES,
-            "streamed": shape.outside_bytes + LAYER_COPIES * shape.largest_layer_bytes + act + streams + gptq
-            + RUNTIME_BYTES}
+            "streamed": shape.outside_bytes + LAYER_COPIES * shape.largest_layer_bytes + shape.expert_bytes + act
+            + streams + gptq + RUNTIME_BYTES}
 
 
 def choose(requested: str, budget: int, need: dict[str, int], cannot_stream: str | None = None

@@ -262,6 +262,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 # recipes and they verify.
 _MOE = Needs(modelopt="0.47", why=("MoE expert calibration and MIXED_PRECISION export (ModelOpt 0.47)",))
 MOE_LAYOUTS = ("moe-w4a16-experts", "moe-w4a4-experts")
+LAYERWISE_PRESETS += MOE_LAYOUTS  # max calibration too (moe.build_config): each layer's experts on its tokens
 PRESET_NEEDS.update({layout: _MOE for layout in MOE_LAYOUTS})
 RECIPES.update({r.name: r for r in (
     Recipe("moe-w4a16-experts", "MoE: experts and shared experts NVFP4 weight-only, attention FP8, FP8 KV cache "

@@ -27,10 +27,17 @@ What streams: memory_plan.STREAMED_RECIPES, the recipes whose steps each need on
 - the sequential Gptq (gptq-seq, smooth-gptq-seq): sequential.refine_layer after the layer's
   calibration, on its own two streams (original, quantized), kept in host memory; every unit
   input it captures waits there too, so the GPU holds the layer, one chunk and the unit's H, C.
+- the MoE layouts (moe-w4a16-experts, moe-w4a4-experts): max calibration of moe.py's per-kind
+  formats, each layer's experts on all its tokens; recipe.check (moe.check_calibrated) per layer.
+Checkpoints that transformers 5 loads converted (fused MoE experts, Mixtral's block_sparse_moe)
+are read through checkpoint_map.MappedWeights, and the export's names go back through
+checkpoint_map.HubNames, as from_pretrained and export_hf_checkpoint do on the whole model.
 The calibration stream stays separate from the GPTQ's original stream: the whole path's
 calibration runs in bf16, its GPTQ pass in float32 on a CPU (linear_compute.py), and each stream
-here is the whole path's, bit for bit. Tested on nvfp4 without KV cache; --format nvfp4-w4a16 /
-fp8 and --kv-cache fp8 go the same way but are untested. keep_bf16 (the whole model's KL),
+here is the whole path's, bit for bit. Tested on nvfp4, and with an FP8 KV cache through
+moe-w4a16-experts (which sets one; --kv-cache fp8 on a dense model matched by hand: before ModelOpt's
+plugins saw the whole skeleton, its KV scales were silently missing); --format nvfp4-w4a16 / fp8
+go the same way but are untested. keep_bf16 (the whole model's KL),
 the one-pass GPTQ and ModelOpt's searches are refused in one line (memory_plan.refusal).
 Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-processing).
 """
@@ -48,6 +55,7 @@ from torch import nn
 
 from . import events, recipes
 from .direct_load import _read_into, checkpoint_files, read_header
+from .checkpoint_map import HubNames, MappedWeights
 from .events import PayloadError
 from .linear_compute import float32_linears
 from .quantizers import QuantizersOff, quantized_linears
@@ -106,28 +114,26 @@ def skeleton(model_dir: Path, dtype=torch.bfloat16, trust_remote_code: bool = Fa
     return model
 
 
-def read_params(module: nn.Module, prefix: str, reader: ShardReader, dtype, skip: str | None = None) -> dict:
-    """The host tensors of every meta parameter of `module` (but those under `skip`), by name."""
-    out = {}
-    for name, p in list(module.named_parameters()):
-        if not p.is_meta or (skip and name.startswith(skip)):
-            continue
-        key = prefix + name
-        if key not in reader:
-            raise PayloadError(f"streamed mode reads tensors by the model's parameter names and "
-                               f"{key} is not in the checkpoint (a converted layout); use --mode whole",
-                               kind="input")
-        out[name] = reader.read(key, dtype)
-    return out
+def read_params(module: nn.Module, prefix: str, weights, dtype, skip: str | None = None) -> dict:
+    """The host tensors of every meta parameter of `module` (but those under `skip`), by name.
+    `weights`: checkpoint_map.MappedWeights (the checkpoint's keys mapped as from_pretrained maps them)."""
+    names = [name for name, p in module.named_parameters() if p.is_meta and not (skip and name.startswith(skip))]
+    missing = next((prefix + name for name in names if prefix + name not in weights), None)
+    if missing is not None:
+        raise PayloadError(f"streamed mode reads tensors by the model's parameter names and "
+                           f"{missing} is not in the checkpoint (a converted layout); use --mode whole",
+                           kind="input")
+    values = weights.read_many([prefix + name for name in names], dtype)
+    return {name: values[prefix + name] for name in names}
 
 
-def materialize(module: nn.Module, prefix: str, reader: ShardReader, device: str, dtype,
+def materialize(module: nn.Module, prefix: str, weights, device: str, dtype,
                 skip: str | None = None, values: dict | None = None) -> None:
     """Every meta parameter of `module` (but those under `skip`) read from the shards, or taken
     from `values` (read_params' answer, read ahead); accelerate sets each in place."""
     from accelerate.utils import set_module_tensor_to_device
 
-    values = read_params(module, prefix, reader, dtype, skip) if values is None else values
+    values = read_params(module, prefix, weights, dtype, skip) if values is None else values
     for name, value in values.items():
         set_module_tensor_to_device(module, name, device, value=value)
 
@@ -234,18 +240,20 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
 
     by_key = {s.key: s for s in recipe.steps}  # the steps this pipeline runs per layer (recipes.Plan)
     smooth, gptq = by_key.get(recipes.Smooth.key), by_key.get(recipes.Gptq.key)
-    hf, postprocess, get_quant_config, ExportContext, ShardWriter = _modelopt_parts()
+    hf, postprocess, get_quant_config, _, ShardWriter = _modelopt_parts()
     _return_freed_memory()
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     reader = ShardReader(model_dir)
     model = skeleton(model_dir, trust_remote_code=trust_remote_code)
+    weights = MappedWeights(reader, model)  # by the model's names: fused MoE experts (transformers 5)
+    hub_names = HubNames(model)  # and the export's names back to the checkpoint's
     dtype = hf._resolve_export_dtype(model, None)
     decoder = model.get_decoder()
     layers = decoder.layers
     layer_names = {id(m): n for n, m in model.named_modules()}
     names = [layer_names[id(layer)] for layer in layers]
-    layer_bytes = [sum(reader.nbytes(f"{n}.{p}") for p, _ in layer.named_parameters() if f"{n}.{p}" in reader)
+    layer_bytes = [sum(weights.nbytes(f"{n}.{p}") for p, _ in layer.named_parameters() if f"{n}.{p}" in weights)
                    for n, layer in zip(names, layers)]
     # Shards of about one bf16 layer: the writer's buffer adds at most that to the peak.
     writer = ShardWriter(out, max(layer_bytes))
@@ -255,7 +263,12 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     #    QuantLinear / QuantEmbedding with their quantizers off, as in the whole model), on meta.
     from modelopt.torch.opt import apply_mode
     from modelopt.torch.quantization.mode import QuantizeModeRegistry
+    from modelopt.torch.quantization.plugins.custom import register_custom_model_plugins_on_the_fly
 
+    # ModelOpt's model plugins see the whole model, as in mtq.quantize on it: they register its
+    # attention class for KV-cache quantization and its MoE blocks, and put fused experts on the
+    # eager path their quantizers hook (a layer's root alone is no transformers model to them)
+    register_custom_model_plugins_on_the_fly(model)
     decoder.layers = nn.ModuleList()
     try:  # the conversion step of mtq.quantize alone: nothing to calibrate out here
         apply_mode(model, mode=[("quantize", dict(recipe.config))], registry=QuantizeModeRegistry)
@@ -270,7 +283,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     events.stage("calibrate", detail=f"streamed: capturing the first layer's inputs ({len(batches)} batches)")
     layer_keys = tuple(n + "." for n in names)
     decoder_prefix = layer_names[id(decoder)] + "." if layer_names[id(decoder)] else ""
-    materialize(decoder, decoder_prefix, reader, device, dtype, skip="layers.")
+    materialize(decoder, decoder_prefix, weights, device, dtype, skip="layers.")
     inputs, layer_calls = capture_inputs(model, batches, device, keep)
     # the recipe's other streams start from the same first-layer inputs (copies: the
     # calibration loop overwrites its own in place)
@@ -291,16 +304,17 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
 
     phases = {"read_wait": 0.0, "smooth": 0.0, "calibrate": 0.0, "refine": 0.0, "export": 0.0}  # seconds
     smoothed, reached = Smoothed(), 0  # what smoothing and the GPTQ did, over all layers
+    views = []  # each calibrated layer on meta, as get_quant_config must see it (_export_layer)
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
-    pending = ahead.submit(read_params, layers[0], names[0] + ".", reader, dtype) if layers else None
+    pending = ahead.submit(read_params, layers[0], names[0] + ".", weights, dtype) if layers else None
     for i, (name, layer) in enumerate(zip(names, layers)):
         events.progress("calibrate", i, len(layers))
         t = time.time()
         values = pending.result()
         phases["read_wait"] += time.time() - t
-        pending = (ahead.submit(read_params, layers[i + 1], names[i + 1] + ".", reader, dtype)
+        pending = (ahead.submit(read_params, layers[i + 1], names[i + 1] + ".", weights, dtype)
                    if i + 1 < len(layers) else None)
-        materialize(layer, name + ".", reader, device, dtype, values=values)
+        materialize(layer, name + ".", weights, device, dtype, values=values)
         del values
         root = prefixed(name, layer)
         args = layer_calls[i]  # (args, kwargs) per batch, as the decoder hands them to this layer
@@ -330,6 +344,8 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
         if calls[0] != 1:
             raise PayloadError(f"ModelOpt ran the calibration loop {calls[0]} times for {name}; streamed "
                                "mode supports one pass (max calibration); use --mode whole", kind="input")
+        if recipe.check is not None:  # as steps._calibrate does on the whole model (moe.check_calibrated)
+            recipe.check(root)
         t = time.time()
         if gptq:
             linears = quantized_linears(root)
@@ -339,7 +355,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
             del linears
         phases["refine"] += time.time() - t
         t = time.time()
-        _export_layer(root, layer, name, probe, dtype, writer, hf, postprocess, get_quant_config, ExportContext)
+        views.append(_export_layer(root, layer, name, probe, dtype, writer, hub_names))
         del probe, root
         free(layer)
         gc.collect()
@@ -357,7 +373,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     events.stage("export", detail=str(out))
     tied = _tied_output_key(model)
     for key in reader.where:
-        if key.startswith(layer_keys) or key == tied:
+        if weights.model_key(key).startswith(layer_keys) or key == tied:
             continue
         new_key, value = postprocess(key, reader.read(key, dtype), 448, None, False)
         if new_key is not None:
@@ -365,7 +381,9 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     writer.finalize()
 
     # 5. configs, as export_hf_checkpoint writes them: hf_quant_config.json from the whole
-    #    (now meta) model's quantizers, config.json with its quantization_config
+    #    (now meta) model's quantizers as they were before the export (views), config.json
+    #    with its quantization_config
+    decoder.layers = nn.ModuleList(views)
     quant_config = get_quant_config(model)
     hf._sanitize_generation_config_for_save(model)
     patches = hf._patch_revert_weight_conversion()
@@ -379,6 +397,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
         from transformers.dynamic_module_utils import custom_object_save  # as save_pretrained copies it
 
         custom_object_save(model, str(out), config=model.config)
+    hub_names.quant_config(quant_config)
     hf._write_hf_export_config(model, quant_config, out)
     # the whole path's lines (steps.run), each marked "layer by layer"
     lines = {recipes.Smooth.key: smoothed.line(), recipes.Calibrate.key: f"ModelOpt {recipe.preset}",
@@ -423,20 +442,70 @@ def _tied_output_key(model) -> str | None:
     return next(n for n, m in model.named_modules() if m is out) + ".weight"
 
 
-def _export_layer(root, layer, name, probe, dtype, writer, hf, postprocess, get_quant_config, ExportContext):
-    """One quantized layer through ModelOpt's export: the fused groups' shared amax (what
-    requantize_resmooth_fused_llm_layers does on the whole model, here with one captured batch
-    as its probe input), each module's export handler, the per-tensor post-processing."""
+def _export_layer(root, layer, name, probe, dtype, writer, hub_names: HubNames) -> nn.Module:
+    """One quantized layer through ModelOpt's export, in export_hf_checkpoint's order: the MoE
+    inputs' missing amax, the fused groups' shared amax (what requantize_resmooth_fused_llm_layers
+    does on the whole model, here with one captured batch as its probe input), the experts'
+    gate/up amax synced, each module's export handler, fused experts split back into per-expert
+    Linears, the per-tensor post-processing and the checkpoint's names. Returns the layer on the
+    meta device as it was before the handlers (what get_quant_config reads)."""
+    hf, postprocess, get_quant_config, ExportContext, _ = _modelopt_parts()
+    from modelopt.torch.quantization.plugins.huggingface import _reconstruct_fused_moe_linear
+
     h, a, k = probe
+    hf._prepare_moe_inputs(root, dtype, False)
+    view = _on_meta(layer)  # before the handlers replace fused experts' quantizers by their scales
     inputs, norms = hf.collect_shared_input_modules(root, lambda: layer(h, *a, **k), collect_layernorms=True)
-    hf._fuse_shared_input_modules(root, inputs, norms, qkv_only=False, fuse_layernorms=True,
-                                  quantization_format=hf.get_quantization_format(root))
+    fused = hf._fuse_shared_input_modules(root, inputs, norms, qkv_only=False, fuse_layernorms=True,
+                                          quantization_format=hf.get_quantization_format(root))
+    _fuse_every_expert(root, fused, hf)
+    hf._warn_on_unsynced_moe_gate_up(root)
     kv_format = get_quant_config(root)["quantization"]["kv_cache_quant_algo"]
     ctx = ExportContext(model=root, dtype=dtype, is_modelopt_qlora=False)
+    tensors = {}
     with torch.inference_mode():
-        for sub_name, sub in layer.named_modules():
+        for sub_name, sub in layer.named_modules():  # as _process_quantized_modules: it visits what handlers add
             hf._dispatch_export_handler(f"{name}.{sub_name}" if sub_name else name, sub, ctx)
+        _reconstruct_fused_moe_linear(layer)
         for key, tensor in layer.state_dict().items():
             new_key, value = postprocess(f"{name}.{key}", tensor, 448, kv_format, False)
             if new_key is not None:
-                writer.add(new_key, value.detach().contiguous().cpu())
+                tensors[new_key] = value.detach().contiguous().cpu()
+    for key, value in hub_names.state_dict(tensors).items():
+        writer.add(key, value)
+    return view
+
+
+def _on_meta(module: nn.Module) -> nn.Module:
+    """A copy of `module` with every parameter and buffer on the meta device: its structure and
+    quantizer settings without its memory."""
+    import copy
+
+    memo = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _fuse_every_expert(root, fused: dict, hf) -> None:
+    """The experts the probe did not route to, fused like those it did: the loop at the end of
+    ModelOpt's requantize_resmooth_fused_llm_layers (per-expert Linears, transformers 4.x; the
+    fused experts of 5.x have no Linear per expert)."""
+    import re
+
+    names = {n for n, _ in root.named_modules()}
+    for first, group in fused.items():
+        if not re.search(r"experts?\.\d+", first):
+            continue
+        expert = 0
+        while True:
+            other = re.sub(r"(experts?\.)\d+", rf"\g<1>{expert}", first, count=1)
+            if other in fused:
+                expert += 1
+                continue
+            if other not in names:
+                break
+            hf.preprocess_linear_fusion([root.get_submodule(re.sub(r"(experts?\.)\d+", rf"\g<1>{expert}", n))
+                                         for n in group])
+            expert += 1

@@ -214,3 +214,77 @@ def test_streamed_runs_remote_code_and_reports_what_whole_reports(ref_python, em
     assert sorted(a) == sorted(b)
     differ = [k for k in a if a[k] != b[k]]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+# (tiny MoE family, recipe): Qwen3-MoE's fused experts with the FP8 attention and KV cache of the
+# W4A16 layout (MIXED_PRECISION); Mixtral's `block_sparse_moe` (renamed `mlp` by transformers 5)
+# with W4A4 experts, whose input scales come from every expert's calibration
+MOE_STREAMS = [("qwen3_moe", "moe-w4a16-experts"), ("mixtral", "moe-w4a4-experts")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, recipe", MOE_STREAMS)
+def test_streamed_moe_writes_the_whole_paths_bytes(kind, recipe, ref_python, embedded_model_dir, texts, tmp_path):
+    """Issue 20: the MoE recipes stream. transformers 5 loads the per-expert checkpoint keys fused
+    (checkpoint_map reads them layer by layer with its conversion mapping), and the export gives
+    them their per-expert hub names back: every tensor, the configs (quantized_layers, the KV-cache
+    format) and the steps applied are the whole path's."""
+    model = tmp_path / kind
+    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), kind, str(embedded_model_dir),
+                    str(model)], check=True, capture_output=True, timeout=300)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    runs = {mode: _payload_quantize(ref_python, model, tmp_path / mode, recipe, mode, calib)
+            for mode in ("whole", "streamed")}
+    assert runs["streamed"]["mode"] == "streamed" and runs["streamed"]["streamed"]["layers"] == 2
+    assert [line.replace(", layer by layer", "") for line in runs["streamed"]["steps_applied"]] \
+        == runs["whole"]["steps_applied"] == [f"calibrate: ModelOpt {recipe}"]
+    whole, streamed = raw_tensors(tmp_path / "whole"), raw_tensors(tmp_path / "streamed")
+    assert sorted(whole) == sorted(streamed)
+    differ = [k for k in whole if whole[k] != streamed[k]]
+    assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
+    experts = [k for k in streamed if ".experts.3." in k and k.endswith(".weight")]
+    assert len(experts) == 2 * 3 and all(streamed[k][0] == "U8" for k in experts)  # per expert, NVFP4
+    for name in ("hf_quant_config.json", "config.json"):
+        assert json.loads((tmp_path / "streamed" / name).read_text()) == \
+            json.loads((tmp_path / "whole" / name).read_text()), name
+
+
+@pytest.mark.slow
+def test_streamed_reads_moe_checkpoints_as_transformers_loads_them(ref_python, embedded_model_dir, tmp_path):
+    """checkpoint_map.MappedWeights (transformers' conversion mapping, per parameter) against
+    from_pretrained on four MoE families: the same fused experts bit for bit, and the same
+    transforms marked used (Mixtral's rename included), which the export then reverses."""
+    kinds = ("qwen3_moe", "mixtral", "qwen3_5_moe", "deepseek_v2")
+    proc = subprocess.run([ref_python, str(REPO / "tests" / "tools" / "moe_weight_map.py"), str(REPO),
+                           str(embedded_model_dir), str(tmp_path), *kinds], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {row["kind"]: row for row in map(json.loads, proc.stdout.strip().splitlines()[-len(kinds):])}
+    assert sorted(got) == sorted(kinds)
+    for kind, row in got.items():
+        assert row["same_names"] and not row["differ"], (kind, row["differ"][:3])
+        assert row["conversions"] == row["loader_conversions"] and row["conversions"], kind
+        # every MoE layer's experts fused: gate_up_proj and down_proj (deepseek_v2's layer 0 is dense)
+        assert len(row["fused_experts"]) == (2 if kind == "deepseek_v2" else 4), (kind, row["fused_experts"])
+    assert any("block_sparse_moe" in c for c in got["mixtral"]["conversions"])
+
+
+@pytest.mark.slow
+def test_streamed_fp8_kv_cache_keeps_its_scales(ref_python, embedded_model_dir, texts, tmp_path):
+    """--kv-cache fp8 streamed on a dense model: ModelOpt registers the attention class for KV-cache
+    quantization only when its plugins see a transformers model, so the streamed path runs them on
+    the whole skeleton. Before, the streamed checkpoint silently had no k_scale / v_scale and no
+    kv_cache_quant_algo; now it is the whole path's, byte for byte."""
+    model = tmp_path / "llama"
+    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), "llama", str(embedded_model_dir),
+                    str(model)], check=True, capture_output=True, timeout=300)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    for mode in ("whole", "streamed"):
+        _payload_quantize(ref_python, model, tmp_path / mode, "default", mode, calib, kv_cache="fp8")
+    whole, streamed = raw_tensors(tmp_path / "whole"), raw_tensors(tmp_path / "streamed")
+    assert sum(k.endswith((".k_scale", ".v_scale")) for k in streamed) == 2 * 2
+    assert sorted(whole) == sorted(streamed) and not [k for k in whole if whole[k] != streamed[k]]
+    quant = json.loads((tmp_path / "streamed" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["kv_cache_quant_algo"] == "FP8"
