@@ -178,8 +178,8 @@ class KeepBf16:
     needs = Needs()
     ranges = {"budget": Range(0, 1), "batches": Range(1)}   # a fraction of the size; at least one batch
 
-    def plan(self) -> Plan:
-        return Plan(whole_only="keep_bf16 ranks units by the whole model's output", ranking_batches=self.batches)
+    def plan(self) -> Plan:  # streamed: a ranking pass over the layers first (streamed_steps.py)
+        return Plan(ranking_batches=self.batches)
 
 
 STEPS = {cls.key: cls for cls in (Smooth, Calibrate, ScaleSearch, Gptq, KeepBf16)}

@@ -41,11 +41,11 @@ def test_budget_picks_the_mode_and_names_what_would_fit():
 @pytest.mark.docker
 def test_streamed_refuses_a_whole_model_recipe_before_the_download(launcher_home, standin_image, tmp_path):
     proc = run_launcher("quantize", "--output", str(tmp_path / "o"), "--mode", "streamed", "--recipe",
-                        "smooth-gptq-seq-mp", "--no-eval")
+                        "gptq-aa-mp", "--no-eval")
     assert proc.returncode != 0
     line = one_line_error(proc.stderr)
-    assert "recipe 'smooth-gptq-seq-mp' needs the whole model in memory (keep_bf16 ranks" in line
-    assert "smooth-gptq-seq" in line.split("streamed mode runs")[1]
+    assert "recipe 'gptq-aa-mp' needs the whole model in memory (the one-pass gptq takes" in line
+    assert "smooth-gptq-seq-mp" in line.split("streamed mode runs")[1]
 
 
 @pytest.mark.docker
@@ -159,6 +159,32 @@ def test_streamed_smooth_gptq_seq_writes_the_whole_paths_bytes(small_llama, ref_
     default = raw_tensors(tmp_path / "default")
     q = "model.layers.2.mlp.down_proj.weight"
     assert default[q] != streamed[q], "the GPTQ recipe wrote default's weights: its steps did not run"
+
+
+@pytest.mark.slow
+def test_streamed_smooth_gptq_seq_mp_ranks_layer_by_layer_and_writes_the_whole_paths_bytes(
+        small_llama, ref_python, texts, tmp_path):
+    """make quantize's recipe streamed (issue 20): the bf16 ranking as a pass of its own over the
+    layers (calibrated and scored one at a time, the shortlist's streams carried along), the
+    decision, then the sequential GPTQ pass: the same units kept, every tensor and the exclude
+    list byte for byte what the whole-model path writes. A small budget keeps a few units of 16
+    (the shortlist of 12 drops units on the way), so the GPTQ has most Linears to fit."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    params = {"recipe_params": {"keep_bf16.budget": 0.01}}
+    runs = {mode: _payload_quantize(ref_python, small_llama, tmp_path / mode, "smooth-gptq-seq-mp", mode, calib,
+                                    **params) for mode in ("whole", "streamed")}
+    assert runs["streamed"]["mode"] == "streamed" and runs["streamed"]["streamed"]["passes"] == 2
+    kept = runs["whole"]["steps_applied"][2]
+    assert kept.startswith("keep_bf16: ") and not kept.startswith(("keep_bf16: 0 of", "keep_bf16: 16 of")), kept
+    assert [line.replace(", layer by layer", "") for line in runs["streamed"]["steps_applied"]] \
+        == runs["whole"]["steps_applied"]
+    configs = [json.loads((tmp_path / mode / "hf_quant_config.json").read_text()) for mode in ("whole", "streamed")]
+    assert configs[0] == configs[1] and any("layers" in m for m in configs[0]["quantization"]["exclude_modules"])
+    whole, streamed = raw_tensors(tmp_path / "whole"), raw_tensors(tmp_path / "streamed")
+    assert sorted(whole) == sorted(streamed)
+    differ = [k for k in whole if whole[k] != streamed[k]]
+    assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
 
 
 @pytest.mark.slow
