@@ -128,6 +128,21 @@ def planning_batch(batch_size: int | str, on_gpu: bool) -> int:
     return batch_size if batch_size != "auto" else (8 if on_gpu else 4)
 
 
+AUTO_BATCH_CAP = 128   # calibration.auto_batch_size's cap on a GPU
+
+
+def planned_batch(batch_size: int | str, on_gpu: bool, samples: int, fits) -> int:
+    """The calibration batch a plan runs: the job's own, else planning_batch, which on a GPU
+    doubles up to AUTO_BATCH_CAP while fits(batch) (the planned mode's peak within the budget at
+    that batch): fewer, larger batches calibrate faster, and the payload feeds exactly this one."""
+    if batch_size != "auto":
+        return batch_size
+    bs = planning_batch(batch_size, on_gpu)
+    while on_gpu and bs * 2 <= min(AUTO_BATCH_CAP, samples) and fits(bs * 2):
+        bs *= 2
+    return max(1, min(bs, samples))
+
+
 def activation_bytes(shape: Shape, tokens: int, batch_tokens: int) -> int:
     return tokens * shape.hidden * 2 + batch_tokens * shape.intermediate * 4 * 4
 

@@ -393,10 +393,15 @@ def check_name(name: str) -> str | None:
 
 
 def needs_for(recipe: str, fmt: str = "nvfp4", kv_cache: str = "none", *, embedded: bool = False,
-              params: dict | None = None) -> Needs:
+              params: dict | None = None, steps: tuple | None = None) -> Needs:
     """Everything a job needs from its image: the recipe's (with its `params`: a preset may need
-    more), the format's and the KV cache's."""
-    base = MODELOPT_RECIPE_NEEDS if is_modelopt_recipe(recipe) else effective(recipe, params).needs
+    more; `steps`: those already resolved), the format's and the KV cache's."""
+    if is_modelopt_recipe(recipe):
+        base = MODELOPT_RECIPE_NEEDS
+    elif steps is not None:
+        base = replace(RECIPES[recipe], steps=steps).needs
+    else:
+        base = effective(recipe, params).needs
     needs = base | FORMAT_NEEDS[fmt] | KV_CACHE_NEEDS[kv_cache]
     return needs | EMBEDDED_NEEDS if embedded else needs
 
