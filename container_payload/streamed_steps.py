@@ -296,7 +296,7 @@ class _KeepBf16(Runner):
                         for u in shortlist(self.seen, self.err, self.extra, self.budget)]
         kept = decide(base, measured, self.extra, self.budget, len(self.ids), self.t0)
         self.kept, self.count = {u[0] for u in kept}, len(kept)
-        self.ref = self.base = self.streams = None
+        self.ref = self.base = self.streams = self.first = self.calls = None  # the ranking's streams go
 
     def _logits(self, run, finals: list):
         """The model's logits per ranking batch from the last layer's outputs (`finals`)."""

@@ -40,9 +40,12 @@ import copy
 import gc
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from modelopt.torch.opt import apply_mode
+from modelopt.torch.quantization.mode import QuantizeModeRegistry
 from torch import nn
 
 from . import events, recipes, streamed_steps
@@ -235,9 +238,6 @@ class Run:
 
     def convert(self, layer: nn.Module, name: str) -> None:
         """ModelOpt's conversion of `layer` (named as in the whole model) alone, no calibration."""
-        from modelopt.torch.opt import apply_mode
-        from modelopt.torch.quantization.mode import QuantizeModeRegistry
-
         apply_mode(prefixed(name, layer), mode=[("quantize", dict(self.recipe.config))], registry=QuantizeModeRegistry)
 
     def materialize_head(self) -> None:
@@ -280,9 +280,6 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
 
     # 1. ModelOpt's conversion of everything outside the layers (lm_head and the embeddings are
     #    QuantLinear / QuantEmbedding with their quantizers off, as in the whole model), on meta.
-    from modelopt.torch.opt import apply_mode
-    from modelopt.torch.quantization.mode import QuantizeModeRegistry
-
     with run.layers_as(nn.ModuleList()):  # the conversion step of mtq.quantize alone: nothing to calibrate out here
         apply_mode(model, mode=[("quantize", dict(recipe.config))], registry=QuantizeModeRegistry)
     outside = [n for n, q in _enabled_quantizers(model)]
@@ -358,8 +355,6 @@ def _layer_loop(run: Run, runners: list, final: bool, phases: dict, writer, expo
     """One pass over the decoder layers: each read (the next one ahead, in a thread), materialized
     (a ranking pass works on a copy: the final pass converts the skeleton's own layer), handed to
     the runners in recipe order, exported on the final pass, freed."""
-    from concurrent.futures import ThreadPoolExecutor
-
     layers, names, reader, device, dtype = run.layers, run.names, run.reader, run.device, run.dtype
     stage = "calibrate" if final else "rank"
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
