@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from . import memory_plan
 from .emulate import fake_quant_nvfp4
 from .events import log as _log
 from .linear_compute import float32_linears, linear, patch_forward
@@ -19,7 +20,7 @@ from .nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
 from .quantizers import QuantizersOff, fused_units, modules_out_of_reach, unit_input_scale
 
 CANDIDATES = 12      # units measured directly (one KL pass each), the top of the emulated ranking
-MAX_TOKENS = 1024    # calibration tokens the ranking runs on
+MAX_TOKENS = memory_plan.RANKING_TOKENS    # calibration tokens the ranking runs on (the plan counts their logits)
 
 
 def _nvfp4_bytes(numel: int) -> float:
