@@ -12,11 +12,15 @@ import time
 
 import torch
 
+from . import memory_plan
 from .emulate import fake_quant_nvfp4
 from .events import log as _log
 from .linear_compute import float32_linears, linear, patch_forward
 from .nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
 from .quantizers import QuantizersOff, fused_units, modules_out_of_reach, unit_input_scale
+
+CANDIDATES = 12      # units measured directly (one KL pass each), the top of the emulated ranking
+MAX_TOKENS = memory_plan.RANKING_TOKENS    # calibration tokens the ranking runs on (the plan counts their logits)
 
 
 def _nvfp4_bytes(numel: int) -> float:
@@ -76,17 +80,23 @@ class Emulation:
         self.handles = {}
 
 
-@torch.no_grad()
-def _kl_to(model, ids_list, ref_logp) -> float:
+def kl_to(ref_logp: list, logits) -> float:
+    """Mean KL(reference || model) per token: `ref_logp` the reference's log-probabilities per
+    batch, `logits` the model's logits per batch (an iterable, in the same order)."""
     tot, n = 0.0, 0
-    for ids, lp in zip(ids_list, ref_logp):
-        lq = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    for lp, logit in zip(ref_logp, logits):
+        lq = torch.log_softmax(logit.float(), dim=-1)
         tot += (lp.exp() * (lp - lq)).sum().item()
         n += lq.shape[0] * lq.shape[1]
     return tot / max(n, 1)
 
 
-def _limit_tokens(ids_list, max_tokens: int):
+def model_logits(model, ids_list):
+    """The model's logits per batch (no KV cache: a scoring pass)."""
+    return (model(input_ids=ids, use_cache=False).logits for ids in ids_list)
+
+
+def limit_tokens(ids_list, max_tokens: int = MAX_TOKENS):
     """At most max_tokens of the kept batches: whole windows while they fit, else one cut."""
     out, left = [], max_tokens
     for ids in ids_list:
@@ -99,14 +109,58 @@ def _limit_tokens(ids_list, max_tokens: int):
     return out
 
 
-def _unit_extra_bytes(unit, originals) -> float:
-    return sum(originals[n].numel() * originals[n].element_size() - _nvfp4_bytes(originals[n].numel())
-               for n in unit)
+def unit_extra_bytes(unit, weights: dict) -> float:
+    """What keeping `unit` in bf16 adds to the checkpoint (weights: its Linears' weights, by name)."""
+    return sum(weights[n].numel() * weights[n].element_size() - _nvfp4_bytes(weights[n].numel()) for n in unit)
+
+
+# The ranking's decision, shared by both pipelines (steps.py on the whole model, streamed_steps.py
+# layer by layer): scores per unit -> the shortlist measured directly -> the units kept.
+
+def shortlist(units: list, err: dict, extra: dict, budget: float, candidates: int = CANDIDATES) -> list:
+    """The units measured one by one: those that fit the budget alone, by their Linears' largest
+    emulated output error (`err`, by Linear; ties in model order), the first `candidates`.
+    `extra`: unit_extra_bytes by the unit's first Linear."""
+    fits = [u for u in units if extra[u[0]] <= budget]
+    fits.sort(key=lambda u: -max(err.get(n, 0.0) for n in u))
+    return fits[:candidates]
+
+
+def decide(base: float, measured: list, extra: dict, budget: float, batches: int, t0: float) -> list:
+    """The units kept in bf16: `measured` holds (unit, its KL when it alone stays bf16) in
+    shortlist order; they are taken by KL saved per extra byte while the budget lasts (`base`:
+    the KL with every unit quantized)."""
+    gains = [((base - kl) / extra[u[0]], base - kl, extra[u[0]], u) for u, kl in measured]
+    gains.sort(key=lambda g: -g[0])
+    kept, used = [], 0.0
+    for per_byte, gain, more, unit in gains:
+        if gain > 0 and used + more <= budget:
+            kept.append(unit)
+            used += more
+    short = lambda u: u[0].rsplit(".", 1)[0] + ":" + "+".join(x.rsplit(".", 1)[1] for x in u)  # noqa: E731
+    _log(f"refine: mixed precision: emulated KL {base:.4f} on {batches} batches; "
+         f"candidates {[(short(g[3]), round(g[1], 4)) for g in gains]}; kept in bf16 "
+         f"{[short(u) for u in kept]} ({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) "
+         f"in {time.time() - t0:.1f}s")
+    return kept
+
+
+def keep_in_bf16(linears: dict, units: list, originals: dict | None = None) -> None:
+    """The units' quantizers off (export stores them in bf16 and lists them as excluded), their
+    original weights back when `originals` has them."""
+    for unit in units:
+        for n in unit:
+            m = linears[n]
+            if originals is not None:
+                m.weight.data.copy_(originals[n])
+            m.weight_quantizer.disable()
+            if getattr(m, "input_quantizer", None) is not None:
+                m.input_quantizer.disable()
 
 
 @torch.no_grad()
 def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budget_frac: float,
-                           candidates: int = 12, max_tokens: int = 1024):
+                           candidates: int = CANDIDATES, max_tokens: int = MAX_TOKENS):
     """Choose fused units to keep in bf16 within budget_frac of the default checkpoint's
     weight bytes. One emulated pass ranks units by their Linears' relative output error;
     the top `candidates` are then each measured directly: the KL (vs the original model,
@@ -117,8 +171,9 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
     if not ids_list or budget <= 0:
         return []
     t0 = time.time()
-    ids_list = _limit_tokens(ids_list, max_tokens)
+    ids_list = limit_tokens(ids_list, max_tokens)
     quant_w = {n: linears[n].weight.detach().clone() for n in linears}
+    extra = {u[0]: unit_extra_bytes(u, originals) for u in units}
 
     def set_weights(src, names):
         for n in names:
@@ -126,45 +181,24 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
 
     with QuantizersOff(model), float32_linears(model):
         set_weights(originals, linears)
-        ref = [torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1) for ids in ids_list]
+        ref = [torch.log_softmax(logits.float(), dim=-1) for logits in model_logits(model, ids_list)]
         set_weights(quant_w, linears)
         emu = Emulation(linears, units, originals)
         try:
-            base = _kl_to(model, ids_list, ref)
+            base = kl_to(ref, model_logits(model, ids_list))
         finally:
             emu.remove()
-        fits = [u for u in units if _unit_extra_bytes(u, originals) <= budget]
-        fits.sort(key=lambda u: -max(emu.err.get(n, 0.0) for n in u))
-        shortlist = fits[:candidates]
-        gains = []
-        for unit in shortlist:
+        measured = []
+        for unit in shortlist(units, emu.err, extra, budget, candidates):
             set_weights(originals, unit)
             emu = Emulation(linears, [u for u in units if u is not unit])
             try:
-                kl = _kl_to(model, ids_list, ref)
+                measured.append((unit, kl_to(ref, model_logits(model, ids_list))))
             finally:
                 emu.remove()
                 set_weights(quant_w, unit)
-            extra = _unit_extra_bytes(unit, originals)
-            gains.append(((base - kl) / extra, base - kl, extra, unit))
-    gains.sort(key=lambda g: -g[0])
-    kept, used = [], 0.0
-    for per_byte, gain, extra, unit in gains:
-        if gain > 0 and used + extra <= budget:
-            kept.append(unit)
-            used += extra
-    for unit in kept:
-        for n in unit:
-            m = linears[n]
-            m.weight.data.copy_(originals[n])
-            m.weight_quantizer.disable()
-            if getattr(m, "input_quantizer", None) is not None:
-                m.input_quantizer.disable()
-    short = lambda u: u[0].rsplit(".", 1)[0] + ":" + "+".join(x.rsplit(".", 1)[1] for x in u)
-    _log(f"refine: mixed precision: emulated KL {base:.4f} on {len(ids_list)} batches; "
-         f"candidates {[(short(g[3]), round(g[1], 4)) for g in gains]}; kept in bf16 "
-         f"{[short(u) for u in kept]} ({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) "
-         f"in {time.time() - t0:.1f}s")
+    kept = decide(base, measured, extra, budget, len(ids_list), t0)
+    keep_in_bf16(linears, kept, originals)
     return kept
 
 

@@ -19,7 +19,8 @@ outputs replace its inputs) + one batch's temporaries inside a layer (float32 ML
 A sequential GPTQ adds two streams of hidden states (original, quantized), smoothing one more
 (the unsmoothed model's, for its statistics); GPTQ holds one layer's unit inputs (3 x hidden +
 intermediate per token, bf16), and for the widest unit H and C in float32 and the activation
-correction's float64 squares (GPTQ_SQUARES).
+correction's float64 squares (GPTQ_SQUARES). A ranking (keep_bf16) holds float32 logits of its
+tokens instead (RANKING_TOKENS x vocab x 4 bytes, LOGIT_COPIES of them), before or after the GPTQ.
 runtime = torch + transformers + ModelOpt imported and a tokenizer loaded: about 0.5 GiB on
 a CPU (tests/test_streaming.py measures it), counted as 1 GiB (a CUDA context adds more;
 tokenizing the whole builtin Brown text adds about 0.6 GiB of its own on top).
@@ -45,6 +46,10 @@ WHOLE_FACTOR_OURS = 3.0   # the issue's measurement of make quantize's recipe
 # streamed smooth-gptq-seq peaked at 7.0 GiB of GPU and 10.0 GiB host: 17 GiB, estimated 15.
 GPTQ_SQUARES = 6
 LAYER_COPIES = 4   # the layer at work, its host read, the writer's buffer, the next layer read ahead
+# A ranking pass (keep_bf16) scores units by the KL of the model's logits on at most RANKING_TOKENS
+# calibration tokens: float32 logits of the reference, the scored model, and the KL's temporaries.
+RANKING_TOKENS = 1024
+LOGIT_COPIES = 5
 
 # What streams (streaming.py): a recipe whose steps each work on one decoder layer at a time, as
 # each step declares (recipes.Plan.whole_only).
@@ -66,6 +71,7 @@ class Shape:
     # the largest layer's per-expert tensors (`experts.3.gate_proj.weight`): the streamed read fuses
     # them as transformers 5 loads them (checkpoint_map), one more copy of them while they stack
     expert_bytes: int = 0
+    vocab: int = 128256
 
 
 def shape_of(model_dir: Path | None, total_bytes: int) -> Shape:
@@ -107,7 +113,8 @@ def _exact(model_dir: Path) -> Shape:
         raise ValueError("no decoder layers found")
     return Shape(outside + sum(layers.values()), outside, max(layers.values()),
                  int(config.get("hidden_size", 4096)), int(config.get("intermediate_size", 0) or 0)
-                 or 4 * int(config.get("hidden_size", 4096)), expert_bytes=max(experts.values(), default=0))
+                 or 4 * int(config.get("hidden_size", 4096)), expert_bytes=max(experts.values(), default=0),
+                 vocab=int(config.get("vocab_size", 128256)))
 
 
 def _steps(recipe: str, params: dict | None) -> tuple | None:
@@ -138,6 +145,21 @@ def planning_batch(batch_size: int | str, on_gpu: bool) -> int:
     return batch_size if batch_size != "auto" else (8 if on_gpu else 4)
 
 
+AUTO_BATCH_CAP = 128   # calibration.auto_batch_size's cap on a GPU
+
+
+def planned_batch(batch_size: int | str, on_gpu: bool, samples: int, fits) -> int:
+    """The calibration batch a plan runs: the job's own, else planning_batch, which on a GPU
+    doubles up to AUTO_BATCH_CAP while fits(batch) (the planned mode's peak within the budget at
+    that batch): fewer, larger batches calibrate faster, and the payload feeds exactly this one."""
+    if batch_size != "auto":
+        return batch_size
+    bs = planning_batch(batch_size, on_gpu)
+    while on_gpu and bs * 2 <= min(AUTO_BATCH_CAP, samples) and fits(bs * 2):
+        bs *= 2
+    return max(1, min(bs, samples))
+
+
 def activation_bytes(shape: Shape, tokens: int, batch_tokens: int) -> int:
     return tokens * shape.hidden * 2 + batch_tokens * shape.intermediate * 4 * 4
 
@@ -152,14 +174,16 @@ def peaks_of(shape: Shape, tokens: int, batch_tokens: int, steps: tuple | None) 
     plans = [s.plan() for s in steps or ()]
     act = activation_bytes(shape, tokens, batch_tokens)
     streams = tokens * shape.hidden * 2 * sum(p.hidden_streams for p in plans)
-    gptq = 0
+    work = 0  # the largest of our passes' own work at a time: a GPTQ unit, or a ranking's logits
     if any(p.unit_inputs for p in plans):
-        gptq = tokens * (3 * shape.hidden + shape.intermediate) * 2 + GPTQ_SQUARES * shape.intermediate ** 2 * 4
+        work = tokens * (3 * shape.hidden + shape.intermediate) * 2 + GPTQ_SQUARES * shape.intermediate ** 2 * 4
+    if any(p.ranking_batches for p in plans):
+        work = max(work, RANKING_TOKENS * shape.vocab * 4 * LOGIT_COPIES)
     ours = any(p.ours for p in plans)
     return {"whole": int(shape.total_bytes * (WHOLE_FACTOR_OURS if ours else WHOLE_FACTOR)) + act + streams
-            + gptq + RUNTIME_BYTES,
+            + work + RUNTIME_BYTES,
             "streamed": shape.outside_bytes + LAYER_COPIES * shape.largest_layer_bytes + shape.expert_bytes + act
-            + streams + gptq + RUNTIME_BYTES}
+            + streams + work + RUNTIME_BYTES}
 
 
 def choose(requested: str, budget: int, need: dict[str, int], cannot_stream: str | None = None

@@ -113,12 +113,11 @@ class Streamed:
 
 
 def choose(job: QuantizeJob, device: str, tuning: Tuning, steps: tuple | None, mark):
-    """The pipeline for this job: its mode, or for "auto" the one the memory budget allows
-    (memory_plan, with the checkpoint's real layer sizes in hand). A recipe that cannot stream
-    is refused here, before anything loads."""
-    mode = job.mode
-    if mode == "auto":
-        mode = _auto_mode(job, steps, on_gpu=device == "cuda")
+    """The pipeline for this job: the mode the launcher planned (job.mode), checked again against
+    the memory budget with the checkpoint's real layer sizes and the job's batch; "auto" (a job
+    file written by hand) is decided here. A recipe that cannot stream, or a plan that does not
+    fit, is refused here in one line, before anything loads."""
+    mode = _planned_mode(job, steps, on_gpu=device == "cuda")
     if mode == "streamed":
         problem = memory_plan.refusal_of(job.recipe, steps)
         if problem:
@@ -126,19 +125,19 @@ def choose(job: QuantizeJob, device: str, tuning: Tuning, steps: tuple | None, m
     return (Streamed if mode == "streamed" else WholeModel)(job, device, tuning, mark)
 
 
-def _auto_mode(job: QuantizeJob, steps: tuple | None, on_gpu: bool) -> str:
+def _planned_mode(job: QuantizeJob, steps: tuple | None, on_gpu: bool) -> str:
     budget = job.memory_budget
     if not budget:
-        return "whole"
+        return "whole" if job.mode == "auto" else job.mode
     calib = job.calibration
-    bs = memory_plan.planning_batch(calib.batch_size, on_gpu)  # the host's assumption too (memory_budget.plan)
+    bs = memory_plan.planning_batch(calib.batch_size, on_gpu)  # the host's batch (memory_budget.plan)
     shape = memory_plan.shape_of(Path(job.model_dir), 0)
     need = memory_plan.peaks_of(shape, calib.samples * calib.seq_len, bs * calib.seq_len, steps)
-    picked, problem = memory_plan.choose("auto", int(budget), need, memory_plan.refusal_of(job.recipe, steps))
+    picked, problem = memory_plan.choose(job.mode, int(budget), need, memory_plan.refusal_of(job.recipe, steps))
     if problem:
         raise PayloadError(problem, kind="oom")
-    events.stage("plan", detail=f"mode {picked}: whole needs ~{need['whole'] >> 20} MiB, streamed "
-                                f"~{need['streamed'] >> 20} MiB, budget {int(budget) >> 20} MiB")
+    events.stage("plan", detail=f"mode {picked} ({job.mode}), batch {bs}: whole needs ~{need['whole'] >> 20} MiB, "
+                                f"streamed ~{need['streamed'] >> 20} MiB, budget {int(budget) >> 20} MiB")
     return picked
 
 

@@ -27,11 +27,11 @@ from .events import PayloadError
 from .tuning import Tuning
 
 
-def check_image(job: QuantizeJob, device: str) -> None:
+def check_image(job: QuantizeJob, device: str, steps: tuple | None) -> None:
     """Refuse, before any weights load, a job this image's packages cannot finish (the
     launcher checks the same from its probe; this guards direct runs and stale probes)."""
     try:
-        needs = recipes.needs_for(job.recipe, job.format, job.kv_cache, params=job.recipe_params,
+        needs = recipes.needs_for(job.recipe, job.format, job.kv_cache, steps=steps,
                                   embedded=bool(job.gguf) and not (Path(job.model_dir) / "config.json").exists())
     except (KeyError, ValueError):
         return  # an unknown recipe or a bad parameter: recipe_build.build refuses it in one line
@@ -117,14 +117,14 @@ def run(job: QuantizeJob) -> dict:
     gc.disable()
     model_dir, out = Path(job.model_dir), Path(job.output_dir)
     device = pick_device(job.device)
-    check_image(job, device)
+    steps = resolve_steps(job)
+    check_image(job, device, steps)
     loading.check_model_type(model_dir, job.trust_remote_code)
     tuning = Tuning.of(job)
     mark("torch_ready")
     if job.gguf:
         loading.prepare_embedded(job.gguf, model_dir)
         timings["prepare_s"] = round(time.time() - t0, 3)
-    steps = resolve_steps(job)
     pipeline = pipelines.choose(job, device, tuning, steps, mark)
     pipeline.start()
 

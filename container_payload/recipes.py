@@ -178,8 +178,8 @@ class KeepBf16:
     needs = Needs()
     ranges = {"budget": Range(0, 1), "batches": Range(1)}   # a fraction of the size; at least one batch
 
-    def plan(self) -> Plan:
-        return Plan(whole_only="keep_bf16 ranks units by the whole model's output", ranking_batches=self.batches)
+    def plan(self) -> Plan:  # streamed: a ranking pass over the layers first (streamed_steps.py)
+        return Plan(ranking_batches=self.batches)
 
 
 STEPS = {cls.key: cls for cls in (Smooth, Calibrate, ScaleSearch, Gptq, KeepBf16)}
@@ -394,10 +394,15 @@ def check_name(name: str) -> str | None:
 
 
 def needs_for(recipe: str, fmt: str = "nvfp4", kv_cache: str = "none", *, embedded: bool = False,
-              params: dict | None = None) -> Needs:
+              params: dict | None = None, steps: tuple | None = None) -> Needs:
     """Everything a job needs from its image: the recipe's (with its `params`: a preset may need
-    more), the format's and the KV cache's."""
-    base = MODELOPT_RECIPE_NEEDS if is_modelopt_recipe(recipe) else effective(recipe, params).needs
+    more; `steps`: those already resolved), the format's and the KV cache's."""
+    if is_modelopt_recipe(recipe):
+        base = MODELOPT_RECIPE_NEEDS
+    elif steps is not None:
+        base = replace(RECIPES[recipe], steps=steps).needs
+    else:
+        base = effective(recipe, params).needs
     needs = base | FORMAT_NEEDS[fmt] | KV_CACHE_NEEDS[kv_cache]
     return needs | EMBEDDED_NEEDS if embedded else needs
 

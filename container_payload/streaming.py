@@ -1,8 +1,13 @@
 """Layer-streamed quantization: the whole model is never in memory at once.
 
     skeleton on the meta device -> embeddings read, first layer's inputs captured ->
-    per decoder layer: read from the shards, ModelOpt quantize + calibrate on the captured
-    inputs, ModelOpt's per-module export, tensors written, freed -> the rest, configs last
+    per pass, per decoder layer: read from the shards, each step's streamed runner in recipe
+    order (streamed_steps.RUNNERS: smoothing, ModelOpt quantize + calibrate on the captured
+    inputs, the ranking's scores, the sequential GPTQ), on the final pass ModelOpt's per-module
+    export, tensors written, freed -> the rest, configs last
+
+One pass, unless a step ranks over all layers (keep_bf16): then a ranking pass over the steps up
+to it comes first, on copies of the layers, and the final pass runs with its decision.
 
 Peak memory is about one decoder layer (bf16, plus its export) + the calibration activations
 (tokens x hidden x bf16, once: each layer's outputs replace its inputs) + the embeddings while
@@ -19,48 +24,41 @@ llm_layers does on the whole model) and its per-module handlers see what they se
 Non-layer tensors (embeddings, final norm, lm_head) are copied from the source, as the
 whole-model export writes them unchanged.
 
-What streams: memory_plan.STREAMED_RECIPES, the recipes whose steps each need one layer:
-- `default`: ModelOpt's max calibration, nothing of ours: the same bytes as the whole path.
-- Smooth: each layer's statistics from a third stream of hidden states, the unsmoothed model's
-  (the whole path measures every layer in one pass before it folds anything), then folded into
-  that layer before its calibration.
-- the sequential Gptq (gptq-seq, smooth-gptq-seq): sequential.refine_layer after the layer's
-  calibration, on its own two streams (original, quantized), kept in host memory; every unit
-  input it captures waits there too, so the GPU holds the layer, one chunk and the unit's H, C.
-- the MoE layouts (moe-w4a16-experts, moe-w4a4-experts): max calibration of moe.py's per-kind
-  formats, each layer's experts on all its tokens; recipe.check (moe.check_calibrated) per layer.
-Checkpoints that transformers 5 loads converted (fused MoE experts, Mixtral's block_sparse_moe)
-are read through checkpoint_map.MappedWeights, and the export's names go back through
-checkpoint_map.HubNames, as from_pretrained and export_hf_checkpoint do on the whole model.
+What streams: memory_plan.STREAMED_RECIPES, the recipes whose steps each have a streamed
+runner (streamed_steps.py says what each does per layer and why its bytes are the whole path's).
 The calibration stream stays separate from the GPTQ's original stream: the whole path's
 calibration runs in bf16, its GPTQ pass in float32 on a CPU (linear_compute.py), and each stream
 here is the whole path's, bit for bit. Tested on nvfp4, and with an FP8 KV cache through
-moe-w4a16-experts (which sets one; --kv-cache fp8 on a dense model matched by hand: before ModelOpt's
-plugins saw the whole skeleton, its KV scales were silently missing); --format nvfp4-w4a16 / fp8
-go the same way but are untested. keep_bf16 (the whole model's KL),
-the one-pass GPTQ and ModelOpt's searches are refused in one line (memory_plan.refusal).
+moe-w4a16-experts (which sets one; --kv-cache fp8 on a dense model too: before ModelOpt's plugins
+saw the whole skeleton, its KV scales were silently missing); --format nvfp4-w4a16 / fp8 go the
+same way but are untested. The one-pass GPTQ, the scale search and ModelOpt's searches are refused
+in one line (memory_plan.refusal).
+Checkpoints that transformers 5 loads converted (fused MoE experts, Mixtral's block_sparse_moe)
+are read through checkpoint_map.MappedWeights, and the export's names go back through
+checkpoint_map.HubNames, as from_pretrained and export_hf_checkpoint do on the whole model.
 Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-processing).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
-import io
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from modelopt.torch.opt import apply_mode
+from modelopt.torch.quantization.mode import QuantizeModeRegistry
+from modelopt.torch.quantization.plugins.custom import register_custom_model_plugins_on_the_fly
 from torch import nn
 
-from . import events, recipes
-from .direct_load import _read_into, checkpoint_files, read_header
+from . import events, recipes, streamed_steps
 from .checkpoint_map import HubNames, MappedWeights
+from .direct_load import _read_into, checkpoint_files, read_header
 from .events import PayloadError
-from .linear_compute import float32_linears
-from .quantizers import QuantizersOff, quantized_linears
-from .sequential import Fit, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
-from .smoothing import Smoothed, smooth
+from .sequential import Fit, capture_layer_calls
 
 MIN_MODELOPT = (0, 47)
 
@@ -172,21 +170,6 @@ def capture_inputs(model, batches, device: str, keep: str) -> tuple[list, list]:
     return capture_layer_calls(decoder, run, Fit(device=device, keep=keep).back)
 
 
-def _to(value, device):
-    if torch.is_tensor(value):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def _copy(h: torch.Tensor) -> torch.Tensor:
-    """A copy of a captured input, pinned like it when it is (clone() would not pin it)."""
-    return torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h) if h.is_pinned() else h.clone()
-
-
 def _first_sequence(item):
     """[hidden, args, kwargs] of one batch cut to its first sequence (a cheap probe input:
     the whole-model export probes with 2 tokens). Tensors whose first dim is the batch are
@@ -232,14 +215,60 @@ def _return_freed_memory() -> None:
         pass
 
 
+class Run:
+    """What the streamed pipeline's step runners (streamed_steps.RUNNERS) share: the skeleton, the
+    shard reader, where tensors live, the calibration batches, the first layer's inputs."""
+
+    def __init__(self, model, reader: MappedWeights, recipe, batches, device: str, dtype):
+        self.model, self.reader, self.recipe, self.batches = model, reader, recipe, batches
+        self.device, self.dtype = device, dtype
+        self.keep = "cpu"  # activations stay in host memory, moved per batch (on a Spark: the same pool)
+        self.decoder = model.get_decoder()
+        self.layers = self.decoder.layers
+        names = {id(m): n for n, m in model.named_modules()}
+        self.names = [names[id(layer)] for layer in self.layers]
+        self.prefix = names[id(self.decoder)] + "." if names[id(self.decoder)] else ""
+        self.inputs: list = []        # the calibration stream: each layer's inputs per batch
+        self.layer_calls: list = []   # per layer, the (args, kwargs) the decoder hands it per batch
+        self.head = False             # lm_head in memory (a ranking's logits)
+
+    @contextlib.contextmanager
+    def layers_as(self, modules: nn.ModuleList):
+        """The decoder with `modules` in place of its layers for a while."""
+        self.decoder.layers = modules
+        try:
+            yield
+        finally:
+            self.decoder.layers = self.layers
+
+    def convert(self, layer: nn.Module, name: str) -> None:
+        """ModelOpt's conversion of `layer` (named as in the whole model) alone, no calibration."""
+        apply_mode(prefixed(name, layer), mode=[("quantize", dict(self.recipe.config))], registry=QuantizeModeRegistry)
+
+    def materialize_head(self) -> None:
+        """Everything outside the layers in memory, the output embedding included (tied: the input one)."""
+        if _tied_output_key(self.model):
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+        materialize(self.model, "", self.reader, self.device, self.dtype, skip=self.prefix + "layers.")
+        self.head = True
+
+    def free_outside(self) -> None:
+        free(self.decoder)  # the layers are meta already; embeddings and norm go (written in step 4)
+        if self.head:
+            free(self.model.get_output_embeddings())
+
+
+def passes(recipe) -> list[tuple[int, bool]]:
+    """(how many of the recipe's steps run, final) per pass over the layers: a step that ranks over
+    all layers (Plan.ranking_batches) first gets a pass over the steps up to it."""
+    rank = next((i for i, s in enumerate(recipe.steps) if s.plan().ranking_batches), None)
+    return ([(rank + 1, False)] if rank is not None else []) + [(len(recipe.steps), True)]
+
+
 def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust_remote_code: bool = False) -> dict:
     """Quantize and export layer by layer (see the module docstring). `recipe`: a BuiltRecipe
-    whose steps stream (pipelines.choose refuses the others first: memory_plan.refusal_of).
-    Returns facts for result.json."""
-    import modelopt.torch.quantization as mtq
-
-    by_key = {s.key: s for s in recipe.steps}  # the steps this pipeline runs per layer (recipes.Plan)
-    smooth, gptq = by_key.get(recipes.Smooth.key), by_key.get(recipes.Gptq.key)
+    whose steps stream (pipelines.choose refuses the others first: memory_plan.refusal_of), each
+    run by its streamed_steps.RUNNERS entry. Returns facts for result.json."""
     hf, postprocess, get_quant_config, _, ShardWriter = _modelopt_parts()
     _return_freed_memory()
     t0 = time.time()
@@ -248,126 +277,55 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     model = skeleton(model_dir, trust_remote_code=trust_remote_code)
     weights = MappedWeights(reader, model)  # by the model's names: fused MoE experts (transformers 5)
     hub_names = HubNames(model)  # and the export's names back to the checkpoint's
-    dtype = hf._resolve_export_dtype(model, None)
-    decoder = model.get_decoder()
-    layers = decoder.layers
-    layer_names = {id(m): n for n, m in model.named_modules()}
-    names = [layer_names[id(layer)] for layer in layers]
+    run = Run(model, weights, recipe, batches, device, hf._resolve_export_dtype(model, None))
+    decoder, layers, names = run.decoder, run.layers, run.names
     layer_bytes = [sum(weights.nbytes(f"{n}.{p}") for p, _ in layer.named_parameters() if f"{n}.{p}" in weights)
                    for n, layer in zip(names, layers)]
     # Shards of about one bf16 layer: the writer's buffer adds at most that to the peak.
     writer = ShardWriter(out, max(layer_bytes))
-    keep = "cpu"  # activations stay in host memory, moved per batch (on a Spark: the same pool)
+    runners = [streamed_steps.RUNNERS[step.key](step, run) for step in recipe.steps]
 
     # 1. ModelOpt's conversion of everything outside the layers (lm_head and the embeddings are
     #    QuantLinear / QuantEmbedding with their quantizers off, as in the whole model), on meta.
-    from modelopt.torch.opt import apply_mode
-    from modelopt.torch.quantization.mode import QuantizeModeRegistry
-    from modelopt.torch.quantization.plugins.custom import register_custom_model_plugins_on_the_fly
-
     # ModelOpt's model plugins see the whole model, as in mtq.quantize on it: they register its
     # attention class for KV-cache quantization and its MoE blocks, and put fused experts on the
     # eager path their quantizers hook (a layer's root alone is no transformers model to them)
     register_custom_model_plugins_on_the_fly(model)
-    decoder.layers = nn.ModuleList()
-    try:  # the conversion step of mtq.quantize alone: nothing to calibrate out here
+    with run.layers_as(nn.ModuleList()):  # the conversion step of mtq.quantize alone: nothing to calibrate out here
         apply_mode(model, mode=[("quantize", dict(recipe.config))], registry=QuantizeModeRegistry)
-    finally:
-        decoder.layers = layers
     outside = [n for n, q in _enabled_quantizers(model)]
     if outside:
         raise PayloadError(f"recipe {recipe.name!r} quantizes {outside[0]}, outside the decoder layers: "
                            "it cannot stream; use --mode whole", kind="input")
 
-    # 2. the decoder's own weights (embeddings, final norm), the first layer's inputs
+    # 2. the decoder's own weights (embeddings, norm), the first layer's inputs, what the runners
+    #    take from the decoder while it is in memory
     events.stage("calibrate", detail=f"streamed: capturing the first layer's inputs ({len(batches)} batches)")
     layer_keys = tuple(n + "." for n in names)
-    decoder_prefix = layer_names[id(decoder)] + "." if layer_names[id(decoder)] else ""
-    materialize(decoder, decoder_prefix, weights, device, dtype, skip="layers.")
-    inputs, layer_calls = capture_inputs(model, batches, device, keep)
-    # the recipe's other streams start from the same first-layer inputs (copies: the
-    # calibration loop overwrites its own in place)
-    stats = [_copy(h) for h in inputs] if smooth else None
-    if gptq:
-        fp, qs, chunk_calls = start_streams([_copy(h) for h in inputs], layer_calls)
-        fit = Fit(ridge=gptq.ridge, kernel=gptq.kernel,
-                  hessian_tf32=gptq.hessian_tf32, replay=False, device=device, keep=keep)
-        timer = _Timer()
-    free(decoder)  # the layers are meta already; embeddings and norm go (written in step 4)
-    gc.collect()
-    gc.freeze()  # the imports' million objects: the per-layer collections below skip them
+    materialize(decoder, run.prefix, weights, device, run.dtype, skip="layers.")
+    first, run.layer_calls = capture_inputs(model, batches, device, run.keep)
+    for runner in runners:
+        runner.prepare(run)
 
-    # 3. layer by layer. The next layer's tensors are read while this one is calibrated and
-    #    exported (preadv releases the GIL): the read, from disk at 1-2 GB/s, was a third of the
-    #    layer loop at 8B. One more layer in host memory (memory_plan.LAYER_COPIES counts it).
-    from concurrent.futures import ThreadPoolExecutor
-
-    phases = {"read_wait": 0.0, "smooth": 0.0, "calibrate": 0.0, "refine": 0.0, "export": 0.0}  # seconds
-    smoothed, reached = Smoothed(), 0  # what smoothing and the GPTQ did, over all layers
-    views = []  # each calibrated layer on meta, as get_quant_config must see it (_export_layer)
-    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
-    pending = ahead.submit(read_params, layers[0], names[0] + ".", weights, dtype) if layers else None
-    for i, (name, layer) in enumerate(zip(names, layers)):
-        events.progress("calibrate", i, len(layers))
-        t = time.time()
-        values = pending.result()
-        phases["read_wait"] += time.time() - t
-        pending = (ahead.submit(read_params, layers[i + 1], names[i + 1] + ".", weights, dtype)
-                   if i + 1 < len(layers) else None)
-        materialize(layer, name + ".", weights, device, dtype, values=values)
-        del values
-        root = prefixed(name, layer)
-        args = layer_calls[i]  # (args, kwargs) per batch, as the decoder hands them to this layer
-        probe = _first_sequence(_to([inputs[0], *args[0]], device))
-        calls = [0]
-
-        def forward_loop(_root, layer=layer, calls=calls, args=args):
-            calls[0] += 1
-            with torch.inference_mode():
-                for j, (h, (a, k)) in enumerate(zip(inputs, args)):
-                    o = layer_output(layer(h.to(device, non_blocking=True), *_to(a, device), **_to(k, device)))
-                    if h.is_pinned() and o.shape == h.shape and o.dtype == h.dtype:
-                        h.copy_(o, non_blocking=True)  # the next layer's input, in the same pinned buffer
-                    else:
-                        inputs[j] = o.to(keep)  # the next layer's input; this one is done
-                if device == "cuda":
-                    torch.cuda.synchronize()  # every output is back in host memory
-
-        t = time.time()
-        if smooth:
-            smoothed.add(_smooth_layer(layer, stats, args, smooth.alpha, device, keep))
-        phases["smooth"] += time.time() - t
-        t = time.time()
-        with contextlib.redirect_stdout(io.StringIO()):  # "Inserted 21 quantizers", per layer
-            mtq.quantize(root, recipe.config, forward_loop)
-        phases["calibrate"] += time.time() - t
-        if calls[0] != 1:
-            raise PayloadError(f"ModelOpt ran the calibration loop {calls[0]} times for {name}; streamed "
-                               "mode supports one pass (max calibration); use --mode whole", kind="input")
-        if recipe.check is not None:  # as steps._calibrate does on the whole model (moe.check_calibrated)
-            recipe.check(root)
-        t = time.time()
-        if gptq:
-            linears = quantized_linears(root)
-            with QuantizersOff(root), float32_linears(root):
-                fp, qs, _ = refine_layer(layer, linears, fp, qs, chunk_calls[i], {}, fit, timer)
-            reached += len(linears)
-            del linears
-        phases["refine"] += time.time() - t
-        t = time.time()
-        views.append(_export_layer(root, layer, name, probe, dtype, writer, hub_names))
-        del probe, root
-        free(layer)
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        phases["export"] += time.time() - t
-    events.progress("calibrate", len(layers), len(layers))
-    ahead.shutdown()
-    inputs = stats = None  # freed (the loop's closures held them)
-    if gptq:
-        del fp, qs, chunk_calls
-        events.emit("log", message=f"refine: sequential activation-aware GPTQ, streamed ({timer})")
+    # 3. pass by pass, layer by layer. The next layer's tensors are read while this one is worked on
+    #    (preadv releases the GIL): the read, from disk at 1-2 GB/s, was a third of the layer loop at
+    #    8B. One more layer in host memory (memory_plan.LAYER_COPIES counts it).
+    phases = {"read_wait": 0.0, **{s.key: 0.0 for s in recipe.steps}, "export": 0.0}  # seconds
+    for count, final in passes(recipe):
+        # the calibration stream starts from the first layer's inputs (a copy while a pass follows)
+        run.inputs = first if final else streamed_steps.copy_stream(first)
+        active = runners[:count]
+        for runner in active:
+            runner.begin(run, final)
+        if final:
+            run.free_outside()
+            first = None
+            gc.collect()
+            gc.freeze()  # the imports' million objects: the per-layer collections below skip them
+        views = _layer_loop(run, active, final, phases, writer if final else None, hub_names)
+        for runner in active:
+            runner.end(run, final)
+    run.inputs = None
 
     # 4. everything outside the layers, as the source has it (cast to the export dtype)
     events.stage("export", detail=str(out))
@@ -375,7 +333,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     for key in reader.where:
         if weights.model_key(key).startswith(layer_keys) or key == tied:
             continue
-        new_key, value = postprocess(key, reader.read(key, dtype), 448, None, False)
+        new_key, value = postprocess(key, reader.read(key, run.dtype), 448, None, False)
         if new_key is not None:
             writer.add(new_key, value.contiguous())
     writer.finalize()
@@ -400,30 +358,52 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     hub_names.quant_config(quant_config)
     hf._write_hf_export_config(model, quant_config, out)
     # the whole path's lines (steps.run), each marked "layer by layer"
-    lines = {recipes.Smooth.key: smoothed.line(), recipes.Calibrate.key: f"ModelOpt {recipe.preset}",
-             recipes.Gptq.key: f"{reached} quantized Linears"}
-    applied = [f"{step.key}: {lines[step.key]}, layer by layer" for step in recipe.steps]
+    applied = [f"{step.key}: {runner.line()}, layer by layer" for step, runner in zip(recipe.steps, runners)]
     return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes), "applied": applied,
-            "stream_s": round(time.time() - t0, 3), "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
+            "passes": len(passes(recipe)), "stream_s": round(time.time() - t0, 3),
+            "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
 
 
-def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, keep: str):
-    """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (hidden
-    states per batch, advanced in place through the still unsmoothed layer, as the whole path's
-    one statistics pass runs the unsmoothed model), then the scales folded. `args`: the layer's
-    (args, kwargs) per batch. Returns smoothing's report for the layer."""
-    holder = nn.Module()
-    holder.layers = nn.ModuleList([layer])  # smoothing finds its groups in `.layers`
-    back = Fit(device=device, keep=keep).back
-
-    def stats_loop(_holder):
-        with torch.inference_mode():
-            for j, (h, (a, k)) in enumerate(zip(stats, args)):
-                stats[j] = back(layer_output(layer(h.to(device, non_blocking=True), *_to(a, device),
-                                                       **_to(k, device))))
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return smooth(holder, stats_loop, alpha, log=False)
+def _layer_loop(run: Run, runners: list, final: bool, phases: dict, writer, hub_names: HubNames) -> list:
+    """One pass over the decoder layers: each read (the next one ahead, in a thread), materialized
+    (a ranking pass works on a copy: the final pass converts the skeleton's own layer), handed to
+    the runners in recipe order, exported on the final pass, freed. Returns the exported layers on
+    meta, as get_quant_config must see them (_export_layer)."""
+    layers, names, reader, device, dtype = run.layers, run.names, run.reader, run.device, run.dtype
+    stage = "calibrate" if final else "rank"
+    views = []
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+    pending = ahead.submit(read_params, layers[0], names[0] + ".", reader, dtype) if len(layers) else None
+    for i, (name, skeleton_layer) in enumerate(zip(names, layers)):
+        events.progress(stage, i, len(layers))
+        t = time.time()
+        values = pending.result()
+        phases["read_wait"] += time.time() - t
+        pending = (ahead.submit(read_params, layers[i + 1], names[i + 1] + ".", reader, dtype)
+                   if i + 1 < len(layers) else None)
+        layer = skeleton_layer if final else copy.deepcopy(skeleton_layer)
+        materialize(layer, name + ".", reader, device, dtype, values=values)
+        del values
+        at = streamed_steps.Layer(i, name, layer, prefixed(name, layer), run.layer_calls[i])
+        # the export's probe: this layer's inputs (one sequence), before calibration advances them
+        probe = _first_sequence(streamed_steps.to_device([run.inputs[0], *at.args[0]], device)) if final else None
+        for runner in runners:
+            t = time.time()
+            runner.layer(run, at, final)
+            phases[runner.step.key] += time.time() - t
+        t = time.time()
+        if final:
+            views.append(_export_layer(at.root, layer, name, probe, dtype, writer, hub_names))
+        del probe, at
+        free(layer)
+        del layer
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        phases["export"] += time.time() - t
+    events.progress(stage, len(layers), len(layers))
+    ahead.shutdown()
+    return views
 
 
 def _enabled_quantizers(module: nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -215,6 +216,12 @@ class JobSpec(BaseModel):
         if self.format is not QuantFormat.NVFP4 and self.recipe not in ("default",):
             raise ValueError(f"recipe {self.recipe!r} applies to nvfp4 (W4A4) only")
         return self
+
+    @cached_property
+    def steps(self) -> tuple | None:
+        """The recipe's typed steps with its parameters, expanded once for this process (memory
+        plan, refusals, image needs read them; None: a ModelOpt YAML recipe)."""
+        return recipes.with_params(self.recipe, self.recipe_params) if self.recipe in recipes.RECIPES else None
 
     @property
     def is_embedded(self) -> bool:

@@ -92,6 +92,20 @@ def _secrets(spec: JobSpec) -> list[str]:
     return [v for v in (model_source.token_from(spec.hf_token_env), os.environ.get(spec.ngc_key_env)) if v]
 
 
+def quantize_job(spec: JobSpec, plan: memory_budget.Plan, model, calib_src: str, recipe: str, device_kind: str,
+                 job_fingerprint: str, run_id: str) -> contract.QuantizeJob:
+    """The payload's job: the spec, with the host's plan (its mode and calibration batch) as what
+    the payload runs, not the spec's "auto" for the payload to decide again."""
+    return contract.QuantizeJob(
+        model_dir=model.container_dir, gguf=model.gguf, output_dir="/out",
+        format=spec.format.value, recipe=recipe, recipe_params=spec.recipe_params, kv_cache=spec.kv_cache,
+        calibration=contract.Calibration(**{**spec.calibration.model_dump(), "source": calib_src,
+                                            "batch_size": plan.batch}),
+        device="auto" if device_kind == "gpu" else "cpu", low_memory=spec.low_memory,
+        mode=plan.mode, memory_budget=plan.budget, trust_remote_code=spec.trust_remote_code,
+        job_fingerprint=job_fingerprint, run_id=run_id)
+
+
 class QuantizeRun:
     """One `launcher quantize`, host side: checks, image, model, the payload container, the output."""
     def __init__(self, spec: JobSpec, console: Console | None = None, *, dry_run: bool = False):
@@ -203,7 +217,7 @@ class QuantizeRun:
     def _runnable_image(self, client, rec: runs.RunRecord, image_ref: str) -> str:
         """`image_ref`, or the image derived from it when its packages fall short of the job."""
         spec = self.spec
-        needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache, params=spec.recipe_params,
+        needs = recipes.needs_for(spec.recipe, spec.format.value, spec.kv_cache, steps=spec.steps,
                                   embedded=spec.is_embedded and model_source.embedded_needs_conversion())
         if self.plan is not None and self.plan.mode == "streamed":
             needs = needs | memory_budget.STREAMED_NEEDS
@@ -246,13 +260,7 @@ class QuantizeRun:
 
         calib_src, calib_binds = calib
         recipe, recipe_binds = recipe_bind(spec)
-        job = contract.QuantizeJob(
-            model_dir=model.container_dir, gguf=model.gguf, output_dir="/out",
-            format=spec.format.value, recipe=recipe, recipe_params=spec.recipe_params, kv_cache=spec.kv_cache,
-            calibration=contract.Calibration(**{**spec.calibration.model_dump(), "source": calib_src}),
-            device="auto" if self.device_kind == "gpu" else "cpu", low_memory=spec.low_memory,
-            mode=spec.mode, memory_budget=self.plan.budget, trust_remote_code=spec.trust_remote_code,
-            job_fingerprint=fingerprint(self.inputs), run_id=rec.id)
+        job = quantize_job(spec, self.plan, model, calib_src, recipe, self.device_kind, fingerprint(self.inputs), rec.id)
         # No token and no network, ever: a hub dataset was fetched on the host (calibration_bind).
         env = {"HF_DATASETS_OFFLINE": "1"} if calib_src.startswith("hf:") else {}
         run_payload(PayloadRun(

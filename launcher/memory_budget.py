@@ -29,6 +29,7 @@ STREAMED_NEEDS = recipes.Needs(modelopt="0.47", why=("streamed mode: ModelOpt's 
 @dataclass
 class Plan:
     mode: str             # whole | streamed: what the payload is told to run
+    batch: int            # the calibration batch it is told to feed (the estimates' batch)
     budget: int           # bytes
     budget_from: str      # where the budget came from, for messages
     need: dict[str, int]  # estimated peak per mode
@@ -85,14 +86,21 @@ def plan(spec: JobSpec, model_bytes: int, on_gpu: bool) -> Plan:
     else:
         budget, source = machine_budget(on_gpu)
     calib = spec.calibration
-    bs = memory_plan.planning_batch(calib.batch_size, on_gpu)
+    tokens = calib.samples * calib.seq_len
     shape = memory_plan.shape_of(model_folder(spec), model_bytes)
-    need = memory_plan.peaks(shape, calib.samples * calib.seq_len, bs * calib.seq_len, spec.recipe,
-                             spec.recipe_params)
-    mode, problem = memory_plan.choose(spec.mode, budget, need, memory_plan.refusal(spec.recipe, spec.recipe_params))
+    steps = spec.steps
+    need_at = lambda bs: memory_plan.peaks_of(shape, tokens, bs * calib.seq_len, steps)  # noqa: E731
+    need = need_at(memory_plan.planning_batch(calib.batch_size, on_gpu))
+    mode, problem = memory_plan.choose(spec.mode, budget, need, memory_plan.refusal_of(spec.recipe, steps))
+    # "auto" on a GPU: as large a batch as the chosen mode's budget allows (low_memory and the
+    # streamed mode keep the floor: their batch's temporaries are a large part of the peak)
+    grow = problem is None and mode == "whole" and not spec.low_memory
+    bs = memory_plan.planned_batch(calib.batch_size, on_gpu, calib.samples,
+                                   lambda b: grow and need_at(b)[mode] <= budget)
+    need = need_at(bs) if problem is None else need
     g = lambda b: f"{b / (1 << 30):.1f} GiB"  # noqa: E731
-    detail = (f"mode {mode} ({spec.mode}): whole ~{g(need['whole'])}, streamed ~{g(need['streamed'])}, "
+    detail = (f"mode {mode} ({spec.mode}), batch {bs}: whole ~{g(need['whole'])}, streamed ~{g(need['streamed'])}, "
               f"budget {g(budget)} ({source}){'' if shape.exact else ', layer sizes guessed from the total'}")
-    return Plan(mode, budget, source, need, Check("memory budget", problem is None,
+    return Plan(mode, bs, budget, source, need, Check("memory budget", problem is None,
                                                   problem or detail, "" if problem is None else
                                                   "see --mode and --memory-budget in `launcher quantize --help`"))

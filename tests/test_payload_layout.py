@@ -40,16 +40,21 @@ def test_no_import_circles_and_no_file_over_600_lines():
 
 
 def test_the_shared_core_imports_no_torch(ref_python):
-    """In the ModelOpt venv (torch installed): importing the core leaves torch unloaded; and
-    every step recipes declares has a runner in the whole-model pipeline (steps.RUNNERS)."""
+    """In the ModelOpt venv (torch installed): importing the core leaves torch unloaded; every
+    step recipes declares has a runner in the whole-model pipeline (steps.RUNNERS), and every step
+    of a recipe that streams one in the streamed pipeline (streamed_steps.RUNNERS)."""
     code = (f"import sys, json; from container_payload import {', '.join(CORE)}; core = 'torch' in sys.modules; "
-            "from container_payload import steps; "
-            "print(json.dumps([core, sorted(steps.RUNNERS), sorted(recipes.STEPS)]))")
+            "from container_payload import steps, streamed_steps; "
+            "streams = sorted({s.key for n in memory_plan.STREAMED_RECIPES for s in recipes.RECIPES[n].steps}); "
+            "print(json.dumps([core, sorted(steps.RUNNERS), sorted(recipes.STEPS), streams, "
+            "sorted(streamed_steps.RUNNERS)]))")
     proc = subprocess.run([ref_python, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    torch_loaded, runners, declared = json.loads(proc.stdout.strip().splitlines()[-1])
+    torch_loaded, runners, declared, streams, streamed_runners = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not torch_loaded
     assert runners == declared
+    assert set(streams) <= set(streamed_runners) <= set(declared), (streams, streamed_runners)
+    assert "keep_bf16" in streams  # smooth-gptq-seq-mp streams (issue 20)
 
 
 @dataclass(frozen=True)

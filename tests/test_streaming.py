@@ -38,14 +38,91 @@ def test_budget_picks_the_mode_and_names_what_would_fit():
     assert "one-pass gptq" in memory_plan.refusal("gptq-seq", {"gptq.sequential": False})
 
 
+def _shaped_model(folder: Path, layers: int = 4, hidden: int = 1024) -> Path:
+    """A model folder whose config.json and safetensors header give memory_plan exact layer sizes
+    (the data is zeros: the plan reads only shapes)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden,
+                                                    "intermediate_size": 4 * hidden}))
+    tensors, offset = {}, 0
+    for name, shape in [("model.embed_tokens.weight", [8192, hidden]),
+                        *[(f"model.layers.{i}.mlp.up_proj.weight", [4 * hidden, hidden]) for i in range(layers)]]:
+        size = shape[0] * shape[1] * 2
+        tensors[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(tensors).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + offset)
+    return folder
+
+
+def test_the_job_file_carries_the_hosts_plan(tmp_path):
+    """Issue 20: the payload runs the host's plan. The job the launcher writes names the mode the
+    host planned (not the spec's "auto") and the calibration batch the plan assumed: on a CPU
+    the floor, on a GPU as large as the planned mode's budget allows (here up to the samples)."""
+    from types import SimpleNamespace
+
+    from container_payload import contract
+    from launcher import memory_budget
+    from launcher.config import JobSpec
+    from launcher.job import quantize_job
+
+    model = _shaped_model(tmp_path / "m")
+    calib = {"samples": 32, "seq_len": 256, "batch_size": "auto"}
+
+    def job_file(on_gpu: bool, budget: int, mode: str = "auto") -> dict:
+        spec = JobSpec(model=str(model), output=str(tmp_path / "o"), recipe="smooth-gptq-seq-mp", mode=mode,
+                       memory_budget=f"{budget >> 20}m", calibration=calib)
+        plan = memory_budget.plan(spec, 0, on_gpu)
+        assert plan.check.ok, plan.check.detail
+        job = quantize_job(spec, plan, SimpleNamespace(container_dir="/model", gguf=None), "builtin",
+                           spec.recipe, "gpu" if on_gpu else "cpu", "fp", "run")
+        return json.loads(contract.to_json(job))
+
+    shape = memory_plan.shape_of(model, 0)
+    steps = JobSpec(model=str(model), recipe="smooth-gptq-seq-mp").steps
+    need = lambda bs: memory_plan.peaks_of(shape, 32 * 256, bs * 256, steps)  # noqa: E731
+    between = (need(4)["whole"] + need(4)["streamed"]) // 2  # streamed fits, whole does not
+    assert need(4)["streamed"] < between < need(4)["whole"]
+    cpu = job_file(False, between)
+    assert (cpu["mode"], cpu["calibration"]["batch_size"]) == ("streamed", 4)
+    roomy = 64 << 30
+    assert (job_file(False, roomy)["mode"], job_file(False, roomy)["calibration"]["batch_size"]) == ("whole", 4)
+    gpu = job_file(True, roomy)
+    assert (gpu["mode"], gpu["calibration"]["batch_size"]) == ("whole", 32)
+    tight = (need(8)["whole"] + need(16)["whole"]) // 2  # whole fits at the floor, not at twice it
+    assert job_file(True, tight)["calibration"]["batch_size"] == 8
+    assert job_file(True, roomy, mode="streamed")["calibration"]["batch_size"] == 8  # streamed keeps the floor
+
+
+@pytest.mark.slow
+def test_the_payload_refuses_a_plan_that_does_not_fit(small_llama, ref_python, tmp_path):
+    """The payload runs the job's mode, and checks it again with the checkpoint's real layer sizes:
+    a whole-model job under a budget it cannot fit ends in one line, before any weights load."""
+    out = tmp_path / "o"
+    out.mkdir()
+    job = {"model_dir": str(small_llama), "output_dir": str(out), "recipe": "default", "device": "cpu",
+           "mode": "whole", "memory_budget": 64 << 20,
+           "calibration": {"source": "builtin", "samples": 8, "seq_len": 64, "batch_size": 4}}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([ref_python, "-m", "container_payload", "quantize", str(tmp_path / "job.json")],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode != 0
+    errors = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if '"event": "error"' in line]
+    assert len(errors) == 1 and errors[0]["kind"] == "oom", proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the whole model needs about" in errors[0]["message"] and "memory budget is 0.1 GiB" in errors[0]["message"]
+    assert "Traceback" not in proc.stderr and not (out / "result.json").exists()
+
+
 @pytest.mark.docker
 def test_streamed_refuses_a_whole_model_recipe_before_the_download(launcher_home, standin_image, tmp_path):
     proc = run_launcher("quantize", "--output", str(tmp_path / "o"), "--mode", "streamed", "--recipe",
-                        "smooth-gptq-seq-mp", "--no-eval")
+                        "gptq-aa-mp", "--no-eval")
     assert proc.returncode != 0
     line = one_line_error(proc.stderr)
-    assert "recipe 'smooth-gptq-seq-mp' needs the whole model in memory (keep_bf16 ranks" in line
-    assert "smooth-gptq-seq" in line.split("streamed mode runs")[1]
+    assert "recipe 'gptq-aa-mp' needs the whole model in memory (the one-pass gptq takes" in line
+    assert "smooth-gptq-seq-mp" in line.split("streamed mode runs")[1]
 
 
 @pytest.mark.docker
@@ -159,6 +236,32 @@ def test_streamed_smooth_gptq_seq_writes_the_whole_paths_bytes(small_llama, ref_
     default = raw_tensors(tmp_path / "default")
     q = "model.layers.2.mlp.down_proj.weight"
     assert default[q] != streamed[q], "the GPTQ recipe wrote default's weights: its steps did not run"
+
+
+@pytest.mark.slow
+def test_streamed_smooth_gptq_seq_mp_ranks_layer_by_layer_and_writes_the_whole_paths_bytes(
+        small_llama, ref_python, texts, tmp_path):
+    """make quantize's recipe streamed (issue 20): the bf16 ranking as a pass of its own over the
+    layers (calibrated and scored one at a time, the shortlist's streams carried along), the
+    decision, then the sequential GPTQ pass: the same units kept, every tensor and the exclude
+    list byte for byte what the whole-model path writes. A small budget keeps a few units of 16
+    (the shortlist of 12 drops units on the way), so the GPTQ has most Linears to fit."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    params = {"recipe_params": {"keep_bf16.budget": 0.01}}
+    runs = {mode: _payload_quantize(ref_python, small_llama, tmp_path / mode, "smooth-gptq-seq-mp", mode, calib,
+                                    **params) for mode in ("whole", "streamed")}
+    assert runs["streamed"]["mode"] == "streamed" and runs["streamed"]["streamed"]["passes"] == 2
+    kept = runs["whole"]["steps_applied"][2]
+    assert kept.startswith("keep_bf16: ") and not kept.startswith(("keep_bf16: 0 of", "keep_bf16: 16 of")), kept
+    assert [line.replace(", layer by layer", "") for line in runs["streamed"]["steps_applied"]] \
+        == runs["whole"]["steps_applied"]
+    configs = [json.loads((tmp_path / mode / "hf_quant_config.json").read_text()) for mode in ("whole", "streamed")]
+    assert configs[0] == configs[1] and any("layers" in m for m in configs[0]["quantization"]["exclude_modules"])
+    whole, streamed = raw_tensors(tmp_path / "whole"), raw_tensors(tmp_path / "streamed")
+    assert sorted(whole) == sorted(streamed)
+    differ = [k for k in whole if whole[k] != streamed[k]]
+    assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
 
 
 @pytest.mark.slow
