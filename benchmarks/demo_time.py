@@ -1,7 +1,7 @@
 """`make demo`, stage by stage: wall and CPU seconds per make target, and inside the quantize stage
 the payload's own steps, the quick evaluation and the launcher around them.
 
-    python3 benchmarks/demo_time.py [--fresh] [--home DIR] [--image-build] [--out FILE] [MAKEVAR=VALUE ...]
+    python3 benchmarks/demo_time.py [--fresh] [--home DIR] [--image-build] [--stages a,b] [--out FILE] [MAKEVAR=VALUE ...]
 
 --fresh       clone this checkout's HEAD into a temporary folder and run there with an empty
               SPARK_NVFP4_HOME (venv, assets and the embedded model's conversion from scratch):
@@ -157,6 +157,7 @@ def main() -> int:
     ap.add_argument("--home", default=None)
     ap.add_argument("--image-build", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("make_vars", nargs="*", help="MAKEVAR=VALUE")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="demo-time-"))
@@ -179,7 +180,7 @@ def main() -> int:
     facts = {"date": date, "commit": commit, "fresh": args.fresh, "make_vars": args.make_vars, "cpu": cpu_facts(),
              "load_start": [round(x, 2) for x in os.getloadavg()], "stages": {}, "log": str(log)}
     output = workdir / "out" / "embedded-NVFP4"
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s in args.stages.split(",")]:
         if stage == "quantize" and output.exists():
             shutil.rmtree(output)  # a finished output would be reused, not quantized again
         since = time.time()
