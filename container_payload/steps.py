@@ -36,8 +36,9 @@ def run(model, recipe, forward_loop, applied: list | None = None, seconds: dict 
     """All of `recipe`'s steps (recipe_build.BuiltRecipe), each by its RUNNERS entry; returns the
     quantized model. `applied` gets one line per step: what it did on this model, or why it
     skipped (the model card shows them: a step made for Llama-style blocks may not apply to
-    another architecture). `seconds` gets each step's wall time, by key (result.json's
-    timings.steps_s: where a recipe's time goes, benchmarks/demo_time.sh)."""
+    another architecture). `seconds` gets each step's wall time by its key, and its CPU
+    seconds (all threads) by key + "_cpu" (result.json's timings.steps_s: where a recipe's time
+    goes, benchmarks/demo_time.py; on a shared host the wall time is inflated, the CPU time much less)."""
     state = State(model=model)
     seconds = {} if seconds is None else seconds
     calibrated = False
@@ -46,9 +47,10 @@ def run(model, recipe, forward_loop, applied: list | None = None, seconds: dict 
         on = step.plan().on
         if on == "quantized" and not calibrated:
             raise ValueError(f"recipe {recipe.name}: {step.key} must come after calibrate")
-        t = time.time()
+        t, c = time.time(), time.process_time()
         line = RUNNERS[step.key](state, step, forward_loop, recipe.steps[i + 1:], recipe)
         seconds[step.key] = round(seconds.get(step.key, 0.0) + time.time() - t, 3)
+        seconds[f"{step.key}_cpu"] = round(seconds.get(f"{step.key}_cpu", 0.0) + time.process_time() - c, 3)
         applied.append(f"{step.key}: {line}")
         calibrated = calibrated or on == "calibrate"
     return state.model
