@@ -20,6 +20,12 @@ PYTEST_ARGS ?=
 
 demo: setup image quantize
 
+# make demo calibrates on 32 x 512 tokens, a quarter of the Spark default's 128 x 512 (make quantize),
+# so that it ends within about 10 minutes on 2 CPU cores; what that costs in KL is measured in
+# benchmarks/results/demo-calibration.md. `make demo DEMO_SAMPLES=128` runs the default's calibration.
+DEMO_SAMPLES ?= 32
+demo: SAMPLES = $(DEMO_SAMPLES)
+
 setup: bootstrap venv
 	$(VENV)/bin/python -c "from launcher import assets; assets.fetch_all()"
 

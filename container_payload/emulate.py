@@ -32,11 +32,24 @@ def e2m1_round(y: torch.Tensor) -> torch.Tensor:
     |y| <= 0.25 -> 0; < 0.75 -> 0.5; <= 1.25 -> 1; < 1.75 -> 1.5; <= 2.5 -> 2; < 3.5 -> 3;
     <= 5 -> 4; else 6. Computed as RNE on the grid of y's binade (one mantissa bit: step
     0.5 below 2, 1 in [2, 4), 2 above), which is that ladder in fewer tensor passes."""
+    if y.dtype == torch.float32:
+        return _e2m1_round_f32(y)
     a = y.abs().clamp_max(6.0)
     _, e = torch.frexp(a)                                   # a = m * 2**e, m in [0.5, 1)
     step = torch.exp2(((e - 1).clamp_min(0) - 1).to(a.dtype))
     q = (torch.round(a / step) * step).clamp_max(6.0)       # torch.round: half to even
     return torch.where(y < 0, -q, q)
+
+
+def _e2m1_round_f32(y: torch.Tensor) -> torch.Tensor:
+    """e2m1_round of a float32 tensor, bit for bit, in about a third of its time (the emulated
+    inputs of the sequential GPTQ and of evaluation are most of the CPU path's elementwise work):
+    adding and subtracting 2**22, 2**23 or 2**24, whose float32 spacing is the binade's step
+    (0.5, 1, 2), rounds to that step half to even. The constant comes from |y|'s exponent bits."""
+    a = y.abs().clamp_(max=6.0)
+    m = (a.view(torch.int32) >> 23).clamp_(127, 129).add_(22).bitwise_left_shift_(23).view(torch.float32)
+    q = a.add_(m).sub_(m)
+    return torch.where(y < 0, q.neg(), q)
 
 
 def fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +82,10 @@ def fake_quant_nvfp4(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor
     amax = xb.abs().amax(dim=-1, keepdim=True)
     step = fp8_e4m3((amax / 6.0) / input_scale) * input_scale
     # A block whose scale rounds to 0 quantizes to 0 (the engines multiply by a
-    # reciprocal that they define as 0 there); never divide by it.
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    q = torch.where(step > 0, e2m1_round(xb / safe), torch.zeros_like(xb))
-    return (q * step).reshape(shape)
+    # reciprocal that they define as 0 there); never divide by it: x / inf is a zero that
+    # rounds to +0, as a where() on the whole tensor would give, for 1/16 of its cost.
+    safe = torch.where(step > 0, step, torch.full_like(step, float("inf")))
+    return (e2m1_round(xb / safe) * step).reshape(shape)
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

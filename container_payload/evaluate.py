@@ -206,7 +206,7 @@ def run(job: EvalJob) -> dict:
     from transformers import AutoTokenizer
 
     from .calib_data import fingerprint
-    from .quantize import pick_device
+    from .quantize import cpu_seconds, pick_device
 
     timings = {}
     t0 = time.time()
@@ -234,6 +234,7 @@ def run(job: EvalJob) -> dict:
     gens = generate(ref, model, tokenizer, prompts, int(job.max_new_tokens), device)
     timings["generate_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - t0, 3)
+    timings["cpu_s"] = cpu_seconds()
 
     import transformers
 

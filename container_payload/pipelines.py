@@ -66,7 +66,10 @@ class WholeModel:
         t = time.time()
         loop_times = {}
         applied: list[str] = []
-        model = steps.run(self.model, recipe, calibration.forward_loop_for(batches, self.device, loop_times), applied)
+        step_s: dict = {}
+        model = steps.run(self.model, recipe, calibration.forward_loop_for(batches, self.device, loop_times), applied,
+                          step_s)
+        timings["steps_s"] = step_s
         self.model = None  # export holds the only reference: freed when it returns
         timings["quantize_s"] = round(time.time() - t, 3)
         if "calibrate_s" in loop_times:

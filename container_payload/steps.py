@@ -7,6 +7,7 @@ calibration batches kept for ranking) through one small State.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import modelopt.torch.quantization as mtq
@@ -31,19 +32,25 @@ class State:
     captured: object = None          # sequential.first_layer_inputs' Captured, for a sequential Gptq
 
 
-def run(model, recipe, forward_loop, applied: list | None = None):
+def run(model, recipe, forward_loop, applied: list | None = None, seconds: dict | None = None):
     """All of `recipe`'s steps (recipe_build.BuiltRecipe), each by its RUNNERS entry; returns the
     quantized model. `applied` gets one line per step: what it did on this model, or why it
     skipped (the model card shows them: a step made for Llama-style blocks may not apply to
-    another architecture)."""
+    another architecture). `seconds` gets each step's wall time by its key, and its CPU
+    seconds (all threads) by key + "_cpu" (result.json's timings.steps_s: where a recipe's time
+    goes, benchmarks/demo_time.py; on a shared host the wall time is inflated, the CPU time much less)."""
     state = State(model=model)
+    seconds = {} if seconds is None else seconds
     calibrated = False
     applied = [] if applied is None else applied
     for i, step in enumerate(recipe.steps):
         on = step.plan().on
         if on == "quantized" and not calibrated:
             raise ValueError(f"recipe {recipe.name}: {step.key} must come after calibrate")
+        t, c = time.time(), time.process_time()
         line = RUNNERS[step.key](state, step, forward_loop, recipe.steps[i + 1:], recipe)
+        seconds[step.key] = round(seconds.get(step.key, 0.0) + time.time() - t, 3)
+        seconds[f"{step.key}_cpu"] = round(seconds.get(f"{step.key}_cpu", 0.0) + time.process_time() - c, 3)
         applied.append(f"{step.key}: {line}")
         calibrated = calibrated or on == "calibrate"
     return state.model

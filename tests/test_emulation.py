@@ -177,6 +177,34 @@ print(json.dumps({"ties": e2m1_round(torch.tensor(ties)).tolist(), "r": r,
     assert np.array_equal(np.array(got["s_q"]), round_e4m3(s))
 
 
+def test_e2m1_float32_path_every_bf16_value_and_signed_zeros():
+    """The float32 rounding (emulate._e2m1_round_f32: add and subtract 2**22..2**24) on every
+    finite bf16 value, scaled into and past the grid, and on float32 values of every binade,
+    against this file's nearest-level search, bit for bit including the sign of zero (a -0 in
+    place of a +0 would change no number but the checkpoint's bytes). And a block whose scale
+    rounds to 0 quantizes to +0 (fake_quant_nvfp4 divides it by inf instead of a where)."""
+    snippet = """
+import json, torch
+from container_payload.emulate import e2m1_round, fake_quant_nvfp4
+bf = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+bf = bf[torch.isfinite(bf)]
+g = torch.Generator().manual_seed(1)
+wide = torch.randn(200000, generator=g) * torch.exp2(torch.randint(-140, 10, (200000,), generator=g).float())
+ys = torch.cat([bf, bf * 2.0**-120, wide, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 6.0, -6.0, 1e30, -1e30])])
+q = e2m1_round(ys)
+zero = fake_quant_nvfp4(torch.tensor([[1e-30] * 8 + [-1e-30] * 8], dtype=torch.float32), torch.tensor(1.0))
+print(json.dumps({"y": ys.tolist(), "q": q.tolist(), "neg_zero": torch.signbit(q).logical_and(q == 0).nonzero().flatten().tolist(),
+                  "zero_block": zero.tolist()[0], "zero_block_signbits": torch.signbit(zero).any().item()}))
+"""
+    got = json.loads(run_ref(["-c", snippet]).stdout.strip().splitlines()[-1])
+    y = np.array(got["y"], dtype=np.float32).astype(np.float64)
+    want = round_e2m1(y)
+    assert np.array_equal(np.array(got["q"]), want)
+    # -0 exactly where the reference's where(y < 0, -q, q) gives one: a negative y that rounds to 0
+    assert set(got["neg_zero"]) == set(np.nonzero((y < 0) & (want == 0))[0].tolist())
+    assert got["zero_block"] == [0.0] * 16 and got["zero_block_signbits"] is False
+
+
 def test_float64_helpers_self_check():
     assert list(round_e2m1(np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.5]))) == [0, 1, 1, 2, 2, 4, 4, 6]
     assert list(decode_e2m1(np.arange(16, dtype=np.uint8))) == [0, .5, 1, 1.5, 2, 3, 4, 6,
