@@ -101,19 +101,22 @@ def _local_data(config: dict, folder: Path) -> dict:
     return {**config, "dataset_kwargs": kwargs} if files is not None else config
 
 
-def evaluate_model(model, tokenizer, specs, manager, job: TasksJob, device: str) -> dict:
-    """lm-eval's simple_evaluate on `model` (an object, not a name): its results per task."""
+def evaluate_model(model, tokenizer, specs, manager, job: TasksJob, device: str) -> tuple[dict, dict]:
+    """lm-eval's simple_evaluate on `model` (an object, not a name): its results per task, and per
+    document the filtered responses (the loglikelihoods of the choices, or the answer generated)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=job.batch_size, device=device)
     try:
         out = simple_evaluate(model=lm, tasks=list(specs), task_manager=manager, num_fewshot=job.num_fewshot,
-                              limit=job.limit, log_samples=False, bootstrap_iters=job.bootstrap_iters)
+                              limit=job.limit, log_samples=True, bootstrap_iters=job.bootstrap_iters)
     except (ConnectionError, OSError) as e:   # a hub dataset that is not in the mounted cache
         raise PayloadError(f"a task's dataset is not available offline ({str(e).splitlines()[0][:200]}); "
                            "fetch it on the host first", kind="input") from None
-    return out["results"]
+    samples = {task: [{"doc_id": d.get("doc_id"), "filtered_resps": d.get("filtered_resps")} for d in docs]
+               for task, docs in (out.get("samples") or {}).items()}
+    return out["results"], samples
 
 
 def recovery(ref: dict, quant: dict) -> dict:
@@ -163,7 +166,7 @@ def run(job: TasksJob) -> dict:
     device = pick_device(job.device)
     tokenizer = AutoTokenizer.from_pretrained(reference, trust_remote_code=job.trust_remote_code)
 
-    results, info = {}, {}
+    results, samples, info = {}, {}, {}
     for side, path in (("reference", reference), ("quantized", checkpoint)):
         t = time.time()
         events.stage(side, detail=str(path))
@@ -171,7 +174,7 @@ def run(job: TasksJob) -> dict:
             model, info[side] = load_reference(path, device, trust_remote_code=job.trust_remote_code)
         else:
             model, info[side] = load_any(path, device, trust_remote_code=job.trust_remote_code)
-        results[side] = evaluate_model(model, tokenizer, specs, manager, job, device)
+        results[side], samples[side] = evaluate_model(model, tokenizer, specs, manager, job, device)
         del model
         timings[f"{side}_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - t0, 3)
@@ -181,6 +184,7 @@ def run(job: TasksJob) -> dict:
     result = {
         "tasks": recovery(results["reference"], results["quantized"]),
         "lm_eval_results": results,
+        "samples": samples,
         "task_args": {"tasks": list(job.tasks), "limit": job.limit, "num_fewshot": job.num_fewshot,
                       "batch_size": job.batch_size},
         "checkpoint": str(checkpoint), "reference": str(reference), "format": info.get("quantized"),

@@ -54,7 +54,13 @@ def test_eval_tasks_gives_recovery_in_the_card_equal_to_lm_eval_run_directly(che
     subprocess.run([ref_python, str(REPO / "tests" / "tools" / "lm_eval_direct.py"), str(wheels), str(tmp_path / "site"),
                     str(checkpoint), str(embedded_model_dir), str(TASK), str(LIMIT), str(BATCH), str(direct_json)],
                    check=True, capture_output=True, timeout=900)
-    direct = json.loads(direct_json.read_text())
+    direct_all = json.loads(direct_json.read_text())
+    direct = direct_all["results"]
+    # per document, the loglikelihood of every choice: the same float32 models on the same inputs
+    # give the same numbers, bit for bit (JSON floats round-trip exactly)
+    for side in ("reference", "quantized"):
+        assert ours["samples"][side]["spark_facts"] == direct_all["samples"][side]["spark_facts"], side
+    assert ours["samples"]["reference"] != ours["samples"]["quantized"]   # quantization changed them
     for side in ("reference", "quantized"):
         want = direct[side]["spark_facts"]
         for metric in ("acc", "acc_norm"):

@@ -37,13 +37,16 @@ os.chdir(task.parent)
 name = yaml.safe_load(task.read_text())["task"]
 manager = TaskManager(include_path=str(task.parent), include_defaults=False)
 tokenizer = AutoTokenizer.from_pretrained(reference)
-results = {}
+results, samples = {}, {}
 for side in ("reference", "quantized"):
     if side == "reference":
         model = AutoModelForCausalLM.from_pretrained(reference, dtype="float32").eval()
     else:
         model, _ = load_emulated(ckpt)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch), device="cpu")
-    results[side] = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=int(limit),
-                                    log_samples=False, bootstrap_iters=1000)["results"]
-Path(out).write_text(json.dumps(results, indent=2, default=str))
+    got = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=int(limit),
+                          log_samples=True, bootstrap_iters=1000)
+    results[side] = got["results"]
+    samples[side] = {t: [{"doc_id": d["doc_id"], "filtered_resps": d["filtered_resps"]} for d in docs]
+                     for t, docs in got["samples"].items()}
+Path(out).write_text(json.dumps({"results": results, "samples": samples}, indent=2, default=str))
