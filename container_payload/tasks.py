@@ -5,9 +5,9 @@
 The job is a contract.TasksJob. lm-evaluation-harness is not in NVIDIA's images: the launcher
 fetched its wheels on the host (resolved against this image's own packages) and mounts them
 read-only; they are installed here, without network (pip --no-index), only those the image
-lacks, into the job's `site` folder (a mount of the run's: Docker's tmpfs is noexec, and
-pandas' and pyarrow's libraries must be mapped executable), after the image's own packages
-on sys.path.
+lacks, into the job's `site` folder (a host folder: Docker's tmpfs is noexec, and pandas' and
+pyarrow's libraries must be mapped executable; the launcher keeps it for the image's later
+runs), after the image's own packages on sys.path.
 
 Both models run through lm-eval's own HF model class (HFLM) given the model object: the
 reference in float32, the checkpoint as the engines compute it (emulated_model.py, float32),
@@ -29,26 +29,33 @@ from . import events
 from .contract import DONE, TasksJob
 from .events import PayloadError
 
+SITE_MARKER = "COMPLETE"   # written last into `site`: a later run mounts it read-only and skips pip
+
+
 def install_lm_eval(wheels: Path, site: Path, version: str) -> str:
-    """lm-eval from the mounted wheels, beside (never over) the image's packages."""
+    """lm-eval from the mounted wheels, beside (never over) the image's packages; a site folder
+    installed by an earlier run of this image (its marker present) is used as it is."""
     from importlib import metadata
 
-    events.stage("install", detail=f"lm-eval {version} from {wheels}")
-    if not any(wheels.glob("lm_eval-*.whl")):
-        raise PayloadError(f"no lm-eval wheel in {wheels}", kind="input")
-    have = {_dist_key(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]}
-    todo = [str(w) for w in sorted(wheels.glob("*.whl")) if _dist_key(w.name.split("-")[0]) not in have]
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
-                           "--disable-pip-version-check", "--no-compile", "--target", str(site), *todo],
-                          capture_output=True, text=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
-    if proc.returncode != 0:
-        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["?"]
-        raise PayloadError(f"could not install lm-eval from {wheels}: {last[0][:300]}", kind="image")
+    if not (site / SITE_MARKER).is_file():
+        events.stage("install", detail=f"lm-eval {version} from {wheels}")
+        if not any(wheels.glob("lm_eval-*.whl")):
+            raise PayloadError(f"no lm-eval wheel in {wheels}", kind="input")
+        have = {_dist_key(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]}
+        todo = [str(w) for w in sorted(wheels.glob("*.whl")) if _dist_key(w.name.split("-")[0]) not in have]
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                               "--disable-pip-version-check", "--no-compile", "--target", str(site), *todo],
+                              capture_output=True, text=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+        if proc.returncode != 0:
+            last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["?"]
+            raise PayloadError(f"could not install lm-eval from {wheels}: {last[0][:300]}", kind="image")
     sys.path.append(str(site))   # after the image's own site-packages: theirs win
     import lm_eval
 
     if getattr(lm_eval, "__version__", version) != version:
         raise PayloadError(f"the wheels hold lm-eval {lm_eval.__version__}, not {version}", kind="input")
+    if not (site / SITE_MARKER).is_file():
+        (site / SITE_MARKER).write_text(f"lm-eval=={version}\n")
     return lm_eval.__version__
 
 

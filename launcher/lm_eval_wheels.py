@@ -8,7 +8,8 @@ the image's own (container_payload/tasks.py installs only what the image lacks, 
 A dependency published only as a source archive (sqlitedict, word2number) is built into a wheel
 here; only pure-Python ones are accepted, since the host's compiler is not the image's.
 
-    <home>/lm-eval/<version>-<image id, 12>/    complete when its MARKER file exists
+    <home>/lm-eval/<version>-<image id, 12>/        complete when its MARKER file exists
+    <home>/lm-eval/<version>-<image id, 12>/site/   installed by the image's first run, reused after
 
 The folder is written under a temporary name and renamed when complete, so a half-fetched set
 never looks usable; the host's pip settings (mirror, proxy CA) apply as for any pip call here.
@@ -34,6 +35,9 @@ MARKER = "COMPLETE"
 MANYLINUX = ["manylinux2014", *(f"manylinux_2_{n}" for n in range(17, 29))]
 PIP_TIMEOUT_S = 900
 MAX_SOURCE_ONLY = 8   # source-only dependencies built here before we give up
+
+
+SITE = "site"   # lm-eval installed for the image by its first run (container_payload/tasks.py), reused after
 
 
 def folder_for(image: ImageProbe) -> Path:
@@ -135,3 +139,24 @@ def _build_pure_wheel(name: str, work: Path) -> None:
 def _last_error(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("ERROR")]
     return (lines[-1] if lines else (text.strip().splitlines() or ["?"])[-1])[:300]
+
+
+def site_for(wheels: Path) -> tuple[Path, bool]:
+    """Where the container finds lm-eval installed: the image's site folder when an earlier run
+    completed it (mounted read-only), else a fresh folder it installs into (`keep_site` after)."""
+    site = wheels / SITE
+    if (site / MARKER).is_file() and not site.is_symlink():
+        return site, True
+    return Path(tempfile.mkdtemp(prefix=f".{SITE}-", dir=wheels)), False
+
+
+def keep_site(fresh: Path, wheels: Path) -> None:
+    """A fresh site the container completed becomes the image's (unless another run's was first)."""
+    site = wheels / SITE
+    if (fresh / MARKER).is_file() and not site.exists():
+        try:
+            fresh.rename(site)
+            return
+        except OSError:
+            pass   # another run renamed its own first
+    shutil.rmtree(fresh, ignore_errors=True)

@@ -3,7 +3,8 @@
 The payload (container_payload/tasks.py) runs lm-eval in the same image, without network and
 without a token: lm-eval's wheels come from the host (lm_eval_wheels.py), a local task file's
 folder and the user's Hugging Face cache (where the real tasks' datasets are) are mounted
-read-only, and the container runs with HF offline. The result, per task and metric, is both
+read-only, and the container runs with HF offline. lm-eval is installed by the image's first run into a
+folder beside the wheels, which later runs mount read-only. The result, per task and metric, is both
 scores with lm-eval's standard errors and the recovery (quantized / original); it goes to
 --json-out (default CKPT/tasks.json) and into the checkpoint's model card, beside the KL.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,11 +118,11 @@ def evaluate_tasks(req: TasksRequest, console: Console | None = None) -> dict | 
     with rec.ends_on_error():
         docker.ensure_image(rec, image)
         wheels = lm_eval_wheels.fetch(probe(client, image, rec.id), console)
-        out_dir, site = rec.folder / "tasksout", rec.folder / "lm-eval-site"
+        out_dir = rec.folder / "tasksout"
         out_dir.mkdir()
-        site.mkdir()
+        site, installed = lm_eval_wheels.site_for(wheels)
         binds = [Bind(ckpt, "/ckpt"), Bind(wheels, "/wheels"), Bind(out_dir, "/tasksout", read_only=False),
-                 Bind(site, "/lm-eval-site", read_only=False)] + [b for b in ref.binds if b.target != "/assets"]
+                 Bind(site, "/lm-eval-site", read_only=installed)] + [b for b in ref.binds if b.target != "/assets"]
         names = []
         for i, t in enumerate(tasks):
             if t.folder is None:
@@ -144,7 +144,8 @@ def evaluate_tasks(req: TasksRequest, console: Console | None = None) -> dict | 
             run_payload(PayloadRun(client=client, image=image, record=rec, module="tasks", job=job, binds=binds,
                                    gpus=req.gpus, nvidia=nvidia, env=env), console)
         finally:
-            shutil.rmtree(site, ignore_errors=True)   # ~0.5 GB of packages this run installed
+            if not installed:   # ~0.5 GB: kept for the image's next runs once complete, else removed
+                lm_eval_wheels.keep_site(site, wheels)
         result = _publish(out_dir / json_out.name, json_out)
     rec.result = {"tasks": result.get("tasks")}
     rec.finish("complete")
