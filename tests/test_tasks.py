@@ -123,3 +123,14 @@ def test_wheels_unreachable_is_one_line_fast(checkpoint, launcher_home, tmp_path
     assert proc.returncode != 0
     assert "lm-eval" in one_line_error(proc.stderr)
     assert not list((launcher_home / "lm-eval").glob("*/COMPLETE")) if (launcher_home / "lm-eval").exists() else True
+
+
+def test_named_task_whose_dataset_is_not_fetched_is_one_line(checkpoint, tasks_home, docker_client):
+    """gsm8k is one of lm-eval's own tasks; its dataset was never fetched on this host and the container
+    has no network (HF offline): one line that says to fetch it on the host, not a hang."""
+    proc = run_launcher("eval", str(checkpoint), "--tasks", "gsm8k", "--limit", "1", timeout=900)
+    assert proc.returncode != 0
+    line = one_line_error(proc.stderr)
+    assert "offline" in line and "host" in line, line
+    assert not [c for c in our_containers(docker_client)
+                if any(r.name in c.labels.get("io.spark-nvfp4.run-id", "") for r in (tasks_home / "runs").iterdir())]
