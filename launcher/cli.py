@@ -197,11 +197,14 @@ def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_gene
 
         result = evaluate_tasks(TasksRequest(ckpt, tasks, reference, limit, num_fewshot, batch_size, json_out, image,
                                              gpus, dry_run=dry_run, trust_remote_code=bool(trust_remote_code)), console)
-        if result is not None:
-            for line in summary_lines(result):
-                console.print(line, highlight=False)
+        if result.get("dry_run"):
             if json_mode:
-                print_json(runs.load(result["run_id"]).read_result())
+                print_json(result)
+            return
+        for line in summary_lines(result):
+            console.print(line, highlight=False)
+        if json_mode:
+            print_json(runs.load(result["run_id"]).read_result())
         return
     if dry_run or limit is not None or num_fewshot is not None:
         raise ConfigError("--dry-run, --limit and --num-fewshot go with --tasks", where="launcher eval",

@@ -87,7 +87,7 @@ def parse_tasks(tasks: str) -> list[TaskArg]:
     return out
 
 
-def evaluate_tasks(req: TasksRequest, console: Console | None = None) -> dict | None:
+def evaluate_tasks(req: TasksRequest, console: Console | None = None) -> dict:
     console = console or stderr_console
     ckpt = req.checkpoint.expanduser().resolve()
     if not (ckpt / "config.json").exists():
@@ -175,7 +175,8 @@ def update_card(ckpt: Path, tasks: dict) -> Path | None:
 
 
 def _dry_run(client, image: str, ckpt: Path, reference: str, tasks: list[TaskArg], json_out: Path,
-             console: Console) -> None:
+             console: Console) -> dict:
+    """What a run would do; no run record, nothing fetched or written (as quantize --dry-run)."""
     from docker.errors import ImageNotFound
 
     try:
@@ -187,7 +188,8 @@ def _dry_run(client, image: str, ckpt: Path, reference: str, tasks: list[TaskArg
     console.print(markup("would {}; run lm-eval on {} and {} (reference) in {} without network, tasks: {}; "
                          "write {}", wheels, ckpt, reference, image, ", ".join(t.text for t in tasks), json_out),
                   highlight=False)
-    return None
+    return {"command": "eval", "status": "dry-run", "exit_code": 0, "dry_run": True, "image": image,
+            "lm_eval_wheels": wheels, "tasks": [t.text for t in tasks], "output": str(json_out)}
 
 
 def summary_lines(result: dict) -> list[str]:

@@ -134,3 +134,16 @@ def test_named_task_whose_dataset_is_not_fetched_is_one_line(checkpoint, tasks_h
     assert "offline" in line and "host" in line, line
     assert not [c for c in our_containers(docker_client)
                 if any(r.name in c.labels.get("io.spark-nvfp4.run-id", "") for r in (tasks_home / "runs").iterdir())]
+
+
+def test_dry_run_says_what_it_would_fetch_and_changes_nothing(launcher_home, standin_image, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    proc = run_launcher("eval", str(ckpt), "--tasks", f"{TASK},gsm8k", "--reference", "embedded", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    said = json.loads(proc.stdout)
+    assert said["status"] == "dry-run" and said["tasks"] == [str(TASK), "gsm8k"]
+    assert "fetch lm-eval 0.4.13" in said["lm_eval_wheels"]   # a fresh home has no wheels yet
+    assert not (launcher_home / "lm-eval").exists() and not list((launcher_home / "runs").glob("*"))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json"]
