@@ -132,7 +132,7 @@ def evaluate_tasks(req: TasksRequest, console: Console | None = None) -> dict:
             names.append(f"/tasks/{i}/{t.file}" if t.file else f"/tasks/{i}")
         hub = paths.hf_hub_cache()
         env = {"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": "/tmp/hf-datasets", "TOKENIZERS_PARALLELISM": "false"}
-        if hub.is_dir() and not any(b.target == "/hf-hub" for b in binds):
+        if hub.is_dir() and not _holds_token(hub):
             binds.append(Bind(hub, "/hf-hub"))   # the real tasks' datasets, fetched on the host
             env["HF_HUB_CACHE"] = "/hf-hub"
         job = TasksJob(checkpoint="/ckpt", reference=ref.container_dir, tasks=names, wheels="/wheels",
@@ -159,6 +159,14 @@ def evaluate_tasks(req: TasksRequest, console: Console | None = None) -> dict:
         console.print(markup("model card: {}", card), highlight=False)
     result["run_id"] = rec.id
     return result
+
+
+def _holds_token(folder: Path) -> bool:
+    """Whether the hub's token file lies under `folder` (an HF_HUB_CACHE set to HF_HOME): never mounted."""
+    from huggingface_hub import constants
+
+    token = Path(constants.HF_TOKEN_PATH).expanduser().resolve()
+    return token.is_relative_to(folder.resolve())
 
 
 def update_card(ckpt: Path, tasks: dict) -> Path | None:
