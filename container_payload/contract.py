@@ -80,6 +80,24 @@ class EvalJob:
 
 
 @dataclass(frozen=True)
+class TasksJob:
+    """lm-evaluation-harness tasks on the quantized checkpoint and its reference (tasks.py)."""
+    checkpoint: str
+    reference: str
+    tasks: list                             # lm-eval task names, or container paths of task YAML files/folders
+    wheels: str                             # read-only folder of lm-eval's wheels, fetched on the host
+    site: str                               # writable folder lm-eval is installed into (not the tmpfs: noexec)
+    json_out: str
+    lm_eval_version: str = "0.4.13"
+    limit: int | None = None                # documents per task (None: all)
+    num_fewshot: int | None = None          # None: each task's own default
+    batch_size: int = 1
+    bootstrap_iters: int = 1000             # lm-eval's resampling for stderrs of non-mean metrics
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
 class ServeJob:
     checkpoint: str
     model_name: str = "model"
@@ -96,7 +114,7 @@ class ProbeJob:
     """The probe takes no input: it reports what the image holds."""
 
 
-JOBS = {"quantize": QuantizeJob, "evaluate": EvalJob, "serve": ServeJob, "probe": ProbeJob}
+JOBS = {"quantize": QuantizeJob, "evaluate": EvalJob, "tasks": TasksJob, "serve": ServeJob, "probe": ProbeJob}
 RESULT_FILE = "result.json"   # written last into a quantize job's output_dir: its presence marks it complete
 
 

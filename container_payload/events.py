@@ -45,6 +45,7 @@ class PayloadError(Exception):
 
 # command -> (module that has run(job), what it is doing, for the out-of-memory message)
 COMMANDS = {"quantize": ("quantize", "quantization"), "evaluate": ("evaluate", "evaluation"),
+            "tasks": ("tasks", "the task evaluation"),
             "serve": ("serve", "serving"), "probe": ("probe", "the image probe")}
 
 

@@ -172,14 +172,43 @@ def verify(ckpt, json_out, json_mode):
 @click.option("--image", default="auto", show_default=True, help="Container image (as for quantize).")
 @click.option("--gpus", default="auto", show_default=True, help="auto | none | all | 0,1 ...")
 @click.option("--no-generations", is_flag=True, help="Skip the side-by-side greedy generations.")
+@click.option("--tasks", help="Instead: lm-evaluation-harness tasks, comma-separated: task names (gsm8k,mmlu) "
+              "or task YAML files/folders; recovery per task goes to CKPT/tasks.json and the model card.")
+@click.option("--limit", type=click.IntRange(min=1), help="--tasks: documents per task [default: all].")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="--tasks: few-shot examples [default: the task's].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="--tasks: lm-eval's batch.")
+@click.option("--dry-run", is_flag=True, help="--tasks: say what would be pulled, fetched and run; change nothing.")
 @spec_option("trust_remote_code")
 @click.option("--json", "json_mode", is_flag=True, help=JSON_HELP)
-def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_generations, trust_remote_code, json_mode):
+def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_generations, tasks, limit, num_fewshot,
+          batch_size, dry_run, trust_remote_code, json_mode):
     """Measure what quantization cost: perplexity of both models, KL(original || quantized),
     top-1 agreement and greedy generations side by side, on held-out text. The quantized
-    model is an exact emulation of what the engines compute, so no FP4 GPU is needed."""
+    model is an exact emulation of what the engines compute, so no FP4 GPU is needed.
+
+    With --tasks: accuracy on lm-evaluation-harness tasks instead, both models, and the
+    recovery (quantized / original) with its standard error. lm-eval's wheels and the tasks'
+    datasets are fetched on the host; the container runs without network or token."""
     from . import runs
     from .evaluation import EvalRequest, evaluate, summary_line
+
+    if tasks is not None:
+        from .task_eval import TasksRequest, evaluate_tasks, summary_lines
+
+        result = evaluate_tasks(TasksRequest(ckpt, tasks, reference, limit, num_fewshot, batch_size, json_out, image,
+                                             gpus, dry_run=dry_run, trust_remote_code=bool(trust_remote_code)), console)
+        if result.get("dry_run"):
+            if json_mode:
+                print_json(result)
+            return
+        for line in summary_lines(result):
+            console.print(line, highlight=False)
+        if json_mode:
+            print_json(runs.load(result["run_id"]).read_result())
+        return
+    if dry_run or limit is not None or num_fewshot is not None:
+        raise ConfigError("--dry-run, --limit and --num-fewshot go with --tasks", where="launcher eval",
+                          advice="add --tasks, or drop them")
 
     result = evaluate(EvalRequest(ckpt, reference, text, tokens, seq_len, json_out, image, gpus,
                                   generations=not no_generations, trust_remote_code=bool(trust_remote_code)), console)

@@ -57,7 +57,37 @@ def _mb(n: int | None) -> str:
     return f"{n / 1e6:,.1f} MB" if n else "?"
 
 
-def render(output: Path, result: dict, evaluation: dict | None, source_bytes: int | None) -> str:
+def tasks_table(tasks: dict) -> list[str]:
+    """`launcher eval --tasks`' result as the card's recovery table (lm-eval's metrics and stderrs)."""
+    args = tasks.get("task_args") or {}
+    lines = ["### Accuracy on tasks (lm-evaluation-harness)", "",
+             f"lm-evaluation-harness {tasks.get('versions', {}).get('lm_eval', '?')} on both models, the quantized one "
+             "as the engines compute it (exact emulation)"
+             + (f", {args['limit']} documents per task" if args.get("limit") else "")
+             + (f", {args['num_fewshot']}-shot" if args.get("num_fewshot") is not None else "")
+             + ". Recovery = quantized / original; ± one standard error (lm-eval's, propagated).", "",
+             "| task | metric | original | quantized | recovery |", "|---|---|---|---|---|"]
+    for task, rows in (tasks.get("tasks") or {}).items():
+        for name, row in rows.items() if isinstance(rows, dict) else ():
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float))
+                                                    for k in ("reference", "quantized", "recovery")):
+                continue
+            lines.append(f"| {task} | {name} | {_with_se(row['reference'], row.get('reference_stderr'))} | "
+                         f"{_with_se(row['quantized'], row.get('quantized_stderr'))} | "
+                         f"{_with_se(100 * row['recovery'], _scaled(row.get('recovery_stderr')), 1)}% |")
+    return lines + [""]
+
+
+def _scaled(se):
+    return 100 * se if isinstance(se, (int, float)) else None
+
+
+def _with_se(value: float, se, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if isinstance(se, (int, float)) else "")
+
+
+def render(output: Path, result: dict, evaluation: dict | None, source_bytes: int | None,
+           tasks: dict | None = None) -> str:
     calib = result.get("calibration", {})
     src = result.get("source", {})
     lines = [
@@ -110,15 +140,19 @@ def render(output: Path, result: dict, evaluation: dict | None, source_bytes: in
                 lines += [f"**Prompt:** {g.get('prompt')}", "",
                           f"- original: {g.get('reference', '').strip()!s}",
                           f"- quantized: {g.get('quantized', '').strip()!s}", ""]
-    else:
+    elif not tasks:
         lines += ["Quality was not measured for this run (`--no-eval`); run `launcher eval` on it.", ""]
+    if tasks:
+        if not evaluation:
+            lines += ["## What quantization cost", ""]
+        lines += tasks_table(tasks)
     lines.append(ENGINES.format(path=output))
     return "\n".join(lines)
 
 
-def write(output: Path, evaluation: dict | None, source_bytes: int | None = None) -> Path:
+def write(output: Path, evaluation: dict | None, source_bytes: int | None = None, tasks: dict | None = None) -> Path:
     # written by the container: a regular file of the output, or the card says "?"
     made = output / "result.json"
     result = (None if link_out_of(made) else read_json_object(made, limit=64 << 20)) or {}
-    text = render(output, result, evaluation, source_bytes)
+    text = render(output, result, evaluation, source_bytes, tasks)
     return atomic_write_text(output / "README.md", text)

@@ -21,3 +21,20 @@ def test_card_without_a_gpu_measurement_says_nothing_about_one(tmp_path: Path):
     card = model_card.render(tmp_path, _result("smooth"), None, None)
     assert "| recipe's own time | 377 s" in card
     assert "8B model" not in card
+
+
+def test_card_gives_the_recovery_table_beside_the_kl(tmp_path: Path):
+    """`launcher eval --tasks`' result (its tasks.json) as a table under the KL, stderrs included;
+    a row without numbers (a hostile or broken file) is left out, not printed as garbage."""
+    evaluation = {"text": "heldout-wiki.txt", "tokens": 2047, "perplexity": 20.5, "reference_perplexity": 19.0,
+                  "kl_divergence": 0.0712, "top1_agreement": 0.9}
+    tasks = {"versions": {"lm_eval": "0.4.13"}, "task_args": {"limit": 8},
+             "tasks": {"spark_facts": {"acc": {"reference": 1.0, "quantized": 0.875, "reference_stderr": 0.0,
+                                               "quantized_stderr": 0.125, "recovery": 0.875, "recovery_stderr": 0.125},
+                                       "bogus": {"reference": "x"}}}}
+    card = model_card.render(tmp_path, _result("default"), evaluation, None, tasks)
+    kl_at, table_at = card.index("KL(original"), card.index("| task | metric | original | quantized | recovery |")
+    assert kl_at < table_at
+    assert "| spark_facts | acc | 1.0000 ± 0.0000 | 0.8750 ± 0.1250 | 87.5 ± 12.5% |" in card
+    assert "bogus" not in card and "lm-evaluation-harness 0.4.13" in card and "8 documents per task" in card
+    assert "| task |" not in model_card.render(tmp_path, _result("default"), evaluation, None)
