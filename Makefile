@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 demo: setup image quantize
 
 setup: bootstrap venv
-	$(VENV)/bin/python -c "from launcher import assets; assets.fetch_all()"
+	$(VENV)/bin/python -c "from launcher.sources import assets; assets.fetch_all()"
 
 bootstrap:
 	scripts/bootstrap-host.sh

@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 BF16 = sys.argv[1]
 CK = dict(a.split("=", 1) for a in sys.argv[2:])
 tok = AutoTokenizer.from_pretrained(BF16)
-from launcher import paths
+from launcher.common import paths
 A = paths.assets_dir() / "text"
 ids = {}
 for name in ("brown-heldout", "wiki-heldout"):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from launcher import paths  # noqa: E402 - the launcher's home ($SPARK_NVFP4_HOME), stdlib only
+from launcher.common import paths  # noqa: E402 - the launcher's home ($SPARK_NVFP4_HOME), stdlib only
 
 ASSETS = paths.assets_dir()
 GGUF = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import model_source, output, paths, preflight
-from .config import STANDIN_IMAGE, JobSpec
-from .errors import DockerUnavailable, ModelError, PreflightError
+from .sources import model_source
+from .common import output, paths
+from .quantize import preflight
+from .common.config import STANDIN_IMAGE, JobSpec
+from .common.errors import DockerUnavailable, ModelError, PreflightError
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 # SmolLM2-135M in bf16, when the embedded model is neither converted nor fetched yet.
@@ -108,7 +110,7 @@ def fp4_support(gpu: Gpu) -> tuple[bool, str]:
 # ---------------------------------------------------------------- the checks
 
 def check_daemon():
-    from .daemon import connect
+    from .common.daemon import connect
 
     try:
         client = connect(timeout=30)
@@ -120,12 +122,12 @@ def check_daemon():
 
 
 def check_runtime(client, image: str) -> tuple[bool, Row]:
-    from .daemon import has_nvidia_runtime
+    from .common.daemon import has_nvidia_runtime
 
     runtimes = sorted((client.info().get("Runtimes") or {}).keys())
     if has_nvidia_runtime(client):
         return True, Row("NVIDIA runtime", OK, f"runtimes: {', '.join(runtimes)}")
-    from .image import ImageStore, is_standin
+    from .containers.image import ImageStore, is_standin
 
     # A CPU stand-in needs no GPU: then the missing runtime is a warning, not a failure. An
     # absent image cannot say (its label decides), so it counts as one that needs a GPU.
@@ -142,8 +144,8 @@ def check_runtime(client, image: str) -> tuple[bool, Row]:
 def check_gpu(client, image: str, image_present: bool) -> Row:
     from docker.errors import APIError, ContainerError, DockerException
 
-    from .container import gpu_requests
-    from .errors import docker_detail
+    from .containers.container import gpu_requests
+    from .common.errors import docker_detail
 
     if not image_present:
         return Row("GPU", SKIP, f"asked in the image, which is not here yet ({image})",
@@ -238,7 +240,7 @@ def check_image(client, ref: str) -> tuple[bool, Row]:
     """(present locally?, row). Absent: ask the registry for the manifest, pull nothing."""
     from docker.errors import APIError, DockerException
 
-    from .image import ImageStore, is_standin, registry_of, standin_build_target
+    from .containers.image import ImageStore, is_standin, registry_of, standin_build_target
 
     store = ImageStore(client)
     img = store.get(ref)
@@ -275,8 +277,8 @@ def check_stack(client, ref: str, cuda: bool) -> list[Row]:
     which need its derived image (derived_image.py), with the reason."""
     from container_payload import recipes
 
-    from .errors import LauncherError
-    from .image_probe import probe
+    from .common.errors import LauncherError
+    from .containers.image_probe import probe
 
     try:
         found = probe(client, ref, run_id="doctor")
@@ -309,8 +311,8 @@ def check_stack(client, ref: str, cuda: bool) -> list[Row]:
 # ---------------------------------------------------------------- all of it
 
 def run_checks(req: DoctorRequest) -> Report:
-    from .daemon import has_nvidia_runtime
-    from .image import choose_image
+    from .common.daemon import has_nvidia_runtime
+    from .containers.image import choose_image
 
     report = Report()
     spec = JobSpec(model=req.model or "embedded", output=req.output)
@@ -344,8 +346,8 @@ def run_checks(req: DoctorRequest) -> Report:
 
 def check_output_row(spec: JobSpec) -> Row:
     """quantize's own output check (destination.py): a path it would refuse fails here too."""
-    from .destination import check_output
-    from .errors import ConfigError
+    from .records.destination import check_output
+    from .common.errors import ConfigError
 
     try:
         path = check_output(spec.output, model_folder=Path(spec.model).expanduser() if spec.is_local else None)

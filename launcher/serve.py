@@ -33,15 +33,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from . import model_source, output, runs
+from .sources import model_source
+from .common import output
+from .records import runs
 from container_payload import contract
 
-from .container import Bind, PayloadContainer, gpu_requests, payload_command, port_free
-from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
-from .files import atomic_write_text
-from .logstream import PREFIX as EVENT_PREFIX
-from .logstream import find_event
-from .session import DockerSession
+from .containers.container import Bind, PayloadContainer, gpu_requests, payload_command, port_free
+from .common.errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
+from .common.files import atomic_write_text
+from .containers.logstream import PREFIX as EVENT_PREFIX
+from .containers.logstream import find_event
+from .containers.session import DockerSession
 
 CONTAINER_PORT = 8000
 KEY_TARGET = "/run/secrets/api-key"

@@ -45,7 +45,7 @@ def run_ref(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     ref_python()
-    from launcher import assets
+    from launcher.sources import assets
 
     gguf, text = assets.embedded_gguf(), assets.texts().heldout_brown
     out = tmp_path_factory.mktemp("tiny")

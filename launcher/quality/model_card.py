@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import atomic_write_text
-from .untrusted import link_out_of, read_json_object
+from ..common.files import atomic_write_text
+from ..common.untrusted import link_out_of, read_json_object
 
 ENGINES = """\
 ## Serve it

@@ -21,8 +21,8 @@ import stat
 from pathlib import Path
 
 from . import owner
-from .errors import LockHeld
-from .untrusted import read_json_object
+from ..common.errors import LockHeld
+from ..common.untrusted import read_json_object
 
 MAX_LOCK_BYTES = 4096  # ours are ~120 bytes; anything bigger is not ours to parse
 

@@ -23,13 +23,13 @@ from docker.types import DeviceRequest, Mount
 import container_payload
 from container_payload import contract
 
-from .daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
-from .errors import DOCKER_ERRORS, Interrupted, OutOfMemory, PayloadFailed, docker_error
-from .files import atomic_write_text
+from ..common.daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
+from ..common.errors import DOCKER_ERRORS, Interrupted, OutOfMemory, PayloadFailed, docker_error
+from ..common.files import atomic_write_text
 from .logstream import EventStream, open_log
 
 if TYPE_CHECKING:
-    from . import runs
+    from ..records import runs
 
 # The payload ships inside this package's distribution (a wheel or `pip install .` has it too)
 # and is mounted read-only into the image: nothing of ours is installed there.
@@ -192,7 +192,7 @@ class PayloadContainer:
 
     def _start_error(self, e: APIError):
         """Docker says 500 for most start failures; the facts we can check pick the advice."""
-        from .daemon import has_nvidia_runtime
+        from ..common.daemon import has_nvidia_runtime
 
         if self._wants_gpu and not has_nvidia_runtime(self.client):
             return docker_error(e, "start-gpu")

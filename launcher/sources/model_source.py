@@ -21,11 +21,12 @@ from typing import Callable
 
 from huggingface_hub import constants
 
-from . import assets, paths
-from .config import JobSpec
-from .container import Bind
-from .errors import ConfigError, ModelError
-from .untrusted import link_out_of, printable
+from . import assets
+from ..common import paths
+from ..common.config import JobSpec
+from ..containers.container import Bind
+from ..common.errors import ConfigError, ModelError
+from ..common.untrusted import link_out_of, printable
 
 # -v2: the converted tokenizer is PreTrainedTokenizerFast, the same to transformers 4.x and 5.x
 # (container_payload/quantize.py: portable_tokenizer_config); -v3: its config.json carries the
@@ -119,7 +120,7 @@ def check_remote_code(model_dir: Path, trusted: bool, what: str) -> None:
     checked on the host, on the files the payload would read, before any container starts. The one
     rule for every command that loads a model in a container (quantize, eval, serve); `what` names
     the model as the user gave it."""
-    from .untrusted import read_json_object
+    from ..common.untrusted import read_json_object
 
     config = read_json_object(Path(model_dir) / "config.json", follow_symlinks=True) or {}  # hub snapshots link blobs
     auto_map = config.get("auto_map")

@@ -14,12 +14,12 @@ from pydantic import BaseModel, ValidationError
 
 from container_payload import recipes
 
-from . import output, paths
+from ..common import output, paths
 from .container import PayloadContainer, payload_command
-from .errors import ConfigError, ImageError, docker_error
-from .files import atomic_write_text
+from ..common.errors import ConfigError, ImageError, docker_error
+from ..common.files import atomic_write_text
 from .logstream import find_event
-from .untrusted import parse, read_capped
+from ..common.untrusted import parse, read_capped
 
 MAX_PROBE_BYTES = 1 << 20  # a probe is ~2 KB (a few hundred package versions at most)
 PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s

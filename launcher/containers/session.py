@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import docker
 from rich.console import Console
 
-from . import runs
-from .daemon import connect, has_nvidia_runtime
+from ..records import runs
+from ..common.daemon import connect, has_nvidia_runtime
 from .image import ImageInfo, ImageStore, choose_image, is_standin
-from .orphans import guard, reap
+from ..records.orphans import guard, reap
 
 
 @dataclass

@@ -14,9 +14,9 @@ from docker.utils import parse_repository_tag
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from .config import NVIDIA_IMAGE, STANDIN_IMAGE, STANDIN_REPO
-from .errors import ImageError, docker_error
-from . import output
+from ..common.config import NVIDIA_IMAGE, STANDIN_IMAGE, STANDIN_REPO
+from ..common.errors import ImageError, docker_error
+from ..common import output
 
 
 @dataclass

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from container_payload import contract
 
-from . import output
+from ..common import output
 from container_payload.contract import PREFIX
 
 

@@ -16,7 +16,7 @@ import html
 import math
 from pathlib import Path
 
-from .files import atomic_write_text
+from ..common.files import atomic_write_text
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 GiB = 1 << 30
@@ -373,9 +373,9 @@ def candidate(arg: str) -> dict:
     path, name = arg, None
     if ":" in arg and not Path(arg).exists():
         path, name = arg.rsplit(":", 1)
-    from .errors import ConfigError
-    from .output import MAX_RESULT_BYTES
-    from .untrusted import parse, read_capped
+    from ..common.errors import ConfigError
+    from ..common.output import MAX_RESULT_BYTES
+    from ..common.untrusted import parse, read_capped
 
     ev = parse(read_capped(Path(path), MAX_RESULT_BYTES, "evaluation file", follow_symlinks=True),
                "json", "evaluation file", path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from .errors import PreflightError
+from ..common.errors import PreflightError
 
 GiB = 1 << 30
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from container_payload import recipes
 
-from . import assets, model_source, paths, untrusted
-from .config import JobSpec, read_recipe_file
-from .errors import LauncherError
+from ..sources import assets, model_source
+from ..common import paths, untrusted
+from ..common.config import JobSpec, read_recipe_file
+from ..common.errors import LauncherError
 
 # The files of a model folder the payload can load (transformers reads the top level only).
 MODEL_PATTERNS = model_source.WEIGHT_PATTERNS + model_source.CODE_PATTERNS + ["*.bin"]

@@ -36,13 +36,13 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from container_payload import recipes
 
-from . import runs
+from ..records import runs
 from .container import Bind, PayloadContainer
-from .daemon import LABEL_PREFIX, ROLE_LABEL
-from .errors import ImageError, Interrupted
-from .files import atomic_write_text
+from ..common.daemon import LABEL_PREFIX, ROLE_LABEL
+from ..common.errors import ImageError, Interrupted
+from ..common.files import atomic_write_text
 from .image_probe import ImageProbe, probe
-from .output import markup
+from ..common.output import markup
 
 REPOSITORY = "spark-nvfp4/derived"
 ROLE = "derived-image"

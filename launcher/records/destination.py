@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from . import paths
-from .errors import ConfigError
+from ..common import paths
+from ..common.errors import ConfigError
 from .locks import lock_path
 
 # filesystems of the kernel's own state: never a place for a checkpoint (root can write some)

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import runs
 from .orphans import tidy
-from .output import markup, safe
+from ..common.output import markup, safe
 
 STATUS_COLORS = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
 
@@ -115,8 +115,8 @@ def print_log(run_id: str, follow: bool, console) -> None:
     """The run's log on stdout, as bytes arrive; with follow, until the run ends. The log is
     read as untrusted: a regular file only (a FIFO or /dev/zero would never end), never
     through a symlink (it would print the link's target), at most its last MAX_LOG_SHOWN."""
-    from .errors import RunDamaged
-    from .untrusted import open_regular
+    from ..common.errors import RunDamaged
+    from ..common.untrusted import open_regular
 
     rec = runs.load(run_id)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")

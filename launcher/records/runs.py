@@ -22,9 +22,10 @@ from typing import Literal
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
-from . import owner, paths
-from .errors import LauncherError, RunDamaged, RunNotFound
-from .files import atomic_write_text
+from . import owner
+from ..common import paths
+from ..common.errors import LauncherError, RunDamaged, RunNotFound
+from ..common.files import atomic_write_text
 
 # what new_run() makes: 20261130-061304-a1b2c3 (a folder name, never a path)
 RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
@@ -112,8 +113,8 @@ class RunRecord(BaseModel):
     def end(self, failure: BaseException) -> dict:
         """The run's command ends on `failure` (any exception: errors.as_launcher_error says how it
         reads): a running record says so, and result.json holds the object `--json` prints."""
-        from .errors import as_launcher_error
-        from .output import run_result
+        from ..common.errors import as_launcher_error
+        from ..common.output import run_result
 
         err = as_launcher_error(failure)
         status = "interrupted" if err.exit_code == 130 else "failed"
@@ -126,7 +127,7 @@ class RunRecord(BaseModel):
         """A LauncherError that leaves the block ends the run, for a caller that survives it (a
         quantize whose quick evaluation failed). Every other ending reaches ending.conclude,
         which ends each run this process started and has not finished."""
-        from .errors import LauncherError
+        from ..common.errors import LauncherError
 
         try:
             yield self
@@ -135,7 +136,7 @@ class RunRecord(BaseModel):
             raise
 
     def read_result(self) -> dict | None:
-        from .untrusted import read_json_object
+        from ..common.untrusted import read_json_object
 
         return read_json_object(self.folder / "result.json")
 
@@ -188,7 +189,7 @@ def check_id(run_id: str) -> str:
 
 def _parse(path: Path) -> RunRecord:
     """A record file, or RunDamaged saying in one line why it cannot be used."""
-    from .untrusted import parse, read_capped
+    from ..common.untrusted import parse, read_capped
 
     where, advice = str(path), "it is skipped; delete that folder if it is not needed"
     raw = read_capped(path, MAX_RECORD, "run record", error=RunDamaged, advice=advice, missing_ok=True)

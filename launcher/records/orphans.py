@@ -18,9 +18,9 @@ from docker.errors import APIError, NotFound
 from rich.console import Console
 
 from . import runs
-from .daemon import RUN_LABEL, connect
-from .errors import DockerUnavailable, RunNotFound
-from .output import markup
+from ..common.daemon import RUN_LABEL, connect
+from ..common.errors import DockerUnavailable, RunNotFound
+from ..common.output import markup
 
 
 def tidy(console: Console | None = None, records: list[runs.RunRecord] | None = None) -> None:
@@ -61,7 +61,7 @@ def guard(rec: runs.RunRecord) -> None:
     """Start the watcher of this run; it survives a kill -9 of the launcher, not a reboot
     (then the next command reaps). It must not hold our stdout/stderr open."""
     try:
-        subprocess.Popen([sys.executable, "-m", "launcher.orphans", rec.id], stdin=subprocess.DEVNULL,
+        subprocess.Popen([sys.executable, "-m", "launcher.records.orphans", rec.id], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                          close_fds=True)
     except OSError:
