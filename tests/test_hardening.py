@@ -4,8 +4,8 @@ Inputs are judged before Docker: those tests point DOCKER_HOST at a socket that 
 exist, so reaching Docker would fail with exit 3 instead of the input's exit 2. The
 Hugging Face hub cannot be reached from these machines: "no network" is a real refused
 connection (HF_ENDPOINT on a closed loopback port), and where a test needs the hub to
-answer (sizes, a download that breaks half-way) huggingface_hub is replaced in-process,
-which the test says.
+answer (sizes, a download that breaks half-way) model_source's HfApi / snapshot_download are
+replaced in-process, which the test says.
 """
 from __future__ import annotations
 
@@ -161,18 +161,17 @@ class FakeHub:
 
 @pytest.mark.docker
 def test_preflight_counts_the_download_before_downloading(home, tmp_path, monkeypatch, docker_client):
-    import huggingface_hub
-
     from launcher.common.config import JobSpec
     from launcher.common.errors import PreflightError
     from launcher.quantize.job import QuantizeRun
+    from launcher.sources import model_source
 
     import shutil
     # bigger than the free disk (the download does not fit), small enough that its NVFP4
     # output (about 0.64x with the partial) still does: only the download check can fail
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub(int(shutil.disk_usage(tmp_path).free * 1.2)))
+    monkeypatch.setattr(model_source, "HfApi", FakeHub(int(shutil.disk_usage(tmp_path).free * 1.2)))
     downloads = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: downloads.append(a))
+    monkeypatch.setattr(model_source, "snapshot_download", lambda *a, **k: downloads.append(a))
     spec = JobSpec(model="org/huge", output=tmp_path / "o", evaluate=False)
     with pytest.raises(PreflightError, match=r"disk \(model download\)"):
         QuantizeRun(spec).run()
@@ -185,21 +184,20 @@ def test_preflight_counts_the_download_before_downloading(home, tmp_path, monkey
 def test_download_is_recorded_as_it_starts(home, tmp_path, monkeypatch, docker_client):
     """A download that dies half-way leaves its cache folder in the record, so rollback
     --cache can remove it (before, it was recorded only after a complete download)."""
-    import huggingface_hub
-
-    from launcher.records import runs
     from launcher.common.config import JobSpec
     from launcher.common.errors import ModelError
     from launcher.quantize.job import QuantizeRun
+    from launcher.records import runs
+    from launcher.sources import model_source
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub(1000))
+    monkeypatch.setattr(model_source, "HfApi", FakeHub(1000))
     repo = tmp_path / "hub" / "models--org--small"
 
     def broken_download(repo_id, **kw):
         (repo / "blobs").mkdir(parents=True)
         (repo / "blobs" / "abc.incomplete").write_bytes(b"x" * 100)
         raise OSError("connection reset by peer")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken_download)
+    monkeypatch.setattr(model_source, "snapshot_download", broken_download)
     with pytest.raises(ModelError, match="download of org/small failed"):
         QuantizeRun(JobSpec(model="org/small", output=tmp_path / "o", evaluate=False)).run()
     (rec,) = runs.all_runs()

@@ -133,9 +133,8 @@ def test_a_hub_model_reads_the_same_online_and_offline(home, tmp_path, monkeypat
     """Offline from a hub cache laid out as huggingface_hub lays it out; online from the hub's
     model_info, which cannot be reached from these machines: HfApi is replaced in-process
     with the answer the hub gives for that cache's files (lfs sha256, git blob ids)."""
-    import huggingface_hub
-
     from launcher.common.config import JobSpec
+    from launcher.sources import model_source
 
     commit, lfs, blob = "a" * 40, "b" * 64, "c" * 40
     repo = tmp_path / "hub" / "models--org--tiny"
@@ -165,7 +164,7 @@ def test_a_hub_model_reads_the_same_online_and_offline(home, tmp_path, monkeypat
                 Sibling("model.safetensors", "d" * 40, lfs), Sibling("config.json", blob),
                 Sibling("modeling_x.py", "e" * 40), Sibling("original/consolidated.pth", "f" * 40, "9" * 64)]})()
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr(model_source, "HfApi", Hub)
     from launcher.quantize.job_inputs import model_identity
 
     online = model_identity(JobSpec(model="org/tiny", output=tmp_path / "o"))

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psutil
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from container_payload import contract, memory_plan, recipes
 
 from .errors import ConfigError
+from .untrusted import parse, read_capped
 
 NVIDIA_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:spark-single-gpu-dev"
 STANDIN_REPO = "spark-nvfp4/trtllm-standin"           # built here by `make image` / `make image-2025`
@@ -256,8 +256,6 @@ MAX_RECIPE_BYTES = 1 << 20  # ModelOpt's library recipes are 1-3 KB; it is read 
 def read_recipe_file(path: Path) -> bytes:
     """The bytes of the user's YAML recipe (--recipe FILE.yaml), or a one-line ConfigError
     unless it is a regular file of sane size."""
-    from .untrusted import read_capped
-
     return read_capped(path.expanduser(), MAX_RECIPE_BYTES, "recipe file", follow_symlinks=True,
                        advice="a ModelOpt library recipe is named without .yaml")
 
@@ -266,8 +264,6 @@ MAX_CONFIG_BYTES = 1 << 20  # a job's fields fit in a few KB; a config file is n
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    from .untrusted import parse, read_capped
-
     advice = "pass a YAML, JSON or TOML file of job fields to --config"
     # the user's own file: a symlink to it is fine, a FIFO or /dev/zero is not
     raw = read_capped(path, MAX_CONFIG_BYTES, "config file", advice=advice, follow_symlinks=True)

@@ -1,8 +1,11 @@
 """The Docker daemon connection, with failures turned into typed errors."""
 from __future__ import annotations
 
-import docker
+import os
+
 from docker.errors import DockerException
+
+import docker
 
 from .errors import DockerUnavailable
 
@@ -25,7 +28,6 @@ def connect(timeout: int = 30) -> docker.DockerClient:
 
 
 def _docker_host() -> str:
-    import os
     return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
 

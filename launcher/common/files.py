@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 
 from .errors import ConfigError
+from .untrusted import printable
 
 FILE_MODE = 0o644
 
@@ -72,7 +73,6 @@ def refuse_link(path: Path, folder: int | None = None) -> None:
         return
     if stat.S_ISREG(st.st_mode):
         return
-    from .untrusted import printable
 
     if stat.S_ISLNK(st.st_mode):
         target = os.readlink(path.name, dir_fd=folder) if folder is not None else os.readlink(path)

@@ -18,6 +18,7 @@ from string import Formatter
 from rich.console import Console
 from rich.markup import escape
 
+from .errors import as_launcher_error
 from .untrusted import printable
 
 # what a result.json (a run's, the payload's, an evaluation's) may weigh when read back: they are
@@ -77,8 +78,6 @@ def print_json(obj: dict) -> None:
 def error_fields(e: BaseException) -> dict:
     """The `error` member of a result: the parts of the LauncherError the user read
     (errors.as_launcher_error: an interrupt or a bug is one too)."""
-    from .errors import as_launcher_error
-
     e = as_launcher_error(e)
     return {"kind": type(e).__name__, "exit_code": e.exit_code, "message": e.what, "where": e.where,
             "advice": e.advice}

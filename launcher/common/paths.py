@@ -30,13 +30,13 @@ def models_dir() -> Path:
 
 
 def hf_hub_cache() -> Path:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy, hub cache only: paths stays stdlib for benchmarks
 
     return Path(constants.HF_HUB_CACHE)
 
 
 def hf_repo_folder(repo_id: str, repo_type: str = "model") -> Path:
     """A repo's folder in the hub cache (`models--org--name`), named by huggingface_hub itself."""
-    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.file_download import repo_folder_name  # heavy, as in hf_hub_cache
 
     return hf_hub_cache() / repo_folder_name(repo_id=repo_id, repo_type=repo_type)

@@ -16,11 +16,11 @@ import errno
 import json
 import os
 import stat
-import tomllib
 import unicodedata
 from pathlib import Path
 from typing import BinaryIO
 
+import tomllib
 import yaml
 
 from .errors import ConfigError, LauncherError

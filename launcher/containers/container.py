@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import docker
 import psutil
 from docker.errors import APIError, DockerException, NotFound
 from docker.types import DeviceRequest, Mount
 
 import container_payload
+import docker
 from container_payload import contract
 
-from ..common.daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL
+from ..common.daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL, has_nvidia_runtime
 from ..common.errors import DOCKER_ERRORS, Interrupted, OutOfMemory, PayloadFailed, docker_error
 from ..common.files import atomic_write_text
 from .logstream import EventStream, open_log
@@ -192,8 +192,6 @@ class PayloadContainer:
 
     def _start_error(self, e: APIError):
         """Docker says 500 for most start failures; the facts we can check pick the advice."""
-        from ..common.daemon import has_nvidia_runtime
-
         if self._wants_gpu and not has_nvidia_runtime(self.client):
             return docker_error(e, "start-gpu")
         if self.publish is not None and not port_free(self.publish):

@@ -19,6 +19,7 @@ The user's image is never changed, retagged or removed.
 """
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
@@ -29,20 +30,21 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import docker
 from docker.errors import APIError, ImageNotFound
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+import docker
 from container_payload import recipes
 
-from ..records import runs
-from .container import Bind, PayloadContainer
 from ..common.daemon import LABEL_PREFIX, ROLE_LABEL
 from ..common.errors import ImageError, Interrupted
 from ..common.files import atomic_write_text
-from .image_probe import ImageProbe, probe
 from ..common.output import markup
+from ..records import runs
+from .container import Bind, PayloadContainer
+from .image_probe import ImageProbe, probe
+from .session import DockerSession
 
 REPOSITORY = "spark-nvfp4/derived"
 ROLE = "derived-image"
@@ -215,8 +217,6 @@ def _write_context(workdir: Path, p: Plan) -> None:
 
 def host_pip_settings() -> dict[str, str]:
     """How this host's pip reaches its index: config files, then PIP_* variables (later wins)."""
-    import configparser
-
     found: dict[str, str] = {}
     files = [*PIP_CONFIG_FILES, os.environ.get("PIP_CONFIG_FILE", "")]  # pip's order: the variable's file last
     for f in files:
@@ -290,8 +290,6 @@ def _offline_advice(base_ref: str, tag: str) -> str:
 def prepare(image_ref: str, console: Console, *, dry_run: bool = False) -> str:
     """`launcher image prepare`: the image (pulled if absent) and its derived image, ready
     for every recipe. Returns the image to pass to --image."""
-    from .session import DockerSession
-
     docker = DockerSession.open(console)
     ref = docker.image_ref(image_ref)
     rec = docker.start_run("image-prepare", {"image": ref}, ref)

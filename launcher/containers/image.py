@@ -8,15 +8,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import docker
 from docker.errors import APIError, ImageNotFound
 from docker.utils import parse_repository_tag
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+import docker
+
+from ..common import output
 from ..common.config import NVIDIA_IMAGE, STANDIN_IMAGE, STANDIN_REPO
 from ..common.errors import ImageError, docker_error
-from ..common import output
 
 
 @dataclass

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import docker
 from docker.errors import ImageNotFound
 from pydantic import BaseModel, ValidationError
 
+import docker
 from container_payload import recipes
 
 from ..common import output, paths
-from .container import PayloadContainer, payload_command
 from ..common.errors import ConfigError, ImageError, docker_error
 from ..common.files import atomic_write_text
-from .logstream import find_event
 from ..common.untrusted import parse, read_capped
+from .container import PayloadContainer, payload_command
+from .logstream import find_event
 
 MAX_PROBE_BYTES = 1 << 20  # a probe is ~2 KB (a few hundred package versions at most)
 PROBE_TIMEOUT_S = 300  # a cold start of a 20 GB image on a slow disk; the probe itself is ~1 s

@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from container_payload import contract
+from container_payload.contract import PREFIX
 
 from ..common import output
-from container_payload.contract import PREFIX
 
 
 def parse_event(line: str) -> dict | None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import docker
 from rich.console import Console
 
-from ..records import runs
+import docker
+
 from ..common.daemon import connect, has_nvidia_runtime
-from .image import ImageInfo, ImageStore, choose_image, is_standin
+from ..records import runs
 from ..records.orphans import guard, reap
+from .image import ImageInfo, ImageStore, choose_image, is_standin
 
 
 @dataclass

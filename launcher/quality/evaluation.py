@@ -17,16 +17,16 @@ from rich.console import Console
 
 from container_payload.contract import EvalJob
 
-from ..sources import assets, model_source
 from ..common import paths
 from ..common.config import JobSpec
-from ..containers.container import Bind, PayloadRun, run_payload
 from ..common.errors import ConfigError, LauncherError
-from ..common.files import refuse_link
-from ..common.output import MAX_RESULT_BYTES
+from ..common.files import atomic_write_json, refuse_link
+from ..common.output import MAX_RESULT_BYTES, run_result
 from ..common.output import console as stderr_console
-from ..containers.session import DockerSession
 from ..common.untrusted import read_json_object
+from ..containers.container import Bind, PayloadRun, run_payload
+from ..containers.session import DockerSession
+from ..sources import assets, model_source
 
 # The check at the end of `launcher quantize`: held-out tokens scored. The CPU emulation
 # scores ~512 tokens in 10-40 s on 2 cores, so the stand-in gets a smaller sample.
@@ -111,7 +111,6 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
     rec.result = {k: result.get(k) for k in ("perplexity", "reference_perplexity", "kl_divergence",
                                             "top1_agreement", "tokens")}
     rec.finish("complete")
-    from ..common.output import run_result
 
     rec.write_result(run_result(rec, evaluation=result, extra={"output": str(json_out), "run_id": rec.id,
                                                                 "timings": result.get("timings")}))
@@ -135,8 +134,6 @@ def check_json_out(path: Path) -> Path:
 
 def _publish(made: Path, json_out: Path) -> dict:
     """The payload's JSON, checked, then written to --json-out atomically (temp file + rename)."""
-    from ..common.files import atomic_write_json
-
     result = read_json_object(made, limit=MAX_RESULT_BYTES)
     if result is None:
         raise LauncherError("the evaluation wrote no readable JSON", where=str(made), advice="see the run's log")

@@ -16,8 +16,12 @@ import html
 import math
 from pathlib import Path
 
-from ..common.files import atomic_write_text
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..common.errors import ConfigError
+from ..common.files import atomic_write_text
+from ..common.output import MAX_RESULT_BYTES
+from ..common.untrusted import parse, read_capped
 
 GiB = 1 << 30
 # The memory model: weights as stored + a KV cache of this many tokens in bf16 (one
@@ -373,9 +377,6 @@ def candidate(arg: str) -> dict:
     path, name = arg, None
     if ":" in arg and not Path(arg).exists():
         path, name = arg.rsplit(":", 1)
-    from ..common.errors import ConfigError
-    from ..common.output import MAX_RESULT_BYTES
-    from ..common.untrusted import parse, read_capped
 
     ev = parse(read_capped(Path(path), MAX_RESULT_BYTES, "evaluation file", follow_symlinks=True),
                "json", "evaluation file", path)

@@ -23,21 +23,25 @@ from rich.console import Console
 
 from container_payload import contract, recipes
 
-from ..sources import assets, model_source
-from ..containers import derived_image
 from ..common import files, paths
-from . import memory_budget, preflight, reuse
-from ..records import runs
 from ..common.config import JobSpec
-from ..containers.container import Bind, PayloadRun, check_gpus, run_payload
-from ..records.destination import check_output, partial_path, replaced_path
-from ..common.errors import ConfigError, Interrupted, LauncherError, PayloadFailed
-from .job_inputs import fingerprint, job_inputs, model_identity
-from ..records.locks import OutputLock, lock_path
-from ..common.output import console as stderr_console
+from ..common.errors import ConfigError, Interrupted, LauncherError, PayloadFailed, VerifyFailed
 from ..common.output import MAX_RESULT_BYTES, markup, run_result
-from ..containers.session import DockerSession
+from ..common.output import console as stderr_console
 from ..common.untrusted import parse, read_capped
+from ..containers import derived_image
+from ..containers.container import Bind, PayloadRun, check_gpus, run_payload
+from ..containers.session import DockerSession
+from ..quality import model_card
+from ..quality.evaluation import QUICK_TOKENS, EvalRequest, evaluate, summary_line
+from ..records import runs
+from ..records.destination import check_output, partial_path, replaced_path
+from ..records.locks import OutputLock, lock_path
+from ..records.rollback import recorded_path_ok
+from ..sources import assets, model_source
+from ..verify import MAX_PRINTED, summary, verify_checkpoint
+from . import memory_budget, preflight, reuse
+from .job_inputs import fingerprint, job_inputs, model_identity
 
 
 @dataclass
@@ -219,9 +223,6 @@ class QuantizeRun:
         """Quick quality check and model card; returns the evaluation. The checkpoint is already
         complete: a failure here is reported, never turned into a failed run; an interrupt ends
         the command (exit 130) and leaves the checkpoint in place."""
-        from ..quality import model_card
-        from ..quality.evaluation import QUICK_TOKENS, EvalRequest, evaluate, summary_line
-
         evaluation = None
         if self.spec.evaluate:
             try:
@@ -317,11 +318,8 @@ class QuantizeRun:
 def verify_or_raise(folder: Path, console: Console, reused: bool = False) -> None:
     """The independent host-side check; a checkpoint that fails it is never promoted, nor
     reused: an existing output is verified again, since it may have been damaged since."""
-    from ..verify import MAX_PRINTED, summary, verify_checkpoint
-
     report = verify_checkpoint(folder)
     if report.problems:
-        from ..common.errors import VerifyFailed
         for p in report.problems[:MAX_PRINTED]:
             console.print(markup("[red]verify[/] {}", str(p)), highlight=False)
         if reused:
@@ -338,8 +336,6 @@ def clean_stale_partials(output: Path, console: Console) -> None:
     """Partial folders of runs that died are ours (their records say so): remove them. Only
     the exact partial a record's run could have made (beside its own output, named after
     its id), since a record is a file anyone can edit."""
-    from ..records.rollback import recorded_path_ok
-
     for rec in runs.all_runs():
         if rec.status == "running":
             continue

@@ -14,6 +14,7 @@ another folder are the same job.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -21,12 +22,14 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from huggingface_hub.utils import filter_repo_objects
+
 from container_payload import recipes
 
-from ..sources import assets, model_source
 from ..common import paths, untrusted
 from ..common.config import JobSpec, read_recipe_file
 from ..common.errors import LauncherError
+from ..sources import assets, model_source
 
 # The files of a model folder the payload can load (transformers reads the top level only).
 MODEL_PATTERNS = model_source.WEIGHT_PATTERNS + model_source.CODE_PATTERNS + ["*.bin"]
@@ -78,8 +81,6 @@ def folder_hashes(folder: Path) -> dict[str, str]:
     against minutes of calibration, and the page cache it fills is what the payload reads next.
     size + mtime + inode would cost nothing, but `cp -p`, `rsync -t` or `touch -r` keep an edited
     file's mtime, and that would hand back a stale checkpoint: correctness first."""
-    import fnmatch
-
     names = sorted(p.name for p in folder.iterdir()
                    if any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_PATTERNS))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -104,7 +105,6 @@ def hub_identity(spec: JobSpec) -> dict | None:
         commit = cached_commit(spec.model, spec.revision)
         return None if commit is None else {"repo": spec.model, "commit": commit,
                                             "files": cached_blobs(spec.model, commit, patterns)}
-    from huggingface_hub.utils import filter_repo_objects
 
     info = model_source.hub_model_info(spec.model, spec.revision, model_source.token_from(spec.hf_token_env))
     commit = getattr(info, "sha", None)
@@ -133,8 +133,6 @@ def cached_commit(repo_id: str, revision: str | None, repo_type: str = "model") 
 
 
 def cached_blobs(repo_id: str, commit: str, patterns: list[str]) -> dict[str, str]:
-    from huggingface_hub.utils import filter_repo_objects
-
     snap = paths.hf_repo_folder(repo_id) / "snapshots" / commit
     names = sorted(filter_repo_objects([str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()],
                                        allow_patterns=patterns))

@@ -19,6 +19,7 @@ from container_payload import memory_plan, recipes
 
 from ..common import paths
 from ..common.config import EMBEDDED_MODEL, JobSpec
+from ..sources.model_source import EMBEDDED_DIRNAME
 from .preflight import Check
 
 UNIFIED_GPUS = ("GB10",)  # one memory pool for CPU and GPU
@@ -68,8 +69,6 @@ def machine_budget(on_gpu: bool) -> tuple[int, str]:
 
 def model_folder(spec: JobSpec) -> Path | None:
     """The model's folder on the host when it is already there (exact layer sizes)."""
-    from ..sources.model_source import EMBEDDED_DIRNAME
-
     if spec.model == EMBEDDED_MODEL:
         return paths.models_dir() / EMBEDDED_DIRNAME
     if spec.is_local:

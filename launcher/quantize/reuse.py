@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..records import runs
 from ..common.errors import ConfigError, RunNotFound
-from .job_inputs import differences
 from ..common.output import quality
-from ..records.rollback import recorded_path_ok
 from ..common.untrusted import read_json_object
+from ..records import runs
+from ..records.rollback import recorded_path_ok
+from .job_inputs import differences
 
 MAX_RESULT = 16 << 20          # a checkpoint's result.json is tens of KB
 # what the launcher adds to a checkpoint after the payload listed its files

@@ -20,9 +20,9 @@ import os
 import stat
 from pathlib import Path
 
-from . import owner
 from ..common.errors import LockHeld
 from ..common.untrusted import read_json_object
+from . import owner
 
 MAX_LOCK_BYTES = 4096  # ours are ~120 bytes; anything bigger is not ours to parse
 

@@ -13,14 +13,15 @@ import subprocess
 import sys
 import time
 
-import docker
 from docker.errors import APIError, NotFound
 from rich.console import Console
 
-from . import runs
+import docker
+
 from ..common.daemon import RUN_LABEL, connect
 from ..common.errors import DockerUnavailable, RunNotFound
 from ..common.output import markup
+from . import runs
 
 
 def tidy(console: Console | None = None, records: list[runs.RunRecord] | None = None) -> None:

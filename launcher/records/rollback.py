@@ -19,14 +19,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
+from docker.errors import APIError, ImageNotFound, NotFound
+from rich.filesize import decimal
+from rich.table import Table
+
 from ..common import paths
-from . import runs
 from ..common.daemon import RUN_LABEL, connect
-from ..common.errors import ConfigError, DockerUnavailable, LauncherError, RunNotFound
+from ..common.errors import ConfigError, DockerUnavailable, LauncherError, RunNotFound, docker_detail
 from ..common.output import markup, safe
+from ..common.untrusted import read_json_object
+from . import runs
+from .destination import partial_path, replaced_path
+from .locks import lock_path, read_info, remove_if_stale
 
 ALWAYS = ("containers", "partials", "locks")
 OPTIONAL = ("outputs", "images", "cache")
@@ -134,8 +143,6 @@ def _expected(rec: runs.RunRecord, kind: str) -> set[str]:
     out, _ = run_output(rec)
     if out is None:
         return set()
-    from .destination import partial_path, replaced_path
-    from .locks import lock_path
     return {"outputs": {str(out)}, "partials": {str(partial_path(out, rec.id)), str(replaced_path(out, rec.id))},
             "locks": {str(lock_path(out))}}[kind]
 
@@ -177,8 +184,6 @@ def _plan_files(p: Plan, rec: runs.RunRecord, others: list[runs.RunRecord]) -> N
     locks = [x for x in rec.created.locks if x in _expected(rec, "locks")]
     locks += [x for x in _expected(rec, "locks") if x not in locks and rec.command == "quantize"]
     for path in locks:
-        from .locks import read_info
-
         item = Item("locks", path, rec.id)
         info = read_info(Path(path))  # never blocks: a FIFO there is not read
         if not os.path.lexists(path):
@@ -234,7 +239,6 @@ def _plan_docker(p: Plan, rec: runs.RunRecord, client, others: list[runs.RunReco
         p.unchecked += [Item("images", ref, rec.id) for ref in rec.created.images if "images" in p.kinds]
         p.refused += [(item, "Docker daemon unreachable: not checked") for item in p.unchecked if item.run_id == rec.id]
         return
-    from docker.errors import APIError, ImageNotFound, NotFound
 
     seen = set()
     found = {c.id: c for c in client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={rec.id}"})}
@@ -307,7 +311,6 @@ def _remove(item: Item, client) -> None:
     if item.kind == "containers":
         if client is None:
             raise DockerUnavailable("Docker daemon unreachable")
-        from docker.errors import NotFound
         try:
             client.containers.get(item.ref).remove(force=True)
         except NotFound:
@@ -315,15 +318,12 @@ def _remove(item: Item, client) -> None:
     elif item.kind == "images":
         if client is None:
             raise DockerUnavailable("Docker daemon unreachable")
-        from docker.errors import ImageNotFound
         try:
             # never force: a tag the user added keeps the image, and one in use stays
             client.images.remove(item.ref, noprune=False)
         except ImageNotFound:
             pass
     elif item.kind == "locks":
-        from .locks import remove_if_stale
-
         why = remove_if_stale(Path(item.ref), item.run_id)  # read again under its flock
         if why not in (None, "gone"):
             raise LauncherError(f"{why}; left alone")
@@ -380,20 +380,16 @@ def tree_size(path: Path) -> int:
 
 def human(n: int | None) -> str:
     """A size as rich writes it (decimal units: 1.5 GB, as disks are sold); "-" when unknown."""
-    from rich.filesize import decimal
-
     return "-" if n is None else decimal(n)
 
 
 def _read_json(path: Path) -> dict | None:
-    from ..common.untrusted import read_json_object
     return read_json_object(path)
 
 
 def _reason(e: Exception) -> str:
     if isinstance(e, LauncherError):
         return e.what
-    from ..common.errors import docker_detail
     return f"{type(e).__name__}: {docker_detail(e)}"
 
 
@@ -404,8 +400,6 @@ KIND_NAMES = {"containers": "container", "partials": "partial folder", "locks": 
 
 
 def plan_table(p: Plan, title: str):
-    from rich.table import Table
-
     t = Table(title=title, title_justify="left")
     for col in ("run", "kind", "what", "size"):
         t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
@@ -451,10 +445,6 @@ def run_rollback(run_id: str | None, *, all_runs: bool, outputs: bool, images: b
                  dry_run: bool, yes: bool, console) -> None:
     """`launcher rollback`: plan, show, confirm, execute, report; a LauncherError when anything
     recorded stays."""
-    import sys
-
-    import click
-
     p = plan(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache, dry_run=dry_run)
     if p.empty:
         describe_rest(p, console)
@@ -467,14 +457,12 @@ def run_rollback(run_id: str | None, *, all_runs: bool, outputs: bool, images: b
         return
     if not yes:
         if not sys.stdin.isatty():
-            from ..common.errors import ConfigError
             raise ConfigError("refusing to delete without confirmation: stdin is not a terminal",
                               where="rollback", advice="check the list with --dry-run, then pass --yes")
         click.confirm(f"remove these {len(p.items)} items?", abort=True, err=True)
     out = execute(p)
     describe_outcome(out, console)
     if out.failed:
-        from ..common.errors import LauncherError
         raise LauncherError(f"{len(out.failed)} of {len(p.items)} items could not be removed",
                             advice="fix what is reported above and run the same rollback again")
     _unchecked(p)
@@ -484,7 +472,6 @@ def _unchecked(p) -> None:
     """Without Docker the files go, but the rollback is not complete: say so in the exit code."""
     n = len(p.unchecked)
     if n:
-        from ..common.errors import DockerUnavailable
         raise DockerUnavailable(f"{n} recorded container(s)/image(s) not removed: the Docker daemon is unreachable",
                                 advice="start Docker and run the same rollback again")
 

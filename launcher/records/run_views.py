@@ -17,9 +17,12 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
+from ..common.errors import RunDamaged
+from ..common.output import markup, safe
+from ..common.untrusted import open_regular
 from . import runs
 from .orphans import tidy
-from ..common.output import markup, safe
+from .rollback import human, recorded_path_ok, tree_size
 
 STATUS_COLORS = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
 
@@ -68,8 +71,6 @@ def print_runs(console, out, show_all: bool = False) -> None:
 
 def print_status(run_id: str, console, out) -> None:
     """One run: its record, what it created (and whether that still exists), its files."""
-    from .rollback import human, recorded_path_ok, tree_size
-
     tidy(console)
     r = runs.load(run_id)
     t = Table(show_header=False, box=None)
@@ -115,9 +116,6 @@ def print_log(run_id: str, follow: bool, console) -> None:
     """The run's log on stdout, as bytes arrive; with follow, until the run ends. The log is
     read as untrusted: a regular file only (a FIFO or /dev/zero would never end), never
     through a symlink (it would print the link's target), at most its last MAX_LOG_SHOWN."""
-    from ..common.errors import RunDamaged
-    from ..common.untrusted import open_regular
-
     rec = runs.load(run_id)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     pos = None  # where the next read starts (None: nothing read yet)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,10 +23,12 @@ from typing import Literal
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
-from . import owner
 from ..common import paths
-from ..common.errors import LauncherError, RunDamaged, RunNotFound
+from ..common.errors import LauncherError, RunDamaged, RunNotFound, as_launcher_error
 from ..common.files import atomic_write_text
+from ..common.output import run_result
+from ..common.untrusted import parse, read_capped, read_json_object
+from . import owner
 
 # what new_run() makes: 20261130-061304-a1b2c3 (a folder name, never a path)
 RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
@@ -113,9 +116,6 @@ class RunRecord(BaseModel):
     def end(self, failure: BaseException) -> dict:
         """The run's command ends on `failure` (any exception: errors.as_launcher_error says how it
         reads): a running record says so, and result.json holds the object `--json` prints."""
-        from ..common.errors import as_launcher_error
-        from ..common.output import run_result
-
         err = as_launcher_error(failure)
         status = "interrupted" if err.exit_code == 130 else "failed"
         if self.status == "running":  # a finished run keeps its status: what it made is a result
@@ -127,8 +127,6 @@ class RunRecord(BaseModel):
         """A LauncherError that leaves the block ends the run, for a caller that survives it (a
         quantize whose quick evaluation failed). Every other ending reaches ending.conclude,
         which ends each run this process started and has not finished."""
-        from ..common.errors import LauncherError
-
         try:
             yield self
         except LauncherError as e:
@@ -136,8 +134,6 @@ class RunRecord(BaseModel):
             raise
 
     def read_result(self) -> dict | None:
-        from ..common.untrusted import read_json_object
-
         return read_json_object(self.folder / "result.json")
 
     def write_result(self, body: dict) -> dict:
@@ -149,8 +145,6 @@ class RunRecord(BaseModel):
     def discard(self) -> None:
         """Remove this run's folder (a dry run's: it changed nothing and leaves no record), and
         forget it: ending.conclude must not write a result.json back into a folder of its own."""
-        import shutil
-
         shutil.rmtree(self.folder, ignore_errors=True)
         if self in started:
             started.remove(self)
@@ -189,8 +183,6 @@ def check_id(run_id: str) -> str:
 
 def _parse(path: Path) -> RunRecord:
     """A record file, or RunDamaged saying in one line why it cannot be used."""
-    from ..common.untrusted import parse, read_capped
-
     where, advice = str(path), "it is skipped; delete that folder if it is not needed"
     raw = read_capped(path, MAX_RECORD, "run record", error=RunDamaged, advice=advice, missing_ok=True)
     if raw is None:

@@ -125,7 +125,7 @@ def _brown_texts(folder: Path) -> tuple[Path, Path]:
 
 
 def wiki_plaintext(xml_bz2: bytes, max_chars: int = 2_000_000) -> str:
-    import mwparserfromhell
+    import mwparserfromhell  # only `make setup` converts wiki text; every command imports assets
 
     root = ET.fromstring(bz2.decompress(xml_bz2))
     ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""

@@ -15,18 +15,28 @@ Every hub failure, whatever transport huggingface_hub uses underneath (httpx2 in
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from huggingface_hub import constants
+from huggingface_hub import HfApi, constants, get_token, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 
-from . import assets
 from ..common import paths
 from ..common.config import JobSpec
-from ..containers.container import Bind
 from ..common.errors import ConfigError, ModelError
-from ..common.untrusted import link_out_of, printable
+from ..common.untrusted import link_out_of, printable, read_json_object
+from ..containers.container import Bind
+from . import assets
 
 # -v2: the converted tokenizer is PreTrainedTokenizerFast, the same to transformers 4.x and 5.x
 # (container_payload/quantize.py: portable_tokenizer_config); -v3: its config.json carries the
@@ -56,7 +66,6 @@ def token_from(env_name: str) -> str | None:
     tok = os.environ.get(env_name)
     if tok:
         return tok
-    from huggingface_hub import get_token
     return get_token()
 
 
@@ -84,9 +93,6 @@ def _first_line(e: BaseException) -> str:
 
 def check_repo_id(repo_id: str, where: str = "--model") -> None:
     """A hub id must be org/name in the hub's alphabet: caught before Docker or the network."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
@@ -120,8 +126,6 @@ def check_remote_code(model_dir: Path, trusted: bool, what: str) -> None:
     checked on the host, on the files the payload would read, before any container starts. The one
     rule for every command that loads a model in a container (quantize, eval, serve); `what` names
     the model as the user gave it."""
-    from ..common.untrusted import read_json_object
-
     config = read_json_object(Path(model_dir) / "config.json", follow_symlinks=True) or {}  # hub snapshots link blobs
     auto_map = config.get("auto_map")
     if auto_map and not trusted:
@@ -204,8 +208,6 @@ def _embedded(on_create: Callable[[str], None] | None = None, dry_run: bool = Fa
 
 def finish_embedded(model: ResolvedModel) -> None:
     """Move the payload's conversion into models/ (once; a concurrent run may have won)."""
-    import shutil
-
     if model.staging is None:
         return
     made = model.staging / EMBEDDED_DIRNAME
@@ -228,10 +230,6 @@ def _local(folder: Path) -> ResolvedModel:
 
 def _hub(spec: JobSpec, *, dry_run: bool, on_create: Callable[[str], None] | None = None,
          access_checked: bool = False) -> ResolvedModel:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
     check_repo_id(spec.model)
     token = token_from(spec.hf_token_env)
     offline = is_offline(spec)
@@ -271,9 +269,6 @@ def check_access(repo_id: str, revision: str | None, token: str | None) -> int:
 def hub_model_info(repo_id: str, revision: str | None, token: str | None):
     """The hub's ModelInfo of the revision (its commit, files, sizes and blob hashes), with
     access checked; every failure one ModelError line."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
     api = HfApi(token=token)
     try:
         # auth_check fails on a gated repo without access; model_info alone would not.
@@ -288,9 +283,6 @@ def hub_model_info(repo_id: str, revision: str | None, token: str | None):
 
 def hub_dataset_commit(name: str, token: str | None) -> str | None:
     """The commit of a hub dataset's main branch (what fetch_dataset downloads)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
         return getattr(HfApi(token=token).dataset_info(name), "sha", None)
     except (HfHubHTTPError, *transport_errors()) as e:
@@ -299,8 +291,6 @@ def hub_dataset_commit(name: str, token: str | None) -> str | None:
 
 
 def _access_error(repo_id: str, e: Exception, token: str | None) -> ModelError:
-    from huggingface_hub.errors import GatedRepoError, RevisionNotFoundError
-
     if isinstance(e, GatedRepoError):
         if token:
             return ModelError(f"{repo_id} is gated and your token has no access yet",
@@ -333,10 +323,6 @@ def fetch_dataset(source: str, token_env: str, offline: bool,
     """Download the data files of one split of a hub dataset on the host (about the
     64 MB the payload reads, not the whole dataset) into the normal HF cache. The payload
     then reads that folder, mounted read-only, with no network and no token."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
     name, split, fld = parse_hf_source(source)
     token = token_from(token_env)
     cache = paths.hf_hub_cache()
