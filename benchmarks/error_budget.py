@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoTokenizer
-from container_payload import emulate, emulated_model
-from container_payload.calib_data import token_windows
+from container_payload.numerics import emulate, emulated_model
+from container_payload.pipelines.calib_data import token_windows
 torch.set_num_threads(2)
 BF16 = sys.argv[1]
 CK = dict(a.split("=", 1) for a in sys.argv[2:])

@@ -49,7 +49,7 @@ def main(argv) -> int:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from container_payload.calib_data import fingerprint, token_windows
+    from container_payload.pipelines.calib_data import fingerprint, token_windows
 
     import llmcompressor
     t_imp = time.time()

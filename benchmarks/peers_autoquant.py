@@ -37,7 +37,7 @@ def main(argv) -> int:
     import modelopt
     import modelopt.torch.quantization as mtq
 
-    from container_payload.calib_data import fingerprint, read_text, token_windows
+    from container_payload.pipelines.calib_data import fingerprint, read_text, token_windows
     from container_payload.quantize import export, load_model, load_tokenizer
 
     model_dir, out = Path(args.model_dir), Path(args.out)

@@ -159,7 +159,7 @@ def table(rows: list[dict], args, base: dict) -> str:
         "",
         f"Calibration: first {args.samples} x {args.seq_len} tokens of brown-calibration (the same "
         f"windows for every column). Evaluation: first {args.eval_tokens} tokens of each held-out "
-        f"text in windows of {args.seq_len}, float32 engine emulation (container_payload/emulate.py) "
+        f"text in windows of {args.seq_len}, float32 engine emulation (container_payload/numerics/emulate.py) "
         "vs the bf16 model run in float32. KL = mean per-token KL(bf16 || quantized). "
         "Time = quantization (calibration + refine) on the shared 2-core CPU; memory = peak RSS of "
         "the quantizing process; size = safetensors + config files.",

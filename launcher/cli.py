@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from container_payload.contract import EvalJob
+from container_payload.core.contract import EvalJob
 
 from . import ending
 from .common.config import FLAG_NAMES, QuantFormat, flagged_fields, load_spec

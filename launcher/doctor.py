@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from container_payload import recipes
+from container_payload.core import recipes
 
 from .common import output, paths
 from .common.config import STANDIN_IMAGE, JobSpec

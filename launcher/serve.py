@@ -34,7 +34,7 @@ from docker.errors import NotFound
 from rich.console import Console
 from rich.markup import escape
 
-from container_payload import contract
+from container_payload.core import contract
 
 from .common import output
 from .common.errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
@@ -134,7 +134,7 @@ def write_key_file(path: Path, key: str) -> Path:
 
 
 def _reason(lines: list[str]) -> str:
-    """The payload's own error event if it sent one (container_payload/events.py), else the
+    """The payload's own error event if it sent one (container_payload/core/events.py), else the
     last line it printed."""
     ev = find_event(reversed(lines), "error")
     if ev is not None:

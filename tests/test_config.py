@@ -112,7 +112,7 @@ def test_ranges_are_declared_once_beside_the_parameters():
     # the payload and the launcher read the same declaration: every numeric parameter has one
     from dataclasses import fields
 
-    from container_payload import recipes
+    from container_payload.core import recipes
 
     for step in recipes.STEPS.values():
         for f in fields(step):
@@ -122,7 +122,7 @@ def test_ranges_are_declared_once_beside_the_parameters():
 
 def test_a_preset_from_the_registry_decides_the_needs():
     # calibrate.preset is honoured: a GPU-only search preset makes the job need a GPU
-    from container_payload import recipes
+    from container_payload.core import recipes
 
     assert not recipes.needs_for("gptq").gpu
     assert recipes.needs_for("gptq", params={"calibrate.preset": "NVFP4_AWQ_LITE_CFG"}).gpu

@@ -1,4 +1,4 @@
-"""The error table (launcher/errors.py DOCKER_ERRORS) against real answers of the real
+"""The error table (launcher/common/errors.py DOCKER_ERRORS) against real answers of the real
 daemon: Docker's status code picks the error, its class and exit code; never its wording."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The evaluation payload against an independent float64 emulation.
 
-evaluate.py (torch, float32, container_payload/emulate.py) runs in the ModelOpt venv on
+evaluate.py (torch, float32, container_payload/numerics/emulate.py) runs in the ModelOpt venv on
 a tiny random Llama that the real ModelOpt quantized (tests/tools/make_tiny_nvfp4.py).
 This file re-derives the same numbers with nothing shared: its own safetensors reader,
 its own E2M1 / E4M3 decoding from the bit layouts, its own round-to-nearest-even, and
@@ -71,7 +71,7 @@ def evals(tiny):
         jobs[name].write_text(json.dumps(job))
     # The CLI entry point once; the rest in one process, as importing torch dominates.
     cli = run_ref(["-m", "container_payload.evaluate", str(jobs.pop("w4a4"))])
-    run_ref(["-c", "import sys; from container_payload import events; "
+    run_ref(["-c", "import sys; from container_payload.core import events; "
                    "sys.exit(max(events.run_command(['evaluate', j]) for j in sys.argv[1:]))", *map(str, jobs.values())])
     results = {name: json.loads((out / f"eval-{name}.json").read_text()) for name in VARIANTS}
     return results, cli.stdout

@@ -266,7 +266,7 @@ def test_eval_emulates_the_moe_checkpoint(moe_runs, name, tmp_path):
 
 
 def test_payload_refuses_an_uncalibrated_expert(ref_python, tiny_models):
-    """The payload's check after calibration (container_payload/moe.py): a forward loop that
+    """The payload's check after calibration (container_payload/steps/moe.py): a forward loop that
     never reaches the experts leaves their input quantizers without amax, and the job stops."""
     script = f"""
 import sys; sys.path.insert(0, {str(REPO)!r})

@@ -1,11 +1,11 @@
-"""The recipe registry and requirement set (container_payload/recipes.py) and the derived
+"""The recipe registry and requirement set (container_payload/core/recipes.py) and the derived
 image's plan, host side: no Docker, no torch. The stacks below are the ones NVIDIA's images
 carry (docs/images.md); the end-to-end proof is tests/test_real_image.py."""
 from __future__ import annotations
 
 import pytest
 
-from container_payload import recipes
+from container_payload.core import recipes
 
 # What NVIDIA's late-2025 TensorRT-LLM image reports (a probe's `packages`, abridged).
 NVIDIA_2025 = {

@@ -1,7 +1,7 @@
 """Issue 22, item 1: a rerun reuses only a checkpoint of provably the same job.
 
-The fingerprint is by content (launcher/job_inputs.py); what a rerun does with what lies at the
-output is launcher/reuse.py. The host-side tests build real model folders, texts and records;
+The fingerprint is by content (launcher/quantize/job_inputs.py); what a rerun does with what lies at the
+output is launcher/quantize/reuse.py. The host-side tests build real model folders, texts and records;
 the end-to-end test quantizes a tiny Llama through Docker three times.
 """
 from __future__ import annotations

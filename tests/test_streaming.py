@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from container_payload import memory_plan
+from container_payload.core import memory_plan
 
 from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REPO, assert_matches_reference, make_tiny_llama, one_line_error,
                       raw_tensors, run_launcher)

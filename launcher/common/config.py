@@ -16,7 +16,7 @@ from typing import Any, Literal
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from container_payload import contract, memory_plan, recipes
+from container_payload.core import contract, memory_plan, recipes
 
 from .errors import ConfigError
 from .untrusted import parse, read_capped

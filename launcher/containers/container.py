@@ -21,7 +21,7 @@ from docker.types import DeviceRequest, Mount
 
 import container_payload
 import docker
-from container_payload import contract
+from container_payload.core import contract
 
 from ..common.daemon import LABEL_PREFIX, ROLE_LABEL, RUN_LABEL, has_nvidia_runtime
 from ..common.errors import DOCKER_ERRORS, Interrupted, OutOfMemory, PayloadFailed, docker_error
@@ -287,7 +287,7 @@ class PayloadRun:
     image: str
     record: "runs.RunRecord"
     module: str                      # the payload command (contract.JOBS)
-    job: object                      # its contract job (a dataclass of container_payload/contract.py)
+    job: object                      # its contract job (a dataclass of container_payload/core/contract.py)
     binds: list[Bind]
     gpus: str = "none"
     nvidia: bool = False

@@ -4,7 +4,7 @@ NVIDIA's 2025 TensorRT-LLM images carry ModelOpt 0.37, which cannot run our reci
 cannot export NVFP4 at all without CUDA). NVIDIA's own playbook re-installs ModelOpt in the
 container before every run; we do it once: a new image on top of the user's, holding the
 lock's version of each package the job's recipe needs (container_payload/requirements.lock,
-container_payload/recipes.py). What the image's stack is built on stays exactly as it was:
+container_payload/core/recipes.py). What the image's stack is built on stays exactly as it was:
 pip runs with torch, numpy, triton, TensorRT(-LLM) and every CUDA library pinned at the
 versions the probe found, and the derived image is probed again to prove it.
 
@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 import docker
-from container_payload import recipes
+from container_payload.core import recipes
 
 from ..common.daemon import LABEL_PREFIX, ROLE_LABEL
 from ..common.errors import ImageError, Interrupted

@@ -12,7 +12,7 @@ from docker.errors import ImageNotFound
 from pydantic import BaseModel, ValidationError
 
 import docker
-from container_payload import recipes
+from container_payload.core import recipes
 
 from ..common import output, paths
 from ..common.errors import ConfigError, ImageError, docker_error

@@ -1,7 +1,7 @@
 """The payload's output, live: raw lines to the run's log file and the terminal,
 `@@spark-nvfp4` events to progress bars.
 
-The payload speaks through one JSON event a line (container_payload/events.py);
+The payload speaks through one JSON event a line (container_payload/core/events.py);
 everything else is library chatter that we pass through untouched.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import IO, Iterable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from container_payload import contract
-from container_payload.contract import PREFIX
+from container_payload.core import contract
+from container_payload.core.contract import PREFIX
 
 from ..common import output
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from container_payload.contract import EvalJob
+from container_payload.core.contract import EvalJob
 
 from ..common import paths
 from ..common.config import JobSpec

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from container_payload import contract, recipes
+from container_payload.core import contract, recipes
 
 from ..common import files, paths
 from ..common.config import JobSpec

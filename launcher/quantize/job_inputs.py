@@ -24,7 +24,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import filter_repo_objects
 
-from container_payload import recipes
+from container_payload.core import recipes
 
 from ..common import paths, untrusted
 from ..common.config import JobSpec, read_recipe_file

@@ -4,7 +4,7 @@ The budget is --memory-budget, else the machine's:
 - a DGX Spark (GB10): one pool of unified memory shared by CPU and GPU: host memory available;
 - another NVIDIA GPU: its memory (the weights, activations and export live there);
 - no GPU: host memory available.
-Preflight checks it before the download; the estimates are container_payload/memory_plan.py's.
+Preflight checks it before the download; the estimates are container_payload/core/memory_plan.py's.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from container_payload import memory_plan, recipes
+from container_payload.core import memory_plan, recipes
 
 from ..common import paths
 from ..common.config import EMBEDDED_MODEL, JobSpec

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from container_payload import direct_load, loading  # noqa: E402
+from container_payload.pipelines import direct_load, loading  # noqa: E402
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

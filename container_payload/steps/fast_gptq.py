@@ -25,9 +25,9 @@ import os
 
 import torch
 
-from .events import log as _log
+from ..core.events import log as _log
+from ..numerics.nvfp4 import BLOCK, max_block_scales, search_block_scales
 from .gptq import hessian_inverse_factor
-from .nvfp4 import BLOCK, max_block_scales, search_block_scales
 
 try:  # optional: the GPU images carry Triton with torch; the CPU stand-in may not
     import triton

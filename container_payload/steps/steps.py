@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 import modelopt.torch.quantization as mtq
 import torch
 
-from . import events
+from ..core import events
+from ..core.recipes import Calibrate, Gptq, KeepBf16, ScaleSearch, Smooth
+from ..numerics.linear_compute import float32_linears
 from .algorithms import quantize_weights
 from .bf16_ranking import keep_sensitive_in_bf16, round_weights
-from .linear_compute import float32_linears
 from .quantizers import QuantizersOff, fused_units, quantized_linears, weights_out_of_reach
-from .recipes import Calibrate, Gptq, KeepBf16, ScaleSearch, Smooth
 from .sequential import first_layer_inputs, sequential_gptq
 from .smoothing import smooth
 

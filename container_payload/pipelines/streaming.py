@@ -37,22 +37,25 @@ Needs ModelOpt >= 0.47 (its streaming shard writer and per-tensor export post-pr
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import io
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import events, recipes
+from ..core import events, recipes
+from ..core.events import PayloadError
+from ..numerics.linear_compute import float32_linears
+from ..steps.quantizers import QuantizersOff, quantized_linears
+from ..steps.sequential import Fit, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
+from ..steps.smoothing import Smoothed, smooth
 from .direct_load import _read_into, checkpoint_files, read_header
-from .events import PayloadError
-from .linear_compute import float32_linears
-from .quantizers import QuantizersOff, quantized_linears
-from .sequential import Fit, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
-from .smoothing import Smoothed, smooth
 
 MIN_MODELOPT = (0, 47)
 
@@ -216,9 +219,6 @@ def _return_freed_memory() -> None:
     which freed layers stay in the heap as fragments: measured on a 48-layer model, RSS grew
     by about one bf16 layer per layer (+260 MB) instead of staying flat (+17 MB). A fixed
     threshold keeps every tensor-sized block in its own mapping, returned when freed."""
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD; also turns the dynamic raise off
@@ -287,7 +287,6 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     # 3. layer by layer. The next layer's tensors are read while this one is calibrated and
     #    exported (preadv releases the GIL): the read, from disk at 1-2 GB/s, was a third of the
     #    layer loop at 8B. One more layer in host memory (memory_plan.LAYER_COPIES counts it).
-    from concurrent.futures import ThreadPoolExecutor
 
     phases = {"read_wait": 0.0, "smooth": 0.0, "calibrate": 0.0, "refine": 0.0, "export": 0.0}  # seconds
     smoothed, reached = Smoothed(), 0  # what smoothing and the GPTQ did, over all layers

@@ -12,13 +12,15 @@ has one skeleton: start -> load -> (batches) -> run. Which one runs is decided o
 """
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 
-from . import calibration, events, loading, memory_plan
-from .contract import QuantizeJob
-from .events import PayloadError
-from .tuning import Tuning
+from ..core import events, memory_plan
+from ..core.contract import QuantizeJob
+from ..core.events import PayloadError
+from ..core.tuning import Tuning
+from . import calibration, loading
 
 
 class WholeModel:
@@ -61,7 +63,7 @@ class WholeModel:
                 "gpu_budget": self.job.gpu_memory_budget if self.spread else None}
 
     def run(self, recipe, batches, out: Path, timings: dict) -> dict:
-        from . import steps  # torch and ModelOpt: loaded by now
+        from ..steps import steps  # torch and ModelOpt: loaded by now
 
         t = time.time()
         loop_times = {}
@@ -143,8 +145,6 @@ def _auto_mode(job: QuantizeJob, steps: tuple | None, on_gpu: bool) -> str:
 
 
 def export(model, model_dir: Path, out: Path, low_memory: bool = False) -> None:
-    import inspect
-
     import torch
     from modelopt.torch.export import export_hf_checkpoint
 

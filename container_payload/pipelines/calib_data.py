@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .events import PayloadError
+from ..core.events import PayloadError
 
 
 def read_text(source: str, tokenizer) -> str:

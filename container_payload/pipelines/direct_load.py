@@ -15,6 +15,7 @@ The payload then builds the model around these tensors (loading.model_from_state
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -108,7 +109,6 @@ def _read_host(files, out) -> None:
 def _read_cuda(files, device, out, readers, chunk) -> None:
     # `readers` shards at once, each in its own thread (more readers fill the disk's queue
     # deeper, which delays the imports' page faults: see READERS).
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(readers, len(files)))) as pool:
         for part in pool.map(lambda f: _read_shard_cuda(f, device, chunk), files):

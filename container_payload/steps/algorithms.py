@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from .events import log as _log
+from ..core.events import log as _log
+from ..numerics.nvfp4 import E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
 from .fast_gptq import gptq_nvfp4_fast
 from .gptq import activation_corrected_weight, gptq_nvfp4
 from .hessians import collect_hessians
-from .nvfp4 import E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
 from .quantizers import fused_units, quantized_linears, set_static_weight_quantizer
 
 

@@ -252,7 +252,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "smoothing, bf16 units chosen first, then layer-sequential gptq-aa (make quantize's recipe)",
            (Smooth(0.5), Calibrate(), KeepBf16(), _SEQ)),
 )}
-# Mixture-of-Experts layouts (container_payload/moe.py builds them from ModelOpt's presets): one
+# Mixture-of-Experts layouts (container_payload/steps/moe.py builds them from ModelOpt's presets): one
 # format per kind of layer, exported by ModelOpt as MIXED_PRECISION (or NVFP4 with the rest
 # excluded). Their Calibrate step names the layout instead of a preset. Measured on the 2025
 # stand-in (ModelOpt 0.37, transformers 4.57, CPU): the configs build and every expert is
@@ -440,6 +440,6 @@ def _everything() -> Needs:
     return out
 
 
-# What every recipe, format and option together need: a derived image (launcher/derived_image.py)
+# What every recipe, format and option together need: a derived image (launcher/containers/derived_image.py)
 # installs all of it at once, so one image per base serves every later job.
 EVERYTHING = _everything()

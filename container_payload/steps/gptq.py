@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .nvfp4 import BLOCK, e2m1_round, max_block_scales, search_block_scales
+from ..numerics.nvfp4 import BLOCK, e2m1_round, max_block_scales, search_block_scales
 
 
 def hessian_inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float = 0.01):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.events import PayloadError
 from .emulate import EmulatedLinear, _set_module, activation
-from .events import PayloadError
 
 # the checkpoint's names for (gate, up, down), in the orders the architectures use
 EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))

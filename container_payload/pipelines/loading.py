@@ -8,11 +8,14 @@ the background overlap them, and a module-level import would undo that order.
 """
 import json
 import os
+import shutil
+import threading
 import time
 from pathlib import Path
 
-from . import events
-from .events import PayloadError
+from ..core import events
+from ..core.events import PayloadError
+
 
 def prepare_embedded(gguf: str, model_dir: Path) -> None:
     """Convert the embedded GGUF into a bf16 safetensors folder, atomically."""
@@ -214,8 +217,6 @@ class Background:
     """Run fn(*args) in a daemon thread; result() re-raises its exception in the caller."""
 
     def __init__(self, fn, *args):
-        import threading
-
         self._out = None
         self._err = None
         self.ended = None  # time.time() when fn returned
@@ -288,8 +289,6 @@ def import_modelopt() -> None:
 def copy_tokenizer(model_dir: Path, out: Path) -> None:
     """The source model's tokenizer files, byte for byte. Re-saving them would write this
     image's transformers format, which the engine's (often older) transformers may not read."""
-    import shutil
-
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out / name)  # follows the HF cache's blob links

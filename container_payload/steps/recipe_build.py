@@ -14,8 +14,9 @@ from typing import Callable
 
 import modelopt.torch.quantization as mtq
 
-from . import moe, recipes
-from .events import PayloadError
+from ..core import recipes
+from ..core.events import PayloadError
+from . import moe
 
 
 @dataclass

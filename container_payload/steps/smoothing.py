@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .events import emit
-from .linear_compute import float32_linears
+from ..core.events import emit
+from ..numerics.linear_compute import float32_linears
 
 SCALE_RANGE = (1e-2, 1e2)  # keep any one channel's move bounded
 # How a norm's weight w becomes the factor its normalized input is multiplied by, and back.

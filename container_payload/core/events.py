@@ -8,6 +8,8 @@ import importlib
 import json
 import sys
 import time
+import traceback
+from pathlib import Path
 
 from . import contract
 
@@ -52,9 +54,6 @@ def run_command(argv: list[str]) -> int:
     """`COMMAND [JOB.json]`: read the job into its contract type, run the command's module, and
     end every failure in one `error` event (the launcher shows it as one line; the log keeps
     the traceback)."""
-    import traceback
-    from pathlib import Path
-
     if not argv or argv[0] not in COMMANDS or len(argv) > 2:
         print(f"usage: python3 -m container_payload {{{','.join(COMMANDS)}}} [JOB.json]", file=sys.stderr)
         return 2
@@ -63,7 +62,7 @@ def run_command(argv: list[str]) -> int:
     try:
         cls = contract.JOBS[command]
         job = contract.from_json(cls, Path(argv[1]).read_text()) if len(argv) == 2 else cls()
-        importlib.import_module(f"{__package__}.{module}").run(job)
+        importlib.import_module(f"..{module}", __package__).run(job)  # the top-level command modules
         return 0
     except contract.ContractError as e:
         emit(contract.ERROR, kind="input", message=str(e))

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from .emulate import fake_quant_nvfp4
-from .events import log as _log
-from .linear_compute import float32_linears, linear, patch_forward
-from .nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
+from ..core.events import log as _log
+from ..numerics.emulate import fake_quant_nvfp4
+from ..numerics.linear_compute import float32_linears, linear, patch_forward
+from ..numerics.nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
 from .quantizers import QuantizersOff, fused_units, modules_out_of_reach, unit_input_scale
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX
+from ..numerics.nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX
 
 # Fused groups the engines build for Llama-style blocks (docs/nvfp4-format.md §4).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .emulate import fake_quant_nvfp4
-from .linear_compute import float32_linears
+from ..numerics.emulate import fake_quant_nvfp4
+from ..numerics.linear_compute import float32_linears
 from .quantizers import QuantizersOff, fused_units, unit_input_scale
 
 

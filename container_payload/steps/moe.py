@@ -24,7 +24,7 @@ import copy
 
 from torch import nn
 
-from .events import PayloadError
+from ..core.events import PayloadError
 
 # routed experts: Qwen/Mixtral/DeepSeek `.experts.`; shared experts: Qwen's `shared_expert.`,
 # DeepSeek's `shared_experts.` (Qwen's `shared_expert_gate` matches too, but the preset's own

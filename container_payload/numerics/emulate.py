@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .events import PayloadError
+from ..core.events import PayloadError
 
 BLOCK = 16
 FP8_MAX = 448.0

@@ -2,9 +2,9 @@
 calibration runs them through (the same for the whole-model and the streamed pipelines)."""
 import time
 
-from . import events
+from ..core import events
+from ..core.contract import Calibration
 from .calib_data import fingerprint, read_text, token_windows
-from .contract import Calibration
 
 
 def calibration_windows(tokenizer, calib: Calibration):

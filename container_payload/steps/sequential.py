@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core import events
+from ..core.events import log as _log
+from ..numerics.emulate import fake_quant_nvfp4
+from ..numerics.linear_compute import float32_linears, patch_forward
 from .algorithms import quantize_unit
 from .bf16_ranking import Emulation
-from .emulate import fake_quant_nvfp4
-from . import events
-from .events import log as _log
 from .hessians import keep_input_ids
 from .quantizers import QuantizersOff, fused_units, quantized_linears, unit_input_scale
-from .linear_compute import float32_linears, patch_forward
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
 # activation_corrected_weight). On a sequential pass the correction can fit the calibration
