@@ -202,7 +202,6 @@ def run(job: EvalJob) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-
     timings = {}
     t0 = time.time()
     checkpoint, reference = Path(job.checkpoint), Path(job.reference)

@@ -36,7 +36,6 @@ class Engine:
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
-
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device

@@ -7,16 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .emulate import (
-    EmulatedLinear,
-    PayloadError,
-    _module_tensors,
-    _set_module,
-    activation,
-    detect_format,
-    quantization_config,
-    read_tensors,
-)
+from .emulate import (EmulatedLinear, PayloadError, _module_tensors, _set_module, activation, detect_format,
+                      quantization_config, read_tensors)
 from .emulate_moe import rename_to_model, replace_fused_experts
 
 
