@@ -27,7 +27,7 @@ DEMO_SAMPLES ?= 32
 demo: SAMPLES = $(DEMO_SAMPLES)
 
 setup: bootstrap venv
-	$(VENV)/bin/python -c "from launcher import assets; assets.fetch_all()"
+	$(VENV)/bin/python -c "from launcher.sources import assets; assets.fetch_all()"
 
 bootstrap:
 	scripts/bootstrap-host.sh

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from container_payload.emulate import BLOCK, fake_quant_nvfp4, fp8_e4m3  # noqa: E402
+from container_payload.numerics.emulate import BLOCK, fake_quant_nvfp4, fp8_e4m3  # noqa: E402
 
 
 def fake_quant_before(x, input_scale):

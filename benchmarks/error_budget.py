@@ -14,13 +14,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoTokenizer
-from container_payload import emulate, emulated_model
-from container_payload.calib_data import token_windows
+from container_payload.numerics import emulate, emulated_model
+from container_payload.pipelines.calib_data import token_windows
 torch.set_num_threads(2)
 BF16 = sys.argv[1]
 CK = dict(a.split("=", 1) for a in sys.argv[2:])
 tok = AutoTokenizer.from_pretrained(BF16)
-from launcher import paths
+from launcher.common import paths
 A = paths.assets_dir() / "text"
 ids = {}
 for name in ("brown-heldout", "wiki-heldout"):

@@ -61,7 +61,7 @@ def main(argv=None):
     from modelopt.torch.export import export_hf_checkpoint
     from modelopt.torch.utils.dataset_utils import create_forward_loop, get_max_batch_size
 
-    from container_payload.calib_data import fingerprint, token_windows
+    from container_payload.pipelines.calib_data import fingerprint, token_windows
 
     mto.enable_huggingface_checkpointing()
     random.seed(1234)

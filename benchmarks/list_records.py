@@ -16,7 +16,7 @@ n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 home = Path(tempfile.mkdtemp(prefix="list-bench-"))
 os.environ["SPARK_NVFP4_HOME"] = str(home)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from launcher import runs  # noqa: E402
+from launcher.records import runs  # noqa: E402
 
 t = time.time()
 for i in range(n):

@@ -5,7 +5,7 @@
 As the issue measured it: `oneshot` with GPTQModifier(targets="Linear", scheme="NVFP4",
 ignore=["lm_head"]), the model loaded on the CPU in bf16 and onloaded layer by layer by
 llm-compressor's sequential pipeline, on the same token windows as our payload
-(container_payload.calib_data.token_windows with the folder's tokenizer). The time reported is
+(container_payload.pipelines.calib_data.token_windows with the folder's tokenizer). The time reported is
 the oneshot call alone (the quantize stage); the load is timed apart.
 
 --recipe picks the modifiers (issue 21's peers, llm-compressor 0.14): gptq (the above, the default),
@@ -49,7 +49,7 @@ def main(argv) -> int:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from container_payload.calib_data import fingerprint, token_windows
+    from container_payload.pipelines.calib_data import fingerprint, token_windows
 
     import llmcompressor
     t_imp = time.time()

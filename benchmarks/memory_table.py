@@ -1,5 +1,5 @@
 """The README's table of what each mode needs, from the estimates preflight uses
-(container_payload/memory_plan.py), for the models Spark users quantize.
+(container_payload/core/memory_plan.py), for the models Spark users quantize.
 
     python3 benchmarks/memory_table.py      # prints the markdown table; no torch, no GPU
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from container_payload import memory_plan  # noqa: E402
-from container_payload.memory_plan import GiB, Shape  # noqa: E402
+from container_payload.core import memory_plan  # noqa: E402
+from container_payload.core.memory_plan import GiB, Shape  # noqa: E402
 
 
 def llama(layers: int, hidden: int, inter: int, kv_heads: int, vocab: int = 128256) -> Shape:

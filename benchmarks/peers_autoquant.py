@@ -3,7 +3,7 @@
     python3 benchmarks/peers_autoquant.py MODEL_DIR CALIB_TXT SAMPLES SEQ_LEN OUT_DIR --size-ratio R --default-bytes B
 
 The peer of our mixed-precision recipe: the same calibration windows as the payload
-(container_payload.calib_data.token_windows on the folder's tokenizer), the gradient score that
+(container_payload.pipelines.calib_data.token_windows on the folder's tokenizer), the gradient score that
 hf_ptq.py uses by default (causal-LM loss, labels = the window), candidates NVFP4_DEFAULT_CFG and
 FP8_DEFAULT_CFG (ModelOpt always adds "not quantized"), lm_head kept out as in every other row.
 The effective-bits budget is set so that the checkpoint lands at R times the default recipe's
@@ -37,7 +37,7 @@ def main(argv) -> int:
     import modelopt
     import modelopt.torch.quantization as mtq
 
-    from container_payload.calib_data import fingerprint, read_text, token_windows
+    from container_payload.pipelines.calib_data import fingerprint, read_text, token_windows
     from container_payload.quantize import export, load_model, load_tokenizer
 
     model_dir, out = Path(args.model_dir), Path(args.out)

@@ -4,10 +4,10 @@
         [--rows default,gptq,...] [--llmc-pythonpath P] [--results benchmarks/results/peers-gpu-embedded]
 
 Runs on the device machine, with SPARK_NVFP4_HOME holding the embedded assets (the GGUF and the
-texts, launcher/assets.py) and PYTHONPATH holding ModelOpt 0.47 + transformers 5.14.1 (the
+texts, launcher/sources/assets.py) and PYTHONPATH holding ModelOpt 0.47 + transformers 5.14.1 (the
 payload's pins); llm-compressor 0.14 runs in its own site (--llmc-pythonpath), on the image's
 transformers. Every row quantizes SmolLM2-135M-Instruct on the same calibration windows (the
-first SAMPLES x SEQ_LEN tokens of brown-calibration, container_payload/calib_data.py; the table
+first SAMPLES x SEQ_LEN tokens of brown-calibration, container_payload/pipelines/calib_data.py; the table
 checks every row's windows_sha256) and is scored the same way: the payload's evaluator
 (container_payload.evaluate.score over emulate.load_any: exact float32 engine emulation of the
 exported checkpoint, ModelOpt or compressed-tensors) against the bf16 model, on the first
@@ -122,7 +122,7 @@ class Scorer:
         from transformers import AutoTokenizer
 
         from container_payload import evaluate
-        from container_payload.contract import EvalJob
+        from container_payload.core.contract import EvalJob
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -137,7 +137,7 @@ class Scorer:
         import torch
 
         from container_payload import evaluate
-        from container_payload.emulate import load_any
+        from container_payload.numerics.emulate import load_any
 
         try:
             model, info = load_any(Path(r["checkpoint"]), self.device)
@@ -212,7 +212,7 @@ def table(rows: list[dict], meta: dict) -> str:
         f"Calibration: the first {meta['samples']} x {meta['seq_len']} tokens of brown-calibration for every "
         f"row. Scoring: the first {meta['eval_tokens']} tokens of brown-heldout and of wiki-heldout in windows "
         f"of {meta['seq_len']}, each exported checkpoint run through the payload's exact float32 engine "
-        "emulation (container_payload/emulate.py) against the bf16 model; KL = mean per-token KL(bf16 || "
+        "emulation (container_payload/numerics/emulate.py) against the bf16 model; KL = mean per-token KL(bf16 || "
         "quantized), +- one standard error over windows. Size: safetensors + config files. Quantize s: the "
         f"tool's quantize stage (load and export excluded), with {meta['jobs']} rows sharing the GPU at a time "
         "(the default row ran alone), so it ranks cost only roughly; the 8B timings are in gpu_8b-*.md.",

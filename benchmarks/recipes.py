@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from launcher import paths  # noqa: E402 - the launcher's home ($SPARK_NVFP4_HOME), stdlib only
+from launcher.common import paths  # noqa: E402 - the launcher's home ($SPARK_NVFP4_HOME), stdlib only
 
 ASSETS = paths.assets_dir()
 GGUF = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,7 +46,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_D
 LLMC_SCRIPT = r'''
 import json, sys, time, resource
 sys.path.insert(0, sys.argv[1])
-from container_payload.calib_data import token_windows
+from container_payload.pipelines.calib_data import token_windows
 from transformers import AutoTokenizer
 from datasets import Dataset
 from llmcompressor import oneshot
@@ -159,7 +159,7 @@ def table(rows: list[dict], args, base: dict) -> str:
         "",
         f"Calibration: first {args.samples} x {args.seq_len} tokens of brown-calibration (the same "
         f"windows for every column). Evaluation: first {args.eval_tokens} tokens of each held-out "
-        f"text in windows of {args.seq_len}, float32 engine emulation (container_payload/emulate.py) "
+        f"text in windows of {args.seq_len}, float32 engine emulation (container_payload/numerics/emulate.py) "
         "vs the bf16 model run in float32. KL = mean per-token KL(bf16 || quantized). "
         "Time = quantization (calibration + refine) on the shared 2-core CPU; memory = peak RSS of "
         "the quantizing process; size = safetensors + config files.",

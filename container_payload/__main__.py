@@ -5,7 +5,7 @@ failure ends in one `error` event and exit 1 (events.run_command).
 """
 import sys
 
-from .events import run_command
+from .core.events import run_command
 
 if __name__ == "__main__":
     sys.exit(run_command(sys.argv[1:]))

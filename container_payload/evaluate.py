@@ -20,9 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from . import events
-from .contract import DONE, EvalJob
-from .events import PayloadError
+from .core import events
+from .core.contract import DONE, EvalJob
+from .core.events import PayloadError
+from .numerics.emulate import EmulatedLinear
+from .numerics.emulate_moe import EmulatedExperts
+from .numerics.emulated_model import load_any, load_reference
+from .pipelines.calib_data import fingerprint, read_text, token_windows
+from .quantize import cpu_seconds, pick_device
 
 DEFAULT_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -36,8 +41,6 @@ KL_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
 
 def load_models(checkpoint: Path, reference: Path, device: str, trust_remote_code: bool = False):
-    from .emulated_model import load_any, load_reference
-
     events.stage("load", detail=f"{reference} (reference), {checkpoint} (emulated)")
     ref, _ = load_reference(reference, device, trust_remote_code=trust_remote_code)
     if checkpoint.resolve() == reference.resolve():
@@ -48,8 +51,6 @@ def load_models(checkpoint: Path, reference: Path, device: str, trust_remote_cod
 
 
 def windows_for(tokenizer, job: EvalJob) -> list[list[int]]:
-    from .calib_data import read_text, token_windows
-
     events.stage("tokenize", detail=job.text)
     tokens, seq_len = int(job.tokens), int(job.seq_len)
     if seq_len < 2 or tokens < seq_len:
@@ -121,10 +122,6 @@ def kl_summary(kl, kl_windows: list[float]) -> dict:
 
 def layer_errors(ref, model) -> list[dict]:
     """||W - Wq|| / ||W|| for every emulated Linear, in model order."""
-    from .emulate import EmulatedLinear
-
-    from .emulate_moe import EmulatedExperts
-
     pairs = []
     ref_modules = dict(ref.named_modules())
     for name, mod in model.named_modules():
@@ -204,9 +201,6 @@ def folder_bytes(folder: Path, pattern: str = "*") -> int:
 def run(job: EvalJob) -> dict:
     import torch
     from transformers import AutoTokenizer
-
-    from .calib_data import fingerprint
-    from .quantize import cpu_seconds, pick_device
 
     timings = {}
     t0 = time.time()

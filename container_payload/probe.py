@@ -11,12 +11,13 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import pwd
 import re
 import shutil
 import sys
 
-from . import events
-from .contract import PROBE
+from .core import events
+from .core.contract import PROBE
 
 
 def installed() -> dict[str, str]:
@@ -46,7 +47,6 @@ def torch_cuda() -> str | None:
 
 def default_user() -> str:
     try:
-        import pwd
         return pwd.getpwuid(os.getuid()).pw_name
     except (ImportError, KeyError):
         return str(os.getuid())

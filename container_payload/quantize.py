@@ -10,21 +10,24 @@ One skeleton for every recipe and both modes (run):
   run       the pipeline: the steps (steps.py or streaming.py) and the export
   finish    one result, result.json written LAST
 
-The job is a contract.QuantizeJob (launcher/job.py builds it). Progress goes to
+The job is a contract.QuantizeJob (launcher/quantize/job.py builds it). Progress goes to
 stdout as events (events.py); a failure ends in one `error` event and exit 1.
 """
 import dataclasses
 import gc
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 
-from . import calibration, events, loading, pipelines, probe, recipes
-from .contract import DONE, RESULT_FILE, QuantizeJob
-from .events import PayloadError
-from .tuning import Tuning
+from . import probe
+from .core import events, recipes
+from .core.contract import DONE, RESULT_FILE, QuantizeJob
+from .core.events import PayloadError
+from .core.tuning import Tuning
+from .pipelines import calibration, loading, pipelines
 
 
 def check_image(job: QuantizeJob, device: str, steps: tuple | None) -> None:
@@ -70,8 +73,6 @@ def torch_gpus(device: str) -> int:
 
 
 def peak_memory(device: str) -> dict:
-    import resource
-
     import torch
 
     mem = {"host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -85,8 +86,6 @@ def peak_memory(device: str) -> dict:
 
 def cpu_seconds() -> float:
     """This process's user + system CPU seconds so far (all its threads)."""
-    import resource
-
     r = resource.getrusage(resource.RUSAGE_SELF)
     return round(r.ru_utime + r.ru_stime, 3)
 
@@ -140,7 +139,7 @@ def run(job: QuantizeJob) -> dict:
     tokenizer = loading.load_tokenizer(model_dir, job.trust_remote_code)
     windows = loading.Background(calibration.calibration_windows, tokenizer, job.calibration)
     loading.import_modelopt()
-    from . import recipe_build  # ModelOpt: imported last (see above)
+    from .steps import recipe_build  # ModelOpt: imported last (see above)
 
     recipe = recipe_build.build(job.format, job.recipe, job.kv_cache, device, job.recipe_params, steps)
     timings["imports_s"] = round(time.time() - t, 3)  # tokenizer, transformers, ModelOpt
@@ -158,7 +157,7 @@ def run(job: QuantizeJob) -> dict:
                                                           **pipeline.batch_sizing())
     timings["tokenize_s"] = round(time.time() - t, 3)
 
-    from . import linear_compute  # torch, loaded by now
+    from .numerics import linear_compute  # torch, loaded by now
 
     with linear_compute.cpu_float32(tuning.cpu_float32):
         facts = pipeline.run(recipe, batches, out, timings)

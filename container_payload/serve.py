@@ -15,6 +15,7 @@ Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (no streaming)
 Requests are served one at a time: the model is not thread-safe and the CPU is the
 bottleneck anyway.
 """
+import hmac
 import json
 import sys
 import threading
@@ -23,9 +24,10 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from . import events
-from .contract import READY, ServeJob
-from .events import PayloadError
+from .core import events
+from .core.contract import READY, ServeJob
+from .core.events import PayloadError
+from .numerics.emulated_model import load_any
 
 
 class Engine:
@@ -33,8 +35,6 @@ class Engine:
                  trust_remote_code: bool = False):
         import torch
         from transformers import AutoTokenizer, GenerationConfig
-
-        from .emulated_model import load_any
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +102,6 @@ def make_handler(engine: Engine, api_key: str | None = None):
             `Authorization: Bearer KEY`, as vLLM's --api-key does."""
             if api_key is None:
                 return True
-            import hmac
             given = self.headers.get("Authorization", "")
             if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return True

@@ -23,11 +23,12 @@ import os
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
-from . import events
-from .contract import DONE, TasksJob
-from .events import PayloadError
+from .core import events
+from .core.contract import DONE, TasksJob
+from .core.events import PayloadError
 
 SITE_MARKER = "COMPLETE"   # written last into `site`: a later run mounts it read-only and skips pip
 
@@ -35,8 +36,6 @@ SITE_MARKER = "COMPLETE"   # written last into `site`: a later run mounts it rea
 def install_lm_eval(wheels: Path, site: Path, version: str) -> str:
     """lm-eval from the mounted wheels, beside (never over) the image's packages; a site folder
     installed by an earlier run of this image (its marker present) is used as it is."""
-    from importlib import metadata
-
     if not (site / SITE_MARKER).is_file():
         events.stage("install", detail=f"lm-eval {version} from {wheels}")
         if not any(wheels.glob("lm_eval-*.whl")):
@@ -68,7 +67,7 @@ def task_specs(tasks: list[str]):
     relative data_files are read against its own folder (lm-eval reads them against the working
     directory, which is nobody's here)."""
     from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml   # lm-eval's own reader (pinned version)
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own reader (pinned version)
 
     events.stage("tasks", detail=", ".join(tasks))
     folders, specs = [], []
@@ -158,7 +157,7 @@ def run(job: TasksJob) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from .emulated_model import load_any, load_reference
+    from .numerics.emulated_model import load_any, load_reference
     from .quantize import pick_device
 
     timings = {}

@@ -5,17 +5,24 @@ Every user mistake or environment failure is a LauncherError: one line on stderr
 """
 from __future__ import annotations
 
+import enum
 import sys
+import typing
 from pathlib import Path
 
 import click
 
-from container_payload.contract import EvalJob
+from container_payload.core.contract import EvalJob
 
-from .assets import HELDOUT
-from .config import FLAG_NAMES, QuantFormat, flagged_fields, load_spec
-from .errors import ConfigError
-from .output import console, print_json, stdout
+from . import ending
+from .common.config import FLAG_NAMES, QuantFormat, flagged_fields, load_spec
+from .common.errors import ConfigError
+from .common.output import console, print_json, stdout
+from .sources.assets import HELDOUT
+
+# Each command imports its own modules in its body (the only imports inside functions here): the
+# docker SDK, huggingface_hub and the records load only for the commands that use them, so
+# `launcher --help` and `launcher verify` start in a fraction of a second.
 
 
 class Launcher(click.Group):
@@ -23,8 +30,6 @@ class Launcher(click.Group):
     the exit code of README's table, and under --json exactly one JSON object on stdout."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        from . import ending
-
         args = sys.argv[1:] if args is None else list(args)
         ending.catch_sigterm()
         try:  # standalone_mode=False: click raises its usage errors and Ctrl-C to us
@@ -53,9 +58,6 @@ JSON_HELP = ("Print one JSON object on stdout for CI jobs (status, run id, outpu
 
 def _spec_option(dotted: str, info) -> click.Option:
     """The click option of one spec field, from its annotation and config.flag metadata."""
-    import enum
-    import typing
-
     extra = info.json_schema_extra
     kw = dict(help=extra["help"], default=None, **extra.get("click", {}))
     kind = info.annotation
@@ -122,7 +124,7 @@ def quantize(weights_only, config_file, dry_run, json_mode, **kw):
     """Quantize a model to NVFP4 (exit 0 only when the checkpoint is complete and verified).
 
     Values come from --config < SPARK_NVFP4_<FIELD> variables < these flags."""
-    from .job import QuantizeRun
+    from .quantize.job import QuantizeRun
 
     flags = spec_flags(kw)
     if weights_only:
@@ -143,7 +145,7 @@ def quantize(weights_only, config_file, dry_run, json_mode, **kw):
 def verify(ckpt, json_out, json_mode):
     """Check an NVFP4 checkpoint (ModelOpt or compressed-tensors) against what TensorRT-LLM,
     vLLM and SGLang require. On the host, no GPU, no container. Exit 0 only when valid."""
-    from .errors import VerifyFailed
+    from .common.errors import VerifyFailed
     from .verify import print_report, verify_checkpoint, write_report
 
     report = verify_checkpoint(ckpt)
@@ -189,11 +191,11 @@ def eval_(ckpt, reference, text, tokens, seq_len, json_out, image, gpus, no_gene
     With --tasks: accuracy on lm-evaluation-harness tasks instead, both models, and the
     recovery (quantized / original) with its standard error. lm-eval's wheels and the tasks'
     datasets are fetched on the host; the container runs without network or token."""
-    from . import runs
-    from .evaluation import EvalRequest, evaluate, summary_line
+    from .quality.evaluation import EvalRequest, evaluate, summary_line
+    from .records import runs
 
     if tasks is not None:
-        from .task_eval import TasksRequest, evaluate_tasks, summary_lines
+        from .quality.task_eval import TasksRequest, evaluate_tasks, summary_lines
 
         result = evaluate_tasks(TasksRequest(ckpt, tasks, reference, limit, num_fewshot, batch_size, json_out, image,
                                              gpus, dry_run=dry_run, trust_remote_code=bool(trust_remote_code)), console)
@@ -233,7 +235,7 @@ def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
     records and our container label name is touched, never anything matched by name;
     an output whose result.json names another run is kept (it was replaced). Without
     Docker, the file parts are still removed and the rest is reported."""
-    from .rollback import run_rollback
+    from .records.rollback import run_rollback
 
     run_rollback(run_id, all_runs=all_runs, outputs=outputs, images=images, cache=cache, dry_run=dry_run,
                  yes=yes, console=console)
@@ -243,7 +245,7 @@ def rollback(run_id, all_runs, outputs, images, cache, dry_run, yes):
 @click.option("--all", "show_all", is_flag=True, help="Every run, not only the latest 100.")
 def list_(show_all):
     """The runs of this home, oldest first (runs whose launcher died are marked interrupted)."""
-    from .run_views import print_runs
+    from .records.run_views import print_runs
 
     print_runs(console, stdout, show_all=show_all)
 
@@ -252,7 +254,7 @@ def list_(show_all):
 @click.argument("run_id")
 def status(run_id):
     """One run: its record, what it created (and whether that still exists), its files."""
-    from .run_views import print_status
+    from .records.run_views import print_status
 
     print_status(run_id, console, stdout)
 
@@ -262,7 +264,7 @@ def status(run_id):
 @click.option("--follow", "-f", is_flag=True, help="Keep printing while the run is going.")
 def logs(run_id, follow):
     """Print the run's log (the payload's output); --follow tails it until the run ends."""
-    from .run_views import print_log
+    from .records.run_views import print_log
 
     print_log(run_id, follow, console)
 
@@ -311,7 +313,7 @@ def serve(output, port, image, timeout, api_key, trust_remote_code):
 def report(out_html, evals):
     """One self-contained HTML page comparing candidates: EVAL.json[:NAME] files written by
     `launcher eval` (KL and perplexity table, per-layer error, KL distribution, size and memory)."""
-    from .report import build_report, candidate
+    from .quality.report import build_report, candidate
 
     missing = [e for e in evals if not Path(e).exists() and not Path(e.rsplit(":", 1)[0]).exists()]
     if missing:
@@ -332,6 +334,6 @@ def image_prepare(image_ref, dry_run):
     """Pull the image if needed, probe it, and build its derived image when it falls short of
     any recipe (for a machine without network: run this where there is one, then `docker save`
     the derived image and `docker load` it there). `launcher rollback ID --images` removes it."""
-    from .derived_image import prepare
+    from .containers.derived_image import prepare
 
     click.echo(prepare(image_ref, console, dry_run=dry_run))

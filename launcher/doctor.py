@@ -15,11 +15,25 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from docker.errors import APIError, ContainerError, DockerException
+from huggingface_hub import constants
+from rich import box
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from . import model_source, output, paths, preflight
-from .config import STANDIN_IMAGE, JobSpec
-from .errors import DockerUnavailable, ModelError, PreflightError
+from container_payload.core import recipes
+
+from .common import output, paths
+from .common.config import STANDIN_IMAGE, JobSpec
+from .common.daemon import connect, has_nvidia_runtime
+from .common.errors import ConfigError, DockerUnavailable, LauncherError, ModelError, PreflightError, docker_detail
+from .containers.container import gpu_requests
+from .containers.image import ImageStore, choose_image, is_standin, registry_of, standin_build_target
+from .containers.image_probe import probe
+from .quantize import preflight
+from .records.destination import check_output
+from .sources import model_source
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 # SmolLM2-135M in bf16, when the embedded model is neither converted nor fetched yet.
@@ -108,8 +122,6 @@ def fp4_support(gpu: Gpu) -> tuple[bool, str]:
 # ---------------------------------------------------------------- the checks
 
 def check_daemon():
-    from .daemon import connect
-
     try:
         client = connect(timeout=30)
     except DockerUnavailable as e:
@@ -120,12 +132,9 @@ def check_daemon():
 
 
 def check_runtime(client, image: str) -> tuple[bool, Row]:
-    from .daemon import has_nvidia_runtime
-
     runtimes = sorted((client.info().get("Runtimes") or {}).keys())
     if has_nvidia_runtime(client):
         return True, Row("NVIDIA runtime", OK, f"runtimes: {', '.join(runtimes)}")
-    from .image import ImageStore, is_standin
 
     # A CPU stand-in needs no GPU: then the missing runtime is a warning, not a failure. An
     # absent image cannot say (its label decides), so it counts as one that needs a GPU.
@@ -140,11 +149,6 @@ def check_runtime(client, image: str) -> tuple[bool, Row]:
 
 
 def check_gpu(client, image: str, image_present: bool) -> Row:
-    from docker.errors import APIError, ContainerError, DockerException
-
-    from .container import gpu_requests
-    from .errors import docker_detail
-
     if not image_present:
         return Row("GPU", SKIP, f"asked in the image, which is not here yet ({image})",
                    "pull it (`launcher quantize` does), then run doctor again", required=False)
@@ -201,7 +205,6 @@ def check_token(spec: JobSpec) -> Row:
     env = spec.hf_token_env
     if os.environ.get(env):
         return Row("Hugging Face token", OK, f"from ${env}", required=False)
-    from huggingface_hub import constants
 
     token = model_source.token_from(env)
     if token:
@@ -236,10 +239,6 @@ def check_model_and_disk(spec: JobSpec, output: Path, on_gpu: bool) -> list[Row]
 
 def check_image(client, ref: str) -> tuple[bool, Row]:
     """(present locally?, row). Absent: ask the registry for the manifest, pull nothing."""
-    from docker.errors import APIError, DockerException
-
-    from .image import ImageStore, is_standin, registry_of, standin_build_target
-
     store = ImageStore(client)
     img = store.get(ref)
     if img is not None:
@@ -273,11 +272,6 @@ def check_image(client, ref: str) -> tuple[bool, Row]:
 def check_stack(client, ref: str, cuda: bool) -> list[Row]:
     """The image's probe (image_probe.py), then which recipes and formats it runs as it is and
     which need its derived image (derived_image.py), with the reason."""
-    from container_payload import recipes
-
-    from .errors import LauncherError
-    from .image_probe import probe
-
     try:
         found = probe(client, ref, run_id="doctor")
     except LauncherError as e:
@@ -309,9 +303,6 @@ def check_stack(client, ref: str, cuda: bool) -> list[Row]:
 # ---------------------------------------------------------------- all of it
 
 def run_checks(req: DoctorRequest) -> Report:
-    from .daemon import has_nvidia_runtime
-    from .image import choose_image
-
     report = Report()
     spec = JobSpec(model=req.model or "embedded", output=req.output)
     output = Path(spec.output).expanduser().resolve()
@@ -344,9 +335,6 @@ def run_checks(req: DoctorRequest) -> Report:
 
 def check_output_row(spec: JobSpec) -> Row:
     """quantize's own output check (destination.py): a path it would refuse fails here too."""
-    from .destination import check_output
-    from .errors import ConfigError
-
     try:
         path = check_output(spec.output, model_folder=Path(spec.model).expanduser() if spec.is_local else None)
     except ConfigError as e:
@@ -355,10 +343,6 @@ def check_output_row(spec: JobSpec) -> Row:
 
 
 def table(report: Report):
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
     colors = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
     t = Table(box=box.SIMPLE_HEAD)
     t.add_column("check", no_wrap=True)

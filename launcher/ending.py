@@ -19,10 +19,11 @@ import itertools
 import os
 import signal
 import sys
+import traceback
 
 import click
 
-from .errors import Terminated
+from .common.errors import ConfigError, LauncherError, Terminated, as_launcher_error
 
 
 def _terminate(signum, frame):
@@ -49,9 +50,9 @@ def conclude(e: BaseException, command: str | None, json_mode: bool) -> int:
     # a second Ctrl-C or SIGTERM must not cut the ending short: it is a few small writes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from . import runs
-    from .errors import LauncherError, as_launcher_error
-    from .output import console, failure_result, markup, print_json
+    # light module (docstring): rich's console and the records load only when a command ends
+    from .common.output import console, failure_result, markup, print_json
+    from .records import runs
 
     shown_by_click = e if isinstance(e, click.ClickException) else None
     e = _unwrap_click(e, command)
@@ -84,8 +85,6 @@ def conclude(e: BaseException, command: str | None, json_mode: bool) -> int:
 def _unwrap_click(e: BaseException, command: str | None) -> BaseException:
     """click's exceptions as ours: a usage error is a ConfigError (exit 2) with click's message;
     the Abort click raises for Ctrl-C is the KeyboardInterrupt it wraps."""
-    from .errors import ConfigError, LauncherError
-
     if isinstance(e, click.Abort):
         cause = e.__cause__ or e.__context__
         return cause if isinstance(cause, KeyboardInterrupt) else LauncherError("aborted")
@@ -110,17 +109,13 @@ def _usage_where(e) -> str | None:
 
 
 def _expected(e: BaseException) -> bool:
-    from .errors import LauncherError
-
     return isinstance(e, (LauncherError, KeyboardInterrupt))
 
 
 def _keep_traceback(e: BaseException, run) -> str | None:
     """A bug's traceback, on stderr and in a file (secrets scrubbed): the run's log, else a file of
     its own under the home. Returns that file's path (None: it could not be written)."""
-    import traceback
-
-    from . import paths
+    from .common import paths  # light module: loaded only for a bug's traceback
 
     text = _scrub("".join(traceback.format_exception(e)), run)
     sys.stderr.write(text)
@@ -142,7 +137,7 @@ def _keep_traceback(e: BaseException, run) -> str | None:
 
 def _scrub(text: str, run) -> str:
     """The HF token and the NGC key never reach a log, even inside an exception's message."""
-    from .model_source import token_from
+    from .sources.model_source import token_from  # light module: huggingface_hub only when scrubbing
 
     spec = run.spec if run is not None else {}
     hf_env, ngc_env = spec.get("hf_token_env") or "HF_TOKEN", spec.get("ngc_key_env") or "NGC_API_KEY"

@@ -30,18 +30,21 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from docker.errors import NotFound
 from rich.console import Console
 from rich.markup import escape
 
-from . import model_source, output, runs
-from container_payload import contract
+from container_payload.core import contract
 
-from .container import Bind, PayloadContainer, gpu_requests, payload_command, port_free
-from .errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
-from .files import atomic_write_text
-from .logstream import PREFIX as EVENT_PREFIX
-from .logstream import find_event
-from .session import DockerSession
+from .common import output
+from .common.errors import ConfigError, Interrupted, LauncherError, PayloadFailed, PreflightError
+from .common.files import atomic_write_text
+from .containers.container import Bind, PayloadContainer, gpu_requests, payload_command, port_free
+from .containers.logstream import PREFIX as EVENT_PREFIX
+from .containers.logstream import find_event
+from .containers.session import DockerSession
+from .records import runs
+from .sources import model_source
 
 CONTAINER_PORT = 8000
 KEY_TARGET = "/run/secrets/api-key"
@@ -131,7 +134,7 @@ def write_key_file(path: Path, key: str) -> Path:
 
 
 def _reason(lines: list[str]) -> str:
-    """The payload's own error event if it sent one (container_payload/events.py), else the
+    """The payload's own error event if it sent one (container_payload/core/events.py), else the
     last line it printed."""
     ev = find_event(reversed(lines), "error")
     if ev is not None:
@@ -227,8 +230,6 @@ def serve(req: ServeRequest, console: Console | None = None, out: Console | None
 
 
 def _wait_healthy(box: PayloadContainer, req: ServeRequest, rec: runs.RunRecord, console: Console) -> None:
-    from docker.errors import NotFound
-
     container = box.container
     start = time.monotonic()
     with console.status(f"waiting for http://127.0.0.1:{req.port}/health") as status:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.model_source import EMBEDDED_DIRNAME
+from launcher.sources.model_source import EMBEDDED_DIRNAME
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_HOME = Path(os.environ.get("SPARK_NVFP4_HOME") or Path.home() / ".cache" / "spark-nvfp4")
@@ -73,7 +73,7 @@ def old_image(docker_client) -> str:
 def shared_assets() -> Path:
     """The embedded model's GGUF and the texts, fetched once into the real home."""
     os.environ.setdefault("SPARK_NVFP4_HOME", str(REAL_HOME))
-    from launcher import assets
+    from launcher.sources import assets
 
     assets.fetch_all()
     return REAL_HOME / "assets"
@@ -81,7 +81,7 @@ def shared_assets() -> Path:
 
 @pytest.fixture(scope="session")
 def texts(shared_assets):
-    from launcher import assets
+    from launcher.sources import assets
 
     return assets.texts()
 

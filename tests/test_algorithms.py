@@ -1,4 +1,4 @@
-"""Our NVFP4 algorithms (container_payload/algorithms.py) against slow direct references.
+"""Our NVFP4 algorithms (container_payload/steps/algorithms.py) against slow direct references.
 
 The host venv has no torch: each test runs one case of this same file in the ModelOpt
 interpreter ($SPARK_NVFP4_REF_PYTHON, default .venv-mo/bin/python), i.e.
@@ -116,7 +116,7 @@ def _spec_e2m1(v: float) -> float:
 
 def case_e2m1_and_fp8():
     import torch
-    from container_payload import nvfp4 as nf
+    from container_payload.numerics import nvfp4 as nf
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     pts = [0, 0.1, 0.25, 0.26, 0.5, 0.74, 0.75, 0.76, 1.0, 1.25, 1.26, 1.5, 1.75, 2.0, 2.5, 2.6,
@@ -147,7 +147,7 @@ def _slow_block_error(w, s, ws2, cw):
 
 def case_scale_search_never_worse():
     import torch
-    from container_payload import nvfp4 as nf
+    from container_payload.numerics import nvfp4 as nf
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 16, generator=g)
@@ -180,7 +180,7 @@ def _reference_gptq_f64(w, h, ws2, damp=0.01, search=True):
     weights, weighting column k's squared error by 1/d_k^2 with d_k the diagonal of the
     sequential elimination over the block (what GPTQ's Cholesky factor holds)."""
     import torch
-    from container_payload import nvfp4 as nf
+    from container_payload.numerics import nvfp4 as nf
 
     w = w.double().clone()
     h = h.double().clone()
@@ -238,7 +238,8 @@ def _problem(seed=0, out=12, n=64, tokens=256):
 
 def case_gptq_vs_float64_reference():
     import torch
-    from container_payload import gptq as gq, nvfp4 as nf
+    from container_payload.steps import gptq as gq
+    from container_payload.numerics import nvfp4 as nf
 
     for search in (False, True):
         for block in (16, 32, 128):
@@ -266,8 +267,9 @@ def case_fast_gptq_vs_reference():
     the same decisions within float32 rounding in float32. The Triton kernel is checked the same
     way when Triton is importable (TRITON_INTERPRET=1 runs it on the CPU)."""
     import torch
-    from container_payload import gptq as gq, nvfp4 as nf
-    from container_payload import fast_gptq as fg
+    from container_payload.steps import gptq as gq
+    from container_payload.numerics import nvfp4 as nf
+    from container_payload.steps import fast_gptq as fg
 
     g = torch.Generator().manual_seed(1)
     y = torch.cat([torch.randn(20000, generator=g) * 4,
@@ -317,7 +319,7 @@ def case_cpu_float32_linears():
     to one bf16 rounding of the output; float32_linears and patch_forward put every forward back."""
     import torch
     from torch import nn
-    from container_payload import linear_compute as lc
+    from container_payload.numerics import linear_compute as lc
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 256, generator=g).bfloat16()
@@ -342,7 +344,8 @@ def case_cpu_float32_linears():
 
 def case_gptq_beats_rtn():
     import torch
-    from container_payload import gptq as gq, nvfp4 as nf
+    from container_payload.steps import gptq as gq
+    from container_payload.numerics import nvfp4 as nf
 
     x, w, h, ws2 = _problem(seed=3, out=64, n=128, tokens=1024)
     w, h = w.float(), h.float()
@@ -360,8 +363,8 @@ def case_activation_aware():
     float64 normal-equation solve), and GPTQ on it gives a smaller full W4A4 output error
     ||X W^T - X_q Q^T|| than GPTQ on W with either Hessian."""
     import torch
-    from container_payload import gptq as gq
-    from container_payload.emulate import fake_quant_nvfp4
+    from container_payload.steps import gptq as gq
+    from container_payload.numerics.emulate import fake_quant_nvfp4
 
     x, w, _, ws2 = _problem(seed=7, out=48, n=128, tokens=2048)
     x, w = x.float(), w.float()
@@ -415,8 +418,9 @@ def case_export_keeps_our_grid():
     import torch
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from container_payload import algorithms as al, nvfp4 as nf
-    from container_payload.emulate import dequantize_nvfp4
+    from container_payload.steps import algorithms as al
+    from container_payload.numerics import nvfp4 as nf
+    from container_payload.numerics.emulate import dequantize_nvfp4
 
     model, fl, _ = _tiny_llama(None)
     model = mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
@@ -459,7 +463,7 @@ def case_mixed_precision_export():
     import torch
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from container_payload import algorithms as al, bf16_ranking as rk
+    from container_payload.steps import algorithms as al, bf16_ranking as rk
 
     model, fl, batches = _tiny_llama(None)
     orig = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -498,8 +502,8 @@ def case_smoothing():
     import copy
 
     import torch
-    from container_payload import smoothing
-    from container_payload.emulate import fake_quant_nvfp4
+    from container_payload.steps import smoothing
+    from container_payload.numerics.emulate import fake_quant_nvfp4
 
     model, forward_loop, batches = _tiny_llama(None)
     model = model.float()
@@ -575,7 +579,7 @@ def case_smoothing_families():
     sys.path.insert(0, str(REPO / "tests" / "tools"))
     from tiny_moe import random_model
 
-    from container_payload import smoothing
+    from container_payload.steps import smoothing
 
     ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(1))
 
@@ -628,10 +632,10 @@ def case_sequential_vs_direct_reference():
 
     import torch
     import modelopt.torch.quantization as mtq
-    from container_payload import algorithms as al, bf16_ranking as rk, quantizers as qz
-    from container_payload.emulate import fake_quant_nvfp4
-    from container_payload import sequential
-    from container_payload.sequential import sequential_gptq
+    from container_payload.steps import algorithms as al, bf16_ranking as rk, quantizers as qz
+    from container_payload.numerics.emulate import fake_quant_nvfp4
+    from container_payload.steps import sequential
+    from container_payload.steps.sequential import sequential_gptq
 
     model, fl, batches = _tiny_llama(None)
     model = mtq.quantize(model.float(), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
@@ -745,9 +749,10 @@ def case_seq_mp_recipe_export():
     import torch
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from container_payload import bf16_ranking as rk, quantizers as qz
+    from container_payload.steps import bf16_ranking as rk, quantizers as qz
 
-    from container_payload import recipe_build, recipes, steps
+    from container_payload.steps import recipe_build, steps
+    from container_payload.core import recipes
 
     model, fl, _ = _tiny_llama(None)
     orig = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -797,7 +802,8 @@ def case_recipe_names_agree():
     # recipe of ours has its steps, and every ModelOpt preset named exists in this ModelOpt.
     import modelopt.torch.quantization as mtq
 
-    from container_payload import recipes, steps
+    from container_payload.core import recipes
+    from container_payload.steps import steps
 
     for r in recipes.RECIPES.values():
         assert r.preset in recipes.MOE_LAYOUTS or hasattr(mtq, r.preset), r.preset

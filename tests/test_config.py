@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import FLAG_NAMES, JobSpec, QuantFormat, load_spec
-from launcher.errors import ConfigError
+from launcher.common.config import FLAG_NAMES, JobSpec, QuantFormat, load_spec
+from launcher.common.errors import ConfigError
 
 NAMES = {"calibration.samples": "--calib-samples", "recipe": "--recipe"}
 
@@ -53,7 +53,7 @@ def test_recipe_only_for_w4a4():
 
 def test_only_spec_fields_are_read_from_the_environment():
     # SPARK_NVFP4_HOME and test/benchmark knobs share the prefix; they are not spec fields.
-    from launcher.config import load_spec
+    from launcher.common.config import load_spec
 
     spec = load_spec({}, {}, environ={"SPARK_NVFP4_REF_PYTHON": "/x/python", "SPARK_NVFP4_HOME": "/tmp/h",
                                       "SPARK_NVFP4_RECIPE": "smooth", "SPARK_NVFP4_CALIBRATION__SAMPLES": "8"})
@@ -61,8 +61,8 @@ def test_only_spec_fields_are_read_from_the_environment():
 
 
 def test_recipe_params_from_flag_environment_and_file_fingerprint_alike(tmp_path):
-    from launcher.config import FLAG_NAMES, load_spec
-    from launcher.job_inputs import options
+    from launcher.common.config import FLAG_NAMES, load_spec
+    from launcher.quantize.job_inputs import options
 
     flag = load_spec({"recipe": "smooth-gptq-seq-mp", "recipe_params": ["smooth.alpha=0.6", "gptq.ridge=3"]},
                      FLAG_NAMES, environ={})
@@ -112,7 +112,7 @@ def test_ranges_are_declared_once_beside_the_parameters():
     # the payload and the launcher read the same declaration: every numeric parameter has one
     from dataclasses import fields
 
-    from container_payload import recipes
+    from container_payload.core import recipes
 
     for step in recipes.STEPS.values():
         for f in fields(step):
@@ -122,7 +122,7 @@ def test_ranges_are_declared_once_beside_the_parameters():
 
 def test_a_preset_from_the_registry_decides_the_needs():
     # calibrate.preset is honoured: a GPU-only search preset makes the job need a GPU
-    from container_payload import recipes
+    from container_payload.core import recipes
 
     assert not recipes.needs_for("gptq").gpu
     assert recipes.needs_for("gptq", params={"calibrate.preset": "NVFP4_AWQ_LITE_CFG"}).gpu

@@ -1,4 +1,4 @@
-"""The error table (launcher/errors.py DOCKER_ERRORS) against real answers of the real
+"""The error table (launcher/common/errors.py DOCKER_ERRORS) against real answers of the real
 daemon: Docker's status code picks the error, its class and exit code; never its wording."""
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import uuid
 import pytest
 from docker.errors import APIError
 
-from launcher.container import PayloadContainer, gpu_requests
-from launcher.errors import (DOCKER_ERRORS, ConfigError, DockerConflict, DockerFailed, ImageError, docker_detail,
-                             docker_error)
-from launcher.image import ImageStore
+from launcher.containers.container import PayloadContainer, gpu_requests
+from launcher.common.errors import DOCKER_ERRORS, ConfigError, DockerConflict, DockerFailed, ImageError, docker_detail, docker_error
+from launcher.containers.image import ImageStore
 
 pytestmark = pytest.mark.docker
 
@@ -83,7 +82,7 @@ def test_port_taken_at_start_is_config_error(docker_client, standin_image, boxes
 
 
 def test_gpu_without_nvidia_runtime(docker_client, standin_image, boxes):
-    from launcher.daemon import has_nvidia_runtime
+    from launcher.common.daemon import has_nvidia_runtime
 
     if has_nvidia_runtime(docker_client):
         pytest.skip("this Docker has the NVIDIA runtime")

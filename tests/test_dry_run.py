@@ -45,7 +45,7 @@ def test_dry_run_offline_with_an_uncached_model_fails_as_the_real_run(launcher_h
 @pytest.mark.docker
 def test_dry_run_gpus_without_the_nvidia_runtime_fails_as_the_real_run(launcher_home, tmp_path, docker_client,
                                                                       standin_image):
-    from launcher.daemon import has_nvidia_runtime
+    from launcher.common.daemon import has_nvidia_runtime
 
     if has_nvidia_runtime(docker_client):
         pytest.skip("this Docker has the NVIDIA runtime")
@@ -61,8 +61,8 @@ def test_dry_run_gpus_without_the_nvidia_runtime_fails_as_the_real_run(launcher_
 def test_list_shows_the_latest_runs_quickly(tmp_path, monkeypatch):
     """5,000 records took 6.5 s to list (rich lays a table out at ~1-3 ms a row); the latest
     SHOWN_RUNS are shown, --all shows every one."""
-    from launcher import runs
-    from launcher.run_views import SHOWN_RUNS
+    from launcher.records import runs
+    from launcher.records.run_views import SHOWN_RUNS
 
     home = tmp_path / "home"
     monkeypatch.setenv("SPARK_NVFP4_HOME", str(home))

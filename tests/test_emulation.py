@@ -1,6 +1,6 @@
 """The evaluation payload against an independent float64 emulation.
 
-evaluate.py (torch, float32, container_payload/emulate.py) runs in the ModelOpt venv on
+evaluate.py (torch, float32, container_payload/numerics/emulate.py) runs in the ModelOpt venv on
 a tiny random Llama that the real ModelOpt quantized (tests/tools/make_tiny_nvfp4.py).
 This file re-derives the same numbers with nothing shared: its own safetensors reader,
 its own E2M1 / E4M3 decoding from the bit layouts, its own round-to-nearest-even, and
@@ -45,7 +45,7 @@ def run_ref(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     ref_python()
-    from launcher import assets
+    from launcher.sources import assets
 
     gguf, text = assets.embedded_gguf(), assets.texts().heldout_brown
     out = tmp_path_factory.mktemp("tiny")
@@ -71,7 +71,7 @@ def evals(tiny):
         jobs[name].write_text(json.dumps(job))
     # The CLI entry point once; the rest in one process, as importing torch dominates.
     cli = run_ref(["-m", "container_payload.evaluate", str(jobs.pop("w4a4"))])
-    run_ref(["-c", "import sys; from container_payload import events; "
+    run_ref(["-c", "import sys; from container_payload.core import events; "
                    "sys.exit(max(events.run_command(['evaluate', j]) for j in sys.argv[1:]))", *map(str, jobs.values())])
     results = {name: json.loads((out / f"eval-{name}.json").read_text()) for name in VARIANTS}
     return results, cli.stdout
@@ -155,7 +155,7 @@ def test_output_contract(evals, windows):
 def test_rounding_rules_of_the_payload():
     snippet = """
 import json, torch
-from container_payload.emulate import e2m1_round, fp8_e4m3
+from container_payload.numerics.emulate import e2m1_round, fp8_e4m3
 ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 1e9]
 ties = ties + [-t for t in ties]
 g = torch.Generator().manual_seed(0)
@@ -185,7 +185,7 @@ def test_e2m1_float32_path_every_bf16_value_and_signed_zeros():
     rounds to 0 quantizes to +0 (fake_quant_nvfp4 divides it by inf instead of a where)."""
     snippet = """
 import json, torch
-from container_payload.emulate import e2m1_round, fake_quant_nvfp4
+from container_payload.numerics.emulate import e2m1_round, fake_quant_nvfp4
 bf = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
 bf = bf[torch.isfinite(bf)]
 g = torch.Generator().manual_seed(1)

@@ -4,8 +4,8 @@ Inputs are judged before Docker: those tests point DOCKER_HOST at a socket that 
 exist, so reaching Docker would fail with exit 3 instead of the input's exit 2. The
 Hugging Face hub cannot be reached from these machines: "no network" is a real refused
 connection (HF_ENDPOINT on a closed loopback port), and where a test needs the hub to
-answer (sizes, a download that breaks half-way) huggingface_hub is replaced in-process,
-which the test says.
+answer (sizes, a download that breaks half-way) model_source's HfApi / snapshot_download are
+replaced in-process, which the test says.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_line_error, run_launcher
-from launcher.errors import ConfigError
+from launcher.common.errors import ConfigError
 from synthetic_ckpt import make_checkpoint
 
 NO_DOCKER = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
@@ -104,7 +104,7 @@ def test_rejected_secret_is_never_echoed(home, tmp_path):
 
 
 def test_token_env_must_be_a_variable_name():
-    from launcher.config import JobSpec
+    from launcher.common.config import JobSpec
 
     assert JobSpec(hf_token_env="MY_HF_TOKEN").hf_token_env == "MY_HF_TOKEN"
     for bad in (SECRET, "hf token", "", "lower_case", "$HF_TOKEN"):
@@ -131,7 +131,7 @@ def test_hub_unreachable_is_one_line_for_eval_and_doctor(home, tmp_path):
 def test_transport_errors_cover_the_installed_client():
     import httpx2
 
-    from launcher.model_source import transport_errors
+    from launcher.sources.model_source import transport_errors
 
     assert httpx2.HTTPError in transport_errors() and OSError in transport_errors()
 
@@ -161,18 +161,17 @@ class FakeHub:
 
 @pytest.mark.docker
 def test_preflight_counts_the_download_before_downloading(home, tmp_path, monkeypatch, docker_client):
-    import huggingface_hub
-
-    from launcher.config import JobSpec
-    from launcher.errors import PreflightError
-    from launcher.job import QuantizeRun
+    from launcher.common.config import JobSpec
+    from launcher.common.errors import PreflightError
+    from launcher.quantize.job import QuantizeRun
+    from launcher.sources import model_source
 
     import shutil
     # bigger than the free disk (the download does not fit), small enough that its NVFP4
     # output (about 0.64x with the partial) still does: only the download check can fail
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub(int(shutil.disk_usage(tmp_path).free * 1.2)))
+    monkeypatch.setattr(model_source, "HfApi", FakeHub(int(shutil.disk_usage(tmp_path).free * 1.2)))
     downloads = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: downloads.append(a))
+    monkeypatch.setattr(model_source, "snapshot_download", lambda *a, **k: downloads.append(a))
     spec = JobSpec(model="org/huge", output=tmp_path / "o", evaluate=False)
     with pytest.raises(PreflightError, match=r"disk \(model download\)"):
         QuantizeRun(spec).run()
@@ -185,21 +184,20 @@ def test_preflight_counts_the_download_before_downloading(home, tmp_path, monkey
 def test_download_is_recorded_as_it_starts(home, tmp_path, monkeypatch, docker_client):
     """A download that dies half-way leaves its cache folder in the record, so rollback
     --cache can remove it (before, it was recorded only after a complete download)."""
-    import huggingface_hub
+    from launcher.common.config import JobSpec
+    from launcher.common.errors import ModelError
+    from launcher.quantize.job import QuantizeRun
+    from launcher.records import runs
+    from launcher.sources import model_source
 
-    from launcher import runs
-    from launcher.config import JobSpec
-    from launcher.errors import ModelError
-    from launcher.job import QuantizeRun
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub(1000))
+    monkeypatch.setattr(model_source, "HfApi", FakeHub(1000))
     repo = tmp_path / "hub" / "models--org--small"
 
     def broken_download(repo_id, **kw):
         (repo / "blobs").mkdir(parents=True)
         (repo / "blobs" / "abc.incomplete").write_bytes(b"x" * 100)
         raise OSError("connection reset by peer")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken_download)
+    monkeypatch.setattr(model_source, "snapshot_download", broken_download)
     with pytest.raises(ModelError, match="download of org/small failed"):
         QuantizeRun(JobSpec(model="org/small", output=tmp_path / "o", evaluate=False)).run()
     (rec,) = runs.all_runs()
@@ -212,7 +210,7 @@ def test_download_is_recorded_as_it_starts(home, tmp_path, monkeypatch, docker_c
 # ---------------------------------------------------------------- 2 and 6. the lock, then reuse verified
 
 def _finished_output(out: Path, spec) -> Path:
-    from launcher.job_inputs import job_inputs
+    from launcher.quantize.job_inputs import job_inputs
 
     make_checkpoint(out)
     (out / "result.json").write_text(json.dumps({"status": "complete", "run_id": "20260101-000000-abcdef",
@@ -222,7 +220,7 @@ def _finished_output(out: Path, spec) -> Path:
 
 @pytest.mark.docker
 def test_reuse_verifies_the_existing_output(home, tmp_path, docker_client):
-    from launcher.config import JobSpec
+    from launcher.common.config import JobSpec
 
     model = tmp_path / "model"  # a local model: its fingerprint needs no assets or hub
     model.mkdir()
@@ -244,7 +242,7 @@ def test_reuse_verifies_the_existing_output(home, tmp_path, docker_client):
 
 @pytest.mark.docker
 def test_output_is_judged_under_the_lock(home, tmp_path, docker_client):
-    from launcher.locks import OutputLock
+    from launcher.records.locks import OutputLock
 
     out = tmp_path / "o"
     with OutputLock(out, "20261130-000000-aaaaaa"):
@@ -280,7 +278,7 @@ def test_eval_never_writes_through_a_planted_eval_json(home, tmp_path, target):
 
 def test_eval_publishes_beside_a_link_planted_after_the_check(tmp_path):
     """The link may appear while the container runs: the copy to --json-out still refuses it."""
-    from launcher.evaluation import _publish, check_json_out
+    from launcher.quality.evaluation import _publish, check_json_out
 
     made, victim = tmp_path / "made.json", tmp_path / "victim.txt"
     made.write_text('{"kl_divergence": 0.01}')
@@ -311,8 +309,8 @@ def test_eval_and_serve_read_nothing_through_a_link_out_of_the_checkpoint(home, 
 def test_hub_dataset_is_fetched_on_the_host_and_mounted_read_only(home, tmp_path):
     """--calib hf:... from a pre-filled cache (--offline): the payload gets a read-only
     folder and a local path, never a token or the network."""
-    from launcher.config import JobSpec
-    from launcher.job import calibration_bind
+    from launcher.common.config import JobSpec
+    from launcher.quantize.job import calibration_bind
 
     snap = tmp_path / "hub" / "datasets--org--texts" / "snapshots" / ("a" * 40)
     (snap / "data").mkdir(parents=True)

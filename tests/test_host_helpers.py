@@ -12,9 +12,10 @@ import sys
 import pytest
 
 from conftest import REPO
-from launcher import owner, paths
-from launcher.errors import ConfigError
-from launcher.files import atomic_write_json, atomic_write_text, make_shareable
+from launcher.records import owner
+from launcher.common import paths
+from launcher.common.errors import ConfigError
+from launcher.common.files import atomic_write_json, atomic_write_text, make_shareable
 from launcher.verify import safetensors_header
 
 
@@ -124,7 +125,7 @@ def test_one_offline_rule_the_one_huggingface_hub_obeys(tmp_path, var, value):
     """Offline is what huggingface_hub reads as offline: the hub is not asked for sizes. Before,
     quantize read only HF_HUB_OFFLINE=1 (doctor also 'true'/'yes'), so HF_HUB_OFFLINE=true asked
     the hub (here an unreachable endpoint) and failed."""
-    code = ("from launcher import model_source; from launcher.config import JobSpec; "
+    code = ("from launcher.sources import model_source; from launcher.common.config import JobSpec; "
             "print(model_source.download_bytes(JobSpec(model='org/absent', output='o')))")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update({var: value, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "",
@@ -138,7 +139,7 @@ def test_one_offline_rule_the_one_huggingface_hub_obeys(tmp_path, var, value):
 def test_slow_bf16_cpu_note(tmp_path, monkeypatch):
     """A CPU without bf16 instructions gets a warning before a long bf16 calibration; one with
     them, a GPU job or a short calibration gets none."""
-    from launcher import preflight
+    from launcher.quantize import preflight
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor : 0\nflags : fpu sse2 avx2 fma\n")
@@ -204,7 +205,7 @@ def test_read_only_parent_is_refused_for_a_user_who_cannot_write_it(tmp_path):
     parent.mkdir()
     tmp_path.chmod(0o755)
     parent.chmod(0o555)
-    code = ("import sys; from launcher.destination import check_output; from launcher.errors import ConfigError\n"
+    code = ("import sys; from launcher.records.destination import check_output; from launcher.common.errors import ConfigError\n"
             "try: check_output(sys.argv[1])\nexcept ConfigError as e: print(e); sys.exit(2)")
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
                            code, str(parent / "ckpt")], capture_output=True, text=True, cwd=REPO,
@@ -215,7 +216,7 @@ def test_read_only_parent_is_refused_for_a_user_who_cannot_write_it(tmp_path):
 
 
 def test_output_check_leaves_nothing_behind(tmp_path, monkeypatch):
-    from launcher.destination import check_output
+    from launcher.records.destination import check_output
 
     monkeypatch.setenv("SPARK_NVFP4_HOME", str(tmp_path / "home"))
     out = check_output(tmp_path / "a" / "b" / "ckpt")
@@ -229,8 +230,8 @@ def test_output_check_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_markup_prints_user_values_verbatim(value):
     from rich.console import Console
 
-    from launcher.errors import LauncherError
-    from launcher.output import markup
+    from launcher.common.errors import LauncherError
+    from launcher.common.output import markup
 
     console = Console(record=True, width=500, color_system=None)
     console.print(markup("[bold]run[/] {} -> {:.1f} MB", value, 1.25))

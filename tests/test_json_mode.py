@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, latest_record, run_launcher, wait_for
 from synthetic_ckpt import make_checkpoint
 
-from launcher.locks import lock_path
+from launcher.records.locks import lock_path
 
 NO_DOCKER = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
 
@@ -76,22 +76,22 @@ def test_a_click_usage_error_is_one_object_with_exit_2(launcher_home, args, wher
 
 SHIM = '''\
 # A test shim (tests/test_json_mode.py), loaded by Python at startup through PYTHONPATH; the
-# launcher's own code is unchanged. It replaces one function of launcher.job to {what}.
+# launcher's own code is unchanged. It replaces one function of launcher.quantize.job to {what}.
 import sys, time
-import launcher.job
+import launcher.quantize.job
 
 def _shimmed(*args, **kwargs):
     print("SHIM: reached {name}", file=sys.stderr, flush=True)
     {body}
 
-launcher.job.{name} = _shimmed
+launcher.quantize.job.{name} = _shimmed
 '''
 SIMULATED_BUG = 'raise RuntimeError("simulated bug\\nits second line")'
 SLOW_STEP = "time.sleep(300)"
 
 
 def _shim_env(tmp_path: Path, name: str, body: str) -> dict:
-    """The environment that runs the launcher with launcher.job.NAME replaced by `body`: a bug
+    """The environment that runs the launcher with launcher.quantize.job.NAME replaced by `body`: a bug
     (an exception nobody expected) or a slow step to interrupt at a known moment."""
     folder = tmp_path / "shim"
     folder.mkdir(exist_ok=True)

@@ -10,8 +10,8 @@ import sys
 import psutil
 import pytest
 
-from launcher.errors import LockHeld
-from launcher.locks import OutputLock, lock_path
+from launcher.common.errors import LockHeld
+from launcher.records.locks import OutputLock, lock_path
 
 
 def _dead_pid() -> tuple[int, float]:
@@ -201,7 +201,7 @@ def test_symlinked_lock_path_is_not_followed(tmp_path):
 
 
 def test_remove_if_stale_rereads_under_the_lock(tmp_path):
-    from launcher.locks import remove_if_stale
+    from launcher.records.locks import remove_if_stale
 
     out = tmp_path / "ckpt"
     holder = OutputLock(out, "live").acquire()

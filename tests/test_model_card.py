@@ -2,7 +2,7 @@
 recipes measured at 8B shapes on an H200, that wall time."""
 from pathlib import Path
 
-from launcher import model_card
+from launcher.quality import model_card
 
 
 def _result(recipe: str) -> dict:

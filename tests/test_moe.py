@@ -266,14 +266,14 @@ def test_eval_emulates_the_moe_checkpoint(moe_runs, name, tmp_path):
 
 
 def test_payload_refuses_an_uncalibrated_expert(ref_python, tiny_models):
-    """The payload's check after calibration (container_payload/moe.py): a forward loop that
+    """The payload's check after calibration (container_payload/steps/moe.py): a forward loop that
     never reaches the experts leaves their input quantizers without amax, and the job stops."""
     script = f"""
 import sys; sys.path.insert(0, {str(REPO)!r})
 import torch, modelopt.torch.quantization as mtq
 from transformers import AutoModelForCausalLM
-from container_payload import moe
-from container_payload.events import PayloadError
+from container_payload.steps import moe
+from container_payload.core.events import PayloadError
 m = AutoModelForCausalLM.from_pretrained({str(tiny_models['mixtral'])!r}, dtype=torch.bfloat16)
 m = mtq.quantize(m, moe.build_config("moe-w4a4-experts", mtq), lambda model: None)
 try:

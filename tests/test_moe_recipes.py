@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from container_payload import memory_plan, recipes
+from container_payload.core import memory_plan, recipes
 
 MOE = ("moe-w4a16-experts", "moe-w4a4-experts")
 IMAGE_2025 = {"nvidia-modelopt": "0.37.0", "transformers": "4.57.1", "accelerate": "1.10.0"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.model_source import EMBEDDED_DIRNAME
+from launcher.sources.model_source import EMBEDDED_DIRNAME
 
 from conftest import E2E_SAMPLES, E2E_SEQ_LEN, REAL_HOME, assert_matches_reference, our_containers, run_launcher
 from float64_reference import Float64Llama, float64_metrics

@@ -35,7 +35,7 @@ def home(tmp_path_factory, shared_assets, embedded_model_dir):
 
 @pytest.fixture(scope="module")
 def derived_tag(docker_client, old_image) -> str:
-    from launcher import derived_image
+    from launcher.containers import derived_image
 
     return derived_image.tag_for(docker_client.images.get(old_image).id)
 

@@ -1,11 +1,11 @@
-"""The recipe registry and requirement set (container_payload/recipes.py) and the derived
+"""The recipe registry and requirement set (container_payload/core/recipes.py) and the derived
 image's plan, host side: no Docker, no torch. The stacks below are the ones NVIDIA's images
 carry (docs/images.md); the end-to-end proof is tests/test_real_image.py."""
 from __future__ import annotations
 
 import pytest
 
-from container_payload import recipes
+from container_payload.core import recipes
 
 # What NVIDIA's late-2025 TensorRT-LLM image reports (a probe's `packages`, abridged).
 NVIDIA_2025 = {
@@ -60,8 +60,8 @@ def test_recipe_names(name, ok):
 
 
 def test_launcher_rejects_a_missing_yaml_and_takes_a_library_name(tmp_path):
-    from launcher.config import load_spec
-    from launcher.errors import ConfigError
+    from launcher.common.config import load_spec
+    from launcher.common.errors import ConfigError
 
     assert load_spec({"recipe": "general/ptq/nvfp4_default-kv_fp8_cast"}, {}, environ={}).recipe
     recipe = tmp_path / "r.yaml"
@@ -72,14 +72,14 @@ def test_launcher_rejects_a_missing_yaml_and_takes_a_library_name(tmp_path):
 
 
 def _probe(packages):
-    from launcher.image_probe import ImageProbe
+    from launcher.containers.image_probe import ImageProbe
 
     return ImageProbe(image_id="sha256:" + "ab" * 32, arch="aarch64", python="3.12.3", torch_cuda="13.0",
                       trtllm_serve="/usr/local/bin/trtllm-serve", user="root", uid=0, packages=packages)
 
 
 def test_derived_plan_pins_the_foundation_and_installs_only_from_the_lock():
-    from launcher import derived_image
+    from launcher.containers import derived_image
 
     p = derived_image.plan("nvcr.io/nvidia/tensorrt-llm/release:spark-single-gpu-dev", _probe(NVIDIA_2025))
     pinned = {c.split("==")[0] for c in p.constraints}
@@ -92,7 +92,7 @@ def test_derived_plan_pins_the_foundation_and_installs_only_from_the_lock():
 
 
 def test_the_lock_has_a_version_for_everything_a_derived_image_may_need():
-    from launcher import derived_image
+    from launcher.containers import derived_image
 
     nothing = recipes.shortfalls(recipes.EVERYTHING, {}, cuda=False)
     pins = derived_image.lock_pins()
@@ -105,7 +105,7 @@ def test_the_lock_has_a_version_for_everything_a_derived_image_may_need():
 
 
 def test_host_pip_settings_reach_the_build_without_host_paths(tmp_path, monkeypatch):
-    from launcher import derived_image
+    from launcher.containers import derived_image
 
     conf = tmp_path / "pip.conf"
     conf.write_text("[global]\nindex-url = https://mirror.example/simple\ncert = /etc/proxy-ca.pem\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launcher import report
+from launcher.quality import report
 
 REPO = Path(__file__).resolve().parents[1]
 N_PLOTS = 4  # KL bars, per-layer error, KL distribution, memory

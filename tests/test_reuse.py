@@ -1,7 +1,7 @@
 """Issue 22, item 1: a rerun reuses only a checkpoint of provably the same job.
 
-The fingerprint is by content (launcher/job_inputs.py); what a rerun does with what lies at the
-output is launcher/reuse.py. The host-side tests build real model folders, texts and records;
+The fingerprint is by content (launcher/quantize/job_inputs.py); what a rerun does with what lies at the
+output is launcher/quantize/reuse.py. The host-side tests build real model folders, texts and records;
 the end-to-end test quantizes a tiny Llama through Docker three times.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def model_folder(folder: Path) -> Path:
 
 
 def spec_for(model: Path, calib: Path, output: Path, **kw):
-    from launcher.config import JobSpec
+    from launcher.common.config import JobSpec
 
     return JobSpec(model=str(model), calibration={"source": str(calib)}, output=output, **kw)
 
@@ -50,7 +50,7 @@ def job(home, tmp_path):
 
 
 def inputs_of(spec):
-    from launcher.job_inputs import job_inputs
+    from launcher.quantize.job_inputs import job_inputs
 
     return job_inputs(spec)
 
@@ -58,7 +58,7 @@ def inputs_of(spec):
 # ---------------------------------------------------------------- the fingerprint, by content
 
 def test_one_byte_of_the_weights_changes_the_model_part(job):
-    from launcher.job_inputs import differences, fingerprint
+    from launcher.quantize.job_inputs import differences, fingerprint
 
     spec, tmp = job
     before = inputs_of(spec)
@@ -75,7 +75,7 @@ def test_one_byte_of_the_weights_changes_the_model_part(job):
 
 
 def test_the_calibration_text_is_fingerprinted_by_its_bytes(job):
-    from launcher.job_inputs import differences
+    from launcher.quantize.job_inputs import differences
 
     spec, tmp = job
     before = inputs_of(spec)
@@ -92,7 +92,7 @@ def test_the_calibration_text_is_fingerprinted_by_its_bytes(job):
 
 
 def test_the_builtin_text_is_fingerprinted_by_its_bytes(job, shared_assets, monkeypatch):
-    from launcher import assets
+    from launcher.sources import assets
 
     monkeypatch.setenv("SPARK_NVFP4_HOME", str(shared_assets.parent))
     spec, tmp = job
@@ -113,7 +113,7 @@ def test_the_same_files_in_another_folder_are_the_same_job(job):
 
 
 def test_a_changed_option_is_named(job):
-    from launcher.job_inputs import differences
+    from launcher.quantize.job_inputs import differences
 
     spec, tmp = job
     other = spec.model_copy(update={"recipe": "smooth",
@@ -133,9 +133,8 @@ def test_a_hub_model_reads_the_same_online_and_offline(home, tmp_path, monkeypat
     """Offline from a hub cache laid out as huggingface_hub lays it out; online from the hub's
     model_info, which cannot be reached from these machines: HfApi is replaced in-process
     with the answer the hub gives for that cache's files (lfs sha256, git blob ids)."""
-    import huggingface_hub
-
-    from launcher.config import JobSpec
+    from launcher.common.config import JobSpec
+    from launcher.sources import model_source
 
     commit, lfs, blob = "a" * 40, "b" * 64, "c" * 40
     repo = tmp_path / "hub" / "models--org--tiny"
@@ -165,8 +164,8 @@ def test_a_hub_model_reads_the_same_online_and_offline(home, tmp_path, monkeypat
                 Sibling("model.safetensors", "d" * 40, lfs), Sibling("config.json", blob),
                 Sibling("modeling_x.py", "e" * 40), Sibling("original/consolidated.pth", "f" * 40, "9" * 64)]})()
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
-    from launcher.job_inputs import model_identity
+    monkeypatch.setattr(model_source, "HfApi", Hub)
+    from launcher.quantize.job_inputs import model_identity
 
     online = model_identity(JobSpec(model="org/tiny", output=tmp_path / "o"))
     offline = model_identity(JobSpec(model="org/tiny", output=tmp_path / "o", offline=True))
@@ -189,7 +188,7 @@ def finished(spec, inputs, run_id="20260101-000000-abcdef", **extra) -> Path:
 
 def made_by_a_run(out: Path):
     """A record of this home that made `out`, as a finished quantize run leaves it."""
-    from launcher import runs
+    from launcher.records import runs
 
     rec = runs.new_run("quantize", {"output": str(out)})
     rec.output = str(out)
@@ -202,8 +201,8 @@ def made_by_a_run(out: Path):
 
 
 def test_same_inputs_reuse_with_the_makers_numbers(job):
-    from launcher import reuse
-    from launcher.output import run_result
+    from launcher.quantize import reuse
+    from launcher.common.output import run_result
 
     spec, tmp = job
     inputs = inputs_of(spec)
@@ -224,7 +223,7 @@ def test_same_inputs_reuse_with_the_makers_numbers(job):
 
 
 def test_a_reused_output_of_another_home_takes_its_numbers_from_eval_json_checked(job):
-    from launcher import reuse
+    from launcher.quantize import reuse
 
     spec, tmp = job
     inputs = inputs_of(spec)
@@ -240,7 +239,7 @@ def test_a_reused_output_of_another_home_takes_its_numbers_from_eval_json_checke
 
 
 def test_another_jobs_checkpoint_of_ours_is_replaced_and_says_why(job):
-    from launcher import reuse
+    from launcher.quantize import reuse
 
     spec, tmp = job
     old = inputs_of(spec)
@@ -251,14 +250,14 @@ def test_another_jobs_checkpoint_of_ours_is_replaced_and_says_why(job):
     prev = reuse.judge(out, inputs_of(spec))
     assert prev.action == "replace" and prev.why == "the calibration text changed"
     (out / "my-notes.txt").write_text("mine")  # the user's file: never deleted with it
-    from launcher.errors import ConfigError
+    from launcher.common.errors import ConfigError
     with pytest.raises(ConfigError, match="'my-notes.txt', which the launcher did not write"):
         reuse.judge(out, inputs_of(spec))
 
 
 def test_another_jobs_checkpoint_no_run_of_ours_made_is_refused(job):
-    from launcher import reuse
-    from launcher.errors import ConfigError
+    from launcher.quantize import reuse
+    from launcher.common.errors import ConfigError
 
     spec, tmp = job
     old = inputs_of(spec)
@@ -271,7 +270,7 @@ def test_another_jobs_checkpoint_no_run_of_ours_made_is_refused(job):
 
 
 def test_an_output_of_the_path_fingerprint_era_is_not_reused(job):
-    from launcher import reuse
+    from launcher.quantize import reuse
 
     spec, tmp = job
     out = finished(spec, None, job_fingerprint="0123456789abcdef")

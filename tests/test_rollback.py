@@ -37,7 +37,7 @@ def record(home: Path, run_id: str) -> dict:
 
 def fake_run(home: Path, status: str = "failed", image: str | None = None, **created) -> str:
     """A finished run's record, as job.py writes it, naming the things given."""
-    from launcher import runs
+    from launcher.records import runs
 
     rec = runs.new_run("quantize", {"model": "embedded"})
     rec.status, rec.image = status, image
@@ -62,7 +62,7 @@ def a_run_output(parent: Path, run_id: str, name: str = "ckpt") -> tuple[Path, P
 
 
 def with_outputs(home: Path, tmp: Path) -> tuple[str, Path, Path, Path]:
-    from launcher import runs
+    from launcher.records import runs
 
     run_id = fake_run(home)
     out, partial, lock = a_run_output(tmp / "outs", run_id)
@@ -80,7 +80,7 @@ def test_default_removes_debris_keeps_results_and_is_idempotent(launcher_home, t
     hub = {"HF_HUB_CACHE": str(tmp_path / "hub")}
     cache = tmp_path / "hub" / "models--org--name"   # a download of this run
     cache.mkdir(parents=True)
-    from launcher import runs
+    from launcher.records import runs
     rec = runs.load(run_id)
     rec.created.cache = [str(cache)]
     rec.save()
@@ -114,7 +114,7 @@ def test_refuses_without_yes_when_not_a_terminal(launcher_home, tmp_path):
 
 def test_replaced_or_foreign_paths_are_kept(launcher_home, tmp_path):
     """What a record names but that is no longer what the run made is never deleted."""
-    from launcher import runs
+    from launcher.records import runs
 
     run_id, out, partial, lock = with_outputs(launcher_home, tmp_path)
     (out / "result.json").write_text(json.dumps({"status": "complete", "run_id": "someone-else"}))
@@ -139,7 +139,7 @@ def test_replaced_or_foreign_paths_are_kept(launcher_home, tmp_path):
 
 
 def test_without_docker_files_go_and_containers_are_reported(launcher_home, tmp_path):
-    from launcher import runs
+    from launcher.records import runs
 
     run_id, out, partial, lock = with_outputs(launcher_home, tmp_path)
     rec = runs.load(run_id)
@@ -156,7 +156,7 @@ def test_without_docker_files_go_and_containers_are_reported(launcher_home, tmp_
 
 
 def test_running_run_is_left_alone(launcher_home, tmp_path):
-    from launcher import runs
+    from launcher.records import runs
 
     run_id = fake_run(launcher_home, status="running")   # owned by this live pytest process
     rec = runs.load(run_id)
@@ -172,7 +172,7 @@ def test_running_run_is_left_alone(launcher_home, tmp_path):
 
 
 def test_list_marks_dead_runs_interrupted_even_without_docker(launcher_home, tmp_path):
-    from launcher import runs
+    from launcher.records import runs
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -190,7 +190,7 @@ def test_list_marks_dead_runs_interrupted_even_without_docker(launcher_home, tmp
 def test_logs_follow_until_the_owner_dies(launcher_home):
     import psutil
 
-    from launcher import runs
+    from launcher.records import runs
 
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

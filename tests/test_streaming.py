@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from container_payload import memory_plan
+from container_payload.core import memory_plan
 
 from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REPO, assert_matches_reference, make_tiny_llama, one_line_error,
                       raw_tensors, run_launcher)
@@ -63,10 +63,10 @@ def test_the_job_file_carries_the_hosts_plan(tmp_path):
     the floor, on a GPU as large as the planned mode's budget allows (here up to the samples)."""
     from types import SimpleNamespace
 
-    from container_payload import contract
-    from launcher import memory_budget
-    from launcher.config import JobSpec
-    from launcher.job import quantize_job
+    from container_payload.core import contract
+    from launcher.quantize import memory_budget
+    from launcher.common.config import JobSpec
+    from launcher.quantize.job import quantize_job
 
     model = _shaped_model(tmp_path / "m")
     calib = {"samples": 32, "seq_len": 256, "batch_size": "auto"}

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from launcher.errors import VerifyFailed
+from launcher.common.errors import VerifyFailed
 from launcher.verify import safetensors_header, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..untrusted import link_out_of
+from ..common.untrusted import link_out_of
 from .findings import Report, in_time, short
 
 INDEX_NAME = "model.safetensors.index.json"

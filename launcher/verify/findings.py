@@ -11,9 +11,9 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from ..errors import ConfigError
-from ..files import atomic_write_text
-from ..untrusted import printable
+from ..common.errors import ConfigError
+from ..common.files import atomic_write_text
+from ..common.untrusted import printable
 from .layouts import MODELOPT
 
 MAX_PRINTED = 200          # problem lines printed; the JSON report keeps them all

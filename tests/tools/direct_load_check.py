@@ -1,4 +1,4 @@
-"""Checks of container_payload.direct_load and loading.model_from_state_dict; prints JSON.
+"""Checks of container_payload.pipelines.direct_load and loading.model_from_state_dict; prints JSON.
 
     python tests/tools/direct_load_check.py WORKDIR MODEL_DIR
     python tests/tools/direct_load_check.py WORKDIR --random-llama TOKENIZER_DIR   # (device)
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from container_payload import direct_load, loading  # noqa: E402
+from container_payload.pipelines import direct_load, loading  # noqa: E402
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

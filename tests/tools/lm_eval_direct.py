@@ -30,7 +30,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from container_payload.emulated_model import load_emulated  # noqa: E402
+from container_payload.numerics.emulated_model import load_emulated  # noqa: E402
 
 task = Path(task_yaml).resolve()
 os.chdir(task.parent)

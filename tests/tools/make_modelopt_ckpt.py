@@ -48,7 +48,7 @@ def config_for(variant: str) -> dict:
     else:
         cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
     if variant == "w4a4-kvfp8":
-        # The same way the payload adds an FP8 KV cache (container_payload/recipes.py).
+        # The same way the payload adds an FP8 KV cache (container_payload/core/recipes.py).
         cfg["quant_cfg"] = list(cfg["quant_cfg"]) + copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
     return cfg
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from container_payload.calib_data import token_windows  # noqa: E402
+from container_payload.pipelines.calib_data import token_windows  # noqa: E402
 
 # Every Linear has in_features % 16 == 0; GQA so k/v_proj differ from q_proj. A wide
 # init makes the logits far from uniform, so that the KL is well above rounding noise.

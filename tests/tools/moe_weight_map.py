@@ -3,7 +3,7 @@
     python moe_weight_map.py REPO TOKENIZER_DIR OUT_DIR KIND...
 
 For each tiny MoE family (tiny_moe.py, saved per expert as the Hub has them): every decoder
-parameter container_payload.checkpoint_map reads (fused experts included) must equal, bit for
+parameter container_payload.pipelines.checkpoint_map reads (fused experts included) must equal, bit for
 bit, what from_pretrained loads, and the transforms it marks as used must be the loader's (the
 export reverses exactly those). Prints one JSON line per family.
 """
@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_moe  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from container_payload.checkpoint_map import MappedWeights  # noqa: E402
-from container_payload.streaming import ShardReader, read_params, skeleton  # noqa: E402
+from container_payload.pipelines.checkpoint_map import MappedWeights  # noqa: E402
+from container_payload.pipelines.streaming import ShardReader, read_params, skeleton  # noqa: E402
 
 for kind in sys.argv[4:]:
     folder = Path(sys.argv[3]) / kind

@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from container_payload import recipes  # noqa: E402  (stdlib only)
+from container_payload.core import recipes  # noqa: E402  (stdlib only)
 from compare_ckpt import tensors  # noqa: E402  (the one raw safetensors reader of tests/tools)
 
 SAMPLES, SEQ_LEN, BATCH = 16, 128, 4
@@ -63,7 +63,7 @@ def quantize(python: str, model: Path, recipe: str, mode: str, calib: Path, work
 
 def runs(dense: Path, moe: Path | None, only: list[str] | None, modes: list[str]):
     """(model, recipe, mode) for every CPU recipe: MoE layouts on the MoE model, the rest on the dense one."""
-    from container_payload import memory_plan
+    from container_payload.core import memory_plan
 
     for name, recipe in recipes.RECIPES.items():
         if recipe.needs.gpu or (only and name not in only):

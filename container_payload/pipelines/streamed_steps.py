@@ -1,0 +1,327 @@
+"""The streamed pipeline's runner of each step type (RUNNERS, by the step's key): what a step does
+to one decoder layer at a time, as steps.RUNNERS say what it does to the whole model.
+
+streaming.run_streamed makes passes over the decoder layers; in each layer it calls the runners
+of the recipe's steps in the recipe's order, then exports the layer. A step that ranks over all
+layers (recipes.Plan.ranking_batches: keep_bf16) gets a pass of its own first, over the steps up
+to it and on a copy of each layer, and decides at its end; the final pass then runs every step
+with that decision in hand. Each runner keeps its own streams of hidden states, started from the
+first layer's inputs at the beginning of each pass.
+
+    prepare(run)             once, while the decoder's own weights (embeddings, norm) are in memory
+    begin(run, final)        at the start of a pass (final: the pass that exports)
+    layer(run, at, final)    one layer (at: Layer), in recipe order
+    end(run, final)          after the last layer
+    line()                   what it did, for result.json's steps_applied
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import time
+from dataclasses import dataclass
+
+import modelopt.torch.quantization as mtq
+import torch
+from torch import nn
+
+from ..core import events, recipes
+from ..core.events import PayloadError
+from ..numerics.linear_compute import float32_linears
+from ..steps.bf16_ranking import (
+    Emulation,
+    decide,
+    keep_in_bf16,
+    kl_to,
+    limit_tokens,
+    model_bytes_default,
+    round_weights,
+    shortlist,
+    unit_extra_bytes,
+)
+from ..steps.quantizers import QuantizersOff, fused_units, quantized_linears
+from ..steps.sequential import Fit, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
+from ..steps.smoothing import Smoothed, smooth
+
+
+@dataclass
+class Layer:
+    """One decoder layer at its turn: its place, the module (materialized), the root that names
+    it as the whole model does, and the (args, kwargs) the decoder hands it per batch."""
+    index: int
+    name: str
+    layer: nn.Module
+    root: nn.Module
+    args: list
+
+
+def to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def copy_stream(hidden: list) -> list:
+    """Copies of captured hidden states, pinned like them when they are (clone() would not pin)."""
+    return [torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h) if h.is_pinned() else h.clone()
+            for h in hidden]
+
+
+class Runner:
+    """A step's part in a streamed run (see the module docstring); the defaults do nothing."""
+
+    def __init__(self, step, run):
+        self.step = step
+
+    def prepare(self, run) -> None:
+        pass
+
+    def begin(self, run, final: bool) -> None:
+        pass
+
+    def layer(self, run, at: Layer, final: bool) -> None:
+        pass
+
+    def end(self, run, final: bool) -> None:
+        pass
+
+    def line(self) -> str:
+        raise NotImplementedError
+
+
+class _Smooth(Runner):
+    """Each layer's statistics from a stream of the unsmoothed model's hidden states (the whole
+    path measures every layer in one pass before it folds anything), folded before calibration."""
+
+    def begin(self, run, final):
+        self.stats, self.smoothed = copy_stream(run.inputs), Smoothed()
+
+    def layer(self, run, at, final):
+        self.smoothed.add(_smooth_layer(at.layer, self.stats, at.args, self.step.alpha, run.device, run.keep))
+
+    def end(self, run, final):
+        self.stats = None
+
+    def line(self):
+        return self.smoothed.line()
+
+
+def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, keep: str):
+    """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (advanced
+    in place through the still unsmoothed layer), then the scales folded."""
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([layer])  # smoothing finds its groups in `.layers`
+    back = Fit(device=device, keep=keep).back
+
+    def stats_loop(_holder):
+        with torch.inference_mode():
+            for j, (h, (a, k)) in enumerate(zip(stats, args)):
+                stats[j] = back(layer_output(layer(h.to(device, non_blocking=True), *to_device(a, device),
+                                                   **to_device(k, device))))
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return smooth(holder, stats_loop, alpha, log=False)
+
+
+class _Calibrate(Runner):
+    """ModelOpt's calibration of the layer on the calibration stream (run.inputs, which each
+    layer's outputs replace in place: the next layer's inputs)."""
+
+    def layer(self, run, at, final):
+        device, keep, inputs, calls = run.device, run.keep, run.inputs, [0]
+
+        def forward_loop(_root):
+            calls[0] += 1
+            with torch.inference_mode():
+                for j, (h, (a, k)) in enumerate(zip(inputs, at.args)):
+                    o = layer_output(at.layer(h.to(device, non_blocking=True), *to_device(a, device),
+                                              **to_device(k, device)))
+                    if h.is_pinned() and o.shape == h.shape and o.dtype == h.dtype:
+                        h.copy_(o, non_blocking=True)  # the next layer's input, in the same pinned buffer
+                    else:
+                        inputs[j] = o.to(keep)
+                if device == "cuda":
+                    torch.cuda.synchronize()  # every output is back in host memory
+
+        with contextlib.redirect_stdout(io.StringIO()):  # "Inserted 21 quantizers", per layer
+            mtq.quantize(at.root, run.recipe.config, forward_loop)
+        if calls[0] != 1:
+            raise PayloadError(f"ModelOpt ran the calibration loop {calls[0]} times for {at.name}; streamed "
+                               "mode supports one pass (max calibration); use --mode whole", kind="input")
+        if run.recipe.check is not None:  # as steps._calibrate does on the whole model (moe.check_calibrated)
+            run.recipe.check(at.root)
+
+    def line(self):
+        return f"ModelOpt {self.step.preset}"
+
+
+class _Gptq(Runner):
+    """The sequential GPTQ: sequential.refine_layer after the layer's calibration, on its own two
+    streams (original, quantized), kept where run.keep says (host memory under a GPU budget)."""
+
+    def begin(self, run, final):
+        self.fp, self.qs, self.chunk_calls = start_streams(copy_stream(run.inputs), run.layer_calls)
+        step = self.step
+        self.fit = Fit(ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32, replay=False,
+                       device=run.device, keep=run.keep)
+        self.timer, self.reached = _Timer(), 0
+
+    def layer(self, run, at, final):
+        linears = quantized_linears(at.root)
+        with QuantizersOff(at.root), float32_linears(at.root):
+            self.fp, self.qs, _ = refine_layer(at.layer, linears, self.fp, self.qs, self.chunk_calls[at.index], {},
+                                               self.fit, self.timer)
+        self.reached += len(linears)
+
+    def end(self, run, final):
+        self.fp = self.qs = self.chunk_calls = None
+        events.emit("log", message=f"refine: sequential activation-aware GPTQ, streamed ({self.timer})")
+
+    def line(self):
+        return f"{self.reached} quantized Linears"
+
+
+class _Gives(nn.Module):
+    """Stands in for a decoder layer and returns `value` (the last layer's stored output), so that
+    the model's own forward turns stored hidden states into logits (final norm, head, softcap);
+    what the decoder reads off a layer comes from the real one."""
+
+    def __init__(self, real: nn.Module, value):
+        super().__init__()
+        self.__dict__["_real"], self.__dict__["_value"] = real, value
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.__dict__["_value"]
+
+
+class _KeepBf16(Runner):
+    """bf16_ranking's choice made layer by layer, with the whole path's numbers: in a ranking pass
+    each layer (a copy, smoothed and calibrated as in the final pass) is scored on the ranking
+    batches' streams: the original model's (the reference), every unit emulated on round-to-
+    nearest weights (the base and each Linear's output error), and, for each unit in the running
+    shortlist, every unit emulated but that one (a unit's stream starts from the base stream at
+    its layer; one that leaves the shortlist is dropped: the final shortlist's units were in it
+    when their layer was scored). At the end the logits, the KLs and bf16_ranking.decide; in the
+    final pass the kept units' quantizers are turned off before the GPTQ that follows fits around
+    them."""
+
+    def __init__(self, step, run):
+        super().__init__(step, run)
+        before = run.recipe.steps[:run.recipe.steps.index(step)]
+        if any(s.plan().on == "quantized" for s in before):
+            raise PayloadError(f"recipe {run.recipe.name!r}: keep_bf16 after a weight step ranks the fitted "
+                               "weights of the whole model and cannot stream; use --mode whole", kind="input")
+        self.kept: set[str] = set()    # the first Linear of each unit kept in bf16
+        self.count = self.total = 0
+
+    def prepare(self, run):
+        """The ranking batches' layer inputs (the decoder is in memory now), and the budget and
+        units of the whole model, from a converted copy of its (meta) layers."""
+        self.ids = limit_tokens([b.to(run.device) for b in run.batches[:self.step.batches]])
+        with torch.no_grad():
+            self.first, self.calls = capture_layer_calls(
+                run.decoder, lambda: [run.decoder(input_ids=ids, use_cache=False) for ids in self.ids])
+        run.materialize_head()  # before the budget: a tied head counts once, as in the whole model
+        converted = copy.deepcopy(run.layers)
+        for name, layer in zip(run.names, converted):
+            run.convert(layer, name)
+        with run.layers_as(converted):
+            linears = quantized_linears(run.model)
+            self.budget = self.step.budget * model_bytes_default(run.model, linears)
+        self.units = fused_units(linears)
+        self.extra = {u[0]: unit_extra_bytes(u, {n: linears[n].weight for n in u}) for u in self.units}
+        self.total = len(self.units)
+        self.rank = bool(self.ids) and self.budget > 0
+
+    def begin(self, run, final):
+        if final or not self.rank:
+            return
+        self.t0 = time.time()
+        self.ref, self.base, self.streams = list(self.first), list(self.first), {}
+        self.err, self.seen, self.tuple_out = {}, [], False
+
+    @torch.no_grad()
+    def layer(self, run, at, final):
+        linears = quantized_linears(at.root)
+        units = fused_units(linears)
+        if final:
+            keep_in_bf16(linears, [u for u in units if u[0] in self.kept])
+            return
+        if not self.rank:
+            return
+        originals = {n: m.weight.detach().clone() for n, m in linears.items()}
+        round_weights(linears)
+        rounded = {n: m.weight.detach().clone() for n, m in linears.items()}
+        calls = self.calls[at.index]
+
+        def set_weights(src, names):
+            for n in names:
+                linears[n].weight.data.copy_(src[n])
+
+        def through(stream, emulated, originals=None):
+            emu = Emulation(linears, emulated, originals)
+            try:
+                out = [at.layer(h, *a, **k) for h, (a, k) in zip(stream, calls)]
+            finally:
+                emu.remove()
+            self.tuple_out = isinstance(out[0], (tuple, list)) if out else False
+            return [layer_output(o) for o in out], emu.err
+
+        with QuantizersOff(at.root), float32_linears(at.root):
+            set_weights(originals, linears)
+            self.ref, _ = through(self.ref, [])
+            set_weights(rounded, linears)
+            base_in = self.base
+            self.base, err = through(base_in, units, originals)
+            self.err.update(err)
+            self.seen += units
+            streams = {}
+            for unit in shortlist(self.seen, self.err, self.extra, self.budget):
+                if unit[0] in self.streams:  # a unit of an earlier layer: this layer all emulated
+                    streams[unit[0]], _ = through(self.streams[unit[0]], units)
+                elif unit in units:          # one of this layer's: it alone in bf16, from the base stream
+                    set_weights(originals, unit)
+                    streams[unit[0]], _ = through(base_in, [u for u in units if u is not unit])
+                    set_weights(rounded, unit)
+            self.streams = streams
+
+    @torch.no_grad()
+    def end(self, run, final):
+        if final or not self.rank:
+            return
+        with QuantizersOff(run.model), float32_linears(run.model):
+            ref = [torch.log_softmax(logits.float(), dim=-1) for logits in self._logits(run, self.ref)]
+            base = kl_to(ref, self._logits(run, self.base))
+            measured = [(u, kl_to(ref, self._logits(run, self.streams[u[0]])))
+                        for u in shortlist(self.seen, self.err, self.extra, self.budget)]
+        kept = decide(base, measured, self.extra, self.budget, len(self.ids), self.t0)
+        self.kept, self.count = {u[0] for u in kept}, len(kept)
+        self.ref = self.base = self.streams = self.first = self.calls = None  # the ranking's streams go
+
+    def _logits(self, run, finals: list):
+        """The model's logits per ranking batch from the last layer's outputs (`finals`)."""
+        for ids, h in zip(self.ids, finals):
+            value = (h,) if self.tuple_out else h
+            stand_ins = nn.ModuleList([_Gives(layer, value) for layer in run.layers])
+            with run.layers_as(stand_ins):
+                yield run.model(input_ids=ids, use_cache=False).logits
+
+    def line(self):
+        return f"{self.count} of {self.total} fused units kept in bf16"
+
+
+# step key -> its streamed runner: Runner(step, run). A step whose Plan says it needs the whole
+# model (whole_only) has none: pipelines.choose refuses its recipe in streamed mode first.
+RUNNERS = {recipes.Smooth.key: _Smooth, recipes.Calibrate.key: _Calibrate, recipes.Gptq.key: _Gptq,
+           recipes.KeepBf16.key: _KeepBf16}

@@ -1,0 +1,1 @@
+"""Quality of a checkpoint: `launcher eval`, the HTML report of several candidates, the model card."""

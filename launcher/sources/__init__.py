@@ -1,0 +1,1 @@
+"""Where inputs come from: the model (embedded, local folder, hub download) and the embedded assets."""
