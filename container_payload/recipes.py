@@ -149,15 +149,20 @@ class Gptq:
     ridge: the activation correction's pull towards the original weights, relative to mean
     diag(H); None: GPTQ's damping (0.01), or 1.0 when sequential (sequential.py says why).
     kernel: auto (Triton on CUDA, else batched torch) | triton | torch | reference (the column
-    loop the others are tested against). hessian_tf32: H and C in TF32 on CUDA (sequential)."""
+    loop the others are tested against). hessian_tf32: H and C in TF32 on CUDA (sequential).
+    scales: how each 16-block's FP8 scale is chosen: search (the block's rounding error, each
+    column weighted by GPTQ's 1/U_jj^2) | hessian (each candidate scored by the block's own GPTQ
+    pass, error feedback inside the block included: its cost under the layer's input Hessian,
+    fast_gptq.hessian_block_scales)."""
     act_aware: bool = False
     sequential: bool = False
     ridge: float | None = None
     kernel: str = "auto"
     hessian_tf32: bool = True
+    scales: str = "search"
     key = "gptq"
     needs = _STATIC_BLOCK
-    choices = {"kernel": ("auto", "triton", "torch", "reference")}
+    choices = {"kernel": ("auto", "triton", "torch", "reference"), "scales": ("search", "hessian")}
     ranges = {"ridge": Range(0, low_open=True)}   # 0 would leave the correction unregularized
 
     def plan(self) -> Plan:  # sequential: two streams (original, quantized), layer by layer

@@ -95,14 +95,14 @@ def _gptq(state: State, step: Gptq, forward_loop, later, recipe) -> str:
     if step.sequential and not blockers:
         state.linears, state.originals, state.kept_ids = sequential_gptq(
             model, forward_loop, keep_batches=_ranking_batches(later), captured=captured,
-            ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32)
+            ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32, scales=step.scales)
         return _reach(model, state.linears)
     del captured
 
     # a sequential step falls back to one pass here: its ridge default is the one-pass one (recipes.Gptq)
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=True, search=True, keep_batches=_ranking_batches(later),
-        act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel)
+        act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel, scales=step.scales)
     line = _reach(model, state.linears)
     if blockers:
         line += " by one-pass activation-aware GPTQ, not the sequential pass: " + "; ".join(blockers)

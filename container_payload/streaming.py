@@ -277,7 +277,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     stats = [_copy(h) for h in inputs] if smooth else None
     if gptq:
         fp, qs, chunk_calls = start_streams([_copy(h) for h in inputs], layer_calls)
-        fit = Fit(ridge=gptq.ridge, kernel=gptq.kernel,
+        fit = Fit(ridge=gptq.ridge, kernel=gptq.kernel, scales=gptq.scales,
                   hessian_tf32=gptq.hessian_tf32, replay=False, device=device, keep=keep)
         timer = _Timer()
     free(decoder)  # the layers are meta already; embeddings and norm go (written in step 4)
