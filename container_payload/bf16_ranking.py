@@ -5,6 +5,11 @@ bf16 has its quantizers disabled, so export stores it in the original dtype and 
 `exclude_modules` / `ignore` (the standard way). Whole fused groups only, so the engines can
 still fuse q/k/v and gate/up. Before a sequential GPTQ the units are ranked on round-to-nearest
 weights (round_weights).
+
+With fp8=True a unit may instead go FP8 (W8A8, per-tensor scales, ModelOpt's FP8_DEFAULT_CFG
+format; export writes MIXED_PRECISION as for the MoE layouts): half bf16's bytes, so the same
+budget covers about twice the units. Each shortlisted unit is measured both ways and every
+(unit, format) choice ranked by KL saved per extra byte (decide()).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import time
 
 import torch
 
-from .emulate import fake_quant_nvfp4
+from .emulate import fake_quant_fp8, fake_quant_nvfp4, fp8_e4m3
 from .events import log as _log
 from .linear_compute import float32_linears, linear, patch_forward
 from .nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
@@ -20,7 +25,14 @@ from .quantizers import QuantizersOff, fused_units, modules_out_of_reach, unit_i
 
 
 def _nvfp4_bytes(numel: int) -> float:
-    return numel * 0.5 + numel / BLOCK + 8
+    return numel * 0.5 + numel / BLOCK + 8   # codes, FP8 block scales, weight_scale_2 + input_scale
+
+
+def _fp8_bytes(numel: int) -> float:
+    return numel + 8                          # FP8 weight, weight_scale + input_scale (float32)
+
+
+FP8_MAX = 448.0
 
 
 def model_bytes_default(model, linears: dict) -> float:
@@ -41,7 +53,8 @@ class Emulation:
     inputs are fake-quantized per docs/nvfp4-format.md §3 with the unit's shared input scale.
     Optionally records each Linear's relative output error vs its original weights."""
 
-    def __init__(self, linears: dict, units: list[list[str]], originals: dict | None = None):
+    def __init__(self, linears: dict, units: list[list[str]], originals: dict | None = None,
+                 fp8_units: list[list[str]] = ()):
         self.handles, self.err = {}, {}
         for unit in units:
             scale = unit_input_scale([linears[n] for n in unit])
@@ -49,6 +62,12 @@ class Emulation:
             for n in unit:
                 self._hook(n, linears[n], scale, None if originals is None else originals[n],
                            fake_quant_nvfp4, shared)
+        for unit in fp8_units:  # weights already FP8-rounded (fp8_weights); inputs per-tensor FP8
+            scale = unit_input_scale([linears[n] for n in unit])
+            scale = None if scale is None else scale * E4M3_MAX * E2M1_MAX / FP8_MAX
+            shared = {}
+            for n in unit:
+                self._hook(n, linears[n], scale, None, fake_quant_fp8, shared)
 
     def _hook(self, name, mod, scale, orig, fq, shared):
         def fwd(m, args, kwargs):
@@ -99,19 +118,59 @@ def _limit_tokens(ids_list, max_tokens: int):
     return out
 
 
-def _unit_extra_bytes(unit, originals) -> float:
-    return sum(originals[n].numel() * originals[n].element_size() - _nvfp4_bytes(originals[n].numel())
-               for n in unit)
+def _unit_extra_bytes(unit, originals, fmt: str = "bf16") -> float:
+    """Bytes a unit adds over NVFP4 when kept in `fmt` (bf16 or fp8)."""
+    kept = (lambda w: w.numel() * w.element_size()) if fmt == "bf16" else (lambda w: _fp8_bytes(w.numel()))
+    return sum(kept(originals[n]) - _nvfp4_bytes(originals[n].numel()) for n in unit)
+
+
+def fp8_weights(unit, originals) -> dict:
+    """The unit's weights as its FP8 export stores them: one per-tensor scale for the fused unit
+    (ModelOpt's export gives q/k/v and gate/up one shared weight scale), amax / 448."""
+    amax = torch.stack([originals[n].detach().float().abs().amax() for n in unit]).amax()
+    scale = (amax / FP8_MAX).clamp_min(1e-12)
+    return {n: (fp8_e4m3(originals[n].float() / scale) * scale).to(originals[n].dtype) for n in unit}
+
+
+def decide(gains: list, budget: float) -> list:
+    """The one decision of the mixed-precision ranking: from measured choices
+    (kl_saved_per_byte, kl_saved, extra_bytes, unit, fmt), the best per byte first, at most one
+    format per unit, while the extra bytes stay within `budget`. Returns [(unit, fmt)]."""
+    kept, used, taken = [], 0.0, set()
+    for per_byte, gain, extra, unit, fmt in sorted(gains, key=lambda g: -g[0]):
+        if gain > 0 and used + extra <= budget and unit[0] not in taken:
+            kept.append((unit, fmt))
+            used += extra
+            taken.add(unit[0])
+    return kept
+
+
+def set_fp8(mods: list, originals: dict, names: list) -> None:
+    """Turn a unit's ModelOpt NVFP4 quantizers into FP8 per-tensor ones (FP8_DEFAULT_CFG's
+    attributes), with the unit's shared weight amax and input amax, so that export writes the
+    unit as FP8 in a MIXED_PRECISION checkpoint."""
+    w_amax = torch.stack([originals[n].detach().float().abs().amax() for n in names]).amax()
+    in_amax = [m.input_quantizer.amax.detach().float().reshape(-1).max() for m in mods
+               if getattr(m, "input_quantizer", None) is not None and m.input_quantizer.amax is not None]
+    for m in mods:
+        for q in (m.weight_quantizer, getattr(m, "input_quantizer", None)):
+            if q is not None:
+                q.set_from_attribute_config({"num_bits": (4, 3), "axis": None, "block_sizes": None})
+        m.weight_quantizer.amax = w_amax.to(m.weight.device)
+        if in_amax:
+            m.input_quantizer.amax = torch.stack(in_amax).max().to(m.weight.device)
 
 
 @torch.no_grad()
 def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budget_frac: float,
-                           candidates: int = 12, max_tokens: int = 1024):
-    """Choose fused units to keep in bf16 within budget_frac of the default checkpoint's
-    weight bytes. One emulated pass ranks units by their Linears' relative output error;
-    the top `candidates` are then each measured directly: the KL (vs the original model,
-    on the calibration windows kept) saved when that unit alone stays bf16. Units are
-    taken by KL saved per extra byte until the budget is spent."""
+                           candidates: int = 12, max_tokens: int = 1024, fp8: bool = False):
+    """Choose fused units to keep in bf16 (or, with fp8, in bf16 or FP8) within budget_frac of
+    the default checkpoint's bytes (extra bytes counted per format, _unit_extra_bytes). One
+    emulated pass ranks units by their Linears' relative output error; the top `candidates`
+    (twice as many with fp8: each costs about half) are then each measured directly: the KL (vs
+    the original model, on the calibration windows kept) saved when that unit alone stays
+    bf16 (FP8). decide() takes them by KL saved per extra byte until the budget is spent.
+    Returns [(unit, fmt)]; FP8 units get FP8 quantizers (set_fp8)."""
     units = fused_units(linears)
     budget = budget_frac * model_bytes_default(model, linears)
     if not ids_list or budget <= 0:
@@ -133,37 +192,39 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
             base = _kl_to(model, ids_list, ref)
         finally:
             emu.remove()
-        fits = [u for u in units if _unit_extra_bytes(u, originals) <= budget]
+        fmts = ("bf16", "fp8") if fp8 else ("bf16",)
+        fits = [u for u in units if min(_unit_extra_bytes(u, originals, f) for f in fmts) <= budget]
         fits.sort(key=lambda u: -max(emu.err.get(n, 0.0) for n in u))
-        shortlist = fits[:candidates]
+        shortlist = fits[:candidates * len(fmts)]
         gains = []
         for unit in shortlist:
-            set_weights(originals, unit)
-            emu = Emulation(linears, [u for u in units if u is not unit])
-            try:
-                kl = _kl_to(model, ids_list, ref)
-            finally:
-                emu.remove()
-                set_weights(quant_w, unit)
-            extra = _unit_extra_bytes(unit, originals)
-            gains.append(((base - kl) / extra, base - kl, extra, unit))
-    gains.sort(key=lambda g: -g[0])
-    kept, used = [], 0.0
-    for per_byte, gain, extra, unit in gains:
-        if gain > 0 and used + extra <= budget:
-            kept.append(unit)
-            used += extra
-    for unit in kept:
-        for n in unit:
-            m = linears[n]
+            for fmt in fmts:
+                set_weights(originals if fmt == "bf16" else fp8_weights(unit, originals), unit)
+                emu = Emulation(linears, [u for u in units if u is not unit],
+                                fp8_units=[unit] if fmt == "fp8" else ())
+                try:
+                    kl = _kl_to(model, ids_list, ref)
+                finally:
+                    emu.remove()
+                    set_weights(quant_w, unit)
+                extra = _unit_extra_bytes(unit, originals, fmt)
+                gains.append(((base - kl) / extra, base - kl, extra, unit, fmt))
+    kept = decide(gains, budget)
+    for unit, fmt in kept:
+        mods = [linears[n] for n in unit]
+        for n, m in zip(unit, mods):
             m.weight.data.copy_(originals[n])
-            m.weight_quantizer.disable()
-            if getattr(m, "input_quantizer", None) is not None:
-                m.input_quantizer.disable()
+            if fmt == "bf16":
+                m.weight_quantizer.disable()
+                if getattr(m, "input_quantizer", None) is not None:
+                    m.input_quantizer.disable()
+        if fmt == "fp8":
+            set_fp8(mods, originals, unit)
+    used = sum(_unit_extra_bytes(u, originals, f) for u, f in kept)
     short = lambda u: u[0].rsplit(".", 1)[0] + ":" + "+".join(x.rsplit(".", 1)[1] for x in u)
     _log(f"refine: mixed precision: emulated KL {base:.4f} on {len(ids_list)} batches; "
-         f"candidates {[(short(g[3]), round(g[1], 4)) for g in gains]}; kept in bf16 "
-         f"{[short(u) for u in kept]} ({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) "
+         f"candidates {[(short(g[3]), g[4], round(g[1], 4)) for g in gains]}; kept "
+         f"{[(short(u), f) for u, f in kept]} ({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) "
          f"in {time.time() - t0:.1f}s")
     return kept
 

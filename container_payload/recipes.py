@@ -176,9 +176,13 @@ class KeepBf16:
     """The fused units whose quantization costs the most KL per byte stay bf16, within `budget`
     (a fraction of the default checkpoint's size), ranked on `batches` calibration batches.
     Before a sequential Gptq it ranks round-to-nearest weights (after a sequential pass every
-    later layer has compensated the earlier ones, so the choice has to come first)."""
+    later layer has compensated the earlier ones, so the choice has to come first).
+    fp8: a unit may be kept FP8 (W8A8 per-tensor, half bf16's extra bytes) instead, whichever
+    saves more KL per byte (bf16_ranking.decide); only before the Gptq (its units then stay
+    out of the GPTQ). The budget counts each format's bytes."""
     budget: float = 0.09
     batches: int = 1
+    fp8: bool = False
     key = "keep_bf16"
     needs = Needs()
     ranges = {"budget": Range(0, 1), "batches": Range(1)}   # a fraction of the size; at least one batch
@@ -351,6 +355,10 @@ def with_params(recipe: str, params: dict) -> tuple:
             raise ValueError(f"{dotted} = {v:g} is outside its range {bounds}")
         for i in idx:
             steps[i] = replace(steps[i], **{param: v})
+    if any(isinstance(s, KeepBf16) and s.fp8 and any(isinstance(p, (Gptq, ScaleSearch)) for p in steps[:i])
+           for i, s in enumerate(steps)):
+        raise ValueError("keep_bf16.fp8 needs keep_bf16 before the weight steps (smooth-gptq-seq-mp's order): "
+                         "after them its units were already rounded to NVFP4")
     if any(isinstance(s, Gptq) and s.sequential and not s.act_aware for s in steps):
         raise ValueError("gptq.sequential needs gptq.act_aware: the sequential pass fits each layer to "
                          "the quantized inputs it will see")

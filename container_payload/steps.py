@@ -167,7 +167,7 @@ def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str
 
     if state.originals is not None:  # after GPTQ / rounding: rank the weights it chose
         kept = keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
-        return _reach(model, state.linears, _kept(kept, state.linears))
+        return _reach(model, state.linears, _kept(kept, state.linears))  # (fp8 refused here: recipes.with_params)
     # Before GPTQ: rank round-to-nearest weights, then give the originals back to the GPTQ that
     # follows (it fits around the units kept in bf16). A sequential one reuses the captured inputs.
     with QuantizersOff(model):
@@ -175,7 +175,7 @@ def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str
     linears = quantized_linears(model)
     originals = {n: m.weight.detach().clone() for n, m in linears.items()}
     round_weights(linears)
-    kept = keep_sensitive_in_bf16(model, linears, originals, captured.kept, step.budget)
+    kept = keep_sensitive_in_bf16(model, linears, originals, captured.kept, step.budget, fp8=step.fp8)
     for n, m in linears.items():
         m.weight.data.copy_(originals[n])
     del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)
@@ -185,8 +185,9 @@ def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str
 
 
 def _kept(kept: list, linears: dict) -> str:
-
-    return f"{len(kept)} of {len(fused_units(linears))} fused units kept in bf16"
+    n = {f: sum(1 for _, g in kept if g == f) for f in ("bf16", "fp8")}
+    fp8 = f", {n['fp8']} in FP8" if n["fp8"] else ""
+    return f"{n['bf16']} of {len(fused_units(linears))} fused units kept in bf16{fp8}"
 
 
 # step key -> its runner(state, step, forward_loop, later steps, recipe) -> the line it applied
