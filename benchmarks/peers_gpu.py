@@ -83,11 +83,11 @@ ROWS = [
     Row("smooth-gptq-seq-h", "ours", "payload", "smooth-gptq-seq:gptq.scales=hessian",
         what="smooth-gptq-seq, block scales chosen by their GPTQ cost under the layer's Hessian (gptq.scales=hessian)"),
     Row("smooth-gptq-seq-mp", "ours", "payload", "smooth-gptq-seq-mp", pure=False,
-        what="the registry's smooth-gptq-seq-mp: bf16 / FP8 units within 6% of the size, then smooth-gptq-seq"),
+        what="the registry's smooth-gptq-seq-mp: bf16 units within 6% of the size, then smooth-gptq-seq"),
+    Row("mp-fp8-0.06", "ours", "payload", "smooth-gptq-seq-mp:keep_bf16.budget=0.06;keep_bf16.fp8=true", pure=False,
+        what="bf16 / FP8 units within 6% of the default's bytes (keep_bf16.fp8)"),
     Row("mp-bf16-0.09", "ours", "payload", "smooth-gptq-seq-mp:keep_bf16.budget=0.09;keep_bf16.fp8=false", pure=False,
         what="last session's make quantize recipe: bf16 units only, budget 0.09 of the default's bytes"),
-    Row("mp-bf16-0.06", "ours", "payload", "smooth-gptq-seq-mp:keep_bf16.budget=0.06;keep_bf16.fp8=false", pure=False,
-        what="bf16 units only, within 6% of the default's bytes"),
     Row("mp-fp8-0.06-h", "ours", "payload",
         "smooth-gptq-seq-mp:keep_bf16.budget=0.06;keep_bf16.fp8=true;gptq.scales=hessian", pure=False,
         what="bf16 / FP8 units within 6%, Hessian-scored block scales"),
@@ -98,9 +98,9 @@ ROWS = [
 MAKE_RECIPE = "smooth-gptq-seq-mp"
 
 # The pool's order: the rows the verdict rests on first, so a call cut short still answers it.
-RUN_FIRST = ("llmc-awq-gptq-mse", "llmc-awq-gptq-imatrix-x", "llmc-awq-gptq", "smooth-gptq-seq-mp", "mp-fp8-0.06-h",
+RUN_FIRST = ("llmc-awq-gptq-mse", "llmc-awq-gptq-imatrix-x", "llmc-awq-gptq", "smooth-gptq-seq-mp", "mp-fp8-0.06", "mp-fp8-0.06-h",
              "smooth-gptq-seq", "smooth-gptq-seq-h", "local-hessian", "autoquantize", "gptq", "local-hessian+gptq",
-             "awq-full", "awq-lite", "llmc-gptq-imatrix-x", "llmc-gptq-mse", "mp-bf16-0.06", "mp-bf16-0.09")
+             "awq-full", "awq-lite", "llmc-gptq-imatrix-x", "llmc-gptq-mse", "mp-bf16-0.09")
 
 
 def log_tail(path: Path, n: int = 1500) -> str:

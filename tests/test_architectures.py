@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 LAYERS = 2
 # budget: the tiny models' Linears are small next to their 49152 x 64 embedding, so the default 6%
-# would keep every unit and leave GPTQ nothing; 0.3% keeps one or two. bf16 units only, so the
+# would keep every unit and leave GPTQ nothing; 0.3% keeps one or two. bf16 units only (as the
+# recipe is now), so the
 # counts below are bf16 / NVFP4 (FP8 units: tests/test_algorithms.py case_seq_mp_fp8_export)
 RUN = ("--recipe", "smooth-gptq-seq-mp", "--recipe-param", "keep_bf16.budget=0.003",
        "--recipe-param", "keep_bf16.fp8=false", "--mode", "whole",
