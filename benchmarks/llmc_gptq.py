@@ -10,7 +10,9 @@ the oneshot call alone (the quantize stage); the load is timed apart.
 
 --recipe picks the modifiers (issue 21's peers, llm-compressor 0.14): gptq (the above, the default),
 gptq-mse (GPTQ with the MSE weight observer), awq-gptq (AWQModifier, then GPTQ, as its AWQ
-examples pair a transform with a quantizing modifier) and awq-gptq-mse.
+examples pair a transform with a quantizing modifier) and awq-gptq-mse; gptq-imatrix and
+gptq-imatrix-x (GPTQ with the iMatrix observers `imatrix_mse` and `nvfp4_expanded_imatrix`: block
+scales weighted by the inputs' E[x^2]) and awq-gptq-imatrix-x.
 """
 import json
 import sys
@@ -24,7 +26,7 @@ sys.path.insert(0, str(REPO))
 def modifiers(name: str) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier
 
-    observer = {"weight_observer": "mse"} if name.endswith("-mse") else {}
+    observer = {"weight_observer": OBSERVERS[name.rsplit("-", 1)[-1]]} if name.rsplit("-", 1)[-1] in OBSERVERS else {}
     gptq = GPTQModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"], **observer)
     if name.startswith("awq-"):
         from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -33,7 +35,8 @@ def modifiers(name: str) -> list:
     return [gptq]
 
 
-RECIPES = ("gptq", "gptq-mse", "awq-gptq", "awq-gptq-mse")
+OBSERVERS = {"mse": "mse", "imatrix": "imatrix_mse", "x": "nvfp4_expanded_imatrix"}  # recipe suffix -> observer
+RECIPES = ("gptq", "gptq-mse", "awq-gptq", "awq-gptq-mse", "gptq-imatrix", "gptq-imatrix-x", "awq-gptq-imatrix-x")
 
 
 def main(argv) -> int:

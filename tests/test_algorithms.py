@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference", "fast_gptq_vs_reference", "cpu_float32_linears",
+CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference", "fast_gptq_vs_reference", "hessian_block_scales", "cpu_float32_linears",
          "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
-         "smoothing", "smoothing_families", "sequential_vs_direct_reference", "seq_mp_recipe_export", "recipe_names_agree"]
+         "smoothing", "smoothing_families", "sequential_vs_direct_reference", "seq_mp_recipe_export", "seq_mp_fp8_export", "recipe_names_agree"]
 
 
 # ---------------------------------------------------------------- host side (pytest)
@@ -58,6 +58,10 @@ def test_fast_gptq_matches_the_column_by_column_reference():
     _run_case("fast_gptq_vs_reference")
 
 
+def test_hessian_block_scales_lower_gptq_objective():
+    _run_case("hessian_block_scales")
+
+
 def test_cpu_float32_linears_match_bf16_and_undo_in_order():
     _run_case("cpu_float32_linears")
 
@@ -92,6 +96,10 @@ def test_sequential_gptq_matches_a_direct_rerun_and_beats_one_pass():
 
 def test_seq_mp_recipe_exports_the_standard_format():
     _run_case("seq_mp_recipe_export")
+
+
+def test_fp8_units_export_mixed_precision_and_emulate():
+    _run_case("seq_mp_fp8_export")
 
 
 def test_launcher_and_payload_know_the_same_recipes():
@@ -797,6 +805,71 @@ def case_seq_mp_recipe_export():
                     assert len({float(t[n + "." + key]) for n in names}) == 1, (p, group, key)
 
 
+def case_seq_mp_fp8_export():
+    """keep_bf16.fp8: within a budget too small for any gate/up unit in bf16, the ranking keeps
+    units FP8; ModelOpt exports a MIXED_PRECISION checkpoint whose FP8 layers hold exactly the
+    weights the ranking emulated (bf16_ranking.fp8_weights: one scale per fused unit), the
+    sequential GPTQ leaves them alone, and the payload's emulation loads the checkpoint. The
+    budget holds in bytes; and fp8 after a weight step is refused."""
+    import copy
+    import tempfile
+    import torch
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from container_payload import bf16_ranking as rk, quantizers as qz
+    from container_payload.core import recipes
+    from container_payload.steps import recipe_build, steps
+    from container_payload.emulated_model import load_emulated
+
+    try:
+        recipes.with_params("gptq-mp", {"keep_bf16.fp8": True})
+        raise AssertionError("keep_bf16.fp8 after gptq accepted")
+    except ValueError as e:
+        assert "keep_bf16.fp8" in str(e)
+    model, fl, _ = _tiny_llama(None)
+    orig = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gate_up_fp8 = 2 * (rk._fp8_bytes(128 * 64) - rk._nvfp4_bytes(128 * 64))
+    probe = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
+    default = rk.model_bytes_default(probe, qz.quantized_linears(probe))
+    frac = 2.5 * gate_up_fp8 / default
+    built = recipe_build.build("nvfp4", "smooth-gptq-seq-mp", "none", "cpu",
+                               {"keep_bf16.budget": frac, "keep_bf16.fp8": True})
+    built.steps = built.steps[1:]
+    applied = []
+    model = steps.run(model, built, fl, applied)
+    assert "in FP8" in applied[1], applied
+    linears = qz.quantized_linears(model)
+    fp8 = [n for n, m in model.named_modules() if hasattr(m, "weight_quantizer")
+           and qz.is_fp8_per_tensor(m.weight_quantizer) and m.weight_quantizer.is_enabled]
+    assert fp8 and not set(fp8) & set(linears), fp8
+    with tempfile.TemporaryDirectory() as out:
+        with torch.inference_mode():
+            export_hf_checkpoint(model, export_dir=out)
+        t, qc = _read(out)
+        q = qc["quantization"]
+        assert q["quant_algo"] == "MIXED_PRECISION", q
+        layers = q["quantized_layers"]
+        extra = 0.0
+        for n in fp8:
+            assert layers[n]["quant_algo"] == "FP8", (n, layers.get(n))
+            assert t[n + ".weight"].dtype == torch.float8_e4m3fn, n
+        for unit in qz.fused_units(fp8):
+            want = rk.fp8_weights(unit, {n: orig[n + ".weight"] for n in unit})
+            for n in unit:  # what export stores is what the ranking measured
+                got = t[n + ".weight"].float() * t[n + ".weight_scale"].float()
+                # (fp8_weights is in the model's bf16; export divides in bf16, so a value at a
+                # rounding tie may land one FP8 step away)
+                w = want[n].float()
+                assert bool(((got - w).abs() <= w.abs() / 8 + 1e-12).all()), n
+                assert (got.to(want[n].dtype).float() == w).float().mean().item() > 0.9, n
+            extra += rk.unit_extra_bytes(unit, {n: orig[n + ".weight"] for n in unit}, "fp8")
+        assert extra <= frac * default
+        for n in linears:
+            assert layers[n]["quant_algo"] == "NVFP4" and t[n + ".weight"].dtype == torch.uint8, n
+        emulated, info = load_emulated(out)
+        assert info["algo"] == "MIXED_PRECISION" and "fp8" in info["activations"], info
+
+
 def case_recipe_names_agree():
     # The registry (recipes.py, what the launcher lists) and the implementations agree: every
     # recipe of ours has its steps, and every ModelOpt preset named exists in this ModelOpt.
@@ -812,6 +885,60 @@ def case_recipe_names_agree():
             assert x.key in steps.RUNNERS, (r.name, x)
     for preset in recipes.FORMAT_PRESETS.values():
         assert hasattr(mtq, preset), preset
+
+
+def case_hessian_block_scales():
+    """gptq.scales=hessian: each block's scale scored by the block's own GPTQ pass. Per block it
+    never adds more to GPTQ's objective than max scaling (candidate 0), and over whole layers
+    it ends below the plain search's output error ||X (W - Q)^T||^2 on these problems; its
+    outputs stay on the grid of their own scales. The Triton kernel gives the same decisions
+    where Triton runs (TRITON_INTERPRET=1)."""
+    import torch
+    from container_payload.numerics import nvfp4 as nf
+    from container_payload.steps import fast_gptq as fg
+
+    wins = 0
+    for seed in range(6):
+        _, w, h, ws2 = _problem(seed=seed, out=64, n=256, tokens=1024)
+        w32, h32 = w.float(), h.float()
+        err = lambda q: float(((w - q.double()) @ h * (w - q.double())).sum())
+        qs, _ = fg.gptq_nvfp4_fast(w32.clone(), h32.clone(), ws2, use_triton=False)
+        qh, sh = fg.gptq_nvfp4_fast(w32.clone(), h32.clone(), ws2, use_triton=False, hessian_scales=True)
+        regrid = nf.quantize_blocks(qh.reshape(-1, 16), sh.reshape(-1, 1), ws2).reshape(qh.shape)
+        assert torch.equal(regrid, qh)
+        wins += err(qh) < err(qs)
+        if fg.triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
+            qt, st = fg.gptq_nvfp4_fast(w32.clone(), h32.clone(), ws2, use_triton=True, hessian_scales=True)
+            assert (st == sh).float().mean().item() > 0.99
+    assert wins >= 5, wins
+    # one block: the chosen scale's in-block GPTQ cost is the minimum over the candidates, and
+    # never above max scaling's
+    _, w, h, ws2 = _problem(seed=9, out=200, n=16, tokens=512)
+    u, _ = fg.hessian_inverse_factor(h.float(), w.float())
+    wg = w.float()
+    s = fg.hessian_block_scales(wg.clone(), u, ws2, 8, 1)
+
+    def cost(scale):
+        _, e, _ = _fixed_scale_block(wg.clone(), u, ws2, scale)
+        return (e * e).sum(-1)
+    c_best, c_max = cost(s), cost(nf.max_block_scales(wg, ws2))
+    assert bool((c_best <= c_max).all()) and bool((c_best < c_max).any())
+
+
+def _fixed_scale_block(wg, ug, ws2, s):
+    """The 16-column GPTQ step with given scales (fast_gptq.group_step_torch's loop)."""
+    import torch
+    from container_payload.steps import fast_gptq as fg
+
+    d = torch.diagonal(ug)
+    step = s * ws2
+    q, e = torch.empty_like(wg), torch.empty_like(wg)
+    for j in range(16):
+        col = wg[:, j]
+        qc = fg.e2m1_round_fast(col / step) * step
+        q[:, j], e[:, j] = qc, (col - qc) / d[j]
+        wg[:, j + 1:] -= e[:, j:j + 1] * ug[j, j + 1:]
+    return q, e, s
 
 
 if __name__ == "__main__":

@@ -214,3 +214,28 @@ def test_float64_helpers_self_check():
     pos = vals[vals > 0]
     assert pos.max() == 448 and pos.min() == 2.0 ** -9
     assert np.array_equal(round_e4m3(pos), pos)  # every E4M3 value is a fixed point
+
+
+def test_awq_pre_quant_scale_by_hand():
+    # ModelOpt's NVFP4_AWQ export (model_calib.apply_pre_quant_scale_and_smooth): the weight is
+    # stored divided by the AWQ scale, `pre_quant_scale` multiplies the input before the input
+    # quantizer. Its NVFP4 fake quant needs CUDA, so the check here is by hand: the emulated
+    # layer on x must equal the plain W4A4 layer on x * s, and differ from it on x.
+    snippet = """
+import json, torch
+from container_payload.emulate import EmulatedLinear, detect_format, fake_quant_nvfp4
+g = torch.Generator().manual_seed(0)
+w, x = torch.randn(8, 32, generator=g), torch.randn(3, 32, generator=g)
+s = torch.rand(32, generator=g) * 3 + 0.25
+scale = torch.tensor(0.01)
+awq = EmulatedLinear(w, None, "nvfp4", "nvfp4", scale, pre_quant_scale=s.to(torch.bfloat16))
+plain = EmulatedLinear(w, None, "nvfp4", "nvfp4", scale)
+hand = fake_quant_nvfp4(x * s.to(torch.bfloat16).float(), scale) @ w.T
+fmt = detect_format({"quant_method": "modelopt", "quant_algo": "NVFP4_AWQ"})
+print(json.dumps({"hand": (awq(x) - hand).abs().max().item(), "shifted": (awq(x) - plain(x * s.to(torch.bfloat16).float())).abs().max().item(),
+    "unscaled": (awq(x) - plain(x)).abs().max().item(), "act": fmt.act_quant, "algo": fmt.algo}))
+"""
+    got = json.loads(run_ref(["-c", snippet]).stdout.strip().splitlines()[-1])
+    assert got["hand"] == 0 and got["shifted"] == 0
+    assert got["unscaled"] > 1e-3
+    assert got["act"] is True and got["algo"] == "NVFP4_AWQ"

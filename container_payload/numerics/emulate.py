@@ -108,7 +108,8 @@ class EmulatedLinear(nn.Module):
     "fp8-dynamic" (per token)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
-                 act: str | None, input_scale: torch.Tensor | None):
+                 act: str | None, input_scale: torch.Tensor | None,
+                 pre_quant_scale: torch.Tensor | None = None):
         super().__init__()
         self.kind, self.act = kind, act
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -116,8 +117,16 @@ class EmulatedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         scale = torch.tensor(1.0) if input_scale is None else input_scale.float().reshape(())
         self.register_buffer("input_scale", scale)
+        # NVFP4_AWQ: ModelOpt exports AWQ's per-channel activation scale as `pre_quant_scale`
+        # wherever it could not fold it into the norm or the Linear before; the engines multiply
+        # the input by it before the input quantizer (ModelOpt's TensorQuantizer does the same).
+        self.pre_quant_scale = None if pre_quant_scale is None else \
+            nn.Parameter(pre_quant_scale.float().reshape(-1), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.pre_quant_scale is not None:
+            x = x.float() * self.pre_quant_scale
         if self.act == "nvfp4":
             xq = fake_quant_nvfp4(x, self.input_scale)
         elif self.act == "fp8":
@@ -126,10 +135,11 @@ class EmulatedLinear(nn.Module):
             xq = fake_quant_fp8_per_token(x)
         else:
             xq = x.float()
-        return nn.functional.linear(xq, self.weight, self.bias).to(x.dtype)
+        return nn.functional.linear(xq, self.weight, self.bias).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, kind={self.kind}, act={self.act}"
+        pqs = ", pre_quant_scale" if self.pre_quant_scale is not None else ""
+        return f"{self.in_features}, {self.out_features}, kind={self.kind}, act={self.act}{pqs}"
 
 
 # ---------------------------------------------------------------- checkpoint formats
@@ -150,7 +160,7 @@ class Format:
         name = module
         while name and name not in self.layers:
             name = name.rpartition(".")[0]
-        return self.layers.get(name) in ("NVFP4", "FP8")
+        return self.layers.get(name) in ("NVFP4", "NVFP4_AWQ", "FP8")
 
 
 def quantization_config(model_dir: Path) -> dict | None:
@@ -176,10 +186,10 @@ def detect_format(qc: dict) -> Format:
         fmt = mixed_format(qc)
     elif method == "modelopt":
         algo = str(qc.get("quant_algo") or "")
-        if algo not in ("NVFP4", "W4A16_NVFP4", "FP8"):
+        if algo not in ("NVFP4", "NVFP4_AWQ", "W4A16_NVFP4", "FP8"):
             raise PayloadError(f"ModelOpt quant_algo {algo!r} is not emulated "
-                               "(NVFP4, W4A16_NVFP4 and FP8 are)", kind="input")
-        act = algo in ("NVFP4", "FP8")
+                               "(NVFP4, NVFP4_AWQ, W4A16_NVFP4 and FP8 are)", kind="input")
+        act = algo in ("NVFP4", "NVFP4_AWQ", "FP8")
         if groups:  # the config groups say it exactly when present
             act = any(g.get("input_activations") for g in groups)
         fmt = Format("modelopt", algo, act)
@@ -247,7 +257,7 @@ def activation(fmt: Format, prefix: str, kind: str, input_scale) -> str | None:
 
 
 # the formats a MIXED_PRECISION checkpoint's layers may have
-ALGOS = ("NVFP4", "W4A16_NVFP4", "FP8")
+ALGOS = ("NVFP4", "NVFP4_AWQ", "W4A16_NVFP4", "FP8")
 
 
 def mixed_format(qc: dict):

@@ -59,8 +59,10 @@ def load_emulated(model_dir, device: str = "cpu", dtype: torch.dtype = torch.flo
             raise PayloadError(f"{prefix}: dequantized weight {tuple(w.shape)} does not match the "
                                f"model's {(old.out_features, old.in_features)}", kind="input")
         bias = tensors.pop(prefix + ".bias", None)
+        pre_quant_scale = tensors.pop(prefix + ".pre_quant_scale", None)  # NVFP4_AWQ (emulate.EmulatedLinear)
         act = activation(fmt, prefix, kind, input_scale)
-        modules[prefix] = _set_module(model, prefix, EmulatedLinear(w, bias, kind, act, input_scale))
+        modules[prefix] = _set_module(model, prefix, EmulatedLinear(w, bias, kind, act, input_scale,
+                                                                     pre_quant_scale))
 
     # Everything else (embeddings, norms, lm_head, unquantized Linears) as stored.
     rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}

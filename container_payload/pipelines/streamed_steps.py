@@ -32,7 +32,7 @@ from ..numerics.linear_compute import float32_linears
 from ..steps.bf16_ranking import (
     Emulation,
     decide,
-    keep_in_bf16,
+    keep_units,
     kl_to,
     limit_tokens,
     model_bytes_default,
@@ -167,7 +167,7 @@ class _Gptq(Runner):
     def begin(self, run, final):
         self.fp, self.qs, self.chunk_calls = start_streams(copy_stream(run.inputs), run.layer_calls)
         step = self.step
-        self.fit = Fit(ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32, replay=False,
+        self.fit = Fit(ridge=step.ridge, kernel=step.kernel, scales=step.scales, hessian_tf32=step.hessian_tf32, replay=False,
                        device=run.device, keep=run.keep)
         self.timer, self.reached = _Timer(), 0
 
@@ -256,7 +256,7 @@ class _KeepBf16(Runner):
         linears = quantized_linears(at.root)
         units = fused_units(linears)
         if final:
-            keep_in_bf16(linears, [u for u in units if u[0] in self.kept])
+            keep_units(linears, [(u, "bf16") for u in units if u[0] in self.kept])
             return
         if not self.rank:
             return
@@ -303,10 +303,10 @@ class _KeepBf16(Runner):
         with QuantizersOff(run.model), float32_linears(run.model):
             ref = [torch.log_softmax(logits.float(), dim=-1) for logits in self._logits(run, self.ref)]
             base = kl_to(ref, self._logits(run, self.base))
-            measured = [(u, kl_to(ref, self._logits(run, self.streams[u[0]])))
+            measured = [(u, "bf16", kl_to(ref, self._logits(run, self.streams[u[0]])), self.extra[u[0]])
                         for u in shortlist(self.seen, self.err, self.extra, self.budget)]
-        kept = decide(base, measured, self.extra, self.budget, len(self.ids), self.t0)
-        self.kept, self.count = {u[0] for u in kept}, len(kept)
+        kept = decide(base, measured, self.budget, len(self.ids), self.t0)
+        self.kept, self.count = {u[0] for u, _ in kept}, len(kept)
         self.ref = self.base = self.streams = self.first = self.calls = None  # the ranking's streams go
 
     def _logits(self, run, finals: list):

@@ -21,19 +21,22 @@ from .hessians import collect_hessians
 from .quantizers import fused_units, quantized_linears, set_static_weight_quantizer
 
 
-def _gptq(w, h, ws2, block_size, damp, search, kernel: str = "auto"):
+def _gptq(w, h, ws2, block_size, damp, search, kernel: str = "auto", scales: str = "search"):
     """GPTQ on the NVFP4 grid: the batched implementation (fast_gptq; kernel auto, triton or
     torch), or this module's column-by-column reference (kernel "reference": same results, the
-    tests compare them)."""
-    if kernel == "reference":
+    tests compare them). scales "hessian": fast_gptq.hessian_block_scales (the reference has
+    only the plain search; its torch twin runs then)."""
+    hessian = scales == "hessian" and search
+    if kernel == "reference" and not hessian:
         return gptq_nvfp4(w, h, ws2, block_size, damp, search)
-    return gptq_nvfp4_fast(w, h, ws2, block_size, damp, search,
-                           use_triton={"auto": None, "triton": True, "torch": False}[kernel])
+    return gptq_nvfp4_fast(w, h, ws2, block_size, damp, search, hessian_scales=hessian,
+                           use_triton={"auto": None, "triton": True, "torch": False, "reference": False}[kernel])
 
 
 def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
                   gptq: bool = True, search: bool = True, damp: float = 0.01,
-                  block_size: int = 128, ridge: float | None = None, kernel: str = "auto") -> None:
+                  block_size: int = 128, ridge: float | None = None, kernel: str = "auto",
+                  scales: str = "search") -> None:
     """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
     the unit, GPTQ (or rounding) with searched or max block scales; stores the original
     weights in `originals` and consumes the unit's entries of hs / cs.
@@ -68,7 +71,7 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
     for names, wf in targets.items():
         h = hs.get(names[0])
         if gptq and h is not None:
-            q, s = _gptq(wf, h.to(wf.device), ws2.to(wf.device), block_size, damp, search, kernel)
+            q, s = _gptq(wf, h.to(wf.device), ws2.to(wf.device), block_size, damp, search, kernel, scales)
         else:
             q, s = round_to_grid(wf, ws2, search)
         r0 = 0
@@ -87,7 +90,7 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
 def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True,
                      quantized_input: bool = False, keep_batches: int = 0, damp: float = 0.01,
                      block_size: int = 128, act_aware: bool = False, ridge: float | None = None,
-                     kernel: str = "auto"):
+                     kernel: str = "auto", scales: str = "search"):
     """GPTQ (or plain rounding) with searched or max block scales, for every quantized
     Linear; writes on-grid weights and static scales into ModelOpt's quantizers.
     Returns (linears, originals, kept_ids)."""
@@ -101,7 +104,7 @@ def quantize_weights(model, forward_loop, gptq: bool = True, search: bool = True
     t0 = time.time()
     for unit in fused_units(linears):
         quantize_unit(unit, linears, hs, cs, originals, gptq=gptq, search=search, damp=damp,
-                      block_size=block_size, ridge=ridge, kernel=kernel)
+                      block_size=block_size, ridge=ridge, kernel=kernel, scales=scales)
     _log(f"refine: {'GPTQ' if gptq else 'rounding'}{' (activation-aware)' if act_aware else ''} "
          f"({'searched' if search else 'max'} scales) "
          f"on {len(linears)} Linears in {time.time() - t0:.1f}s")

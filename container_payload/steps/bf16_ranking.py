@@ -5,6 +5,11 @@ bf16 has its quantizers disabled, so export stores it in the original dtype and 
 `exclude_modules` / `ignore` (the standard way). Whole fused groups only, so the engines can
 still fuse q/k/v and gate/up. Before a sequential GPTQ the units are ranked on round-to-nearest
 weights (round_weights).
+
+With fp8=True a unit may instead go FP8 (W8A8, per-tensor scales, ModelOpt's FP8_DEFAULT_CFG
+format; export writes MIXED_PRECISION as for the MoE layouts): half bf16's bytes, so the same
+budget covers about twice the units. Each shortlisted unit is measured both ways and every
+(unit, format) choice ranked by KL saved per extra byte (decide()).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 
 from ..core import memory_plan
 from ..core.events import log as _log
-from ..numerics.emulate import fake_quant_nvfp4
+from ..numerics.emulate import fake_quant_fp8, fake_quant_nvfp4, fp8_e4m3
 from ..numerics.linear_compute import float32_linears, linear, patch_forward
 from ..numerics.nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
 from .quantizers import QuantizersOff, fused_units, modules_out_of_reach, unit_input_scale
@@ -24,7 +29,14 @@ MAX_TOKENS = memory_plan.RANKING_TOKENS    # calibration tokens the ranking runs
 
 
 def _nvfp4_bytes(numel: int) -> float:
-    return numel * 0.5 + numel / BLOCK + 8
+    return numel * 0.5 + numel / BLOCK + 8   # codes, FP8 block scales, weight_scale_2 + input_scale
+
+
+def _fp8_bytes(numel: int) -> float:
+    return numel + 8                          # FP8 weight, weight_scale + input_scale (float32)
+
+
+FP8_MAX = 448.0
 
 
 def model_bytes_default(model, linears: dict) -> float:
@@ -45,7 +57,8 @@ class Emulation:
     inputs are fake-quantized per docs/nvfp4-format.md §3 with the unit's shared input scale.
     Optionally records each Linear's relative output error vs its original weights."""
 
-    def __init__(self, linears: dict, units: list[list[str]], originals: dict | None = None):
+    def __init__(self, linears: dict, units: list[list[str]], originals: dict | None = None,
+                 fp8_units: list[list[str]] = ()):
         self.handles, self.err = {}, {}
         for unit in units:
             scale = unit_input_scale([linears[n] for n in unit])
@@ -53,6 +66,12 @@ class Emulation:
             for n in unit:
                 self._hook(n, linears[n], scale, None if originals is None else originals[n],
                            fake_quant_nvfp4, shared)
+        for unit in fp8_units:  # weights already FP8-rounded (fp8_weights); inputs per-tensor FP8
+            scale = unit_input_scale([linears[n] for n in unit])
+            scale = None if scale is None else scale * E4M3_MAX * E2M1_MAX / FP8_MAX
+            shared = {}
+            for n in unit:
+                self._hook(n, linears[n], scale, None, fake_quant_fp8, shared)
 
     def _hook(self, name, mod, scale, orig, fq, shared):
         def fwd(m, args, kwargs):
@@ -109,63 +128,94 @@ def limit_tokens(ids_list, max_tokens: int = MAX_TOKENS):
     return out
 
 
-def unit_extra_bytes(unit, weights: dict) -> float:
-    """What keeping `unit` in bf16 adds to the checkpoint (weights: its Linears' weights, by name)."""
-    return sum(weights[n].numel() * weights[n].element_size() - _nvfp4_bytes(weights[n].numel()) for n in unit)
+def unit_extra_bytes(unit, weights: dict, fmt: str = "bf16") -> float:
+    """What keeping `unit` in `fmt` (bf16 or fp8) adds over NVFP4 (weights: its Linears' weights, by name)."""
+    kept = (lambda w: w.numel() * w.element_size()) if fmt == "bf16" else (lambda w: _fp8_bytes(w.numel()))
+    return sum(kept(weights[n]) - _nvfp4_bytes(weights[n].numel()) for n in unit)
+
+
+def fp8_weights(unit, originals) -> dict:
+    """The unit's weights as its FP8 export stores them: one per-tensor scale for the fused unit
+    (ModelOpt's export gives q/k/v and gate/up one shared weight scale), amax / 448."""
+    amax = torch.stack([originals[n].detach().float().abs().amax() for n in unit]).amax()
+    scale = (amax / FP8_MAX).clamp_min(1e-12)
+    return {n: (fp8_e4m3(originals[n].float() / scale) * scale).to(originals[n].dtype) for n in unit}
 
 
 # The ranking's decision, shared by both pipelines (steps.py on the whole model, streamed_steps.py
-# layer by layer): scores per unit -> the shortlist measured directly -> the units kept.
+# layer by layer): scores per unit -> the shortlist measured directly -> the (unit, format) kept.
 
 def shortlist(units: list, err: dict, extra: dict, budget: float, candidates: int = CANDIDATES) -> list:
     """The units measured one by one: those that fit the budget alone, by their Linears' largest
     emulated output error (`err`, by Linear; ties in model order), the first `candidates`.
-    `extra`: unit_extra_bytes by the unit's first Linear."""
+    `extra`: a unit's cheapest extra bytes (unit_extra_bytes), by the unit's first Linear."""
     fits = [u for u in units if extra[u[0]] <= budget]
     fits.sort(key=lambda u: -max(err.get(n, 0.0) for n in u))
     return fits[:candidates]
 
 
-def decide(base: float, measured: list, extra: dict, budget: float, batches: int, t0: float) -> list:
-    """The units kept in bf16: `measured` holds (unit, its KL when it alone stays bf16) in
-    shortlist order; they are taken by KL saved per extra byte while the budget lasts (`base`:
-    the KL with every unit quantized)."""
-    gains = [((base - kl) / extra[u[0]], base - kl, extra[u[0]], u) for u, kl in measured]
-    gains.sort(key=lambda g: -g[0])
-    kept, used = [], 0.0
-    for per_byte, gain, more, unit in gains:
-        if gain > 0 and used + more <= budget:
-            kept.append(unit)
+def decide(base: float, measured: list, budget: float, batches: int, t0: float) -> list:
+    """The units kept in higher precision: `measured` holds (unit, fmt, its KL when it alone is
+    kept in fmt, the extra bytes that costs); the best KL saved per byte first, at most one format
+    per unit, while the budget lasts (`base`: the KL with every unit quantized). Returns [(unit, fmt)]."""
+    gains = sorted((((base - kl) / more, base - kl, more, unit, fmt) for unit, fmt, kl, more in measured),
+                   key=lambda g: -g[0])
+    kept, used, taken = [], 0.0, set()
+    for per_byte, gain, more, unit, fmt in gains:
+        if gain > 0 and used + more <= budget and unit[0] not in taken:
+            kept.append((unit, fmt))
             used += more
+            taken.add(unit[0])
     short = lambda u: u[0].rsplit(".", 1)[0] + ":" + "+".join(x.rsplit(".", 1)[1] for x in u)  # noqa: E731
     _log(f"refine: mixed precision: emulated KL {base:.4f} on {batches} batches; "
-         f"candidates {[(short(g[3]), round(g[1], 4)) for g in gains]}; kept in bf16 "
-         f"{[short(u) for u in kept]} ({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) "
+         f"candidates {[(short(g[3]), g[4], round(g[1], 4)) for g in gains]}; kept "
+         f"{[(short(u), f) for u, f in kept]} ({used / 1e6:.2f} MB of {budget / 1e6:.2f} MB budget) "
          f"in {time.time() - t0:.1f}s")
     return kept
 
 
-def keep_in_bf16(linears: dict, units: list, originals: dict | None = None) -> None:
-    """The units' quantizers off (export stores them in bf16 and lists them as excluded), their
-    original weights back when `originals` has them."""
-    for unit in units:
-        for n in unit:
-            m = linears[n]
+def set_fp8(mods: list, originals: dict, names: list) -> None:
+    """Turn a unit's ModelOpt NVFP4 quantizers into FP8 per-tensor ones (FP8_DEFAULT_CFG's
+    attributes), with the unit's shared weight amax and input amax, so that export writes the
+    unit as FP8 in a MIXED_PRECISION checkpoint."""
+    w_amax = torch.stack([originals[n].detach().float().abs().amax() for n in names]).amax()
+    in_amax = [m.input_quantizer.amax.detach().float().reshape(-1).max() for m in mods
+               if getattr(m, "input_quantizer", None) is not None and m.input_quantizer.amax is not None]
+    for m in mods:
+        for q in (m.weight_quantizer, getattr(m, "input_quantizer", None)):
+            if q is not None:
+                q.set_from_attribute_config({"num_bits": (4, 3), "axis": None, "block_sizes": None})
+        m.weight_quantizer.amax = w_amax.to(m.weight.device)
+        if in_amax:
+            m.input_quantizer.amax = torch.stack(in_amax).max().to(m.weight.device)
+
+
+def keep_units(linears: dict, kept: list, originals: dict | None = None) -> None:
+    """The kept (unit, fmt): original weights back when `originals` has them; bf16: quantizers off
+    (export stores the unit in bf16 and lists it as excluded); fp8: FP8 per-tensor quantizers (set_fp8)."""
+    for unit, fmt in kept:
+        mods = [linears[n] for n in unit]
+        for n, m in zip(unit, mods):
             if originals is not None:
                 m.weight.data.copy_(originals[n])
-            m.weight_quantizer.disable()
-            if getattr(m, "input_quantizer", None) is not None:
-                m.input_quantizer.disable()
+            if fmt == "bf16":
+                m.weight_quantizer.disable()
+                if getattr(m, "input_quantizer", None) is not None:
+                    m.input_quantizer.disable()
+        if fmt == "fp8":
+            set_fp8(mods, originals if originals is not None else {n: linears[n].weight for n in unit}, unit)
 
 
 @torch.no_grad()
 def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budget_frac: float,
-                           candidates: int = CANDIDATES, max_tokens: int = MAX_TOKENS):
-    """Choose fused units to keep in bf16 within budget_frac of the default checkpoint's
-    weight bytes. One emulated pass ranks units by their Linears' relative output error;
-    the top `candidates` are then each measured directly: the KL (vs the original model,
-    on the calibration windows kept) saved when that unit alone stays bf16. Units are
-    taken by KL saved per extra byte until the budget is spent."""
+                           candidates: int = CANDIDATES, max_tokens: int = MAX_TOKENS, fp8: bool = False):
+    """Choose fused units to keep in bf16 (or, with fp8, in bf16 or FP8) within budget_frac of
+    the default checkpoint's bytes (extra bytes counted per format, unit_extra_bytes). One
+    emulated pass ranks units by their Linears' relative output error; the top `candidates`
+    (twice as many with fp8: each costs about half) are then each measured directly: the KL (vs
+    the original model, on the calibration windows kept) saved when that unit alone stays
+    bf16 (FP8). decide() takes them by KL saved per extra byte until the budget is spent.
+    Returns [(unit, fmt)]; FP8 units get FP8 quantizers (set_fp8)."""
     units = fused_units(linears)
     budget = budget_frac * model_bytes_default(model, linears)
     if not ids_list or budget <= 0:
@@ -173,7 +223,9 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
     t0 = time.time()
     ids_list = limit_tokens(ids_list, max_tokens)
     quant_w = {n: linears[n].weight.detach().clone() for n in linears}
-    extra = {u[0]: unit_extra_bytes(u, originals) for u in units}
+    fmts = ("bf16", "fp8") if fp8 else ("bf16",)
+    extra = {(u[0], f): unit_extra_bytes(u, originals, f) for u in units for f in fmts}
+    cheapest = {u[0]: min(extra[u[0], f] for f in fmts) for u in units}
 
     def set_weights(src, names):
         for n in names:
@@ -189,16 +241,17 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
         finally:
             emu.remove()
         measured = []
-        for unit in shortlist(units, emu.err, extra, budget, candidates):
-            set_weights(originals, unit)
-            emu = Emulation(linears, [u for u in units if u is not unit])
-            try:
-                measured.append((unit, kl_to(ref, model_logits(model, ids_list))))
-            finally:
-                emu.remove()
-                set_weights(quant_w, unit)
-    kept = decide(base, measured, extra, budget, len(ids_list), t0)
-    keep_in_bf16(linears, kept, originals)
+        for unit in shortlist(units, emu.err, cheapest, budget, candidates * len(fmts)):
+            for fmt in fmts:
+                set_weights(originals if fmt == "bf16" else fp8_weights(unit, originals), unit)
+                emu = Emulation(linears, [u for u in units if u is not unit], fp8_units=[unit] if fmt == "fp8" else ())
+                try:
+                    measured.append((unit, fmt, kl_to(ref, model_logits(model, ids_list)), extra[unit[0], fmt]))
+                finally:
+                    emu.remove()
+                    set_weights(quant_w, unit)
+    kept = decide(base, measured, budget, len(ids_list), t0)
+    keep_units(linears, kept, originals)
     return kept
 
 

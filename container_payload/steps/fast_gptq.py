@@ -26,7 +26,7 @@ import os
 import torch
 
 from ..core.events import log as _log
-from ..numerics.nvfp4 import BLOCK, max_block_scales, search_block_scales
+from ..numerics.nvfp4 import BLOCK, block_scale_candidates, max_block_scales, search_block_scales
 from .gptq import hessian_inverse_factor
 
 try:  # optional: the GPU images carry Triton with torch; the CPU stand-in may not
@@ -61,13 +61,37 @@ def e2m1_round_fast(y: torch.Tensor) -> torch.Tensor:
     return torch.copysign(grid[torch.bucketize(y.abs(), bounds)], y)
 
 
+def hessian_block_scales(wg: torch.Tensor, ug: torch.Tensor, ws2: torch.Tensor, down: int, up: int):
+    """Per row of a 16-column block, the FP8 scale whose own GPTQ pass over the block (the 16
+    columns rounded in turn, each one's error fed into the later ones) adds the least to GPTQ's
+    objective, sum_j e_j^2 with e_j = (w_j - q_j) / U_jj: the block's cost under the layer's
+    input Hessian, as GPTQ will pay it, where the plain search scores rounding without the
+    feedback. Candidates as search_block_scales (max scaling first, kept unless strictly beaten)."""
+    d = torch.diagonal(ug)
+    cand = block_scale_candidates(wg.abs().amax(dim=-1), ws2, down, up)  # [R, C]
+    step = (cand * ws2.float()).to(wg.dtype)
+    w = wg.unsqueeze(1).expand(-1, cand.shape[1], -1).clone()  # [R, C, 16]
+    err = torch.zeros_like(step)
+    for j in range(BLOCK):
+        col = w[:, :, j]
+        ej = (col - e2m1_round_fast(col / step) * step) / d[j]
+        err += ej * ej
+        if j + 1 < BLOCK:
+            w[:, :, j + 1:] -= ej.unsqueeze(-1) * ug[j, j + 1:]
+    return cand.gather(1, err.argmin(dim=-1, keepdim=True)).squeeze(1)
+
+
 def group_step_torch(wg: torch.Tensor, ug: torch.Tensor, ws2: torch.Tensor, search: bool,
-                     down: int, up: int):
+                     down: int, up: int, hessian: bool = False):
     """One 16-column block: scale, then the 16 columns with error feedback inside the block.
     wg [R, 16] (modified in place), ug [16, 16] the block's diagonal block of the upper factor.
-    Returns (q [R, 16], e [R, 16] the scaled errors GPTQ propagates, s [R] the FP8 scales)."""
+    hessian: scales by hessian_block_scales (search only). Returns (q [R, 16], e [R, 16] the
+    scaled errors GPTQ propagates, s [R] the FP8 scales)."""
     d = torch.diagonal(ug)
-    s = search_block_scales(wg, ws2, 1.0 / d ** 2, down, up) if search else max_block_scales(wg, ws2)
+    if search and hessian:
+        s = hessian_block_scales(wg, ug, ws2, down, up)
+    else:
+        s = search_block_scales(wg, ws2, 1.0 / d ** 2, down, up) if search else max_block_scales(wg, ws2)
     step = s.to(wg.dtype) * ws2.to(wg.dtype)
     q, e = torch.empty_like(wg), torch.empty_like(wg)
     for j in range(BLOCK):
@@ -133,8 +157,24 @@ if triton is not None:
         return tl.sum(d * d * cw[None, :], axis=1)
 
     @triton.jit
+    def _block_err_fb(W, s, ws2, u_ptr, su, cols):
+        # fast_gptq.hessian_block_scales' cost of scale s: the block's own GPTQ pass
+        step = s * ws2
+        err = tl.sum(tl.zeros_like(W), axis=1)
+        for j in tl.static_range(16):
+            sel = (cols == j)[None, :]
+            col = tl.sum(tl.where(sel, W, 0.0), axis=1)
+            qc = _e2m1(tl.div_rn(col, step)) * step
+            ej = tl.div_rn(col - qc, tl.load(u_ptr + j * su + j))
+            err += ej * ej
+            urow = tl.load(u_ptr + j * su + cols, mask=cols > j, other=0.0)
+            W = W - ej[:, None] * urow[None, :]
+        return err
+
+    @triton.jit
     def _group_kernel(w_ptr, q_ptr, e_ptr, s_ptr, u_ptr, ws2_ptr, R, sw, sq, se, ss, su,
-                      SEARCH: tl.constexpr, DOWN: tl.constexpr, UP: tl.constexpr, BR: tl.constexpr):
+                      SEARCH: tl.constexpr, DOWN: tl.constexpr, UP: tl.constexpr, BR: tl.constexpr,
+                      HESSIAN: tl.constexpr = False):
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         cols = tl.arange(0, 16)
         rm = (rows < R)[:, None]
@@ -143,7 +183,23 @@ if triton is not None:
         d = tl.load(u_ptr + cols * su + cols)
         s0 = _fp8(tl.div_rn(tl.max(tl.abs(W), axis=1), 6.0 * ws2))
         best = s0
-        if SEARCH:
+        if SEARCH and HESSIAN:
+            best_err = _block_err_fb(W, s0, ws2, u_ptr, su, cols)
+            s = s0
+            for _k in tl.static_range(DOWN):
+                s = _fp8_prev(s)
+                err = _block_err_fb(W, s, ws2, u_ptr, su, cols)
+                better = err < best_err
+                best = tl.where(better, s, best)
+                best_err = tl.where(better, err, best_err)
+            s = s0
+            for _k in tl.static_range(UP):
+                s = _fp8_next(s)
+                err = _block_err_fb(W, s, ws2, u_ptr, su, cols)
+                better = err < best_err
+                best = tl.where(better, s, best)
+                best_err = tl.where(better, err, best_err)
+        elif SEARCH:
             cw = tl.div_rn(tl.full([16], 1.0, tl.float32), d * d)
             best_err = _block_err(W, s0, ws2, cw)
             s = s0
@@ -191,14 +247,14 @@ def triton_ok(w: torch.Tensor) -> bool:
 _TRITON_FAILED: list = []  # the first error, if the kernel could not be built or run here
 
 
-def group_step_triton(wg, ug, ws2, search, down, up, q, e, s):
+def group_step_triton(wg, ug, ws2, search, down, up, q, e, s, hessian=False):
     """The block step of group_step_torch as one kernel, writing into the views q, e [R, 16]
     and s [R]. wg is not modified (its updated values are not needed after the block)."""
     r = wg.shape[0]
     grid = (triton.cdiv(r, ROWS_PER_PROGRAM),)
     _group_kernel[grid](wg, q, e, s, ug, ws2, r, wg.stride(0), q.stride(0), e.stride(0), s.stride(0),
                         ug.stride(0), SEARCH=bool(search), DOWN=down, UP=up, BR=ROWS_PER_PROGRAM,
-                        **_NO_FMA)
+                        HESSIAN=bool(hessian), **_NO_FMA)
 
 
 def _first_step(args) -> bool:
@@ -219,9 +275,10 @@ _NO_FMA = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusio
 
 def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_size: int = 128,
                     damp: float = 0.01, search: bool = True, down: int = 8, up: int = 1,
-                    use_triton: bool | None = None):
+                    use_triton: bool | None = None, hessian_scales: bool = False):
     """gptq.gptq_nvfp4 (same arguments and results) with lazy batched updates and a fused
-    16-column step. w [out, in] may stack several Linears that share h and ws2."""
+    16-column step. w [out, in] may stack several Linears that share h and ws2.
+    hessian_scales: block scales by hessian_block_scales instead of the plain search."""
     out_f, in_f = w.shape
     assert in_f % BLOCK == 0 and block_size % BLOCK == 0
     dtype = w.dtype
@@ -240,14 +297,14 @@ def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_s
             gs = slice(g, g + BLOCK)
             qv, ev, sv = q[:, i1 + g:i1 + g + BLOCK], e1[:, gs], scales[:, (i1 + g) // BLOCK]
             if fused:
-                args = (w1[:, gs], u1[gs, gs].contiguous(), ws2, search, down, up, qv, ev, sv)
+                args = (w1[:, gs], u1[gs, gs].contiguous(), ws2, search, down, up, qv, ev, sv, hessian_scales)
                 if first:
                     first = False
                     fused = _first_step(args)
                 else:
                     group_step_triton(*args)
             if not fused:  # (also the block the kernel failed on)
-                qg, eg, sg = group_step_torch(w1[:, gs], u1[gs, gs], ws2[0], search, down, up)
+                qg, eg, sg = group_step_torch(w1[:, gs], u1[gs, gs], ws2[0], search, down, up, hessian_scales)
                 qv.copy_(qg), ev.copy_(eg), sv.copy_(sg)
             if g + BLOCK < n:  # the rest of this 128-column block, at once
                 w1[:, g + BLOCK:].addmm_(ev, u1[gs, g + BLOCK:], alpha=-1)

@@ -46,12 +46,19 @@ class QuantizersOff:
 _PAUSED: set[int] = set()  # ids of the quantizers a QuantizersOff holds off
 
 
+def is_fp8_per_tensor(q) -> bool:
+    """A quantizer the mixed-precision ranking turned into FP8 per-tensor (bf16_ranking.set_fp8)."""
+    return getattr(q, "num_bits", None) == (4, 3) and not getattr(q, "block_sizes", None)
+
+
 def quantized_linears(model) -> dict:
+    """The NVFP4 Linears our weight steps handle (units the ranking made FP8 are done: export
+    rounds them itself)."""
     out = {}
     for name, m in model.named_modules():
         wq = getattr(m, "weight_quantizer", None)
         if wq is not None and getattr(wq, "is_enabled", False) and hasattr(m, "weight") \
-                and m.weight.dim() == 2 and m.weight.shape[1] % BLOCK == 0:
+                and m.weight.dim() == 2 and m.weight.shape[1] % BLOCK == 0 and not is_fp8_per_tensor(wq):
             out[name] = m
     return out
 
@@ -73,7 +80,7 @@ def modules_out_of_reach(model, linears: dict) -> list:
         parts = name.split(".")
         at = next((i for i, p in enumerate(parts) if "weight_quantizer" in p), None)
         owner = modules.get(".".join(parts[:at])) if at is not None else None
-        if owner is not None and id(owner) not in handled:
+        if owner is not None and id(owner) not in handled and not is_fp8_per_tensor(q):
             owners[id(owner)] = owner
     return list(owners.values())
 

@@ -246,6 +246,7 @@ class Fit:
     ridge: float | None = None    # None: RIDGE (the Gptq step's default)
     kernel: str = "auto"
     hessian_tf32: bool = True
+    scales: str = "search"        # the Gptq step's block-scale choice (algorithms._gptq)
     replay: bool = True
     device: str | None = None
     keep: str | None = None
@@ -344,7 +345,8 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
         hs = {n: h_unit for n in unit}
         cs = {n: c_unit for n in unit}
         quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=fit.search,
-                      damp=fit.damp, block_size=fit.block_size, ridge=fit.ridge, kernel=fit.kernel)
+                      damp=fit.damp, block_size=fit.block_size, ridge=fit.ridge, kernel=fit.kernel,
+                      scales=fit.scales)
         del h_unit, c_unit, hs, cs
         x_fp[head] = None
         emulated.append(unit)
@@ -380,7 +382,8 @@ def start_streams(hidden: list, calls: list) -> tuple[list, list, list]:
 @torch.no_grad()
 def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.01,
                     block_size: int = 128, search: bool = True, captured=None,
-                    ridge: float | None = None, kernel: str = "auto", hessian_tf32: bool = True):
+                    ridge: float | None = None, kernel: str = "auto", hessian_tf32: bool = True,
+                    scales: str = "search"):
     """Quantize every quantized Linear layer by layer (see the module's docstring); Linears
     whose quantizers are off (kept in bf16) run unquantized in both streams. `captured`:
     first_layer_inputs' result, when the caller already has it. Returns (linears, originals,
@@ -388,7 +391,7 @@ def sequential_gptq(model, forward_loop, keep_batches: int = 0, damp: float = 0.
     t0 = time.time()
     timer = _Timer()
     fit = Fit(damp=damp, block_size=block_size, search=search, ridge=ridge,
-              kernel=kernel, hessian_tf32=hessian_tf32)
+              kernel=kernel, hessian_tf32=hessian_tf32, scales=scales)
     linears = quantized_linears(model)
     originals: dict = {}
     with QuantizersOff(model), float32_linears(model):

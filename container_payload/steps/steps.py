@@ -102,14 +102,14 @@ def _gptq(state: State, step: Gptq, forward_loop, later, recipe) -> str:
     if step.sequential and not blockers:
         state.linears, state.originals, state.kept_ids = sequential_gptq(
             model, forward_loop, keep_batches=_ranking_batches(later), captured=captured,
-            ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32)
+            ridge=step.ridge, kernel=step.kernel, hessian_tf32=step.hessian_tf32, scales=step.scales)
         return _reach(model, state.linears)
     del captured
 
     # a sequential step falls back to one pass here: its ridge default is the one-pass one (recipes.Gptq)
     state.linears, state.originals, state.kept_ids = quantize_weights(
         model, forward_loop, gptq=True, search=True, keep_batches=_ranking_batches(later),
-        act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel)
+        act_aware=step.act_aware, ridge=step.ridge, kernel=step.kernel, scales=step.scales)
     line = _reach(model, state.linears)
     if blockers:
         line += " by one-pass activation-aware GPTQ, not the sequential pass: " + "; ".join(blockers)
@@ -174,7 +174,7 @@ def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str
 
     if state.originals is not None:  # after GPTQ / rounding: rank the weights it chose
         kept = keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
-        return _reach(model, state.linears, _kept(kept, state.linears))
+        return _reach(model, state.linears, _kept(kept, state.linears))  # (fp8 refused here: recipes.with_params)
     # Before GPTQ: rank round-to-nearest weights, then give the originals back to the GPTQ that
     # follows (it fits around the units kept in bf16). A sequential one reuses the captured inputs.
     with QuantizersOff(model):
@@ -182,7 +182,7 @@ def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str
     linears = quantized_linears(model)
     originals = {n: m.weight.detach().clone() for n, m in linears.items()}
     round_weights(linears)
-    kept = keep_sensitive_in_bf16(model, linears, originals, captured.kept, step.budget)
+    kept = keep_sensitive_in_bf16(model, linears, originals, captured.kept, step.budget, fp8=step.fp8)
     for n, m in linears.items():
         m.weight.data.copy_(originals[n])
     del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)
@@ -192,8 +192,9 @@ def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str
 
 
 def _kept(kept: list, linears: dict) -> str:
-
-    return f"{len(kept)} of {len(fused_units(linears))} fused units kept in bf16"
+    n = {f: sum(1 for _, g in kept if g == f) for f in ("bf16", "fp8")}
+    fp8 = f", {n['fp8']} in FP8" if n["fp8"] else ""
+    return f"{n['bf16']} of {len(fused_units(linears))} fused units kept in bf16{fp8}"
 
 
 # step key -> its runner(state, step, forward_loop, later steps, recipe) -> the line it applied
