@@ -816,10 +816,10 @@ def case_seq_mp_fp8_export():
     import torch
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from container_payload import bf16_ranking as rk, quantizers as qz
+    from container_payload.steps import bf16_ranking as rk, quantizers as qz
     from container_payload.core import recipes
     from container_payload.steps import recipe_build, steps
-    from container_payload.emulated_model import load_emulated
+    from container_payload.numerics.emulated_model import load_emulated
 
     try:
         recipes.with_params("gptq-mp", {"keep_bf16.fp8": True})
