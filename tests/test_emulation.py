@@ -223,7 +223,7 @@ def test_awq_pre_quant_scale_by_hand():
     # layer on x must equal the plain W4A4 layer on x * s, and differ from it on x.
     snippet = """
 import json, torch
-from container_payload.emulate import EmulatedLinear, detect_format, fake_quant_nvfp4
+from container_payload.numerics.emulate import EmulatedLinear, detect_format, fake_quant_nvfp4
 g = torch.Generator().manual_seed(0)
 w, x = torch.randn(8, 32, generator=g), torch.randn(3, 32, generator=g)
 s = torch.rand(32, generator=g) * 3 + 0.25
