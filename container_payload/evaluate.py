@@ -198,16 +198,22 @@ def folder_bytes(folder: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file())
 
 
+def model_folders(job) -> tuple[Path, Path]:
+    """The job's checkpoint and reference folders (eval and eval --tasks), each with its config.json."""
+    checkpoint, reference = Path(job.checkpoint), Path(job.reference)
+    for p in (checkpoint, reference):
+        if not (p / "config.json").exists():
+            raise PayloadError(f"no config.json in model folder {p}", kind="input")
+    return checkpoint, reference
+
+
 def run(job: EvalJob) -> dict:
     import torch
     from transformers import AutoTokenizer
 
     timings = {}
     t0 = time.time()
-    checkpoint, reference = Path(job.checkpoint), Path(job.reference)
-    for p in (checkpoint, reference):
-        if not (p / "config.json").exists():
-            raise PayloadError(f"no config.json in model folder {p}", kind="input")
+    checkpoint, reference = model_folders(job)
     device = pick_device(job.device)
     # The reference's tokenizer defines the tokens; the checkpoint's copy must agree anyway.
     tokenizer = AutoTokenizer.from_pretrained(reference, trust_remote_code=job.trust_remote_code)

@@ -157,15 +157,13 @@ def run(job: TasksJob) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from .evaluate import model_folders
     from .numerics.emulated_model import load_any, load_reference
     from .quantize import pick_device
 
     timings = {}
     t0 = time.time()
-    checkpoint, reference = Path(job.checkpoint), Path(job.reference)
-    for p in (checkpoint, reference):
-        if not (p / "config.json").exists():
-            raise PayloadError(f"no config.json in model folder {p}", kind="input")
+    checkpoint, reference = model_folders(job)
     version = install_lm_eval(Path(job.wheels), Path(job.site), job.lm_eval_version)
     timings["install_s"] = round(time.time() - t0, 3)
     specs, manager = task_specs(list(job.tasks))

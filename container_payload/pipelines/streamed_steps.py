@@ -41,7 +41,7 @@ from ..steps.bf16_ranking import (
     unit_extra_bytes,
 )
 from ..steps.quantizers import QuantizersOff, fused_units, quantized_linears
-from ..steps.sequential import Fit, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
+from ..steps.sequential import Fit, LayerStandIn, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
 from ..steps.smoothing import Smoothed, smooth
 
 
@@ -186,20 +186,13 @@ class _Gptq(Runner):
         return f"{self.reached} quantized Linears"
 
 
-class _Gives(nn.Module):
+class _Gives(LayerStandIn):
     """Stands in for a decoder layer and returns `value` (the last layer's stored output), so that
-    the model's own forward turns stored hidden states into logits (final norm, head, softcap);
-    what the decoder reads off a layer comes from the real one."""
+    the model's own forward turns stored hidden states into logits (final norm, head, softcap)."""
 
     def __init__(self, real: nn.Module, value):
-        super().__init__()
-        self.__dict__["_real"], self.__dict__["_value"] = real, value
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_real"], name)
+        super().__init__(real)
+        self.__dict__["_value"] = value
 
     def forward(self, hidden_states, *args, **kwargs):
         return self.__dict__["_value"]

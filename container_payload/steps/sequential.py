@@ -52,7 +52,23 @@ CHUNK_TOKENS = 16384
 # CUDA too.
 
 
-class _Catcher(nn.Module):
+class LayerStandIn(nn.Module):
+    """Stands in for a decoder layer during a pass of the decoder; what the decoder reads off a
+    layer (Gemma 3's `attention_type`, Qwen3.5's `layer_type`) comes from the real one, which is
+    kept out of this module's tree."""
+
+    def __init__(self, real: nn.Module):
+        super().__init__()
+        self.__dict__["_real"] = real  # not a submodule: it stays out of this module's tree
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
+
+
+class _Catcher(LayerStandIn):
     """Stands in for decoder layer `index` during one pass of the decoder: keeps the arguments
     the decoder hands that layer, per batch (hybrid models hand each kind of layer its own mask
     or rotary embeddings: Gemma 2/3's sliding and global layers, Qwen3.5's linear and full
@@ -62,15 +78,8 @@ class _Catcher(nn.Module):
     the real one."""
 
     def __init__(self, real: nn.Module, index: int, hidden: list, calls: list, keep):
-        super().__init__()
-        self.__dict__["_real"] = real  # not a submodule: it stays out of this module's tree
+        super().__init__(real)
         self.index, self.hidden, self.calls, self.keep = index, hidden, calls, keep
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_real"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
         self.calls.append((args, kwargs))

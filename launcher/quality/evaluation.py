@@ -67,23 +67,31 @@ def source_of(checkpoint: Path) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
-    console = console or stderr_console
-    ckpt = req.checkpoint.expanduser().resolve()
+def checkpoint_and_reference(checkpoint: Path, reference: str | None, trust_remote_code: bool
+                             ) -> tuple[Path, str, JobSpec]:
+    """The checkpoint to evaluate and the model it is compared with, both checked before Docker and
+    the network (`eval` and `eval --tasks`): (checkpoint folder, reference, the reference's spec)."""
+    ckpt = checkpoint.expanduser().resolve()
     if not (ckpt / "config.json").exists():
         raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="CKPT")
     model_source.refuse_links_out(ckpt)  # before its result.json and config.json are read here
-    reference = req.reference or source_of(ckpt)
+    reference = reference or source_of(ckpt)
     if reference is None:
         raise ConfigError("the checkpoint does not say which model it came from", where="--reference",
                           advice="pass --reference MODEL (hub id, folder, or embedded)")
     # the checkpoint carries its source's code (quantize copies it): the same rule for both models
-    model_source.check_remote_code(ckpt, req.trust_remote_code, str(ckpt))
-    ref_spec = JobSpec(model=reference, output=Path("/nonexistent"), trust_remote_code=req.trust_remote_code)
+    model_source.check_remote_code(ckpt, trust_remote_code, str(ckpt))
+    ref_spec = JobSpec(model=reference, output=Path("/nonexistent"), trust_remote_code=trust_remote_code)
     model_source.validate(ref_spec)  # a bad id or missing folder: before Docker and the network
     if ref_spec.is_embedded and not (paths.models_dir() / model_source.EMBEDDED_DIRNAME / "config.json").exists():
         raise LauncherError("the embedded model has not been converted yet",
                             advice="run `launcher quantize` once (it converts it), then evaluate")
+    return ckpt, reference, ref_spec
+
+
+def evaluate(req: EvalRequest, console: Console | None = None) -> dict:
+    console = console or stderr_console
+    ckpt, reference, ref_spec = checkpoint_and_reference(req.checkpoint, req.reference, req.trust_remote_code)
     text = text_path(req.text)
     json_out = check_json_out(req.json_out or ckpt / "eval.json")
     ref = model_source.resolve(ref_spec)

@@ -22,8 +22,7 @@ from rich.console import Console
 from container_payload.core.contract import TasksJob
 
 from ..common import paths
-from ..common.config import JobSpec
-from ..common.errors import ConfigError, LauncherError
+from ..common.errors import ConfigError
 from ..common.output import MAX_RESULT_BYTES, markup, run_result
 from ..common.output import console as stderr_console
 from ..common.untrusted import read_json_object
@@ -32,7 +31,7 @@ from ..containers.image_probe import probe
 from ..containers.session import DockerSession
 from ..sources import model_source
 from . import lm_eval_wheels, model_card
-from .evaluation import _publish, check_json_out, source_of
+from .evaluation import _publish, check_json_out, checkpoint_and_reference
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")   # lm-eval's task, group and tag names
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
@@ -92,21 +91,8 @@ def parse_tasks(tasks: str) -> list[TaskArg]:
 
 def evaluate_tasks(req: TasksRequest, console: Console | None = None) -> dict:
     console = console or stderr_console
-    ckpt = req.checkpoint.expanduser().resolve()
-    if not (ckpt / "config.json").exists():
-        raise ConfigError(f"not a checkpoint folder (no config.json): {ckpt}", where="CKPT")
-    model_source.refuse_links_out(ckpt)
-    tasks = parse_tasks(req.tasks)
-    reference = req.reference or source_of(ckpt)
-    if reference is None:
-        raise ConfigError("the checkpoint does not say which model it came from", where="--reference",
-                          advice="pass --reference MODEL (hub id, folder, or embedded)")
-    model_source.check_remote_code(ckpt, req.trust_remote_code, str(ckpt))
-    ref_spec = JobSpec(model=reference, output=Path("/nonexistent"), trust_remote_code=req.trust_remote_code)
-    model_source.validate(ref_spec)
-    if ref_spec.is_embedded and not (paths.models_dir() / model_source.EMBEDDED_DIRNAME / "config.json").exists():
-        raise LauncherError("the embedded model has not been converted yet",
-                            advice="run `launcher quantize` once (it converts it), then evaluate")
+    tasks = parse_tasks(req.tasks)  # a bad --tasks first: one line before anything is read
+    ckpt, reference, ref_spec = checkpoint_and_reference(req.checkpoint, req.reference, req.trust_remote_code)
     json_out = check_json_out(req.json_out or ckpt / "tasks.json")
 
     docker = DockerSession.open(console)
