@@ -481,8 +481,9 @@ def case_mixed_precision_export():
     # budget for one MLP gate/up unit (2 x 128 x 64) but not two
     unit_extra = 2 * (128 * 64 * 2 - rk._nvfp4_bytes(128 * 64))
     frac = 1.5 * unit_extra / rk.model_bytes_default(model, linears)
-    kept = rk.keep_sensitive_in_bf16(model, linears, originals, kept_ids, frac)
-    assert kept, "nothing kept in bf16"
+    chosen = rk.keep_sensitive_in_bf16(model, linears, originals, kept_ids, frac)
+    assert chosen and {f for _, f in chosen} == {"bf16"}, chosen  # no FP8 unless asked (keep_bf16.fp8)
+    kept = [u for u, _ in chosen]
     spent = sum(originals[n].numel() * 2 - rk._nvfp4_bytes(originals[n].numel()) for u in kept for n in u)
     assert spent <= frac * rk.model_bytes_default(model, linears)
     kept_names = {n for u in kept for n in u}
