@@ -105,6 +105,28 @@ def test_default_removes_debris_keeps_results_and_is_idempotent(launcher_home, t
     assert again.returncode == 0 and "nothing to roll back" in again.stderr
 
 
+def test_cache_removes_the_lm_eval_wheels_a_run_fetched_and_nothing_above(launcher_home, tmp_path):
+    """`eval --tasks` records the lm-eval folder it fetched for an image; `rollback --cache` removes
+    that folder (its installed site inside), never lm-eval/ itself or a folder it did not record."""
+    from launcher.records import runs
+
+    run_id = fake_run(launcher_home)
+    fetched = launcher_home / "lm-eval" / "0.4.13-0123456789ab"
+    (fetched / "site").mkdir(parents=True)
+    (fetched / "lm_eval-0.4.13-py3-none-any.whl").write_bytes(b"w" * 100)
+    other = launcher_home / "lm-eval" / "0.4.13-ba9876543210"   # another image's, not this run's
+    other.mkdir()
+    rec = runs.load(run_id)
+    rec.created.cache = [str(fetched), str(launcher_home / "lm-eval")]
+    rec.save()
+
+    proc = cli("rollback", run_id, "--cache", "--yes", home=launcher_home)
+    assert proc.returncode == 0, proc.stderr
+    assert not fetched.exists(), proc.stderr
+    assert other.exists() and (launcher_home / "lm-eval").is_dir()
+    assert "not a cache entry the launcher makes" in proc.stderr   # lm-eval/ itself is refused
+
+
 def test_refuses_without_yes_when_not_a_terminal(launcher_home, tmp_path):
     run_id, out, partial, lock = with_outputs(launcher_home, tmp_path)
     proc = cli("rollback", run_id, "--outputs", home=launcher_home)

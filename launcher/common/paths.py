@@ -29,6 +29,11 @@ def models_dir() -> Path:
     return home() / "models"
 
 
+def lm_eval_dir() -> Path:
+    """lm-eval's wheels per image (`eval --tasks`), fetched on the host: <version>-<image id> folders."""
+    return home() / "lm-eval"
+
+
 def hf_hub_cache() -> Path:
     from huggingface_hub import constants  # heavy, hub cache only: paths stays stdlib for benchmarks
 

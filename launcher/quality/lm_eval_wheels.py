@@ -41,7 +41,7 @@ SITE = "site"   # lm-eval installed for the image by its first run (container_pa
 
 
 def folder_for(image: ImageProbe) -> Path:
-    return paths.home() / "lm-eval" / f"{LM_EVAL_VERSION}-{image.image_id.removeprefix('sha256:')[:12]}"
+    return paths.lm_eval_dir() / f"{LM_EVAL_VERSION}-{image.image_id.removeprefix('sha256:')[:12]}"
 
 
 def ready(image: ImageProbe) -> Path | None:
@@ -49,8 +49,9 @@ def ready(image: ImageProbe) -> Path | None:
     return folder if (folder / MARKER).is_file() and not folder.is_symlink() else None
 
 
-def fetch(image: ImageProbe, console, offline: bool = False) -> Path:
-    """The folder of lm-eval's wheels for `image`, downloaded if not yet here."""
+def fetch(image: ImageProbe, console, offline: bool = False, record=None) -> Path:
+    """The folder of lm-eval's wheels for `image`, downloaded if not yet here; `record(path)` is told
+    of a folder this call created (the run's record: `rollback --cache` removes it)."""
     done = ready(image)
     if done:
         return done
@@ -79,6 +80,8 @@ def fetch(image: ImageProbe, console, offline: bool = False) -> Path:
         if folder.exists():
             shutil.rmtree(folder)   # an incomplete set of an earlier, interrupted fetch (ours by name)
         work.rename(folder)
+        if record is not None:
+            record(str(folder))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return folder

@@ -106,7 +106,7 @@ def evaluate_tasks(req: TasksRequest, console: Console | None = None) -> dict:
                                           "limit": req.limit, "num_fewshot": req.num_fewshot}, image)
     with rec.ends_on_error():
         docker.ensure_image(rec, image)
-        wheels = lm_eval_wheels.fetch(probe(client, image, rec.id), console)
+        wheels = lm_eval_wheels.fetch(probe(client, image, rec.id), console, record=lambda path: rec.add("cache", path))
         out_dir = rec.folder / "tasksout"
         out_dir.mkdir()
         site, installed = lm_eval_wheels.site_for(wheels)

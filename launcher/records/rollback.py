@@ -148,12 +148,14 @@ def _expected(rec: runs.RunRecord, kind: str) -> set[str]:
 
 
 def _cache_entry_ok(path: str) -> bool:
-    """A hub download (`models--org--name`, `datasets--org--name` right under the hub cache)
-    or a conversion right under the launcher's models/: never those folders themselves."""
+    """A hub download (`models--org--name`, `datasets--org--name` right under the hub cache), a
+    conversion right under the launcher's models/, or lm-eval's wheels for an image right under
+    its lm-eval/ (`eval --tasks`): never those folders themselves."""
     p = Path(os.path.abspath(path))
     if p.parent == Path(os.path.abspath(paths.hf_hub_cache())):
         return p.name.startswith(("models--", "datasets--")) and len(p.name) > len("datasets--")
-    return p.parent == Path(os.path.abspath(paths.models_dir())) and not p.name.startswith(".")
+    ours = (Path(os.path.abspath(paths.models_dir())), Path(os.path.abspath(paths.lm_eval_dir())))
+    return p.parent in ours and not p.name.startswith(".")
 
 
 def recorded_path_ok(rec: runs.RunRecord, kind: str, path: str) -> bool:
