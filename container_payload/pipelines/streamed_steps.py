@@ -33,6 +33,7 @@ from ..steps.bf16_ranking import (
     Emulation,
     decide,
     keep_units,
+    kept_line,
     kl_to,
     limit_tokens,
     model_bytes_default,
@@ -167,8 +168,8 @@ class _Gptq(Runner):
     def begin(self, run, final):
         self.fp, self.qs, self.chunk_calls = start_streams(copy_stream(run.inputs), run.layer_calls)
         step = self.step
-        self.fit = Fit(ridge=step.ridge, kernel=step.kernel, scales=step.scales, hessian_tf32=step.hessian_tf32, replay=False,
-                       device=run.device, keep=run.keep)
+        self.fit = Fit(ridge=step.ridge, kernel=step.kernel, scales=step.scales, hessian_tf32=step.hessian_tf32,
+                       replay=False, device=run.device, keep=run.keep)
         self.timer, self.reached = _Timer(), 0
 
     def layer(self, run, at, final):
@@ -215,8 +216,8 @@ class _KeepBf16(Runner):
         if any(s.plan().on == "quantized" for s in before):
             raise PayloadError(f"recipe {run.recipe.name!r}: keep_bf16 after a weight step ranks the fitted "
                                "weights of the whole model and cannot stream; use --mode whole", kind="input")
-        self.kept: set[str] = set()    # the first Linear of each unit kept in bf16
-        self.count = self.total = 0
+        self.kept: list = []           # [(unit, fmt)] the decision kept
+        self.total = 0
 
     def prepare(self, run):
         """The ranking batches' layer inputs (the decoder is in memory now), and the budget and
@@ -232,9 +233,9 @@ class _KeepBf16(Runner):
         with run.layers_as(converted):
             linears = quantized_linears(run.model)
             self.budget = self.step.budget * model_bytes_default(run.model, linears)
-        self.units = fused_units(linears)
-        self.extra = {u[0]: unit_extra_bytes(u, {n: linears[n].weight for n in u}) for u in self.units}
-        self.total = len(self.units)
+        units = fused_units(linears)
+        self.extra = {u[0]: unit_extra_bytes(u, {n: linears[n].weight for n in u}) for u in units}
+        self.total = len(units)
         self.rank = bool(self.ids) and self.budget > 0
 
     def begin(self, run, final):
@@ -249,7 +250,8 @@ class _KeepBf16(Runner):
         linears = quantized_linears(at.root)
         units = fused_units(linears)
         if final:
-            keep_units(linears, [(u, "bf16") for u in units if u[0] in self.kept])
+            kept = {u[0] for u, _ in self.kept}
+            keep_units(linears, [(u, "bf16") for u in units if u[0] in kept])
             return
         if not self.rank:
             return
@@ -299,7 +301,7 @@ class _KeepBf16(Runner):
             measured = [(u, "bf16", kl_to(ref, self._logits(run, self.streams[u[0]])), self.extra[u[0]])
                         for u in shortlist(self.seen, self.err, self.extra, self.budget)]
         kept = decide(base, measured, self.budget, len(self.ids), self.t0)
-        self.kept, self.count = {u[0] for u, _ in kept}, len(kept)
+        self.kept = kept
         self.ref = self.base = self.streams = self.first = self.calls = None  # the ranking's streams go
 
     def _logits(self, run, finals: list):
@@ -311,7 +313,7 @@ class _KeepBf16(Runner):
                 yield run.model(input_ids=ids, use_cache=False).logits
 
     def line(self):
-        return f"{self.count} of {self.total} fused units kept in bf16"
+        return kept_line(self.kept, self.total)
 
 
 # step key -> its streamed runner: Runner(step, run). A step whose Plan says it needs the whole

@@ -190,6 +190,13 @@ def set_fp8(mods: list, originals: dict, names: list) -> None:
             m.input_quantizer.amax = torch.stack(in_amax).max().to(m.weight.device)
 
 
+def kept_line(kept: list, total: int) -> str:
+    """What the ranking kept, for result.json's steps_applied (both pipelines): `kept` [(unit, fmt)]."""
+    n = {f: sum(1 for _, g in kept if g == f) for f in ("bf16", "fp8")}
+    fp8 = f", {n['fp8']} in FP8" if n["fp8"] else ""
+    return f"{n['bf16']} of {total} fused units kept in bf16{fp8}"
+
+
 def keep_units(linears: dict, kept: list, originals: dict | None = None) -> None:
     """The kept (unit, fmt): original weights back when `originals` has them; bf16: quantizers off
     (export stores the unit in bf16 and lists it as excluded); fp8: FP8 per-tensor quantizers (set_fp8)."""

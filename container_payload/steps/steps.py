@@ -17,7 +17,7 @@ from ..core import events
 from ..core.recipes import Calibrate, Gptq, KeepBf16, ScaleSearch, Smooth
 from ..numerics.linear_compute import float32_linears
 from .algorithms import quantize_weights
-from .bf16_ranking import keep_sensitive_in_bf16, round_weights
+from .bf16_ranking import keep_sensitive_in_bf16, kept_line, round_weights
 from .quantizers import QuantizersOff, fused_units, quantized_linears, weights_out_of_reach
 from .sequential import first_layer_inputs, sequential_gptq
 from .smoothing import smooth
@@ -174,7 +174,7 @@ def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str
 
     if state.originals is not None:  # after GPTQ / rounding: rank the weights it chose
         kept = keep_sensitive_in_bf16(model, state.linears, state.originals, state.kept_ids, step.budget)
-        return _reach(model, state.linears, _kept(kept, state.linears))  # (fp8 refused here: recipes.with_params)
+        return _reach(model, state.linears, kept_line(kept, len(fused_units(state.linears))))  # (fp8 refused here: recipes.with_params)
     # Before GPTQ: rank round-to-nearest weights, then give the originals back to the GPTQ that
     # follows (it fits around the units kept in bf16). A sequential one reuses the captured inputs.
     with QuantizersOff(model):
@@ -188,13 +188,7 @@ def _keep_bf16(state: State, step: KeepBf16, forward_loop, later, recipe) -> str
     del originals  # the GPTQ keeps its own copy: one at a time (16 GB at 8B)
     if any(s.plan().layer_inputs for s in later):
         state.captured = captured
-    return _reach(model, linears, _kept(kept, linears))
-
-
-def _kept(kept: list, linears: dict) -> str:
-    n = {f: sum(1 for _, g in kept if g == f) for f in ("bf16", "fp8")}
-    fp8 = f", {n['fp8']} in FP8" if n["fp8"] else ""
-    return f"{n['bf16']} of {len(fused_units(linears))} fused units kept in bf16{fp8}"
+    return _reach(model, linears, kept_line(kept, len(fused_units(linears))))
 
 
 # step key -> its runner(state, step, forward_loop, later steps, recipe) -> the line it applied
