@@ -198,6 +198,14 @@ def folder_bytes(folder: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file())
 
 
+def write_json(out: Path, result: dict) -> None:
+    """A command's result file (eval, eval --tasks), written whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, out)
+
+
 def model_folders(job) -> tuple[Path, Path]:
     """The job's checkpoint and reference folders (eval and eval --tasks), each with its config.json."""
     checkpoint, reference = Path(job.checkpoint), Path(job.reference)
@@ -259,10 +267,7 @@ def run(job: EvalJob) -> dict:
                      "python": sys.version.split()[0]},
     }
     out = Path(job.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json(out, result)
     events.emit(DONE, result=str(out), kl_divergence=result["kl_divergence"],
                 perplexity=result["perplexity"], timings=timings)
     return result

@@ -17,7 +17,6 @@ standard errors (treated as independent: an upper bound when the two are correla
 
 Stages: install -> tasks -> reference -> quantized -> write json_out.
 """
-import json
 import math
 import os
 import subprocess
@@ -157,7 +156,7 @@ def run(job: TasksJob) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from .evaluate import model_folders
+    from .evaluate import model_folders, write_json
     from .numerics.emulated_model import load_any, load_reference
     from .quantize import pick_device
 
@@ -197,9 +196,7 @@ def run(job: TasksJob) -> dict:
                      "python": sys.version.split()[0]},
     }
     out = Path(job.json_out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out)
+    write_json(out, result)
     events.emit(DONE, result=str(out), timings=timings)
     return result
 
