@@ -157,7 +157,7 @@ class Scorer:
         import torch
 
         from container_payload import evaluate
-        from container_payload.numerics.emulate import load_any
+        from container_payload.numerics.emulated_model import load_any
 
         try:
             model, info = load_any(Path(r["checkpoint"]), self.device)
