@@ -210,6 +210,22 @@ def embedded_model_dir(shared_assets, standin_image, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory, shared_assets, embedded_model_dir, standin_image) -> Path:
+    """The embedded model quantized the cheapest way (ModelOpt's default recipe, 2 windows of 32
+    tokens, no evaluation), once for the session, in its own home. Read-only: a test that writes
+    into a checkpoint (eval writes its card and results) works on a copy."""
+    base = tmp_path_factory.mktemp("small-ckpt")
+    home = base / "home"
+    home.mkdir()
+    (home / "assets").symlink_to(shared_assets)
+    (home / "models").symlink_to(REAL_HOME / "models")
+    out = base / "smollm2-nvfp4"
+    run_launcher("quantize", "--output", str(out), "--recipe", "default", "--calib-samples", "2",
+                 "--calib-seq-len", "32", "--no-eval", env={"SPARK_NVFP4_HOME": str(home)}, check=True, timeout=600)
+    return out
+
+
 # --- ModelOpt run directly: the byte-for-byte reference of the e2e tests -----------------
 
 E2E_SAMPLES, E2E_SEQ_LEN = 16, 256  # calibration of the e2e runs (the reference uses the same)
