@@ -146,6 +146,24 @@ def make_tiny_llama(ref_python: str, folder: Path, embedded_model_dir: Path, *di
 
 
 @pytest.fixture(scope="session")
+def tiny_model(ref_python, embedded_model_dir, tmp_path_factory):
+    """tests/tools/tiny_moe.py's random model of a family (seed 0: the same weights every time),
+    built once per session: tiny_model(kind) -> its folder. Read-only (quantize, eval and the
+    tests only read it); several files quantize the same families."""
+    made: dict[str, Path] = {}
+
+    def build(kind: str) -> Path:
+        if kind not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{kind}") / kind
+            subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), kind, str(embedded_model_dir),
+                            str(folder)], check=True, capture_output=True, timeout=600)
+            made[kind] = folder
+        return made[kind]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def docker_compose_command() -> str:
     return "docker-compose" if shutil.which("docker-compose") else "docker compose"
 

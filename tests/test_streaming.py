@@ -266,16 +266,13 @@ def test_streamed_smooth_gptq_seq_mp_ranks_layer_by_layer_and_writes_the_whole_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["default", "smooth-gptq-seq"])
-def test_streamed_hands_each_layer_its_own_mask_and_rotary(recipe, ref_python, embedded_model_dir, texts,
-                                                          tmp_path):
+def test_streamed_hands_each_layer_its_own_mask_and_rotary(recipe, ref_python, tiny_model, texts, tmp_path):
     """Gemma 3: a sliding-window layer, then a global one with its own rotary base and no window
     (64-token windows over a 32-token sliding window, so the masks differ). Streamed mode calls
     each layer with what the decoder computes for it: every tensor, input scales included, is
     the whole path's (with layer 0's arguments replayed to layer 1, its input scales were 4-6%
     off)."""
-    model = tmp_path / "gemma3"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), "gemma3_text", str(embedded_model_dir),
-                    str(model)], check=True, capture_output=True, timeout=300)
+    model = tiny_model("gemma3_text")
     assert json.loads((model / "config.json").read_text())["layer_types"] == ["sliding_attention", "full_attention"]
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
@@ -327,14 +324,12 @@ MOE_STREAMS = [("qwen3_moe", "moe-w4a16-experts"), ("mixtral", "moe-w4a4-experts
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, recipe", MOE_STREAMS)
-def test_streamed_moe_writes_the_whole_paths_bytes(kind, recipe, ref_python, embedded_model_dir, texts, tmp_path):
+def test_streamed_moe_writes_the_whole_paths_bytes(kind, recipe, ref_python, tiny_model, texts, tmp_path):
     """Issue 20: the MoE recipes stream. transformers 5 loads the per-expert checkpoint keys fused
     (checkpoint_map reads them layer by layer with its conversion mapping), and the export gives
     them their per-expert hub names back: every tensor, the configs (quantized_layers, the KV-cache
     format) and the steps applied are the whole path's."""
-    model = tmp_path / kind
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), kind, str(embedded_model_dir),
-                    str(model)], check=True, capture_output=True, timeout=300)
+    model = tiny_model(kind)
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     runs = {mode: _payload_quantize(ref_python, model, tmp_path / mode, recipe, mode, calib)
@@ -374,14 +369,12 @@ def test_streamed_reads_moe_checkpoints_as_transformers_loads_them(ref_python, e
 
 
 @pytest.mark.slow
-def test_streamed_fp8_kv_cache_keeps_its_scales(ref_python, embedded_model_dir, texts, tmp_path):
+def test_streamed_fp8_kv_cache_keeps_its_scales(ref_python, tiny_model, texts, tmp_path):
     """--kv-cache fp8 streamed on a dense model: ModelOpt registers the attention class for KV-cache
     quantization only when its plugins see a transformers model, so the streamed path runs them on
     the whole skeleton. Before, the streamed checkpoint silently had no k_scale / v_scale and no
     kv_cache_quant_algo; now it is the whole path's, byte for byte."""
-    model = tmp_path / "llama"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), "llama", str(embedded_model_dir),
-                    str(model)], check=True, capture_output=True, timeout=300)
+    model = tiny_model("llama")
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     for mode in ("whole", "streamed"):
