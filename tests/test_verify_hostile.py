@@ -5,13 +5,12 @@ Every case starts from tests/synthetic_ckpt.py's checkpoint, which must pass fir
 runs the verifier's CLI in a subprocess whose time and peak memory (ru_maxrss from
 wait4) are measured. The property-based test lets hypothesis mutate headers and configs;
 its examples run the same CLI in processes forked from one that has imported it already
-(about 1 s of imports each otherwise: 60 examples were 70 s of the suite).
+(tests/forked_launcher.py: about 1 s of imports each otherwise, 60 examples were 70 s).
 """
 from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import struct
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from forked_launcher import forked_launcher
 from synthetic_ckpt import make_checkpoint
 
 from launcher.verify import safetensors_header
@@ -440,93 +440,19 @@ def base_checkpoint() -> Path:
     return _BASE["ckpt"]
 
 
-# A process that imports the launcher's CLI and verifier once, then forks one child per case:
-# the child runs `launcher verify` as `python -m launcher` does (its exit code, its stdout and
-# stderr into the case's file) and its parent reports the exit code and the child's ru_maxrss.
-# A forked child's ru_maxrss starts at the server's size (~100 MB): the 1 GB bound only gets
-# stricter. A hung child is killed with the server's process group, and the server restarted.
-_FORK_SERVER = """
-import json, os, sys, traceback
-from launcher.__main__ import main
-import launcher.verify  # noqa: F401  the heavy imports, once
-for line in sys.stdin:
-    ckpt, out = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        fd = os.open(out, os.O_WRONLY | os.O_TRUNC)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.argv, code = ["launcher", "verify", ckpt], 0
-        try:
-            main()
-        except SystemExit as e:  # what the interpreter would do with it
-            code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 0)
-    _, status, usage = os.wait4(pid, 0)
-    print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss]), flush=True)
-"""
-
-
-class ForkedVerify:
-    def __init__(self):
-        self._server: subprocess.Popen | None = None
-
-    def _start(self) -> subprocess.Popen:
-        if self._server is None or self._server.poll() is not None:
-            self._server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], cwd=REPO, stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                            env={**os.environ, "COLUMNS": "200"}, start_new_session=True)
-        return self._server
-
-    def __call__(self, ckpt: Path, timeout: float) -> tuple[int, str, float, int]:
-        """(exit code, stdout+stderr, seconds, peak RSS bytes), as run_verify."""
-        server = self._start()
-        with tempfile.NamedTemporaryFile("r", encoding="utf-8", errors="replace") as out:
-            t = time.monotonic()
-            server.stdin.write(json.dumps([str(ckpt), out.name]) + "\n")
-            server.stdin.flush()
-            ready, _, _ = select.select([server.stdout], [], [], timeout)
-            if not ready:
-                self.close()
-                pytest.fail(f"still running after {timeout} s: {ckpt}")
-            reply = server.stdout.readline()
-            seconds = time.monotonic() - t
-            assert reply, "the fork server died"
-            rc, peak_kib = json.loads(reply)
-            return rc, out.read(), seconds, peak_kib * 1024
-
-    def close(self):
-        if self._server is not None and self._server.poll() is None:
-            os.killpg(self._server.pid, 9)  # the server and a hung child
-            self._server.wait()
-        self._server = None
-
-
-@pytest.fixture(scope="module")
-def forked_verify():
-    verify = ForkedVerify()
-    yield verify
-    verify.close()
-
-
 MEASURED: list[tuple[float, int]] = []
 
 
 @settings(max_examples=int(os.environ.get("VERIFY_FUZZ_EXAMPLES", "60")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(mutation=mutations())
-def test_fuzzed_checkpoint_is_rejected_in_one_line_each(forked_verify, mutation):
+def test_fuzzed_checkpoint_is_rejected_in_one_line_each(mutation):
     what, apply = mutation
     with tempfile.TemporaryDirectory() as tmp:
         c = Path(tmp) / "ckpt"
         shutil.copytree(base_checkpoint(), c, symlinks=True)
         apply(c)
-        rc, out, seconds, peak = forked_verify(c, timeout=60)
+        rc, out, seconds, peak = forked_launcher("verify", c, timeout=60)
     MEASURED.append((seconds, peak))
     assert "Traceback" not in out, (what, out)
     assert rc == VERIFY_EXIT, (what, rc, out)
