@@ -5,7 +5,7 @@ Every case starts from tests/synthetic_ckpt.py's checkpoint, which must pass fir
 runs the verifier's CLI in a subprocess whose time and peak memory (ru_maxrss from
 wait4) are measured. The property-based test lets hypothesis mutate headers and configs;
 its examples run the same CLI in processes forked from one that has imported it already
-(tests/forked_launcher.py: about 1 s of imports each otherwise, 60 examples were 70 s).
+(tests/fork_server.py: about 1 s of imports each otherwise, 60 examples were 70 s).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from forked_launcher import forked_launcher
+from fork_server import forked_launcher
 from synthetic_ckpt import make_checkpoint
 
 from launcher.verify import safetensors_header
