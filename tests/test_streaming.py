@@ -19,6 +19,7 @@ from container_payload.core import memory_plan
 
 from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REPO, assert_matches_reference, make_tiny_llama, one_line_error,
                       raw_tensors, run_launcher)
+from fork_server import ForkServer
 
 GiB = 1 << 30
 
@@ -201,6 +202,9 @@ def small_llama(ref_python, tmp_path_factory, embedded_model_dir) -> Path:
     return make_tiny_llama(ref_python, tmp_path_factory.mktemp("tiny") / "llama4", embedded_model_dir, 4, 128)
 
 
+_PAYLOAD: dict = {}
+
+
 def _payload_quantize(ref_python, model: Path, out: Path, recipe: str, mode: str, calib: Path, **extra) -> dict:
     out.mkdir()
     job = {"model_dir": str(model), "gguf": None, "output_dir": str(out), "format": "nvfp4", "recipe": recipe,
@@ -208,9 +212,12 @@ def _payload_quantize(ref_python, model: Path, out: Path, recipe: str, mode: str
            "calibration": {"source": str(calib), "samples": 8, "seq_len": 64, "batch_size": 4}, **extra}
     path = out.parent / f"{out.name}.json"
     path.write_text(json.dumps(job))
-    proc = subprocess.run([ref_python, "-m", "container_payload", "quantize", str(path)],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # both modes fork from one process that imported torch, transformers and ModelOpt, in the
+    # payload's order (tests/fork_server.py): ~14 runs paid 5-10 s of imports each
+    if ref_python not in _PAYLOAD:
+        _PAYLOAD[ref_python] = ForkServer(ref_python, "import torch, transformers, modelopt.torch.quantization")
+    rc, stdout, stderr, _, _ = _PAYLOAD[ref_python].run("module", "container_payload", "quantize", path, timeout=900)
+    assert rc == 0, stdout[-2000:] + stderr[-2000:]
     return json.loads((out / "result.json").read_text())
 
 
