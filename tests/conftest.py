@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fork_server import ForkServer
 from launcher.sources.model_source import EMBEDDED_DIRNAME
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,11 +138,23 @@ def ref_python() -> str:
 
 # --- pytest-docker: the loopback registry ------------------------------------------
 
+_REF_TOOLS: dict = {}
+
+
+def run_ref_tool(ref_python: str, script: str, *args, timeout: int = 600) -> None:
+    """`REF_PY tests/tools/SCRIPT ARGS` (the tiny models' builders), forked from one process of the
+    ModelOpt venv that imported torch and transformers once (tests/fork_server.py): ~5 s each."""
+    if ref_python not in _REF_TOOLS:
+        _REF_TOOLS[ref_python] = ForkServer(ref_python, "import torch, transformers, transformers.modeling_utils")
+    rc, out, err, _, _ = _REF_TOOLS[ref_python].run("path", REPO / "tests" / "tools" / script, *args, timeout=timeout)
+    if rc != 0:
+        raise AssertionError(f"tests/tools/{script} failed ({rc}):\n{out[-2000:]}\n{err[-3000:]}")
+
+
 def make_tiny_llama(ref_python: str, folder: Path, embedded_model_dir: Path, *dims: int) -> Path:
     """A small random Llama with the embedded model's tokenizer (tests/tools/make_tiny_llama.py;
     dims: layers and hidden size, else the tool's defaults)."""
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "make_tiny_llama.py"), str(folder),
-                    str(embedded_model_dir), *map(str, dims)], check=True, capture_output=True, timeout=300)
+    run_ref_tool(ref_python, "make_tiny_llama.py", folder, embedded_model_dir, *dims, timeout=300)
     return folder
 
 
@@ -155,8 +168,7 @@ def tiny_model(ref_python, embedded_model_dir, tmp_path_factory):
     def build(kind: str) -> Path:
         if kind not in made:
             folder = tmp_path_factory.mktemp(f"tiny-{kind}") / kind
-            subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), kind, str(embedded_model_dir),
-                            str(folder)], check=True, capture_output=True, timeout=600)
+            run_ref_tool(ref_python, "tiny_moe.py", kind, embedded_model_dir, folder)
             made[kind] = folder
         return made[kind]
 

@@ -18,7 +18,7 @@ import pytest
 from container_payload.core import memory_plan
 
 from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REPO, assert_matches_reference, make_tiny_llama, one_line_error,
-                      raw_tensors, run_launcher)
+                      raw_tensors, run_launcher, run_ref_tool)
 from fork_server import ForkServer
 
 GiB = 1 << 30
@@ -301,8 +301,7 @@ def test_streamed_runs_remote_code_and_reports_what_whole_reports(ref_python, em
     loader, gpus and low_memory. Both modes now run one skeleton (quantize.run): the same result
     keys, the same serialized config, and the same bytes on a model that ships its own code."""
     model = tmp_path / "tiny-custom"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_remote_code.py"), str(model),
-                    str(embedded_model_dir)], check=True, capture_output=True, timeout=300)
+    run_ref_tool(ref_python, "tiny_remote_code.py", model, embedded_model_dir, timeout=300)
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     runs = {mode: _payload_quantize(ref_python, model, tmp_path / mode, "default", mode, calib,
