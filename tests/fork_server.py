@@ -34,6 +34,7 @@ for line in sys.stdin:
     kind, target, args, out, err = json.loads(line)
     pid = os.fork()
     if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the server's commands are not the child's input
         for fd, path in ((1, out), (2, err)):
             os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
         sys.argv, code = [target, *args], 0
