@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 _SERVER = """
 import json, os, runpy, sys, traceback
+sys.path[0] = os.getcwd()  # as `python -m` has it (`-c` puts '' there, which follows a chdir)
 exec(sys.argv[1])
 for line in sys.stdin:
     kind, target, args, out, err = json.loads(line)
