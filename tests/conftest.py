@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fork_server import ForkServer
 from launcher.sources.model_source import EMBEDDED_DIRNAME
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,12 +138,41 @@ def ref_python() -> str:
 
 # --- pytest-docker: the loopback registry ------------------------------------------
 
+_REF_TOOLS: dict = {}
+
+
+def run_ref_tool(ref_python: str, script: str, *args, timeout: int = 600) -> None:
+    """`REF_PY tests/tools/SCRIPT ARGS` (the tiny models' builders), forked from one process of the
+    ModelOpt venv that imported torch and transformers once (tests/fork_server.py): ~5 s each."""
+    if ref_python not in _REF_TOOLS:
+        _REF_TOOLS[ref_python] = ForkServer(ref_python, "import torch, transformers, transformers.modeling_utils")
+    rc, out, err, _, _ = _REF_TOOLS[ref_python].run("path", REPO / "tests" / "tools" / script, *args, timeout=timeout)
+    if rc != 0:
+        raise AssertionError(f"tests/tools/{script} failed ({rc}):\n{out[-2000:]}\n{err[-3000:]}")
+
+
 def make_tiny_llama(ref_python: str, folder: Path, embedded_model_dir: Path, *dims: int) -> Path:
     """A small random Llama with the embedded model's tokenizer (tests/tools/make_tiny_llama.py;
     dims: layers and hidden size, else the tool's defaults)."""
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "make_tiny_llama.py"), str(folder),
-                    str(embedded_model_dir), *map(str, dims)], check=True, capture_output=True, timeout=300)
+    run_ref_tool(ref_python, "make_tiny_llama.py", folder, embedded_model_dir, *dims, timeout=300)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(ref_python, embedded_model_dir, tmp_path_factory):
+    """tests/tools/tiny_moe.py's random model of a family (seed 0: the same weights every time),
+    built once per session: tiny_model(kind) -> its folder. Read-only (quantize, eval and the
+    tests only read it); several files quantize the same families."""
+    made: dict[str, Path] = {}
+
+    def build(kind: str) -> Path:
+        if kind not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{kind}") / kind
+            run_ref_tool(ref_python, "tiny_moe.py", kind, embedded_model_dir, folder)
+            made[kind] = folder
+        return made[kind]
+
+    return build
 
 
 @pytest.fixture(scope="session")
@@ -208,6 +238,22 @@ def embedded_model_dir(shared_assets, standin_image, tmp_path_factory) -> Path:
         run_launcher("quantize", "--output", str(out), "--calib-samples", "2", "--calib-seq-len", "32",
                      "--no-eval", check=True, env={"SPARK_NVFP4_HOME": str(REAL_HOME)})
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory, shared_assets, embedded_model_dir, standin_image) -> Path:
+    """The embedded model quantized the cheapest way (ModelOpt's default recipe, 2 windows of 32
+    tokens, no evaluation), once for the session, in its own home. Read-only: a test that writes
+    into a checkpoint (eval writes its card and results) works on a copy."""
+    base = tmp_path_factory.mktemp("small-ckpt")
+    home = base / "home"
+    home.mkdir()
+    (home / "assets").symlink_to(shared_assets)
+    (home / "models").symlink_to(REAL_HOME / "models")
+    out = base / "smollm2-nvfp4"
+    run_launcher("quantize", "--output", str(out), "--recipe", "default", "--calib-samples", "2",
+                 "--calib-seq-len", "32", "--no-eval", env={"SPARK_NVFP4_HOME": str(home)}, check=True, timeout=600)
+    return out
 
 
 # --- ModelOpt run directly: the byte-for-byte reference of the e2e tests -----------------

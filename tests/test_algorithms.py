@@ -2,8 +2,10 @@
 
 The host venv has no torch: each test runs one case of this same file in the ModelOpt
 interpreter ($SPARK_NVFP4_REF_PYTHON, default .venv-mo/bin/python), i.e.
-`REF_PY tests/test_algorithms.py CASE`. A missing interpreter skips the tests, or fails
-them under CI. Every case is small (tiny matrices, a tiny random Llama), seconds each.
+`REF_PY tests/test_algorithms.py CASE`, forked from one process of that interpreter that
+imported torch, transformers and ModelOpt once (tests/fork_server.py; 5-10 s a case otherwise).
+A missing interpreter skips the tests, or fails them under CI. Every case is small (tiny
+matrices, a tiny random Llama), seconds each.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ def _ref_python() -> str | None:
     return py if Path(py).exists() else None
 
 
+_SERVERS: dict = {}
+
+
 def _run_case(case: str) -> None:
     import pytest
 
@@ -34,12 +39,15 @@ def _run_case(case: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "PYTHONPATH": str(REPO)}
-    r = subprocess.run([py, str(Path(__file__).resolve()), case], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"case {case} failed:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
-    assert f"OK {case}" in r.stdout, r.stdout[-2000:]
+    if py not in _SERVERS:  # torch, transformers and ModelOpt imported once (tests/fork_server.py)
+        from fork_server import ForkServer
+
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
+               "PYTHONPATH": str(REPO)}
+        _SERVERS[py] = ForkServer(py, "import torch, transformers, modelopt.torch.quantization", env)
+    rc, out, err, _, _ = _SERVERS[py].run("path", Path(__file__).resolve(), case, timeout=900)
+    assert rc == 0, f"case {case} failed:\n{out[-4000:]}\n{err[-6000:]}"
+    assert f"OK {case}" in out, out[-2000:]
 
 
 def test_e2m1_and_fp8():

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 
 import pytest
 
-from conftest import REPO, raw_tensors, run_launcher
+from conftest import raw_tensors, run_launcher
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -42,12 +41,12 @@ FAMILIES = {
 
 
 @pytest.fixture(scope="session")
-def runs(ref_python, embedded_model_dir, standin_image, shared_assets, tmp_path_factory) -> dict:
+def runs(tiny_model, standin_image, shared_assets, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("families")
     home = root / "home"
     home.mkdir()
     (home / "assets").symlink_to(shared_assets)
-    return {"root": root, "env": {"SPARK_NVFP4_HOME": str(home)}, "tok": embedded_model_dir, "py": ref_python}
+    return {"root": root, "env": {"SPARK_NVFP4_HOME": str(home)}, "model": tiny_model}
 
 
 # Mistral and Qwen2 are Llama's block (Qwen2 with q/k/v biases) and Gemma 2's norms are Gemma 3's:
@@ -61,9 +60,7 @@ ALL = os.environ.get("SPARK_NVFP4_TEST_ALL_FAMILIES") == "1"
     "SPARK_NVFP4_TEST_ALL_FAMILIES=1 runs it"))) for k in FAMILIES])
 def family(request, runs):
     kind = request.param
-    src, out = runs["root"] / kind, runs["root"] / f"{kind}-NVFP4"
-    subprocess.run([runs["py"], str(REPO / "tests" / "tools" / "tiny_moe.py"), kind, str(runs["tok"]), str(src)],
-                   check=True, capture_output=True, timeout=600)
+    src, out = runs["model"](kind), runs["root"] / f"{kind}-NVFP4"
     proc = run_launcher("quantize", "--model", str(src), "--output", str(out), *RUN, env=runs["env"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return kind, src, out

@@ -43,14 +43,8 @@ def moe_layers(kind: str) -> tuple[int, ...]:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(ref_python, embedded_model_dir, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-moe")
-    out = {}
-    for kind in sorted({kind for kind, _ in RUNS.values()}):
-        subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), kind, str(embedded_model_dir),
-                        str(root / kind)], check=True, capture_output=True, timeout=600)
-        out[kind] = root / kind
-    return out
+def tiny_models(tiny_model) -> dict[str, Path]:
+    return {kind: tiny_model(kind) for kind in sorted({kind for kind, _ in RUNS.values()})}
 
 
 @pytest.fixture(scope="session")

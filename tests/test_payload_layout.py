@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ HEAVY = {
     "huggingface_hub": "launcher/common/paths.py stays stdlib for the benchmarks that import it",
     "mwparserfromhell": "only `make setup` converts wiki text; every command imports sources/assets.py",
     "lm_eval": "in the container only for eval --tasks, installed from the mounted wheels (tasks.py)",
+    "ml_dtypes": "a 0.6 s import: the verifier's when it first checks FP8 block scales (verify/scales.py)",
 }
 # Our own modules imported inside a function, by file, with the reason.
 LAZY_OWN = {
@@ -130,6 +132,14 @@ def test_imports_inside_functions_are_only_the_listed_heavy_ones():
                     continue
                 found.append(f"{rel}:{node.lineno} {target}")
     assert not found, found
+
+
+def test_quantize_loads_no_ml_dtypes_before_it_verifies():
+    """ml_dtypes takes 0.6 s to import (2 s on a loaded host): `launcher quantize` imports the
+    verifier, and paid it before its first line, dry runs and one-line refusals included."""
+    code = "import sys, launcher.cli, launcher.quantize.job, launcher.verify; print('ml_dtypes' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr[-2000:]
 
 
 def test_the_shared_core_imports_no_torch(ref_python):

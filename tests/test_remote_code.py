@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import urllib.request
 
 import pytest
 
-from conftest import REPO, latest_record, one_line_error, our_containers, run_launcher
+from conftest import latest_record, one_line_error, our_containers, run_launcher, run_ref_tool
 
 pytestmark = pytest.mark.docker
 
@@ -21,8 +20,7 @@ EVAL = ("--tokens", "128", "--seq-len", "64", "--no-generations")
 @pytest.fixture(scope="module")
 def custom_model(ref_python, tmp_path_factory, embedded_model_dir):
     folder = tmp_path_factory.mktemp("remote") / "tiny-custom"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_remote_code.py"), str(folder),
-                    str(embedded_model_dir)], check=True, capture_output=True, timeout=300)
+    run_ref_tool(ref_python, "tiny_remote_code.py", folder, embedded_model_dir, timeout=300)
     return folder
 
 

@@ -37,22 +37,16 @@ def post(port: int, path: str, body: dict, timeout: float = 300, key: str | None
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, shared_assets, standin_image):
-    """One small quantization for the module (its own home, shared assets and model)."""
+def checkpoint(tmp_path_factory, shared_assets, small_checkpoint):
+    """conftest's small quantization (served read-only), and a home of the module's own."""
     from conftest import REAL_HOME
 
-    base = tmp_path_factory.mktemp("serve")
-    home = base / "home"
+    home = tmp_path_factory.mktemp("serve") / "home"
     home.mkdir()
     (home / "assets").symlink_to(shared_assets)
     (REAL_HOME / "models").mkdir(parents=True, exist_ok=True)
     (home / "models").symlink_to(REAL_HOME / "models")
-    out = base / "ckpt"
-    t = time.time()
-    run_launcher("quantize", "--output", str(out), "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval",
-                 env={"SPARK_NVFP4_HOME": str(home)}, check=True, timeout=600)
-    print(f"quantize: {time.time() - t:.0f} s")
-    return out, home
+    return small_checkpoint, home
 
 
 def test_serve_chat_rollback(checkpoint, docker_client):

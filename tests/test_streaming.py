@@ -18,7 +18,8 @@ import pytest
 from container_payload.core import memory_plan
 
 from conftest import (E2E_SAMPLES, E2E_SEQ_LEN, REPO, assert_matches_reference, make_tiny_llama, one_line_error,
-                      raw_tensors, run_launcher)
+                      raw_tensors, run_launcher, run_ref_tool)
+from fork_server import ForkServer
 
 GiB = 1 << 30
 
@@ -201,6 +202,9 @@ def small_llama(ref_python, tmp_path_factory, embedded_model_dir) -> Path:
     return make_tiny_llama(ref_python, tmp_path_factory.mktemp("tiny") / "llama4", embedded_model_dir, 4, 128)
 
 
+_PAYLOAD: dict = {}
+
+
 def _payload_quantize(ref_python, model: Path, out: Path, recipe: str, mode: str, calib: Path, **extra) -> dict:
     out.mkdir()
     job = {"model_dir": str(model), "gguf": None, "output_dir": str(out), "format": "nvfp4", "recipe": recipe,
@@ -208,9 +212,12 @@ def _payload_quantize(ref_python, model: Path, out: Path, recipe: str, mode: str
            "calibration": {"source": str(calib), "samples": 8, "seq_len": 64, "batch_size": 4}, **extra}
     path = out.parent / f"{out.name}.json"
     path.write_text(json.dumps(job))
-    proc = subprocess.run([ref_python, "-m", "container_payload", "quantize", str(path)],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # both modes fork from one process that imported torch, transformers and ModelOpt, in the
+    # payload's order (tests/fork_server.py): ~14 runs paid 5-10 s of imports each
+    if ref_python not in _PAYLOAD:
+        _PAYLOAD[ref_python] = ForkServer(ref_python, "import torch, transformers, modelopt.torch.quantization")
+    rc, stdout, stderr, _, _ = _PAYLOAD[ref_python].run("module", "container_payload", "quantize", path, timeout=900)
+    assert rc == 0, stdout[-2000:] + stderr[-2000:]
     return json.loads((out / "result.json").read_text())
 
 
@@ -266,16 +273,13 @@ def test_streamed_smooth_gptq_seq_mp_ranks_layer_by_layer_and_writes_the_whole_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["default", "smooth-gptq-seq"])
-def test_streamed_hands_each_layer_its_own_mask_and_rotary(recipe, ref_python, embedded_model_dir, texts,
-                                                          tmp_path):
+def test_streamed_hands_each_layer_its_own_mask_and_rotary(recipe, ref_python, tiny_model, texts, tmp_path):
     """Gemma 3: a sliding-window layer, then a global one with its own rotary base and no window
     (64-token windows over a 32-token sliding window, so the masks differ). Streamed mode calls
     each layer with what the decoder computes for it: every tensor, input scales included, is
     the whole path's (with layer 0's arguments replayed to layer 1, its input scales were 4-6%
     off)."""
-    model = tmp_path / "gemma3"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), "gemma3_text", str(embedded_model_dir),
-                    str(model)], check=True, capture_output=True, timeout=300)
+    model = tiny_model("gemma3_text")
     assert json.loads((model / "config.json").read_text())["layer_types"] == ["sliding_attention", "full_attention"]
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
@@ -297,8 +301,7 @@ def test_streamed_runs_remote_code_and_reports_what_whole_reports(ref_python, em
     loader, gpus and low_memory. Both modes now run one skeleton (quantize.run): the same result
     keys, the same serialized config, and the same bytes on a model that ships its own code."""
     model = tmp_path / "tiny-custom"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_remote_code.py"), str(model),
-                    str(embedded_model_dir)], check=True, capture_output=True, timeout=300)
+    run_ref_tool(ref_python, "tiny_remote_code.py", model, embedded_model_dir, timeout=300)
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     runs = {mode: _payload_quantize(ref_python, model, tmp_path / mode, "default", mode, calib,
@@ -327,14 +330,12 @@ MOE_STREAMS = [("qwen3_moe", "moe-w4a16-experts"), ("mixtral", "moe-w4a4-experts
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, recipe", MOE_STREAMS)
-def test_streamed_moe_writes_the_whole_paths_bytes(kind, recipe, ref_python, embedded_model_dir, texts, tmp_path):
+def test_streamed_moe_writes_the_whole_paths_bytes(kind, recipe, ref_python, tiny_model, texts, tmp_path):
     """Issue 20: the MoE recipes stream. transformers 5 loads the per-expert checkpoint keys fused
     (checkpoint_map reads them layer by layer with its conversion mapping), and the export gives
     them their per-expert hub names back: every tensor, the configs (quantized_layers, the KV-cache
     format) and the steps applied are the whole path's."""
-    model = tmp_path / kind
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), kind, str(embedded_model_dir),
-                    str(model)], check=True, capture_output=True, timeout=300)
+    model = tiny_model(kind)
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     runs = {mode: _payload_quantize(ref_python, model, tmp_path / mode, recipe, mode, calib)
@@ -374,14 +375,12 @@ def test_streamed_reads_moe_checkpoints_as_transformers_loads_them(ref_python, e
 
 
 @pytest.mark.slow
-def test_streamed_fp8_kv_cache_keeps_its_scales(ref_python, embedded_model_dir, texts, tmp_path):
+def test_streamed_fp8_kv_cache_keeps_its_scales(ref_python, tiny_model, texts, tmp_path):
     """--kv-cache fp8 streamed on a dense model: ModelOpt registers the attention class for KV-cache
     quantization only when its plugins see a transformers model, so the streamed path runs them on
     the whole skeleton. Before, the streamed checkpoint silently had no k_scale / v_scale and no
     kv_cache_quant_algo; now it is the whole path's, byte for byte."""
-    model = tmp_path / "llama"
-    subprocess.run([ref_python, str(REPO / "tests" / "tools" / "tiny_moe.py"), "llama", str(embedded_model_dir),
-                    str(model)], check=True, capture_output=True, timeout=300)
+    model = tiny_model("llama")
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     for mode in ("whole", "streamed"):

@@ -3,8 +3,9 @@
 The checkpoints come from ModelOpt (export_hf_checkpoint) and llm-compressor
 (oneshot + save_pretrained), each run in its own venv on a tiny random Llama by the
 scripts in tests/tools. Each corruption test copies a real checkpoint, breaks one
-thing with the helpers below, and runs the verifier's CLI in a subprocess: it must
-exit non-zero, name the tensor or file, and print no traceback.
+thing with the helpers below, and runs the verifier's CLI in a subprocess (forked from one
+that imported it once: tests/fork_server.py): it must exit non-zero, name the tensor
+or file, and print no traceback.
 
 Interpreters: $SPARK_NVFP4_REF_PYTHON (default .venv-mo/bin/python) and
 $SPARK_NVFP4_LLMC_PYTHON (default .venv-llmc/bin/python); missing ones skip the
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from fork_server import forked_launcher
 from launcher.common.errors import VerifyFailed
 from launcher.verify import safetensors_header, verify_checkpoint
 
@@ -81,11 +83,11 @@ def llmc(tmp_path_factory) -> Path:
 
 
 def run_cli(ckpt: Path, *extra: str) -> tuple[int, str]:
-    r = subprocess.run([sys.executable, "-m", "launcher", "verify", str(ckpt), *extra],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
-    out = r.stdout + r.stderr
+    """`launcher verify` forked from a process that imported it once (tests/fork_server.py;
+    test_verify_hostile.py runs it as a new `python -m launcher` too)."""
+    rc, out, _, _ = forked_launcher("verify", ckpt, *extra, timeout=120)
     assert "Traceback" not in out, out
-    return r.returncode, out
+    return rc, out
 
 
 def problem_lines(out: str) -> list[str]:

@@ -3,11 +3,11 @@ classified through a 256-entry table, and the checks on what they hold (finite a
 no NaN or negative block scale, not all zero)."""
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import ExitStack
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -16,11 +16,18 @@ from .findings import Report
 
 CHUNK = 16 * 2**20         # bytes of block scales decoded at a time
 
-# Every E4M3 byte decoded once; classifying a tensor's bytes is then a histogram.
-_E4M3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-_E4M3_NAN = np.isnan(_E4M3)            # 0x7F and 0xFF; E4M3FN has no infinities
-_E4M3_NEG = _E4M3 < 0                  # sign bit set, except -0.0 (0x80)
-_E4M3_ZERO = _E4M3 == 0
+
+@functools.cache
+def _e4m3_classes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(NaN, negative, zero) masks over the 256 E4M3 bytes, each byte decoded once; classifying a
+    tensor's bytes is then a histogram. ml_dtypes is imported here, when block scales are first
+    checked: its import takes ~0.6 s, which every `launcher quantize` (it imports the verifier)
+    paid before its first line, dry runs and one-line refusals included."""
+    import ml_dtypes
+
+    e4m3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    # 0x7F and 0xFF (E4M3FN has no infinities); sign bit set, except -0.0 (0x80); zero
+    return np.isnan(e4m3), e4m3 < 0, e4m3 == 0
 
 
 class ScaleReader:
@@ -83,12 +90,13 @@ def check_positive(name: str, values: np.ndarray, report: Report) -> float | Non
 
 def check_block_scales(t: TensorInfo, report: Report, no_negative: bool) -> None:
     counts = ScaleReader.e4m3_histogram(t)
+    is_nan, is_negative, is_zero = _e4m3_classes()
     total = int(counts.sum())
-    nan = int(counts[_E4M3_NAN].sum())
+    nan = int(counts[is_nan].sum())
     if nan:
         report.add(t.name, f"{nan} of {total} FP8 block scales are NaN (E4M3 byte 0x7F/0xFF)")
-    neg = int(counts[_E4M3_NEG].sum())
+    neg = int(counts[is_negative].sum())
     if no_negative and neg:
         report.add(t.name, f"{neg} of {total} FP8 block scales are negative")
-    if total and int(counts[_E4M3_ZERO].sum()) == total:
+    if total and int(counts[is_zero].sum()) == total:
         report.add(t.name, "every FP8 block scale is 0: the layer would compute zeros")
