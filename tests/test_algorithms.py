@@ -10,7 +10,6 @@ matrices, a tiny random Llama), seconds each.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -359,7 +358,6 @@ def case_cpu_float32_linears():
 
 
 def case_gptq_beats_rtn():
-    import torch
     from container_payload.steps import gptq as gq
     from container_payload.numerics import nvfp4 as nf
 

@@ -175,7 +175,7 @@ def test_symlinks_inside_the_checkpoint_and_into_its_hf_blobs_stay_accepted(tmp_
     snap = make_checkpoint(repo / "snapshots" / "0123abc")
     (repo / "blobs").mkdir()
     shutil.move(snap / SHARD1, repo / "blobs" / "abc123")
-    (snap / SHARD1).symlink_to(f"../../blobs/abc123")
+    (snap / SHARD1).symlink_to("../../blobs/abc123")
     shutil.move(snap / INDEX, snap / "index-copy.json")
     (snap / INDEX).symlink_to("index-copy.json")
     rc, out, _, _ = run_verify(snap)
