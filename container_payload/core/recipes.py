@@ -188,8 +188,6 @@ class KeepBf16:
     ranges = {"budget": Range(0, 1), "batches": Range(1)}   # a fraction of the size; at least one batch
 
     def plan(self) -> Plan:  # streamed: a ranking pass over the layers first (streamed_steps.py)
-        if self.fp8:  # the streamed ranking measures bf16 units only
-            return Plan(ranking_batches=self.batches, whole_only="keep_bf16.fp8 ranks FP8 units on the whole model only")
         return Plan(ranking_batches=self.batches)
 
 
