@@ -38,7 +38,8 @@ def main(argv) -> int:
     import modelopt.torch.quantization as mtq
 
     from container_payload.pipelines.calib_data import fingerprint, read_text, token_windows
-    from container_payload.quantize import export, load_model, load_tokenizer
+    from container_payload.pipelines.loading import load_model, load_tokenizer
+    from container_payload.pipelines.pipelines import export
 
     model_dir, out = Path(args.model_dir), Path(args.out)
     tok = load_tokenizer(model_dir)

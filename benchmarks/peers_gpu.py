@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -157,7 +156,7 @@ class Scorer:
         import torch
 
         from container_payload import evaluate
-        from container_payload.numerics.emulate import load_any
+        from container_payload.numerics.emulated_model import load_any
 
         try:
             model, info = load_any(Path(r["checkpoint"]), self.device)
@@ -219,7 +218,7 @@ def verdicts(rows: list[dict]) -> list[str]:
     best = min(peers, key=kl_mean)
     mp = make_row(scored)
     if mp is None:
-        out.append(f"- **Goal 1 (no verdict):** no row ran make quantize's recipe as recipes.py defines it now.")
+        out.append("- **Goal 1 (no verdict):** no row ran make quantize's recipe as recipes.py defines it now.")
     if mp:
         cut = 1 - kl_mean(mp) / kl_mean(best)
         ok = cut >= KL_GOAL and mp["size_ratio"] <= SIZE_BUDGET + 1e-9

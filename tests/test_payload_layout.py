@@ -175,3 +175,25 @@ def test_memory_plan_reads_a_new_steps_declaration():
         resolved = recipes.with_params(name, {})
         assert memory_plan.refusal(name) == memory_plan.refusal_of(name, resolved)
         assert memory_plan.peaks(shape, tokens, 4096, name) == memory_plan.peaks_of(shape, tokens, 4096, resolved)
+
+
+def test_benchmarks_import_names_the_payload_has(ref_python):
+    """Every `from container_payload... import NAME` in benchmarks/ resolves (benchmarks run only
+    on a GPU machine, where a name moved by a relayout costs a device call: 2026-12-07's first)."""
+    wanted = sorted({(node.module, alias.name)
+                     for path in sorted((REPO / "benchmarks").glob("*.py"))
+                     for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("container_payload")
+                     for alias in node.names})
+    assert wanted, "no payload imports found in benchmarks/"
+    check = ("import importlib, json, sys\nmissing = []\n"
+             "for mod, name in json.loads(sys.argv[1]):\n"
+             "    m = importlib.import_module(mod)\n"
+             "    if not hasattr(m, name):\n"
+             "        try: importlib.import_module(mod + '.' + name)\n"
+             "        except ImportError: missing.append(mod + '.' + name)\n"
+             "print(json.dumps(missing))")
+    out = subprocess.run([ref_python, "-c", check, json.dumps(wanted)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == []
