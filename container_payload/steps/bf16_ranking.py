@@ -140,7 +140,7 @@ class Costs:
     """What each unit may be kept in and what that adds, for both pipelines' ranking: `fmts`,
     the extra bytes by (unit's first Linear, fmt), the cheapest of them by the unit's first Linear
     (what shortlist() checks against the budget), and how many units the shortlist measures
-    (twice as many with fp8: an FP8 unit costs about half a bf16 one)."""
+    (twice as many with fp8: an FP8 unit stores half a bf16 one's bytes)."""
     fmts: tuple
     extra: dict
     cheapest: dict
