@@ -774,11 +774,14 @@ def case_seq_mp_recipe_export():
     unit_extra = 2 * (128 * 64 * 2 - rk._nvfp4_bytes(128 * 64))  # one gate/up unit
     probe = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
     frac = 1.5 * unit_extra / rk.model_bytes_default(probe, qz.quantized_linears(probe))
-    # the registry's recipe, its budget set as a recipe parameter (what --recipe-param does), and
-    # without its smoothing step, so that a unit kept in bf16 must equal the original bit for bit
-    built = recipe_build.build("nvfp4", "smooth-gptq-seq-mp", "none", "cpu", {"keep_bf16.budget": frac})
+    # the registry's recipe, its budget set as a recipe parameter (what --recipe-param does), bf16
+    # units only (FP8 ones: case_seq_mp_fp8_export), and without its smoothing step, so that a
+    # unit kept in bf16 must equal the original bit for bit
+    assert recipes.RECIPES["smooth-gptq-seq-mp"].steps[2].fp8  # the recipe's default since the GPU table
+    built = recipe_build.build("nvfp4", "smooth-gptq-seq-mp", "none", "cpu",
+                               {"keep_bf16.budget": frac, "keep_bf16.fp8": False})
     assert [type(x) for x in built.steps] == [recipes.Smooth, recipes.Calibrate, recipes.KeepBf16, recipes.Gptq]
-    assert built.steps[2].budget == frac
+    assert built.steps[2].budget == frac and not built.steps[2].fp8
     built.steps = built.steps[1:]
     applied = []
     model = steps.run(model, built, fl, applied)
@@ -839,8 +842,8 @@ def case_seq_mp_fp8_export():
     probe = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
     default = rk.model_bytes_default(probe, qz.quantized_linears(probe))
     frac = 2.5 * gate_up_fp8 / default
-    built = recipe_build.build("nvfp4", "smooth-gptq-seq-mp", "none", "cpu",
-                               {"keep_bf16.budget": frac, "keep_bf16.fp8": True})
+    # the recipe's default (keep_bf16.fp8 on)
+    built = recipe_build.build("nvfp4", "smooth-gptq-seq-mp", "none", "cpu", {"keep_bf16.budget": frac})
     built.steps = built.steps[1:]
     applied = []
     model = steps.run(model, built, fl, applied)

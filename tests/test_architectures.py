@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 LAYERS = 2
 # budget: the tiny models' Linears are small next to their 49152 x 64 embedding, so the default 6%
-# would keep every unit and leave GPTQ nothing; 0.3% keeps one or two. bf16 units only (as the
-# recipe is now), so the
-# counts below are bf16 / NVFP4 (FP8 units: tests/test_algorithms.py case_seq_mp_fp8_export)
+# would keep every unit and leave GPTQ nothing; 0.3% keeps one or two. bf16 units only (the
+# recipe's default also keeps FP8 ones), so the counts below are bf16 / NVFP4 (FP8 units:
+# tests/test_algorithms.py case_seq_mp_fp8_export, tests/test_streaming.py)
 RUN = ("--recipe", "smooth-gptq-seq-mp", "--recipe-param", "keep_bf16.budget=0.003",
        "--recipe-param", "keep_bf16.fp8=false", "--mode", "whole",
        "--calib-samples", "8", "--calib-seq-len", "64", "--no-eval")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -248,27 +249,39 @@ def test_streamed_smooth_gptq_seq_writes_the_whole_paths_bytes(small_llama, ref_
 @pytest.mark.slow
 def test_streamed_smooth_gptq_seq_mp_ranks_layer_by_layer_and_writes_the_whole_paths_bytes(
         small_llama, ref_python, texts, tmp_path):
-    """make quantize's recipe streamed (issue 20): the bf16 ranking as a pass of its own over the
-    layers (calibrated and scored one at a time, the shortlist's streams carried along), the
-    decision, then the sequential GPTQ pass: the same units kept, every tensor and the exclude
-    list byte for byte what the whole-model path writes. A small budget keeps a few units of 16
-    (the shortlist of 12 drops units on the way), so the GPTQ has most Linears to fit."""
+    """make quantize's recipe streamed (issue 20): the bf16 / FP8 ranking as a pass of its own over
+    the layers (calibrated and scored one at a time, each shortlisted unit's stream in both formats
+    carried along), the decision, then the sequential GPTQ pass: the same units kept in the same
+    formats, every tensor and both configs byte for byte what the whole-model path writes, and the
+    MIXED_PRECISION checkpoint verifies. The budget (2% of the default's bytes; found by trying) keeps
+    14 units FP8 and one bf16 (layer 1's down_proj, whose FP8 saves no KL on this random model), so
+    one Linear is left to the GPTQ, fitted on inputs that went through the FP8 units."""
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
-    params = {"recipe_params": {"keep_bf16.budget": 0.01}}
+    params = {"recipe_params": {"keep_bf16.budget": 0.0198, "keep_bf16.fp8": True}}
     runs = {mode: _payload_quantize(ref_python, small_llama, tmp_path / mode, "smooth-gptq-seq-mp", mode, calib,
                                     **params) for mode in ("whole", "streamed")}
     assert runs["streamed"]["mode"] == "streamed" and runs["streamed"]["streamed"]["passes"] == 2
     kept = runs["whole"]["steps_applied"][2]
-    assert kept.startswith("keep_bf16: ") and not kept.startswith(("keep_bf16: 0 of", "keep_bf16: 16 of")), kept
+    bf16, fp8 = (int(n) for n in re.fullmatch(r"keep_bf16: (\d+) of 16 fused units kept in bf16, (\d+) in FP8",
+                                               kept).groups())
+    assert bf16 >= 1 and fp8 >= 1 and bf16 + fp8 < 16, kept
     assert [line.replace(", layer by layer", "") for line in runs["streamed"]["steps_applied"]] \
         == runs["whole"]["steps_applied"]
-    configs = [json.loads((tmp_path / mode / "hf_quant_config.json").read_text()) for mode in ("whole", "streamed")]
-    assert configs[0] == configs[1] and any("layers" in m for m in configs[0]["quantization"]["exclude_modules"])
+    for name in ("hf_quant_config.json", "config.json"):
+        assert json.loads((tmp_path / "streamed" / name).read_text()) == \
+            json.loads((tmp_path / "whole" / name).read_text()), name
+    quant = json.loads((tmp_path / "streamed" / "hf_quant_config.json").read_text())["quantization"]
+    algos = [layer["quant_algo"] for layer in quant["quantized_layers"].values()]
+    # 7 Linears a layer; a bf16 unit is left out of quantized_layers, an FP8 one listed per Linear
+    assert quant["quant_algo"] == "MIXED_PRECISION" and "NVFP4" in algos
+    assert 4 * 7 - len(algos) >= bf16 and algos.count("FP8") >= fp8
     whole, streamed = raw_tensors(tmp_path / "whole"), raw_tensors(tmp_path / "streamed")
     assert sorted(whole) == sorted(streamed)
     differ = [k for k in whole if whole[k] != streamed[k]]
     assert not differ, f"{len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
+    check = run_launcher("verify", str(tmp_path / "streamed"), timeout=120)
+    assert check.returncode == 0 and "MIXED_PRECISION" in check.stdout, check.stdout + check.stderr
 
 
 @pytest.mark.slow

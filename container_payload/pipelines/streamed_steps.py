@@ -32,6 +32,7 @@ from ..numerics.linear_compute import float32_linears
 from ..steps.bf16_ranking import (
     Emulation,
     decide,
+    fp8_weights,
     keep_units,
     kept_line,
     kl_to,
@@ -39,7 +40,7 @@ from ..steps.bf16_ranking import (
     model_bytes_default,
     round_weights,
     shortlist,
-    unit_extra_bytes,
+    unit_costs,
 )
 from ..steps.quantizers import QuantizersOff, fused_units, quantized_linears
 from ..steps.sequential import Fit, LayerStandIn, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
@@ -204,11 +205,13 @@ class _KeepBf16(Runner):
     each layer (a copy, smoothed and calibrated as in the final pass) is scored on the ranking
     batches' streams: the original model's (the reference), every unit emulated on round-to-
     nearest weights (the base and each Linear's output error), and, for each unit in the running
-    shortlist, every unit emulated but that one (a unit's stream starts from the base stream at
-    its layer; one that leaves the shortlist is dropped: the final shortlist's units were in it
-    when their layer was scored). At the end the logits, the KLs and bf16_ranking.decide; in the
-    final pass the kept units' quantizers are turned off before the GPTQ that follows fits around
-    them."""
+    shortlist, every unit emulated but that one, which is kept in each format (bf16 on its
+    original weights; with fp8 also FP8, on fp8_weights with FP8 inputs). A (unit, format)'s
+    stream starts from the base stream at its layer; a unit that leaves the shortlist is dropped:
+    the final shortlist's units were in it when their layer was scored. At the end the logits,
+    the KLs and bf16_ranking.decide; in the final pass bf16_ranking.keep_units applies the
+    decision to the layer's calibrated weights (bf16: quantizers off; FP8: set_fp8) before the
+    GPTQ that follows fits around them."""
 
     def __init__(self, step, run):
         super().__init__(step, run)
@@ -234,7 +237,7 @@ class _KeepBf16(Runner):
             linears = quantized_linears(run.model)
             self.budget = self.step.budget * model_bytes_default(run.model, linears)
         units = fused_units(linears)
-        self.extra = {u[0]: unit_extra_bytes(u, {n: linears[n].weight for n in u}) for u in units}
+        self.costs = unit_costs(units, {n: m.weight for n, m in linears.items()}, self.step.fp8)
         self.total = len(units)
         self.rank = bool(self.ids) and self.budget > 0
 
@@ -249,9 +252,9 @@ class _KeepBf16(Runner):
     def layer(self, run, at, final):
         linears = quantized_linears(at.root)
         units = fused_units(linears)
-        if final:
-            kept = {u[0] for u, _ in self.kept}
-            keep_units(linears, [(u, "bf16") for u in units if u[0] in kept])
+        if final:  # the weights are what the whole path hands keep_units as its originals
+            kept = {u[0]: fmt for u, fmt in self.kept}
+            keep_units(linears, [(u, kept[u[0]]) for u in units if u[0] in kept])
             return
         if not self.rank:
             return
@@ -264,8 +267,8 @@ class _KeepBf16(Runner):
             for n in names:
                 linears[n].weight.data.copy_(src[n])
 
-        def through(stream, emulated, originals=None):
-            emu = Emulation(linears, emulated, originals)
+        def through(stream, emulated, originals=None, fp8_units=()):
+            emu = Emulation(linears, emulated, originals, fp8_units)
             try:
                 out = [at.layer(h, *a, **k) for h, (a, k) in zip(stream, calls)]
             finally:
@@ -281,14 +284,18 @@ class _KeepBf16(Runner):
             self.base, err = through(base_in, units, originals)
             self.err.update(err)
             self.seen += units
-            streams = {}
-            for unit in shortlist(self.seen, self.err, self.extra, self.budget):
-                if unit[0] in self.streams:  # a unit of an earlier layer: this layer all emulated
-                    streams[unit[0]], _ = through(self.streams[unit[0]], units)
-                elif unit in units:          # one of this layer's: it alone in bf16, from the base stream
-                    set_weights(originals, unit)
-                    streams[unit[0]], _ = through(base_in, [u for u in units if u is not unit])
-                    set_weights(rounded, unit)
+            streams, costs = {}, self.costs
+            for unit in shortlist(self.seen, self.err, costs.cheapest, self.budget, costs.width):
+                others = [u for u in units if u is not unit]
+                for fmt in costs.fmts:
+                    key = (unit[0], fmt)
+                    if key in self.streams:  # a unit of an earlier layer: this layer all emulated
+                        streams[key], _ = through(self.streams[key], units)
+                    elif unit in units:      # one of this layer's: it alone in fmt, from the base stream
+                        fp8 = fmt == "fp8"
+                        set_weights(fp8_weights(unit, originals) if fp8 else originals, unit)
+                        streams[key], _ = through(base_in, others, fp8_units=[unit] if fp8 else ())
+                        set_weights(rounded, unit)
             self.streams = streams
 
     @torch.no_grad()
@@ -298,8 +305,10 @@ class _KeepBf16(Runner):
         with QuantizersOff(run.model), float32_linears(run.model):
             ref = [torch.log_softmax(logits.float(), dim=-1) for logits in self._logits(run, self.ref)]
             base = kl_to(ref, self._logits(run, self.base))
-            measured = [(u, "bf16", kl_to(ref, self._logits(run, self.streams[u[0]])), self.extra[u[0]])
-                        for u in shortlist(self.seen, self.err, self.extra, self.budget)]
+            costs = self.costs
+            measured = [(u, fmt, kl_to(ref, self._logits(run, self.streams[u[0], fmt])), costs.extra[u[0], fmt])
+                        for u in shortlist(self.seen, self.err, costs.cheapest, self.budget, costs.width)
+                        for fmt in costs.fmts]
         kept = decide(base, measured, self.budget, len(self.ids), self.t0)
         self.kept = kept
         self.ref = self.base = self.streams = self.first = self.calls = None  # the ranking's streams go

@@ -14,6 +14,7 @@ budget covers about twice the units. Each shortlisted unit is measured both ways
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -134,6 +135,26 @@ def unit_extra_bytes(unit, weights: dict, fmt: str = "bf16") -> float:
     return sum(kept(weights[n]) - _nvfp4_bytes(weights[n].numel()) for n in unit)
 
 
+@dataclass(frozen=True)
+class Costs:
+    """What each unit may be kept in and what that adds, for both pipelines' ranking: `fmts`,
+    the extra bytes by (unit's first Linear, fmt), the cheapest of them by the unit's first Linear
+    (what shortlist() checks against the budget), and how many units the shortlist measures
+    (twice as many with fp8: an FP8 unit stores half a bf16 one's bytes)."""
+    fmts: tuple
+    extra: dict
+    cheapest: dict
+    width: int
+
+
+def unit_costs(units: list, weights: dict, fp8: bool, candidates: int = CANDIDATES) -> Costs:
+    """Costs of `units` (weights: their Linears' weights by name; shapes and dtypes are all it reads)."""
+    fmts = ("bf16", "fp8") if fp8 else ("bf16",)
+    extra = {(u[0], f): unit_extra_bytes(u, weights, f) for u in units for f in fmts}
+    cheapest = {u[0]: min(extra[u[0], f] for f in fmts) for u in units}
+    return Costs(fmts, extra, cheapest, candidates * len(fmts))
+
+
 def fp8_weights(unit, originals) -> dict:
     """The unit's weights as its FP8 export stores them: one per-tensor scale for the fused unit
     (ModelOpt's export gives q/k/v and gate/up one shared weight scale), amax / 448."""
@@ -230,9 +251,7 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
     t0 = time.time()
     ids_list = limit_tokens(ids_list, max_tokens)
     quant_w = {n: linears[n].weight.detach().clone() for n in linears}
-    fmts = ("bf16", "fp8") if fp8 else ("bf16",)
-    extra = {(u[0], f): unit_extra_bytes(u, originals, f) for u in units for f in fmts}
-    cheapest = {u[0]: min(extra[u[0], f] for f in fmts) for u in units}
+    costs = unit_costs(units, originals, fp8, candidates)
 
     def set_weights(src, names):
         for n in names:
@@ -248,12 +267,12 @@ def keep_sensitive_in_bf16(model, linears: dict, originals: dict, ids_list, budg
         finally:
             emu.remove()
         measured = []
-        for unit in shortlist(units, emu.err, cheapest, budget, candidates * len(fmts)):
-            for fmt in fmts:
+        for unit in shortlist(units, emu.err, costs.cheapest, budget, costs.width):
+            for fmt in costs.fmts:
                 set_weights(originals if fmt == "bf16" else fp8_weights(unit, originals), unit)
                 emu = Emulation(linears, [u for u in units if u is not unit], fp8_units=[unit] if fmt == "fp8" else ())
                 try:
-                    measured.append((unit, fmt, kl_to(ref, model_logits(model, ids_list)), extra[unit[0], fmt]))
+                    measured.append((unit, fmt, kl_to(ref, model_logits(model, ids_list)), costs.extra[unit[0], fmt]))
                 finally:
                     emu.remove()
                     set_weights(quant_w, unit)
