@@ -255,7 +255,8 @@ def test_streamed_smooth_gptq_seq_mp_ranks_layer_by_layer_and_writes_the_whole_p
     formats, every tensor and both configs byte for byte what the whole-model path writes, and the
     MIXED_PRECISION checkpoint verifies. The budget (2% of the default's bytes; found by trying) keeps
     14 units FP8 and one bf16 (layer 1's down_proj, whose FP8 saves no KL on this random model), so
-    one Linear is left to the GPTQ, fitted on inputs that went through the FP8 units."""
+    one Linear is left to the GPTQ, fitted on inputs that went through the FP8 units. That bf16 unit
+    wins by about 1e-6 KL, which another CPU's bf16 kernels may tip, so only FP8 units are required."""
     calib = tmp_path / "calib.txt"
     calib.write_text(texts.calibration.read_text(encoding="utf-8")[:60000], encoding="utf-8")
     params = {"recipe_params": {"keep_bf16.budget": 0.0198, "keep_bf16.fp8": True}}
@@ -265,7 +266,7 @@ def test_streamed_smooth_gptq_seq_mp_ranks_layer_by_layer_and_writes_the_whole_p
     kept = runs["whole"]["steps_applied"][2]
     bf16, fp8 = (int(n) for n in re.fullmatch(r"keep_bf16: (\d+) of 16 fused units kept in bf16, (\d+) in FP8",
                                                kept).groups())
-    assert bf16 >= 1 and fp8 >= 1 and bf16 + fp8 < 16, kept
+    assert fp8 >= 1 and bf16 + fp8 < 16, kept
     assert [line.replace(", layer by layer", "") for line in runs["streamed"]["steps_applied"]] \
         == runs["whole"]["steps_applied"]
     for name in ("hf_quant_config.json", "config.json"):
