@@ -82,7 +82,7 @@ ROWS = [
     Row("smooth-gptq-seq-h", "ours", "payload", "smooth-gptq-seq:gptq.scales=hessian",
         what="smooth-gptq-seq, block scales chosen by their GPTQ cost under the layer's Hessian (gptq.scales=hessian)"),
     Row("smooth-gptq-seq-mp", "ours", "payload", "smooth-gptq-seq-mp", pure=False,
-        what="the registry's smooth-gptq-seq-mp: bf16 units within 6% of the size, then smooth-gptq-seq"),
+        what="the registry's smooth-gptq-seq-mp (with bf16 / FP8 units since 2026-12-07; bf16 units only in that day's table)"),
     Row("mp-fp8-0.06", "ours", "payload", "smooth-gptq-seq-mp:keep_bf16.budget=0.06;keep_bf16.fp8=true", pure=False,
         what="bf16 / FP8 units within 6% of the default's bytes (keep_bf16.fp8)"),
     Row("mp-bf16-0.09", "ours", "payload", "smooth-gptq-seq-mp:keep_bf16.budget=0.09;keep_bf16.fp8=false", pure=False,
