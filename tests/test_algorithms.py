@@ -186,6 +186,16 @@ def case_scale_search_never_worse():
         # and the total error drops clearly
         tot = lambda s: sum(_slow_block_error(w[r], s[r], ws2, cwv) for r in range(len(w)))
         assert tot(s_opt) < 0.95 * tot(s_max)
+    # rows searched in chunks (SEARCH_ROWS) give exactly the all-at-once scales, with either weighting
+    w = torch.randn(1000, 16) * torch.rand(1000, 1) * 3
+    cw_rows = torch.rand(1000, 16)
+    whole = [nf.search_block_scales(w, ws2, c) for c in (None, cw_rows)]
+    nf.SEARCH_ROWS = 96
+    try:
+        chunked = [nf.search_block_scales(w, ws2, c) for c in (None, cw_rows)]
+    finally:
+        nf.SEARCH_ROWS = 1 << 18
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
 
 
 def _reference_gptq_f64(w, h, ws2, damp=0.01, search=True):

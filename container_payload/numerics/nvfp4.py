@@ -66,12 +66,23 @@ def _work_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
+# Rows of blocks searched at a time: the trial tensor is [rows, 1 + down + up, 16], about 170 MB
+# in float32 (a whole 8B down_proj at once was 2.2 GiB, what stopped the streamed ranking on a GPU).
+SEARCH_ROWS = 1 << 18
+
+
 def search_block_scales(w: torch.Tensor, ws2: torch.Tensor, col_weight: torch.Tensor | None = None,
                         down: int = 8, up: int = 1) -> torch.Tensor:
     """Per block of 16, the FP8 scale (as float32) minimizing the (column-weighted) squared
     error. w: [R, 16]; col_weight: [16] or [R, 16] nonnegative, or None for plain MSE.
     The max-scaling scale is candidate 0 and is replaced only by a strictly better one, so
-    the result is never worse than max scaling on any block."""
+    the result is never worse than max scaling on any block. Rows are independent: searched
+    SEARCH_ROWS at a time, the same values as all at once."""
+    if w.shape[0] > SEARCH_ROWS:
+        per_row = col_weight is not None and col_weight.dim() == 2
+        return torch.cat([search_block_scales(w[i:i + SEARCH_ROWS], ws2,
+                                              col_weight[i:i + SEARCH_ROWS] if per_row else col_weight, down, up)
+                          for i in range(0, w.shape[0], SEARCH_ROWS)])
     w = w.to(_work_dtype(w))
     amax = w.abs().amax(dim=-1)
     cand = block_scale_candidates(amax, ws2, down, up)  # [R, C] float32
