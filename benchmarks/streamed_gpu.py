@@ -1,7 +1,7 @@
 """GPU benchmark of issue 15: a recipe whole vs layer-streamed at 8B shapes.
 
     python3 benchmarks/gpu_8b.py prepare                     # once, on the CPU: .bench/tokenizer, calib.txt
-    python3 benchmarks/streamed_gpu.py --out benchmarks/results [--recipe R] [--tiny]   # on the GPU machine
+    python3 benchmarks/streamed_gpu.py --out benchmarks/results [--recipe R] [--baseline-recipe default] [--tiny]   # on the GPU machine
 
 1. a random-weight checkpoint with Llama-3-8B shapes (gpu_8b.write_checkpoint: DeepSeek-R1-Distill-
    Llama-8B's config, 16 GB of bf16), written on the GPU;
@@ -9,6 +9,8 @@
 3. the payload in streamed mode with GPU memory capped at --gpu-fraction (default 10%) of the
    model's bf16 bytes (torch.cuda.set_per_process_memory_fraction, set before the payload runs)
    and host RSS checked against --host-cap-gib (ru_maxrss after the run; Linux has no RSS limit);
+3b. with --baseline-recipe R, R in whole mode on the same checkpoint and job (only the recipe
+   changed): the recipe's wall time over R's, in the same call;
 4. the two checkpoints compared tensor by tensor (tests/tools/compare_ckpt.py: weights and
    scales identical, input_scale within 1%; the count of bit-identical input_scales is reported);
 5. DIR/streamed-vs-whole-gpu_8b[-RECIPE].json and .md: wall times, GPU and host peaks, the
@@ -34,9 +36,10 @@ CAPPED = ("import sys, runpy, torch; cap = int(sys.argv.pop(1)); "
           "runpy.run_module('container_payload.quantize', run_name='__main__')")
 
 
-def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | None, out_dir: Path) -> dict:
+def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | None, out_dir: Path,
+            recipe: str | None = None) -> dict:
     out = work / f"out-{name}"
-    job = {"model_dir": str(model_dir), "output_dir": str(out), "format": "nvfp4", "recipe": args.recipe,
+    job = {"model_dir": str(model_dir), "output_dir": str(out), "format": "nvfp4", "recipe": recipe or args.recipe,
            "kv_cache": "none", "device": "auto", "mode": mode,
            "calibration": {"source": str(gpu_8b.BENCH / "calib.txt"), "samples": args.samples,
                            "seq_len": args.seq_len, "batch_size": 4}}
@@ -70,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fallback-gpu-cap-gib", type=float, default=None,
                     help="when the capped streamed run fails, run it again under this cap (default: uncapped)")
     ap.add_argument("--max-wall-ratio", type=float, default=1.3, help="streamed wall time over whole's, at most")
+    ap.add_argument("--baseline-recipe", default=None,
+                    help="also run this recipe whole on the same checkpoint (e.g. default): the recipe's cost in the same call")
     ap.add_argument("--tiny", action="store_true", help="2 narrow layers on the CPU: a smoke test of the script")
     args = ap.parse_args(argv)
     import shutil
@@ -107,6 +112,10 @@ def main(argv=None) -> int:
         fallback = int(args.fallback_gpu_cap_gib * 2**30) if args.fallback_gpu_cap_gib else None
         res["streamed_uncapped"] = payload(work, model_dir, "streamed-uncapped" if fallback is None else "streamed-fallback",
                                            "streamed", args, fallback, out_dir)
+    if args.baseline_recipe:
+        res["baseline"] = payload(work, model_dir, "baseline", "whole", args, None, out_dir, recipe=args.baseline_recipe)
+        res["baseline_ratio"] = round(res["whole"]["wall_s"] / res["baseline"]["wall_s"], 3) \
+            if res["whole"]["rc"] == 0 and res["baseline"]["rc"] == 0 else None
     streamed = res["streamed"] if res["streamed"]["rc"] == 0 else res.get("streamed_uncapped", {})
     if res["whole"]["rc"] == 0 and streamed.get("rc") == 0:
         a, b = Path(res["whole"]["out"]), Path(streamed["out"])
@@ -130,7 +139,7 @@ def stem(args) -> str:
 
 def render(res: dict, args) -> str:
     g = lambda b: f"{(b or 0) / 2**30:.2f} GiB"  # noqa: E731
-    w, s, u = res["whole"], res["streamed"], res.get("streamed_uncapped")
+    w, s, u, b = res["whole"], res["streamed"], res.get("streamed_uncapped"), res.get("baseline")
     cmp_ = res.get("comparison", {})
     return "\n".join([
         f"# Whole vs layer-streamed, recipe {args.recipe} ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
@@ -144,8 +153,11 @@ def render(res: dict, args) -> str:
         f"{g(s.get('host_rss_peak_bytes'))} |",
         *([f"| streamed ({'uncapped' if not u.get('gpu_cap_bytes') else 'capped at ' + g(u['gpu_cap_bytes'])}, after "
            f"the capped run failed; rc {u['rc']}) | {u['wall_s']:.1f} s | {g(u.get('gpu_peak_bytes'))} | "
-           f"{g(u.get('host_rss_peak_bytes'))} |"] if u else []), "",
+           f"{g(u.get('host_rss_peak_bytes'))} |"] if u else []),
+        *([f"| whole, recipe {args.baseline_recipe} (the baseline; rc {b['rc']}) | {b['wall_s']:.1f} s | "
+           f"{g(b.get('gpu_peak_bytes'))} | {g(b.get('host_rss_peak_bytes'))} |"] if b else []), "",
         f"Streamed wall time over whole's: {res.get('wall_ratio')} (at most {args.max_wall_ratio} asked).", "",
+        *([f"Whole wall time over the baseline's ({args.baseline_recipe}): {res.get('baseline_ratio')}.", ""] if b else []),
         f"Comparison (whole vs the streamed run that completed): {cmp_.get('bit_identical')} of "
         f"{cmp_.get('tensors')} tensors bit-identical; "
         f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res['host_cap_ok']}.", "",
