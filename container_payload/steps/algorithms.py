@@ -33,20 +33,22 @@ def _gptq(w, h, ws2, block_size, damp, search, kernel: str = "auto", scales: str
                            use_triton={"auto": None, "triton": True, "torch": False, "reference": False}[kernel])
 
 
-def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
+def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict | None,
                   gptq: bool = True, search: bool = True, damp: float = 0.01,
                   block_size: int = 128, ridge: float | None = None, kernel: str = "auto",
                   scales: str = "search") -> None:
     """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
     the unit, GPTQ (or rounding) with searched or max block scales; stores the original
-    weights in `originals` and consumes the unit's entries of hs / cs.
+    weights in `originals` (None: not kept, as the streamed pass needs) and consumes the unit's
+    entries of hs / cs.
 
     Members that share one Hessian (and one C), as q/k/v and gate/up do, are corrected and
     quantized as one matrix, their rows stacked: GPTQ treats rows independently, so this is
     the same result in one call instead of one per member."""
     mods = [linears[n] for n in unit]
     for n, m in zip(unit, mods):
-        originals[n] = m.weight.detach().clone()
+        if originals is not None:
+            originals[n] = m.weight.detach().clone()
     # groups of members with the same H and C (the same tensors: collect_hessians and the
     # sequential pass hand one pair to the whole unit)
     groups: list[list[int]] = []

@@ -281,11 +281,13 @@ class Fit:
 
 
 @torch.no_grad()
-def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, originals: dict,
+def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, originals: dict | None,
                  fit: Fit, timer: _Timer) -> tuple[list, list, int]:
     """One decoder layer of the sequential pass: its quantized units fitted by activation-aware
     GPTQ on the two streams. fp / qs: the original and quantized hidden states per chunk; calls:
-    the (args, kwargs) per chunk. Returns the streams after the layer and the units fitted.
+    the (args, kwargs) per chunk; originals: where the units' original weights go (None: not
+    kept; they would wait on the GPU beside the widest unit's solve). Returns the streams after
+    the layer and the units fitted.
     The caller holds QuantizersOff (and float32_linears on the CPU)."""
     run = lambda h, a, k: layer(fit.on(h), *a, **k)  # noqa: E731
     name_of = {id(m): n for n, m in linears.items()}
