@@ -40,7 +40,8 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
     """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
     the unit, GPTQ (or rounding) with searched or max block scales; stores the original
     weights in `originals` (None: not kept, as the streamed pass needs) and consumes the unit's
-    entries of hs / cs.
+    entries of hs / cs: their tensors are the unit's own (collect_hessians and the sequential pass
+    make one pair per unit), freed as they are used up and overwritten on the way (gptq.Squares).
 
     Members that share one Hessian (and one C), as q/k/v and gate/up do, are corrected and
     quantized as one matrix, their rows stacked: GPTQ treats rows independently, so this is
