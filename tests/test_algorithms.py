@@ -16,7 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference", "fast_gptq_vs_reference", "hessian_block_scales", "cpu_float32_linears",
          "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
-         "smoothing", "smoothing_families", "sequential_vs_direct_reference", "seq_mp_recipe_export", "seq_mp_fp8_export", "recipe_names_agree"]
+         "smoothing", "smoothing_families", "sequential_vs_direct_reference", "seq_mp_recipe_export", "seq_mp_fp8_export", "recipe_names_agree",
+         "gptq_memory"]
 
 
 # ---------------------------------------------------------------- host side (pytest)
@@ -111,6 +112,10 @@ def test_fp8_units_export_mixed_precision_and_emulate():
 
 def test_launcher_and_payload_know_the_same_recipes():
     _run_case("recipe_names_agree")
+
+
+def test_gptq_unit_holds_few_squares_and_the_same_bits():
+    _run_case("gptq_memory")
 
 
 # ---------------------------------------------------------------- torch side (subprocess)
@@ -395,7 +400,7 @@ def case_activation_aware():
     xq = fake_quant_nvfp4(x, x.abs().max() / 2688)
     n = len(x)
     h_qq, c_xq, h_xx = xq.T @ xq / n, x.T @ xq / n, x.T @ x / n
-    v = gq.activation_corrected_weight(w, h_qq, c_xq, damp=0.01)
+    v = gq.activation_corrected_weight(w, gq.Squares(h_qq, c_xq), damp=0.01)
     # direct: minimize ||X W^T - Xq V^T||^2/n + lam ||V - W||^2
     X, Xq, W = x.double(), xq.double(), w.double()
     lam = 0.01 * torch.diag(Xq.T @ Xq / n).mean()
@@ -959,6 +964,114 @@ def _fixed_scale_block(wg, ug, ws2, s):
         q[:, j], e[:, j] = qc, (col - qc) / d[j]
         wg[:, j + 1:] -= e[:, j:j + 1] * ug[j, j + 1:]
     return q, e, s
+
+
+def _old_hessian_inverse_factor(h, w, damp=0.01):
+    """gptq.hessian_inverse_factor before the squares were freed early (commit f9ca6dc), verbatim."""
+    import torch
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w = w.clone()
+    w[:, dead] = 0
+    d = damp * torch.mean(torch.diag(h))
+    for tries in range(6):
+        hd = h.clone()
+        hd.diagonal().add_(d)
+        try:
+            l = torch.linalg.cholesky(hd)
+            del hd
+            hinv = torch.cholesky_inverse(l)
+            del l
+            u = torch.linalg.cholesky(hinv, upper=True)
+            return u, w
+        except torch.linalg.LinAlgError:
+            d = d * 10 if d > 0 else 1e-6
+    raise RuntimeError("GPTQ: Hessian not positive definite even with heavy damping")
+
+
+def _old_activation_corrected_weight(w, h_qq, c_xq, damp=0.01):
+    """gptq.activation_corrected_weight before the squares were freed early (commit f9ca6dc), verbatim."""
+    import torch
+    a = h_qq.double()
+    lam = damp * torch.diag(a).mean().clamp_min(1e-12)
+    d = c_xq.double()
+    d.sub_(a)
+    rhs = d.T @ w.double().T
+    del d
+    a.diagonal().add_(lam)
+    corr = torch.linalg.solve(a, rhs).T
+    return (w.double() + corr).to(w.dtype)
+
+
+def case_gptq_memory():
+    """The sequential GPTQ's widest unit (down_proj: a wide input, so its in x in squares dominate,
+    as at 8B where each is 0.8 GB in float32) in quantize_unit, H and C made inside the measured
+    block as refine_layer makes them and handed over, the original weights not kept (the streamed
+    pass): the peak of live tensor bytes (tests/live_bytes.py; on a GPU what the unit costs the
+    device: nothing here waits in host memory) is what memory_plan counts, GPTQ_SQUARES squares
+    (in x in x 4 bytes) + GPTQ_WEIGHTS weight-sized tensors (out x in x 4 bytes), plus vectors (a
+    diagonal, the pivots: 1/8 of a weight here). The squares: the activation correction's solve,
+    A = H + lam I in float64 (2) and the LU copy it factors (2), H, C and every other square freed
+    or not yet made. The weights: the solve's right-hand side and result in float64 (2 each), the
+    float32 target (1). The code before (H and C held by the caller throughout) peaked at 6 squares
+    + the same. The results are bit-identical to that code's (copies above, swapped in)."""
+    import copy
+    import torch
+    import modelopt.torch.quantization as mtq
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from live_bytes import LiveBytes
+    from container_payload.core import memory_plan
+    from container_payload.steps import algorithms as al, fast_gptq as fg, gptq as gq, quantizers as qz
+    from container_payload.numerics.emulate import fake_quant_nvfp4
+
+    torch.manual_seed(0)
+    n_in, n_out = 1024, 64
+    cfg = LlamaConfig(vocab_size=64, hidden_size=n_out, intermediate_size=n_in, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).float().eval()
+    ids = torch.randint(0, 64, (2, 16))
+    fl = lambda m: m(input_ids=ids)  # noqa: E731
+    model = mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), fl)
+    unit = ["model.layers.0.mlp.down_proj"]
+    x, _, _, _ = _problem(seed=3, out=1, n=n_in, tokens=2048)
+    x = x.float()
+    xq = fake_quant_nvfp4(x, x.abs().max() / 2688)
+
+    def run(m):
+        lin = qz.quantized_linears(m)
+        with LiveBytes() as live, torch.no_grad():
+            h, c = (xq.T @ xq).div_(len(x)), (x.T @ xq).div_(len(x))
+            hs, cs = {unit[0]: h}, {unit[0]: c}
+            del h, c
+            al.quantize_unit(unit, lin, hs, cs, None, ridge=1.0, kernel="torch")
+        return live.peak, lin[unit[0]].weight.detach().clone(), lin[unit[0]].weight_quantizer.amax.clone()
+
+    old_model = copy.deepcopy(model)
+    saved = al.activation_corrected_weight, fg.hessian_inverse_factor
+    al.activation_corrected_weight = lambda w, sq, damp: _old_activation_corrected_weight(w, sq.h, sq.c, damp)
+    fg.hessian_inverse_factor = lambda h, w, damp: _old_hessian_inverse_factor(h.take_h(w), w, damp)
+    try:
+        old_peak, old_w, old_s = run(old_model)
+    finally:
+        al.activation_corrected_weight, fg.hessian_inverse_factor = saved
+    peak, new_w, new_s = run(model)
+    square, weight = n_in * n_in * 4, n_in * n_out * 4
+    bound = memory_plan.GPTQ_SQUARES * square + (memory_plan.GPTQ_WEIGHTS + 0.125) * weight
+    print(f"peak {peak / square:.3f} squares (before: {old_peak / square:.3f}), a weight is {weight / square} square")
+    assert peak <= bound, (peak / square, bound / square, old_peak / square)
+    assert old_peak > bound + square, old_peak / square  # the bound tells the two apart
+    assert torch.equal(new_w, old_w) and torch.equal(new_s, old_s)
+    # the pieces, bit for bit: the corrected weight, H given back, the inverse-Hessian factor
+    h, c = (xq.T @ xq).div_(len(x)), (x.T @ xq).div_(len(x))
+    w = torch.randn(n_out, n_in) * 0.05
+    sq = gq.Squares(h.clone(), c.clone())
+    assert torch.equal(gq.activation_corrected_weight(w, sq, 1.0), _old_activation_corrected_weight(w, h, c, 1.0))
+    assert sq.c is None and torch.equal(sq.h, h)
+    u_old, w_old = _old_hessian_inverse_factor(h, w)
+    for hh in (h, gq.Squares(h.clone())):
+        u_new, w_new = gq.hessian_inverse_factor(hh, w)
+        assert torch.equal(u_new, u_old) and torch.equal(w_new, w_old)
 
 
 if __name__ == "__main__":

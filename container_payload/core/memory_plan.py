@@ -18,9 +18,13 @@ activations = the captured hidden states (tokens x hidden x 2 bytes, kept once: 
 outputs replace its inputs) + one batch's temporaries inside a layer (float32 MLP products).
 A sequential GPTQ adds two streams of hidden states (original, quantized), smoothing one more
 (the unsmoothed model's, for its statistics); GPTQ holds one layer's unit inputs (3 x hidden +
-intermediate per token, bf16), and for the widest unit H and C in float32 and the activation
-correction's float64 squares (GPTQ_SQUARES). A ranking (keep_bf16) holds float32 logits of its
-tokens instead (RANKING_TOKENS x vocab x 4 bytes, LOGIT_COPIES of them), before or after the GPTQ.
+intermediate per token, bf16), and for the widest unit (down_proj: intermediate inputs) the
+activation correction's solve: GPTQ_SQUARES intermediate^2 float32 squares and GPTQ_WEIGHTS
+hidden x intermediate float32 ones. All of it sits on the device that runs the layer (the GPU):
+no square waits in host memory, H is rebuilt from the solve's float64 copy instead (steps/gptq.py);
+on a Spark GPU and host are one pool, and the streamed total counts both. A ranking (keep_bf16)
+holds float32 logits of its tokens instead (RANKING_TOKENS x vocab x 4 bytes, LOGIT_COPIES of
+them), before or after the GPTQ.
 runtime = torch + transformers + ModelOpt imported and a tokenizer loaded: about 0.5 GiB on
 a CPU (tests/test_streaming.py measures it), counted as 1 GiB (a CUDA context adds more;
 tokenizing the whole builtin Brown text adds about 0.6 GiB of its own on top).
@@ -41,10 +45,15 @@ GiB = 1 << 30
 RUNTIME_BYTES = 1 * GiB
 WHOLE_FACTOR = 1.4
 WHOLE_FACTOR_OURS = 3.0   # the issue's measurement of make quantize's recipe
-# widest unit's squares (intermediate^2 x 4 bytes each) at GPTQ's peak: H and C in float32, the
-# activation correction's two float64 squares (= 4 float32 ones). Measured at 8B on an H200, the
-# streamed smooth-gptq-seq peaked at 7.0 GiB of GPU and 10.0 GiB host: 17 GiB, estimated 15.
-GPTQ_SQUARES = 6
+# The widest unit at GPTQ's peak, the activation correction's solve (steps/gptq.py; bounded by
+# tests/test_algorithms.py's gptq_memory): A = H + lam I in float64 and the solve's LU copy of it,
+# 4 squares of intermediate^2 x 4 bytes (H and C are freed by then); and weight-sized tensors of
+# hidden x intermediate x 4 bytes: the solve's right-hand side and result in float64 (2 each), the
+# float32 target (1). Before these were freed early (H and C held throughout: 6 squares), the
+# streamed smooth-gptq-seq at 8B on an H200 peaked at 7.0 GiB of GPU and 10.0 GiB host (estimated
+# 15 GiB in all); not yet measured since.
+GPTQ_SQUARES = 4
+GPTQ_WEIGHTS = 5
 LAYER_COPIES = 4   # the layer at work, its host read, the writer's buffer, the next layer read ahead
 # A ranking pass (keep_bf16) scores units by the KL of the model's logits on at most RANKING_TOKENS
 # calibration tokens: float32 logits of the reference, the scored model, and the KL's temporaries.
@@ -176,7 +185,8 @@ def peaks_of(shape: Shape, tokens: int, batch_tokens: int, steps: tuple | None) 
     streams = tokens * shape.hidden * 2 * sum(p.hidden_streams for p in plans)
     work = 0  # the largest of our passes' own work at a time: a GPTQ unit, or a ranking's logits
     if any(p.unit_inputs for p in plans):
-        work = tokens * (3 * shape.hidden + shape.intermediate) * 2 + GPTQ_SQUARES * shape.intermediate ** 2 * 4
+        work = tokens * (3 * shape.hidden + shape.intermediate) * 2 + GPTQ_SQUARES * shape.intermediate ** 2 * 4 \
+            + GPTQ_WEIGHTS * shape.hidden * shape.intermediate * 4
     if any(p.ranking_batches for p in plans):
         work = max(work, RANKING_TOKENS * shape.vocab * 4 * LOGIT_COPIES)
     ours = any(p.ours for p in plans)

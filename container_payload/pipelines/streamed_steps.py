@@ -176,7 +176,7 @@ class _Gptq(Runner):
     def layer(self, run, at, final):
         linears = quantized_linears(at.root)
         with QuantizersOff(at.root), float32_linears(at.root):
-            self.fp, self.qs, _ = refine_layer(at.layer, linears, self.fp, self.qs, self.chunk_calls[at.index], {},
+            self.fp, self.qs, _ = refine_layer(at.layer, linears, self.fp, self.qs, self.chunk_calls[at.index], None,
                                                self.fit, self.timer)
         self.reached += len(linears)
 

@@ -16,7 +16,7 @@ import torch
 from ..core.events import log as _log
 from ..numerics.nvfp4 import E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
 from .fast_gptq import gptq_nvfp4_fast
-from .gptq import activation_corrected_weight, gptq_nvfp4
+from .gptq import Squares, activation_corrected_weight, gptq_nvfp4
 from .hessians import collect_hessians
 from .quantizers import fused_units, quantized_linears, set_static_weight_quantizer
 
@@ -25,7 +25,7 @@ def _gptq(w, h, ws2, block_size, damp, search, kernel: str = "auto", scales: str
     """GPTQ on the NVFP4 grid: the batched implementation (fast_gptq; kernel auto, triton or
     torch), or this module's column-by-column reference (kernel "reference": same results, the
     tests compare them). scales "hessian": fast_gptq.hessian_block_scales (the reference has
-    only the plain search; its torch twin runs then)."""
+    only the plain search; its torch twin runs then). h: a tensor, or a gptq.Squares (used up)."""
     hessian = scales == "hessian" and search
     if kernel == "reference" and not hessian:
         return gptq_nvfp4(w, h, ws2, block_size, damp, search)
@@ -33,20 +33,23 @@ def _gptq(w, h, ws2, block_size, damp, search, kernel: str = "auto", scales: str
                            use_triton={"auto": None, "triton": True, "torch": False, "reference": False}[kernel])
 
 
-def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict,
+def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals: dict | None,
                   gptq: bool = True, search: bool = True, damp: float = 0.01,
                   block_size: int = 128, ridge: float | None = None, kernel: str = "auto",
                   scales: str = "search") -> None:
     """Quantize one fused unit in place: (activation-corrected) targets, one global amax for
     the unit, GPTQ (or rounding) with searched or max block scales; stores the original
-    weights in `originals` and consumes the unit's entries of hs / cs.
+    weights in `originals` (None: not kept, as the streamed pass needs) and consumes the unit's
+    entries of hs / cs: their tensors are the unit's own (collect_hessians and the sequential pass
+    make one pair per unit), freed as they are used up and overwritten on the way (gptq.Squares).
 
     Members that share one Hessian (and one C), as q/k/v and gate/up do, are corrected and
     quantized as one matrix, their rows stacked: GPTQ treats rows independently, so this is
     the same result in one call instead of one per member."""
     mods = [linears[n] for n in unit]
     for n, m in zip(unit, mods):
-        originals[n] = m.weight.detach().clone()
+        if originals is not None:
+            originals[n] = m.weight.detach().clone()
     # groups of members with the same H and C (the same tensors: collect_hessians and the
     # sequential pass hand one pair to the whole unit)
     groups: list[list[int]] = []
@@ -58,22 +61,29 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
                 break
         else:
             groups.append([i])
+    # each group's H and C, handed over (gptq.Squares): the entries of hs / cs are consumed here,
+    # so each square is freed as soon as the correction or GPTQ has used it up
+    squares = [Squares(hs.get(unit[grp[0]]), cs.get(unit[grp[0]])) for grp in groups]
+    for n in unit:
+        hs.pop(n, None)
+        cs.pop(n, None)
     targets: dict = {}
-    for grp in groups:
+    for grp, sq in zip(groups, squares):
         names = [unit[i] for i in grp]
         wf = torch.cat([mods[i].weight.detach().float() for i in grp])
-        c = cs.get(names[0])
-        if c is not None:
-            wf = activation_corrected_weight(wf, hs[names[0]], c, damp if ridge is None else ridge).float()
+        if sq.c is not None:
+            wf = activation_corrected_weight(wf, sq, damp if ridge is None else ridge).float()
         targets[tuple(names)] = wf
     g = global_amax(list(targets.values()))
     ws2 = g / (E2M1_MAX * E4M3_MAX)
-    for names, wf in targets.items():
-        h = hs.get(names[0])
-        if gptq and h is not None:
-            q, s = _gptq(wf, h.to(wf.device), ws2.to(wf.device), block_size, damp, search, kernel, scales)
+    for names, sq in zip(list(targets), squares):
+        wf = targets.pop(names)
+        if gptq and sq.h is not None:
+            q, s = _gptq(wf, sq, ws2.to(wf.device), block_size, damp, search, kernel, scales)
         else:
             q, s = round_to_grid(wf, ws2, search)
+        del wf
+        sq.h = None
         r0 = 0
         for n in names:
             m = linears[n]
@@ -81,9 +91,6 @@ def quantize_unit(unit: list[str], linears: dict, hs: dict, cs: dict, originals:
             m.weight.data.copy_(q[r0:r0 + rows].to(m.weight.dtype))
             set_static_weight_quantizer(m, s[r0:r0 + rows], g)
             r0 += rows
-    for n in unit:
-        hs.pop(n, None)
-        cs.pop(n, None)
 
 
 @torch.no_grad()

@@ -282,7 +282,7 @@ def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_s
     out_f, in_f = w.shape
     assert in_f % BLOCK == 0 and block_size % BLOCK == 0
     dtype = w.dtype
-    u, w = hessian_inverse_factor(h.to(dtype), w, damp)  # w is a copy from here on
+    u, w = hessian_inverse_factor(h, w, damp)  # w is a copy from here on; h may be a gptq.Squares
     ws2 = ws2.to(device=w.device, dtype=torch.float32).reshape(1)
     fused = (triton_ok(w) and not _TRITON_FAILED) if use_triton is None else use_triton
     first = fused and use_triton is None

@@ -281,11 +281,13 @@ class Fit:
 
 
 @torch.no_grad()
-def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, originals: dict,
+def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, originals: dict | None,
                  fit: Fit, timer: _Timer) -> tuple[list, list, int]:
     """One decoder layer of the sequential pass: its quantized units fitted by activation-aware
     GPTQ on the two streams. fp / qs: the original and quantized hidden states per chunk; calls:
-    the (args, kwargs) per chunk. Returns the streams after the layer and the units fitted.
+    the (args, kwargs) per chunk; originals: where the units' original weights go (None: not
+    kept; they would wait on the GPU beside the widest unit's solve). Returns the streams after
+    the layer and the units fitted.
     The caller holds QuantizersOff (and float32_linears on the CPU)."""
     run = lambda h, a, k: layer(fit.on(h), *a, **k)  # noqa: E731
     name_of = {id(m): n for n, m in linears.items()}
@@ -321,12 +323,15 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
             prec = torch.get_float32_matmul_precision()
             if fit.hessian_tf32 and x.is_cuda:
                 torch.set_float32_matmul_precision("high")
-            try:
-                h, c = xq.T @ xq, x0.T @ xq
+            try:  # each product added before the next is made: 3 squares at a time, not 4
+                h = xq.T @ xq
+                h_acc = h if h_acc is None else h_acc.add_(h)
+                del h
+                c = x0.T @ xq
+                c_acc = c if c_acc is None else c_acc.add_(c)
+                del c
             finally:
                 torch.set_float32_matmul_precision(prec)
-            h_acc = h if h_acc is None else h_acc.add_(h)
-            c_acc = c if c_acc is None else c_acc.add_(c)
             count += xq.shape[0]
             raise _StopLayer  # the rest of the layer is not needed for this unit
 
@@ -353,10 +358,11 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
         del h_acc, c_acc
         hs = {n: h_unit for n in unit}
         cs = {n: c_unit for n in unit}
+        del h_unit, c_unit  # quantize_unit consumes hs / cs and frees each square when used up
         quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=fit.search,
                       damp=fit.damp, block_size=fit.block_size, ridge=fit.ridge, kernel=fit.kernel,
                       scales=fit.scales)
-        del h_unit, c_unit, hs, cs
+        del hs, cs
         x_fp[head] = None
         emulated.append(unit)
         timer.lap("GPTQ (activation correction included)")
