@@ -57,6 +57,12 @@ def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | 
     gpu_8b.log(f"{name}: rc {rc}, wall {wall:.1f} s, memory {result.get('memory')}")
     if rc != 0:
         gpu_8b.log(stdout[-3000:])
+        # the payload's one-line error (an "error" event): where a capped run stopped
+        lines = stdout.splitlines()
+        message = next((json.loads(line.split(" ", 1)[1]).get("message") for line in reversed(lines)
+                        if line.startswith("@@spark-nvfp4 ") and '"error"' in line), None)
+        frames = [line.strip() for line in lines if line.strip().startswith('File "') and "container_payload" in line]
+        row["error"] = f"{message} (at {frames[-1]})" if frames else message
     return row
 
 
@@ -70,8 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-fraction", type=float, default=0.10, help="GPU cap as a fraction of the bf16 model")
     ap.add_argument("--gpu-cap-gib", type=float, default=None, help="the GPU cap in GiB (instead of --gpu-fraction)")
     ap.add_argument("--host-cap-gib", type=float, default=12.0, help="host RSS the streamed run must stay under")
-    ap.add_argument("--fallback-gpu-cap-gib", type=float, default=None,
-                    help="when the capped streamed run fails, run it again under this cap (default: uncapped)")
+    ap.add_argument("--fallback-gpu-cap-gib", type=float, nargs="*", default=None,
+                    help="when the capped streamed run fails, run it again under these caps in turn until one "
+                         "completes (0: uncapped; default: uncapped)")
     ap.add_argument("--max-wall-ratio", type=float, default=1.3, help="streamed wall time over whole's, at most")
     ap.add_argument("--baseline-recipe", default=None,
                     help="also run this recipe whole on the same checkpoint (e.g. default): the recipe's cost in the same call")
@@ -108,10 +115,16 @@ def main(argv=None) -> int:
                     + ("; torch.zeros(1, device='cuda')" if cuda else "")], check=True)
     res["whole"] = payload(work, model_dir, "whole", "whole", args, None, out_dir)
     res["streamed"] = payload(work, model_dir, "streamed", "streamed", args, cap, out_dir)
-    if res["streamed"]["rc"] != 0 and cap is not None:  # what it needs, then: measured uncapped (or under the fallback cap)
-        fallback = int(args.fallback_gpu_cap_gib * 2**30) if args.fallback_gpu_cap_gib else None
-        res["streamed_uncapped"] = payload(work, model_dir, "streamed-uncapped" if fallback is None else "streamed-fallback",
-                                           "streamed", args, fallback, out_dir)
+    if res["streamed"]["rc"] != 0 and cap is not None:  # what it needs, then: the fallback caps in turn, or uncapped
+        res["fallbacks"] = []
+        for gib in args.fallback_gpu_cap_gib or [0]:
+            fallback = int(gib * 2**30) or None
+            row = payload(work, model_dir, "streamed-uncapped" if fallback is None else f"streamed-{gib:g}gib",
+                          "streamed", args, fallback, out_dir)
+            res["fallbacks"].append(row)
+            res["streamed_uncapped"] = row
+            if row["rc"] == 0:
+                break
     if args.baseline_recipe:
         res["baseline"] = payload(work, model_dir, "baseline", "whole", args, None, out_dir, recipe=args.baseline_recipe)
         res["baseline_ratio"] = round(res["whole"]["wall_s"] / res["baseline"]["wall_s"], 3) \
@@ -151,9 +164,9 @@ def render(res: dict, args) -> str:
         f"| whole (uncapped) | {w['wall_s']:.1f} s | {g(w.get('gpu_peak_bytes'))} | {g(w.get('host_rss_peak_bytes'))} |",
         f"| streamed (capped; rc {s['rc']}) | {s['wall_s']:.1f} s | {g(s.get('gpu_peak_bytes'))} | "
         f"{g(s.get('host_rss_peak_bytes'))} |",
-        *([f"| streamed ({'uncapped' if not u.get('gpu_cap_bytes') else 'capped at ' + g(u['gpu_cap_bytes'])}, after "
-           f"the capped run failed; rc {u['rc']}) | {u['wall_s']:.1f} s | {g(u.get('gpu_peak_bytes'))} | "
-           f"{g(u.get('host_rss_peak_bytes'))} |"] if u else []),
+        *[f"| streamed ({'uncapped' if not f.get('gpu_cap_bytes') else 'capped at ' + g(f['gpu_cap_bytes'])}, after "
+          f"the capped run failed; rc {f['rc']}) | {f['wall_s']:.1f} s | {g(f.get('gpu_peak_bytes'))} | "
+          f"{g(f.get('host_rss_peak_bytes'))} |" for f in res.get("fallbacks", [u] if u else [])],
         *([f"| whole, recipe {args.baseline_recipe} (the baseline; rc {b['rc']}) | {b['wall_s']:.1f} s | "
            f"{g(b.get('gpu_peak_bytes'))} | {g(b.get('host_rss_peak_bytes'))} |"] if b else []), "",
         f"Streamed wall time over whole's: {res.get('wall_ratio')} (at most {args.max_wall_ratio} asked).", "",
@@ -161,6 +174,8 @@ def render(res: dict, args) -> str:
         f"Comparison (whole vs the streamed run that completed): {cmp_.get('bit_identical')} of "
         f"{cmp_.get('tensors')} tensors bit-identical; "
         f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res['host_cap_ok']}.", "",
+        *[f"Where the run capped at {g(f['gpu_cap_bytes'])} stopped: {f.get('error')}" for f in [s, *res.get("fallbacks", [])]
+          if f["rc"] != 0 and f.get("gpu_cap_bytes")], "",
         f"Steps (streamed): {(u or s).get('steps_applied')}; layer loop: {(u or s).get('layer_loop_s')}.", ""])
 
 
