@@ -5,8 +5,11 @@ streaming.run_streamed makes passes over the decoder layers; in each layer it ca
 of the recipe's steps in the recipe's order, then exports the layer. A step that ranks over all
 layers (recipes.Plan.ranking_batches: keep_bf16) gets a pass of its own first, over the steps up
 to it and on a copy of each layer, and decides at its end; the final pass then runs every step
-with that decision in hand. Each runner keeps its own streams of hidden states, started from the
-first layer's inputs at the beginning of each pass.
+with that decision in hand. The steps before the ranking see the same layers and streams in both
+passes: what they computed in the ranking pass (smoothing scales, calibrated quantizers) the
+final pass applies again instead of computing it twice (Runner.reused counts it). Each runner
+keeps its own streams of hidden states, started from the first layer's inputs at the beginning
+of each pass.
 
     prepare(run)             once, while the decoder's own weights (embeddings, norm) are in memory
     begin(run, final)        at the start of a pass (final: the pass that exports)

@@ -7,7 +7,8 @@
     export, tensors written, freed -> the rest, configs last
 
 One pass, unless a step ranks over all layers (keep_bf16): then a ranking pass over the steps up
-to it comes first, on copies of the layers, and the final pass runs with its decision.
+to it comes first, on copies of the layers, and the final pass runs with its decision (and with
+its smoothing scales and calibrated quantizers: no statistics or calibration forward of its own).
 
 Peak memory is about one decoder layer (bf16, plus its export) + the calibration activations
 (tokens x hidden x bf16, once: each layer's outputs replace its inputs) + the embeddings while
