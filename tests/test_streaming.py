@@ -263,6 +263,8 @@ def test_streamed_smooth_gptq_seq_mp_ranks_layer_by_layer_and_writes_the_whole_p
     runs = {mode: _payload_quantize(ref_python, small_llama, tmp_path / mode, "smooth-gptq-seq-mp", mode, calib,
                                     **params) for mode in ("whole", "streamed")}
     assert runs["streamed"]["mode"] == "streamed" and runs["streamed"]["streamed"]["passes"] == 2
+    # the final pass took each layer's smoothing and calibration from the ranking pass: no forward of its own
+    assert runs["streamed"]["streamed"]["reused"] == {"smooth": 4, "calibrate": 4}
     kept = runs["whole"]["steps_applied"][2]
     bf16, fp8 = (int(n) for n in re.fullmatch(r"keep_bf16: (\d+) of 16 fused units kept in bf16, (\d+) in FP8",
                                                kept).groups())

@@ -5,8 +5,11 @@ streaming.run_streamed makes passes over the decoder layers; in each layer it ca
 of the recipe's steps in the recipe's order, then exports the layer. A step that ranks over all
 layers (recipes.Plan.ranking_batches: keep_bf16) gets a pass of its own first, over the steps up
 to it and on a copy of each layer, and decides at its end; the final pass then runs every step
-with that decision in hand. Each runner keeps its own streams of hidden states, started from the
-first layer's inputs at the beginning of each pass.
+with that decision in hand. The steps before the ranking see the same layers and streams in both
+passes: what they computed in the ranking pass (smoothing scales, calibrated quantizers) the
+final pass applies again instead of computing it twice (Runner.reused counts it). Each runner
+keeps its own streams of hidden states, started from the first layer's inputs at the beginning
+of each pass.
 
     prepare(run)             once, while the decoder's own weights (embeddings, norm) are in memory
     begin(run, final)        at the start of a pass (final: the pass that exports)
@@ -22,6 +25,7 @@ import io
 import time
 from dataclasses import dataclass
 
+import modelopt.torch.opt as mto
 import modelopt.torch.quantization as mtq
 import torch
 from torch import nn
@@ -44,7 +48,7 @@ from ..steps.bf16_ranking import (
 )
 from ..steps.quantizers import QuantizersOff, fused_units, quantized_linears
 from ..steps.sequential import Fit, LayerStandIn, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
-from ..steps.smoothing import Smoothed, smooth
+from ..steps.smoothing import Smoothed, refold, smooth
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Runner:
 
     def __init__(self, step, run):
         self.step = step
+        self.reused = 0  # layers whose final pass took what this runner's ranking pass computed
 
     def prepare(self, run) -> None:
         pass
@@ -98,13 +103,30 @@ class Runner:
 
 class _Smooth(Runner):
     """Each layer's statistics from a stream of the unsmoothed model's hidden states (the whole
-    path measures every layer in one pass before it folds anything), folded before calibration."""
+    path measures every layer in one pass before it folds anything), folded before calibration.
+    A ranking pass keeps each layer's scales (a vector per group): the final pass, on the same
+    source layer and the same stream, folds them again (smoothing.refold) without the statistics."""
+
+    def __init__(self, step, run):
+        super().__init__(step, run)
+        self.scales: list | None = None  # per layer, {group index: scales}, from a ranking pass
 
     def begin(self, run, final):
+        if final and self.scales is not None:
+            return  # the ranking pass's scales and report stand
         self.stats, self.smoothed = copy_stream(run.inputs), Smoothed()
+        self.scales = None if final else []
 
     def layer(self, run, at, final):
-        self.smoothed.add(_smooth_layer(at.layer, self.stats, at.args, self.step.alpha, run.device, run.keep))
+        if final and self.scales is not None:
+            refold(_holder(at.layer), self.scales[at.index])
+            self.scales[at.index] = None
+            self.reused += 1
+            return
+        scales = {}
+        self.smoothed.add(_smooth_layer(at.layer, self.stats, at.args, self.step.alpha, run.device, run.keep, scales))
+        if not final:
+            self.scales.append({i: s.to(run.keep) for i, s in scales.items()})
 
     def end(self, run, final):
         self.stats = None
@@ -113,11 +135,16 @@ class _Smooth(Runner):
         return self.smoothed.line()
 
 
-def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, keep: str):
-    """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (advanced
-    in place through the still unsmoothed layer), then the scales folded."""
+def _holder(layer: nn.Module) -> nn.Module:
     holder = nn.Module()
     holder.layers = nn.ModuleList([layer])  # smoothing finds its groups in `.layers`
+    return holder
+
+
+def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, keep: str, scales: dict):
+    """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (advanced
+    in place through the still unsmoothed layer), then the scales folded (and put in `scales`)."""
+    holder = _holder(layer)
     back = Fit(device=device, keep=keep).back
 
     def stats_loop(_holder):
@@ -127,14 +154,37 @@ def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, devic
                                                    **to_device(k, device))))
 
     with contextlib.redirect_stdout(io.StringIO()):
-        return smooth(holder, stats_loop, alpha, log=False)
+        return smooth(holder, stats_loop, alpha, log=False, scales=scales)
 
 
 class _Calibrate(Runner):
     """ModelOpt's calibration of the layer on the calibration stream (run.inputs, which each
-    layer's outputs replace in place: the next layer's inputs)."""
+    layer's outputs replace in place: the next layer's inputs). A ranking pass keeps each layer's
+    calibrated quantizers (ModelOpt's state and their amax: _calibrated); the final pass, on the
+    same smoothed layer and the same stream, converts and restores them without the forward, and
+    takes the export's probe from the ranking pass (run.probes), as its stream does not advance."""
+
+    def __init__(self, step, run):
+        super().__init__(step, run)
+        self.calibrated: list | None = None  # per layer, _calibrated's answer, from a ranking pass
+
+    def begin(self, run, final):
+        if not final:
+            self.calibrated, run.probes = [], []
 
     def layer(self, run, at, final):
+        if final and self.calibrated is not None:
+            _restore_calibrated(at.root, self.calibrated[at.index])
+            self.calibrated[at.index] = None
+            self.reused += 1
+        else:
+            self._calibrate(run, at)
+            if not final:
+                self.calibrated.append(_calibrated(at.root, run.keep))
+        if run.recipe.check is not None:  # as steps._calibrate does on the whole model (moe.check_calibrated)
+            run.recipe.check(at.root)
+
+    def _calibrate(self, run, at):
         device, keep, inputs, calls = run.device, run.keep, run.inputs, [0]
 
         def forward_loop(_root):
@@ -155,11 +205,27 @@ class _Calibrate(Runner):
         if calls[0] != 1:
             raise PayloadError(f"ModelOpt ran the calibration loop {calls[0]} times for {at.name}; streamed "
                                "mode supports one pass (max calibration); use --mode whole", kind="input")
-        if run.recipe.check is not None:  # as steps._calibrate does on the whole model (moe.check_calibrated)
-            run.recipe.check(at.root)
 
     def line(self):
         return f"ModelOpt {self.step.preset}"
+
+
+def _calibrated(root: nn.Module, keep: str) -> tuple[dict, dict]:
+    """What ModelOpt's calibration left on `root`, as mto.save keeps it: its modelopt state (each
+    quantizer's settings, the modes applied) and the tensors that are not the model's parameters
+    (the quantizers' amax and the like), copied to `keep`."""
+    params = {name for name, _ in root.named_parameters()}
+    tensors = {k: v.detach().to(keep, copy=True) for k, v in root.state_dict().items() if k not in params}
+    return copy.deepcopy(mto.modelopt_state(root)), tensors
+
+
+def _restore_calibrated(root: nn.Module, saved: tuple[dict, dict]) -> None:
+    """_calibrated's answer back onto an unconverted `root` of the same layer, as mto.restore does."""
+    state, tensors = saved
+    mto.restore_from_modelopt_state(root, state)
+    unexpected = root.load_state_dict(tensors, strict=False).unexpected_keys
+    if unexpected:  # the same layer converted the same way has every one of them
+        raise PayloadError(f"restoring the calibration of {unexpected[0]} found no such tensor")
 
 
 class _Gptq(Runner):

@@ -7,7 +7,8 @@
     export, tensors written, freed -> the rest, configs last
 
 One pass, unless a step ranks over all layers (keep_bf16): then a ranking pass over the steps up
-to it comes first, on copies of the layers, and the final pass runs with its decision.
+to it comes first, on copies of the layers, and the final pass runs with its decision (and with
+its smoothing scales and calibrated quantizers: no statistics or calibration forward of its own).
 
 Peak memory is about one decoder layer (bf16, plus its export) + the calibration activations
 (tokens x hidden x bf16, once: each layer's outputs replace its inputs) + the embeddings while
@@ -231,6 +232,8 @@ class Run:
         self.prefix = names[id(self.decoder)] + "." if names[id(self.decoder)] else ""
         self.inputs: list = []        # the calibration stream: each layer's inputs per batch
         self.layer_calls: list = []   # per layer, the (args, kwargs) the decoder hands it per batch
+        self.probes: list | None = None  # per layer, the export's probe, kept by a ranking pass whose
+        #                                  calibration the final pass reuses (streamed_steps._Calibrate)
         self.head = False             # lm_head in memory (a ranking's logits)
 
     @contextlib.contextmanager
@@ -326,7 +329,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
         views = _layer_loop(run, active, final, phases, writer if final else None, hub_names)
         for runner in active:
             runner.end(run, final)
-    run.inputs = None
+    run.inputs = run.probes = None
 
     # 4. everything outside the layers, as the source has it (cast to the export dtype)
     events.stage("export", detail=str(out))
@@ -362,6 +365,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     applied = [f"{step.key}: {runner.line()}, layer by layer" for step, runner in zip(recipe.steps, runners)]
     return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes), "applied": applied,
             "passes": len(passes(recipe)), "stream_s": round(time.time() - t0, 3),
+            "reused": {step.key: runner.reused for step, runner in zip(recipe.steps, runners) if runner.reused},
             "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
 
 
@@ -386,8 +390,15 @@ def _layer_loop(run: Run, runners: list, final: bool, phases: dict, writer, hub_
         materialize(layer, name + ".", reader, device, dtype, values=values)
         del values
         at = streamed_steps.Layer(i, name, layer, prefixed(name, layer), run.layer_calls[i])
-        # the export's probe: this layer's inputs (one sequence), before calibration advances them
-        probe = _first_sequence(streamed_steps.to_device([run.inputs[0], *at.args[0]], device)) if final else None
+        # the export's probe: this layer's inputs (one sequence), before calibration advances them; a
+        # ranking pass keeps it for a final pass whose calibration stream does not advance (run.probes)
+        probe = None
+        if final and run.probes:
+            probe, run.probes[i] = streamed_steps.to_device(run.probes[i], device), None
+        elif final:
+            probe = _first_sequence(streamed_steps.to_device([run.inputs[0], *at.args[0]], device))
+        elif run.probes is not None:
+            run.probes.append(_first_sequence([run.inputs[0], *at.args[0]]))
         for runner in runners:
             t = time.time()
             runner.layer(run, at, final)

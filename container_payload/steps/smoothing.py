@@ -216,21 +216,34 @@ def apply_scales(producer: torch.nn.Module, linears: list[torch.nn.Linear], s: t
         lin.weight.copy_(lin.weight.float() * s.to(lin.weight.device)[None, :])
 
 
-def smooth(model, forward_loop, alpha: float, log: bool = True) -> Smoothed:
+def smooth(model, forward_loop, alpha: float, log: bool = True, scales: dict | None = None) -> Smoothed:
     """Fold smoothing scales into the model in place; returns what was smoothed and what not.
-    log=False: no log line (the streamed path calls this once per layer and adds the reports)."""
+    log=False: no log line (the streamed path calls this once per layer and adds the reports).
+    scales: filled with {group index: the scales it got}, which refold() folds again."""
     report = Smoothed()
     groups = smoothing_groups(model, report)
     stats, fits = input_channel_absmax(groups, forward_loop, model) if groups else ([], [])
-    for g, x_absmax, ok in zip(groups, stats, fits):
+    for i, (g, x_absmax, ok) in enumerate(zip(groups, stats, fits)):
         if not ok or x_absmax is None:
             why = "never reached" if x_absmax is None else f"its input is not what {type(g.producer).__name__} writes"
             report.skipped[f"{g.part} ({why})"] += 1
             continue
-        apply_scales(g.producer, g.linears, smoothing_scales(x_absmax, [lin.weight for lin in g.linears], alpha), g.fold)
+        s = smoothing_scales(x_absmax, [lin.weight for lin in g.linears], alpha)
+        apply_scales(g.producer, g.linears, s, g.fold)
+        if scales is not None:
+            scales[i] = s
         report.groups += 1
         report.parts[g.part] += 1
         report.folds.add(g.fold)
     if log:
         emit("log", message=f"smoothing ({type(model).__name__}, alpha {alpha}): {report.line()}")
     return report
+
+
+def refold(model, scales: dict) -> None:
+    """smooth()'s folds again from the scales it gave (its `scales`), on the same weights: the same
+    arithmetic, so the same bits, without the statistics' forward (the streamed final pass repeats
+    what its ranking pass did to a copy of the layer)."""
+    groups = smoothing_groups(model)
+    for i, s in scales.items():
+        apply_scales(groups[i].producer, groups[i].linears, s, groups[i].fold)
