@@ -28,15 +28,17 @@ from torch import nn
 
 from ..core import events, recipes
 from ..core.events import PayloadError
-from ..numerics.linear_compute import float32_linears
+from ..numerics.linear_compute import float32_linears, patch_forward
 from ..steps.bf16_ranking import (
     Emulation,
     decide,
     fp8_weights,
     keep_units,
     kept_line,
-    kl_to,
+    head_input,
     limit_tokens,
+    logits_post,
+    mean_kls,
     model_bytes_default,
     round_weights,
     shortlist,
@@ -302,24 +304,38 @@ class _KeepBf16(Runner):
     def end(self, run, final):
         if final or not self.rank:
             return
+        costs = self.costs
+        scored = [(u, fmt) for u in shortlist(self.seen, self.err, costs.cheapest, self.budget, costs.width)
+                  for fmt in costs.fmts]
         with QuantizersOff(run.model), float32_linears(run.model):
-            ref = [torch.log_softmax(logits.float(), dim=-1) for logits in self._logits(run, self.ref)]
-            base = kl_to(ref, self._logits(run, self.base))
-            costs = self.costs
-            measured = [(u, fmt, kl_to(ref, self._logits(run, self.streams[u[0], fmt])), costs.extra[u[0], fmt])
-                        for u in shortlist(self.seen, self.err, costs.cheapest, self.budget, costs.width)
-                        for fmt in costs.fmts]
+            finals = [self._finals(run, stream) for stream in [self.ref, self.base]
+                      + [self.streams[u[0], fmt] for u, fmt in scored]]
+            base, *kls = mean_kls(run.model.get_output_embeddings(), logits_post(run.model), finals[0], finals[1:],
+                                  run.device)
+        measured = [(u, fmt, kl, costs.extra[u[0], fmt]) for (u, fmt), kl in zip(scored, kls)]
         kept = decide(base, measured, self.budget, len(self.ids), self.t0)
         self.kept = kept
         self.ref = self.base = self.streams = self.first = self.calls = None  # the ranking's streams go
 
-    def _logits(self, run, finals: list):
-        """The model's logits per ranking batch from the last layer's outputs (`finals`)."""
-        for ids, h in zip(self.ids, finals):
-            value = (h,) if self.tuple_out else h
-            stand_ins = nn.ModuleList([_Gives(layer, value) for layer in run.layers])
-            with run.layers_as(stand_ins):
-                yield run.model(input_ids=ids, use_cache=False).logits
+    def _finals(self, run, outputs: list) -> list:
+        """The hidden states entering the output head per ranking batch (the final norm applied by
+        the model's own forward), from the last layer's outputs (`outputs`)."""
+        # the input embeddings are freed (run.free_embeddings) and the stand-ins ignore what they
+        # return, but the decoder builds its masks and rotary from it: zeros of the right shape
+        embed = run.model.get_input_embeddings()
+        width, dtype = embed.weight.shape[-1], embed.weight.dtype
+        undo = patch_forward(embed, lambda ids, *a, **k: torch.zeros((*ids.shape, width), dtype=dtype,
+                                                                      device=run.device))
+        try:
+            return [self._final(run, ids, h) for ids, h in zip(self.ids, outputs)]
+        finally:
+            undo()
+
+    def _final(self, run, ids, h):
+        value = (h,) if self.tuple_out else h
+        stand_ins = nn.ModuleList([_Gives(layer, value) for layer in run.layers])
+        with run.layers_as(stand_ins):
+            return head_input(run.model, lambda: run.model(input_ids=ids, use_cache=False))
 
     def line(self):
         return kept_line(self.kept, self.total)
