@@ -230,7 +230,8 @@ class _KeepBf16(Runner):
         self.ids = limit_tokens([b.to(run.device) for b in run.batches[:self.step.batches]])
         with torch.no_grad():
             self.first, self.calls = capture_layer_calls(
-                run.decoder, lambda: [run.decoder(input_ids=ids, use_cache=False) for ids in self.ids])
+                run.decoder, lambda: [run.decoder(input_ids=ids, use_cache=False) for ids in self.ids],
+                Fit(device=run.device, keep=run.keep).back)
         run.materialize_head()  # before the budget: a tied head counts once, as in the whole model
         converted = copy.deepcopy(run.layers)
         for name, layer in zip(run.names, converted):
@@ -260,10 +261,12 @@ class _KeepBf16(Runner):
             return
         if not self.rank:
             return
-        originals = {n: m.weight.detach().clone() for n, m in linears.items()}
+        # the layer's two weight sets and every stream in host memory (pinned on CUDA): beside the
+        # layer the GPU holds one batch's work (at 8B, 26 streams and 2 weight sets were 2 GB)
+        originals = {n: run.host(m.weight.detach(), copy=True) for n, m in linears.items()}
         round_weights(linears)
-        rounded = {n: m.weight.detach().clone() for n, m in linears.items()}
-        calls = self.calls[at.index]
+        rounded = {n: run.host(m.weight.detach(), copy=True) for n, m in linears.items()}
+        calls, back = self.calls[at.index], Fit(device=run.device, keep=run.keep).back
 
         def set_weights(src, names):
             for n in names:
@@ -271,12 +274,15 @@ class _KeepBf16(Runner):
 
         def through(stream, emulated, originals=None, fp8_units=()):
             emu = Emulation(linears, emulated, originals, fp8_units)
+            out = []
             try:
-                out = [at.layer(h, *a, **k) for h, (a, k) in zip(stream, calls)]
+                for h, (a, k) in zip(stream, calls):
+                    o = at.layer(h.to(run.device, non_blocking=True), *a, **k)
+                    self.tuple_out = isinstance(o, (tuple, list))
+                    out.append(back(layer_output(o)))
             finally:
                 emu.remove()
-            self.tuple_out = isinstance(out[0], (tuple, list)) if out else False
-            return [layer_output(o) for o in out], emu.err
+            return out, emu.err
 
         with QuantizersOff(at.root), float32_linears(at.root):
             set_weights(originals, linears)
@@ -295,7 +301,8 @@ class _KeepBf16(Runner):
                         streams[key], _ = through(self.streams[key], units)
                     elif unit in units:      # one of this layer's: it alone in fmt, from the base stream
                         fp8 = fmt == "fp8"
-                        set_weights(fp8_weights(unit, originals) if fp8 else originals, unit)
+                        set_weights(fp8_weights(unit, {n: originals[n].to(run.device) for n in unit})
+                                    if fp8 else originals, unit)
                         streams[key], _ = through(base_in, others, fp8_units=[unit] if fp8 else ())
                         set_weights(rounded, unit)
             self.streams = streams
@@ -332,10 +339,12 @@ class _KeepBf16(Runner):
             undo()
 
     def _final(self, run, ids, h):
+        h = h.to(run.device, non_blocking=True)
         value = (h,) if self.tuple_out else h
         stand_ins = nn.ModuleList([_Gives(layer, value) for layer in run.layers])
         with run.layers_as(stand_ins):
-            return head_input(run.model, lambda: run.model(input_ids=ids, use_cache=False))
+            final = head_input(run.model, lambda: run.model(input_ids=ids, use_cache=False))
+        return Fit(device=run.device, keep=run.keep).back(final)  # mean_kls moves it in per chunk
 
     def line(self):
         return kept_line(self.kept, self.total)

@@ -246,11 +246,11 @@ class Run:
         """ModelOpt's conversion of `layer` (named as in the whole model) alone, no calibration."""
         apply_mode(prefixed(name, layer), mode=[("quantize", dict(self.recipe.config))], registry=QuantizeModeRegistry)
 
-    def host(self, t: torch.Tensor) -> torch.Tensor:
+    def host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """`t` in host memory, pinned when the device is CUDA (copies to the GPU go asynchronously);
-        on the CPU `t` itself (the device is the host)."""
+        on the CPU `t` itself (the device is the host), or with copy=True a copy of it."""
         if not str(self.device).startswith("cuda"):
-            return t
+            return t.clone() if copy else t
         return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
     def materialize_head(self) -> None:

@@ -26,7 +26,7 @@ from ..numerics.linear_compute import float32_linears, linear, patch_forward, we
 from ..numerics.nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, global_amax, round_to_grid
 from .quantizers import QuantizersOff, fused_units, modules_out_of_reach, unit_input_scale
 
-CANDIDATES = 12      # units measured directly (one KL pass each), the top of the emulated ranking
+CANDIDATES = memory_plan.RANKING_CANDIDATES  # units measured directly (one KL each), the top of the emulated ranking
 MAX_TOKENS = memory_plan.RANKING_TOKENS    # calibration tokens the ranking runs on (the plan counts their streams)
 
 
@@ -87,7 +87,7 @@ class Emulation:
                 shared["x"], shared["xq"] = x, xq
             y = linear(xq, m.weight, m.bias)
             if orig is not None:
-                y0 = linear(x, orig, m.bias).float()
+                y0 = linear(x, orig.to(x.device, non_blocking=True), m.bias).float()  # (host memory, streamed)
                 e = ((y.float() - y0) ** 2).sum().item() / max((y0 ** 2).sum().item(), 1e-30)
                 self.err[name] = self.err.get(name, 0.0) + e
             return y
@@ -103,7 +103,7 @@ class Emulation:
 
 # Head rows per chunk of the ranking's KL: at 8B (1024 tokens) 64 MiB of float32 logits a copy,
 # where the whole vocabulary (128256) took 0.5 GB a copy and five copies at a time.
-VOCAB_CHUNK = 16384
+VOCAB_CHUNK = memory_plan.RANKING_VOCAB_CHUNK
 
 
 class _HeadReached(Exception):
@@ -141,7 +141,8 @@ def logits_post(model):
     transformers writes it: Cohere's logit_scale, Granite's logits_scaling, Gemma 2/3's
     final_logit_softcapping."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    scale, divide, cap = (getattr(config, k, None) for k in ("logit_scale", "logits_scaling", "final_logit_softcapping"))
+    scale, divide, cap = (getattr(config, key, None)
+                          for key in ("logit_scale", "logits_scaling", "final_logit_softcapping"))
 
     def post(z):
         if scale is not None:
