@@ -210,8 +210,9 @@ class _KeepBf16(Runner):
     shortlist, every unit emulated but that one, which is kept in each format (bf16 on its
     original weights; with fp8 also FP8, on fp8_weights with FP8 inputs). A (unit, format)'s
     stream starts from the base stream at its layer; a unit that leaves the shortlist is dropped:
-    the final shortlist's units were in it when their layer was scored. At the end the logits,
-    the KLs and bf16_ranking.decide; in the final pass bf16_ranking.keep_units applies the
+    the final shortlist's units were in it when their layer was scored. At the end each stream's
+    final norm (the head's inputs), the KLs (bf16_ranking.mean_kls: the vocabulary in chunks, the
+    head's weight in host memory) and bf16_ranking.decide; in the final pass bf16_ranking.keep_units applies the
     decision to the layer's calibrated weights (bf16: quantizers off; FP8: set_fp8) before the
     GPTQ that follows fits around them."""
 
