@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = ["e2m1_and_fp8", "scale_search_never_worse", "gptq_vs_float64_reference", "fast_gptq_vs_reference", "hessian_block_scales", "cpu_float32_linears",
          "gptq_beats_rtn", "activation_aware", "export_keeps_our_grid", "mixed_precision_export",
          "smoothing", "smoothing_families", "sequential_vs_direct_reference", "seq_mp_recipe_export", "seq_mp_fp8_export", "recipe_names_agree",
-         "gptq_memory"]
+         "gptq_memory", "chunked_kl_equals_full_logits", "chunked_kl_memory"]
 
 
 # ---------------------------------------------------------------- host side (pytest)
@@ -116,6 +116,14 @@ def test_launcher_and_payload_know_the_same_recipes():
 
 def test_gptq_unit_holds_few_squares_and_the_same_bits():
     _run_case("gptq_memory")
+
+
+def test_chunked_kl_equals_the_full_logits_kl_softcap_included():
+    _run_case("chunked_kl_equals_full_logits")
+
+
+def test_chunked_kl_holds_a_few_chunks_of_logits_not_the_vocabulary():
+    _run_case("chunked_kl_memory")
 
 
 # ---------------------------------------------------------------- torch side (subprocess)
@@ -432,6 +440,75 @@ def _tiny_llama(tmp):
             for b in batches:
                 m.get_decoder()(input_ids=b, use_cache=False)
     return model, forward_loop, batches
+
+
+def case_chunked_kl_equals_full_logits():
+    """bf16_ranking.mean_kls (the ranking's KL, vocabulary in chunks, from the head's inputs that
+    head_input records) equals the KL of the model's full logits, as kl_to computed it before, on a
+    tiny Llama and a tiny Gemma 2 whose final_logit_softcapping changes the logits (vocabulary 1000
+    in chunks of 128: 8 chunks, the last one partial); and a perturbed model's KL is not zero."""
+    import copy
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+    from container_payload.numerics.linear_compute import float32_linears
+    from container_payload.steps import bf16_ranking as rk
+
+    shape = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128)
+    configs = {"llama": (LlamaForCausalLM, LlamaConfig(**shape, tie_word_embeddings=False)),
+               "gemma2": (Gemma2ForCausalLM, Gemma2Config(**shape, head_dim=16, final_logit_softcapping=0.5))}
+    for name, (cls, cfg) in configs.items():
+        torch.manual_seed(0)
+        model = cls(cfg).to(torch.bfloat16).eval()
+        with torch.no_grad():  # larger head rows: logits of a few units, where a softcap of 0.5 bites
+            model.get_output_embeddings().weight.mul_(20)
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in other.model.layers.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        batches = [torch.randint(0, 1000, (2, 24)) for _ in range(2)]
+        with torch.no_grad(), float32_linears(model), float32_linears(other):
+            full = {m: [torch.log_softmax(x(input_ids=ids, use_cache=False).logits.float(), -1) for ids in batches]
+                    for m, x in (("ref", model), ("other", other))}
+            want = sum((lp.exp() * (lp - lq)).sum().item() for lp, lq in zip(full["ref"], full["other"])) / (2 * 2 * 24)
+            ref = [rk.head_input(model, lambda: model(input_ids=ids, use_cache=False)) for ids in batches]
+            got_other = [rk.head_input(other, lambda: other(input_ids=ids, use_cache=False)) for ids in batches]
+            head, post = model.get_output_embeddings(), rk.logits_post(model)
+            got, same = rk.mean_kls(head, post, ref, [got_other, ref], "cpu", chunk=128)
+            unposted = rk.mean_kls(head, lambda z: z, ref, [got_other], "cpu", chunk=128)[0]
+        assert want > 1e-4 and abs(got - want) <= 1e-5 * want, (name, got, want)
+        assert same == 0.0, (name, same)
+        if name == "gemma2":  # the softcap is applied, and matters here
+            assert abs(unposted - want) > 0.1 * want, (unposted, want)
+
+
+def case_chunked_kl_memory():
+    """The ranking's KL holds a few chunks of float32 logits at a time (tests/live_bytes.LiveBytes:
+    what torch.cuda.max_memory_allocated would say), not the vocabulary's: for N tokens, vocabulary
+    V and chunk c, the peak is under 6 x N x c x 4 bytes plus the head chunk in float32 (c x H x 4)
+    and one batch's hidden states in float32 (the CPU's float32 products), far under one full
+    logits tensor (N x V x 4)."""
+    import sys
+    import torch
+    from torch import nn
+    from container_payload.steps import bf16_ranking as rk
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from live_bytes import LiveBytes
+
+    torch.manual_seed(0)
+    V, H, c = 16384, 64, 128
+    head = nn.Linear(H, V, bias=False).to(torch.bfloat16)
+    batches = [2, 2]
+    ref = [torch.randn(b, 32, H, dtype=torch.bfloat16) for b in batches]
+    streams = [[h + 0.1 * torch.randn_like(h) for h in ref] for _ in range(6)]
+    N = sum(h.shape[0] * h.shape[1] for h in ref)
+    with LiveBytes() as m:
+        kls = rk.mean_kls(head, lambda z: z, ref, streams, "cpu", chunk=c)
+    bound = 6 * N * c * 4 + c * H * 4 + max(h.numel() for h in ref) * 4
+    assert all(k > 0 for k in kls), kls
+    assert m.peak < bound, (m.peak, bound)
+    assert m.peak < N * V * 4 / 10, (m.peak, N * V * 4)
 
 
 def _read(out):

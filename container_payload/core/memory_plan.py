@@ -22,9 +22,12 @@ intermediate per token, bf16), and for the widest unit (down_proj: intermediate 
 activation correction's solve: GPTQ_SQUARES intermediate^2 float32 squares and GPTQ_WEIGHTS
 hidden x intermediate float32 ones. All of it sits on the device that runs the layer (the GPU):
 no square waits in host memory, H is rebuilt from the solve's float64 copy instead (steps/gptq.py);
-on a Spark GPU and host are one pool, and the streamed total counts both. A ranking (keep_bf16)
-holds float32 logits of its tokens instead (RANKING_TOKENS x vocab x 4 bytes, LOGIT_COPIES of
-them), before or after the GPTQ.
+on a Spark GPU and host are one pool, and the streamed total counts both. A ranking (keep_bf16),
+before or after the GPTQ, holds instead its RANKING_STREAMS streams of hidden states on
+RANKING_TOKENS tokens (bf16), as many of the head's inputs at its end, and the KL's work on one
+chunk of the vocabulary at a time (bf16_ranking.mean_kls): float32 logits of the reference and one
+stream with their temporaries (CHUNK_COPIES x RANKING_TOKENS x RANKING_VOCAB_CHUNK x 4 bytes) and
+the head's chunk in float32. Never the whole vocabulary's logits (at 8B, 0.5 GB a copy).
 runtime = torch + transformers + ModelOpt imported and a tokenizer loaded: about 0.5 GiB on
 a CPU (tests/test_streaming.py measures it), counted as 1 GiB (a CUDA context adds more;
 tokenizing the whole builtin Brown text adds about 0.6 GiB of its own on top).
@@ -56,9 +59,15 @@ GPTQ_SQUARES = 4
 GPTQ_WEIGHTS = 5
 LAYER_COPIES = 4   # the layer at work, its host read, the writer's buffer, the next layer read ahead
 # A ranking pass (keep_bf16) scores units by the KL of the model's logits on at most RANKING_TOKENS
-# calibration tokens: float32 logits of the reference, the scored model, and the KL's temporaries.
+# calibration tokens, RANKING_VOCAB_CHUNK vocabulary rows at a time. Its streams: the reference, the
+# base and, per shortlisted unit (RANKING_CANDIDATES, in bf16 and FP8), one per format. A chunk's
+# float32 logits: the reference's, its probabilities, a stream's and the bf16 product (measured on
+# the CPU with tests/live_bytes.py: 4.3 copies, with the inputs' float32 copy).
 RANKING_TOKENS = 1024
-LOGIT_COPIES = 5
+RANKING_VOCAB_CHUNK = 16384
+RANKING_CANDIDATES = 12
+RANKING_STREAMS = 2 + 2 * RANKING_CANDIDATES
+CHUNK_COPIES = 5
 
 # What streams (streaming.py): a recipe whose steps each work on one decoder layer at a time, as
 # each step declares (recipes.Plan.whole_only).
@@ -173,6 +182,14 @@ def activation_bytes(shape: Shape, tokens: int, batch_tokens: int) -> int:
     return tokens * shape.hidden * 2 + batch_tokens * shape.intermediate * 4 * 4
 
 
+def ranking_bytes(shape: Shape) -> int:
+    """What a ranking pass holds beside the model (see the module docstring): its streams and the
+    head's inputs (bf16), a vocabulary chunk's float32 logits and the head's chunk in float32."""
+    chunk = min(RANKING_VOCAB_CHUNK, shape.vocab)
+    return (2 * RANKING_STREAMS * RANKING_TOKENS * shape.hidden * 2
+            + CHUNK_COPIES * RANKING_TOKENS * chunk * 4 + chunk * shape.hidden * 4)
+
+
 def peaks(shape: Shape, tokens: int, batch_tokens: int, recipe: str = "default",
           params: dict | None = None) -> dict[str, int]:
     return peaks_of(shape, tokens, batch_tokens, _steps(recipe, params))
@@ -188,7 +205,7 @@ def peaks_of(shape: Shape, tokens: int, batch_tokens: int, steps: tuple | None) 
         work = tokens * (3 * shape.hidden + shape.intermediate) * 2 + GPTQ_SQUARES * shape.intermediate ** 2 * 4 \
             + GPTQ_WEIGHTS * shape.hidden * shape.intermediate * 4
     if any(p.ranking_batches for p in plans):
-        work = max(work, RANKING_TOKENS * shape.vocab * 4 * LOGIT_COPIES)
+        work = max(work, ranking_bytes(shape))
     ours = any(p.ours for p in plans)
     return {"whole": int(shape.total_bytes * (WHOLE_FACTOR_OURS if ours else WHOLE_FACTOR)) + act + streams
             + work + RUNTIME_BYTES,

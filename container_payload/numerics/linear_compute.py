@@ -49,6 +49,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return _F_LINEAR(x, w, b)
 
 
+def weight_for_linear(w: torch.Tensor) -> torch.Tensor:
+    """`w` as `linear` computes with it: float32 where it upcasts (one copy for many products
+    with the same weight, instead of one per call), else `w` itself."""
+    return w.float() if _upcast(w) else w
+
+
 def patch_forward(m: nn.Module, fn):
     """Make m.forward = fn until the returned undo is called. Patches stack: undo them in reverse
     order (each restores what was there before it, another patch or the class's forward)."""

@@ -32,15 +32,17 @@ from torch import nn
 
 from ..core import events, recipes
 from ..core.events import PayloadError
-from ..numerics.linear_compute import float32_linears
+from ..numerics.linear_compute import float32_linears, patch_forward
 from ..steps.bf16_ranking import (
     Emulation,
     decide,
     fp8_weights,
     keep_units,
     kept_line,
-    kl_to,
+    head_input,
     limit_tokens,
+    logits_post,
+    mean_kls,
     model_bytes_default,
     round_weights,
     shortlist,
@@ -274,8 +276,9 @@ class _KeepBf16(Runner):
     shortlist, every unit emulated but that one, which is kept in each format (bf16 on its
     original weights; with fp8 also FP8, on fp8_weights with FP8 inputs). A (unit, format)'s
     stream starts from the base stream at its layer; a unit that leaves the shortlist is dropped:
-    the final shortlist's units were in it when their layer was scored. At the end the logits,
-    the KLs and bf16_ranking.decide; in the final pass bf16_ranking.keep_units applies the
+    the final shortlist's units were in it when their layer was scored. At the end each stream's
+    final norm (the head's inputs), the KLs (bf16_ranking.mean_kls: the vocabulary in chunks, the
+    head's weight in host memory) and bf16_ranking.decide; in the final pass bf16_ranking.keep_units applies the
     decision to the layer's calibrated weights (bf16: quantizers off; FP8: set_fp8) before the
     GPTQ that follows fits around them."""
 
@@ -294,7 +297,8 @@ class _KeepBf16(Runner):
         self.ids = limit_tokens([b.to(run.device) for b in run.batches[:self.step.batches]])
         with torch.no_grad():
             self.first, self.calls = capture_layer_calls(
-                run.decoder, lambda: [run.decoder(input_ids=ids, use_cache=False) for ids in self.ids])
+                run.decoder, lambda: [run.decoder(input_ids=ids, use_cache=False) for ids in self.ids],
+                Fit(device=run.device, keep=run.keep).back)
         run.materialize_head()  # before the budget: a tied head counts once, as in the whole model
         converted = copy.deepcopy(run.layers)
         for name, layer in zip(run.names, converted):
@@ -324,10 +328,12 @@ class _KeepBf16(Runner):
             return
         if not self.rank:
             return
-        originals = {n: m.weight.detach().clone() for n, m in linears.items()}
+        # the layer's two weight sets and every stream in host memory (pinned on CUDA): beside the
+        # layer the GPU holds one batch's work (at 8B, 26 streams and 2 weight sets were 2 GB)
+        originals = {n: run.host(m.weight.detach(), copy=True) for n, m in linears.items()}
         round_weights(linears)
-        rounded = {n: m.weight.detach().clone() for n, m in linears.items()}
-        calls = self.calls[at.index]
+        rounded = {n: run.host(m.weight.detach(), copy=True) for n, m in linears.items()}
+        calls, back = self.calls[at.index], Fit(device=run.device, keep=run.keep).back
 
         def set_weights(src, names):
             for n in names:
@@ -335,12 +341,15 @@ class _KeepBf16(Runner):
 
         def through(stream, emulated, originals=None, fp8_units=()):
             emu = Emulation(linears, emulated, originals, fp8_units)
+            out = []
             try:
-                out = [at.layer(h, *a, **k) for h, (a, k) in zip(stream, calls)]
+                for h, (a, k) in zip(stream, calls):
+                    o = at.layer(h.to(run.device, non_blocking=True), *a, **k)
+                    self.tuple_out = isinstance(o, (tuple, list))
+                    out.append(back(layer_output(o)))
             finally:
                 emu.remove()
-            self.tuple_out = isinstance(out[0], (tuple, list)) if out else False
-            return [layer_output(o) for o in out], emu.err
+            return out, emu.err
 
         with QuantizersOff(at.root), float32_linears(at.root):
             set_weights(originals, linears)
@@ -359,7 +368,8 @@ class _KeepBf16(Runner):
                         streams[key], _ = through(self.streams[key], units)
                     elif unit in units:      # one of this layer's: it alone in fmt, from the base stream
                         fp8 = fmt == "fp8"
-                        set_weights(fp8_weights(unit, originals) if fp8 else originals, unit)
+                        set_weights(fp8_weights(unit, {n: originals[n].to(run.device) for n in unit})
+                                    if fp8 else originals, unit)
                         streams[key], _ = through(base_in, others, fp8_units=[unit] if fp8 else ())
                         set_weights(rounded, unit)
             self.streams = streams
@@ -368,24 +378,40 @@ class _KeepBf16(Runner):
     def end(self, run, final):
         if final or not self.rank:
             return
+        costs = self.costs
+        scored = [(u, fmt) for u in shortlist(self.seen, self.err, costs.cheapest, self.budget, costs.width)
+                  for fmt in costs.fmts]
         with QuantizersOff(run.model), float32_linears(run.model):
-            ref = [torch.log_softmax(logits.float(), dim=-1) for logits in self._logits(run, self.ref)]
-            base = kl_to(ref, self._logits(run, self.base))
-            costs = self.costs
-            measured = [(u, fmt, kl_to(ref, self._logits(run, self.streams[u[0], fmt])), costs.extra[u[0], fmt])
-                        for u in shortlist(self.seen, self.err, costs.cheapest, self.budget, costs.width)
-                        for fmt in costs.fmts]
+            finals = [self._finals(run, stream) for stream in [self.ref, self.base]
+                      + [self.streams[u[0], fmt] for u, fmt in scored]]
+            base, *kls = mean_kls(run.model.get_output_embeddings(), logits_post(run.model), finals[0], finals[1:],
+                                  run.device)
+        measured = [(u, fmt, kl, costs.extra[u[0], fmt]) for (u, fmt), kl in zip(scored, kls)]
         kept = decide(base, measured, self.budget, len(self.ids), self.t0)
         self.kept = kept
         self.ref = self.base = self.streams = self.first = self.calls = None  # the ranking's streams go
 
-    def _logits(self, run, finals: list):
-        """The model's logits per ranking batch from the last layer's outputs (`finals`)."""
-        for ids, h in zip(self.ids, finals):
-            value = (h,) if self.tuple_out else h
-            stand_ins = nn.ModuleList([_Gives(layer, value) for layer in run.layers])
-            with run.layers_as(stand_ins):
-                yield run.model(input_ids=ids, use_cache=False).logits
+    def _finals(self, run, outputs: list) -> list:
+        """The hidden states entering the output head per ranking batch (the final norm applied by
+        the model's own forward), from the last layer's outputs (`outputs`)."""
+        # the input embeddings are freed (run.free_embeddings) and the stand-ins ignore what they
+        # return, but the decoder builds its masks and rotary from it: zeros of the right shape
+        embed = run.model.get_input_embeddings()
+        width, dtype = embed.weight.shape[-1], embed.weight.dtype
+        undo = patch_forward(embed, lambda ids, *a, **k: torch.zeros((*ids.shape, width), dtype=dtype,
+                                                                      device=run.device))
+        try:
+            return [self._final(run, ids, h) for ids, h in zip(self.ids, outputs)]
+        finally:
+            undo()
+
+    def _final(self, run, ids, h):
+        h = h.to(run.device, non_blocking=True)
+        value = (h,) if self.tuple_out else h
+        stand_ins = nn.ModuleList([_Gives(layer, value) for layer in run.layers])
+        with run.layers_as(stand_ins):
+            final = head_input(run.model, lambda: run.model(input_ids=ids, use_cache=False))
+        return Fit(device=run.device, keep=run.keep).back(final)  # mean_kls moves it in per chunk
 
     def line(self):
         return kept_line(self.kept, self.total)

@@ -249,12 +249,36 @@ class Run:
         """ModelOpt's conversion of `layer` (named as in the whole model) alone, no calibration."""
         apply_mode(prefixed(name, layer), mode=[("quantize", dict(self.recipe.config))], registry=QuantizeModeRegistry)
 
+    def host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        """`t` in host memory, pinned when the device is CUDA (copies to the GPU go asynchronously);
+        on the CPU `t` itself (the device is the host), or with copy=True a copy of it."""
+        if not str(self.device).startswith("cuda"):
+            return t.clone() if copy else t
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
     def materialize_head(self) -> None:
-        """Everything outside the layers in memory, the output embedding included (tied: the input one)."""
+        """Everything outside the layers in memory for the ranking's KL: the final norm on the
+        device, the output embedding's weight in host memory (bf16_ranking.mean_kls copies one
+        chunk of it at a time to the device). A tied head shares the input embedding's weight
+        (counted once, as in the whole model) until free_embeddings gives it a host copy."""
+        head = self.model.get_output_embeddings()
         if _tied_output_key(self.model):
-            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+            head.weight = self.model.get_input_embeddings().weight
+        elif head.weight.is_meta:
+            name = next(n for n, m in self.model.named_modules() if m is head)
+            weight = read_params(head, name + ".", self.reader, self.dtype)["weight"]
+            head.weight = nn.Parameter(self.host(weight), requires_grad=False)
         materialize(self.model, "", self.reader, self.device, self.dtype, skip=self.prefix + "layers.")
         self.head = True
+
+    def free_embeddings(self) -> None:
+        """The input embeddings go once the first layer's inputs and the ranking batches' are
+        captured (the ranking's later forwards stand them in: streamed_steps._KeepBf16._finals);
+        a tied head keeps their weight, in host memory."""
+        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if self.head and head.weight is embed.weight:
+            head.weight = nn.Parameter(self.host(embed.weight.detach()), requires_grad=False)
+        free(embed)
 
     def free_outside(self) -> None:
         free(self.decoder)  # the layers are meta already; embeddings and norm go (written in step 4)
@@ -310,6 +334,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     first, run.layer_calls = capture_inputs(model, batches, device, run.keep)
     for runner in runners:
         runner.prepare(run)
+    run.free_embeddings()
 
     # 3. pass by pass, layer by layer. The next layer's tensors are read while this one is worked on
     #    (preadv releases the GIL): the read, from disk at 1-2 GB/s, was a third of the layer loop at
