@@ -20,6 +20,7 @@ Both runs use the same fixed calibration batches (batch size 4), so their inputs
 """
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | 
             recipe: str | None = None) -> dict:
     out = work / f"out-{name}"
     job = {"model_dir": str(model_dir), "output_dir": str(out), "format": "nvfp4", "recipe": recipe or args.recipe,
+           "recipe_params": {} if recipe else dict(p.split("=", 1) for p in args.recipe_param),
            "kv_cache": "none", "device": "auto", "mode": mode,
            "calibration": {"source": str(gpu_8b.BENCH / "calib.txt"), "samples": args.samples,
                            "seq_len": args.seq_len, "batch_size": 4}}
@@ -82,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-wall-ratio", type=float, default=1.3, help="streamed wall time over whole's, at most")
     ap.add_argument("--baseline-recipe", default=None,
                     help="also run this recipe whole on the same checkpoint (e.g. default): the recipe's cost in the same call")
+    ap.add_argument("--recipe-param", action="append", default=[], metavar="STEP.PARAM=VALUE",
+                    help="a parameter of --recipe (as launcher quantize --recipe-param), not of the baseline")
     ap.add_argument("--tiny", action="store_true", help="2 narrow layers on the CPU: a smoke test of the script")
     args = ap.parse_args(argv)
     import shutil
@@ -147,7 +151,9 @@ def main(argv=None) -> int:
 
 
 def stem(args) -> str:
-    return "streamed-vs-whole-gpu_8b" + ("" if args.recipe == "default" else f"-{args.recipe}") + ("-tiny" if args.tiny else "")
+    params = "".join("-" + re.sub(r"[^A-Za-z0-9]+", "-", p) for p in args.recipe_param)
+    return "streamed-vs-whole-gpu_8b" + ("" if args.recipe == "default" else f"-{args.recipe}") + params \
+        + ("-tiny" if args.tiny else "")
 
 
 def render(res: dict, args) -> str:
@@ -155,7 +161,7 @@ def render(res: dict, args) -> str:
     w, s, u, b = res["whole"], res["streamed"], res.get("streamed_uncapped"), res.get("baseline")
     cmp_ = res.get("comparison", {})
     return "\n".join([
-        f"# Whole vs layer-streamed, recipe {args.recipe} ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
+        f"# Whole vs layer-streamed, recipe {args.recipe}{''.join(' ' + p for p in args.recipe_param)} ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
         f"Random-weight Llama-3-8B shapes ({g(res['checkpoint']['bytes'])} bf16), {args.samples} x "
         f"{args.seq_len} calibration tokens, batch 4. Streamed: GPU capped at {g(s['gpu_cap_bytes'])} "
         f"({(s['gpu_cap_bytes'] or 0) / res['checkpoint']['bytes']:.0%} of the bf16 model), host RSS cap "
