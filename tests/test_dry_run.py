@@ -80,3 +80,26 @@ def test_list_shows_the_latest_runs_quickly(tmp_path, monkeypatch):
     assert len(shown) == SHOWN_RUNS and shown == sorted(ids)[-SHOWN_RUNS:]
     everything = run_launcher("list", "--all", env=env, timeout=300)
     assert everything.returncode == 0 and all(i in everything.stdout for i in ids)
+
+
+def test_two_runs_drawing_one_id_in_one_second_keep_both_records(tmp_path, monkeypatch):
+    """A run id is its second plus 24 random bits: the list test above once made two of its 2,000
+    runs with one id, and the second overwrote the first's record (1899 older runs, not 1900). The
+    folder is claimed exclusively now and another id drawn. Here both runs draw the same bits first."""
+    import datetime as dt
+    import types
+
+    from launcher.records import runs
+
+    monkeypatch.setenv("SPARK_NVFP4_HOME", str(tmp_path / "home"))
+    fixed = dt.datetime(2026, 12, 7, 9, 30, 0)
+    clock = types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda *tz: fixed), timezone=dt.timezone)
+    monkeypatch.setattr(runs, "dt", clock)
+    draws, real = iter(["aaaaaa", "aaaaaa", "bbbbbb"]), runs.secrets.token_hex
+    # the run id's 3 bytes; other callers (temporary file names) keep theirs
+    monkeypatch.setattr(runs.secrets, "token_hex", lambda n: next(draws) if n == 3 else real(n))
+    first = runs.new_run("quantize", {"output": "/tmp/first"})
+    second = runs.new_run("quantize", {"output": "/tmp/second"})
+    assert (first.id, second.id) == ("20261207-093000-aaaaaa", "20261207-093000-bbbbbb")
+    saved = {json.loads(p.read_text())["spec"]["output"] for p in records(tmp_path / "home")}
+    assert saved == {"/tmp/first", "/tmp/second"}

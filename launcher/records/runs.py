@@ -10,6 +10,7 @@ created (rollback.py).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import re
@@ -98,9 +99,8 @@ class RunRecord(BaseModel):
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.folder / "record.json", self.model_dump_json(indent=2))
-        except OSError as e:  # the home's runs/ is a file, read-only, full...
-            raise LauncherError(f"cannot write the run record: {e.strerror}", where=str(self.folder),
-                                advice=f"check the launcher home ({paths.ENV_HOME} or ~/.cache/spark-nvfp4)") from None
+        except OSError as e:
+            raise _unwritable(e, self.folder) from None
 
     def add(self, kind: str, item: str) -> None:
         items = getattr(self.created, kind)
@@ -164,9 +164,37 @@ def _now() -> str:
 started: list[RunRecord] = []
 
 
+def _unwritable(e: OSError, folder: Path) -> LauncherError:
+    """The one-line error for a run folder that cannot be written (the home's runs/ is a file,
+    read-only, full...)."""
+    return LauncherError(f"cannot write the run record: {e.strerror}", where=str(folder),
+                         advice=f"check the launcher home ({paths.ENV_HOME} or ~/.cache/spark-nvfp4)")
+
+
 def new_run(command: str, spec: dict) -> RunRecord:
+    """A new run whose folder it has just created: ids are the second plus 24 random bits, so two
+    runs in one second can draw the same id (about 1 in 30 for 2,000 runs made in a few seconds,
+    seen in the tests); the folder is claimed exclusively and another id drawn, never another run's
+    record overwritten."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    rec = RunRecord(id=f"{stamp}-{secrets.token_hex(3)}", command=command, created_at=_now(), spec=spec)
+    try:
+        paths.runs_dir().mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where the runs folder should be
+        raise _unwritable(NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), paths.runs_dir()) from None
+    except OSError as e:
+        raise _unwritable(e, paths.runs_dir()) from None
+    for _ in range(8):
+        rec = RunRecord(id=f"{stamp}-{secrets.token_hex(3)}", command=command, created_at=_now(), spec=spec)
+        try:
+            rec.folder.mkdir()
+            break
+        except FileExistsError:  # another run of this second drew these bits
+            continue
+        except OSError as e:
+            raise _unwritable(e, rec.folder) from None
+    else:
+        raise LauncherError("cannot find a free run id", where=str(paths.runs_dir()),
+                            advice="the runs folder holds runs with every id drawn; check it")
     started.append(rec)  # before its file exists: an interrupt during save() still ends it
     rec.save()
     return rec
