@@ -60,7 +60,7 @@ def test_dry_run_gpus_without_the_nvidia_runtime_fails_as_the_real_run(launcher_
 def test_list_shows_the_latest_runs_quickly(tmp_path, monkeypatch):
     """5,000 records took 6.5 s to list (rich lays a table out at ~1-3 ms a row): only the latest
     SHOWN_RUNS are laid out (and a line says how many are not), --all shows every one. What is
-    checked is what is shown, not a time: a timed assertion failed under load."""
+    checked is what is shown, not a time (times belong in benchmarks)."""
     from launcher.records import runs
     from launcher.records.run_views import SHOWN_RUNS
 
