@@ -126,7 +126,7 @@ class _Smooth(Runner):
             self.reused += 1
             return
         scales = {}
-        self.smoothed.add(_smooth_layer(at.layer, self.stats, at.args, self.step.alpha, run.device, run.keep, scales))
+        self.smoothed.add(_smooth_layer(at.layer, self.stats, at.args, self.step.alpha, run.device, run.back, scales))
         if not final:
             self.scales.append({i: s.to(run.keep) for i, s in scales.items()})
 
@@ -143,11 +143,10 @@ def _holder(layer: nn.Module) -> nn.Module:
     return holder
 
 
-def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, keep: str, scales: dict):
+def _smooth_layer(layer: nn.Module, stats: list, args: list, alpha: float, device: str, back, scales: dict):
     """smoothing.smooth on one layer: its statistics from the unsmoothed stream `stats` (advanced
     in place through the still unsmoothed layer), then the scales folded (and put in `scales`)."""
     holder = _holder(layer)
-    back = Fit(device=device, keep=keep).back
 
     def stats_loop(_holder):
         with torch.inference_mode():
@@ -297,8 +296,7 @@ class _KeepBf16(Runner):
         self.ids = limit_tokens([b.to(run.device) for b in run.batches[:self.step.batches]])
         with torch.no_grad():
             self.first, self.calls = capture_layer_calls(
-                run.decoder, lambda: [run.decoder(input_ids=ids, use_cache=False) for ids in self.ids],
-                Fit(device=run.device, keep=run.keep).back)
+                run.decoder, lambda: [run.decoder(input_ids=ids, use_cache=False) for ids in self.ids], run.back)
         run.materialize_head()  # before the budget: a tied head counts once, as in the whole model
         converted = copy.deepcopy(run.layers)
         for name, layer in zip(run.names, converted):
@@ -333,7 +331,7 @@ class _KeepBf16(Runner):
         originals = {n: run.host(m.weight.detach(), copy=True) for n, m in linears.items()}
         round_weights(linears)
         rounded = {n: run.host(m.weight.detach(), copy=True) for n, m in linears.items()}
-        calls, back = self.calls[at.index], Fit(device=run.device, keep=run.keep).back
+        calls, back = self.calls[at.index], run.back
 
         def set_weights(src, names):
             for n in names:
@@ -411,7 +409,7 @@ class _KeepBf16(Runner):
         stand_ins = nn.ModuleList([_Gives(layer, value) for layer in run.layers])
         with run.layers_as(stand_ins):
             final = head_input(run.model, lambda: run.model(input_ids=ids, use_cache=False))
-        return Fit(device=run.device, keep=run.keep).back(final)  # mean_kls moves it in per chunk
+        return run.back(final)  # mean_kls moves it in per chunk
 
     def line(self):
         return kept_line(self.kept, self.total)

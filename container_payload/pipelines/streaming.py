@@ -159,10 +159,10 @@ def prefixed(name: str, module: nn.Module) -> nn.Module:
     return root
 
 
-def capture_inputs(model, batches, device: str, keep: str) -> tuple[list, list]:
-    """(the first layer's hidden states per batch, on `keep`; per layer, the (args, kwargs) the
-    decoder hands it per batch): sequential.capture_layer_calls over the calibration batches.
-    On a GPU the hidden states go to pinned host memory (Fit.back): each layer's calibration
+def capture_inputs(model, batches, device: str, back) -> tuple[list, list]:
+    """(the first layer's hidden states per batch, through `back` (Run.back); per layer, the (args,
+    kwargs) the decoder hands it per batch): sequential.capture_layer_calls over the calibration
+    batches. On a GPU the hidden states go to pinned host memory (Fit.back): each layer's calibration
     copies them in and its outputs back, asynchronously."""
     def run():
         with torch.inference_mode():
@@ -172,7 +172,7 @@ def capture_inputs(model, batches, device: str, keep: str) -> tuple[list, list]:
             torch.cuda.synchronize()  # the copies are done before the host copies them (_copy)
 
     decoder = model.get_decoder()
-    return capture_layer_calls(decoder, run, Fit(device=device, keep=keep).back)
+    return capture_layer_calls(decoder, run, back)
 
 
 def _first_sequence(item):
@@ -225,6 +225,8 @@ class Run:
         self.model, self.reader, self.recipe, self.batches = model, reader, recipe, batches
         self.device, self.dtype = device, dtype
         self.keep = "cpu"  # activations stay in host memory, moved per batch (on a Spark: the same pool)
+        # a tensor to where what waits between uses is kept: pinned host memory from CUDA, asynchronously
+        self.back = Fit(device=device, keep=self.keep).back
         self.decoder = model.get_decoder()
         self.layers = self.decoder.layers
         names = {id(m): n for n, m in model.named_modules()}
@@ -331,7 +333,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     events.stage("calibrate", detail=f"streamed: capturing the first layer's inputs ({len(batches)} batches)")
     layer_keys = tuple(n + "." for n in names)
     materialize(decoder, run.prefix, weights, device, run.dtype, skip="layers.")
-    first, run.layer_calls = capture_inputs(model, batches, device, run.keep)
+    first, run.layer_calls = capture_inputs(model, batches, device, run.back)
     for runner in runners:
         runner.prepare(run)
     run.free_embeddings()
