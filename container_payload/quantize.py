@@ -72,12 +72,14 @@ def torch_gpus(device: str) -> int:
     return torch.cuda.device_count() if device == "cuda" else 0
 
 
-def peak_memory(device: str) -> dict:
+def peak_memory(device: str, by_phase: dict | None = None) -> dict:
+    """Peak host RSS and GPU bytes; by_phase: a streamed run's peaks per phase (streaming.Peaks resets
+    torch's peak at each phase, so the run's peak is the largest of them and what came after)."""
     import torch
 
     mem = {"host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device == "cuda":
-        mem["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+        mem["gpu_peak_bytes"] = max([torch.cuda.max_memory_allocated(), *(by_phase or {}).values()])
         if torch.cuda.device_count() > 1:
             mem["gpu_peak_bytes_per_device"] = [torch.cuda.max_memory_allocated(i)
                                                 for i in range(torch.cuda.device_count())]
@@ -188,7 +190,7 @@ def result(job: QuantizeJob, recipe, device: str, facts: dict, calib_info: dict,
         "gpus": torch_gpus(device),
         "calibration": {**dataclasses.asdict(job.calibration), **calib_info},
         "timings": timings,
-        "memory": peak_memory(device),
+        "memory": peak_memory(device, facts.get("streamed", {}).get("gpu_peak_bytes")),
         "versions": versions(),
         **({"streamed": facts["streamed"]} if "streamed" in facts else {}),
     }

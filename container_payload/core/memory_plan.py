@@ -19,10 +19,10 @@ outputs replace its inputs) + one batch's temporaries inside a layer (float32 ML
 A sequential GPTQ adds two streams of hidden states (original, quantized), smoothing one more
 (the unsmoothed model's, for its statistics); GPTQ holds one layer's unit inputs (3 x hidden +
 intermediate per token, bf16), and for the widest unit (down_proj: intermediate inputs) the
-activation correction's solve: GPTQ_SQUARES intermediate^2 float32 squares and GPTQ_WEIGHTS
-hidden x intermediate float32 ones. All of it sits on the device that runs the layer (the GPU):
-no square waits in host memory, H is rebuilt from the solve's float64 copy instead (steps/gptq.py);
-on a Spark GPU and host are one pool, and the streamed total counts both. A ranking (keep_bf16),
+activation correction and GPTQ: GPTQ_SQUARES intermediate^2 float32 squares and GPTQ_WEIGHTS
+hidden x intermediate float32 ones, on the device that runs the layer (H's copy during the
+correction waits in host memory); on a Spark GPU and host are one pool, and the streamed total
+counts both. A ranking (keep_bf16),
 before or after the GPTQ, holds instead its RANKING_STREAMS streams of hidden states on
 RANKING_TOKENS tokens (bf16), as many of the head's inputs at its end, and the KL's work on one
 chunk of the vocabulary at a time (bf16_ranking.mean_kls): float32 logits of the reference and one
@@ -48,15 +48,17 @@ GiB = 1 << 30
 RUNTIME_BYTES = 1 * GiB
 WHOLE_FACTOR = 1.4
 WHOLE_FACTOR_OURS = 3.0   # the issue's measurement of make quantize's recipe
-# The widest unit at GPTQ's peak, the activation correction's solve (steps/gptq.py; bounded by
-# tests/test_algorithms.py's gptq_memory): A = H + lam I in float64 and the solve's LU copy of it,
-# 4 squares of intermediate^2 x 4 bytes (H and C are freed by then); and weight-sized tensors of
-# hidden x intermediate x 4 bytes: the solve's right-hand side and result in float64 (2 each), the
-# float32 target (1). Before these were freed early (H and C held throughout: 6 squares), the
-# streamed smooth-gptq-seq at 8B on an H200 peaked at 7.0 GiB of GPU and 10.0 GiB host (estimated
-# 15 GiB in all); not yet measured since.
-GPTQ_SQUARES = 4
-GPTQ_WEIGHTS = 5
+# The widest unit at GPTQ's peak (steps/gptq.py, steps/factor.py; bounded by tests/test_algorithms.py's
+# gptq_memory): one square of intermediate^2 x 4 bytes (H, whose own storage takes the activation
+# correction's factor and then GPTQ's inverse factor; its copy during the correction waits in host
+# memory) and factor.py's panels (a quarter of a square counted; 2 x 1024 columns of 14336 at 8B
+# are 0.14); and weight-sized tensors of hidden x intermediate x 4 bytes: G (then V in its storage,
+# then GPTQ's working copy, handed over), counted 3 with the pieces and the unit's own weights as an
+# upper bound (tests/test_algorithms.py's gptq_memory measures 1 + vectors). In a streamed run on a GPU the layer's other
+# weights wait in host memory meanwhile (sequential._park). Before (float64 correction: A and its
+# LU copy) it was 4 squares and 5 weights: 5.08 GiB at 8B on an H100 (6 GiB cap).
+GPTQ_SQUARES = 1.25
+GPTQ_WEIGHTS = 3
 LAYER_COPIES = 4   # the layer at work, its host read, the writer's buffer, the next layer read ahead
 # A ranking pass (keep_bf16) scores units by the KL of the model's logits on at most RANKING_TOKENS
 # calibration tokens, RANKING_VOCAB_CHUNK vocabulary rows at a time. Its streams: the reference, the
@@ -202,7 +204,7 @@ def peaks_of(shape: Shape, tokens: int, batch_tokens: int, steps: tuple | None) 
     streams = tokens * shape.hidden * 2 * sum(p.hidden_streams for p in plans)
     work = 0  # the largest of our passes' own work at a time: a GPTQ unit, or a ranking's logits
     if any(p.unit_inputs for p in plans):
-        work = tokens * (3 * shape.hidden + shape.intermediate) * 2 + GPTQ_SQUARES * shape.intermediate ** 2 * 4 \
+        work = tokens * (3 * shape.hidden + shape.intermediate) * 2 + int(GPTQ_SQUARES * shape.intermediate ** 2 * 4) \
             + GPTQ_WEIGHTS * shape.hidden * shape.intermediate * 4
     if any(p.ranking_batches for p in plans):
         work = max(work, ranking_bytes(shape))

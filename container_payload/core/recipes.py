@@ -89,7 +89,7 @@ class Plan:
     peaks and the pipelines read these, never the step's type (a new step declares its own)."""
     whole_only: str | None = None   # why it needs the whole model in memory; None: it runs layer by layer
     hidden_streams: int = 0         # copies of the calibration hidden states it keeps beside the model's
-    unit_inputs: bool = False       # it holds one layer's unit inputs and the widest unit's H, C (GPTQ)
+    unit_inputs: bool = False       # it holds one layer's unit inputs and the widest unit's H, G (GPTQ)
     ours: bool = True               # our own weight pass: the whole path keeps the original weights too
     layer_inputs: bool = False      # it wants the first layer's captured inputs (a sequential pass)
     ranking_batches: int = 0        # calibration batches to keep for a ranking pass over all layers
@@ -149,7 +149,7 @@ class Gptq:
     ridge: the activation correction's pull towards the original weights, relative to mean
     diag(H); None: GPTQ's damping (0.01), or 1.0 when sequential (sequential.py says why).
     kernel: auto (Triton on CUDA, else batched torch) | triton | torch | reference (the column
-    loop the others are tested against). hessian_tf32: H and C in TF32 on CUDA (sequential).
+    loop the others are tested against). hessian_tf32: H and G in TF32 on CUDA (sequential).
     scales: how each 16-block's FP8 scale is chosen: search (the block's rounding error, each
     column weighted by GPTQ's 1/U_jj^2) | hessian (each candidate scored by the block's own GPTQ
     pass, error feedback inside the block included: its cost under the layer's input Hessian,

@@ -103,8 +103,15 @@ def max_block_scales(w: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
     return fp8_e4m3(w.float().abs().amax(dim=-1) / (E2M1_MAX * ws2.float()))
 
 
+def abs_max(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as float32, the same value as t.float().abs().amax() (abs, max and the widening are
+    exact) without a float32 copy of t and its abs: at 8B 2 x 235 MB for a 14336 x 4096 weight."""
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(lo.neg(), hi).abs().float()  # (abs: +0 for an all-zero t, as abs().amax())
+
+
 def global_amax(ws: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([w.float().abs().amax() for w in ws]).amax()
+    return torch.stack([abs_max(w) for w in ws]).amax()
 
 
 def round_to_grid(w: torch.Tensor, ws2: torch.Tensor, search: bool = True):

@@ -36,7 +36,7 @@ from ..numerics.linear_compute import float32_linears, patch_forward
 from ..steps.bf16_ranking import (
     Emulation,
     decide,
-    fp8_weights,
+    fp8_round_unit_,
     keep_units,
     kept_line,
     head_input,
@@ -236,8 +236,12 @@ class _Gptq(Runner):
     def begin(self, run, final):
         self.fp, self.qs, self.chunk_calls = start_streams(copy_stream(run.inputs), run.layer_calls)
         step = self.step
+        # replay: finished submodules' outputs wait in host memory (Fit.back) instead of being computed
+        # again; only those replayed twice or more (the attention block). Estimated, not measured: at ~55 GB/s
+        # a round trip of a projection's output (gate/up at 8B: 117 MB a 2048-token batch, ~4 ms) costs more
+        # than computing it again (its input's NVFP4 emulation and the product, ~1.2 ms on an H100)
         self.fit = Fit(ridge=step.ridge, kernel=step.kernel, scales=step.scales, hessian_tf32=step.hessian_tf32,
-                       replay=False, device=run.device, keep=run.keep)
+                       replay=True, replay_min_uses=2, device=run.device, keep=run.keep)
         self.timer, self.reached = _Timer(), 0
 
     def layer(self, run, at, final):
@@ -366,8 +370,9 @@ class _KeepBf16(Runner):
                         streams[key], _ = through(self.streams[key], units)
                     elif unit in units:      # one of this layer's: it alone in fmt, from the base stream
                         fp8 = fmt == "fp8"
-                        set_weights(fp8_weights(unit, {n: originals[n].to(run.device) for n in unit})
-                                    if fp8 else originals, unit)
+                        set_weights(originals, unit)
+                        if fp8:  # fp8_weights, in place on the layer's (original) weights
+                            fp8_round_unit_(unit, {n: linears[n].weight.detach() for n in unit})
                         streams[key], _ = through(base_in, others, fp8_units=[unit] if fp8 else ())
                         set_weights(rounded, unit)
             self.streams = streams

@@ -217,6 +217,20 @@ def _return_freed_memory() -> None:
         pass
 
 
+class Peaks:
+    """The GPU's peak allocated bytes in each phase of a streamed run (result.json's
+    streamed.gpu_peak_bytes): which phase sets the floor of a GPU cap. Nothing on the CPU."""
+
+    def __init__(self, device: str):
+        self.on, self.by = str(device).startswith("cuda"), {}
+
+    def mark(self, phase: str) -> None:
+        """The peak since the last mark, counted for `phase`."""
+        if self.on:
+            self.by[phase] = max(self.by.get(phase, 0), torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+
 class Run:
     """What the streamed pipeline's step runners (streamed_steps.RUNNERS) share: the skeleton, the
     shard reader, where tensors live, the calibration batches, the first layer's inputs."""
@@ -237,6 +251,7 @@ class Run:
         self.probes: list | None = None  # per layer, the export's probe, kept by a ranking pass whose
         #                                  calibration the final pass reuses (streamed_steps._Calibrate)
         self.head = False             # lm_head in memory (a ranking's logits)
+        self.peaks = Peaks(device)
 
     @contextlib.contextmanager
     def layers_as(self, modules: nn.ModuleList):
@@ -337,6 +352,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     for runner in runners:
         runner.prepare(run)
     run.free_embeddings()
+    run.peaks.mark("prepare")
 
     # 3. pass by pass, layer by layer. The next layer's tensors are read while this one is worked on
     #    (preadv releases the GIL): the read, from disk at 1-2 GB/s, was a third of the layer loop at
@@ -356,6 +372,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
         views = _layer_loop(run, active, final, phases, writer if final else None, hub_names)
         for runner in active:
             runner.end(run, final)
+            run.peaks.mark(f"{runner.step.key} end")
     run.inputs = run.probes = None
 
     # 4. everything outside the layers, as the source has it (cast to the export dtype)
@@ -393,7 +410,7 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes), "applied": applied,
             "passes": len(passes(recipe)), "stream_s": round(time.time() - t0, 3),
             "reused": {step.key: runner.reused for step, runner in zip(recipe.steps, runners) if runner.reused},
-            "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}}
+            "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}, "gpu_peak_bytes": run.peaks.by or None}
 
 
 def _layer_loop(run: Run, runners: list, final: bool, phases: dict, writer, hub_names: HubNames) -> list:
@@ -430,6 +447,7 @@ def _layer_loop(run: Run, runners: list, final: bool, phases: dict, writer, hub_
             t = time.time()
             runner.layer(run, at, final)
             phases[runner.step.key] += time.time() - t
+            run.peaks.mark(runner.step.key)
         t = time.time()
         if final:
             views.append(_export_layer(at.root, layer, name, probe, dtype, writer, hub_names))
@@ -440,6 +458,7 @@ def _layer_loop(run: Run, runners: list, final: bool, phases: dict, writer, hub_
         if device == "cuda":
             torch.cuda.empty_cache()
         phases["export"] += time.time() - t
+        run.peaks.mark("export")
     events.progress(stage, len(layers), len(layers))
     ahead.shutdown()
     return views

@@ -275,18 +275,21 @@ _NO_FMA = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusio
 
 def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_size: int = 128,
                     damp: float = 0.01, search: bool = True, down: int = 8, up: int = 1,
-                    use_triton: bool | None = None, hessian_scales: bool = False):
+                    use_triton: bool | None = None, hessian_scales: bool = False, w_given: bool = False):
     """gptq.gptq_nvfp4 (same arguments and results) with lazy batched updates and a fused
     16-column step. w [out, in] may stack several Linears that share h and ws2.
-    hessian_scales: block scales by hessian_block_scales instead of the plain search."""
+    hessian_scales: block scales by hessian_block_scales instead of the plain search.
+    The q returned is the storage of hessian_inverse_factor's copy of w (the caller's w is untouched),
+    or of w itself when w_given (handed over: hessian_inverse_factor)."""
     out_f, in_f = w.shape
     assert in_f % BLOCK == 0 and block_size % BLOCK == 0
     dtype = w.dtype
-    u, w = hessian_inverse_factor(h, w, damp)  # w is a copy from here on; h may be a gptq.Squares
+    u, w = hessian_inverse_factor(h, w, damp, w_given)  # w: a copy, or the one handed over; h may be a gptq.Squares
     ws2 = ws2.to(device=w.device, dtype=torch.float32).reshape(1)
     fused = (triton_ok(w) and not _TRITON_FAILED) if use_triton is None else use_triton
     first = fused and use_triton is None
-    q = torch.empty_like(w)
+    # No q beside w: a block's dequantized values go into w's own columns, which the loop never
+    # reads again once past them (at 8B down_proj, w and q were 0.235 GB each in float32).
     scales = torch.empty(out_f, in_f // BLOCK, dtype=torch.float32, device=w.device)
     err = torch.empty(out_f, block_size, dtype=dtype, device=w.device)
     for i1 in range(0, in_f, block_size):
@@ -295,12 +298,14 @@ def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_s
         w1, u1, e1 = w[:, i1:i2], u[i1:i2, i1:i2], err[:, :n]
         for g in range(0, n, BLOCK):
             gs = slice(g, g + BLOCK)
-            qv, ev, sv = q[:, i1 + g:i1 + g + BLOCK], e1[:, gs], scales[:, (i1 + g) // BLOCK]
-            if fused:
+            qv, ev, sv = w1[:, gs], e1[:, gs], scales[:, (i1 + g) // BLOCK]
+            if fused:  # (the kernel loads its rows of the block before it stores their q there)
                 args = (w1[:, gs], u1[gs, gs].contiguous(), ws2, search, down, up, qv, ev, sv, hessian_scales)
-                if first:
-                    first = False
+                if first:  # its q goes where it reads w: a kernel that fails midway leaves the block as it was
+                    first, before = False, w1[:, gs].clone()
                     fused = _first_step(args)
+                    if not fused:
+                        w1[:, gs].copy_(before)
                 else:
                     group_step_triton(*args)
             if not fused:  # (also the block the kernel failed on)
@@ -308,6 +313,6 @@ def gptq_nvfp4_fast(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_s
                 qv.copy_(qg), ev.copy_(eg), sv.copy_(sg)
             if g + BLOCK < n:  # the rest of this 128-column block, at once
                 w1[:, g + BLOCK:].addmm_(ev, u1[gs, g + BLOCK:], alpha=-1)
-        if i2 < in_f:  # and the columns after it (lazy batch update)
+        if i2 < in_f:  # and the columns after it (lazy batch update), in place: no out x in temporary
             w[:, i2:].addmm_(e1, u[i1:i2, i2:], alpha=-1)
-    return q, scales
+    return w, scales

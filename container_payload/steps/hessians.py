@@ -1,13 +1,67 @@
 """The statistics GPTQ fits to, gathered by hooks on the quantized Linears during calibration
-passes: H = X^T X per fused unit (its inputs, NVFP4-rounded for activation-aware GPTQ) and the
-cross term C, plus the calibration batches a later ranking pass needs."""
+passes: H = X^T X per fused unit (its inputs, NVFP4-rounded for activation-aware GPTQ) and, for
+the activation correction, G = W (X - Xq)^T Xq, plus the calibration batches a later ranking
+pass needs."""
 from __future__ import annotations
 
 import torch
 
 from ..numerics.emulate import fake_quant_nvfp4
 from ..numerics.linear_compute import float32_linears
-from .quantizers import QuantizersOff, fused_units, unit_input_scale
+from .quantizers import QuantizersOff, fused_units, row_pieces, stacked_rows, unit_input_scale
+
+# Tokens per product in SquareSums: the float32 temporaries of one piece (x, xq, x0, X - Xq at
+# 14336 inputs, (X - Xq) W^T) stay a few tens of MB at 8B shapes. The sums depend on it (float32
+# summation order), so every pipeline uses this one value: the streamed and the whole-model
+# sequential GPTQ write the same bytes because they sum the same pieces in the same order.
+SQUARE_TOKENS = 512
+# Elements of W per product (X - Xq) W^T in SquareSums: W's rows a piece at a time, widened to
+# float32 from the members' own weights, so no float32 copy of the unit's W is made (at 8B
+# gate/up's was 0.47 GB, down_proj's 0.235 GB beside its 0.82 GB H). Fixed, like SQUARE_TOKENS.
+W_PIECE_ELEMENTS = 1 << 23
+
+
+class SquareSums:
+    """Running sums of a unit's H = sum Xq^T Xq and, given its weights W, of
+    G = W (C - H) = sum ((X - Xq) W^T)^T Xq ([out, in]; C = X^T Xq is never formed: X - Xq is
+    taken elementwise, so there is no cancellation to guard against in float64). Added in place
+    (addmm_), SQUARE_TOKENS tokens at a time. tf32: the products in TF32 on CUDA
+    (sequential.py says why)."""
+
+    def __init__(self, tf32: bool = False):
+        self.tf32, self.h, self.g, self.count = tf32, None, None, 0
+
+    def add(self, x: torch.Tensor, scale: torch.Tensor | None, x0: torch.Tensor | None = None,
+            w: torch.Tensor | None = None, on=None) -> None:
+        """x: the unit's input [tokens, in]; Xq = its NVFP4 rounding with `scale` (None: x);
+        x0: the original model's input for the same tokens (None: x); w: the unit's weights [out, in],
+        or its members' stacked by rows (a list; any float dtype; None: H only); on: brings a piece of x or x0 to the device of the sums (x and x0
+        may wait in host memory: sequential.Fit.on; None: they are there already)."""
+        prec = torch.get_float32_matmul_precision()
+        try:
+            for s in range(0, x.shape[0], SQUARE_TOKENS):
+                xs = (x[s:s + SQUARE_TOKENS] if on is None else on(x[s:s + SQUARE_TOKENS])).float()
+                if self.tf32 and xs.is_cuda:  # where the products run (x itself may wait in host memory)
+                    torch.set_float32_matmul_precision("high")
+                xq = xs if scale is None else fake_quant_nvfp4(xs, scale)
+                if self.h is None:
+                    self.h = torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
+                self.h.addmm_(xq.T, xq)
+                if w is None:
+                    continue
+                orig = xs if x0 is None else (x0[s:s + SQUARE_TOKENS] if on is None else on(x0[s:s + SQUARE_TOKENS])).float()
+                d = torch.sub(orig, xq)  # X - Xq (not in place: orig may be X's own storage)
+                del orig
+                if self.g is None:
+                    self.g = torch.zeros(stacked_rows(w), xq.shape[1], dtype=torch.float32, device=xq.device)
+                for r0, wp in row_pieces(w, W_PIECE_ELEMENTS):  # G += ((X - Xq) W^T)^T Xq, W's rows a piece at a time
+                    e = d @ wp.float().T
+                    self.g[r0:r0 + wp.shape[0]].addmm_(e.T, xq)
+                    del e
+                del d
+        finally:
+            torch.set_float32_matmul_precision(prec)
+        self.count += x.shape[0]
 
 
 def keep_input_ids(model, kept: list, count: int):
@@ -27,12 +81,11 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
                      keep_batches: int = 0, act_aware: bool = False):
     """One calibration pass of the unquantized model; H = mean x^T x per Linear (float32),
     x fake-quantized as the engine quantizes the input when quantized_input or act_aware.
-    With act_aware also C = mean x_orig^T x_q (for the activation-error correction).
+    With act_aware also G = mean W (x_orig - x_q)^T x_q per unit, W its members' weights stacked
+    by rows (for the activation-error correction; gs holds it under each member's name).
     Also keeps the first `keep_batches` input_ids batches (for the sensitivity pass)."""
 
-    hs = {n: None for n in linears}
-    cs = {n: None for n in linears}
-    counts = {n: 0 for n in linears}
+    sums = {n: SquareSums() for n in linears}
     quantized_input = quantized_input or act_aware
     kept = []
     handles = []
@@ -41,14 +94,9 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
         scale = unit_input_scale(mods) if quantized_input else None
 
         def pre(mod, args):
-            x0 = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            x = x0 if scale is None else fake_quant_nvfp4(x0, scale)
-            h = x.T @ x
-            hs[name] = h if hs[name] is None else hs[name].add_(h)
-            if act_aware:
-                c = x0.T @ x
-                cs[name] = c if cs[name] is None else cs[name].add_(c)
-            counts[name] += x.shape[0]
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            # W in float32 for this call only: held for the whole pass it would be a float32 copy of the model
+            sums[name].add(x, scale, w=[m.weight.detach() for m in mods] if act_aware else None)
         return pre
 
     # the members of a fused unit (q/k/v, gate/up) read the same input: one Hessian each unit
@@ -62,14 +110,16 @@ def collect_hessians(model, forward_loop, linears: dict, quantized_input: bool =
     finally:
         for h in handles:
             h.remove()
-    for n in hs:
-        if hs[n] is not None:
-            hs[n] = hs[n] / max(counts[n], 1)  # out of place: the hook ran in inference mode
-        if cs[n] is not None:
-            cs[n] = cs[n] / max(counts[n], 1)
+    hs = {n: None for n in linears}
+    gs = {n: None for n in linears}
+    for n, s in sums.items():  # out of place (the hook ran in inference mode), each sum let go of once divided
+        if s.h is not None:
+            hs[n], s.h = s.h / max(s.count, 1), None
+        if s.g is not None:
+            gs[n], s.g = s.g / max(s.count, 1), None
     for unit in units:
         for n in unit[1:]:
-            hs[n], cs[n] = hs[unit[0]], cs[unit[0]]
+            hs[n], gs[n] = hs[unit[0]], gs[unit[0]]
     if act_aware:
-        return hs, kept, cs
+        return hs, kept, gs
     return hs, kept

@@ -132,6 +132,32 @@ def unit_input_scale(mods) -> torch.Tensor | None:
     return torch.stack(amaxes).max() / (E2M1_MAX * E4M3_MAX) if amaxes else None
 
 
+def row_pieces(ws, elements: int | None = None):
+    """(first row, rows) of weights stacked by rows, as the fused unit's matrix stacks its members'
+    (`ws`: a list, or one tensor): each member whole, or at most `elements` at a time."""
+    r0 = 0
+    for w in ([ws] if torch.is_tensor(ws) else ws):
+        step = w.shape[0] if elements is None else max(1, elements // w.shape[1])
+        for a in range(0, w.shape[0], step):
+            yield r0 + a, w[a:a + step]
+        r0 += w.shape[0]
+
+
+def stacked_rows(ws) -> int:
+    """The rows of row_pieces' stacked matrix."""
+    return sum(w.shape[0] for w in ([ws] if torch.is_tensor(ws) else ws))
+
+
+def unit_weight(mods) -> torch.Tensor:
+    """The members' weights stacked by rows in float32 (the matrix GPTQ and the activation
+    correction work on), written row block by row block: no float32 copy of a member beside it."""
+    ws = [m.weight.detach() for m in mods]
+    out = torch.empty(stacked_rows(ws), ws[0].shape[1], dtype=torch.float32, device=ws[0].device)
+    for r0, w in row_pieces(ws):
+        out[r0:r0 + w.shape[0]].copy_(w)
+    return out
+
+
 def set_static_weight_quantizer(m, scales: torch.Tensor, global_amax: torch.Tensor) -> None:
     """Store per-block FP8 scales as the static per-block amax of m's weight quantizer so
     that export writes weight_scale == scales and weight_scale_2 == global_amax / 2688."""

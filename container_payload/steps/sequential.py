@@ -5,8 +5,9 @@ Why: `gptq-aa` takes every Linear's inputs from the original model, so each laye
 to inputs it will never see: in W4A4 the residual stream reaching layer 20 carries the error of
 layers 0-19. Here two streams of hidden states run through the decoder side by side, the
 original one (X) and the quantized one (X~, with the engine's input quantization emulated), and
-every Linear is fitted by activation-aware GPTQ (algorithms.activation_corrected_weight) with
-H = Xq^T Xq, C = X^T Xq, Xq = the engine's NVFP4 rounding of X~. So it minimizes
+every Linear is fitted by activation-aware GPTQ (gptq.activation_corrected_weight) with
+H = Xq^T Xq, G = W (X - Xq)^T Xq (= W (C - H), C = X^T Xq), Xq = the engine's NVFP4 rounding of
+X~. So it minimizes
 ||X W^T - Xq Q^T||^2: the error the layer inherits, as well as its own, is compensated where
 the weights can absorb it (the idea behind GPTQ's layer-by-layer pipelines and GPTAQ).
 
@@ -23,14 +24,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from ..core import events
 from ..core.events import log as _log
-from ..numerics.emulate import fake_quant_nvfp4
 from ..numerics.linear_compute import float32_linears, patch_forward
 from .algorithms import quantize_unit
 from .bf16_ranking import Emulation
-from .hessians import keep_input_ids
+from .hessians import SquareSums, keep_input_ids
 from .quantizers import QuantizersOff, fused_units, quantized_linears, unit_input_scale
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
@@ -43,8 +44,9 @@ from .quantizers import QuantizersOff, fused_units, quantized_linears, unit_inpu
 RIDGE = 1.0
 # Tokens per layer call on the streams (memory; the result does not depend on it).
 CHUNK_TOKENS = 16384
-# On CUDA, H = Xq^T Xq and C = X^T Xq in TF32 (inputs rounded to 10 mantissa bits, float32 sums).
-# At 8B shapes these products are about 2 PFLOP in all. Measured on an H200, 128 x 512 tokens
+# On CUDA, H = Xq^T Xq and G's products ((X - Xq) W^T, then its transpose times Xq) in TF32 (inputs
+# rounded to 10 mantissa bits, float32 sums). At 8B shapes these products are about 2 PFLOP in all.
+# Measured on an H200, 128 x 512 tokens, with C = X^T Xq then in G's place
 # (benchmarks/results/gpu_8b-recipe-cost-tf32-fp32-vs-llmc.md): the sequential pass took 84.7 s with them in float32
 # and 48.3 s in TF32, the recipe 3.78x and 2.71x the default recipe's wall time. The rounding
 # (~5e-4 relative per input) is far below the damping (1% of mean diag H) and the ridge (100%).
@@ -196,29 +198,61 @@ class _Replay:
     done, so is every unit before it; its input and weights no longer change, and neither does
     its output. In a Llama layer this skips q/k/v after the o stage, the whole attention block
     after the gate/up stage, and gate/up in the last pass: about half of the quantized stream's
-    compute (bf16 matrix products, NVFP4 input emulation)."""
+    compute (bf16 matrix products, NVFP4 input emulation).
 
-    def __init__(self, layer, units: list[list[str]], linears: dict, batch: list):
+    The outputs wait where fit says (fit.back when recorded, fit.on when replayed: host memory in
+    a streamed run); tuples keep their structure, only tensors move. A module inside one that is
+    recorded or replayed in the same pass is not recorded, and its outputs go once the outer one
+    is complete (at 8B, 2 bytes x 38912 values a token at most: q/k/v, attention, gate/up). An
+    output kept as the very tensor the layer made (no copy: fit keeps it where it is) is checked
+    at each pass's end: if the layer changed it in place, or a module ran twice in a batch, that
+    module is computed again instead."""
+
+    def __init__(self, layer, units: list[list[str]], linears: dict, batch: list, fit: Fit):
         unit_of = {id(linears[n]): i for i, u in enumerate(units) for n in u}
-        self.mods = []
-        for m in layer.modules():
+        self.mods, names = [], {}
+        for name, m in layer.named_modules():
             inside = {unit_of[id(x)] for x in m.modules() if id(x) in unit_of}
             if m is not layer and inside:
                 self.mods.append((m, inside))
-        self.batch, self.cache, self.complete = batch, {}, set()
+                names[id(m)] = name
+        # per module, the modules of self.mods around it
+        self.around = {k: {j for j, o in names.items() if n.startswith(o + ".")} for k, n in names.items()}
+        # per module, the passes that would replay it: recorded in the pass after its last unit, it is
+        # replayed from the next one until the pass after the one that records a module around it
+        last = {id(m): max(inside) for m, inside in self.mods}
+        self.uses = {k: min([len(units)] + [last[a] + 1 for a in self.around[k]]) - last[k] - 1 for k in last}
+        self.batch, self.fit, self.cache, self.complete = batch, fit, {}, set()
+        self.live, self.spoiled = {}, set()  # outputs kept uncopied: (tensor, version); modules not to replay
         self.handles, self.patched = [], []
 
     def start(self, done: int, record: bool = True) -> None:
         """Before a pass in which units[:done] are quantized (and emulated: call this after the
         Emulation is installed, so that the recorded output is the emulated one)."""
+        ready = {id(m) for m, inside in self.mods if max(inside) < done} - self.spoiled
         for m, inside in self.mods:
-            if max(inside) >= done:
-                continue
+            if id(m) not in ready or self.around[id(m)] & self.complete:
+                continue  # not finished, or a finished module around it is replayed whole
             if id(m) in self.complete:
-                self.patched.append(patch_forward(m, lambda *a, _c=self.cache[id(m)], **k: _c[self.batch[0]]))
-            elif record:
-                self.handles.append(m.register_forward_hook(
-                    lambda mod, args, out: self.cache.setdefault(id(mod), {}).__setitem__(self.batch[0], out)))
+                self.patched.append(patch_forward(m, lambda *a, _k=id(m), **k: self._replay(_k)))
+            elif record and not self.around[id(m)] & ready and self.uses[id(m)] >= self.fit.replay_min_uses:
+                self.handles.append(m.register_forward_hook(self._record))
+
+    def _record(self, mod, args, out) -> None:
+        kept = self.cache.setdefault(id(mod), {})
+        if self.batch[0] in kept:  # called twice in one batch: one output would stand for both
+            self.spoiled.add(id(mod))
+        live = self.live.setdefault(id(mod), [])
+
+        def back(t):
+            k = self.fit.back(t)
+            if k is t and not t.is_inference():  # (inference tensors cannot change outside inference_mode)
+                live.append((t, t._version))
+            return k
+        kept[self.batch[0]] = tree_map_only(torch.Tensor, back, out)
+
+    def _replay(self, key: int):
+        return tree_map_only(torch.Tensor, self.fit.on, self.cache[key][self.batch[0]])
 
     def stop(self, batches: int) -> None:
         for h in self.handles:
@@ -226,7 +260,15 @@ class _Replay:
         for undo in reversed(self.patched):
             undo()
         self.handles, self.patched = [], []
+        for k, kept in self.live.items():  # changed in place since it was kept: not the output any more
+            if any(t._version != v for t, v in kept):
+                self.spoiled.add(k)
         self.complete |= {k for k, v in self.cache.items() if len(v) == batches}
+        self.complete -= self.spoiled
+        # what is left to replay: complete modules not inside another complete one
+        self.complete = {k for k in self.complete if not self.around[k] & self.complete}
+        self.cache = {k: v for k, v in self.cache.items() if k in self.complete}
+        self.live = {k: v for k, v in self.live.items() if k in self.complete}
 
 
 class _Capture:
@@ -247,8 +289,9 @@ class Fit:
     streams live. device / keep: the device the layer runs on and where the streams and the
     captured unit inputs wait between calls (streaming.py keeps them in host memory under a GPU
     budget; None: where they are, as in the whole model). replay: _Replay's cache of finished
-    submodules' outputs (about 8x the hidden states of a layer: off under a memory budget; the
-    result is the same either way)."""
+    submodules' outputs (up to ~9.5x the hidden states of a layer at 8B; it waits where `keep`
+    says; the result is the same either way). replay_min_uses: only outputs that at least this many
+    later passes replay are kept (in a Llama layer 1: q/k/v, attention, gate/up; 2: attention)."""
     damp: float = 0.01
     block_size: int = 128
     search: bool = True
@@ -257,6 +300,7 @@ class Fit:
     hessian_tf32: bool = True
     scales: str = "search"        # the Gptq step's block-scale choice (algorithms._gptq)
     replay: bool = True
+    replay_min_uses: int = 1
     device: str | None = None
     keep: str | None = None
 
@@ -278,6 +322,33 @@ class Fit:
             kept = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             return kept.copy_(t, non_blocking=True)
         return t.to(self.keep)
+
+
+def _parks(layer, members: list, fit: Fit) -> bool:
+    """Whether the layer's other weights wait in host memory while this unit's squares are built and
+    solved: in a streamed run (fit.keep) when the unit's Hessian (in^2 float32) outweighs the whole
+    layer, as down_proj's does at 8B (0.82 GB against 0.44 GB): under a small GPU cap the two do not
+    fit together. Only where tensors wait changes: the products and solves are the same."""
+    if fit.keep is None or fit.device is None or fit.keep == fit.device:
+        return False
+    width = members[0].weight.shape[1]
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    return width * width * 4 > layer_bytes
+
+
+def _park(layer, unit: list[str], linears: dict, fit: Fit) -> list:
+    """The layer's parameters other than the unit's own weights, moved to where what waits is kept
+    (fit.back: pinned host memory); returns them for _unpark."""
+    own = {id(linears[n].weight) for n in unit}
+    parked = [p for p in layer.parameters() if id(p) not in own and p.device.type != fit.keep]
+    for p in parked:
+        p.data = fit.back(p.data)
+    return parked
+
+
+def _unpark(parked: list, fit: Fit) -> None:
+    for p in parked:
+        p.data = fit.on(p.data)
 
 
 @torch.no_grad()
@@ -309,36 +380,23 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
     # 2. unit by unit, in execution order, on the quantized stream
     emulated = []
     batch = [0]
-    replay = _Replay(layer, units, linears, batch) if fit.replay else None
+    replay = _Replay(layer, units, linears, batch, fit) if fit.replay else None
     for unit in units:
         head = unit[0]
-        h_acc = c_acc = None
-        count = 0
+        sums = SquareSums(tf32=fit.hessian_tf32)
+        # the unit's input on the quantized stream, per chunk: caught at the unit, the rest of the
+        # layer skipped; where it waits is the only thing parking changes (results are the same)
+        parks = _parks(layer, [linears[n] for n in unit], fit)
+        caught = []
 
-        def accumulate(n, x, head=head):
-            nonlocal h_acc, c_acc, count
-            x = x.detach().reshape(-1, x.shape[-1]).float()
-            xq = x if scales[head] is None else fake_quant_nvfp4(x, scales[head])
-            x0 = fit.on(x_fp[head][batch[0]]).float()
-            prec = torch.get_float32_matmul_precision()
-            if fit.hessian_tf32 and x.is_cuda:
-                torch.set_float32_matmul_precision("high")
-            try:  # each product added before the next is made: 3 squares at a time, not 4
-                h = xq.T @ xq
-                h_acc = h if h_acc is None else h_acc.add_(h)
-                del h
-                c = x0.T @ xq
-                c_acc = c if c_acc is None else c_acc.add_(c)
-                del c
-            finally:
-                torch.set_float32_matmul_precision(prec)
-            count += xq.shape[0]
-            raise _StopLayer  # the rest of the layer is not needed for this unit
+        def catch(n, x):
+            caught.append(fit.back(x.detach()) if parks else x.detach())
+            raise _StopLayer
 
         emu = Emulation(linears, emulated)
         if replay:
             replay.start(len(emulated))
-        cap = _Capture({head: heads[head]}, accumulate)
+        cap = _Capture({head: heads[head]}, catch)
         try:
             for i, (h, (a, k)) in enumerate(zip(qs, calls)):
                 batch[0] = i
@@ -351,19 +409,30 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
             if replay:
                 replay.stop(len(qs))
             emu.remove()
-        timer.lap("quantized stream + H, C")
-        # one H and one C for the whole unit (the same tensors: quantize_unit stacks the
+        timer.lap("quantized stream")
+        parked = _park(layer, unit, linears, fit) if parks else []
+        # W: the members' weights as quantize_unit stacks them (every member shares the unit's H and G)
+        members = [linears[n].weight.detach() for n in unit]
+        for i, x in enumerate(caught):
+            # Xq's and X's chunks wait where fit.keep says: SquareSums brings them SQUARE_TOKENS at a time
+            sums.add(x.reshape(-1, x.shape[-1]), scales[head], x_fp[head][i], members, on=fit.on)
+            caught[i] = None
+        caught = None  # (the closure above holds the name, not the list)
+        del members
+        timer.lap("H, G")
+        # one H and one G for the whole unit (the same tensors: quantize_unit stacks the
         # members that share them into one GPTQ call)
-        h_unit, c_unit = h_acc.div_(max(count, 1)), c_acc.div_(max(count, 1))  # in place: 2 squares, not 4
-        del h_acc, c_acc
+        h_unit, g_unit = sums.h.div_(max(sums.count, 1)), sums.g.div_(max(sums.count, 1))  # in place
+        del sums
         hs = {n: h_unit for n in unit}
-        cs = {n: c_unit for n in unit}
-        del h_unit, c_unit  # quantize_unit consumes hs / cs and frees each square when used up
-        quantize_unit(unit, linears, hs, cs, originals, gptq=True, search=fit.search,
+        gs = {n: g_unit for n in unit}
+        del h_unit, g_unit  # quantize_unit consumes hs / gs and frees each when used up
+        quantize_unit(unit, linears, hs, gs, originals, gptq=True, search=fit.search,
                       damp=fit.damp, block_size=fit.block_size, ridge=fit.ridge, kernel=fit.kernel,
                       scales=fit.scales)
-        del hs, cs
+        del hs, gs
         x_fp[head] = None
+        _unpark(parked, fit)
         emulated.append(unit)
         timer.lap("GPTQ (activation correction included)")
     # 3. the quantized layer: the next layer's quantized input
@@ -380,7 +449,7 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
         if replay:
             replay.stop(len(qs))
         emu.remove()
-    timer.lap("quantized stream + H, C")
+    timer.lap("quantized stream")
     return fp, qs, len(units)
 
 
