@@ -55,7 +55,8 @@ def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | 
     result = json.loads((out / "result.json").read_text()) if rc == 0 else {}
     row = {"rc": rc, "wall_s": round(wall, 3), "mode": result.get("mode", "whole"), "gpu_cap_bytes": cap,
            **result.get("memory", {}), "timings": result.get("timings", {}), "out": str(out),
-           "steps_applied": result.get("steps_applied"), "layer_loop_s": result.get("streamed", {}).get("layer_loop_s")}
+           "steps_applied": result.get("steps_applied"), "layer_loop_s": result.get("streamed", {}).get("layer_loop_s"),
+           "gpu_peak_bytes_by_phase": result.get("streamed", {}).get("gpu_peak_bytes")}
     gpu_8b.log(f"{name}: rc {rc}, wall {wall:.1f} s, memory {result.get('memory')}")
     if rc != 0:
         gpu_8b.log(stdout[-3000:])
@@ -156,6 +157,10 @@ def stem(args) -> str:
         + ("-tiny" if args.tiny else "")
 
 
+def _gib_by_phase(peaks: dict | None) -> str:
+    return ", ".join(f"{k} {v / 2**30:.2f}" for k, v in peaks.items()) if peaks else "not recorded (CPU)"
+
+
 def render(res: dict, args) -> str:
     g = lambda b: f"{(b or 0) / 2**30:.2f} GiB"  # noqa: E731
     w, s, u, b = res["whole"], res["streamed"], res.get("streamed_uncapped"), res.get("baseline")
@@ -182,7 +187,8 @@ def render(res: dict, args) -> str:
         f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res['host_cap_ok']}.", "",
         *[f"Where the run capped at {g(f['gpu_cap_bytes'])} stopped: {f.get('error')}" for f in [s, *res.get("fallbacks", [])]
           if f["rc"] != 0 and f.get("gpu_cap_bytes")], "",
-        f"Steps (streamed): {(u or s).get('steps_applied')}; layer loop: {(u or s).get('layer_loop_s')}.", ""])
+        f"Steps (streamed): {(u or s).get('steps_applied')}; layer loop: {(u or s).get('layer_loop_s')}.", "",
+        f"GPU peak by phase (streamed, GiB): {_gib_by_phase((u or s).get('gpu_peak_bytes_by_phase'))}.", ""])
 
 
 if __name__ == "__main__":
