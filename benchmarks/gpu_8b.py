@@ -2,9 +2,11 @@
 
 Two steps:
 
-  python3 benchmarks/gpu_8b.py prepare      # here, on the CPU: tokenizer + calibration text
+  python3 benchmarks/gpu_8b.py prepare [--wheels]   # here, on the CPU: tokenizer + calibration text
       -> .bench/tokenizer/ (byte-level BPE, 32k vocab, trained with `tokenizers` on .bench/calib.txt)
       -> .bench/calib.txt  (~3 MB of text: enough for 512 x 512 tokens)
+      -> .bench/whl/       (--wheels: what the device image lacks, ~36 MB; install there with
+                            pip install --no-index --no-deps --target /tmp/site .bench/whl/*.whl)
   python3 benchmarks/gpu_8b.py run --out DIR [--tiny]   # on the device machine (carry .bench, .whl)
       1. disk speed: write a big file (fsync), evict it, read it back
       2. a random-weight checkpoint with DeepSeek-R1-Distill-Llama-8B's exact config (Llama-3.1-8B
@@ -67,6 +69,30 @@ TINY_OVERRIDES = {"hidden_size": 256, "intermediate_size": 896, "num_hidden_laye
 
 # ----------------------------------------------------------------------------- prepare (CPU)
 
+# What the device machine's image lacks (it has torch, safetensors, huggingface_hub, accelerate):
+# ModelOpt and the transformers the stand-in image pins (docker/requirements-standin.txt), and
+# the packages ModelOpt and our contract import that the image does not hold, at the versions
+# the reference venv (.venv-mo) resolved.
+DEVICE_WHEELS_FROM_STANDIN = ("nvidia-modelopt", "transformers", "tokenizers")
+DEVICE_WHEELS = ("omegaconf==2.4.0", "pulp==3.3.2", "pydantic==2.14.4", "pydantic-core==2.50.5",
+                 "annotated-types==0.8.0", "typing-inspection==0.4.5")
+
+
+def device_wheels(dest: Path) -> None:
+    """Downloads DEVICE_WHEELS (and the stand-in's pins of DEVICE_WHEELS_FROM_STANDIN) for the
+    device's Python 3.12 on x86-64 into dest: nothing is fetched there."""
+    pins = [line.split("#")[0].strip() for line in (REPO / "docker" / "requirements-standin.txt").read_text().splitlines()]
+    wanted = [p for p in pins if p.split("==")[0] in DEVICE_WHEELS_FROM_STANDIN] + list(DEVICE_WHEELS)
+    platforms = [a for n in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux1")
+                 for a in ("--platform", f"{n}_x86_64")]
+    shutil.rmtree(dest, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(dest), *wanted],
+                   check=True)
+    print(f"wheels: {len(list(dest.glob('*.whl')))} in {dest} "
+          f"({sum(f.stat().st_size for f in dest.glob('*.whl')) / 2**20:.0f} MiB)")
+
+
 def prepare(args) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -100,6 +126,8 @@ def prepare(args) -> None:
     fast.save_pretrained(out)
     n = len(fast(calib.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
     print(f"tokenizer: vocab {fast.vocab_size}, calib.txt {calib.stat().st_size} bytes = {n} tokens -> {out}")
+    if args.wheels:
+        device_wheels(BENCH / "whl")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -593,6 +621,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare")
     pp.add_argument("--vocab", type=int, default=32000)
+    pp.add_argument("--wheels", action="store_true", help="also download the device's wheels into .bench/whl")
     pp.add_argument("--text-bytes", type=int, default=3_000_000)
     rp = sub.add_parser("run")
     rp.add_argument("--out", required=True)

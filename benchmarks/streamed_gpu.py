@@ -1,7 +1,14 @@
 """GPU benchmark of issue 15: a recipe whole vs layer-streamed at 8B shapes.
 
-    python3 benchmarks/gpu_8b.py prepare                     # once, on the CPU: .bench/tokenizer, calib.txt
+    python3 benchmarks/gpu_8b.py prepare --wheels            # once, on the CPU: .bench/tokenizer, calib.txt, whl/
     python3 benchmarks/streamed_gpu.py --out benchmarks/results [--recipe R] [--baseline-recipe default] [--tiny]   # on the GPU machine
+
+On the device machine (carry [".bench"], 39 MB):
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench/whl/*.whl
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=/tmp/site:$PWD python3 benchmarks/streamed_gpu.py \
+        --recipe smooth-gptq-seq-mp --out $OUT --work /tmp/sg
+The report is written again after each run, so a call stopped at its time limit still brings back
+what was measured.
 
 1. a random-weight checkpoint with Llama-3-8B shapes (gpu_8b.write_checkpoint: DeepSeek-R1-Distill-
    Llama-8B's config, 16 GB of bf16), written on the GPU;
@@ -118,8 +125,15 @@ def main(argv=None) -> int:
     subprocess.run([sys.executable, "-c", "import torch, transformers.models.llama.modeling_llama, "
                     "modelopt.torch.quantization, modelopt.torch.export, accelerate"
                     + ("; torch.zeros(1, device='cuda')" if cuda else "")], check=True)
+
+    def save():  # after every run: a call stopped at its time limit still has the runs before
+        (out_dir / f"{stem(args)}.json").write_text(json.dumps(res, indent=2, default=str))
+        (out_dir / f"{stem(args)}.md").write_text(render(res, args))
+
     res["whole"] = payload(work, model_dir, "whole", "whole", args, None, out_dir)
+    save()
     res["streamed"] = payload(work, model_dir, "streamed", "streamed", args, cap, out_dir)
+    save()
     if res["streamed"]["rc"] != 0 and cap is not None:  # what it needs, then: the fallback caps in turn, or uncapped
         res["fallbacks"] = []
         for gib in args.fallback_gpu_cap_gib or [0]:
@@ -128,6 +142,7 @@ def main(argv=None) -> int:
                           "streamed", args, fallback, out_dir)
             res["fallbacks"].append(row)
             res["streamed_uncapped"] = row
+            save()
             if row["rc"] == 0:
                 break
     if args.baseline_recipe:
@@ -143,8 +158,7 @@ def main(argv=None) -> int:
     host_peak = streamed.get("host_rss_peak_bytes", 0)
     res["host_cap_ok"] = bool(host_peak) and host_peak <= args.host_cap_gib * 2**30
     res["wall_ratio"] = round(streamed["wall_s"] / res["whole"]["wall_s"], 3) if streamed.get("rc") == 0 else None
-    (out_dir / f"{stem(args)}.json").write_text(json.dumps(res, indent=2, default=str))
-    (out_dir / f"{stem(args)}.md").write_text(render(res, args))
+    save()
     gpu_8b.log(f"comparison: {res.get('comparison')}; host cap ok: {res['host_cap_ok']}")
     ok = res.get("comparison", {}).get("problems") == [] and res["host_cap_ok"] \
         and res["wall_ratio"] is not None and res["wall_ratio"] <= args.max_wall_ratio
@@ -163,7 +177,8 @@ def _gib_by_phase(peaks: dict | None) -> str:
 
 def render(res: dict, args) -> str:
     g = lambda b: f"{(b or 0) / 2**30:.2f} GiB"  # noqa: E731
-    w, s, u, b = res["whole"], res["streamed"], res.get("streamed_uncapped"), res.get("baseline")
+    w, u, b = res["whole"], res.get("streamed_uncapped"), res.get("baseline")
+    s = res.get("streamed", {"rc": "not run yet", "wall_s": 0.0, "gpu_cap_bytes": None})
     cmp_ = res.get("comparison", {})
     return "\n".join([
         f"# Whole vs layer-streamed, recipe {args.recipe}{''.join(' ' + p for p in args.recipe_param)} ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
@@ -180,11 +195,11 @@ def render(res: dict, args) -> str:
           f"{g(f.get('host_rss_peak_bytes'))} |" for f in res.get("fallbacks", [u] if u else [])],
         *([f"| whole, recipe {args.baseline_recipe} (the baseline; rc {b['rc']}) | {b['wall_s']:.1f} s | "
            f"{g(b.get('gpu_peak_bytes'))} | {g(b.get('host_rss_peak_bytes'))} |"] if b else []), "",
-        f"Streamed wall time over whole's: {res.get('wall_ratio')} (at most {args.max_wall_ratio} asked).", "",
+        f"Streamed wall time over whole's: {res.get('wall_ratio', 'not reached')} (at most {args.max_wall_ratio} asked).", "",
         *([f"Whole wall time over the baseline's ({args.baseline_recipe}): {res.get('baseline_ratio')}.", ""] if b else []),
         f"Comparison (whole vs the streamed run that completed): {cmp_.get('bit_identical')} of "
         f"{cmp_.get('tensors')} tensors bit-identical; "
-        f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res['host_cap_ok']}.", "",
+        f"problems: {cmp_.get('problems') or 'none'}. Host cap kept: {res.get('host_cap_ok', 'not reached')}.", "",
         *[f"Where the run capped at {g(f['gpu_cap_bytes'])} stopped: {f.get('error')}" for f in [s, *res.get("fallbacks", [])]
           if f["rc"] != 0 and f.get("gpu_cap_bytes")], "",
         f"Steps (streamed): {(u or s).get('steps_applied')}; layer loop: {(u or s).get('layer_loop_s')}.", "",
