@@ -48,6 +48,7 @@ from ..steps.bf16_ranking import (
     shortlist,
     unit_costs,
 )
+from ..steps.host_memory import pinned_copy
 from ..steps.quantizers import QuantizersOff, fused_units, quantized_linears
 from ..steps.sequential import Fit, LayerStandIn, _Timer, capture_layer_calls, layer_output, refine_layer, start_streams
 from ..steps.smoothing import Smoothed, refold, smooth
@@ -76,8 +77,7 @@ def to_device(value, device):
 
 def copy_stream(hidden: list) -> list:
     """Copies of captured hidden states, pinned like them when they are (clone() would not pin)."""
-    return [torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h) if h.is_pinned() else h.clone()
-            for h in hidden]
+    return [pinned_copy(h) if h.is_pinned() else h.clone() for h in hidden]
 
 
 class Runner:

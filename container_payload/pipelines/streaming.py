@@ -60,6 +60,7 @@ from torch import nn
 
 from ..core import events, recipes
 from ..core.events import PayloadError
+from ..steps.host_memory import pinned_copy
 from ..steps.sequential import Fit, capture_layer_calls
 from . import streamed_steps
 from .checkpoint_map import HubNames, MappedWeights
@@ -271,7 +272,7 @@ class Run:
         on the CPU `t` itself (the device is the host), or with copy=True a copy of it."""
         if not str(self.device).startswith("cuda"):
             return t.clone() if copy else t
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return pinned_copy(t)
 
     def materialize_head(self) -> None:
         """Everything outside the layers in memory for the ranking's KL: the final norm on the

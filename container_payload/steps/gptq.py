@@ -13,6 +13,7 @@ import torch
 from ..numerics.nvfp4 import BLOCK, e2m1_round, max_block_scales, search_block_scales
 from . import factor
 from .factor import gptq_factor_
+from .host_memory import waiting_copy
 from .quantizers import row_pieces, stacked_rows
 
 
@@ -99,14 +100,6 @@ def gptq_nvfp4(w: torch.Tensor, h: torch.Tensor, ws2: torch.Tensor, block_size: 
     return q, scales
 
 
-def _waiting_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of t that waits off the GPU: pinned host memory for a CUDA tensor (queued on t's
-    stream, so the work after it cannot overwrite t first), a plain clone on the CPU."""
-    if not t.is_cuda:
-        return t.clone()
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-
 def activation_corrected_weight(w, squares: Squares, damp: float = 0.01) -> torch.Tensor:
     """V minimizing ||X W^T - X_q V^T||^2 + lam ||V - W||^2 (ridge towards W):
     V = W + G (H + lam I)^-1 with H = X_q^T X_q, G = W (C - H), C = X^T X_q,
@@ -124,7 +117,7 @@ def activation_corrected_weight(w, squares: Squares, damp: float = 0.01) -> torc
     squares.g = None
     width = (w if torch.is_tensor(w) else w[0]).shape[1]
     assert g.shape == (stacked_rows(w), width), (g.shape, stacked_rows(w), width)  # W, or its members stacked
-    saved = _waiting_copy(h)
+    saved = waiting_copy(h)
     lam = damp * torch.diag(h).mean().clamp_min(1e-12)
     for _ in range(6):
         h.diagonal().add_(lam)  # A = H + lam I

@@ -32,6 +32,7 @@ from ..numerics.linear_compute import float32_linears, patch_forward
 from .algorithms import quantize_unit
 from .bf16_ranking import Emulation
 from .hessians import SquareSums, keep_input_ids
+from .host_memory import pinned_copy
 from .quantizers import QuantizersOff, fused_units, quantized_linears, unit_input_scale
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
@@ -314,13 +315,8 @@ class Fit:
     def back(self, t):
         if self.keep is None or t.device.type == self.keep:
             return t
-        if t.is_cuda and self.keep == "cpu":
-            # pinned, asynchronous: pageable copies of ~4 GB of unit inputs per 8B layer (page
-            # faults on fresh mappings) made the original stream 70x slower (H200: 145 s vs 2 s).
-            # torch's caching host allocator reuses the pinned blocks layer after layer; the
-            # copies back to the GPU are queued on the same stream, after these.
-            kept = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            return kept.copy_(t, non_blocking=True)
+        if t.is_cuda and self.keep == "cpu":  # the copies back to the GPU queue on the same stream, after these
+            return pinned_copy(t, non_blocking=True)
         return t.to(self.keep)
 
 
