@@ -140,3 +140,42 @@ def test_output_with_rich_markup_is_printed_verbatim(launcher_home, tmp_path, st
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"-> {out}\n" in proc.stderr and proc.stdout.strip() == str(out)
     assert not list((launcher_home / "runs").glob("*/record.json"))  # a dry run ends and leaves no record
+
+
+def test_killed_during_the_first_conversion_leaves_no_staging(tmp_path, shared_assets, monkeypatch, docker_client,
+                                                               standin_image):
+    # A home of its own (the shared one's models/ already holds the conversion): the first run
+    # converts the embedded GGUF into a staging folder under models/. Killed there, the run used
+    # to leave that folder (and its half-written temporary) behind, a new one each time.
+    from launcher.sources.model_source import EMBEDDED_DIRNAME
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "assets").symlink_to(shared_assets)
+    monkeypatch.setenv("SPARK_NVFP4_HOME", str(home))
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "quantize", "--output", str(out), "--no-eval"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def converting():
+        logs = list((home / "runs").glob("*/log.txt"))
+        return logs and "to bf16 safetensors (once)" in logs[0].read_text()
+
+    wait_for(converting, 300, "the conversion to start")
+    run_id = latest_record(home)["id"]
+    (box,) = docker_client.containers.list(filters={"label": f"io.spark-nvfp4.run-id={run_id}"})
+    box.kill()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 8 and "exit 137" in one_line_error(stderr), stderr
+    assert sorted(p.name for p in (home / "models").iterdir()) == [], list((home / "models").iterdir())
+    _nothing_left(docker_client, home, out)
+
+    # A run that fails after a whole conversion (too little calibration text) keeps the conversion
+    # (the payload renames it into place only when complete) and still leaves no staging folder.
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Far too little text to calibrate on.")
+    proc = run_launcher("quantize", "--output", str(out), "--calib", str(tiny), "--no-eval")
+    assert proc.returncode == 7, proc.stderr
+    assert sorted(p.name for p in (home / "models").iterdir()) == [EMBEDDED_DIRNAME]
+    assert (home / "models" / EMBEDDED_DIRNAME / "config.json").is_file()
+    _nothing_left(docker_client, home, out)

@@ -268,12 +268,14 @@ class QuantizeRun:
         job = quantize_job(spec, self.plan, model, calib_src, recipe, self.device_kind, fingerprint(self.inputs), rec.id)
         # No token and no network, ever: a hub dataset was fetched on the host (calibration_bind).
         env = {"HF_DATASETS_OFFLINE": "1"} if calib_src.startswith("hf:") else {}
-        run_payload(PayloadRun(
-            client=client, image=image_ref, record=rec, module="quantize", job=job,
-            binds=model.binds + calib_binds + recipe_binds + [Bind(partial, "/out", read_only=False)],
-            gpus=spec.gpus, nvidia=nvidia, env=env, network="none", mem_limit=spec.memory_limit,
-            keep=spec.keep_container, secrets=tuple(_secrets(spec))), self.console)
-        model_source.finish_embedded(model)
+        try:
+            run_payload(PayloadRun(
+                client=client, image=image_ref, record=rec, module="quantize", job=job,
+                binds=model.binds + calib_binds + recipe_binds + [Bind(partial, "/out", read_only=False)],
+                gpus=spec.gpus, nvidia=nvidia, env=env, network="none", mem_limit=spec.memory_limit,
+                keep=spec.keep_container, secrets=tuple(_secrets(spec))), self.console)
+        finally:  # also after a failed run: a finished conversion is kept, a cut one leaves no staging folder
+            model_source.finish_embedded(model)
         if model.staging is not None:  # the embedded model was converted just now: it is its files
             self.inputs["model"] = model_identity(spec)
 

@@ -201,11 +201,14 @@ def _embedded(on_create: Callable[[str], None] | None = None, dry_run: bool = Fa
 
 
 def finish_embedded(model: ResolvedModel) -> None:
-    """Move the payload's conversion into models/ (once; a concurrent run may have won)."""
+    """Move the payload's conversion into models/ (once; a concurrent run may have won), and remove
+    this run's staging folder. Called whether or not the run succeeded: the payload writes the
+    conversion under a temporary name and renames it when complete (loading.prepare_embedded), so
+    a folder of the final name is a whole conversion; anything else in staging is a cut one."""
     if model.staging is None:
         return
     made = model.staging / EMBEDDED_DIRNAME
-    if made.is_dir() and not model.host_dir.exists():
+    if made.is_dir() and not made.is_symlink() and not model.host_dir.exists():
         os.replace(made, model.host_dir)
     shutil.rmtree(model.staging, ignore_errors=True)
 
