@@ -142,17 +142,15 @@ def test_output_with_rich_markup_is_printed_verbatim(launcher_home, tmp_path, st
     assert not list((launcher_home / "runs").glob("*/record.json"))  # a dry run ends and leaves no record
 
 
-def test_killed_during_the_first_conversion_leaves_no_staging(tmp_path, shared_assets, monkeypatch, docker_client,
-                                                               standin_image):
-    # A home of its own (the shared one's models/ already holds the conversion): the first run
-    # converts the embedded GGUF into a staging folder under models/. Killed there, the run used
-    # to leave that folder (and its half-written temporary) behind, a new one each time.
+def test_killed_during_the_first_conversion_leaves_no_staging(launcher_home, tmp_path, docker_client, standin_image):
+    # models/ of its own (launcher_home links the shared one, which holds the conversion already): the
+    # first run converts the embedded GGUF into a staging folder under models/. Killed there, the run
+    # used to leave that folder (and its half-written temporary) behind, a new one each time.
     from launcher.sources.model_source import EMBEDDED_DIRNAME
 
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "assets").symlink_to(shared_assets)
-    monkeypatch.setenv("SPARK_NVFP4_HOME", str(home))
+    home = launcher_home
+    (home / "models").unlink()
+    (home / "models").mkdir()
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "quantize", "--output", str(out), "--no-eval"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

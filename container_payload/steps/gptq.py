@@ -12,7 +12,6 @@ import torch
 
 from ..numerics.nvfp4 import BLOCK, e2m1_round, max_block_scales, search_block_scales
 from . import factor
-from .factor import gptq_factor_
 from .host_memory import waiting_copy
 from .quantizers import row_pieces, stacked_rows
 
@@ -50,7 +49,7 @@ def hessian_inverse_factor(h, w: torch.Tensor, damp: float = 0.01, w_given: bool
     w[:, dead] = 0
     d = damp * torch.mean(torch.diag(h))
     for tries in range(6):
-        if gptq_factor_(h, d) == 0:
+        if factor.gptq_factor_(h, d) == 0:
             return h, w
         d = d * 10 if d > 0 else 1e-6
     raise RuntimeError("GPTQ: Hessian not positive definite even with heavy damping")

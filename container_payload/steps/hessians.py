@@ -37,10 +37,11 @@ class SquareSums:
         x0: the original model's input for the same tokens (None: x); w: the unit's weights [out, in],
         or its members' stacked by rows (a list; any float dtype; None: H only); on: brings a piece of x or x0 to the device of the sums (x and x0
         may wait in host memory: sequential.Fit.on; None: they are there already)."""
+        on = on or (lambda t: t)
         prec = torch.get_float32_matmul_precision()
         try:
             for s in range(0, x.shape[0], SQUARE_TOKENS):
-                xs = (x[s:s + SQUARE_TOKENS] if on is None else on(x[s:s + SQUARE_TOKENS])).float()
+                xs = on(x[s:s + SQUARE_TOKENS]).float()
                 if self.tf32 and xs.is_cuda:  # where the products run (x itself may wait in host memory)
                     torch.set_float32_matmul_precision("high")
                 xq = xs if scale is None else fake_quant_nvfp4(xs, scale)
@@ -49,7 +50,7 @@ class SquareSums:
                 self.h.addmm_(xq.T, xq)
                 if w is None:
                     continue
-                orig = xs if x0 is None else (x0[s:s + SQUARE_TOKENS] if on is None else on(x0[s:s + SQUARE_TOKENS])).float()
+                orig = xs if x0 is None else on(x0[s:s + SQUARE_TOKENS]).float()
                 d = torch.sub(orig, xq)  # X - Xq (not in place: orig may be X's own storage)
                 del orig
                 if self.g is None:
