@@ -1403,8 +1403,8 @@ def _run_placed(placed, fl, host, **patches) -> dict:
 
 def case_sequential_parking():
     """In a streamed run on a GPU, refine_layer moves the layer's other weights to host memory while a
-    unit whose Hessian outweighs the layer (down_proj at 8B) is accumulated and solved, and keeps
-    that unit's quantized-stream inputs there meanwhile (sequential._park). Host memory simulated
+    unit whose Hessian outweighs the layer (down_proj at 8B) is accumulated and solved (sequential._park),
+    and every unit's quantized-stream inputs wait there as the streams do. Host memory simulated
     (_simulated_host), replay off: the weights must equal the run without placement bit for bit, and
     down_proj must have been the unit that parked (not the narrow ones)."""
     import torch
