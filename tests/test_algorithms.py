@@ -1405,8 +1405,9 @@ def case_sequential_parking():
     """In a streamed run on a GPU, refine_layer moves the layer's other weights to host memory while a
     unit whose Hessian outweighs the layer (down_proj at 8B) is accumulated and solved (sequential._park),
     and every unit's quantized-stream inputs wait there as the streams do. Host memory simulated
-    (_simulated_host), replay off: the weights must equal the run without placement bit for bit, and
-    down_proj must have been the unit that parked (not the narrow ones)."""
+    (_simulated_host), replay off: the weights must equal the run without placement bit for bit,
+    down_proj must have been the unit that parked (not the narrow ones), and every unit's caught inputs
+    must reach SquareSums as waiting stand-ins (on the GPU they grow with the calibration tokens)."""
     import torch
     from container_payload.steps import sequential
 
@@ -1420,8 +1421,16 @@ def case_sequential_parking():
         assert out and all(p.isnan().all() for p in out)
         return out
 
-    got = _run_placed(placed, fl, host, _park=watched)
+    waited = []
+
+    class Watched(sequential.SquareSums):
+        def add(self, x, *a, **k):
+            waited.append(bool(x.isnan().all()))
+            return super().add(x, *a, **k)
+
+    got = _run_placed(placed, fl, host, _park=watched, SquareSums=Watched)
     assert parked_units == [["mlp", "down_proj"]] * 2, parked_units
+    assert waited and all(waited), waited
     for n, t in plain.items():
         assert torch.equal(t, got[n]), n
 

@@ -384,7 +384,7 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
         # layer skipped. It waits where the streams wait (fit.back: host memory in a streamed run on
         # a GPU), as x_fp does: held on the GPU it grows with the calibration tokens (at 8B, 128 x 512
         # tokens are 0.5 GB at q/k/v, o and gate/up, 1.75 GB at down_proj), which a cap of 10% of the
-        # model cannot hold beside gate/up's G. SquareSums brings it back a piece at a time.
+        # model cannot hold beside gate/up's G.
         parks = _parks(layer, [linears[n] for n in unit], fit)
         caught = []
 
