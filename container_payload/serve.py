@@ -72,6 +72,9 @@ class Engine:
                 "completion_tokens": len(new)}
 
 
+MAX_BODY = 16 << 20  # bytes: far above any chat the stand-in's context can hold
+
+
 class BadRequest(Exception):
     pass
 
@@ -111,16 +114,35 @@ def make_handler(engine: Engine, api_key: str | None = None):
         def log_message(self, fmt, *args):  # one line per request on stdout (the container log)
             sys.stdout.write(f"{self.address_string()} {fmt % args}\n")
 
-        def _send(self, status: int, payload: dict) -> None:
+        def _send(self, status: int, payload: dict, close: bool = False) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
 
         def _error(self, status: int, message: str, kind: str) -> None:
-            self._send(status, {"error": {"message": message, "type": kind, "code": status}})
+            # A POST answered before its body was read closes the connection: on a kept-alive
+            # HTTP/1.1 connection the unread body would be parsed as the next request.
+            unread = self.command == "POST" and not self.body_read
+            self._send(status, {"error": {"message": message, "type": kind, "code": status}}, close=unread)
+
+        def _body(self) -> dict:
+            """The request's JSON body; a bad or oversized Content-Length is a 400 before any read
+            (read(-1) would wait for the client to close)."""
+            length = self.headers.get("Content-Length") or "0"
+            if not length.isdigit() or int(length) > MAX_BODY:
+                raise BadRequest(f"Content-Length must be a whole number of bytes up to {MAX_BODY}")
+            raw = self.rfile.read(int(length))
+            self.body_read = True
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            return body
 
         def do_GET(self):
             if self.path == "/health":
@@ -135,16 +157,14 @@ def make_handler(engine: Engine, api_key: str | None = None):
                 self._error(404, f"no route {self.path}", "not_found")
 
         def do_POST(self):
+            self.body_read = False  # one handler serves every request of a kept-alive connection
             if not self._authorized():
                 return
             if self.path != "/v1/chat/completions":
                 self._error(404, f"no route {self.path}", "not_found")
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict):
-                    raise BadRequest("the body must be a JSON object")
+                body = self._body()
                 messages = validate_messages(body)
                 max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or engine.cap
             except (ValueError, BadRequest) as e:

@@ -36,6 +36,19 @@ def post(port: int, path: str, body: dict, timeout: float = 300, key: str | None
         return json.loads(r.read())
 
 
+def raw_exchange(port: int, request: bytes, timeout: float = 20) -> bytes:
+    """Everything the server sends back on one connection until it closes it (or goes quiet)."""
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except TimeoutError:  # a server that keeps the connection open and waits
+            got += b"<timed out>"
+    return got
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, shared_assets, small_checkpoint):
     """conftest's small quantization (served read-only), and a home of the module's own."""
@@ -88,6 +101,16 @@ def test_serve_chat_rollback(checkpoint, docker_client):
         assert wrong.value.code == 401
         with NO_PROXY.open(f"http://127.0.0.1:{port}/health", timeout=30) as r:  # health stays open
             assert r.status == 200
+        # A refused POST's unread body must not be served as the next request of a kept-alive connection
+        # (here a body that is itself a request: one answer, the 401, then the server closes).
+        inner = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        got = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                           b"\r\nContent-Length: %d\r\n\r\n%s" % (len(inner), inner))
+        assert got.startswith(b"HTTP/1.1 401") and got.count(b"HTTP/1.") == 1 and b"<timed out>" not in got, got
+        # a Content-Length that is no length is a 400 at once, not a read that waits for the client to close
+        got = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                           + key.encode() + b"\r\nContent-Length: -1\r\n\r\n{}")
+        assert got.startswith(b"HTTP/1.1 400") and b"Content-Length" in got and b"<timed out>" not in got, got
 
         # a real client request, from here, over 127.0.0.1
         reply = post(port, "/v1/chat/completions", {
