@@ -50,8 +50,7 @@ class EvalRequest:
 
 def text_path(text: str) -> Path:
     if text in assets.HELDOUT:
-        t = assets.texts()
-        return t.heldout_wiki if text == "heldout-wiki" else t.heldout_brown
+        return assets.heldout_text(text)
     path = Path(text).expanduser()
     if not path.is_file():
         raise ConfigError(f"evaluation text not found: {path}", where="--text",

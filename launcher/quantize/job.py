@@ -83,7 +83,7 @@ def calibration_bind(spec: JobSpec, on_create=None) -> tuple[str, list[Bind]]:
     host, with the token: the container gets files, never the token or the network."""
     src = spec.calibration.source
     if src == "builtin":
-        text = assets.texts().calibration
+        text = assets.calibration_text()
         return f"/calib/{text.name}", [Bind(text, f"/calib/{text.name}")]
     if src.startswith("hf:"):
         data = model_source.fetch_dataset(src, spec.hf_token_env, model_source.is_offline(spec), on_create)

@@ -149,7 +149,7 @@ def calibration_identity(spec: JobSpec) -> dict | None:
         name, split, fld = model_source.parse_hf_source(src)
         commit = dataset_commit(spec, name)
         return None if commit is None else {"dataset": name, "commit": commit, "split": split, "field": fld}
-    path = assets.texts().calibration if src == "builtin" else Path(src).expanduser()
+    path = assets.calibration_text() if src == "builtin" else Path(src).expanduser()
     # the payload reads .jsonl/.json as records and anything else as plain text
     kind = "jsonl" if path.suffix in (".jsonl", ".json") else "text"
     return {"kind": kind, "sha256": file_sha256(path, "--calib")}

@@ -161,6 +161,18 @@ def _write_atomic(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def calibration_text() -> Path:
+    """The builtin calibration text alone: a job that is not evaluated never converts the
+    Wikipedia excerpt (about 10 s of wikitext parsing on the first run of a home)."""
+    return _brown_texts(paths.assets_dir() / "text")[0]
+
+
+def heldout_text(name: str) -> Path:
+    """One of HELDOUT, fetched and converted on first use."""
+    folder = paths.assets_dir() / "text"
+    return _wiki_text(folder) if name == "heldout-wiki" else _brown_texts(folder)[1]
+
+
 def texts() -> Texts:
     folder = paths.assets_dir() / "text"
     calib, held = _brown_texts(folder)
