@@ -94,6 +94,8 @@ def main(argv=None) -> int:
                     help="also run this recipe whole on the same checkpoint (e.g. default): the recipe's cost in the same call")
     ap.add_argument("--recipe-param", action="append", default=[], metavar="STEP.PARAM=VALUE",
                     help="a parameter of --recipe (as launcher quantize --recipe-param), not of the baseline")
+    ap.add_argument("--streamed-first", action="store_true",
+                    help="run the capped streamed run before whole (a call short of time keeps the capped run)")
     ap.add_argument("--tiny", action="store_true", help="2 narrow layers on the CPU: a smoke test of the script")
     args = ap.parse_args(argv)
     import shutil
@@ -130,10 +132,9 @@ def main(argv=None) -> int:
         (out_dir / f"{stem(args)}.json").write_text(json.dumps(res, indent=2, default=str))
         (out_dir / f"{stem(args)}.md").write_text(render(res, args))
 
-    res["whole"] = payload(work, model_dir, "whole", "whole", args, None, out_dir)
-    save()
-    res["streamed"] = payload(work, model_dir, "streamed", "streamed", args, cap, out_dir)
-    save()
+    for run in (("streamed", "whole") if args.streamed_first else ("whole", "streamed")):
+        res[run] = payload(work, model_dir, run, run, args, cap if run == "streamed" else None, out_dir)
+        save()
     if res["streamed"]["rc"] != 0 and cap is not None:  # what it needs, then: the fallback caps in turn, or uncapped
         res["fallbacks"] = []
         for gib in args.fallback_gpu_cap_gib or [0]:
@@ -177,8 +178,9 @@ def _gib_by_phase(peaks: dict | None) -> str:
 
 def render(res: dict, args) -> str:
     g = lambda b: f"{(b or 0) / 2**30:.2f} GiB"  # noqa: E731
-    w, u, b = res["whole"], res.get("streamed_uncapped"), res.get("baseline")
-    s = res.get("streamed", {"rc": "not run yet", "wall_s": 0.0, "gpu_cap_bytes": None})
+    not_yet = {"rc": "not run yet", "wall_s": 0.0, "gpu_cap_bytes": None}
+    w, u, b = res.get("whole", not_yet), res.get("streamed_uncapped"), res.get("baseline")
+    s = res.get("streamed", not_yet)
     cmp_ = res.get("comparison", {})
     return "\n".join([
         f"# Whole vs layer-streamed, recipe {args.recipe}{''.join(' ' + p for p in args.recipe_param)} ({res['card'].get('gpu', 'cpu')}, {res['date']})", "",
