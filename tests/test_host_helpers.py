@@ -239,3 +239,21 @@ def test_markup_prints_user_values_verbatim(value):
     console.print(markup("[green]{}[/] ok", value))   # a value right before our closing tag
     assert console.export_text().splitlines() == [f"run {value} -> 1.2 MB", f"warning: failed [{value}]",
                                                   f"{value} ok"]
+
+
+def test_an_unevaluated_job_converts_only_the_calibration_text(tmp_path, monkeypatch, shared_assets):
+    """The builtin calibration text is made without the held-out Wikipedia text (10 s of wikitext
+    parsing that only evaluation needs); each held-out text is made when first asked for."""
+    from launcher.sources import assets
+
+    monkeypatch.setenv("SPARK_NVFP4_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "assets").mkdir(parents=True)
+    (tmp_path / "home" / "assets" / "packages").symlink_to(shared_assets / "packages")  # fetched; not converted
+    text = tmp_path / "home" / "assets" / "text"
+    calib = assets.calibration_text()
+    assert calib == text / "brown-calibration.txt" and calib.stat().st_size > 1 << 20
+    assert sorted(p.name for p in text.iterdir()) == ["brown-calibration.txt", "brown-heldout.txt"]
+    assert calib.read_bytes() == (shared_assets / "text" / "brown-calibration.txt").read_bytes()
+    wiki = assets.heldout_text("heldout-wiki")
+    assert wiki == text / "wiki-heldout.txt" and wiki.read_bytes() == (shared_assets / "text" / wiki.name).read_bytes()
+    assert assets.heldout_text("heldout-brown") == text / "brown-heldout.txt"
