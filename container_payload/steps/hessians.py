@@ -21,6 +21,41 @@ SQUARE_TOKENS = 512
 W_PIECE_ELEMENTS = 1 << 23
 
 
+def pieces(x: torch.Tensor, x0: torch.Tensor | None, on=None):
+    """(x, x0) SQUARE_TOKENS tokens at a time, brought by `on` (None: where they are). From host
+    memory to a GPU, the next piece is copied on a side stream while this one is summed: on one
+    stream the copies of a streamed run's waiting inputs (about 3 GB a layer at 8B) would wait for
+    the products, and the products for them. Same values, only the overlap differs."""
+    on = on or (lambda t: t)
+
+    def take(s):
+        return on(x[s:s + SQUARE_TOKENS]), None if x0 is None else on(x0[s:s + SQUARE_TOKENS])
+
+    n = x.shape[0]
+    dev = on(x[:0]).device
+    if x.is_cuda or dev.type != "cuda":
+        for s in range(0, n, SQUARE_TOKENS):
+            yield take(s)
+        return
+    main, side = torch.cuda.current_stream(dev), torch.cuda.Stream(device=dev)
+    side.wait_stream(main)  # x and x0 may still be on their way into host memory, queued on `main`
+
+    def fetch(s):
+        with torch.cuda.stream(side):
+            return take(s)
+
+    nxt = fetch(0)
+    for s in range(0, n, SQUARE_TOKENS):
+        cur = nxt
+        main.wait_stream(side)
+        for t in cur:
+            if t is not None:
+                t.record_stream(main)  # made on `side`, read on `main`: not reused before `main` is done
+        if s + SQUARE_TOKENS < n:
+            nxt = fetch(s + SQUARE_TOKENS)
+        yield cur
+
+
 class SquareSums:
     """Running sums of a unit's H = sum Xq^T Xq and, given its weights W, of
     G = W (C - H) = sum ((X - Xq) W^T)^T Xq ([out, in]; C = X^T Xq is never formed: X - Xq is
@@ -37,11 +72,10 @@ class SquareSums:
         x0: the original model's input for the same tokens (None: x); w: the unit's weights [out, in],
         or its members' stacked by rows (a list; any float dtype; None: H only); on: brings a piece of x or x0 to the device of the sums (x and x0
         may wait in host memory: sequential.Fit.on; None: they are there already)."""
-        on = on or (lambda t: t)
         prec = torch.get_float32_matmul_precision()
         try:
-            for s in range(0, x.shape[0], SQUARE_TOKENS):
-                xs = on(x[s:s + SQUARE_TOKENS]).float()
+            for xs, x0s in pieces(x, x0, on):
+                xs = xs.float()
                 if self.tf32 and xs.is_cuda:  # where the products run (x itself may wait in host memory)
                     torch.set_float32_matmul_precision("high")
                 xq = xs if scale is None else fake_quant_nvfp4(xs, scale)
@@ -50,7 +84,7 @@ class SquareSums:
                 self.h.addmm_(xq.T, xq)
                 if w is None:
                     continue
-                orig = xs if x0 is None else on(x0[s:s + SQUARE_TOKENS]).float()
+                orig = xs if x0s is None else x0s.float()
                 d = torch.sub(orig, xq)  # X - Xq (not in place: orig may be X's own storage)
                 del orig
                 if self.g is None:
