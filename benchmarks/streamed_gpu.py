@@ -7,12 +7,14 @@ On the device machine (carry [".bench"], 39 MB):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench/whl/*.whl
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=/tmp/site:$PWD python3 benchmarks/streamed_gpu.py \
         --recipe smooth-gptq-seq-mp --out $OUT --work /tmp/sg
+Issue 20's call adds `--streamed-first --gpu-fraction 0.10 --fallback-gpu-cap-gib 2.5 --host-cap-gib 16`.
 The report is written again after each run, so a call stopped at its time limit still brings back
 what was measured.
 
 1. a random-weight checkpoint with Llama-3-8B shapes (gpu_8b.write_checkpoint: DeepSeek-R1-Distill-
    Llama-8B's config, 16 GB of bf16), written on the GPU;
-2. the payload in whole mode, uncapped (the reference: whole cannot run under the cap);
+2. the payload in whole mode, uncapped (the reference: whole cannot run under the cap; after 3 with
+   --streamed-first);
 3. the payload in streamed mode with GPU memory capped at --gpu-fraction (default 10%) of the
    model's bf16 bytes (torch.cuda.set_per_process_memory_fraction, set before the payload runs)
    and host RSS checked against --host-cap-gib (ru_maxrss after the run; Linux has no RSS limit);
