@@ -132,8 +132,10 @@ def make_handler(engine: Engine, api_key: str | None = None):
             self._send(status, {"error": {"message": message, "type": kind, "code": status}}, close=unread)
 
         def _body(self) -> dict:
-            """The request's JSON body; a bad or oversized Content-Length is a 400 before any read
-            (read(-1) would wait for the client to close)."""
+            """The request's JSON body; a chunked body or a bad or oversized Content-Length is a 400
+            before any read (read(-1) would wait for the client to close)."""
+            if self.headers.get("Transfer-Encoding"):  # unread, a chunked body would be the next request
+                raise BadRequest("chunked request bodies are not supported; send Content-Length")
             length = self.headers.get("Content-Length") or "0"
             if not length.isdigit() or int(length) > MAX_BODY:
                 raise BadRequest(f"Content-Length must be a whole number of bytes up to {MAX_BODY}")
