@@ -137,7 +137,7 @@ def make_handler(engine: Engine, api_key: str | None = None):
             if self.headers.get("Transfer-Encoding"):  # unread, a chunked body would be the next request
                 raise BadRequest("chunked request bodies are not supported; send Content-Length")
             length = self.headers.get("Content-Length") or "0"
-            if not length.isdigit() or int(length) > MAX_BODY:
+            if not length.isdecimal() or int(length) > MAX_BODY:  # isdigit() takes '²', which int() refuses
                 raise BadRequest(f"Content-Length must be a whole number of bytes up to {MAX_BODY}")
             raw = self.rfile.read(int(length))
             self.body_read = True

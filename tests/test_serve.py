@@ -50,6 +50,12 @@ def raw_exchange(port: int, request: bytes, timeout: float = 20) -> bytes:
     return got
 
 
+def raw_post(port: int, headers: list[bytes], body: bytes) -> bytes:
+    """raw_exchange of a chat POST with these headers and this body, as sent (nothing added)."""
+    return raw_exchange(port, b"\r\n".join([b"POST /v1/chat/completions HTTP/1.1", b"Host: x", *headers])
+                        + b"\r\n\r\n" + body)
+
+
 def one_answer(got: bytes, status: bytes) -> bool:
     """`got` is one HTTP/1.1 answer with `status`, its body exactly its Content-Length, and then the
     connection closed: nothing the server said after it (an answer to an unread body, even one
@@ -114,17 +120,14 @@ def test_serve_chat_rollback(checkpoint, docker_client):
         # A refused POST's unread body must not be served as the next request of a kept-alive connection
         # (here a body that is itself a request: one answer, the 401, then the server closes).
         inner = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-        got = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                           b"\r\nContent-Length: %d\r\n\r\n%s" % (len(inner), inner))
+        got = raw_post(port, [b"Content-Type: application/json", b"Content-Length: %d" % len(inner)], inner)
         assert one_answer(got, b"401"), got
+        auth = b"Authorization: Bearer " + key.encode()
         # a Content-Length that is no length is a 400 at once, not a read that waits for the client to close
-        got = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                           + key.encode() + b"\r\nContent-Length: -1\r\n\r\n{}")
+        got = raw_post(port, [auth, b"Content-Length: -1"], b"{}")
         assert one_answer(got, b"400") and b"Content-Length must be" in got, got
         # a chunked body is refused unread, and the connection closed (no second answer from its chunks)
-        got = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                           + key.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n"
-                           % (len(inner), inner))
+        got = raw_post(port, [auth, b"Transfer-Encoding: chunked"], b"%x\r\n%s\r\n0\r\n\r\n" % (len(inner), inner))
         assert one_answer(got, b"400") and b"chunked" in got, got
 
         # a real client request, from here, over 127.0.0.1

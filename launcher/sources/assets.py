@@ -174,9 +174,9 @@ def heldout_text(name: str) -> Path:
 
 
 def texts() -> Texts:
-    folder = paths.assets_dir() / "text"
-    calib, held = _brown_texts(folder)
-    return Texts(calibration=calib, heldout_brown=held, heldout_wiki=_wiki_text(folder))
+    """Every text (make setup fetches them all)."""
+    return Texts(calibration=calibration_text(), heldout_brown=heldout_text("heldout-brown"),
+                 heldout_wiki=heldout_text("heldout-wiki"))
 
 
 def fetch_all() -> tuple[Path, Texts]:
