@@ -1404,10 +1404,13 @@ def _run_placed(placed, fl, host, **patches) -> dict:
 def case_sequential_parking():
     """In a streamed run on a GPU, refine_layer moves the layer's other weights to host memory while a
     unit whose Hessian outweighs the layer (down_proj at 8B) is accumulated and solved (sequential._park),
-    and every unit's quantized-stream inputs wait there as the streams do. Host memory simulated
-    (_simulated_host), replay off: the weights must equal the run without placement bit for bit,
-    down_proj must have been the unit that parked (not the narrow ones), and every unit's caught inputs
-    must reach SquareSums as waiting stand-ins (on the GPU they grow with the calibration tokens)."""
+    and its quantized-stream inputs wait there as the streams do, as gate/up's do (their sums are too
+    big to build beside the layer's activations: sequential._sums_at_catch); q/k/v's and o's are summed
+    where they are caught. Host memory simulated (_simulated_host), replay off: the weights must equal
+    the run without placement bit for bit, down_proj must have been the unit that parked (not the narrow
+    ones), gate/up's and down_proj's caught inputs must reach SquareSums as waiting stand-ins (on the
+    GPU they grow with the calibration tokens) and the others' as live values, and every unit's
+    original-stream inputs (x0) must wait."""
     import torch
     from container_payload.steps import sequential
 
@@ -1424,13 +1427,16 @@ def case_sequential_parking():
     waited = []
 
     class Watched(sequential.SquareSums):
-        def add(self, x, *a, **k):
-            waited.append(bool(x.isnan().all()))
-            return super().add(x, *a, **k)
+        def add(self, x, scale, x0=None, w=None, on=None):
+            big = w[0].shape[1] + sum(m.shape[0] for m in w) >= 512  # gate/up (64 + 1024), down (512 + 64)
+            waited.append((big, bool(x.isnan().all()), bool(x0.isnan().all())))
+            return super().add(x, scale, x0, w, on)
 
     got = _run_placed(placed, fl, host, _park=watched, SquareSums=Watched)
     assert parked_units == [["mlp", "down_proj"]] * 2, parked_units
-    assert waited and all(waited), waited
+    # x waits exactly for gate/up and down_proj; x0 always waits
+    assert waited and all(x_waits == big and x0_waits for big, x_waits, x0_waits in waited), waited
+    assert {big for big, _, _ in waited} == {True, False}, waited
     for n, t in plain.items():
         assert torch.equal(t, got[n]), n
 

@@ -8,6 +8,7 @@ import torch
 
 from ..numerics.emulate import fake_quant_nvfp4
 from ..numerics.linear_compute import float32_linears
+from .bf16_ranking import fake_quant_rows
 from .quantizers import QuantizersOff, fused_units, row_pieces, stacked_rows, unit_input_scale
 
 # Tokens per product in SquareSums: the float32 temporaries of one piece (x, xq, x0, X - Xq at
@@ -19,13 +20,18 @@ SQUARE_TOKENS = 512
 # float32 from the members' own weights, so no float32 copy of the unit's W is made (at 8B
 # gate/up's was 0.47 GB, down_proj's 0.235 GB beside its 0.82 GB H). Fixed, like SQUARE_TOKENS.
 W_PIECE_ELEMENTS = 1 << 23
+# Elements of a piece fake-quantized at once: the NVFP4 rounding's float32 temporaries (about five
+# of them) at 2**21 stay near 40 MB, where a whole 512-token piece of down_proj's 14336-wide input
+# took about 150 MB beside its 0.78 GB H (the 10% cap at 8B ran out of memory there). Rows are
+# independent: the same values.
+QUANT_ELEMENTS = 1 << 21
 
 
 def pieces(x: torch.Tensor, x0: torch.Tensor | None, on=None):
     """(x, x0) SQUARE_TOKENS tokens at a time, brought by `on` (None: where they are). From host
-    memory to a GPU, the next piece is copied on a side stream while this one is summed: on one
-    stream the copies of a streamed run's waiting inputs (about 3 GB a layer at 8B) would wait for
-    the products, and the products for them. Same values, only the overlap differs."""
+    memory to a GPU (x, x0 or both), the next piece is copied on a side stream while this one is
+    summed: on one stream the copies of a streamed run's waiting inputs would wait for the
+    products, and the products for them. Same values, only the overlap differs."""
     on = on or (lambda t: t)
 
     def take(s):
@@ -33,7 +39,7 @@ def pieces(x: torch.Tensor, x0: torch.Tensor | None, on=None):
 
     n = x.shape[0]
     dev = on(x[:0]).device
-    if x.is_cuda or dev.type != "cuda":
+    if dev.type != "cuda" or (x.is_cuda and (x0 is None or x0.is_cuda)):  # nothing to bring over
         for s in range(0, n, SQUARE_TOKENS):
             yield take(s)
         return
@@ -70,23 +76,26 @@ class SquareSums:
             w: torch.Tensor | None = None, on=None) -> None:
         """x: the unit's input [tokens, in]; Xq = its NVFP4 rounding with `scale` (None: x);
         x0: the original model's input for the same tokens (None: x); w: the unit's weights [out, in],
-        or its members' stacked by rows (a list; any float dtype; None: H only); on: brings a piece of x or x0 to the device of the sums (x and x0
-        may wait in host memory: sequential.Fit.on; None: they are there already)."""
+        or its members' stacked by rows (a list; any float dtype; None: H only); on: brings a piece
+        of x or x0 to the device of the sums (x and x0 may wait in host memory: sequential.Fit.on;
+        None: they are there already)."""
         prec = torch.get_float32_matmul_precision()
         try:
             for xs, x0s in pieces(x, x0, on):
                 xs = xs.float()
                 if self.tf32 and xs.is_cuda:  # where the products run (x itself may wait in host memory)
                     torch.set_float32_matmul_precision("high")
-                xq = xs if scale is None else fake_quant_nvfp4(xs, scale)
+                xq = xs if scale is None else fake_quant_rows(fake_quant_nvfp4, xs, scale, QUANT_ELEMENTS)
                 if self.h is None:
                     self.h = torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
                 self.h.addmm_(xq.T, xq)
                 if w is None:
                     continue
-                orig = xs if x0s is None else x0s.float()
-                d = torch.sub(orig, xq)  # X - Xq (not in place: orig may be X's own storage)
-                del orig
+                if x0s is None:
+                    d = torch.sub(xs, xq)  # X - Xq (not in place: xs may be X's own storage)
+                else:  # X0 - Xq in a float32 copy of X0's piece (the piece itself stays as it came)
+                    del xs
+                    d = x0s.to(torch.float32, copy=True).sub_(xq)
                 if self.g is None:
                     self.g = torch.zeros(stacked_rows(w), xq.shape[1], dtype=torch.float32, device=xq.device)
                 for r0, wp in row_pieces(w, W_PIECE_ELEMENTS):  # G += ((X - Xq) W^T)^T Xq, W's rows a piece at a time

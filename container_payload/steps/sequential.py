@@ -32,7 +32,7 @@ from ..numerics.linear_compute import float32_linears, patch_forward
 from .algorithms import quantize_unit
 from .bf16_ranking import Emulation
 from .hessians import SquareSums, keep_input_ids
-from .host_memory import pinned_copy
+from .host_memory import CopiesOut, pinned_copy
 from .quantizers import QuantizersOff, fused_units, quantized_linears, unit_input_scale
 
 # The ridge of the activation correction, relative to mean diag(H) (algorithms.
@@ -332,6 +332,21 @@ def _parks(layer, members: list, fit: Fit) -> bool:
     return width * width * 4 > layer_bytes
 
 
+def _sums_at_catch(layer, members: list) -> bool:
+    """Whether a unit's H and G (float32, in x (in + out)) are summed while its inputs are caught,
+    beside the layer's activations: when they are at most half the layer's weights (q/k/v and o in
+    a Llama layer, ~0.16 GB against 0.44 GB at 8B). Gate/up's (0.5 GB) beside a 16384-token chunk's
+    activations would pass a GPU cap of 10% of the model; its inputs wait and are summed after."""
+    width = members[0].weight.shape[1]
+    sums = width * (width + sum(m.weight.shape[0] for m in members)) * 4
+    return 2 * sums <= sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def _to_host(fit: Fit) -> bool:
+    """Whether what waits goes from a GPU to host memory (a streamed run on a GPU)."""
+    return fit.keep == "cpu" and str(fit.device).startswith("cuda")
+
+
 def _park(layer, unit: list[str], linears: dict, fit: Fit) -> list:
     """The layer's parameters other than the unit's own weights, moved to where what waits is kept
     (fit.back: pinned host memory); returns them for _unpark."""
@@ -381,15 +396,25 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
         head = unit[0]
         sums = SquareSums(tf32=fit.hessian_tf32)
         # the unit's input on the quantized stream, per chunk: caught at the unit, the rest of the
-        # layer skipped. It waits where the streams wait (fit.back: host memory in a streamed run on
-        # a GPU), as x_fp does: held on the GPU it grows with the calibration tokens (at 8B, 128 x 512
-        # tokens are 0.5 GB at q/k/v, o and gate/up, 1.75 GB at down_proj), which a cap of 10% of the
-        # model cannot hold beside gate/up's G.
+        # layer skipped. A unit with small sums (_sums_at_catch) adds it to them there, with the same
+        # chunk of X (x_fp): nothing waits. Others' inputs wait where the streams wait (host memory
+        # in a streamed run on a GPU, copied out on a side stream; held on the GPU they grow with the
+        # calibration tokens, 1.75 GB at 8B's down_proj for 128 x 512 tokens) and are summed after
+        # the pass, a parking unit's once the layer is parked. The same sums in the same order.
         parks = _parks(layer, [linears[n] for n in unit], fit)
+        at_catch = not parks and _sums_at_catch(layer, [linears[n] for n in unit])
+        # W: the members' weights as quantize_unit stacks them (every member shares the unit's H and G)
+        members = [linears[n].weight.detach() for n in unit]
         caught = []
+        aside = CopiesOut(fit.device) if not at_catch and _to_host(fit) else None
 
         def catch(n, x):
-            caught.append(fit.back(x.detach()))
+            x = x.detach().reshape(-1, x.shape[-1])
+            if at_catch:  # summed where it is caught, in the same chunk order: nothing waits
+                sums.add(x, scales[head], x_fp[head][batch[0]], members, on=fit.on)
+                x_fp[head][batch[0]] = None
+            else:  # summed below, after the pass (and the parking); till then it waits
+                caught.append(aside.copy(x) if aside else fit.back(x))
             raise _StopLayer
 
         emu = Emulation(linears, emulated)
@@ -410,19 +435,19 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
             emu.remove()
         timer.lap("quantized stream")
         parked = _park(layer, unit, linears, fit) if parks else []
-        # W: the members' weights as quantize_unit stacks them (every member shares the unit's H and G)
-        members = [linears[n].weight.detach() for n in unit]
+        on = aside.on(fit.on) if aside else fit.on
         for i, x in enumerate(caught):
             # Xq's and X's chunks wait where fit.keep says: SquareSums brings them SQUARE_TOKENS at a time
-            sums.add(x.reshape(-1, x.shape[-1]), scales[head], x_fp[head][i], members, on=fit.on)
+            sums.add(x, scales[head], x_fp[head][i], members, on=on)
             caught[i] = None
+        aside = None
         caught = None  # (the closure above holds the name, not the list)
-        del members
+        members = None  # (catch above reads these names: emptied, not deleted)
         timer.lap("H, G")
         # one H and one G for the whole unit (the same tensors: quantize_unit stacks the
         # members that share them into one GPTQ call)
         h_unit, g_unit = sums.h.div_(max(sums.count, 1)), sums.g.div_(max(sums.count, 1))  # in place
-        del sums
+        sums = None
         hs = {n: h_unit for n in unit}
         gs = {n: g_unit for n in unit}
         del h_unit, g_unit  # quantize_unit consumes hs / gs and frees each when used up
