@@ -65,7 +65,8 @@ def payload(work: Path, model_dir: Path, name: str, mode: str, args, cap: int | 
     row = {"rc": rc, "wall_s": round(wall, 3), "mode": result.get("mode", "whole"), "gpu_cap_bytes": cap,
            **result.get("memory", {}), "timings": result.get("timings", {}), "out": str(out),
            "steps_applied": result.get("steps_applied"), "layer_loop_s": result.get("streamed", {}).get("layer_loop_s"),
-           "gpu_peak_bytes_by_phase": result.get("streamed", {}).get("gpu_peak_bytes")}
+           "gpu_peak_bytes_by_phase": result.get("streamed", {}).get("gpu_peak_bytes"),
+           "gpu_alloc_retries_by_phase": result.get("streamed", {}).get("gpu_alloc_retries")}
     gpu_8b.log(f"{name}: rc {rc}, wall {wall:.1f} s, memory {result.get('memory')}")
     if rc != 0:
         gpu_8b.log(stdout[-3000:])
@@ -207,7 +208,9 @@ def render(res: dict, args) -> str:
         *[f"Where the run capped at {g(f['gpu_cap_bytes'])} stopped: {f.get('error')}" for f in [s, *res.get("fallbacks", [])]
           if f["rc"] != 0 and f.get("gpu_cap_bytes")], "",
         f"Steps (streamed): {(u or s).get('steps_applied')}; layer loop: {(u or s).get('layer_loop_s')}.", "",
-        f"GPU peak by phase (streamed, GiB): {_gib_by_phase((u or s).get('gpu_peak_bytes_by_phase'))}.", ""])
+        f"GPU peak by phase (streamed, GiB): {_gib_by_phase((u or s).get('gpu_peak_bytes_by_phase'))}.", "",
+        f"Allocator retries by phase (streamed; each a cache flush and a device synchronize, when an "
+        f"allocation would pass the cap): {(u or s).get('gpu_alloc_retries_by_phase')}.", ""])
 
 
 if __name__ == "__main__":

@@ -224,12 +224,18 @@ class Peaks:
 
     def __init__(self, device: str):
         self.on, self.by = str(device).startswith("cuda"), {}
+        # the allocator's retries (a cache flush and a device synchronize each, when an allocation
+        # would pass the cap) per phase: what a GPU cap costs in time, beside what it holds
+        self.retries, self._seen = {}, 0
 
     def mark(self, phase: str) -> None:
         """The peak since the last mark, counted for `phase`."""
         if self.on:
             self.by[phase] = max(self.by.get(phase, 0), torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
+            seen = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+            self.retries[phase] = self.retries.get(phase, 0) + seen - self._seen
+            self._seen = seen
 
 
 class Run:
@@ -411,7 +417,8 @@ def run_streamed(model_dir: Path, out: Path, recipe, batches, device: str, trust
     return {"mode": "streamed", "layers": len(layers), "largest_layer_bytes": max(layer_bytes), "applied": applied,
             "passes": len(passes(recipe)), "stream_s": round(time.time() - t0, 3),
             "reused": {step.key: runner.reused for step, runner in zip(recipe.steps, runners) if runner.reused},
-            "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}, "gpu_peak_bytes": run.peaks.by or None}
+            "layer_loop_s": {k: round(v, 3) for k, v in phases.items()}, "gpu_peak_bytes": run.peaks.by or None,
+            "gpu_alloc_retries": run.peaks.retries or None}
 
 
 def _layer_loop(run: Run, runners: list, final: bool, phases: dict, writer, hub_names: HubNames) -> list:

@@ -9,6 +9,7 @@ import torch
 from ..numerics.emulate import fake_quant_nvfp4
 from ..numerics.linear_compute import float32_linears
 from .bf16_ranking import fake_quant_rows
+from .host_memory import copy_stream
 from .quantizers import QuantizersOff, fused_units, row_pieces, stacked_rows, unit_input_scale
 
 # Tokens per product in SquareSums: the float32 temporaries of one piece (x, xq, x0, X - Xq at
@@ -43,7 +44,7 @@ def pieces(x: torch.Tensor, x0: torch.Tensor | None, on=None):
         for s in range(0, n, SQUARE_TOKENS):
             yield take(s)
         return
-    main, side = torch.cuda.current_stream(dev), torch.cuda.Stream(device=dev)
+    main, side = torch.cuda.current_stream(dev), copy_stream(dev, "in")
     side.wait_stream(main)  # x and x0 may still be on their way into host memory, queued on `main`
 
     def fetch(s):

@@ -18,6 +18,22 @@ def waiting_copy(t: torch.Tensor) -> torch.Tensor:
     return pinned_copy(t, non_blocking=True) if t.is_cuda else t.clone()
 
 
+_STREAMS: dict = {}
+
+
+def copy_stream(device, way: str) -> "torch.cuda.Stream":
+    """The one side stream of `device` for copies going `way` ("in" to the GPU, "out" from it), for
+    the whole process. A fresh torch.cuda.Stream per call hands out torch's 32 pooled streams in
+    turn, and the caching allocator keeps each stream's freed blocks for that stream alone: 32 sets
+    of pieces' memory held at once, which under a GPU cap means flushing the cache (a device
+    synchronize) again and again."""
+    dev = torch.device(device)
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    if (dev, way) not in _STREAMS:
+        _STREAMS[dev, way] = torch.cuda.Stream(device=dev)
+    return _STREAMS[dev, way]
+
+
 class CopiesOut:
     """Copies from a GPU to pinned host memory on a side stream, for tensors nothing changes any more
     (a unit's caught input: the layer's forward stops at it): the GPU's next batch does not wait for
@@ -26,7 +42,7 @@ class CopiesOut:
     `on`, which orders it after the copies."""
 
     def __init__(self, device):
-        self.stream = torch.cuda.Stream(device=device)
+        self.stream = copy_stream(device, "out")
         self.in_flight: list = []
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
