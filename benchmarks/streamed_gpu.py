@@ -7,7 +7,8 @@ On the device machine (carry [".bench"], 39 MB):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench/whl/*.whl
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=/tmp/site:$PWD python3 benchmarks/streamed_gpu.py \
         --recipe smooth-gptq-seq-mp --out $OUT --work /tmp/sg
-Issue 20's call adds `--streamed-first --gpu-fraction 0.10 --fallback-gpu-cap-gib 2.5 --host-cap-gib 16`.
+Issue 20's call adds `--streamed-first --gpu-fraction 0.10 --fallback-gpu-cap-gib 2.5 --host-cap-gib 16`,
+and `--also-gpu-cap-gib 2.5` to see in the same call what the 10% cap costs in time against a looser one.
 The report is written again after each run, so a call stopped at its time limit still brings back
 what was measured.
 
@@ -18,6 +19,7 @@ what was measured.
 3. the payload in streamed mode with GPU memory capped at --gpu-fraction (default 10%) of the
    model's bf16 bytes (torch.cuda.set_per_process_memory_fraction, set before the payload runs)
    and host RSS checked against --host-cap-gib (ru_maxrss after the run; Linux has no RSS limit);
+3a. with --also-gpu-cap-gib X, streamed again under X GiB whatever happened (the cap's cost in time);
 3b. with --baseline-recipe R, R in whole mode on the same checkpoint and job (only the recipe
    changed): the recipe's wall time over R's, in the same call;
 4. the two checkpoints compared tensor by tensor (tests/tools/compare_ckpt.py: weights and
@@ -92,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fallback-gpu-cap-gib", type=float, nargs="*", default=None,
                     help="when the capped streamed run fails, run it again under these caps in turn until one "
                          "completes (0: uncapped; default: uncapped)")
+    ap.add_argument("--also-gpu-cap-gib", type=float, nargs="*", default=[],
+                    help="after the runs above, run streamed again under each of these caps, whatever happened: "
+                         "what the cap's size costs in time, beside the same code's capped run")
     ap.add_argument("--max-wall-ratio", type=float, default=1.3, help="streamed wall time over whole's, at most")
     ap.add_argument("--baseline-recipe", default=None,
                     help="also run this recipe whole on the same checkpoint (e.g. default): the recipe's cost in the same call")
@@ -149,6 +154,10 @@ def main(argv=None) -> int:
             save()
             if row["rc"] == 0:
                 break
+    for gib in args.also_gpu_cap_gib:
+        res.setdefault("also", []).append(payload(work, model_dir, f"streamed-also-{gib:g}gib", "streamed", args,
+                                                  int(gib * 2**30) if cuda else None, out_dir))
+        save()
     if args.baseline_recipe:
         res["baseline"] = payload(work, model_dir, "baseline", "whole", args, None, out_dir, recipe=args.baseline_recipe)
         res["baseline_ratio"] = round(res["whole"]["wall_s"] / res["baseline"]["wall_s"], 3) \
@@ -198,6 +207,8 @@ def render(res: dict, args) -> str:
         *[f"| streamed ({'uncapped' if not f.get('gpu_cap_bytes') else 'capped at ' + g(f['gpu_cap_bytes'])}, after "
           f"the capped run failed; rc {f['rc']}) | {f['wall_s']:.1f} s | {g(f.get('gpu_peak_bytes'))} | "
           f"{g(f.get('host_rss_peak_bytes'))} |" for f in res.get("fallbacks", [u] if u else [])],
+        *[f"| streamed (capped at {g(a['gpu_cap_bytes'])}, for comparison; rc {a['rc']}) | {a['wall_s']:.1f} s | "
+          f"{g(a.get('gpu_peak_bytes'))} | {g(a.get('host_rss_peak_bytes'))} |" for a in res.get("also", [])],
         *([f"| whole, recipe {args.baseline_recipe} (the baseline; rc {b['rc']}) | {b['wall_s']:.1f} s | "
            f"{g(b.get('gpu_peak_bytes'))} | {g(b.get('host_rss_peak_bytes'))} |"] if b else []), "",
         f"Streamed wall time over whole's: {res.get('wall_ratio', 'not reached')} (at most {args.max_wall_ratio} asked).", "",
@@ -210,7 +221,10 @@ def render(res: dict, args) -> str:
         f"Steps (streamed): {(u or s).get('steps_applied')}; layer loop: {(u or s).get('layer_loop_s')}.", "",
         f"GPU peak by phase (streamed, GiB): {_gib_by_phase((u or s).get('gpu_peak_bytes_by_phase'))}.", "",
         f"Allocator retries by phase (streamed; each a cache flush and a device synchronize, when an "
-        f"allocation would pass the cap): {(u or s).get('gpu_alloc_retries_by_phase')}.", ""])
+        f"allocation would pass the cap): {(u or s).get('gpu_alloc_retries_by_phase')}.", "",
+        *[f"Under {g(a['gpu_cap_bytes'])} (for comparison): layer loop {a.get('layer_loop_s')}; GPU peak by phase "
+          f"{_gib_by_phase(a.get('gpu_peak_bytes_by_phase'))}; allocator retries {a.get('gpu_alloc_retries_by_phase')}."
+          for a in res.get("also", [])], ""])
 
 
 if __name__ == "__main__":

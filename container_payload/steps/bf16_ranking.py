@@ -64,11 +64,12 @@ def row_chunks(*ts: torch.Tensor, elements: int | None = None):
         yield tuple(f[r:r + rows] for f in flat)
 
 
-def fake_quant_rows(fq, x: torch.Tensor, scale, elements: int = ACTIVATION_CHUNK_ELEMENTS) -> torch.Tensor:
+def fake_quant_rows(fq, x: torch.Tensor, scale, elements: int | None = None) -> torch.Tensor:
     """fq(x, scale).to(x.dtype) (emulate.fake_quant_nvfp4 / fake_quant_fp8: per row), in row chunks
-    of about `elements` (fq's temporaries, ~5x a chunk in float32, are the chunk's size)."""
+    of about `elements` (None: ACTIVATION_CHUNK_ELEMENTS, read at call time; fq's temporaries,
+    ~5x a chunk in float32, are the chunk's size)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    for xr, orr in row_chunks(x, out, elements=elements):
+    for xr, orr in row_chunks(x, out, elements=elements or ACTIVATION_CHUNK_ELEMENTS):
         orr.copy_(fq(xr, scale))
     return out
 

@@ -402,7 +402,8 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
         # calibration tokens, 1.75 GB at 8B's down_proj for 128 x 512 tokens) and are summed after
         # the pass, a parking unit's once the layer is parked. The same sums in the same order.
         parks = _parks(layer, [linears[n] for n in unit], fit)
-        at_catch = not parks and _sums_at_catch(layer, [linears[n] for n in unit])
+        # (by chunk: X was caught once in every chunk, as a dense layer's units are)
+        at_catch = not parks and len(x_fp[head]) == len(qs) and _sums_at_catch(layer, [linears[n] for n in unit])
         # W: the members' weights as quantize_unit stacks them (every member shares the unit's H and G)
         members = [linears[n].weight.detach() for n in unit]
         caught = []
