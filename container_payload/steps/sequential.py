@@ -320,7 +320,7 @@ class Fit:
         return t.to(self.keep)
 
 
-def _parks(layer, members: list, fit: Fit) -> bool:
+def _parks(layer_bytes: int, members: list, fit: Fit) -> bool:
     """Whether the layer's other weights wait in host memory while this unit's squares are built and
     solved: in a streamed run (fit.keep) when the unit's Hessian (in^2 float32) outweighs the whole
     layer, as down_proj's does at 8B (0.82 GB against 0.44 GB): under a small GPU cap the two do not
@@ -328,18 +328,17 @@ def _parks(layer, members: list, fit: Fit) -> bool:
     if fit.keep is None or fit.device is None or fit.keep == fit.device:
         return False
     width = members[0].weight.shape[1]
-    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     return width * width * 4 > layer_bytes
 
 
-def _sums_at_catch(layer, members: list) -> bool:
+def _sums_at_catch(layer_bytes: int, members: list) -> bool:
     """Whether a unit's H and G (float32, in x (in + out)) are summed while its inputs are caught,
     beside the layer's activations: when they are at most half the layer's weights (q/k/v and o in
     a Llama layer, ~0.16 GB against 0.44 GB at 8B). Gate/up's (0.5 GB) beside a 16384-token chunk's
     activations would pass a GPU cap of 10% of the model; its inputs wait and are summed after."""
     width = members[0].weight.shape[1]
     sums = width * (width + sum(m.weight.shape[0] for m in members)) * 4
-    return 2 * sums <= sum(p.numel() * p.element_size() for p in layer.parameters())
+    return 2 * sums <= layer_bytes
 
 
 def _to_host(fit: Fit) -> bool:
@@ -392,6 +391,7 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
     emulated = []
     batch = [0]
     replay = _Replay(layer, units, linears, batch, fit) if fit.replay else None
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())  # the units' placement rules
     for unit in units:
         head = unit[0]
         sums = SquareSums(tf32=fit.hessian_tf32)
@@ -401,9 +401,10 @@ def refine_layer(layer, linears: dict, fp: list, qs: list, calls: list, original
         # in a streamed run on a GPU, copied out on a side stream; held on the GPU they grow with the
         # calibration tokens, 1.75 GB at 8B's down_proj for 128 x 512 tokens) and are summed after
         # the pass, a parking unit's once the layer is parked. The same sums in the same order.
-        parks = _parks(layer, [linears[n] for n in unit], fit)
+        mods = [linears[n] for n in unit]
+        parks = _parks(layer_bytes, mods, fit)
         # (by chunk: X was caught once in every chunk, as a dense layer's units are)
-        at_catch = not parks and len(x_fp[head]) == len(qs) and _sums_at_catch(layer, [linears[n] for n in unit])
+        at_catch = not parks and len(x_fp[head]) == len(qs) and _sums_at_catch(layer_bytes, mods)
         # W: the members' weights as quantize_unit stacks them (every member shares the unit's H and G)
         members = [linears[n].weight.detach() for n in unit]
         caught = []
